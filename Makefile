@@ -1,0 +1,55 @@
+# homefeed — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+PRESET ?= small
+export HOMEFEED_HOME ?= $(CURDIR)
+
+.PHONY: help setup system-deps demo test test-fast lint format lock clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; homefeed needs Python 3.11" >&2; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP) system-deps ## Create .venv from requirements.lock and install Debian packages the tests need
+
+system-deps: ## Install redis-server (Debian) when it is missing
+	@command -v redis-server >/dev/null || bash scripts/install-system-deps.sh
+
+demo: setup ## Simulate the small preset, validate, build features and training sets, print a summary
+	$(VENV)/bin/homefeed demo --preset $(PRESET)
+
+test: setup ## Run the whole test suite (what CI runs)
+	$(VENV)/bin/pytest -q
+
+test-fast: setup ## The tests without the slow tier
+	$(VENV)/bin/pytest -q -m "not slow"
+
+lint: setup ## ruff check + format check, mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy training feature_repo services tests
+
+format: setup ## Apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+lock: ## Re-resolve requirements.lock from pyproject.toml in a scratch venv
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q -e '.[dev]'
+	{ head -2 requirements.lock; .lock-venv/bin/pip freeze | grep -v '^-e'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
+
+clean: ## Remove generated data, reports and the venv
+	rm -rf $(VENV) data reports artifacts mlruns .pytest_cache .mypy_cache .ruff_cache

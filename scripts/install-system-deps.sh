@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Debian packages homefeed's tests and demo use. Run as root (CI and the dev machines are root);
+# otherwise through sudo when it is available.
+set -euo pipefail
+pkgs=(redis-server)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+# The package starts a system-wide server; homefeed starts its own on free ports.
+$SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true

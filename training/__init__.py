@@ -1,0 +1,1 @@
+"""Offline stages of homefeed: simulate | ingest -> validate -> features -> dataset -> train."""

@@ -1,0 +1,119 @@
+"""Simulator configuration: presets from ``training/configs/simulate.yaml`` plus overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+CONFIG_FILE = Path(__file__).resolve().parent.parent / "configs" / "simulate.yaml"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Every knob of the generative model; docs/simulator.md explains each one."""
+
+    preset: str
+    users: int
+    items: int
+    sellers: int
+    days: int
+    seed: int = 7
+    start: str = "2026-01-05T00:00:00Z"
+    categories: int = 24
+    brands_per_category: int = 12
+    latent_dim: int = 8
+    content_dim: int = 16
+    new_seller_share: float = 0.10
+    new_seller_days: int = 30
+    new_item_share: float = 0.15
+    new_user_share: float = 0.15
+    mean_sessions_per_day: float = 0.30
+    checkout_share: float = 0.25
+    randomized_share: float = 0.015
+    pool_size: int = 1500
+    policy_temperature: float = 0.7
+    recency_days: float = 60.0
+    page_sizes_home: tuple[int, ...] = (20, 30, 40, 50)
+    page_size_checkout: int = 20
+    restock_probability: float = 0.5
+    examination_kappa: float = 3.0
+    examination_theta: float = 1.0
+    click_intercept: float = -2.7
+    affinity_strength: float = 2.2
+    appeal_sd: float = 0.5
+    seller_quality_sd: float = 0.4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def start_ts(self) -> pd.Timestamp:
+        return pd.Timestamp(self.start).tz_convert("UTC")
+
+    @property
+    def end_ts(self) -> pd.Timestamp:
+        return self.start_ts + pd.Timedelta(days=self.days)
+
+    @property
+    def dataset(self) -> str:
+        """Folder name under data/ for this preset."""
+        return f"sim-{self.preset}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, current: Any) -> Any:
+    if isinstance(current, bool):
+        return str(value).lower() in ("1", "true", "yes")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]()").split(",") if v.strip()]
+        return tuple(int(v) for v in value)
+    return value
+
+
+def load_config(preset: str = "small", **overrides: Any) -> SimConfig:
+    """The preset's values over the defaults, then ``overrides`` (CLI ``--set k=v``)."""
+    raw = yaml.safe_load(CONFIG_FILE.read_text())
+    presets = raw["presets"]
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+    values: dict[str, Any] = {**raw["defaults"], **presets[preset], "preset": preset}
+    fields = {f.name: f for f in dataclasses.fields(SimConfig)}
+    for key, value in overrides.items():
+        if key not in fields or key in ("preset", "extra"):
+            raise ValueError(f"unknown simulator setting {key!r}; known: {sorted(fields)}")
+        values[key] = value
+    cfg_kwargs: dict[str, Any] = {}
+    defaults = SimConfig(preset="x", users=1, items=1, sellers=1, days=1)
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"{CONFIG_FILE.name}: unknown setting {key!r}")
+        cfg_kwargs[key] = _coerce(key, value, getattr(defaults, key))
+    cfg = SimConfig(**cfg_kwargs)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: SimConfig) -> None:
+    problems = []
+    for name in ("users", "items", "sellers", "days", "categories", "pool_size"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("new_seller_share", "new_item_share", "new_user_share", "checkout_share"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            problems.append(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.randomized_share <= 1.0:
+        problems.append(f"randomized_share must be in [0, 1], got {cfg.randomized_share}")
+    if max(cfg.page_sizes_home) > cfg.pool_size or cfg.page_size_checkout > cfg.pool_size:
+        problems.append("page sizes must not exceed pool_size")
+    if problems:
+        raise ValueError("invalid simulator config: " + "; ".join(problems))

@@ -1,0 +1,385 @@
+"""Day-by-day simulation: requests, the logging policy's feeds, and the users' responses.
+
+State carried from day to day: the heuristic's 7-day click counts, item stock, each user's
+cart (recent add-to-carts not yet bought), each user's price cap (from what they bought),
+and purchases still pending (decided, not yet happened: delays run past 7 days).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from training import columns as C
+from training.simulate.config import SimConfig
+from training.timeutil import NS_PER_DAY, NS_PER_S, from_ns, to_ns
+from training.simulate.policy import NEG_INF, heuristic_score, plackett_luce_topk
+from training.simulate.world import COUNTRY_PRICE_CAP, World
+
+log = logging.getLogger(__name__)
+
+CART_SLOTS = 3
+CART_DAYS = 7
+POP_DAYS = 7
+CHECKOUT_CATEGORY_BONUS = np.log(8.0)  # the heuristic's boost for the cart's categories
+REQUEST_CHUNK = 1024
+# String columns are logged as int8 codes and decoded once at the end, sharing two str objects
+# across millions of rows instead of allocating one per row.
+SURFACE_NAMES = np.array(["HOME", "CHECKOUT"], dtype=object)
+POLICY_NAMES = np.array([C.POLICY_HEURISTIC, C.POLICY_RANDOM], dtype=object)  # requests scored at once (memory: chunk x pool floats)
+
+_HOURS = np.arange(24)
+DIURNAL = (
+    0.25
+    + np.exp(-((_HOURS - 12.5) ** 2) / 8.0)
+    + 1.3 * np.exp(-((_HOURS - 20.5) ** 2) / 6.0)
+)
+DIURNAL /= DIURNAL.sum()
+
+
+@dataclass
+class _Log:
+    """Columns of every event table, appended day by day as numpy chunks."""
+
+    chunks: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)
+
+    def add(self, table: str, **cols: np.ndarray) -> None:
+        store = self.chunks.setdefault(table, {})
+        for name, values in cols.items():
+            store.setdefault(name, []).append(np.asarray(values))
+
+    def frame(self, table: str, order: list[str]) -> pd.DataFrame:
+        store = self.chunks.get(table, {})
+        return pd.DataFrame(
+            {name: np.concatenate(store[name]) if name in store else [] for name in order}
+        )
+
+
+def _purchase_delay_ns(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Cart -> purchase delay: 60 % within hours, 30 % within days, 10 % past 7 days."""
+    kind = rng.choice(3, size=n, p=[0.6, 0.3, 0.1])
+    hours = np.select(
+        [kind == 0, kind == 1],
+        [rng.exponential(2.0, n), rng.exponential(48.0, n)],
+        7 * 24 + rng.exponential(72.0, n),
+    )
+    return (hours * 3600 * NS_PER_S).astype(np.int64)
+
+
+class Simulation:
+    """Runs the marketplace for ``cfg.days`` days and returns the event tables."""
+
+    def __init__(self, cfg: SimConfig, world: World, rng: np.random.Generator):
+        self.cfg = cfg
+        self.world = world
+        self.rng = rng
+        truth = world.truth
+        self.n_users = len(world.users)
+        self.n_items = len(world.items)
+        items = world.items
+        self.price = items[C.PRICE].to_numpy()
+        self.category = items[C.CATEGORY].to_numpy()
+        self.item_created = to_ns(items[C.CREATED_AT])
+        self.stock = items[C.STOCK].to_numpy().copy()
+        self.signup = (
+            to_ns(world.users[C.SIGNUP_AT])
+        )
+        self.activity = np.minimum(
+            cfg.mean_sessions_per_day
+            * np.exp(rng.normal(-0.5 * 0.9**2, 0.9, self.n_users)),
+            5.0,
+        )
+        self.price_cap = COUNTRY_PRICE_CAP[truth.user_country].astype(np.float64)
+        self.spend_sum = np.zeros(self.n_users)
+        self.spend_n = np.zeros(self.n_users)
+        history = world.item_history_pop / POP_DAYS
+        self.pop_days: deque[np.ndarray] = deque([history] * POP_DAYS, maxlen=POP_DAYS)
+        self.cart = np.full((self.n_users, CART_SLOTS), -1, dtype=np.int64)
+        self.recent_carts = pd.DataFrame(
+            {C.USER_ID: np.array([], np.int64), C.ITEM_ID: np.array([], np.int64),
+             C.TS: np.array([], np.int64)}
+        )
+        self.pending = {  # purchases decided but not yet happened
+            C.IMPRESSION_ID: np.array([], np.int64),
+            C.USER_ID: np.array([], np.int64),
+            C.ITEM_ID: np.array([], np.int64),
+            C.TS: np.array([], np.int64),
+            C.QUANTITY: np.array([], np.int64),
+        }
+        self.next_request = 0
+        self.next_impression = 0
+        self.log = _Log()
+        self.stats = {"purchases_out_of_stock": 0, "purchases_censored": 0}
+
+    # ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, pd.DataFrame]:
+        cfg = self.cfg
+        start = cfg.start_ts.value
+        existing = self.item_created < start
+        self.log.add(
+            C.INVENTORY,
+            item_id=np.flatnonzero(existing),
+            ts=np.full(int(existing.sum()), start, np.int64),
+            stock=self.stock[existing],
+        )
+        new = ~existing
+        self.log.add(
+            C.INVENTORY,
+            item_id=np.flatnonzero(new),
+            ts=self.item_created[new],
+            stock=self.stock[new],
+        )
+        for day in tqdm(range(cfg.days), desc=f"simulate {cfg.preset}", unit="day", leave=False):
+            self._simulate_day(day)
+        self.stats["purchases_censored"] = len(self.pending[C.TS])
+        return self._tables()
+
+    # ------------------------------------------------------------------------------------
+    def _requests(self, day_start: int) -> dict[str, np.ndarray]:
+        rng, cfg = self.rng, self.cfg
+        day_end = day_start + NS_PER_DAY
+        active = np.flatnonzero(self.signup < day_end)
+        joined_today = np.clip((day_end - self.signup[active]) / NS_PER_DAY, 0.0, 1.0)
+        sessions = rng.poisson(self.activity[active] * joined_today)
+        users = np.repeat(active, sessions)
+        hour = rng.choice(24, size=len(users), p=DIURNAL)
+        ts = day_start + (hour * 3600 + rng.uniform(0, 3600, len(users))) * NS_PER_S
+        ts = ts.astype(np.int64)
+        late_signup = self.signup[users] > day_start
+        lo = np.maximum(self.signup[users], day_start)
+        ts = np.where(late_signup, lo + (rng.random(len(users)) * (day_end - lo)).astype(np.int64), ts)
+        order = np.argsort(ts, kind="stable")
+        users, ts = users[order], ts[order]
+        has_cart = self.cart[users, 0] >= 0
+        checkout = has_cart & (rng.random(len(users)) < cfg.checkout_share)
+        randomized = rng.random(len(users)) < cfg.randomized_share
+        page = np.where(
+            checkout, cfg.page_size_checkout, rng.choice(np.asarray(cfg.page_sizes_home), len(users))
+        )
+        ids = np.arange(self.next_request, self.next_request + len(users), dtype=np.int64)
+        self.next_request += len(users)
+        return {
+            "request_id": ids,
+            "user": users,
+            "ts": ts,
+            "checkout": checkout,
+            "randomized": randomized,
+            "page": page,
+        }
+
+    def _pool(self, day_start: int) -> np.ndarray:
+        """Today's candidate pool: top items by popularity x recency, listed and in stock."""
+        pop = np.sum(np.stack(self.pop_days), axis=0)
+        age = (day_start - self.item_created) / NS_PER_DAY
+        score = heuristic_score(pop, age, self.cfg.recency_days)
+        eligible = (self.item_created <= day_start) & (self.stock > 0)
+        score = np.where(eligible, score, 0.0)
+        size = min(self.cfg.pool_size, int(eligible.sum()))
+        pool = np.argpartition(-score, size - 1)[:size]
+        self._pool_score = score[pool]
+        return pool
+
+    def _slates(self, req: dict[str, np.ndarray], pool: np.ndarray) -> tuple[np.ndarray, ...]:
+        cfg = self.cfg
+        k = int(max(cfg.page_sizes_home + (cfg.page_size_checkout,)))
+        base_logits = np.log(self._pool_score) / cfg.policy_temperature
+        pool_price = self.price[pool]
+        pool_cat = self.category[pool]
+        cols_out, prop_out = [], []
+        for lo in range(0, len(req["user"]), REQUEST_CHUNK):
+            sl = slice(lo, lo + REQUEST_CHUNK)
+            users = req["user"][sl]
+            logits = np.broadcast_to(base_logits, (len(users), len(pool))).copy()
+            logits[pool_price[None, :] > self.price_cap[users][:, None]] = NEG_INF
+            checkout = np.flatnonzero(req["checkout"][sl])
+            if len(checkout):
+                cart = self.cart[users[checkout]]
+                cart_cat = np.where(cart >= 0, self.category[np.maximum(cart, 0)], -1)
+                match = (pool_cat[None, :, None] == cart_cat[:, None, :]).any(axis=2)
+                in_cart = (pool[None, :, None] == cart[:, None, :]).any(axis=2)
+                sub = logits[checkout] + CHECKOUT_CATEGORY_BONUS * match
+                sub[in_cart] = NEG_INF
+                logits[checkout] = sub
+            rand = req["randomized"][sl]
+            logits[rand] = np.where(np.isfinite(logits[rand]), 0.0, NEG_INF)
+            cols, prop = plackett_luce_topk(logits, k, self.rng)
+            cols_out.append(cols)
+            prop_out.append(prop)
+        cols = np.concatenate(cols_out) if cols_out else np.zeros((0, k), np.int64)
+        prop = np.concatenate(prop_out) if prop_out else np.zeros((0, k))
+        slot = np.arange(cols.shape[1])[None, :]
+        shown = (cols >= 0) & (slot < req["page"][:, None])
+        r, j = np.nonzero(shown)
+        return r, j, pool[cols[r, j]], prop[r, j]
+
+    # ------------------------------------------------------------------------------------
+    def _simulate_day(self, day: int) -> None:
+        cfg, rng, truth = self.cfg, self.rng, self.world.truth
+        day_start = cfg.start_ts.value + day * NS_PER_DAY
+        day_end = day_start + NS_PER_DAY
+        req = self._requests(day_start)
+        pool = self._pool(day_start)
+        r, j, items, prop = self._slates(req, pool)
+        n = len(items)
+        users = req["user"][r]
+        ts = req["ts"][r]
+        position = (j + 1).astype(np.int64)
+        imp_ids = np.arange(self.next_impression, self.next_impression + n, dtype=np.int64)
+        self.next_impression += n
+        checkout = req["checkout"][r]
+        self.log.add(
+            C.IMPRESSIONS,
+            impression_id=imp_ids,
+            request_id=req["request_id"][r],
+            user_id=users,
+            item_id=items,
+            position=position,
+            surface=checkout.astype(np.int8),  # codes into SURFACE_NAMES
+            ts=ts,
+            policy=req["randomized"][r].astype(np.int8),  # codes into POLICY_NAMES
+            propensity=prop,
+        )
+        co = np.flatnonzero(req["checkout"])
+        cart = self.cart[req["user"][co]]
+        keep = cart >= 0
+        self.log.add(
+            "checkout_carts",
+            request_id=np.repeat(req["request_id"][co], keep.sum(axis=1)),
+            item_id=cart[keep],
+        )
+
+        # -- responses ------------------------------------------------------------------
+        cart_match = np.zeros(n)
+        if checkout.any():
+            rows_cart = self.cart[users[checkout]]
+            cats = np.where(rows_cart >= 0, self.category[np.maximum(rows_cart, 0)], -1)
+            cart_match[checkout] = (cats == self.category[items[checkout]][:, None]).any(axis=1)
+        p_click, p_cart, p_buy = truth.probabilities(users, items, ts, cart_match)
+        examined = rng.random(n) < truth.examination(position)
+        clicked = examined & (rng.random(n) < p_click)
+        carted = clicked & (rng.random(n) < p_cart)
+        buys = carted & (rng.random(n) < p_buy)
+        click_ts = ts + ((2.0 * position + rng.exponential(20.0, n)) * NS_PER_S).astype(np.int64)
+        cart_ts = click_ts + (rng.exponential(90.0, n) * NS_PER_S).astype(np.int64)
+        self.log.add(C.CLICKS, impression_id=imp_ids[clicked], ts=click_ts[clicked])
+        self.log.add(C.ADD_TO_CARTS, impression_id=imp_ids[carted], ts=cart_ts[carted])
+        nb = int(buys.sum())
+        self._queue_purchases(
+            imp_ids[buys], users[buys], items[buys], cart_ts[buys] + _purchase_delay_ns(rng, nb),
+            1 + rng.poisson(truth.params["quantity_extra_mean"], nb),
+        )
+        bought = self._settle_purchases(day_end)
+        self._restock(day_start, day_end)
+        self._update_carts(users[carted], items[carted], cart_ts[carted], bought, day_end)
+        self.pop_days.append(np.bincount(items[clicked], minlength=self.n_items).astype(float))
+
+    def _queue_purchases(self, imp, users, items, ts, qty) -> None:
+        for key, values in zip(
+            (C.IMPRESSION_ID, C.USER_ID, C.ITEM_ID, C.TS, C.QUANTITY),
+            (imp, users, items, ts, qty),
+            strict=True,
+        ):
+            self.pending[key] = np.concatenate([self.pending[key], values])
+
+    def _settle_purchases(self, day_end: int) -> pd.DataFrame:
+        """Purchases that happen before ``day_end``, in time order, while stock lasts."""
+        due = self.pending[C.TS] < day_end
+        now = {k: v[due] for k, v in self.pending.items()}
+        self.pending = {k: v[~due] for k, v in self.pending.items()}
+        order = np.lexsort((now[C.TS], now[C.ITEM_ID]))
+        now = {k: v[order] for k, v in now.items()}
+        items, qty = now[C.ITEM_ID], now[C.QUANTITY]
+        # cumulative demand per item in time order; a purchase fails once stock runs out
+        frame = pd.DataFrame({"item": items, "qty": qty})
+        demand = frame.groupby("item")["qty"].cumsum().to_numpy()
+        ok = demand <= self.stock[items]
+        self.stats["purchases_out_of_stock"] += int((~ok).sum())
+        done = {k: v[ok] for k, v in now.items()}
+        sold = np.bincount(done[C.ITEM_ID], weights=done[C.QUANTITY], minlength=self.n_items)
+        self.stock -= sold.astype(np.int64)
+        self.log.add(
+            C.PURCHASES,
+            impression_id=done[C.IMPRESSION_ID],
+            ts=done[C.TS],
+            price=self.price[done[C.ITEM_ID]],
+            quantity=done[C.QUANTITY],
+        )
+        changed = np.flatnonzero(sold > 0)
+        if len(changed):
+            last = pd.Series(done[C.TS]).groupby(done[C.ITEM_ID]).max()
+            self.log.add(
+                C.INVENTORY,
+                item_id=changed,
+                ts=last.loc[changed].to_numpy(np.int64),
+                stock=self.stock[changed],
+            )
+        users = done[C.USER_ID]
+        np.add.at(self.spend_sum, users, self.price[done[C.ITEM_ID]])
+        np.add.at(self.spend_n, users, 1.0)
+        seen = self.spend_n > 0
+        mean_paid = np.divide(self.spend_sum, self.spend_n, out=np.zeros_like(self.spend_sum), where=seen)
+        base = COUNTRY_PRICE_CAP[self.world.truth.user_country]
+        self.price_cap = np.where(seen, np.maximum(base, 2.5 * mean_paid), base)
+        return pd.DataFrame({C.USER_ID: users, C.ITEM_ID: done[C.ITEM_ID]})
+
+    def _restock(self, day_start: int, day_end: int) -> None:
+        out = np.flatnonzero(
+            (self.stock <= 0)
+            & (self.item_created < day_start)
+            & (self.rng.random(self.n_items) < self.cfg.restock_probability)
+        )
+        if not len(out):
+            return
+        self.stock[out] = 1 + self.rng.poisson(np.exp(self.rng.normal(3.0, 1.0, len(out))))
+        ts = day_end - (self.rng.uniform(0, 3600, len(out)) * NS_PER_S).astype(np.int64)
+        self.log.add(C.INVENTORY, item_id=out, ts=ts, stock=self.stock[out])
+
+    def _update_carts(self, users, items, ts, bought: pd.DataFrame, day_end: int) -> None:
+        recent = pd.concat(
+            [self.recent_carts, pd.DataFrame({C.USER_ID: users, C.ITEM_ID: items, C.TS: ts})],
+            ignore_index=True,
+        )
+        recent = recent[recent[C.TS] >= day_end - CART_DAYS * NS_PER_DAY]
+        if len(bought):
+            key = recent[C.USER_ID].to_numpy() * self.n_items + recent[C.ITEM_ID].to_numpy()
+            gone = bought[C.USER_ID].to_numpy() * self.n_items + bought[C.ITEM_ID].to_numpy()
+            recent = recent[~np.isin(key, gone)]
+        recent = recent.drop_duplicates([C.USER_ID, C.ITEM_ID], keep="last")
+        self.recent_carts = recent
+        self.cart.fill(-1)
+        last = recent.sort_values(C.TS).groupby(C.USER_ID).tail(CART_SLOTS)
+        slot = last.groupby(C.USER_ID).cumcount().to_numpy()
+        self.cart[last[C.USER_ID].to_numpy(), slot] = last[C.ITEM_ID].to_numpy()
+
+    # ------------------------------------------------------------------------------------
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        def ts_cols(df: pd.DataFrame) -> pd.DataFrame:
+            if C.TS in df:
+                df[C.TS] = from_ns(df[C.TS].to_numpy())
+            return df
+
+        lay = C.TABLES
+        out = {
+            name: ts_cols(self.log.frame(name, list(lay[name])))
+            for name in (C.IMPRESSIONS, C.CLICKS, C.ADD_TO_CARTS, C.PURCHASES, C.INVENTORY)
+        }
+        imp = out[C.IMPRESSIONS]
+        imp[C.SURFACE] = SURFACE_NAMES[imp[C.SURFACE].to_numpy(np.int8)]
+        imp[C.POLICY] = POLICY_NAMES[imp[C.POLICY].to_numpy(np.int8)]
+        out[C.PURCHASES] = out[C.PURCHASES].sort_values(C.TS, kind="stable").reset_index(drop=True)
+        out[C.INVENTORY] = (
+            out[C.INVENTORY].sort_values([C.TS, C.ITEM_ID], kind="stable").reset_index(drop=True)
+        )
+        out["checkout_carts"] = self.log.frame("checkout_carts", [C.REQUEST_ID, C.ITEM_ID])
+        for name in out:
+            for col, kind in lay.get(name, {}).items():
+                if kind in ("id", "int"):
+                    out[name][col] = out[name][col].astype(np.int64)
+                elif kind == "float":
+                    out[name][col] = out[name][col].astype(np.float64)
+        return out

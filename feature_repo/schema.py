@@ -1,0 +1,85 @@
+"""Names and types of every feature, in one place and without importing feast.
+
+The batch jobs (training/features.py) write exactly these columns, the views declare
+exactly these fields, and the training sets and serving read them by these names.
+Types: "int64", "float32", "string", "float32[]" (a fixed-length vector).
+"""
+
+from __future__ import annotations
+
+# source file (Parquet, under the dataset's feature folder) of each view
+USER_PROFILE = "user_profile"
+USER_CATEGORY_AFFINITY = "user_category_affinity"
+ITEM_STATS = "item_stats"
+SELLER_STATS = "seller_stats"
+USER_RECENT_ACTIVITY = "user_recent_activity"
+ITEM_INVENTORY = "item_inventory"
+
+EVENT_TIMESTAMP = "event_timestamp"
+CREATED = "created"
+
+ENTITY_OF_VIEW = {
+    USER_PROFILE: "user_id",
+    USER_CATEGORY_AFFINITY: "user_id",
+    ITEM_STATS: "item_id",
+    SELLER_STATS: "seller_id",
+    USER_RECENT_ACTIVITY: "user_id",
+    ITEM_INVENTORY: "item_id",
+}
+
+FEATURES: dict[str, dict[str, str]] = {
+    USER_PROFILE: {
+        "country": "string",
+        "device": "string",
+        "days_since_signup": "float32",
+        "recency_days": "float32",  # days since the last click; 365 when none in 30 days
+        "clicks_30d": "int64",
+        "purchases_30d": "int64",
+        "spend_30d": "float32",
+        "spend_band": "int64",  # 0 none, 1 < 25, 2 < 75, 3 < 200, 4 >= 200 (currency units)
+        "avg_price_paid_30d": "float32",  # 0 when no purchase
+    },
+    USER_CATEGORY_AFFINITY: {
+        "category_affinity": "float32[]",  # smoothed share of 30-day clicks per category
+    },
+    ITEM_STATS: {
+        "category": "int64",
+        "brand": "int64",
+        "price": "float32",
+        "discount": "float32",  # 1 - price / list_price
+        "shipping_days": "int64",
+        "age_days": "float32",
+        "impressions_7d": "int64",
+        "clicks_7d": "int64",
+        "ctr_7d": "float32",  # Beta-smoothed toward the catalog's CTR
+        "ctr_30d": "float32",
+        "purchase_rate_7d": "float32",  # purchases per impression, Beta-smoothed
+        "purchase_rate_30d": "float32",
+        "popularity_7d": "float32",  # log1p(clicks_7d)
+    },
+    SELLER_STATS: {
+        "seller_rating": "float32",
+        "seller_age_days": "float32",
+        "seller_is_new": "int64",  # joined within 30 days of the snapshot
+    },
+    USER_RECENT_ACTIVITY: {
+        "views_24h": "int64",  # item-page views (clicks) in the last 24 h
+        "carts_24h": "int64",  # add-to-carts in the last 24 h
+    },
+    ITEM_INVENTORY: {
+        "stock": "int64",
+        "in_stock": "int64",
+    },
+}
+
+BATCH_VIEWS = (USER_PROFILE, USER_CATEGORY_AFFINITY, ITEM_STATS, SELLER_STATS)
+STREAM_VIEWS = (USER_RECENT_ACTIVITY, ITEM_INVENTORY)
+
+# The feature service each ranker version reads; the bundle records which one it used.
+RANKER_SERVICE = "ranker_v1"
+RANKER_VIEWS = BATCH_VIEWS + STREAM_VIEWS
+
+
+def feature_refs(views: tuple[str, ...] = RANKER_VIEWS) -> list[str]:
+    """``view:feature`` references in a stable order."""
+    return [f"{view}:{name}" for view in views for name in FEATURES[view]]

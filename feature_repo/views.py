@@ -1,0 +1,84 @@
+"""Feature views. Batch views are daily snapshots (features from events strictly before the
+snapshot time), so a point-in-time join can never see an event after the impression."""
+
+from datetime import timedelta
+
+from feast import FeatureView, Field
+from feast.types import Array, Float32, Int64, String
+
+from feature_repo import schema as S
+from feature_repo.entities import item, seller, user
+from feature_repo.sources import (
+    item_inventory_push,
+    item_stats_source,
+    seller_stats_source,
+    user_category_affinity_source,
+    user_profile_source,
+    user_recent_activity_push,
+)
+
+_TYPES = {"int64": Int64, "float32": Float32, "string": String, "float32[]": Array(Float32)}
+
+
+def _fields(view: str) -> list[Field]:
+    return [Field(name=name, dtype=_TYPES[kind]) for name, kind in S.FEATURES[view].items()]
+
+
+# Snapshots are daily; two days of TTL tolerate one missed run, not more.
+SNAPSHOT_TTL = timedelta(days=2)
+
+user_profile = FeatureView(
+    name=S.USER_PROFILE,
+    entities=[user],
+    ttl=SNAPSHOT_TTL,
+    schema=_fields(S.USER_PROFILE),
+    source=user_profile_source,
+    description="Who the buyer is and their recency / frequency / spend band over 30 days.",
+)
+
+user_category_affinity = FeatureView(
+    name=S.USER_CATEGORY_AFFINITY,
+    entities=[user],
+    ttl=SNAPSHOT_TTL,
+    schema=_fields(S.USER_CATEGORY_AFFINITY),
+    source=user_category_affinity_source,
+    description="One vector per user (not a user x category entity): the ranker indexes it "
+    "with the candidate's category, so 500 candidates cost one read.",
+)
+
+item_stats = FeatureView(
+    name=S.ITEM_STATS,
+    entities=[item],
+    ttl=SNAPSHOT_TTL,
+    schema=_fields(S.ITEM_STATS),
+    source=item_stats_source,
+    description="Catalog attributes and smoothed engagement rates; the features service "
+    "keeps these in memory rather than reading 500 rows per request.",
+)
+
+seller_stats = FeatureView(
+    name=S.SELLER_STATS,
+    entities=[seller],
+    ttl=SNAPSHOT_TTL,
+    schema=_fields(S.SELLER_STATS),
+    source=seller_stats_source,
+    description="Seller reputation and age; new sellers get guaranteed exposure downstream.",
+)
+
+user_recent_activity = FeatureView(
+    name=S.USER_RECENT_ACTIVITY,
+    entities=[user],
+    ttl=timedelta(hours=24),  # a count older than its own window is no longer true
+    schema=_fields(S.USER_RECENT_ACTIVITY),
+    source=user_recent_activity_push,
+    description="Views and carts in the last 24 h, pushed as events arrive.",
+)
+
+item_inventory = FeatureView(
+    name=S.ITEM_INVENTORY,
+    entities=[item],
+    ttl=timedelta(0),  # rows are written on change only: the last one stays true
+    schema=_fields(S.ITEM_INVENTORY),
+    source=item_inventory_push,
+    description="Stock level, pushed on every inventory change.",
+)

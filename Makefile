@@ -47,8 +47,8 @@ format: setup ## Apply ruff's fixes and formatting
 
 lock: ## Re-resolve requirements.lock from pyproject.toml in a scratch venv
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install -q -e '.[dev]'
-	{ head -2 requirements.lock; .lock-venv/bin/pip freeze | grep -v '^-e'; } > requirements.lock.new
+	.lock-venv/bin/pip install -q -e '.[dev]' 'setuptools>=75'
+	{ head -2 requirements.lock; .lock-venv/bin/pip freeze --all | grep -vE '^(-e|pip==|homefeed|# Editable)'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
 clean: ## Remove generated data, reports and the venv

@@ -72,6 +72,18 @@ FEATURES: dict[str, dict[str, str]] = {
     },
 }
 
+# The value a feature takes when Feast has no row for the entity (a user who signed up today,
+# no activity in 24 h, an item never seen in the inventory log). Training sets and serving
+# fill the same values; anything not listed is 0 (numbers) or "unknown" (strings), and a
+# missing category_affinity is the uniform vector.
+DEFAULTS: dict[str, float | int | str] = {
+    "country": "unknown",
+    "device": "unknown",
+    "recency_days": 365.0,
+    "seller_rating": 4.0,
+    "in_stock": 1,
+}
+
 BATCH_VIEWS = (USER_PROFILE, USER_CATEGORY_AFFINITY, ITEM_STATS, SELLER_STATS)
 STREAM_VIEWS = (USER_RECENT_ACTIVITY, ITEM_INVENTORY)
 

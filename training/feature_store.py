@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,13 +58,27 @@ def open_store(
     if online not in ONLINE_STORES:
         raise ValueError(f"online store must be one of {ONLINE_STORES}, got {online!r}")
     redis = redis or os.environ.get("HOMEFEED_REDIS")
-    env = store_env(paths, dataset, online, redis)
-    os.environ.update(env)
     (paths.data / dataset / "feast").mkdir(parents=True, exist_ok=True)
     yaml_name = "feature_store.yaml" if online == "sqlite" else "feature_store.redis.yaml"
     features_dir = paths.features(dataset)
     features_dir.mkdir(parents=True, exist_ok=True)
-    return FeatureStore(repo_path=str(features_dir), fs_yaml_file=FEATURE_REPO / yaml_name)
+    # the yaml's ${VARS} are expanded once, while the config loads; nothing else reads them
+    with _environ(store_env(paths, dataset, online, redis)):
+        return FeatureStore(repo_path=str(features_dir), fs_yaml_file=FEATURE_REPO / yaml_name)
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
 def repo_objects(feature_data: Path) -> list[Any]:
@@ -77,11 +93,11 @@ def repo_objects(feature_data: Path) -> list[Any]:
     from feast import Entity, FeatureService, FeatureView
     from feast.data_source import DataSource
 
-    os.environ["HOMEFEED_FEATURE_DATA"] = str(feature_data)
     from feature_repo import entities, services, sources, views
 
-    for module in (sources, views, services):
-        importlib.reload(module)
+    with _environ({"HOMEFEED_FEATURE_DATA": str(feature_data)}):
+        for module in (sources, views, services):
+            importlib.reload(module)
 
     kinds = (Entity, DataSource, FeatureView, FeatureService)
     found: dict[int, Any] = {}

@@ -335,7 +335,10 @@ class Simulation:
         )
         if not len(out):
             return
-        self.stock[out] = 1 + self.rng.poisson(np.exp(self.rng.normal(3.0, 1.0, len(out))))
+        recent_clicks = np.sum(np.stack(self.pop_days), axis=0)[out]
+        self.stock[out] = 1 + self.rng.poisson(
+            np.exp(self.rng.normal(3.0, 1.0, len(out))) + 2.0 * recent_clicks
+        )
         ts = day_end - (self.rng.uniform(0, 3600, len(out)) * NS_PER_S).astype(np.int64)
         self.log.add(C.INVENTORY, item_id=out, ts=ts, stock=self.stock[out])
 

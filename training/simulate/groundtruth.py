@@ -226,17 +226,29 @@ class Oracle:
             margin=float(exam @ values["margin"]),
         )
 
-    def score_impressions(self, impressions: pd.DataFrame) -> pd.DataFrame:
+    def score_impressions(
+        self, impressions: pd.DataFrame, checkout_carts: pd.DataFrame | None = None
+    ) -> pd.DataFrame:
         """Expected outcomes of every row of an impression log (user_id, item_id, position, ts).
 
-        Sum the columns over rows to value a whole policy; divide by rows x 1000 for
-        "per 1,000 impressions".
+        ``checkout_carts`` (request_id, item_id) gives the carts of checkout requests; without
+        it checkout rows are scored as if the cart were empty. Sum the columns over rows to
+        value a whole policy; divide by rows / 1000 for "per 1,000 impressions".
         """
         users = impressions[C.USER_ID].to_numpy(np.int64)
         items = impressions[C.ITEM_ID].to_numpy(np.int64)
         at = to_ns(impressions[C.TS])
         exam = self.truth.examination(impressions[C.POSITION].to_numpy())
-        pc, pa, pb = self.truth.probabilities(users, items, at)
+        cart_match = None
+        if checkout_carts is not None and len(checkout_carts):
+            n_cat = int(self.truth.item_category.max()) + 1
+            cart_keys = np.unique(
+                checkout_carts[C.REQUEST_ID].to_numpy(np.int64) * n_cat
+                + self.truth.item_category[checkout_carts[C.ITEM_ID].to_numpy(np.int64)]
+            )
+            keys = impressions[C.REQUEST_ID].to_numpy(np.int64) * n_cat + self.truth.item_category[items]
+            cart_match = np.isin(keys, cart_keys).astype(float)
+        pc, pa, pb = self.truth.probabilities(users, items, at, cart_match)
         buy = pc * pa * pb
         gmv = buy * self.truth.item_price[items] * self.mean_quantity
         return pd.DataFrame(

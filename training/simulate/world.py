@@ -119,7 +119,6 @@ def build_world(cfg: SimConfig, rng: np.random.Generator) -> World:
     discount = 1.0 - price / list_price
     margin = np.clip(cat_margin[category] + rng.normal(0.0, 0.05, n_i), 0.02, 0.9)
     shipping = 1 + rng.poisson(1.5, n_i) + np.where(new_seller[seller] & (rng.random(n_i) < 0.5), 2, 0)
-    stock = rng.poisson(np.exp(rng.normal(3.5, 1.0, n_i)))
     new_item = rng.random(n_i) < cfg.new_item_share
     item_created = np.where(
         new_item,
@@ -130,6 +129,12 @@ def build_world(cfg: SimConfig, rng: np.random.Generator) -> World:
     listing_lag = (rng.exponential(3.0, n_i) * NS_PER_DAY).astype(np.int64)
     item_created = np.maximum(item_created, seller_created[seller] + listing_lag)
     item_created = np.minimum(item_created, end.value - NS_PER_DAY // 2)
+    # popularity the heuristic saw before the window: clicks over the past week
+    existed = item_created < start.value
+    history_rate = 2.0 * np.exp(1.2 * appeal) * cat_pop[category] * n_cat
+    item_history_pop = np.where(existed, rng.poisson(history_rate), 0).astype(np.float64)
+    # sellers stock what sells: a base level plus about two weeks of the item's clicks
+    stock = rng.poisson(np.exp(rng.normal(3.5, 1.0, n_i)) + 2.0 * item_history_pop)
     items = pd.DataFrame(
         {
             C.ITEM_ID: np.arange(n_i, dtype=np.int64),
@@ -145,10 +150,6 @@ def build_world(cfg: SimConfig, rng: np.random.Generator) -> World:
             C.CONTENT: list(content.astype(np.float32)),
         }
     )
-    # popularity the heuristic saw before the window: clicks over the past week
-    existed = item_created < start.value
-    history_rate = 2.0 * np.exp(1.2 * appeal) * cat_pop[category] * n_cat
-    item_history_pop = np.where(existed, rng.poisson(history_rate), 0).astype(np.float64)
 
     # -- users ---------------------------------------------------------------------------
     n_u = cfg.users

@@ -1,0 +1,51 @@
+"""The `homefeed` command line: fast help, clear errors, and the demo's report contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from training.cli import main
+
+
+def test_help_answers_without_importing_feast():
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "training.cli", "--help"],
+                         capture_output=True, text=True, check=True)
+    assert "simulate" in out.stdout and "dataset" in out.stdout
+    assert time.perf_counter() - started < 10
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, training.cli; print('feast' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )
+    assert probe.stdout.strip() == "False"
+
+
+def test_bad_preset_is_a_clear_error(capsys, home):
+    assert main(["simulate", "--preset", "huge"]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err
+
+
+def test_bad_override_is_a_clear_error(capsys, home):
+    assert main(["simulate", "--preset", "tiny", "--set", "users"]) == 2
+    assert "--set expects key=value, got 'users'" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_a_clear_error(capsys, home):
+    assert main(["dataset", "--dataset", "nope"]) == 2
+    assert "dataset 'nope' not found" in capsys.readouterr().err
+
+
+def test_demo_writes_the_data_report(home, capsys):
+    assert main(["demo", "--preset", "tiny"]) == 0
+    report = json.loads((home.reports / "data.json").read_text())
+    assert report["tables"]["impressions"]["rows"] > 0
+    assert set(report["label_rates"]) == {"purchase_7d", "click", "add_to_cart"}
+    assert set(report["split"]) == {"train_start", "train_end", "valid_end", "test_end"}
+    assert len(report["position_curve"]["estimated"]) == len(report["position_curve"]["true"]) == 10
+    for step in ("simulate", "validate", "features_build", "features_apply", "features_materialize",
+                 "dataset"):
+        assert report["seconds"][step] >= 0, step
+    assert "position  estimated  true" in capsys.readouterr().out

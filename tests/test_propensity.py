@@ -1,0 +1,65 @@
+"""Position-bias estimation from randomized traffic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training import columns as C
+from training.propensity import estimate_position_curve, isotonic_decreasing
+
+
+def test_isotonic_known_values():
+    np.testing.assert_allclose(isotonic_decreasing(np.array([3.0, 1.0, 2.0]), np.ones(3)), [3, 1.5, 1.5])
+    np.testing.assert_allclose(isotonic_decreasing(np.array([1.0, 2.0]), np.array([1.0, 3.0])), [1.75, 1.75])
+    already = np.array([5.0, 4.0, 4.0, 1.0])
+    np.testing.assert_allclose(isotonic_decreasing(already, np.ones(4)), already)
+
+
+def _synthetic(curve: np.ndarray, requests: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    k = len(curve)
+    pos = np.tile(np.arange(1, k + 1), requests)
+    relevance = rng.uniform(0.05, 0.4, len(pos))
+    clicked = rng.random(len(pos)) < curve[pos - 1] * relevance
+    imp = pd.DataFrame(
+        {
+            C.IMPRESSION_ID: np.arange(len(pos)),
+            C.POSITION: pos,
+            C.POLICY: np.where(np.arange(len(pos)) % 2 == 0, C.POLICY_RANDOM, C.POLICY_RANDOM),
+        }
+    )
+    return imp, pd.DataFrame({C.IMPRESSION_ID: imp[C.IMPRESSION_ID][clicked]})
+
+
+def test_recovers_a_known_curve_from_enough_randomized_clicks():
+    truth = (1 + np.arange(10) / 3.0) ** -1.0
+    imp, clicks = _synthetic(truth, 40_000)
+    curve = estimate_position_curve(imp, clicks, max_position=10)
+    assert curve.examination[0] == 1.0
+    np.testing.assert_allclose(curve.examination, truth, rtol=0.06)
+    assert np.all(np.diff(curve.examination) <= 0)
+    assert np.all(curve.stderr[1:] > 0)
+    assert curve.propensity(np.array([1, 10, 99]))[2] == curve.examination[-1]
+
+
+def test_heuristic_traffic_is_never_used():
+    imp, clicks = _synthetic(np.ones(5), 100)
+    imp[C.POLICY] = C.POLICY_HEURISTIC
+    with pytest.raises(ValueError, match="no rows with policy 'random'"):
+        estimate_position_curve(imp, clicks)
+
+
+@pytest.mark.slow
+def test_simulated_position_curve_within_ten_percent_of_the_truth():
+    """The issue's acceptance test: on a preset with enough randomized requests (2 % of
+    ~1.4M requests), the estimated examination curve for slots 1-10 is within 10 % of the
+    simulator's true curve."""
+    from training.simulate import load_config, simulate
+
+    result = simulate(load_config("position"))
+    curve = estimate_position_curve(result.tables[C.IMPRESSIONS], result.tables[C.CLICKS])
+    true = np.array(result.oracle.position_curve(10))
+    relative = np.abs(curve.examination[:10] / true - 1)
+    assert relative.max() <= 0.10, relative.round(3)

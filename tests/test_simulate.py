@@ -1,0 +1,180 @@
+"""The simulator: determinism, the table contract, the logging policy's propensities, the
+response model's shape, and the Oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training import columns as C
+from training.simulate import GroundTruth, Oracle, load_config, simulate
+from training.simulate.policy import plackett_luce_topk
+from training.timeutil import NS_PER_DAY, to_ns
+
+
+def test_same_seed_same_tables_other_seed_other_tables(tiny_sim):
+    again = simulate(load_config("tiny"))
+    for name in C.ALL_TABLES:
+        pd.testing.assert_frame_equal(tiny_sim.tables[name], again.tables[name])
+    other = simulate(load_config("tiny", seed=8))
+    assert not tiny_sim.tables[C.IMPRESSIONS][C.ITEM_ID].equals(other.tables[C.IMPRESSIONS][C.ITEM_ID])
+
+
+def test_tables_follow_the_contract(tiny_sim):
+    kinds = {"id": "int64", "int": "int64", "float": "float64", "bool": "bool", "str": "object"}
+    for name in C.ALL_TABLES:
+        frame = tiny_sim.tables[name]
+        for column, kind in C.TABLES[name].items():
+            assert column in frame, f"{name}.{column} missing"
+            if kind == "ts":
+                assert str(frame[column].dtype) == "datetime64[ns, UTC]", f"{name}.{column}"
+            elif kind == "vector":
+                assert frame[column].map(len).nunique() == 1
+            else:
+                assert str(frame[column].dtype) == kinds[kind], f"{name}.{column}"
+        assert len(frame) > 0, name
+
+
+def test_referential_integrity_and_time_order(tiny_sim):
+    t = tiny_sim.tables
+    imp = t[C.IMPRESSIONS].set_index(C.IMPRESSION_ID)
+    assert imp.index.is_unique
+    assert t[C.IMPRESSIONS][C.USER_ID].isin(t[C.USERS][C.USER_ID]).all()
+    assert t[C.ITEMS][C.SELLER_ID].isin(t[C.SELLERS][C.SELLER_ID]).all()
+    for name in (C.CLICKS, C.ADD_TO_CARTS, C.PURCHASES):
+        events = t[name]
+        assert events[C.IMPRESSION_ID].isin(imp.index).all(), name
+        shown = imp.loc[events[C.IMPRESSION_ID], C.TS].to_numpy()
+        assert (events[C.TS].to_numpy() >= shown).all(), name
+    # nobody is served before they sign up, no item before it is listed
+    users = t[C.USERS].set_index(C.USER_ID)[C.SIGNUP_AT]
+    assert (t[C.IMPRESSIONS][C.TS].to_numpy() >= users.loc[t[C.IMPRESSIONS][C.USER_ID]].to_numpy()).all()
+    created = t[C.ITEMS].set_index(C.ITEM_ID)[C.CREATED_AT]
+    assert (t[C.IMPRESSIONS][C.TS].to_numpy() >= created.loc[t[C.IMPRESSIONS][C.ITEM_ID]].to_numpy()).all()
+
+
+def test_purchases_are_delayed_past_seven_days_and_censored_at_the_end(tiny_sim):
+    t = tiny_sim.tables
+    imp_ts = t[C.IMPRESSIONS].set_index(C.IMPRESSION_ID)[C.TS]
+    buys = t[C.PURCHASES]
+    delay = (buys[C.TS].to_numpy() - imp_ts.loc[buys[C.IMPRESSION_ID]].to_numpy()) / np.timedelta64(1, "D")
+    assert (delay > 7).any() and (delay < 1).mean() > 0.4
+    assert buys[C.TS].max() < tiny_sim.config.end_ts
+    assert tiny_sim.stats["purchases_censored"] > 0
+
+
+def test_new_sellers_users_and_items_arrive_during_the_window(tiny_sim):
+    cfg, t = tiny_sim.config, tiny_sim.tables
+    for table, column in ((C.SELLERS, C.CREATED_AT), (C.USERS, C.SIGNUP_AT), (C.ITEMS, C.CREATED_AT)):
+        assert (t[table][column] >= cfg.start_ts).sum() > 0, table
+    assert t[C.SELLERS][C.IS_NEW].sum() > 0
+
+
+def test_randomized_requests_are_uniform_plackett_luce(tiny_sim):
+    """For a uniform draw without replacement from N items, slot j has propensity
+    1 / (N - j + 1): consecutive inverse propensities differ by exactly one."""
+    imp = tiny_sim.tables[C.IMPRESSIONS]
+    rand = imp[imp[C.POLICY] == C.POLICY_RANDOM].sort_values([C.REQUEST_ID, C.POSITION])
+    assert 0.005 < len(rand) / len(imp) < 0.03
+    inv = 1.0 / rand[C.PROPENSITY].to_numpy()
+    same = rand[C.REQUEST_ID].to_numpy()[1:] == rand[C.REQUEST_ID].to_numpy()[:-1]
+    np.testing.assert_allclose(np.diff(inv)[same], -1.0, atol=1e-6)
+    served = imp[imp[C.POLICY] == C.POLICY_HEURISTIC][C.PROPENSITY]
+    assert ((served > 0) & (served <= 1)).all()
+
+
+def test_plackett_luce_propensities_match_the_sampling_frequencies():
+    rng = np.random.default_rng(0)
+    weights = np.array([1.0, 2.0, 3.0, 4.0])
+    logits = np.tile(np.log(weights), (40_000, 1))
+    cols, prop = plackett_luce_topk(logits, 2, rng)
+    # P(first = 3) = 4/10; P(second = 2 | first = 3) = 3/6
+    first_is_3 = cols[:, 0] == 3
+    assert abs(first_is_3.mean() - 0.4) < 0.01
+    np.testing.assert_allclose(prop[first_is_3, 0], 0.4)
+    second_is_2 = first_is_3 & (cols[:, 1] == 2)
+    np.testing.assert_allclose(prop[second_is_2, 1], 0.5)
+    assert abs(second_is_2.sum() / first_is_3.sum() - 0.5) < 0.02
+
+
+def test_plackett_luce_leaves_slots_empty_when_too_few_items_are_eligible():
+    logits = np.array([[0.0, -np.inf, 1.0, -np.inf]])
+    cols, prop = plackett_luce_topk(logits, 3, np.random.default_rng(1))
+    assert sorted(cols[0, :2]) == [0, 2] and cols[0, 2] == -1 and prop[0, 2] == 0
+    assert prop[0, 1] == pytest.approx(1.0)
+
+
+def test_examination_curve_starts_at_one_and_falls(tiny_sim):
+    curve = tiny_sim.oracle.position_curve(50)
+    assert curve[0] == 1.0
+    assert all(a > b for a, b in zip(curve, curve[1:], strict=False))
+
+
+def test_oracle_optimal_ranking_beats_its_reverse_and_the_logged_feeds(tiny_sim):
+    oracle = tiny_sim.oracle
+    imp = tiny_sim.tables[C.IMPRESSIONS]
+    served = imp[imp[C.POLICY] == C.POLICY_HEURISTIC]
+    wins = 0
+    for request_id, feed in list(served.groupby(C.REQUEST_ID))[:50]:
+        user = int(feed[C.USER_ID].iloc[0])
+        at = feed[C.TS].iloc[0]
+        items = feed.sort_values(C.POSITION)[C.ITEM_ID].to_numpy()
+        best = oracle.optimal(user, items, len(items), at=at)
+        assert sorted(best) == sorted(items)
+        v_best = oracle.score(user, best, at=at).margin
+        assert v_best >= oracle.score(user, best[::-1], at=at).margin
+        wins += v_best >= oracle.score(user, items, at=at).margin - 1e-12
+    assert wins == 50
+
+
+def test_oracle_scores_impression_logs_like_lists(tiny_sim):
+    oracle = tiny_sim.oracle
+    imp = tiny_sim.tables[C.IMPRESSIONS]
+    feed = imp[imp[C.REQUEST_ID] == imp[C.REQUEST_ID].iloc[0]].sort_values(C.POSITION)
+    per_row = oracle.score_impressions(feed).sum()
+    listed = oracle.score(int(feed[C.USER_ID].iloc[0]), feed[C.ITEM_ID].to_numpy(), at=feed[C.TS].iloc[0])
+    assert per_row["gmv"] == pytest.approx(listed.gmv)
+    assert per_row["clicks"] == pytest.approx(listed.clicks)
+
+
+def test_simulated_click_rate_matches_the_oracles_expectation(tiny_sim):
+    """The logged clicks are draws from the same model the Oracle evaluates."""
+    t = tiny_sim.tables
+    scored = tiny_sim.oracle.score_impressions(t[C.IMPRESSIONS], t["checkout_carts"])
+    clicked = t[C.IMPRESSIONS][C.IMPRESSION_ID].isin(t[C.CLICKS][C.IMPRESSION_ID])
+    for surface in C.SURFACES:  # checkout rows only match once the carts are accounted for
+        rows = (t[C.IMPRESSIONS][C.SURFACE] == surface).to_numpy()
+        expected = scored["clicks"][rows].sum()
+        assert abs(clicked[rows].sum() - expected) < 4 * np.sqrt(expected), surface
+
+
+def test_ground_truth_round_trips(tiny_sim, tmp_path):
+    tiny_sim.truth.save(tmp_path)
+    loaded = Oracle(GroundTruth.load(tmp_path))
+    items = np.arange(30)
+    assert loaded.score(3, items).gmv == tiny_sim.oracle.score(3, items).gmv
+    with pytest.raises(FileNotFoundError, match="only simulated datasets"):
+        GroundTruth.load(tmp_path / "nope")
+
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        load_config("huge")
+    with pytest.raises(ValueError, match="unknown simulator setting 'userz'"):
+        load_config("tiny", userz=3)
+    with pytest.raises(ValueError, match="randomized_share must be in"):
+        load_config("tiny", randomized_share=2)
+
+
+def test_inventory_stays_non_negative_and_out_of_stock_happens(tiny_sim):
+    inv = tiny_sim.tables[C.INVENTORY]
+    assert (inv[C.STOCK] >= 0).all()
+    assert tiny_sim.stats["purchases_out_of_stock"] >= 0
+    assert (inv[C.STOCK] == 0).any()
+    first = inv.groupby(C.ITEM_ID)[C.TS].min()
+    created = tiny_sim.tables[C.ITEMS].set_index(C.ITEM_ID)[C.CREATED_AT]
+    start = tiny_sim.config.start_ts
+    expected_first = np.maximum(to_ns(created.loc[first.index]), start.value)
+    assert (to_ns(first) == expected_first).all()
+    assert NS_PER_DAY > 0

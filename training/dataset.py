@@ -1,0 +1,227 @@
+"""Training sets: labels, a time split, negative downsampling, position propensities, and
+point-in-time correct features from Feast's historical retrieval.
+
+One row per impression. Labels look forward from the impression (purchase within
+``label_window_days``, click, add-to-cart); features look backward (Feast joins the latest
+feature row stamped at or before the impression). Impressions too close to the end of the
+data to have a complete label window are dropped, never labelled negative.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from feature_repo import schema as S
+from training import columns as C
+from training.propensity import PositionCurve, estimate_position_curve
+from training.timeutil import NS_PER_DAY, to_ns
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+log = logging.getLogger(__name__)
+
+EXAMINATION = "examination_propensity"
+IPS_WEIGHT = "ips_weight"
+HOUR = "hour_of_day"
+DAY_OF_WEEK = "day_of_week"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    label_window_days: int = 7
+    split_ratio: tuple[int, int, int] = (60, 7, 7)  # train / valid / test days (the seed's)
+    negative_rate: float = 0.1  # share of all-negative train impressions kept (weight 1/rate)
+    eval_negative_rate: float = 1.0  # the same for valid / test; 1 keeps whole feeds
+    max_position: int = 20  # slots the examination curve is estimated for
+    min_propensity: float = 0.05  # IPS weights are clipped at 1 / min_propensity
+    seed: int = 11
+
+
+@dataclass(frozen=True)
+class Split:
+    train_start: pd.Timestamp
+    train_end: pd.Timestamp
+    valid_end: pd.Timestamp
+    test_end: pd.Timestamp
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: v.isoformat() for k, v in asdict(self).items()}
+
+
+def plan_split(start: pd.Timestamp, end: pd.Timestamp, cfg: DatasetConfig) -> Split:
+    """Whole days, in the ratio ``split_ratio``, ending ``label_window_days`` before ``end``."""
+    start = start.floor("D")
+    usable = int((end - start) / pd.Timedelta(days=1)) - cfg.label_window_days
+    if usable < 3:
+        raise ValueError(
+            f"data window {start.date()}..{end.date()} leaves {usable} labelled days after the "
+            f"{cfg.label_window_days}-day label window; need at least 3 (train, valid, test)"
+        )
+    total = sum(cfg.split_ratio)
+    valid = max(1, round(usable * cfg.split_ratio[1] / total))
+    test = max(1, round(usable * cfg.split_ratio[2] / total))
+    train = usable - valid - test
+    day = pd.Timedelta(days=1)
+    return Split(start, start + train * day, start + (train + valid) * day,
+                 start + (train + valid + test) * day)
+
+
+def label_impressions(tables: dict[str, pd.DataFrame], label_window_days: int) -> pd.DataFrame:
+    """Impressions with purchase-within-window, click and add-to-cart labels."""
+    imp = tables[C.IMPRESSIONS].copy()
+    imp[C.LABEL_CLICK] = imp[C.IMPRESSION_ID].isin(tables[C.CLICKS][C.IMPRESSION_ID])
+    imp[C.LABEL_ATC] = imp[C.IMPRESSION_ID].isin(tables[C.ADD_TO_CARTS][C.IMPRESSION_ID])
+    buys = tables[C.PURCHASES]
+    row = pd.Index(imp[C.IMPRESSION_ID]).get_indexer(buys[C.IMPRESSION_ID])
+    ok = row >= 0
+    delay = to_ns(buys[C.TS])[ok] - to_ns(imp[C.TS])[row[ok]]
+    hit = np.zeros(len(imp), dtype=bool)
+    hit[row[ok][delay <= label_window_days * NS_PER_DAY]] = True
+    imp[C.LABEL_PURCHASE] = hit
+    for col in (C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE):
+        imp[col] = imp[col].astype(np.int8)
+    return imp
+
+
+def assign_split(imp: pd.DataFrame, split: Split) -> pd.Series:
+    ts = imp[C.TS]
+    out = pd.Series(pd.NA, index=imp.index, dtype="string")
+    out[(ts >= split.train_start) & (ts < split.train_end)] = "train"
+    out[(ts >= split.train_end) & (ts < split.valid_end)] = "valid"
+    out[(ts >= split.valid_end) & (ts < split.test_end)] = "test"
+    return out
+
+
+def downsample(imp: pd.DataFrame, cfg: DatasetConfig) -> pd.DataFrame:
+    """Keep every impression with a positive label and a ``rate`` share of the rest (weight 1/rate)."""
+    rng = np.random.default_rng(cfg.seed)
+    positive = (imp[[C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE]].to_numpy() > 0).any(axis=1)
+    rate = np.where(imp[C.SPLIT].to_numpy() == "train", cfg.negative_rate, cfg.eval_negative_rate)
+    keep = positive | (rng.random(len(imp)) < rate)
+    out = imp[keep].copy()
+    out[C.WEIGHT] = np.where(positive[keep], 1.0, 1.0 / rate[keep])
+    return out
+
+
+def entity_frame(rows: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+    """Feast's entity dataframe: join keys + event_timestamp (microseconds, UTC) + payload."""
+    seller = pd.Series(items[C.SELLER_ID].to_numpy(), index=items[C.ITEM_ID].to_numpy())
+    out = rows.rename(columns={C.TS: C.EVENT_TIMESTAMP})
+    out[C.EVENT_TIMESTAMP] = out[C.EVENT_TIMESTAMP].dt.as_unit("us")
+    out[C.SELLER_ID] = seller.reindex(out[C.ITEM_ID].to_numpy()).to_numpy()
+    return out
+
+
+def fill_defaults(frame: pd.DataFrame, n_categories: int) -> pd.DataFrame:
+    """Features Feast found no row for take the value serving uses for an unknown entity."""
+    for view, feats in S.FEATURES.items():
+        for name, kind in feats.items():
+            if name not in frame:
+                continue
+            default = S.DEFAULTS.get(name)
+            if kind == "float32[]":
+                prior = np.full(n_categories, 1.0 / n_categories, dtype=np.float32)
+                frame[name] = [prior if v is None or (np.isscalar(v) and pd.isna(v)) else
+                               np.asarray(v, np.float32) for v in frame[name]]
+            elif kind == "string":
+                frame[name] = frame[name].fillna(default if default is not None else "unknown")
+            else:
+                frame[name] = frame[name].fillna(default if default is not None else 0)
+                frame[name] = frame[name].astype(np.float32 if kind == "float32" else np.int64)
+    return frame
+
+
+def historical_features(store: FeatureStore, entity_df: pd.DataFrame) -> pd.DataFrame:
+    service = store.get_feature_service(S.RANKER_SERVICE)
+    out = store.get_historical_features(entity_df=entity_df, features=service).to_df()
+    if len(out) != len(entity_df):
+        raise RuntimeError(
+            f"historical retrieval returned {len(out)} rows for {len(entity_df)} entity rows; "
+            "the offline store lost rows (a point-in-time join must be a left join)"
+        )
+    return out
+
+
+def build_training_sets(
+    tables: dict[str, pd.DataFrame],
+    store: FeatureStore,
+    out_dir: Path,
+    cfg: DatasetConfig | None = None,
+    data_end: pd.Timestamp | None = None,
+) -> dict[str, Any]:
+    """Write ``train/valid/test.parquet`` and a manifest; returns the manifest."""
+    cfg = cfg or DatasetConfig()
+    started = time.perf_counter()
+    imp = label_impressions(tables, cfg.label_window_days)
+    start = imp[C.TS].min()
+    end = data_end if data_end is not None else imp[C.TS].max().ceil("D")
+    split = plan_split(start, end, cfg)
+    imp[C.SPLIT] = assign_split(imp, split)
+    censored = int(imp[C.SPLIT].isna().sum())
+    imp = imp[imp[C.SPLIT].notna()]
+
+    # examination propensities from the randomized traffic before the test period
+    history = imp[imp[C.TS] < split.valid_end]
+    curve: PositionCurve | None = None
+    if (history[C.POLICY] == C.POLICY_RANDOM).any():
+        curve = estimate_position_curve(history, tables[C.CLICKS], cfg.max_position)
+        exam = curve.propensity(imp[C.POSITION].to_numpy())
+    else:
+        log.warning("no randomized traffic: examination propensities set to 1 (no IPS)")
+        exam = np.ones(len(imp))
+    organic = (imp[C.POLICY] == C.POLICY_ORGANIC).to_numpy()
+    imp[EXAMINATION] = np.where(organic, 1.0, exam)
+    imp[IPS_WEIGHT] = 1.0 / np.maximum(imp[EXAMINATION].to_numpy(), cfg.min_propensity)
+    imp[HOUR] = imp[C.TS].dt.hour.astype(np.int64)
+    imp[DAY_OF_WEEK] = imp[C.TS].dt.dayofweek.astype(np.int64)
+
+    rows = downsample(imp, cfg)
+    entity = entity_frame(rows, tables[C.ITEMS])
+    t0 = time.perf_counter()
+    joined = historical_features(store, entity)
+    join_seconds = time.perf_counter() - t0
+    n_cat = int(tables[C.ITEMS][C.CATEGORY].max()) + 1
+    joined = fill_defaults(joined, n_cat)
+    joined = joined.sort_values([C.EVENT_TIMESTAMP, C.IMPRESSION_ID], kind="stable")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts, rates = {}, {}
+    for name in C.SPLITS:
+        part = joined[joined[C.SPLIT] == name].drop(columns=[C.SPLIT])
+        part.to_parquet(out_dir / f"{name}.parquet", index=False)
+        counts[name] = len(part)
+        w = part[C.WEIGHT].to_numpy()
+        rates[name] = {
+            lab: float(np.average(part[lab], weights=w)) if len(part) else 0.0
+            for lab in (C.LABEL_PURCHASE, C.LABEL_CLICK, C.LABEL_ATC)
+        }
+    manifest = {
+        "config": {**asdict(cfg), "split_ratio": list(cfg.split_ratio)},
+        "split": split.to_dict(),
+        "rows": counts,
+        "impressions_labelled": len(imp),
+        "impressions_censored": censored,
+        "label_rates": {  # over all labelled impressions, before downsampling
+            "purchase_7d": float(imp[C.LABEL_PURCHASE].mean()),
+            "click": float(imp[C.LABEL_CLICK].mean()),
+            "add_to_cart": float(imp[C.LABEL_ATC].mean()),
+        },
+        "label_rates_by_split_weighted": rates,
+        "feature_service": S.RANKER_SERVICE,
+        "features": S.feature_refs(),
+        "position_curve": None if curve is None else curve.to_frame().to_dict(orient="list"),
+        "seconds": {"total": time.perf_counter() - started, "feast_join": join_seconds},
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    log.info("training sets %s in %.1fs", counts, manifest["seconds"]["total"])
+    return manifest

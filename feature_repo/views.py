@@ -2,6 +2,7 @@
 snapshot time), so a point-in-time join can never see an event after the impression."""
 
 from datetime import timedelta
+from typing import Any
 
 from feast import FeatureView, Field
 from feast.types import Array, Float32, Int64, String
@@ -17,7 +18,12 @@ from feature_repo.sources import (
     user_recent_activity_push,
 )
 
-_TYPES = {"int64": Int64, "float32": Float32, "string": String, "float32[]": Array(Float32)}
+_TYPES: dict[str, Any] = {
+    "int64": Int64,
+    "float32": Float32,
+    "string": String,
+    "float32[]": Array(Float32),
+}
 
 
 def _fields(view: str) -> list[Field]:

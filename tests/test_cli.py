@@ -12,13 +12,16 @@ from training.cli import main
 
 def test_help_answers_without_importing_feast():
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "training.cli", "--help"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "training.cli", "--help"], capture_output=True, text=True, check=True
+    )
     assert "simulate" in out.stdout and "dataset" in out.stdout
     assert time.perf_counter() - started < 10
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, training.cli; print('feast' in sys.modules)"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert probe.stdout.strip() == "False"
 
@@ -45,7 +48,13 @@ def test_demo_writes_the_data_report(home, capsys):
     assert set(report["label_rates"]) == {"purchase_7d", "click", "add_to_cart"}
     assert set(report["split"]) == {"train_start", "train_end", "valid_end", "test_end"}
     assert len(report["position_curve"]["estimated"]) == len(report["position_curve"]["true"]) == 10
-    for step in ("simulate", "validate", "features_build", "features_apply", "features_materialize",
-                 "dataset"):
+    for step in (
+        "simulate",
+        "validate",
+        "features_build",
+        "features_apply",
+        "features_materialize",
+        "dataset",
+    ):
         assert report["seconds"][step] >= 0, step
     assert "position  estimated  true" in capsys.readouterr().out

@@ -32,11 +32,17 @@ def test_split_follows_the_ratio_and_stops_a_label_window_before_the_end():
 
 
 def test_purchase_label_needs_the_purchase_within_the_window(tables):
-    tables[C.PURCHASES] = pd.DataFrame({
-        C.IMPRESSION_ID: [0, 2],
-        C.TS: [tables[C.IMPRESSIONS][C.TS][0] + pd.Timedelta(days=8),  # too late
-               tables[C.IMPRESSIONS][C.TS][2] + pd.Timedelta(days=6, hours=23)],
-        C.PRICE: [10.0, 10.0], C.QUANTITY: [1, 1]})
+    tables[C.PURCHASES] = pd.DataFrame(
+        {
+            C.IMPRESSION_ID: [0, 2],
+            C.TS: [
+                tables[C.IMPRESSIONS][C.TS][0] + pd.Timedelta(days=8),  # too late
+                tables[C.IMPRESSIONS][C.TS][2] + pd.Timedelta(days=6, hours=23),
+            ],
+            C.PRICE: [10.0, 10.0],
+            C.QUANTITY: [1, 1],
+        }
+    )
     labelled = label_impressions(tables, 7).set_index(C.IMPRESSION_ID)
     assert labelled[C.LABEL_PURCHASE].to_dict() == {0: 0, 1: 0, 2: 1, 3: 0}
     assert labelled[C.LABEL_CLICK].to_dict() == {0: 1, 1: 0, 2: 1, 3: 0}
@@ -45,11 +51,14 @@ def test_purchase_label_needs_the_purchase_within_the_window(tables):
 
 def test_downsampling_keeps_positives_and_reweights_negatives():
     n = 20_000
-    frame = pd.DataFrame({
-        C.LABEL_CLICK: (np.arange(n) % 10 == 0).astype(np.int8),
-        C.LABEL_ATC: 0, C.LABEL_PURCHASE: 0,
-        C.SPLIT: np.where(np.arange(n) < 15_000, "train", "test"),
-    })
+    frame = pd.DataFrame(
+        {
+            C.LABEL_CLICK: (np.arange(n) % 10 == 0).astype(np.int8),
+            C.LABEL_ATC: 0,
+            C.LABEL_PURCHASE: 0,
+            C.SPLIT: np.where(np.arange(n) < 15_000, "train", "test"),
+        }
+    )
     kept = downsample(frame, DatasetConfig(negative_rate=0.2, eval_negative_rate=1.0))
     train = kept[kept[C.SPLIT] == "train"]
     assert train[C.LABEL_CLICK].sum() == 1_500  # every positive
@@ -64,8 +73,11 @@ def test_tiny_training_sets(tiny_dataset, home):
     folder = home.training_sets(tiny_dataset["dataset"])
     parts = {name: pd.read_parquet(folder / f"{name}.parquet") for name in C.SPLITS}
     split = {k: pd.Timestamp(v) for k, v in manifest["split"].items()}
-    for name, (lo, hi) in {"train": ("train_start", "train_end"), "valid": ("train_end", "valid_end"),
-                           "test": ("valid_end", "test_end")}.items():
+    for name, (lo, hi) in {
+        "train": ("train_start", "train_end"),
+        "valid": ("train_end", "valid_end"),
+        "test": ("valid_end", "test_end"),
+    }.items():
         ts = parts[name][C.EVENT_TIMESTAMP]
         assert len(ts) == manifest["rows"][name] > 0
         assert ts.min() >= split[lo] and ts.max() < split[hi], name
@@ -92,10 +104,15 @@ def test_training_features_match_an_independent_point_in_time_lookup(tiny_datase
     stats = stats.sort_values(S.EVENT_TIMESTAMP)
     expected = pd.merge_asof(
         sample[[C.EVENT_TIMESTAMP, C.ITEM_ID]].assign(
-            **{C.EVENT_TIMESTAMP: sample[C.EVENT_TIMESTAMP].dt.as_unit("us")}),
+            **{C.EVENT_TIMESTAMP: sample[C.EVENT_TIMESTAMP].dt.as_unit("us")}
+        ),
         stats[[S.EVENT_TIMESTAMP, C.ITEM_ID, "clicks_7d", "ctr_7d"]],
-        on=S.EVENT_TIMESTAMP, by=C.ITEM_ID, direction="backward",
+        on=S.EVENT_TIMESTAMP,
+        by=C.ITEM_ID,
+        direction="backward",
     )
     np.testing.assert_array_equal(expected["clicks_7d"].to_numpy(), sample["clicks_7d"].to_numpy())
-    np.testing.assert_allclose(expected["ctr_7d"].to_numpy(), sample["ctr_7d"].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        expected["ctr_7d"].to_numpy(), sample["ctr_7d"].to_numpy(), rtol=1e-6
+    )
     assert (to_ns(sample[C.EVENT_TIMESTAMP]) > 0).all()

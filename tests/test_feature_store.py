@@ -39,12 +39,32 @@ def test_an_event_after_the_impression_never_leaks_into_its_features(tmp_path, t
     before = _historical(_store(tmp_path / "a", tables), [(0, 0, shown_at)])
 
     planted = {k: v.copy() for k, v in tables.items()}
-    planted[C.IMPRESSIONS] = pd.concat([planted[C.IMPRESSIONS], pd.DataFrame({
-        C.IMPRESSION_ID: [9], C.REQUEST_ID: [9], C.USER_ID: [0], C.ITEM_ID: [0], C.POSITION: [1],
-        C.SURFACE: ["HOME"], C.TS: [shown_at + pd.Timedelta(seconds=1)], C.POLICY: ["heuristic"],
-        C.PROPENSITY: [0.5]})], ignore_index=True)
-    planted[C.CLICKS] = pd.concat([planted[C.CLICKS], pd.DataFrame(
-        {C.IMPRESSION_ID: [9], C.TS: [shown_at + pd.Timedelta(seconds=1)]})], ignore_index=True)
+    planted[C.IMPRESSIONS] = pd.concat(
+        [
+            planted[C.IMPRESSIONS],
+            pd.DataFrame(
+                {
+                    C.IMPRESSION_ID: [9],
+                    C.REQUEST_ID: [9],
+                    C.USER_ID: [0],
+                    C.ITEM_ID: [0],
+                    C.POSITION: [1],
+                    C.SURFACE: ["HOME"],
+                    C.TS: [shown_at + pd.Timedelta(seconds=1)],
+                    C.POLICY: ["heuristic"],
+                    C.PROPENSITY: [0.5],
+                }
+            ),
+        ],
+        ignore_index=True,
+    )
+    planted[C.CLICKS] = pd.concat(
+        [
+            planted[C.CLICKS],
+            pd.DataFrame({C.IMPRESSION_ID: [9], C.TS: [shown_at + pd.Timedelta(seconds=1)]}),
+        ],
+        ignore_index=True,
+    )
     store = _store(tmp_path / "b", planted)
     after = _historical(store, [(0, 0, shown_at), (0, 0, shown_at + pd.Timedelta(seconds=2))])
 
@@ -75,11 +95,22 @@ def _online_roundtrip(store) -> None:
         features=store.get_feature_service(S.RANKER_SERVICE),
         entity_rows=[{C.USER_ID: 0, C.ITEM_ID: 0, C.SELLER_ID: 0}],
     ).to_dict()
-    assert row["purchases_30d"] == [1] and row["stock"] == [3] and row["seller_rating"][0] == pytest.approx(4.5)
+    assert (
+        row["purchases_30d"] == [1]
+        and row["stock"] == [3]
+        and row["seller_rating"][0] == pytest.approx(4.5)
+    )
     store.push(
         "item_inventory_push",
-        pd.DataFrame({C.ITEM_ID: [0], S.EVENT_TIMESTAMP: [ts(5.5)], "stock": [0], "in_stock": [0],
-                      S.CREATED: [ts(5.5)]}),
+        pd.DataFrame(
+            {
+                C.ITEM_ID: [0],
+                S.EVENT_TIMESTAMP: [ts(5.5)],
+                "stock": [0],
+                "in_stock": [0],
+                S.CREATED: [ts(5.5)],
+            }
+        ),
     )
     row = store.get_online_features(
         features=["item_inventory:stock", "item_inventory:in_stock"], entity_rows=[{C.ITEM_ID: 0}]

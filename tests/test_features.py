@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from feature_repo import schema as S
+from tests.handmade import ts as _ts
 from training import columns as C
 from training.features import FeatureBuilder
 
-from tests.handmade import ts as _ts
 
 def _row(frame: pd.DataFrame, key: str, ident: int, at: pd.Timestamp) -> pd.Series:
     hit = frame[(frame[key] == ident) & (frame[S.EVENT_TIMESTAMP] == at)]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training import columns as C  # noqa: N812 (the project-wide alias)
+from training import columns as C
 from training import ingest as ing
 from training import tables as tb
 
@@ -332,7 +332,9 @@ def cj_source() -> pd.DataFrame:
     tx = get_data("transactions")["transactions"]
     tx = tx[tx["week"] <= CJ_WEEKS]
     households = np.sort(tx["household_id"].unique())[:CJ_HOUSEHOLDS]
-    return tx[tx["household_id"].isin(households)]
+    tx = tx[tx["household_id"].isin(households)]
+    # adjustments (quantity 0) and refunds (negative amounts) are dropped at ingest
+    return tx[(tx["quantity"] > 0) & (tx["sales_value"] >= 0)]
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,19 @@ from training.propensity import estimate_position_curve, isotonic_decreasing
 
 
 def test_isotonic_known_values():
-    np.testing.assert_allclose(isotonic_decreasing(np.array([3.0, 1.0, 2.0]), np.ones(3)), [3, 1.5, 1.5])
-    np.testing.assert_allclose(isotonic_decreasing(np.array([1.0, 2.0]), np.array([1.0, 3.0])), [1.75, 1.75])
+    np.testing.assert_allclose(
+        isotonic_decreasing(np.array([3.0, 1.0, 2.0]), np.ones(3)), [3, 1.5, 1.5]
+    )
+    np.testing.assert_allclose(
+        isotonic_decreasing(np.array([1.0, 2.0]), np.array([1.0, 3.0])), [1.75, 1.75]
+    )
     already = np.array([5.0, 4.0, 4.0, 1.0])
     np.testing.assert_allclose(isotonic_decreasing(already, np.ones(4)), already)
 
 
-def _synthetic(curve: np.ndarray, requests: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _synthetic(
+    curve: np.ndarray, requests: int, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     rng = np.random.default_rng(seed)
     k = len(curve)
     pos = np.tile(np.arange(1, k + 1), requests)

@@ -3,6 +3,8 @@ response model's shape, and the Oracle."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,7 +20,9 @@ def test_same_seed_same_tables_other_seed_other_tables(tiny_sim):
     for name in C.ALL_TABLES:
         pd.testing.assert_frame_equal(tiny_sim.tables[name], again.tables[name])
     other = simulate(load_config("tiny", seed=8))
-    assert not tiny_sim.tables[C.IMPRESSIONS][C.ITEM_ID].equals(other.tables[C.IMPRESSIONS][C.ITEM_ID])
+    assert not tiny_sim.tables[C.IMPRESSIONS][C.ITEM_ID].equals(
+        other.tables[C.IMPRESSIONS][C.ITEM_ID]
+    )
 
 
 def test_tables_follow_the_contract(tiny_sim):
@@ -49,16 +53,22 @@ def test_referential_integrity_and_time_order(tiny_sim):
         assert (events[C.TS].to_numpy() >= shown).all(), name
     # nobody is served before they sign up, no item before it is listed
     users = t[C.USERS].set_index(C.USER_ID)[C.SIGNUP_AT]
-    assert (t[C.IMPRESSIONS][C.TS].to_numpy() >= users.loc[t[C.IMPRESSIONS][C.USER_ID]].to_numpy()).all()
+    assert (
+        t[C.IMPRESSIONS][C.TS].to_numpy() >= users.loc[t[C.IMPRESSIONS][C.USER_ID]].to_numpy()
+    ).all()
     created = t[C.ITEMS].set_index(C.ITEM_ID)[C.CREATED_AT]
-    assert (t[C.IMPRESSIONS][C.TS].to_numpy() >= created.loc[t[C.IMPRESSIONS][C.ITEM_ID]].to_numpy()).all()
+    assert (
+        t[C.IMPRESSIONS][C.TS].to_numpy() >= created.loc[t[C.IMPRESSIONS][C.ITEM_ID]].to_numpy()
+    ).all()
 
 
 def test_purchases_are_delayed_past_seven_days_and_censored_at_the_end(tiny_sim):
     t = tiny_sim.tables
     imp_ts = t[C.IMPRESSIONS].set_index(C.IMPRESSION_ID)[C.TS]
     buys = t[C.PURCHASES]
-    delay = (buys[C.TS].to_numpy() - imp_ts.loc[buys[C.IMPRESSION_ID]].to_numpy()) / np.timedelta64(1, "D")
+    delay = (buys[C.TS].to_numpy() - imp_ts.loc[buys[C.IMPRESSION_ID]].to_numpy()) / np.timedelta64(
+        1, "D"
+    )
     assert (delay > 7).any() and (delay < 1).mean() > 0.4
     assert buys[C.TS].max() < tiny_sim.config.end_ts
     assert tiny_sim.stats["purchases_censored"] > 0
@@ -66,7 +76,11 @@ def test_purchases_are_delayed_past_seven_days_and_censored_at_the_end(tiny_sim)
 
 def test_new_sellers_users_and_items_arrive_during_the_window(tiny_sim):
     cfg, t = tiny_sim.config, tiny_sim.tables
-    for table, column in ((C.SELLERS, C.CREATED_AT), (C.USERS, C.SIGNUP_AT), (C.ITEMS, C.CREATED_AT)):
+    for table, column in (
+        (C.SELLERS, C.CREATED_AT),
+        (C.USERS, C.SIGNUP_AT),
+        (C.ITEMS, C.CREATED_AT),
+    ):
         assert (t[table][column] >= cfg.start_ts).sum() > 0, table
     assert t[C.SELLERS][C.IS_NEW].sum() > 0
 
@@ -108,7 +122,7 @@ def test_plackett_luce_leaves_slots_empty_when_too_few_items_are_eligible():
 def test_examination_curve_starts_at_one_and_falls(tiny_sim):
     curve = tiny_sim.oracle.position_curve(50)
     assert curve[0] == 1.0
-    assert all(a > b for a, b in zip(curve, curve[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(curve))
 
 
 def test_oracle_optimal_ranking_beats_its_reverse_and_the_logged_feeds(tiny_sim):
@@ -116,7 +130,7 @@ def test_oracle_optimal_ranking_beats_its_reverse_and_the_logged_feeds(tiny_sim)
     imp = tiny_sim.tables[C.IMPRESSIONS]
     served = imp[imp[C.POLICY] == C.POLICY_HEURISTIC]
     wins = 0
-    for request_id, feed in list(served.groupby(C.REQUEST_ID))[:50]:
+    for _request_id, feed in list(served.groupby(C.REQUEST_ID))[:50]:
         user = int(feed[C.USER_ID].iloc[0])
         at = feed[C.TS].iloc[0]
         items = feed.sort_values(C.POSITION)[C.ITEM_ID].to_numpy()
@@ -133,7 +147,9 @@ def test_oracle_scores_impression_logs_like_lists(tiny_sim):
     imp = tiny_sim.tables[C.IMPRESSIONS]
     feed = imp[imp[C.REQUEST_ID] == imp[C.REQUEST_ID].iloc[0]].sort_values(C.POSITION)
     per_row = oracle.score_impressions(feed).sum()
-    listed = oracle.score(int(feed[C.USER_ID].iloc[0]), feed[C.ITEM_ID].to_numpy(), at=feed[C.TS].iloc[0])
+    listed = oracle.score(
+        int(feed[C.USER_ID].iloc[0]), feed[C.ITEM_ID].to_numpy(), at=feed[C.TS].iloc[0]
+    )
     assert per_row["gmv"] == pytest.approx(listed.gmv)
     assert per_row["clicks"] == pytest.approx(listed.clicks)
 

@@ -86,8 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="simulate a marketplace preset into data/sim-<preset>/")
     p.add_argument("--preset", default="small", help="tiny | small | medium | position")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a simulator setting (see training/configs/simulate.yaml)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a simulator setting (see training/configs/simulate.yaml)",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("ingest", help="bring real event logs in (docs/data-schema.md)")

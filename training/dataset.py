@@ -72,8 +72,12 @@ def plan_split(start: pd.Timestamp, end: pd.Timestamp, cfg: DatasetConfig) -> Sp
     test = max(1, round(usable * cfg.split_ratio[2] / total))
     train = usable - valid - test
     day = pd.Timedelta(days=1)
-    return Split(start, start + train * day, start + (train + valid) * day,
-                 start + (train + valid + test) * day)
+    return Split(
+        start,
+        start + train * day,
+        start + (train + valid) * day,
+        start + (train + valid + test) * day,
+    )
 
 
 def label_impressions(tables: dict[str, pd.DataFrame], label_window_days: int) -> pd.DataFrame:
@@ -103,9 +107,10 @@ def assign_split(imp: pd.DataFrame, split: Split) -> pd.Series:
 
 
 def downsample(imp: pd.DataFrame, cfg: DatasetConfig) -> pd.DataFrame:
-    """Keep every impression with a positive label and a ``rate`` share of the rest (weight 1/rate)."""
+    """Keep every impression with a positive label, a ``rate`` share of the rest (weight 1/rate)."""
     rng = np.random.default_rng(cfg.seed)
-    positive = (imp[[C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE]].to_numpy() > 0).any(axis=1)
+    labels = imp[[C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE]].to_numpy()
+    positive = np.asarray((labels > 0).any(axis=1), dtype=bool)
     rate = np.where(imp[C.SPLIT].to_numpy() == "train", cfg.negative_rate, cfg.eval_negative_rate)
     keep = positive | (rng.random(len(imp)) < rate)
     out = imp[keep].copy()
@@ -124,15 +129,19 @@ def entity_frame(rows: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
 
 def fill_defaults(frame: pd.DataFrame, n_categories: int) -> pd.DataFrame:
     """Features Feast found no row for take the value serving uses for an unknown entity."""
-    for view, feats in S.FEATURES.items():
+    for feats in S.FEATURES.values():
         for name, kind in feats.items():
             if name not in frame:
                 continue
             default = S.DEFAULTS.get(name)
             if kind == "float32[]":
                 prior = np.full(n_categories, 1.0 / n_categories, dtype=np.float32)
-                frame[name] = [prior if v is None or (np.isscalar(v) and pd.isna(v)) else
-                               np.asarray(v, np.float32) for v in frame[name]]
+                frame[name] = [  # type: ignore[assignment]
+                    prior
+                    if v is None or (np.isscalar(v) and pd.isna(v))  # type: ignore[arg-type]
+                    else np.asarray(v, np.float32)
+                    for v in frame[name]
+                ]
             elif kind == "string":
                 frame[name] = frame[name].fillna(default if default is not None else "unknown")
             else:
@@ -205,7 +214,8 @@ def build_training_sets(
             lab: float(np.average(part[lab], weights=w)) if len(part) else 0.0
             for lab in (C.LABEL_PURCHASE, C.LABEL_CLICK, C.LABEL_ATC)
         }
-    manifest = {
+    seconds = {"total": time.perf_counter() - started, "feast_join": join_seconds}
+    manifest: dict[str, Any] = {
         "config": {**asdict(cfg), "split_ratio": list(cfg.split_ratio)},
         "split": split.to_dict(),
         "rows": counts,
@@ -220,8 +230,8 @@ def build_training_sets(
         "feature_service": S.RANKER_SERVICE,
         "features": S.feature_refs(),
         "position_curve": None if curve is None else curve.to_frame().to_dict(orient="list"),
-        "seconds": {"total": time.perf_counter() - started, "feast_join": join_seconds},
+        "seconds": seconds,
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    log.info("training sets %s in %.1fs", counts, manifest["seconds"]["total"])
+    log.info("training sets %s in %.1fs", counts, seconds["total"])
     return manifest

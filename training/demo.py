@@ -45,7 +45,9 @@ def run_demo(paths: Paths, preset: str) -> dict[str, Any]:
         "dataset": dataset,
         "tables": {name: {"rows": n} for name, n in sim["rows"].items()},
         "label_rates": manifest["label_rates"],
-        "split": {k: manifest["split"][k] for k in ("train_start", "train_end", "valid_end", "test_end")},
+        "split": {
+            k: manifest["split"][k] for k in ("train_start", "train_end", "valid_end", "test_end")
+        },
         "training_rows": manifest["rows"],
         "position_curve": {
             "positions": list(range(1, POSITIONS + 1)),
@@ -67,17 +69,23 @@ def _print_summary(report: dict[str, Any]) -> None:
     print(f"{'table':<14}{'rows':>12}")
     for name, t in report["tables"].items():
         print(f"{name:<14}{t['rows']:>12,}")
-    print("\nlabel rates per impression: " + ", ".join(
-        f"{k} {v:.4f}" for k, v in report["label_rates"].items()))
+    print(
+        "\nlabel rates per impression: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in report["label_rates"].items())
+    )
     s = report["split"]
-    print(f"split: train {s['train_start'][:10]} .. {s['train_end'][:10]}, valid .. "
-          f"{s['valid_end'][:10]}, test .. {s['test_end'][:10]}   rows {report['training_rows']}")
+    print(
+        f"split: train {s['train_start'][:10]} .. {s['train_end'][:10]}, valid .. "
+        f"{s['valid_end'][:10]}, test .. {s['test_end'][:10]}   rows {report['training_rows']}"
+    )
     pc = report["position_curve"]
     print("\nposition  estimated  true")
     for k, e, t in zip(pc["positions"], pc["estimated"], pc["true"], strict=True):
         print(f"{k:>8}  {e:>9.3f}  {t:.3f}")
-    print(f"max relative error {pc['max_relative_error']:.1%} "
-          f"({pc['randomized_impressions_slot1']:.0f} randomized impressions per slot)")
+    print(
+        f"max relative error {pc['max_relative_error']:.1%} "
+        f"({pc['randomized_impressions_slot1']:.0f} randomized impressions per slot)"
+    )
     print("\nstep                      seconds")
     for k, v in report["seconds"].items():
         print(f"{k:<26}{v:>8.1f}")

@@ -108,15 +108,15 @@ class FeatureBuilder:
         self.user_index = pd.Index(self.user_ids)
         # impression attributes every outcome table joins to
         self.imp_index = pd.Index(imp[C.IMPRESSION_ID].to_numpy())
-        self.imp_item = self.item_index.get_indexer(imp[C.ITEM_ID].to_numpy())
-        self.imp_user = self.user_index.get_indexer(imp[C.USER_ID].to_numpy())
+        self.imp_item = self.item_index.get_indexer(pd.Index(imp[C.ITEM_ID]))
+        self.imp_user = self.user_index.get_indexer(pd.Index(imp[C.USER_ID]))
         self.imp_day = self.cal.day_of(to_ns(imp[C.TS]))
         self.organic = (imp[C.POLICY] == C.POLICY_ORGANIC).to_numpy()
 
     def _outcome(self, table: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
         """(item index, user index, day) of an outcome table's rows, via their impression."""
         df = self.t[table]
-        row = self.imp_index.get_indexer(df[C.IMPRESSION_ID].to_numpy())
+        row = self.imp_index.get_indexer(pd.Index(df[C.IMPRESSION_ID]))
         ok = row >= 0
         df = df[ok]
         row = row[ok]
@@ -177,15 +177,10 @@ class FeatureBuilder:
         )
 
     # --- users ---------------------------------------------------------------------------
-    def _user_engagement(self):
-        cal = self.cal
-        c_item, c_user, c_day, c_df = self._outcome(C.CLICKS)
-        p_item, p_user, p_day, p_df = self._outcome(C.PURCHASES)
-        return (c_item, c_user, c_day, c_df), (p_item, p_user, p_day, p_df), cal
-
     def user_profile(self) -> pd.DataFrame:
-        (c_item, c_user, c_day, c_df), (p_item, p_user, p_day, p_df), cal = self._user_engagement()
-        snaps, n = self.snaps, len(self.user_ids)
+        _, c_user, c_day, c_df = self._outcome(C.CLICKS)
+        _, p_user, p_day, p_df = self._outcome(C.PURCHASES)
+        cal, snaps, n = self.cal, self.snaps, len(self.user_ids)
         users = self.t[C.USERS]
         clicks = _daily(c_user, c_day, n, cal.days)
         buys = _daily(p_user, p_day, n, cal.days)
@@ -223,8 +218,9 @@ class FeatureBuilder:
         return self._finish(S.USER_PROFILE, frame)
 
     def user_category_affinity(self) -> pd.DataFrame:
-        (c_item, c_user, c_day, _), (p_item, p_user, p_day, _), cal = self._user_engagement()
-        snaps, n_users = self.snaps, len(self.user_ids)
+        c_item, c_user, c_day, _ = self._outcome(C.CLICKS)
+        p_item, p_user, p_day, _ = self._outcome(C.PURCHASES)
+        cal, snaps, n_users = self.cal, self.snaps, len(self.user_ids)
         category = self.t[C.ITEMS][C.CATEGORY].to_numpy()
         n_cat = int(category.max()) + 1 if len(category) else 1
         users = np.concatenate([c_user, p_user])

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training import columns as C  # noqa: N812 (the project-wide alias)
+from training import columns as C
 from training.paths import Paths
 from training.tables import (
     OPTIONAL_TABLES,
@@ -382,6 +382,12 @@ def ingest_completejourney(
         households = np.sort(tx.loc[keep, "household_id"].unique())[:max_households]
         keep &= tx["household_id"].isin(households).to_numpy()
     tx = tx.loc[keep, list(_CJ_TX)]
+    # Quantity-0 lines are adjustments and negative amounts are refunds: neither is a
+    # purchase of units, and the purchase schema requires quantity >= 1 and price >= 0.
+    sold = (tx["quantity"].to_numpy() > 0) & (tx["sales_value"].to_numpy() >= 0)
+    if not sold.all():
+        log.info("completejourney: dropped %d adjustment/refund lines", int((~sold).sum()))
+        tx = tx.loc[sold]
     # A basket has one timestamp, so this orders lines by time, then basket, then product.
     tx = tx.sort_values(["transaction_timestamp", "basket_id", "product_id"], kind="stable")
     tx = tx.reset_index(drop=True)

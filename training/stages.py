@@ -67,7 +67,7 @@ def simulate_stage(paths: Paths, preset: str, **overrides: Any) -> dict[str, Any
 
     cfg = load_config(preset, **overrides)
     result = simulate(cfg)
-    meta = {
+    meta: dict[str, Any] = {
         "dataset": cfg.dataset,
         "source": "simulator",
         "window_start": cfg.start_ts.isoformat(),
@@ -87,15 +87,21 @@ def simulate_stage(paths: Paths, preset: str, **overrides: Any) -> dict[str, Any
     return {"dataset": cfg.dataset, "rows": validated["rows"], **meta}
 
 
-def ingest_stage(paths: Paths, source: str, dataset: str, path: str | None, **kw: Any) -> dict[str, Any]:
+def ingest_stage(
+    paths: Paths, source: str, dataset: str, path: str | None, **kw: Any
+) -> dict[str, Any]:
     """Read real data through an adapter, validate it, write raw tables."""
     from training.ingest import ingest
     from training.tables import write_tables
 
     tables = ingest(source, path, **kw)
     start, end = window_of(tables)
-    meta = {"dataset": dataset, "source": source, "window_start": start.isoformat(),
-            "window_end": end.isoformat()}
+    meta = {
+        "dataset": dataset,
+        "source": source,
+        "window_start": start.isoformat(),
+        "window_end": end.isoformat(),
+    }
     validated = validate(tables, meta)
     write_tables(tables, paths.raw(dataset))
     _write_meta(paths.raw(dataset), meta)
@@ -117,7 +123,9 @@ def features_stage(
     if "build" in steps:
         t0 = time.perf_counter()
         stride = int(meta.get("snapshot_days", 1))
-        out["rows"] = build_feature_tables(load_raw(paths, dataset), paths.features(dataset), stride)
+        out["rows"] = build_feature_tables(
+            load_raw(paths, dataset), paths.features(dataset), stride
+        )
         out["seconds"]["build"] = time.perf_counter() - t0
     if "apply" in steps or "materialize" in steps:
         from training import feature_store

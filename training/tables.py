@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from training import columns as C  # noqa: N812 (the project-wide alias)
+from training import columns as C
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ def to_ns(values: pd.Series | pd.DatetimeIndex) -> np.ndarray:
     index = pd.DatetimeIndex(values)
     if index.tz is not None:
         index = index.tz_convert("UTC").tz_localize(None)
-    return index.as_unit("ns").asi8
+    return np.asarray(index.as_unit("ns").asi8, dtype=np.int64)  # type: ignore[attr-defined]
 
 
 def from_ns(ns: np.ndarray) -> pd.DatetimeIndex:

@@ -21,8 +21,15 @@ from training.simulate.engine import Simulation
 from training.simulate.groundtruth import GroundTruth, ListValue, Oracle
 from training.simulate.world import build_world
 
-__all__ = ["GroundTruth", "ListValue", "Oracle", "SimConfig", "SimulationResult", "load_config",
-           "simulate"]
+__all__ = [
+    "GroundTruth",
+    "ListValue",
+    "Oracle",
+    "SimConfig",
+    "SimulationResult",
+    "load_config",
+    "simulate",
+]
 
 log = logging.getLogger(__name__)
 

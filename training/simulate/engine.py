@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from training import columns as C
 from training.simulate.config import SimConfig
-from training.timeutil import NS_PER_DAY, NS_PER_S, from_ns, to_ns
 from training.simulate.policy import NEG_INF, heuristic_score, plackett_luce_topk
 from training.simulate.world import COUNTRY_PRICE_CAP, World
+from training.timeutil import NS_PER_DAY, NS_PER_S, from_ns, to_ns
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,12 @@ REQUEST_CHUNK = 1024
 # String columns are logged as int8 codes and decoded once at the end, sharing two str objects
 # across millions of rows instead of allocating one per row.
 SURFACE_NAMES = np.array(["HOME", "CHECKOUT"], dtype=object)
-POLICY_NAMES = np.array([C.POLICY_HEURISTIC, C.POLICY_RANDOM], dtype=object)  # requests scored at once (memory: chunk x pool floats)
+POLICY_NAMES = np.array(
+    [C.POLICY_HEURISTIC, C.POLICY_RANDOM], dtype=object
+)  # requests scored at once (memory: chunk x pool floats)
 
 _HOURS = np.arange(24)
-DIURNAL = (
-    0.25
-    + np.exp(-((_HOURS - 12.5) ** 2) / 8.0)
-    + 1.3 * np.exp(-((_HOURS - 20.5) ** 2) / 6.0)
-)
+DIURNAL = 0.25 + np.exp(-((_HOURS - 12.5) ** 2) / 8.0) + 1.3 * np.exp(-((_HOURS - 20.5) ** 2) / 6.0)
 DIURNAL /= DIURNAL.sum()
 
 
@@ -86,12 +84,9 @@ class Simulation:
         self.category = items[C.CATEGORY].to_numpy()
         self.item_created = to_ns(items[C.CREATED_AT])
         self.stock = items[C.STOCK].to_numpy().copy()
-        self.signup = (
-            to_ns(world.users[C.SIGNUP_AT])
-        )
+        self.signup = to_ns(world.users[C.SIGNUP_AT])
         self.activity = np.minimum(
-            cfg.mean_sessions_per_day
-            * np.exp(rng.normal(-0.5 * 0.9**2, 0.9, self.n_users)),
+            cfg.mean_sessions_per_day * np.exp(rng.normal(-0.5 * 0.9**2, 0.9, self.n_users)),
             5.0,
         )
         self.price_cap = COUNTRY_PRICE_CAP[truth.user_country].astype(np.float64)
@@ -101,8 +96,11 @@ class Simulation:
         self.pop_days: deque[np.ndarray] = deque([history] * POP_DAYS, maxlen=POP_DAYS)
         self.cart = np.full((self.n_users, CART_SLOTS), -1, dtype=np.int64)
         self.recent_carts = pd.DataFrame(
-            {C.USER_ID: np.array([], np.int64), C.ITEM_ID: np.array([], np.int64),
-             C.TS: np.array([], np.int64)}
+            {
+                C.USER_ID: np.array([], np.int64),
+                C.ITEM_ID: np.array([], np.int64),
+                C.TS: np.array([], np.int64),
+            }
         )
         self.pending = {  # purchases decided but not yet happened
             C.IMPRESSION_ID: np.array([], np.int64),
@@ -152,14 +150,18 @@ class Simulation:
         ts = ts.astype(np.int64)
         late_signup = self.signup[users] > day_start
         lo = np.maximum(self.signup[users], day_start)
-        ts = np.where(late_signup, lo + (rng.random(len(users)) * (day_end - lo)).astype(np.int64), ts)
+        ts = np.where(
+            late_signup, lo + (rng.random(len(users)) * (day_end - lo)).astype(np.int64), ts
+        )
         order = np.argsort(ts, kind="stable")
         users, ts = users[order], ts[order]
         has_cart = self.cart[users, 0] >= 0
         checkout = has_cart & (rng.random(len(users)) < cfg.checkout_share)
         randomized = rng.random(len(users)) < cfg.randomized_share
         page = np.where(
-            checkout, cfg.page_size_checkout, rng.choice(np.asarray(cfg.page_sizes_home), len(users))
+            checkout,
+            cfg.page_size_checkout,
+            rng.choice(np.asarray(cfg.page_sizes_home), len(users)),
         )
         ids = np.arange(self.next_request, self.next_request + len(users), dtype=np.int64)
         self.next_request += len(users)
@@ -186,7 +188,7 @@ class Simulation:
 
     def _slates(self, req: dict[str, np.ndarray], pool: np.ndarray) -> tuple[np.ndarray, ...]:
         cfg = self.cfg
-        k = int(max(cfg.page_sizes_home + (cfg.page_size_checkout,)))
+        k = int(max((*cfg.page_sizes_home, cfg.page_size_checkout)))
         base_logits = np.log(self._pool_score) / cfg.policy_temperature
         pool_price = self.price[pool]
         pool_cat = self.category[pool]
@@ -270,7 +272,10 @@ class Simulation:
         self.log.add(C.ADD_TO_CARTS, impression_id=imp_ids[carted], ts=cart_ts[carted])
         nb = int(buys.sum())
         self._queue_purchases(
-            imp_ids[buys], users[buys], items[buys], cart_ts[buys] + _purchase_delay_ns(rng, nb),
+            imp_ids[buys],
+            users[buys],
+            items[buys],
+            cart_ts[buys] + _purchase_delay_ns(rng, nb),
             1 + rng.poisson(truth.params["quantity_extra_mean"], nb),
         )
         bought = self._settle_purchases(day_end)
@@ -315,14 +320,16 @@ class Simulation:
             self.log.add(
                 C.INVENTORY,
                 item_id=changed,
-                ts=last.loc[changed].to_numpy(np.int64),
+                ts=last.reindex(changed).to_numpy(np.int64),
                 stock=self.stock[changed],
             )
         users = done[C.USER_ID]
         np.add.at(self.spend_sum, users, self.price[done[C.ITEM_ID]])
         np.add.at(self.spend_n, users, 1.0)
         seen = self.spend_n > 0
-        mean_paid = np.divide(self.spend_sum, self.spend_n, out=np.zeros_like(self.spend_sum), where=seen)
+        mean_paid = np.divide(
+            self.spend_sum, self.spend_n, out=np.zeros_like(self.spend_sum), where=seen
+        )
         base = COUNTRY_PRICE_CAP[self.world.truth.user_country]
         self.price_cap = np.where(seen, np.maximum(base, 2.5 * mean_paid), base)
         return pd.DataFrame({C.USER_ID: users, C.ITEM_ID: done[C.ITEM_ID]})

@@ -127,7 +127,7 @@ class GroundTruth:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
-        np.savez_compressed(directory / ARRAYS_FILE, **arrays)
+        np.savez_compressed(directory / ARRAYS_FILE, **arrays)  # type: ignore[arg-type]
         (directory / PARAMS_FILE).write_text(json.dumps(self.params, indent=2, sort_keys=True))
 
     @classmethod
@@ -246,7 +246,10 @@ class Oracle:
                 checkout_carts[C.REQUEST_ID].to_numpy(np.int64) * n_cat
                 + self.truth.item_category[checkout_carts[C.ITEM_ID].to_numpy(np.int64)]
             )
-            keys = impressions[C.REQUEST_ID].to_numpy(np.int64) * n_cat + self.truth.item_category[items]
+            keys = (
+                impressions[C.REQUEST_ID].to_numpy(np.int64) * n_cat
+                + self.truth.item_category[items]
+            )
             cart_match = np.isin(keys, cart_keys).astype(float)
         pc, pa, pb = self.truth.probabilities(users, items, at, cart_match)
         buy = pc * pa * pb

@@ -30,7 +30,7 @@ def plackett_luce_topk(
     j given slots < j (the Plackett-Luce factor), which is what IPS on a slot needs. Slots
     the row could not fill (fewer than k finite logits) get column -1 and propensity 0.
     """
-    rows, width = logits.shape
+    width = logits.shape[1]
     k = min(k, width)
     perturbed = logits + rng.gumbel(size=logits.shape)
     top = np.argpartition(-perturbed, k - 1, axis=1)[:, :k]

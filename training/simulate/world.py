@@ -105,20 +105,29 @@ def build_world(cfg: SimConfig, rng: np.random.Generator) -> World:
     category = np.where(in_main, seller_main_cat[seller], rng.choice(n_cat, size=n_i, p=cat_pop))
     brand_rank = np.minimum(rng.zipf(1.6, n_i) - 1, cfg.brands_per_category - 1)
     brand = category * cfg.brands_per_category + brand_rank
-    latent = _unit(cat_centroid[category] + 0.5 * brand_offset[brand] / np.sqrt(dim)
-                   + 0.35 * rng.normal(size=(n_i, dim)))
+    latent = _unit(
+        cat_centroid[category]
+        + 0.5 * brand_offset[brand] / np.sqrt(dim)
+        + 0.35 * rng.normal(size=(n_i, dim))
+    )
     mixing = rng.normal(0.0, 1.0 / np.sqrt(dim), size=(dim, cfg.content_dim))
     content = latent @ mixing + 0.15 * rng.normal(size=(n_i, cfg.content_dim))
     appeal = rng.normal(0.0, cfg.appeal_sd, n_i)
-    price = np.round(cat_median_price[category] * brand_premium[brand]
-                     * np.exp(rng.normal(0.0, 0.6, n_i)), 0) - 0.01
+    price = (
+        np.round(
+            cat_median_price[category] * brand_premium[brand] * np.exp(rng.normal(0.0, 0.6, n_i)), 0
+        )
+        - 0.01
+    )
     price = np.maximum(price, 0.99)
     discounted = rng.random(n_i) < 0.35
     discount = np.where(discounted, rng.uniform(0.05, 0.5, n_i), 0.0)
     list_price = np.where(discounted, np.round(price / (1.0 - discount), 2), price)
     discount = 1.0 - price / list_price
     margin = np.clip(cat_margin[category] + rng.normal(0.0, 0.05, n_i), 0.02, 0.9)
-    shipping = 1 + rng.poisson(1.5, n_i) + np.where(new_seller[seller] & (rng.random(n_i) < 0.5), 2, 0)
+    shipping = (
+        1 + rng.poisson(1.5, n_i) + np.where(new_seller[seller] & (rng.random(n_i) < 0.5), 2, 0)
+    )
     new_item = rng.random(n_i) < cfg.new_item_share
     item_created = np.where(
         new_item,

@@ -268,6 +268,11 @@ class Simulation:
         buys = carted & (rng.random(n) < p_buy)
         click_ts = ts + ((2.0 * position + rng.exponential(20.0, n)) * NS_PER_S).astype(np.int64)
         cart_ts = click_ts + (rng.exponential(90.0, n) * NS_PER_S).astype(np.int64)
+        # the log ends with the window: later events are censored, like late purchases
+        window_end = cfg.end_ts.value
+        clicked &= click_ts < window_end
+        carted &= clicked & (cart_ts < window_end)
+        buys &= carted
         self.log.add(C.CLICKS, impression_id=imp_ids[clicked], ts=click_ts[clicked])
         self.log.add(C.ADD_TO_CARTS, impression_id=imp_ids[carted], ts=cart_ts[carted])
         nb = int(buys.sum())

@@ -39,7 +39,7 @@ test-fast: setup ## The tests without the slow tier
 lint: setup ## ruff check + format check, mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy training feature_repo services tests
+	$(VENV)/bin/mypy training feature_repo tests scripts
 
 format: setup ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

@@ -129,7 +129,8 @@ def test_redis_online_store_materializes_and_takes_pushes(tmp_path, tables, redi
 
     _online_roundtrip(_store(tmp_path, tables, online="redis", redis=redis_server))
     host, port = redis_server.split(":")
-    assert redis.Redis(host=host, port=int(port)).dbsize() > 0
+    keys: int = redis.Redis(host=host, port=int(port)).dbsize()  # type: ignore[assignment]
+    assert keys > 0
 
 
 def test_redis_needs_a_connection_string(tmp_path):

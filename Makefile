@@ -1,5 +1,6 @@
 # homefeed — `make help` lists the targets.
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 .DEFAULT_GOAL := help
 
 PYTHON ?= python3.11
@@ -8,6 +9,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PRESET ?= small
+# this machine kind's pip config lists local index folders that may not exist; pip warns per package
+PIP_NOISE := ^WARNING: Location 'file:
 export HOMEFEED_HOME ?= $(CURDIR)
 
 .PHONY: help setup system-deps demo test test-fast lint format lock clean
@@ -18,8 +21,8 @@ help: ## List the targets
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; homefeed needs Python 3.11" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -r requirements.lock
-	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) install -q -r requirements.lock 2>&1 | { grep -v "$(PIP_NOISE)" || true; }
+	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | { grep -v "$(PIP_NOISE)" || true; }
 	touch $(STAMP)
 
 setup: $(STAMP) system-deps ## Create .venv from requirements.lock and install Debian packages the tests need

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -142,13 +142,15 @@ def _dense_codes(values: pd.Series, vocabulary: Iterable[str]) -> np.ndarray:
     return codes.astype(np.int64)
 
 
-def _conform_all(tables: Tables, origin: str) -> Tables:
+def _conform_all(tables: Tables, origin: str | Mapping[str, str]) -> Tables:
+    """Conform every table; an error names where the table came from (one origin or per table)."""
     out: Tables = {}
     for name in C.ALL_TABLES:
         try:
             out[name] = conform(name, tables[name])
         except TableSchemaError as exc:
-            raise IngestError(f"{origin}: {exc}") from None
+            where = origin if isinstance(origin, str) else origin[name]
+            raise IngestError(f"{where}: {exc}") from None
     return out
 
 
@@ -204,13 +206,7 @@ def ingest_generic(source_dir: str | os.PathLike[str]) -> Tables:
         origins[name] = str(path)
         log.info("read %s: %d rows", path, len(raw[name]))
     _map_text_ids(raw, origins)
-    tables: Tables = {}
-    for name in C.ALL_TABLES:
-        try:
-            tables[name] = conform(name, raw[name])
-        except TableSchemaError as exc:
-            raise IngestError(f"{origins[name]}: {exc}") from None
-    return tables
+    return _conform_all(raw, origins)
 
 
 def _find_table_file(root: Path, name: str) -> Path | None:

@@ -178,12 +178,18 @@ class Oracle:
         cart_item_ids: np.ndarray | None = None,
     ) -> np.ndarray:
         """P(purchase | examined) for aligned user/item pairs."""
-        cart_match = None
-        if cart_item_ids is not None and len(cart_item_ids):
-            cart_cats = np.unique(self.truth.item_category[np.asarray(cart_item_ids)])
-            cart_match = np.isin(self.truth.item_category[item_ids], cart_cats).astype(float)
+        cart_match = self._cart_match(np.asarray(item_ids), cart_item_ids)
         pc, pa, pb = self.truth.probabilities(user_ids, item_ids, self._at(at), cart_match)
         return pc * pa * pb
+
+    def _cart_match(
+        self, item_ids: np.ndarray, cart_item_ids: np.ndarray | None
+    ) -> np.ndarray | None:
+        """1 where the item shares a category with the cart (the checkout click term)."""
+        if cart_item_ids is None or not len(cart_item_ids):
+            return None
+        cart_cats = np.unique(self.truth.item_category[np.asarray(cart_item_ids)])
+        return np.isin(self.truth.item_category[item_ids], cart_cats).astype(float)
 
     def item_values(
         self,
@@ -195,10 +201,7 @@ class Oracle:
         """Per examined item: expected click, purchase, GMV and margin."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
         users = np.full(len(item_ids), user_id, dtype=np.int64)
-        cart_match = None
-        if cart_item_ids is not None and len(cart_item_ids):
-            cart_cats = np.unique(self.truth.item_category[np.asarray(cart_item_ids)])
-            cart_match = np.isin(self.truth.item_category[item_ids], cart_cats).astype(float)
+        cart_match = self._cart_match(item_ids, cart_item_ids)
         pc, pa, pb = self.truth.probabilities(users, item_ids, self._at(at), cart_match)
         buy = pc * pa * pb
         gmv = buy * self.truth.item_price[item_ids] * self.mean_quantity

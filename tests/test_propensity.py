@@ -65,7 +65,16 @@ def test_simulated_position_curve_within_ten_percent_of_the_truth():
     from training.simulate import load_config, simulate
 
     result = simulate(load_config("position"))
-    curve = estimate_position_curve(result.tables[C.IMPRESSIONS], result.tables[C.CLICKS])
+    t = result.tables
+    curve = estimate_position_curve(t[C.IMPRESSIONS], t[C.CLICKS])
     true = np.array(result.oracle.position_curve(10))
     relative = np.abs(curve.examination[:10] / true - 1)
     assert relative.max() <= 0.10, relative.round(3)
+
+    # The design is unbiased: with the click noise taken out (the Oracle's expected clicks of
+    # the very same randomized impressions) the slot ratios equal the truth to within 2 %.
+    imp = t[C.IMPRESSIONS]
+    rand = imp[(imp[C.POLICY] == C.POLICY_RANDOM) & (imp[C.POSITION] <= 10)]
+    expected = result.oracle.score_impressions(rand, t["checkout_carts"])["clicks"]
+    ctr = expected.groupby(rand[C.POSITION]).mean().to_numpy()
+    np.testing.assert_allclose(ctr / ctr[0], true, rtol=0.02)

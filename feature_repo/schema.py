@@ -84,6 +84,11 @@ DEFAULTS: dict[str, float | int | str] = {
     "in_stock": 1,
 }
 
+# The affinity vector is read per user; a training row (and serving, per candidate) keeps
+# only the entry of the candidate's category: a user x item feature.
+AFFINITY_VECTOR = "category_affinity"
+AFFINITY_FOR_ITEM = "category_affinity_for_item"
+
 BATCH_VIEWS = (USER_PROFILE, USER_CATEGORY_AFFINITY, ITEM_STATS, SELLER_STATS)
 STREAM_VIEWS = (USER_RECENT_ACTIVITY, ITEM_INVENTORY)
 
@@ -95,3 +100,13 @@ RANKER_VIEWS = BATCH_VIEWS + STREAM_VIEWS
 def feature_refs(views: tuple[str, ...] = RANKER_VIEWS) -> list[str]:
     """``view:feature`` references in a stable order."""
     return [f"{view}:{name}" for view in views for name in FEATURES[view]]
+
+
+def training_columns(views: tuple[str, ...] = RANKER_VIEWS) -> list[str]:
+    """The scalar feature columns of a training row: every feature, with the affinity vector
+    replaced by the candidate's entry of it."""
+    return [
+        AFFINITY_FOR_ITEM if name == AFFINITY_VECTOR else name
+        for view in views
+        for name in FEATURES[view]
+    ]

@@ -30,8 +30,10 @@ def _fields(view: str) -> list[Field]:
     return [Field(name=name, dtype=_TYPES[kind]) for name, kind in S.FEATURES[view].items()]
 
 
-# Snapshots are daily; two days of TTL tolerate one missed run, not more.
-SNAPSHOT_TTL = timedelta(days=2)
+# Snapshots are daily for the simulator and weekly for long real-data windows (e.g. a year
+# of Complete Journey); the TTL covers one weekly stride plus a missed run. A staler row is
+# no longer the entity's state and reads as missing (the defaults in schema.DEFAULTS).
+SNAPSHOT_TTL = timedelta(days=8)
 
 user_profile = FeatureView(
     name=S.USER_PROFILE,

@@ -83,9 +83,10 @@ def test_tiny_training_sets(tiny_dataset, home):
         assert ts.min() >= split[lo] and ts.max() < split[hi], name
     assert manifest["impressions_censored"] > 0  # the last label window is dropped, not negative
     train = parts["train"]
-    for ref in S.feature_refs():
-        column = ref.split(":")[1]
+    for column in S.training_columns():
         assert column in train and not train[column].isna().any(), column
+    affinity = train[S.AFFINITY_FOR_ITEM]
+    assert affinity.between(0, 1).all() and affinity.nunique() > 10
     assert {EXAMINATION, IPS_WEIGHT, C.POSITION, C.PROPENSITY, C.WEIGHT} <= set(train.columns)
     assert (train[IPS_WEIGHT] >= 1.0).all() and (train[IPS_WEIGHT] <= 20.0).all()
     # labels agree with the raw logs
@@ -116,3 +117,20 @@ def test_training_features_match_an_independent_point_in_time_lookup(tiny_datase
         expected["ctr_7d"].to_numpy(), sample["ctr_7d"].to_numpy(), rtol=1e-6
     )
     assert (to_ns(sample[C.EVENT_TIMESTAMP]) > 0).all()
+
+
+def test_affinity_for_items_reads_the_candidates_category_and_priors_missing_users():
+    import pyarrow as pa
+
+    from training.dataset import affinity_for_items
+
+    vectors = pa.chunked_array(
+        [
+            pa.array([[0.1, 0.2, 0.7], None], pa.list_(pa.float32())),
+            pa.array([[0.5, 0.25, 0.25]], pa.list_(pa.float32())),
+        ]
+    )
+    out = affinity_for_items(vectors, np.array([2, 1, 0]), 3)
+    np.testing.assert_allclose(out, [0.7, 1 / 3, 0.5], rtol=1e-6)
+    unknown_category = affinity_for_items(vectors, np.array([-1, 0, 5]), 3)
+    np.testing.assert_allclose(unknown_category, [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)

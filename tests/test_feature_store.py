@@ -76,8 +76,8 @@ def test_an_event_after_the_impression_never_leaks_into_its_features(tmp_path, t
 
 def test_snapshot_features_come_from_the_last_snapshot_at_or_before_the_event(tmp_path, tables):
     store = _store(tmp_path, tables)
-    out = _historical(store, [(0, 0, ts(0.9)), (0, 0, ts(1.0)), (0, 0, ts(4.5)), (0, 0, ts(9.5))])
-    # day-0 snapshot, day-1 snapshot, day-4 snapshot (the last), then past the 2-day TTL
+    out = _historical(store, [(0, 0, ts(0.9)), (0, 0, ts(1.0)), (0, 0, ts(4.5)), (0, 0, ts(12.5))])
+    # day-0 snapshot, day-1 snapshot, day-4 snapshot (the last), then past the 8-day TTL
     assert out["clicks_7d"].tolist()[:3] == [0, 2, 2] and pd.isna(out["clicks_7d"].iloc[3])
     assert out["purchases_30d"].tolist()[:3] == [0, 0, 1]
     assert out["stock"].tolist() == [5, 5, 3, 3]  # inventory: ttl 0, the last change stays true

@@ -549,6 +549,25 @@ def test_missing_day_is_reported_and_tolerance_is_configurable(tables: Tables) -
     assert err.value.violations[0].examples == ("2024-03-04",)
 
 
+def test_declared_quiet_day_is_not_an_anomaly(tables: Tables) -> None:
+    per_day = [300] * DAYS
+    per_day[3] = 0  # 2024-03-04: the store was closed
+    bulk = _with_impressions(tables, _bulk_impressions(per_day))
+    with pytest.raises(ValidationError):
+        validate_tables(bulk, window=WINDOW)
+
+    validate_tables(bulk, window=WINDOW, quiet_days=["2024-03-04"])
+
+    per_day[6] = 3_000  # another, undeclared anomaly is still caught
+    with pytest.raises(ValidationError) as err:
+        validate_tables(
+            _with_impressions(tables, _bulk_impressions(per_day)),
+            window=WINDOW,
+            quiet_days=["2024-03-04"],
+        )
+    assert err.value.violations[0].examples == ("2024-03-07",)
+
+
 def test_partial_first_day_of_window_is_ignored(tables: Tables) -> None:
     noon = START + 12 * HOUR
     impressions = _bulk_impressions([200] * DAYS)

@@ -37,7 +37,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from training.stages import ingest_stage
 
-    summary = ingest_stage(Paths.from_env(), args.source, args.dataset, args.path)
+    summary = ingest_stage(
+        Paths.from_env(), args.source, args.dataset, args.path, tuple(args.quiet_day)
+    )
     _print(summary)
     return 0
 
@@ -99,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, choices=["generic", "completejourney", "open-bandit"])
     p.add_argument("--path", help="folder of <table>.csv|parquet (generic source)")
     p.add_argument("--dataset", required=True, help="name of the folder under data/")
+    p.add_argument(
+        "--quiet-day",
+        action="append",
+        default=[],
+        metavar="YYYY-MM-DD",
+        help="a UTC day known to be unusual (holiday, explained outage): the "
+        "volume check skips it; repeatable",
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("validate", help="check a dataset's tables against the declared schemas")

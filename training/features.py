@@ -282,7 +282,7 @@ class FeatureBuilder:
         frame = pd.DataFrame(
             {
                 C.ITEM_ID: inv[C.ITEM_ID].to_numpy(),
-                S.EVENT_TIMESTAMP: inv[C.TS].to_numpy(),
+                S.EVENT_TIMESTAMP: from_ns(to_ns(inv[C.TS])),  # typed even when empty
                 "stock": inv[C.STOCK].to_numpy(np.int64),
                 "in_stock": (inv[C.STOCK].to_numpy() > 0).astype(np.int64),
             }

@@ -52,6 +52,13 @@ CONTENT_DIM = 32
 _ID_MASK = (1 << 63) - 1
 
 
+# UTC days each source is known to be quiet on (the volume check skips them): the Complete
+# Journey retailer is closed on Christmas Day and opens briefly on New Year's Day.
+KNOWN_QUIET_DAYS: dict[str, tuple[str, ...]] = {
+    "completejourney": ("2017-12-25", "2018-01-01"),
+}
+
+
 class IngestError(ValueError):
     """A source cannot be turned into the homefeed tables; the message says where and why."""
 

@@ -21,6 +21,7 @@ from training.paths import Paths
 log = logging.getLogger(__name__)
 
 DATASET_META = "dataset.json"
+LONG_WINDOW_DAYS = 120  # beyond this, batch feature snapshots are weekly
 
 
 def _write_meta(raw_dir: Path, meta: dict[str, Any]) -> None:
@@ -56,7 +57,7 @@ def validate(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> dict[str,
     from training.validate import validate_tables
 
     window = (pd.Timestamp(meta["window_start"]), pd.Timestamp(meta["window_end"]))
-    report = validate_tables(tables, window=window)
+    report = validate_tables(tables, window=window, quiet_days=meta.get("quiet_days", ()))
     return {"rows": {k: len(v) for k, v in tables.items()}, "report": str(report)}
 
 
@@ -88,19 +89,32 @@ def simulate_stage(paths: Paths, preset: str, **overrides: Any) -> dict[str, Any
 
 
 def ingest_stage(
-    paths: Paths, source: str, dataset: str, path: str | None, **kw: Any
+    paths: Paths,
+    source: str,
+    dataset: str,
+    path: str | None,
+    quiet_days: tuple[str, ...] = (),
+    **kw: Any,
 ) -> dict[str, Any]:
-    """Read real data through an adapter, validate it, write raw tables."""
-    from training.ingest import ingest
+    """Read real data through an adapter, validate it, write raw tables.
+
+    ``quiet_days`` (UTC dates) are days known to be unusual, added to the source's own list
+    (``ingest.KNOWN_QUIET_DAYS``); the volume check skips them. Long windows get weekly
+    feature snapshots (``snapshot_days``) so the batch views stay a manageable size.
+    """
+    from training.ingest import KNOWN_QUIET_DAYS, ingest
     from training.tables import write_tables
 
     tables = ingest(source, path, **kw)
     start, end = window_of(tables)
+    days = (end - start).days
     meta = {
         "dataset": dataset,
         "source": source,
         "window_start": start.isoformat(),
         "window_end": end.isoformat(),
+        "quiet_days": sorted({*KNOWN_QUIET_DAYS.get(source, ()), *quiet_days}),
+        "snapshot_days": 1 if days <= LONG_WINDOW_DAYS else 7,
     }
     validated = validate(tables, meta)
     write_tables(tables, paths.raw(dataset))

@@ -601,6 +601,7 @@ def validate_tables(
     window: tuple[pd.Timestamp, pd.Timestamp] | None = None,
     volume_tolerance: float = DEFAULT_VOLUME_TOLERANCE,
     previous_day_counts: Mapping[str, pd.Series] | None = None,
+    quiet_days: Iterable[str | pd.Timestamp] = (),
 ) -> ValidationReport:
     """Check every table of `columns.ALL_TABLES` and the rules between them.
 
@@ -614,6 +615,9 @@ def validate_tables(
         previous_day_counts: table -> rows per UTC day (index: midnight UTC timestamps)
             from earlier deliveries, e.g. the last report's ``daily_counts``; lets a
             delivery of a few days be compared with the days before it.
+        quiet_days: UTC days known to be unusual (a store closed on Christmas Day, an
+            outage already explained); the volume check neither flags them nor uses them
+            as the next day's reference.
 
     Returns:
         What was checked, when nothing is wrong.
@@ -622,6 +626,12 @@ def validate_tables(
         ValidationError: listing every violation found.
     """
     started = time.perf_counter()
+    quiet = frozenset(
+        pd.Timestamp(d, tz="UTC").floor("D")
+        if pd.Timestamp(d).tzinfo is None
+        else pd.Timestamp(d).tz_convert("UTC").floor("D")
+        for d in quiet_days
+    )
     if volume_tolerance <= 1:
         raise ValueError(f"volume_tolerance must be > 1, got {volume_tolerance}")
     if window is not None:
@@ -660,7 +670,9 @@ def validate_tables(
             continue
         daily_counts[table] = counts
         previous = (previous_day_counts or {}).get(table)
-        found_volume, skip = _volume_violations(table, counts, window, volume_tolerance, previous)
+        found_volume, skip = _volume_violations(
+            table, counts, window, volume_tolerance, previous, quiet
+        )
         violations.extend(found_volume)
         if skip:
             skipped.append(skip)
@@ -833,6 +845,7 @@ def _volume_violations(
     window: tuple[pd.Timestamp, pd.Timestamp] | None,
     tolerance: float,
     previous: pd.Series | None,
+    quiet: frozenset[pd.Timestamp] = frozenset(),
 ) -> tuple[list[Violation], str | None]:
     """Compare each complete UTC day's row count with the day before it.
 
@@ -871,6 +884,8 @@ def _volume_violations(
     reference: tuple[pd.Timestamp, int] | None = None
     # One iteration per day, not per row.
     for day, count in zip(pd.DatetimeIndex(series.index), series.to_numpy(), strict=True):
+        if day in quiet:
+            continue
         if reference is not None and reference[1] > 0 and day >= first:
             ref_day, ref_count = reference
             if count > ref_count * tolerance or count * tolerance < ref_count:

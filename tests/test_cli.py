@@ -58,3 +58,42 @@ def test_demo_writes_the_data_report(home, capsys):
     ):
         assert report["seconds"][step] >= 0, step
     assert "position  estimated  true" in capsys.readouterr().out
+
+
+def test_ingest_of_corrupt_logs_names_table_column_rows_and_writes_nothing(
+    tiny_sim, home, tmp_path, capsys
+):
+    from training import columns as C
+    from training.tables import write_tables
+
+    tables = {k: v.copy() for k, v in tiny_sim.tables.items() if k in C.ALL_TABLES}
+    tables[C.ITEMS].loc[[3, 8], C.PRICE] = -1.0
+    tables[C.ITEMS].loc[[3, 8], C.LIST_PRICE] = 5.0
+    tables[C.PURCHASES] = tables[C.PURCHASES].assign(
+        **{
+            C.IMPRESSION_ID: tables[C.PURCHASES][C.IMPRESSION_ID].where(
+                tables[C.PURCHASES].index != 0, 10**12
+            )
+        }
+    )
+    write_tables(tables, tmp_path / "logs")
+
+    assert (
+        main(
+            [
+                "ingest",
+                "--source",
+                "generic",
+                "--path",
+                str(tmp_path / "logs"),
+                "--dataset",
+                "corrupt",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "validation failed: 2 violations" in err
+    assert "items.price: non_negative — 2 rows violate" in err
+    assert "purchases.impression_id: foreign_key — 1 row violates" in err
+    assert not home.raw("corrupt").exists()

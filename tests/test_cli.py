@@ -5,18 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 from training.cli import main
 
 
 def test_help_answers_without_importing_feast():
-    started = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-m", "training.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "simulate" in out.stdout and "dataset" in out.stdout
-    assert time.perf_counter() - started < 10
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, training.cli; print('feast' in sys.modules)"],
         capture_output=True,

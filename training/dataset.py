@@ -119,6 +119,13 @@ def downsample(imp: pd.DataFrame, cfg: DatasetConfig) -> pd.DataFrame:
     return out
 
 
+def add_context(rows: pd.DataFrame) -> pd.DataFrame:
+    """Request-time context features (UTC hour, day of week), in place."""
+    rows[HOUR] = rows[C.TS].dt.hour.astype(np.int64)
+    rows[DAY_OF_WEEK] = rows[C.TS].dt.dayofweek.astype(np.int64)
+    return rows
+
+
 def entity_frame(rows: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
     """Feast's entity dataframe: join keys + event_timestamp (microseconds, UTC) + payload."""
     seller = pd.Series(items[C.SELLER_ID].to_numpy(), index=items[C.ITEM_ID].to_numpy())
@@ -216,8 +223,7 @@ def build_training_sets(
     organic = (imp[C.POLICY] == C.POLICY_ORGANIC).to_numpy()
     imp[EXAMINATION] = np.where(organic, 1.0, exam)
     imp[IPS_WEIGHT] = 1.0 / np.maximum(imp[EXAMINATION].to_numpy(), cfg.min_propensity)
-    imp[HOUR] = imp[C.TS].dt.hour.astype(np.int64)
-    imp[DAY_OF_WEEK] = imp[C.TS].dt.dayofweek.astype(np.int64)
+    add_context(imp)
 
     rows = downsample(imp, cfg)
     entity = entity_frame(rows, tables[C.ITEMS])

@@ -1,0 +1,264 @@
+"""Policies scored by the simulator's Oracle on the test period's requests.
+
+Each policy fills the top ``k`` slots of a sample of real test-period requests (same user,
+time, surface and cart as logged). The Oracle then gives the expected clicks, purchases,
+GMV and E[GMV] (p x price x margin, the served objective) of each list, with the true
+examination curve. Policies:
+
+- ``heuristic``: the production heuristic (the simulator's logging policy) at its mode:
+  popularity x recency over listed, in-stock items under the user's price cap.
+- ``popularity``: the most-clicked items of the last 7 days.
+- model policies (``logreg``, ``ranker``): re-rank retrieval's candidates by their E[GMV].
+- ``optimal``: the Oracle's best ``k`` over every eligible item: the ceiling no policy with
+  the same catalogue can pass.
+
+The state each request sees (popularity, stock, price caps) is rebuilt from the logs as of
+the start of the request's day, which is what the heuristic itself used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from training import columns as C
+from training.simulate.groundtruth import Oracle
+from training.simulate.policy import heuristic_score
+from training.simulate.world import COUNTRY_PRICE_CAP
+from training.timeutil import NS_PER_DAY, to_ns
+
+log = logging.getLogger(__name__)
+
+NEW_SELLER_DAYS = 30
+CHECKOUT_CATEGORY_BOOST = 8.0  # the heuristic's cart-category boost (engine.py)
+RECENCY_DAYS = 60.0
+
+# A model policy: (requests, day state) -> for each request, item ids in rank order.
+ModelPolicy = Callable[[pd.DataFrame, "DayState"], list[np.ndarray]]
+
+
+@dataclass
+class DayState:
+    """What the marketplace looked like at 00:00 UTC of one day, from the logs."""
+
+    day_start: pd.Timestamp
+    listed: np.ndarray  # bool per item index
+    stock: np.ndarray  # units per item index
+    clicks_7d: np.ndarray  # per item index
+    mean_paid: np.ndarray  # per user index; 0 when the user bought nothing yet
+
+    @property
+    def eligible(self) -> np.ndarray:
+        return self.listed & (self.stock > 0)
+
+
+class Marketplace:
+    """Log-derived state for replaying policies; items and users are indexed by position."""
+
+    def __init__(self, tables: dict[str, pd.DataFrame], checkout_carts: pd.DataFrame | None):
+        self.t = tables
+        items, users = tables[C.ITEMS], tables[C.USERS]
+        self.item_ids = items[C.ITEM_ID].to_numpy()
+        self.item_index = pd.Index(self.item_ids)
+        self.user_index = pd.Index(users[C.USER_ID].to_numpy())
+        self.price = items[C.PRICE].to_numpy()
+        self.margin = items[C.MARGIN].to_numpy()
+        self.category = items[C.CATEGORY].to_numpy()
+        self.created = to_ns(items[C.CREATED_AT])
+        sellers = tables[C.SELLERS].set_index(C.SELLER_ID)
+        self.seller_created = to_ns(sellers.loc[items[C.SELLER_ID], C.CREATED_AT])
+        country = pd.Index(C.COUNTRIES).get_indexer(users[C.COUNTRY])
+        self.user_cap = np.where(country >= 0, COUNTRY_PRICE_CAP[np.maximum(country, 0)], 150.0)
+        imp = tables[C.IMPRESSIONS]
+        self._imp_item = pd.Series(imp[C.ITEM_ID].to_numpy(), index=imp[C.IMPRESSION_ID])
+        self._imp_user = pd.Series(imp[C.USER_ID].to_numpy(), index=imp[C.IMPRESSION_ID])
+        clicks = tables[C.CLICKS]
+        self._click_ts = to_ns(clicks[C.TS])
+        self._click_item = self.item_index.get_indexer(
+            self._imp_item.reindex(clicks[C.IMPRESSION_ID]).to_numpy()
+        )
+        buys = tables[C.PURCHASES]
+        self._buy_ts = to_ns(buys[C.TS])
+        self._buy_user = self.user_index.get_indexer(
+            self._imp_user.reindex(buys[C.IMPRESSION_ID]).to_numpy()
+        )
+        self._buy_price = buys[C.PRICE].to_numpy()
+        inv = tables[C.INVENTORY].sort_values(C.TS, kind="stable")
+        self._inv_ts = to_ns(inv[C.TS])
+        self._inv_item = self.item_index.get_indexer(inv[C.ITEM_ID])
+        self._inv_stock = inv[C.STOCK].to_numpy()
+        self.carts: dict[int, np.ndarray] = {}
+        if checkout_carts is not None and len(checkout_carts):
+            for request_id, group in checkout_carts.groupby(C.REQUEST_ID):
+                self.carts[int(request_id)] = group[C.ITEM_ID].to_numpy()
+
+    def day_state(self, day_start: pd.Timestamp) -> DayState:
+        t0 = day_start.value
+        recent = (self._click_ts >= t0 - 7 * NS_PER_DAY) & (self._click_ts < t0)
+        clicks = np.bincount(self._click_item[recent], minlength=len(self.item_ids))
+        before = self._inv_ts < t0
+        last = pd.Series(self._inv_stock[before]).groupby(self._inv_item[before]).last()
+        stock = np.zeros(len(self.item_ids), dtype=np.int64)
+        stock[last.index.to_numpy()] = last.to_numpy()
+        paid = self._buy_ts < t0
+        n_users = len(self.user_index)
+        spend = np.bincount(self._buy_user[paid], weights=self._buy_price[paid], minlength=n_users)
+        count = np.bincount(self._buy_user[paid], minlength=n_users)
+        mean_paid = np.divide(spend, count, out=np.zeros(n_users), where=count > 0)
+        return DayState(day_start, self.created <= t0, stock, clicks.astype(float), mean_paid)
+
+    def cart_of(self, request_id: int) -> np.ndarray:
+        return self.carts.get(int(request_id), np.zeros(0, dtype=np.int64))
+
+    # --- baseline policies -----------------------------------------------------------------
+    def heuristic(self, requests: pd.DataFrame, state: DayState, k: int) -> list[np.ndarray]:
+        age = (state.day_start.value - self.created) / NS_PER_DAY
+        base = heuristic_score(state.clicks_7d, age, RECENCY_DAYS)
+        out = []
+        for row in requests.itertuples(index=False):
+            u = self.user_index.get_loc(row.user_id)
+            paid = state.mean_paid[u]
+            cap = max(self.user_cap[u], 2.5 * paid) if paid > 0 else self.user_cap[u]
+            score = np.where(state.eligible & (self.price <= cap), base, -np.inf)
+            score = self._checkout(score, row, boost=True)
+            out.append(self._top(score, k))
+        return out
+
+    def popularity(self, requests: pd.DataFrame, state: DayState, k: int) -> list[np.ndarray]:
+        base = np.where(state.eligible, state.clicks_7d, -np.inf)
+        return [
+            self._top(self._checkout(base, row, boost=False), k)
+            for row in requests.itertuples(index=False)
+        ]
+
+    def optimal(
+        self, oracle: Oracle, requests: pd.DataFrame, state: DayState, k: int
+    ) -> list[np.ndarray]:
+        eligible = np.flatnonzero(state.eligible)
+        out = []
+        for row in requests.itertuples(index=False):
+            cart = self.cart_of(row.request_id)
+            cands = eligible[~np.isin(self.item_ids[eligible], cart)]
+            best = oracle.optimal(
+                int(row.user_id),
+                self.item_ids[cands],
+                k,
+                objective="margin",
+                at=row.ts,
+                cart_item_ids=cart if len(cart) else None,
+            )
+            out.append(best)
+        return out
+
+    def _checkout(self, score: np.ndarray, row, boost: bool) -> np.ndarray:
+        if row.surface != "CHECKOUT":
+            return score
+        cart = self.cart_of(row.request_id)
+        if not len(cart):
+            return score
+        cart_idx = self.item_index.get_indexer(cart)
+        score = score.copy()
+        if boost:
+            match = np.isin(self.category, self.category[cart_idx[cart_idx >= 0]])
+            score = np.where(match, score * CHECKOUT_CATEGORY_BOOST, score)
+        score[cart_idx[cart_idx >= 0]] = -np.inf
+        return score
+
+    def _top(self, score: np.ndarray, k: int) -> np.ndarray:
+        finite = int(np.isfinite(score).sum())
+        k = min(k, finite)
+        top = np.argpartition(-score, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+        return self.item_ids[top[np.argsort(-score[top], kind="stable")]]
+
+
+def sample_requests(
+    impressions: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, n: int, seed: int = 0
+) -> pd.DataFrame:
+    """Up to ``n`` logged requests (user, time, surface) served in ``[start, end)``."""
+    imp = impressions[(impressions[C.TS] >= start) & (impressions[C.TS] < end)]
+    requests = imp.drop_duplicates(C.REQUEST_ID)[[C.REQUEST_ID, C.USER_ID, C.TS, C.SURFACE]]
+    if len(requests) > n:
+        requests = requests.sample(n, random_state=seed)
+    return requests.sort_values(C.TS, kind="stable").reset_index(drop=True)
+
+
+@dataclass
+class PolicyValue:
+    egmv: np.ndarray  # per request: Oracle E[GMV] (p x price x margin) of the top k
+    gmv: np.ndarray
+    purchases: np.ndarray
+    clicks: np.ndarray
+    new_seller_share: float  # of the k slots, items whose seller joined < 30 days before
+    categories_in_top: float  # mean distinct categories in the top k
+
+    def summary(self, k: int) -> dict[str, float]:
+        per_1k = 1000.0 / k
+        return {
+            "oracle_egmv_per_1k": float(self.egmv.mean() * per_1k),
+            "oracle_gmv_per_1k": float(self.gmv.mean() * per_1k),
+            "oracle_purchases_per_1k": float(self.purchases.mean() * per_1k),
+            "oracle_clicks_per_1k": float(self.clicks.mean() * per_1k),
+            "new_seller_share": self.new_seller_share,
+            "categories_in_top": self.categories_in_top,
+            "requests": len(self.egmv),
+        }
+
+
+def value_lists(
+    market: Marketplace, oracle: Oracle, requests: pd.DataFrame, lists: list[np.ndarray]
+) -> PolicyValue:
+    """The Oracle's value of each request's list (slot 1 first)."""
+    n = len(lists)
+    egmv, gmv, buys, clicks = (np.zeros(n) for _ in range(4))
+    new_slots, slots, cats = 0, 0, []
+    for i, (row, items) in enumerate(zip(requests.itertuples(index=False), lists, strict=True)):
+        if not len(items):
+            continue
+        cart = market.cart_of(row.request_id)
+        value = oracle.score(
+            int(row.user_id), items, at=row.ts, cart_item_ids=cart if len(cart) else None
+        )
+        egmv[i], gmv[i], buys[i], clicks[i] = value.margin, value.gmv, value.purchases, value.clicks
+        idx = market.item_index.get_indexer(items)
+        joined = market.seller_created[idx]
+        new_slots += int(((row.ts.value - joined) < NEW_SELLER_DAYS * NS_PER_DAY).sum())
+        slots += len(items)
+        cats.append(len(np.unique(market.category[idx])))
+    return PolicyValue(
+        egmv, gmv, buys, clicks, new_slots / max(slots, 1), float(np.mean(cats)) if cats else 0.0
+    )
+
+
+def evaluate_policies(
+    tables: dict[str, pd.DataFrame],
+    oracle: Oracle,
+    checkout_carts: pd.DataFrame | None,
+    start: pd.Timestamp,
+    end: pd.Timestamp,
+    models: dict[str, ModelPolicy],
+    k: int = 20,
+    n_requests: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, dict[str, float]], dict[str, PolicyValue], pd.DataFrame]:
+    """Score every policy on the same sampled requests; returns summaries, raw values, requests."""
+    market = Marketplace(tables, checkout_carts)
+    requests = sample_requests(tables[C.IMPRESSIONS], start, end, n_requests, seed)
+    lists: dict[str, list[np.ndarray]] = {
+        name: [] for name in ("heuristic", "popularity", "optimal", *models)
+    }
+    order: list[int] = []
+    for day, group in requests.groupby(requests[C.TS].dt.floor("D"), sort=True):
+        state = market.day_state(pd.Timestamp(day))
+        lists["heuristic"] += market.heuristic(group, state, k)
+        lists["popularity"] += market.popularity(group, state, k)
+        lists["optimal"] += market.optimal(oracle, group, state, k)
+        for name, policy in models.items():
+            lists[name] += [items[:k] for items in policy(group, state)]
+        order += list(group.index)
+    requests = requests.loc[order].reset_index(drop=True)
+    values = {name: value_lists(market, oracle, requests, ls) for name, ls in lists.items()}
+    return {name: v.summary(k) for name, v in values.items()}, values, requests

@@ -256,8 +256,12 @@ def evaluate_policies(
         lists["heuristic"] += market.heuristic(group, state, k)
         lists["popularity"] += market.popularity(group, state, k)
         lists["optimal"] += market.optimal(oracle, group, state, k)
-        for name, policy in models.items():
-            lists[name] += [items[:k] for items in policy(group, state)]
+        for name, policy in models.items():  # the cart is never recommended back
+            ranked = policy(group, state)
+            lists[name] += [
+                items[~np.isin(items, market.cart_of(rid))][:k]
+                for rid, items in zip(group[C.REQUEST_ID], ranked, strict=True)
+            ]
         order += list(group.index)
     requests = requests.loc[order].reset_index(drop=True)
     values = {name: value_lists(market, oracle, requests, ls) for name, ls in lists.items()}

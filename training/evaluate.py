@@ -1,0 +1,190 @@
+"""The evaluation stage: offline metrics, and (on simulated data) every policy scored by the
+Oracle, into ``reports/eval.json``, ``reports/eval.md`` and plots, and the bundle's eval/.
+
+The test days are read here for the first time: tuning and calibration used train and
+validation only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from training import bundle as B
+from training import columns as C
+from training.paths import Paths
+
+if TYPE_CHECKING:
+    from training.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+TARGET_UPLIFT_OVER_HEURISTIC = 0.15
+TARGET_SHARE_OF_OPTIMAL = 0.80
+TARGET_ECE = 0.01
+HEAVY_USER_CLICKS_30D = 5
+
+
+class ServedScorer:
+    """The served score from a staging folder: compiled p(purchase) -> isotonic -> E[GMV]."""
+
+    def __init__(self, stage: Path, items: pd.DataFrame):
+        from training.ranking.calibration import Calibrator
+        from training.ranking.compile import CompiledScorer
+
+        self.scorer = CompiledScorer(stage / B.COMPILED_MODEL)
+        self.calibrator = Calibrator.from_dict(json.loads((stage / B.CALIBRATOR).read_text()))
+        index = pd.Index(items[C.ITEM_ID].to_numpy())
+        self._index = index
+        self._value = items[C.PRICE].to_numpy() * items[C.MARGIN].to_numpy()
+
+    def egmv(self, X: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        p = self.calibrator.apply(self.scorer.predict(X))
+        return np.asarray(p * self._value[self._index.get_indexer(item_ids)])
+
+
+def _model_policy(store, retriever, score_fn, items: pd.DataFrame, n_candidates: int):
+    """A policy: retrieval candidates, hard filters, request-time features, E[GMV] order."""
+    from training.ranking.features import build_matrix
+    from training.request_features import features_for_pairs, pair_frame
+
+    def policy(requests: pd.DataFrame, state) -> list[np.ndarray]:
+        cands = retriever(requests, n_candidates)
+        item_index = pd.Index(items[C.ITEM_ID].to_numpy())
+        filtered = []
+        for c in cands:  # hard filters: listed and in stock at the start of the day
+            idx = item_index.get_indexer(c)
+            ok = (idx >= 0) & state.eligible[np.maximum(idx, 0)]
+            filtered.append(np.asarray(c)[ok])
+        pairs = pair_frame(requests, filtered)
+        frame = features_for_pairs(store, pairs, items)
+        scores = score_fn(build_matrix(frame), frame[C.ITEM_ID].to_numpy())
+        out, start = [], 0
+        for c in filtered:
+            s = scores[start : start + len(c)]
+            out.append(np.asarray(c)[np.argsort(-s, kind="stable")])
+            start += len(c)
+        return out
+
+    return policy
+
+
+def segments(
+    requests: pd.DataFrame, values: dict[str, Any], tables: dict[str, pd.DataFrame], k: int
+) -> dict[str, Any]:
+    """Ranker vs heuristic E[GMV] per 1k impressions by user segment."""
+    users = tables[C.USERS].set_index(C.USER_ID)
+    signup = users.loc[requests[C.USER_ID], C.SIGNUP_AT].to_numpy()
+    new_user = (requests[C.TS].to_numpy() - signup) < np.timedelta64(30, "D")
+    clicks = tables[C.CLICKS].merge(
+        tables[C.IMPRESSIONS][[C.IMPRESSION_ID, C.USER_ID]], on=C.IMPRESSION_ID
+    )
+    per_user = clicks.groupby(C.USER_ID).size()
+    heavy = per_user.reindex(requests[C.USER_ID]).fillna(0).to_numpy() >= HEAVY_USER_CLICKS_30D
+    masks = {
+        "new_users": new_user,
+        "returning_users": ~new_user,
+        "heavy_users": heavy,
+        "light_users": ~heavy,
+        "checkout": (requests[C.SURFACE] == "CHECKOUT").to_numpy(),
+        "home": (requests[C.SURFACE] == "HOME").to_numpy(),
+    }
+    out: dict[str, Any] = {}
+    for name, mask in masks.items():
+        if not mask.any():
+            continue
+        out[name] = {"requests": int(mask.sum())}
+        for policy in ("heuristic", "ranker", "optimal"):
+            if policy in values:
+                out[name][policy] = float(values[policy].egmv[mask].mean() * 1000 / k)
+    return out
+
+
+def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[str, Any]:
+    from training import feature_store
+    from training.report import policy_plot, reliability_plot, write_report
+    from training.train import _reports
+
+    started = time.perf_counter()
+    reports = _reports(stage)
+    manifest = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())
+    report: dict[str, Any] = {
+        "preset": dataset.removeprefix("sim-"),
+        "dataset": dataset,
+        "bundle_version": "staging",
+    }
+    rankers = reports.get("rankers", {})
+    report["ranking"] = rankers.get("test", rankers)
+    report["calibration"] = rankers.get("calibration", {})
+    report["retrieval"] = reports.get("retrieval", {})
+    compiled = reports.get("compile", {})
+    latency = compiled.get("latency_500", {})
+    report["compiled"] = {
+        "max_abs_diff": compiled.get("max_abs_diff"),
+        **{k: v for k, v in latency.get("compiled", {}).items()},
+    }
+    report["lightgbm"] = dict(latency.get("lightgbm", {}))
+
+    truth_dir = paths.ground_truth(dataset)
+    if (truth_dir / "ground_truth.npz").exists():
+        from training.policy_eval import evaluate_policies
+        from training.retrieval import load_retriever
+        from training.simulate import Oracle
+        from training.tables import read_tables
+
+        tables = read_tables(paths.raw(dataset))
+        carts_path = paths.raw(dataset) / "checkout_carts.parquet"
+        carts = pd.read_parquet(carts_path) if carts_path.exists() else None
+        oracle = Oracle.load(truth_dir)
+        store = feature_store.open_store(dataset, paths=paths)
+        served = ServedScorer(stage, tables[C.ITEMS])
+        retriever = load_retriever(stage, paths.home, dataset)
+        models = {
+            "ranker": _model_policy(store, retriever, served.egmv, tables[C.ITEMS], cfg.candidates)
+        }
+        start = pd.Timestamp(manifest["split"]["valid_end"])
+        end = pd.Timestamp(manifest["split"]["test_end"])
+        summary, values, requests = evaluate_policies(
+            tables,
+            oracle,
+            carts,
+            start,
+            end,
+            models,
+            k=cfg.k,
+            n_requests=cfg.eval_requests,
+            seed=cfg.seed,
+        )
+        report["policies"] = summary
+        report["segments"] = segments(requests, values, tables, cfg.k)
+        h = summary["heuristic"]["oracle_egmv_per_1k"]
+        r = summary["ranker"]["oracle_egmv_per_1k"]
+        o = summary["optimal"]["oracle_egmv_per_1k"]
+        report["targets"] = {
+            "ranker_uplift_over_heuristic": r / h - 1 if h else None,
+            "ranker_share_of_optimal": r / o if o else None,
+            "uplift_target": TARGET_UPLIFT_OVER_HEURISTIC,
+            "share_of_optimal_target": TARGET_SHARE_OF_OPTIMAL,
+            "ece_target": TARGET_ECE,
+        }
+    out = stage / B.EVAL_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    curves = report["calibration"].get("reliability") if report["calibration"] else None
+    if curves:
+        reliability_plot(curves, out / "reliability.png")
+    if "policies" in report:
+        policy_plot(report["policies"], out / "policies.png")
+    report["seconds"] = time.perf_counter() - started
+    write_report(report, out)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    for name in ("eval.json", "eval.md", "reliability.png", "policies.png"):
+        if (out / name).exists():
+            shutil.copy(out / name, paths.reports / name)
+    return report

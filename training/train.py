@@ -1,0 +1,195 @@
+"""`homefeed train`: retrieval -> rankers -> compile -> evaluate -> register.
+
+Each stage reads the dataset's training sets and writes into the dataset's staging folder
+(``artifacts/staging/<dataset>/``, laid out like a bundle, see training/bundle.py), so any
+stage can be run alone after the ones it needs. ``register`` freezes the staging folder
+into an immutable, versioned bundle (``artifacts/bundles/<version>/``) with checksums and
+registers it in MLflow under the ``challenger`` alias (and ``champion`` when there is none).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from training import bundle as B
+from training.paths import Paths
+
+log = logging.getLogger(__name__)
+
+STAGES = ("retrieval", "rankers", "compile", "evaluate", "register")
+STAGE_REPORT = "stage_reports.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    k: int = 20  # slots the policies are compared on
+    eval_requests: int = 1000  # test-period requests the Oracle scores
+    candidates: int = 500  # retrieval candidates a model policy re-ranks
+    ranker_trials: int = 8  # Optuna trials per model
+    ranker_seconds: float = 120.0  # Optuna wall-clock budget per model
+
+
+def staging_dir(paths: Paths, dataset: str) -> Path:
+    return paths.artifacts / "staging" / dataset
+
+
+def _reports(stage_dir: Path) -> dict[str, Any]:
+    path = stage_dir / STAGE_REPORT
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_report(stage_dir: Path, stage: str, report: dict[str, Any]) -> None:
+    reports = _reports(stage_dir)
+    reports[stage] = report
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / STAGE_REPORT).write_text(json.dumps(reports, indent=2, default=_plain))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _manifest(paths: Paths, dataset: str) -> dict[str, Any]:
+    path = paths.training_sets(dataset) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no training sets for {dataset!r} at {path.parent}: run `homefeed dataset` first"
+        )
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    return manifest
+
+
+# --- stages ------------------------------------------------------------------------------------
+def stage_retrieval(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
+    from training.retrieval import train_retrieval
+
+    return train_retrieval(paths.home, dataset, staging_dir(paths, dataset), seed=cfg.seed)
+
+
+def stage_rankers(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
+    from training.ranking.models import RankerBudget, save, train_rankers
+
+    budget = RankerBudget(trials=cfg.ranker_trials, seconds=cfg.ranker_seconds)
+    result = train_rankers(paths.home, dataset, seed=cfg.seed, budget=budget)
+    save(result, staging_dir(paths, dataset))
+    metrics: dict[str, Any] = result.metrics
+    return metrics
+
+
+def stage_compile(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
+    from training.ranking.compile import benchmark_scoring, compile_model, parity
+    from training.ranking.features import build_matrix
+
+    stage = staging_dir(paths, dataset)
+    model = stage / B.PURCHASE_MODEL
+    if not model.exists():
+        raise FileNotFoundError(f"{model} missing: run `homefeed train --stage rankers` first")
+    test = pd.read_parquet(paths.training_sets(dataset) / "test.parquet")
+    X = build_matrix(test)
+    rng = np.random.default_rng(cfg.seed)
+    X500 = X[rng.choice(len(X), size=min(500, len(X)), replace=False)]
+    report = compile_model(model, stage / B.COMPILED_MODEL, quantize=True)
+    out: dict[str, Any] = {
+        "compile": asdict(report) if hasattr(report, "__dataclass_fields__") else dict(report)
+    }
+    out["max_abs_diff"] = float(parity(model, stage / B.COMPILED_MODEL, X[: min(len(X), 20000)]))
+    out["latency_500"] = benchmark_scoring(model, stage / B.COMPILED_MODEL, X500)
+    (stage / B.COMPILE_REPORT).write_text(json.dumps(out, indent=2, default=_plain))
+    return out
+
+
+def stage_evaluate(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
+    from training.evaluate import evaluate
+
+    return evaluate(paths, dataset, staging_dir(paths, dataset), cfg)
+
+
+def stage_register(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
+    from training.registry import Registry, write_manifest
+
+    stage = staging_dir(paths, dataset)
+    schema = json.loads((stage / B.FEATURE_SCHEMA).read_text())
+    manifest = _manifest(paths, dataset)
+    version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{dataset}"
+    target = paths.artifacts / "bundles" / version
+    shutil.copytree(stage, target, ignore=shutil.ignore_patterns(STAGE_REPORT))
+    reports = _reports(stage)
+    metrics = _flat_metrics(reports.get("evaluate", {}))
+    snapshot = f"{dataset}:{manifest['split']['train_start']}..{manifest['split']['test_end']}"
+    write_manifest(
+        target,
+        version=version,
+        data_snapshot=snapshot,
+        feature_schema_hash=schema["hash"],
+        metrics=metrics,
+    )
+    registry = Registry()
+    number = registry.register(target, metrics=metrics, params={"dataset": dataset, **asdict(cfg)})
+    aliases = [B.ALIAS_CHALLENGER]
+    try:
+        registry.get_version(B.ALIAS_CHAMPION)
+    except Exception:  # no champion yet: the first bundle serves
+        registry.set_alias(number, B.ALIAS_CHAMPION)
+        aliases.append(B.ALIAS_CHAMPION)
+    return {
+        "bundle_version": version,
+        "registry_version": number,
+        "aliases": aliases,
+        "path": str(target),
+    }
+
+
+def _flat_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in report.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_metrics(value, name + "."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name.replace("@", "_at_")] = float(value)
+    return out
+
+
+RUNNERS = {
+    "retrieval": stage_retrieval,
+    "rankers": stage_rankers,
+    "compile": stage_compile,
+    "evaluate": stage_evaluate,
+    "register": stage_register,
+}
+
+
+def train(
+    paths: Paths, dataset: str, stages: tuple[str, ...] = STAGES, cfg: TrainConfig | None = None
+) -> dict[str, Any]:
+    """Run ``stages`` in order; returns each stage's report and its seconds."""
+    cfg = cfg or TrainConfig()
+    _manifest(paths, dataset)  # fail early, with the command to run
+    unknown = [s for s in stages if s not in RUNNERS]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    stage = staging_dir(paths, dataset)
+    stage.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    for name in stages:
+        t0 = time.perf_counter()
+        log.info("train %s: %s", dataset, name)
+        report = RUNNERS[name](paths, dataset, cfg)
+        report = {**report, "seconds": time.perf_counter() - t0}
+        _save_report(stage, name, report)
+        results[name] = report
+    return results

@@ -94,3 +94,10 @@ def test_ingest_of_corrupt_logs_names_table_column_rows_and_writes_nothing(
     assert "items.price: non_negative — 2 rows violate" in err
     assert "purchases.impression_id: foreign_key — 1 row violates" in err
     assert not home.raw("corrupt").exists()
+
+
+def test_cli_stage_names_match_the_trainer():
+    from training.cli import _STAGES
+    from training.train import STAGES
+
+    assert _STAGES == STAGES

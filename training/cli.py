@@ -11,6 +11,9 @@ from typing import Any
 
 from training.paths import Paths
 
+# the stage names, repeated here so `homefeed --help` does not import the training stack
+_STAGES = ("retrieval", "rankers", "compile", "evaluate", "register")
+
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
     out = {}
@@ -72,6 +75,20 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.train import STAGES, TrainConfig, train
+
+    cfg = TrainConfig(
+        seed=args.seed,
+        eval_requests=args.eval_requests,
+        ranker_trials=args.trials,
+        ranker_seconds=args.seconds,
+    )
+    stages = tuple(args.stage) if args.stage else STAGES
+    _print(train(Paths.from_env(), args.dataset, stages, cfg))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
@@ -127,7 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-rate", type=float, help="share of all-negative impressions kept")
     p.set_defaults(func=cmd_dataset)
 
-    p = sub.add_parser("demo", help="simulate -> validate -> features -> training sets -> report")
+    p = sub.add_parser("train", help="retrieval, rankers, compile, evaluate, register a bundle")
+    p.add_argument("--dataset", default="sim-small")
+    p.add_argument(
+        "--stage",
+        action="append",
+        choices=list(_STAGES),
+        help="run only this stage (repeatable; default: all, in order)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trials", type=int, default=8, help="Optuna trials per ranker")
+    p.add_argument("--seconds", type=float, default=120.0, help="Optuna budget per ranker (s)")
+    p.add_argument(
+        "--eval-requests", type=int, default=1000, help="test-period requests the Oracle scores"
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="simulate -> validate -> features -> training sets -> train")
     p.add_argument("--preset", default="small")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -39,7 +39,7 @@ def test_missing_dataset_is_a_clear_error(capsys, home):
 
 
 def test_demo_writes_the_data_report(home, capsys):
-    assert main(["demo", "--preset", "tiny"]) == 0
+    assert main(["demo", "--preset", "tiny", "--no-train"]) == 0
     report = json.loads((home.reports / "data.json").read_text())
     assert report["tables"]["impressions"]["rows"] > 0
     assert set(report["label_rates"]) == {"purchase_7d", "click", "add_to_cart"}

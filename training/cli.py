@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
-    run_demo(Paths.from_env(), args.preset)
+    run_demo(Paths.from_env(), args.preset, train_models=not args.no_train)
     return 0
 
 
@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="simulate -> validate -> features -> training sets -> train")
     p.add_argument("--preset", default="small")
+    p.add_argument("--no-train", action="store_true", help="stop after the training sets")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,7 +1,8 @@
-"""`make demo`: simulate -> validate -> features -> training sets, then a summary.
+"""`make demo`: simulate -> validate -> features -> training sets -> train, then summaries.
 
-Writes ``reports/data.json`` (the output contract of the foundation issue) and prints a
-table of what each step produced and how long it took.
+Writes ``reports/data.json`` (data: rows, label rates, split, position curve, seconds) and,
+through `homefeed train`, ``reports/eval.json`` / ``eval.md`` and a registered bundle; prints
+what each step produced and how long it took.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from training.paths import Paths
 POSITIONS = 10
 
 
-def run_demo(paths: Paths, preset: str) -> dict[str, Any]:
+def run_demo(paths: Paths, preset: str, train_models: bool = True) -> dict[str, Any]:
     from training.simulate import Oracle
     from training.stages import dataset_stage, features_stage, simulate_stage
 
@@ -61,7 +62,36 @@ def run_demo(paths: Paths, preset: str) -> dict[str, Any]:
     paths.reports.mkdir(parents=True, exist_ok=True)
     (paths.reports / "data.json").write_text(json.dumps(report, indent=2, default=str))
     _print_summary(report)
+    if train_models:
+        from training.train import train
+
+        t0 = time.perf_counter()
+        trained = train(paths, dataset)
+        seconds["train"] = time.perf_counter() - t0
+        for stage, stage_report in trained.items():
+            seconds[f"train_{stage}"] = float(stage_report["seconds"])
+        (paths.reports / "data.json").write_text(json.dumps(report, indent=2, default=str))
+        _print_training(trained, paths)
     return report
+
+
+def _print_training(trained: dict[str, Any], paths: Paths) -> None:
+    print("\ntraining stage             seconds")
+    for stage, stage_report in trained.items():
+        print(f"{stage:<26}{stage_report['seconds']:>8.1f}")
+    evaluation = json.loads((paths.reports / "eval.json").read_text())
+    policies = evaluation.get("policies", {})
+    if policies:
+        print("\npolicy        Oracle E[GMV] per 1k impressions")
+        for name, p in policies.items():
+            print(f"{name:<14}{p['oracle_egmv_per_1k']:>10.1f}")
+    registered = trained.get("register", {})
+    if registered:
+        print(
+            f"\nregistered bundle {registered['bundle_version']} as registry version "
+            f"{registered['registry_version']} ({', '.join(registered['aliases'])})"
+        )
+    print("wrote reports/eval.json, reports/eval.md\n")
 
 
 def _print_summary(report: dict[str, Any]) -> None:

@@ -127,10 +127,15 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
     compiled = reports.get("compile", {})
     latency = compiled.get("latency_500", {})
     report["compiled"] = {
-        "max_abs_diff": compiled.get("max_abs_diff"),
-        **{k: v for k, v in latency.get("compiled", {}).items()},
+        "max_abs_diff": compiled.get("parity_max_abs_diff"),
+        **latency.get("compiled", {}),
+        "p99_ms_500": latency.get("compiled", {}).get("p99_ms"),
+        "num_trees": latency.get("num_trees"),
     }
-    report["lightgbm"] = dict(latency.get("lightgbm", {}))
+    report["lightgbm"] = {
+        **latency.get("lightgbm", {}),
+        "p99_ms_500": latency.get("lightgbm", {}).get("p99_ms"),
+    }
 
     truth_dir = paths.ground_truth(dataset)
     if (truth_dir / "ground_truth.npz").exists():

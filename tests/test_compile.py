@@ -1,0 +1,167 @@
+"""TL2cgen compilation of a LightGBM binary model: parity with LightGBM, reload, input checks.
+
+The models are compiled once per module (a compile takes seconds); every test reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+
+from training.bundle import COMPILE_REPORT, COMPILED_MODEL
+from training.ranking.compile import (
+    PARITY_TOLERANCE,
+    CompiledScorer,
+    CompileReport,
+    benchmark_scoring,
+    compile_for_bundle,
+    compile_model,
+    parity,
+    size_tradeoff,
+)
+
+N_FEATURES = 20
+
+
+def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with a non-linear signal, so the trees split on many features and thresholds."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, N_FEATURES)).astype(np.float32)
+    logit = X[:, 0] - 0.8 * X[:, 1] + X[:, 2] * X[:, 3] + 0.5 * np.sin(3 * X[:, 4])
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int32)
+    return X, y
+
+
+@dataclass(frozen=True)
+class Compiled:
+    model: Path
+    plain: Path
+    quantized: Path
+    annotated: Path
+    reports: dict[str, CompileReport]
+    X: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Compiled:
+    root = tmp_path_factory.mktemp("compile")
+    X, y = synthetic(2_000, seed=0)
+    params = {"objective": "binary", "num_leaves": 15, "verbose": -1, "num_threads": 1}
+    booster = lgb.train(params, lgb.Dataset(X, y), num_boost_round=30)
+    model = root / "purchase.txt"
+    booster.save_model(str(model))
+    reports = {
+        "plain": compile_model(model, root / "plain.so", quantize=False, parallel_comp=1),
+        "quantized": compile_model(model, root / "quantized.so", quantize=True, parallel_comp=1),
+        "annotated": compile_model(
+            model, root / "annotated.so", quantize=True, annotate_with=X, parallel_comp=1
+        ),
+    }
+    X_test, _ = synthetic(1_000, seed=1)
+    X_test[::9, 2] = np.nan  # LightGBM's missing values take the default branch
+    return Compiled(
+        model=model,
+        plain=root / "plain.so",
+        quantized=root / "quantized.so",
+        annotated=root / "annotated.so",
+        reports=reports,
+        X=X_test,
+    )
+
+
+@pytest.mark.parametrize("variant", ["plain", "quantized", "annotated"])
+def test_compiled_matches_lightgbm(compiled: Compiled, variant: str) -> None:
+    lib = getattr(compiled, variant)
+    assert parity(compiled.model, lib, compiled.X) <= PARITY_TOLERANCE
+
+
+def test_scorer_returns_probabilities_like_booster_predict(compiled: Compiled) -> None:
+    expected = lgb.Booster(model_file=str(compiled.model)).predict(compiled.X)
+    got = CompiledScorer(compiled.quantized).predict(compiled.X)
+    assert got.shape == (len(compiled.X),)
+    assert np.all((got > 0) & (got < 1))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=PARITY_TOLERANCE)
+
+
+def test_saved_library_predicts_the_same_after_reload(compiled: Compiled, tmp_path: Path) -> None:
+    before = CompiledScorer(compiled.quantized).predict(compiled.X)
+    moved = tmp_path / "bundle" / "ranker" / "purchase.so"
+    moved.parent.mkdir(parents=True)
+    shutil.copy2(compiled.quantized, moved)
+    after = CompiledScorer(moved).predict(compiled.X)
+    np.testing.assert_array_equal(after, before)
+
+
+def test_float64_input_scores_like_float32(compiled: Compiled) -> None:
+    scorer = CompiledScorer(compiled.quantized)
+    np.testing.assert_array_equal(
+        scorer.predict(compiled.X.astype(np.float64)), scorer.predict(compiled.X)
+    )
+
+
+def test_report_describes_the_compile(compiled: Compiled) -> None:
+    plain, quantized = compiled.reports["plain"], compiled.reports["quantized"]
+    assert (plain.num_trees, plain.num_features) == (30, N_FEATURES)
+    assert (plain.quantize, quantized.quantize) == (False, True)
+    assert compiled.reports["annotated"].annotated and not quantized.annotated
+    assert quantized.lib_bytes == compiled.quantized.stat().st_size > 0
+
+
+def test_wrong_width_is_refused_with_the_expected_shape(compiled: Compiled) -> None:
+    scorer = CompiledScorer(compiled.quantized)
+    with pytest.raises(ValueError, match=r"shape \(n, 20\), got \(5, 19\)"):
+        scorer.predict(compiled.X[:5, :19])
+
+
+def test_no_rows_give_no_scores(compiled: Compiled) -> None:
+    scorer = CompiledScorer(compiled.quantized)
+    assert scorer.predict(np.zeros((0, N_FEATURES), dtype=np.float32)).shape == (0,)
+
+
+def test_missing_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
+        compile_model(tmp_path / "nope.txt", tmp_path / "x.so")
+    with pytest.raises(FileNotFoundError, match=r"nope\.so"):
+        CompiledScorer(tmp_path / "nope.so")
+
+
+def test_benchmark_times_every_library_against_lightgbm(compiled: Compiled) -> None:
+    result = benchmark_scoring(
+        compiled.model, [compiled.plain, compiled.quantized], compiled.X[:500], repeats=5, warmup=1
+    )
+    assert result["rows"] == 500
+    for key in ("compiled[plain.so]", "compiled[quantized.so]"):
+        assert 0 < result[key]["p50_ms"] <= result[key]["p99_ms"]
+        assert result[key]["speedup_p50"] > 0
+    assert 0 < result["lightgbm"]["p50_ms"] <= result["lightgbm"]["p99_ms"]
+
+
+def test_size_tradeoff_rows_have_quality_parity_and_latency(tmp_path: Path) -> None:
+    X, y = synthetic(2_000, seed=2)
+    Xv, yv = synthetic(1_000, seed=3)
+    rows = size_tradeoff(X, y, Xv, yv, grid=[(5, 4), (20, 15)], workdir=tmp_path, repeats=3)
+    assert [(r["num_trees"], r["num_leaves"]) for r in rows] == [(5, 4), (20, 15)]
+    for row in rows:
+        assert 0.6 < row["auc"] <= 1.0  # the synthetic signal is easy to find
+        assert row["parity"] <= PARITY_TOLERANCE
+        assert row["compiled_p50_ms"] > 0
+    assert rows[1]["log_loss"] < rows[0]["log_loss"]  # 5 shallow trees underfit
+    assert (tmp_path / "gbm_20x15.so").is_file()
+
+
+def test_compile_for_bundle_writes_the_library_and_its_report(
+    compiled: Compiled, tmp_path: Path
+) -> None:
+    summary = compile_for_bundle(compiled.model, tmp_path, compiled.X, parallel_comp=1, repeats=3)
+    assert json.loads((tmp_path / COMPILE_REPORT).read_text()) == summary
+    assert summary["lib_path"] == COMPILED_MODEL
+    assert summary["parity_max_abs_diff"] <= PARITY_TOLERANCE
+    assert summary["latency_500"]["rows"] == 500
+    scores = CompiledScorer(tmp_path / COMPILED_MODEL).predict(compiled.X)
+    np.testing.assert_array_equal(scores, CompiledScorer(compiled.quantized).predict(compiled.X))

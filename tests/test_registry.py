@@ -239,3 +239,18 @@ def test_an_unverifiable_bundle_is_never_registered(registry: Registry, bundle: 
     with pytest.raises(BundleError, match=r"extra ranker/copy\.txt"):
         registry.register(bundle)
     assert registry.client.search_model_versions(f"name='{registry.name}'") == []
+
+
+def test_a_shipped_schema_that_disagrees_with_the_manifest_is_refused(tmp_path):
+    import json
+
+    from training.registry import BundleError, verify_bundle, write_manifest
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "feature_schema.json").write_text(json.dumps({"names": ["a"], "hash": "abc"}))
+    write_manifest(bundle, version="v", data_snapshot="d", feature_schema_hash="abc", metrics={})
+    verify_bundle(bundle, expected_schema_hash="abc")
+    write_manifest(bundle, version="v", data_snapshot="d", feature_schema_hash="xyz", metrics={})
+    with pytest.raises(BundleError, match=r"feature_schema\.json has hash abc"):
+        verify_bundle(bundle)

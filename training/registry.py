@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from training.bundle import ALIAS_CHALLENGER, BUNDLE_MANIFEST, REGISTERED_MODEL
+from training.bundle import ALIAS_CHALLENGER, BUNDLE_MANIFEST, FEATURE_SCHEMA, REGISTERED_MODEL
 from training.paths import Paths
 
 if TYPE_CHECKING:
@@ -148,9 +148,17 @@ def _check_files(bundle_dir: Path, manifest: Mapping[str, Any]) -> None:
 
 
 def _check_schema(bundle_dir: Path, manifest: Mapping[str, Any], expected: str | None) -> None:
+    got = manifest.get("feature_schema_hash")
+    schema_file = bundle_dir / FEATURE_SCHEMA
+    if schema_file.exists():  # the schema shipped must be the one the manifest names
+        shipped = json.loads(schema_file.read_text()).get("hash")
+        if shipped != got:
+            raise BundleError(
+                f"bundle {manifest.get('version', '?')} at {bundle_dir}: {FEATURE_SCHEMA} has "
+                f"hash {shipped}, {BUNDLE_MANIFEST} says {got}"
+            )
     if expected is None:
         return
-    got = manifest.get("feature_schema_hash")
     if got != expected:
         raise BundleError(
             f"bundle {manifest.get('version', '?')} at {bundle_dir} was built for feature "

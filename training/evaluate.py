@@ -140,7 +140,7 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
     truth_dir = paths.ground_truth(dataset)
     if (truth_dir / "ground_truth.npz").exists():
         from training.policy_eval import evaluate_policies
-        from training.retrieval import load_retriever
+        from training.retrieval.retriever import load_retriever
         from training.simulate import Oracle
         from training.tables import read_tables
 

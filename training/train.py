@@ -75,7 +75,7 @@ def _manifest(paths: Paths, dataset: str) -> dict[str, Any]:
 
 # --- stages ------------------------------------------------------------------------------------
 def stage_retrieval(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
-    from training.retrieval import train_retrieval
+    from training.retrieval.train import train_retrieval
 
     return train_retrieval(paths.home, dataset, staging_dir(paths, dataset), seed=cfg.seed)
 

@@ -1,0 +1,382 @@
+"""Retrieval: the numpy user tower, the ScaNN index, the popularity fallback and the
+two-tower model trained on sim-tiny."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from feature_repo import schema as S
+from training import bundle
+from training import columns as C
+from training.paths import Paths
+from training.retrieval import ann, popular
+from training.retrieval.evaluate import eval_groups, interleave, recall_at_k, top_items
+from training.retrieval.features import AffinitySnapshots, user_features, user_input_spec
+from training.retrieval.numpy_tower import InputSpec, UserTower
+from training.retrieval.towers import TowerConfig, export_user_tower, fit, hash_buckets
+from training.retrieval.train import (
+    POPULAR,
+    Prepared,
+    RetrievalData,
+    prepare,
+    train_retrieval,
+)
+from training.timeutil import to_ns
+
+pytestmark = pytest.mark.timeout(180)
+
+# sim-tiny has ~2,600 training positives: small batches so that an epoch is several steps
+TINY = TowerConfig(
+    batch_size=256, uniform_negatives=512, max_epochs=12, patience=4, eval_groups=500
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_dataset: dict, home: Paths) -> RetrievalData:
+    return RetrievalData.load(home.home, tiny_dataset["dataset"])
+
+
+@pytest.fixture(scope="module")
+def prepared(data: RetrievalData) -> Prepared:
+    return prepare(data, TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(data: RetrievalData, prepared: Prepared):
+    cfg = replace(TINY, max_epochs=3)
+    return fit(
+        prepared.examples,
+        prepared.items,
+        prepared.mean,
+        prepared.std,
+        data.catalog.n_categories,
+        cfg,
+        seed=0,
+        valid=prepared.valid,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(
+    tiny_dataset: dict, home: Paths, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("retrieval_bundle")
+    report = train_retrieval(
+        home.home, tiny_dataset["dataset"], out, seed=0, config=TINY, latency_queries=200
+    )
+    return out, report
+
+
+# --- numpy tower ---------------------------------------------------------------------------
+
+
+def _spec() -> InputSpec:
+    return InputSpec(("clicks_30d",), (("country", ("US", "GB")),), "category_affinity", 3)
+
+
+def test_encode_applies_log1p_one_hot_with_other_and_log_affinity():
+    x = _spec().encode(
+        {
+            "clicks_30d": np.array([0, np.e - 1]),
+            "country": np.array(["GB", "unknown"]),
+            "category_affinity": np.array([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]]),
+        }
+    )
+    assert _spec().input_names == [
+        "clicks_30d",
+        "country=US",
+        "country=GB",
+        "country=other",
+        "category_affinity[0]",
+        "category_affinity[1]",
+        "category_affinity[2]",
+    ]
+    np.testing.assert_allclose(x[:, 0], [0.0, 1.0], rtol=1e-6)
+    np.testing.assert_array_equal(x[:, 1:4], [[0, 1, 0], [0, 0, 1]])
+    np.testing.assert_allclose(x[0, 4:], np.log([0.5, 0.25, 0.25]), rtol=1e-6)
+    np.testing.assert_allclose(x[1, 5:], np.log(1e-6), rtol=1e-6)  # floored, not -inf
+
+
+def test_encode_names_missing_features_and_rejects_non_finite_values():
+    with pytest.raises(ValueError, match=r"missing: \['country'\]"):
+        _spec().encode({"clicks_30d": 1.0, "category_affinity": np.ones(3) / 3})
+    with pytest.raises(ValueError, match="not finite"):
+        _spec().encode({"clicks_30d": np.nan, "country": "US", "category_affinity": np.ones(3) / 3})
+
+
+def test_numpy_tower_matches_torch(fitted, data: RetrievalData):
+    test = data.splits["test"].iloc[:500]
+    features = user_features(test, data.spec, data.affinity)
+    tower = export_user_tower(fitted.user_net, data.spec)
+    with torch.no_grad():
+        reference = fitted.user_net(torch.from_numpy(data.spec.encode(features))).numpy()
+    np.testing.assert_allclose(tower.embed(features), reference, rtol=1e-5, atol=1e-5)
+    one = {name: values[7] for name, values in features.items()}  # one user, Feast-style
+    np.testing.assert_allclose(tower.embed(one)[0], reference[7], rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_tower_imports_neither_torch_nor_pandas():
+    code = (
+        "import sys, training.retrieval.numpy_tower; "
+        "sys.exit(sorted({'torch', 'pandas'} & set(sys.modules)) or 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_user_tower_survives_save_and_load(fitted, data: RetrievalData, tmp_path: Path):
+    tower = export_user_tower(fitted.user_net, data.spec)
+    tower.save(tmp_path / "user_tower.npz")
+    loaded = UserTower.load(tmp_path / "user_tower.npz")
+    x = data.encode(data.splits["valid"].iloc[:200])
+    assert loaded.spec == tower.spec
+    np.testing.assert_array_equal(loaded.embed(x), tower.embed(x))
+
+
+# --- features --------------------------------------------------------------------------------
+
+
+def test_affinity_join_agrees_with_feasts_training_rows(
+    data: RetrievalData, tiny_dataset: dict, home: Paths
+):
+    """Our point-in-time vector, read at the row's item category, is the training set's
+    category_affinity_for_item (Feast's join of the same view)."""
+    rows = pd.read_parquet(
+        home.training_sets(tiny_dataset["dataset"]) / "train.parquet",
+        columns=[C.USER_ID, C.EVENT_TIMESTAMP, C.ITEM_ID, S.AFFINITY_FOR_ITEM],
+    )
+    vectors = data.affinity.at(
+        rows[C.USER_ID].to_numpy(), to_ns(rows[C.EVENT_TIMESTAMP]), data.catalog.n_categories
+    )
+    category = data.catalog.category[data.catalog.rows_of(rows[C.ITEM_ID].to_numpy())]
+    ours = vectors[np.arange(len(rows)), category]
+    np.testing.assert_allclose(ours, rows[S.AFFINITY_FOR_ITEM].to_numpy(), rtol=1e-6)
+
+
+def test_affinity_lookup_is_point_in_time_with_a_ttl():
+    day = 86_400 * 10**9
+    snaps = AffinitySnapshots(
+        user_id=np.array([1, 1]),
+        ts_ns=np.array([0, 2 * day]),
+        vectors=np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32),
+    )
+    got = snaps.at(np.array([1, 1, 1, 1, 2]), np.array([0, day, 2 * day, 11 * day, day]), 2)
+    np.testing.assert_array_equal(
+        got,
+        [[1, 0], [1, 0], [0, 1], [0.5, 0.5], [0.5, 0.5]],  # stale after 8 days: prior
+    )
+
+
+def test_user_input_spec_covers_the_user_views():
+    spec = user_input_spec(24)
+    assert set(spec.feature_names) == {
+        *S.FEATURES[S.USER_PROFILE],
+        *S.FEATURES[S.USER_RECENT_ACTIVITY],
+        S.AFFINITY_VECTOR,
+    }
+    assert len(spec.input_names) == 9 + 6 + 4 + 24
+
+
+# --- item tower ------------------------------------------------------------------------------
+
+
+def test_a_new_item_is_embedded_from_its_content_alone(fitted, prepared: Prepared, data):
+    catalog = data.catalog
+    row = int(np.flatnonzero(prepared.known)[0])  # an item the training rows showed
+    new_ids = np.array([catalog.item_ids.max() + 1, catalog.item_ids.max() + 12345])
+    take = np.array([row, row])
+
+    def embed(ids: np.ndarray, known: bool, content: np.ndarray | None = None) -> np.ndarray:
+        inputs = prepared.encoder.encode(
+            catalog.content[take] if content is None else content,
+            catalog.category[take],
+            catalog.price[take],
+            ids,
+            np.full(len(ids), known),
+        )
+        return fitted.item_net.embed(inputs)
+
+    fresh = embed(new_ids, known=False)
+    assert np.isfinite(fresh).all() and np.abs(fresh).max() > 0
+    np.testing.assert_array_equal(fresh[0], fresh[1])  # the unseen id plays no part
+    np.testing.assert_array_equal(fresh, embed(catalog.item_ids[take], known=False))
+    assert not np.allclose(fresh[0], embed(catalog.item_ids[take], known=True)[0])
+    other = embed(new_ids, known=False, content=catalog.content[take] + 1.0)
+    assert not np.allclose(fresh, other)
+
+
+def test_hash_buckets_are_stable_in_range_and_tell_neighbours_apart():
+    ids = np.arange(10_000)
+    b = hash_buckets(ids, 1 << 15)
+    assert b.shape == (10_000, 2) and b.min() >= 0 and b.max() < 1 << 15
+    np.testing.assert_array_equal(b, hash_buckets(ids, 1 << 15))
+    assert len({tuple(r) for r in b}) == len(ids)
+
+
+def test_training_is_deterministic_given_the_seed(data: RetrievalData, prepared: Prepared):
+    cfg = replace(TINY, max_epochs=1)
+    args = (prepared.examples, prepared.items, prepared.mean, prepared.std)
+    runs = [fit(*args, data.catalog.n_categories, cfg, seed=s) for s in (3, 3, 4)]
+    same = [r.item_net.embed(prepared.items) for r in runs]
+    np.testing.assert_array_equal(same[0], same[1])
+    assert not np.array_equal(same[0], same[2])
+
+
+# --- ANN ---------------------------------------------------------------------------------------
+
+
+def test_exact_top_k_and_overlap_recall_known_values():
+    items = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0]], dtype=np.float32)
+    top = ann.exact_top_k(np.array([[1.0, 0.1]], dtype=np.float32), items, 2)
+    np.testing.assert_array_equal(top, [[0, 2]])
+    assert ann.overlap_recall(top, top) == 1.0
+    assert ann.overlap_recall(np.array([[3, -1]]), top) == 0.0
+
+
+def test_choose_takes_the_fastest_configuration_meeting_the_target():
+    rows = [
+        {"recall": 0.999, "p50_ms": 0.9, "p99_ms": 2.0},
+        {"recall": 0.991, "p50_ms": 0.5, "p99_ms": 1.0},
+        {"recall": 0.96, "p50_ms": 0.1, "p99_ms": 0.2},
+        {"recall": 0.5, "p50_ms": 0.01, "p99_ms": 0.02},
+    ]
+    assert ann.choose(rows, 0.95, 0.99) is rows[1]
+    assert ann.choose(rows[2:], 0.95, 0.99) is rows[2]
+    assert ann.choose(rows[3:], 0.95, 0.99) is rows[3]  # none qualifies: the most accurate
+
+
+def test_serialized_index_returns_the_same_neighbours_after_load(trained, tmp_path: Path):
+    out, _ = trained
+    emb = np.load(out / bundle.ITEM_EMBEDDINGS)
+    queries = emb[:: max(1, len(emb) // 50)][:50] * 0.5
+    k = 100
+    built = ann.build_index(emb, ann.IndexParams(20, 5, 200, k))
+    before = ann.search(built, queries, k)
+    ann.save_index(built, tmp_path / "index")
+    moved = tmp_path / "moved" / "scann"
+    shutil.copytree(tmp_path / "index", moved)  # relative asset paths: the bundle can move
+    shutil.rmtree(tmp_path / "index")
+    np.testing.assert_array_equal(ann.search(ann.load_index(moved), queries, k), before)
+
+
+def test_ann_recall_against_exact_search_on_the_tiny_catalog(trained, data: RetrievalData):
+    out, report = trained
+    emb = np.load(out / bundle.ITEM_EMBEDDINGS)
+    tower = UserTower.load(out / bundle.USER_TOWER)
+    queries = tower.embed(data.encode(data.splits["test"].drop_duplicates(C.REQUEST_ID)))
+    k = report["k"]
+    found = ann.search(ann.load_index(out / bundle.SCANN_DIR), queries, k)
+    assert ann.overlap_recall(found, ann.exact_top_k(queries, emb, k)) >= 0.95
+    assert report[f"ann_recall_at_{k}_vs_exact"] >= 0.95
+    chosen = report["params"]["index"]
+    assert chosen["recall"] >= 0.95 and chosen in report["sweep"]
+
+
+# --- the bundle files and the report ------------------------------------------------------------
+
+
+def test_bundle_files_and_report(trained, data: RetrievalData):
+    out, report = trained
+    ids = np.load(out / bundle.ITEM_IDS)
+    emb = np.load(out / bundle.ITEM_EMBEDDINGS)
+    np.testing.assert_array_equal(ids, data.catalog.item_ids)
+    assert emb.dtype == np.float32 and emb.shape == (len(ids), TINY.embedding_dim)
+    assert np.isfinite(emb).all()
+    config = json.loads((out / bundle.RETRIEVAL_CONFIG).read_text())
+    assert config["embeddings"]["l2_normalized"] is False
+    assert config["user_input"]["input_names"] == data.spec.input_names
+    assert report["numpy_parity_max_abs_diff"] < 1e-5
+    for key in ("recall_at_500", "popularity_recall_at_500"):
+        assert set(report[key]) == {"purchase", "click"}
+        assert all(0.0 <= v <= 1.0 for v in report[key].values())
+    assert report["query_p50_ms"] <= report["query_p99_ms"]
+
+
+def test_model_retrieves_test_clicks_far_above_chance_and_near_popularity(trained, data):
+    """A weaker property than beating popularity, which sim-tiny cannot show: its feeds
+    come from a 600-item pool and popularity's top 500 holds ~98 % of the test clicks
+    (the real comparison is measured on sim-small and reported). Here the model must
+    retrieve test clicks far above chance and within 10 % of popularity at K = 50."""
+    _, report = trained
+    curve = report["recall_curve"]["click"]
+    chance = 50 / len(data.catalog)
+    assert curve["model"][50] >= 20 * chance
+    assert curve["model"][50] >= 0.9 * curve["popularity"][50]
+
+
+def test_popular_json_has_a_full_list_per_segment(trained, data: RetrievalData):
+    out, report = trained
+    lists = json.loads((out / POPULAR).read_text())
+    assert lists["k"] == report["k"]
+    assert set(lists["segments"]) == {
+        popular.segment_key(c, d) for c in C.COUNTRIES for d in C.DEVICES
+    }
+    listed = set(data.catalog.item_ids.tolist())
+    for items in [lists["overall"], *lists["segments"].values()]:
+        assert len(items) == len(set(items)) == min(lists["k"], len(lists["overall"]))
+        assert set(items) <= listed
+    assert popular.lookup(lists, "unknown", "ios") == lists["overall"]
+
+
+# --- metrics and the fallback on hand-made data ---------------------------------------------------
+
+
+def test_popular_items_counts_the_window_per_segment_and_pads_with_overall():
+    t = pd.Timestamp("2026-01-10", tz="UTC")
+    clicks = pd.DataFrame(
+        {
+            C.USER_ID: [1, 1, 2, 2, 2, 1],
+            C.ITEM_ID: [10, 10, 20, 20, 30, 99],
+            C.EVENT_TIMESTAMP: [t] * 5 + [t - pd.Timedelta(days=9)],  # the last is too old
+        }
+    )
+    users = pd.DataFrame({C.USER_ID: [1, 2], C.COUNTRY: ["US", "GB"], C.DEVICE: ["ios", "web"]})
+    out = popular.popular_items(
+        clicks, users, t - pd.Timedelta(days=7), t + pd.Timedelta(days=1), 3
+    )
+    assert out["overall"] == [10, 20, 30]  # tie 10/20 (2 each): the lower id first
+    assert out["segments"]["US/ios"] == [10, 20, 30]
+    assert out["segments"]["GB/web"] == [20, 30, 10]
+    assert out["segments"]["FR/android"] == out["overall"]
+
+
+def test_recall_groups_by_user_day_and_queries_the_first_request():
+    t = pd.Timestamp("2026-01-10 08:00", tz="UTC")
+    rows = pd.DataFrame(
+        {
+            C.USER_ID: [1, 1, 1, 2, 1],
+            C.EVENT_TIMESTAMP: [t, t + pd.Timedelta(hours=1), t, t, t + pd.Timedelta(days=1)],
+            C.ITEM_ID: [5, 6, 7, 5, 8],
+        }
+    )
+    engaged = np.array([False, True, True, True, True])
+    groups = eval_groups(rows, engaged, rows[C.ITEM_ID].to_numpy())
+    assert groups.user_id.tolist() == [1, 1, 2]
+    assert groups.query_row.tolist() == [0, 4, 3]  # the first request of the user's day
+    assert np.split(groups.items, groups.indptr[1:-1])[0].tolist() == [6, 7]
+    perfect = np.array([[6, 7], [8, -1], [5, -1]])
+    assert recall_at_k(perfect, groups) == 1.0
+    assert recall_at_k(np.array([[0, 1], [2, 3], [4, 9]]), groups) == 0.0
+    assert recall_at_k(np.array([6, 8]), groups) == pytest.approx((0.5 + 1 + 0) / 3)
+    assert top_items(np.array([3, 3, 1, 2, 2]), 2, 5).tolist() == [2, 3]
+
+
+def test_interleave_alternates_and_drops_duplicates():
+    merged = interleave(np.array([[1, 2, 3]]), np.array([[2, 9, -1]]), 4)
+    assert merged.tolist() == [[1, 2, 9, 3]]

@@ -1,0 +1,116 @@
+"""Recall@K of held-out engagements, for the two-tower model and the popularity baselines.
+
+A *group* is one (user, UTC day) of a split with at least one engagement of the label
+being measured. Its relevant items are the distinct items engaged with that day; its
+query is the user's features at their first request of that day (what a retrieval call
+at the start of the visit would have seen, so no engagement of the day leaks into it).
+Recall@K of a group is the share of its relevant items in the K retrieved; the reported
+figure is the mean over groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from training import columns as C
+from training.timeutil import NS_PER_DAY, to_ns
+
+
+@dataclass(frozen=True)
+class EvalGroups:
+    """Groups in CSR form: group g's relevant catalog rows are
+    ``items[indptr[g]:indptr[g + 1]]``; ``query_row[g]`` is the row of ``rows`` whose user
+    features form its query."""
+
+    user_id: np.ndarray
+    query_row: np.ndarray
+    indptr: np.ndarray
+    items: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.query_row)
+
+    def subsample(self, n: int, seed: int) -> EvalGroups:
+        """At most ``n`` groups, drawn without replacement (all of them when fewer)."""
+        if len(self) <= n:
+            return self
+        keep = np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False))
+        sizes = np.diff(self.indptr)[keep]
+        items = np.concatenate([self.items[self.indptr[g] : self.indptr[g + 1]] for g in keep])
+        indptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return EvalGroups(self.user_id[keep], self.query_row[keep], indptr, items)
+
+
+def eval_groups(rows: pd.DataFrame, engaged: np.ndarray, catalog_rows: np.ndarray) -> EvalGroups:
+    """The (user, day) groups of ``rows`` with at least one ``engaged`` row.
+
+    ``catalog_rows`` is the catalog row of each row's item (-1: not in the catalog; such
+    an engagement cannot be retrieved and is dropped).
+    """
+    user = rows[C.USER_ID].to_numpy(np.int64)
+    ts = to_ns(rows[C.EVENT_TIMESTAMP])
+    day = ts // NS_PER_DAY
+    frame = pd.DataFrame({"user": user, "day": day, "ts": ts, "row": np.arange(len(rows))})
+    first = frame.sort_values(["ts", "row"], kind="stable").drop_duplicates(["user", "day"])
+    first_row = first.set_index(["user", "day"])["row"]
+
+    hits = frame[np.asarray(engaged, dtype=bool) & (catalog_rows >= 0)].copy()
+    hits["item"] = catalog_rows[hits["row"].to_numpy()]
+    hits = hits.drop_duplicates(["user", "day", "item"]).sort_values(["user", "day", "item"])
+    keys = hits[["user", "day"]].drop_duplicates()
+    sizes = hits.groupby(["user", "day"], sort=True).size().to_numpy()
+    index = pd.MultiIndex.from_frame(keys)
+    return EvalGroups(
+        user_id=keys["user"].to_numpy(np.int64),
+        query_row=first_row.reindex(index).to_numpy(np.int64),
+        indptr=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        items=hits["item"].to_numpy(np.int64),
+    )
+
+
+def recall_at_k(retrieved: np.ndarray, groups: EvalGroups) -> float:
+    """Mean over groups of the share of relevant items among the retrieved.
+
+    ``retrieved`` is ``(groups, K)`` catalog rows (-1: padding), or ``(K,)`` for one list
+    shared by every group (a popularity baseline). 0.0 when there is no group.
+    """
+    if len(groups) == 0:
+        return 0.0
+    sizes = np.diff(groups.indptr)
+    owner = np.repeat(np.arange(len(groups)), sizes)
+    if retrieved.ndim == 1:
+        hit = np.isin(groups.items, retrieved)
+    else:
+        if retrieved.shape[0] != len(groups):
+            raise ValueError(f"retrieved has {retrieved.shape[0]} rows for {len(groups)} groups")
+        width = np.int64(max(int(retrieved.max(initial=0)), int(groups.items.max())) + 1)
+        keys = np.arange(len(groups), dtype=np.int64)[:, None] * width + retrieved
+        hit = np.isin(owner * width + groups.items, keys[retrieved >= 0])
+    per_group = np.bincount(owner, weights=hit, minlength=len(groups)) / sizes
+    return float(per_group.mean())
+
+
+def top_items(item_rows: np.ndarray, k: int, n_items: int) -> np.ndarray:
+    """The ``k`` most frequent catalog rows (ties: the lower row first)."""
+    counts = np.bincount(item_rows, minlength=n_items)
+    order = np.lexsort((np.arange(n_items), -counts))
+    return order[: min(k, int((counts > 0).sum()))].astype(np.int64)
+
+
+def interleave(first: np.ndarray, second: np.ndarray, k: int) -> np.ndarray:
+    """``(groups, k)``: each group's two ranked lists merged by alternation, duplicates
+    dropped, -1 padding (in either input or the output) ignored."""
+    out = np.full((first.shape[0], k), -1, dtype=np.int64)
+    width = max(first.shape[1], second.shape[1])
+    merged = np.full((first.shape[0], 2 * width), -1, dtype=np.int64)
+    merged[:, 0 : 2 * first.shape[1] : 2] = first
+    merged[:, 1 : 2 * second.shape[1] : 2] = second
+    for g, row in enumerate(merged):
+        row = row[row >= 0]
+        _, first_seen = np.unique(row, return_index=True)
+        keep = row[np.sort(first_seen)][:k]
+        out[g, : len(keep)] = keep
+    return out

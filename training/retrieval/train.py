@@ -1,0 +1,465 @@
+"""``train_retrieval``: read a dataset, train the towers, export, index, evaluate.
+
+Files written under ``out_dir`` (names from ``training.bundle``):
+
+- ``retrieval/user_tower.npz``: the user tower for ``numpy_tower.UserTower.load``;
+- ``retrieval/item_embeddings.npy``: ``(items, dim)`` float32, **not** L2-normalised (the
+  score is the raw dot product; an item's norm carries its popularity);
+- ``retrieval/item_ids.npy``: int64 item id of each embedding row (= ANN row);
+- ``retrieval/scann/``: the ScaNN index, paths relative to the folder;
+- ``retrieval/popular.json``: the popularity fallback (``training.retrieval.popular``);
+- ``retrieval/config.json``: tower, input, item-encoder and index parameters.
+
+The figures are computed with the exported artefacts (the numpy tower and the reloaded
+index), so they measure what serving loads. The test split is used only for the report;
+early stopping reads the valid split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from feature_repo import schema as S
+from training import bundle
+from training import columns as C
+from training.dataset import MANIFEST
+from training.paths import Paths
+from training.retrieval import ann, popular
+from training.retrieval.evaluate import (
+    EvalGroups,
+    eval_groups,
+    interleave,
+    recall_at_k,
+    top_items,
+)
+from training.retrieval.features import (
+    AffinitySnapshots,
+    Catalog,
+    positive,
+    read_split,
+    user_features,
+    user_input_spec,
+)
+from training.retrieval.numpy_tower import InputSpec, UserTower
+from training.retrieval.towers import (
+    Examples,
+    FitResult,
+    ItemEncoder,
+    ItemInputs,
+    TowerConfig,
+    Validation,
+    export_user_tower,
+    fit,
+)
+from training.tables import read_tables
+from training.timeutil import NS_PER_DAY, to_ns
+
+log = logging.getLogger(__name__)
+
+POPULAR = "retrieval/popular.json"
+FALLBACK_WINDOW_DAYS = 7
+PARITY_ROWS = 256
+HEADLINE = ("purchase", "click")  # the groups of the report's top-level recall figures
+RECALL_KS = (10, 20, 50, 100, 200)  # the report's recall curve, beside k itself
+
+
+@dataclass(frozen=True)
+class RetrievalData:
+    """What retrieval reads from one dataset folder."""
+
+    catalog: Catalog
+    users: pd.DataFrame
+    spec: InputSpec
+    affinity: AffinitySnapshots
+    splits: dict[str, pd.DataFrame]
+    split_times: dict[str, pd.Timestamp]
+
+    @classmethod
+    def load(cls, home: Path, dataset: str) -> RetrievalData:
+        paths = Paths(home)
+        tables = read_tables(paths.raw(dataset), [C.ITEMS, C.USERS])
+        catalog = Catalog.from_items(tables[C.ITEMS])
+        spec = user_input_spec(catalog.n_categories)
+        training_dir = paths.training_sets(dataset)
+        manifest = json.loads((training_dir / MANIFEST).read_text())
+        affinity_path = paths.features(dataset) / f"{S.USER_CATEGORY_AFFINITY}.parquet"
+        return cls(
+            catalog=catalog,
+            users=tables[C.USERS],
+            spec=spec,
+            affinity=AffinitySnapshots.read(affinity_path),
+            splits={name: read_split(training_dir, name, spec) for name in C.SPLITS},
+            split_times={k: pd.Timestamp(v) for k, v in manifest["split"].items()},
+        )
+
+    def encode(self, rows: pd.DataFrame) -> np.ndarray:
+        return self.spec.encode(user_features(rows, self.spec, self.affinity))
+
+
+def normalisation(x: np.ndarray, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of the encoded inputs over the requests of ``rows``
+    (one row per request: the serving distribution, not the engaged users'). A constant
+    column gets std 1."""
+    first = ~rows[C.REQUEST_ID].duplicated().to_numpy()
+    sample = x[first].astype(np.float64)
+    std = sample.std(axis=0)
+    return sample.mean(axis=0).astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+
+
+def build_examples(
+    rows: pd.DataFrame,
+    user_x: np.ndarray,
+    catalog_rows: np.ndarray,
+    cfg: TowerConfig,
+    end: pd.Timestamp,
+) -> Examples:
+    """Positives of ``rows`` with their request's unengaged impressions as hard negatives.
+
+    A positive weighs ``1 + purchase_weight`` if purchased, else 1, times
+    ``0.5 ** (age / recency_half_life_days)`` with ``age`` its days before ``end``: what was
+    engaged with lately is what the logging policy will show next, so it counts more.
+    """
+    engaged = positive(rows)
+    listed = catalog_rows >= 0
+    if (~listed).any():
+        log.warning("%d training rows name items the catalog does not list", (~listed).sum())
+    pos = engaged & listed
+    neg = ~engaged & listed
+    requests = rows[C.REQUEST_ID].to_numpy(np.int64)
+    order = np.argsort(requests[neg], kind="stable")
+    neg_requests = requests[neg][order]
+    neg_items = catalog_rows[neg][order]
+    uniq, start, count = np.unique(neg_requests, return_index=True, return_counts=True)
+    at = np.searchsorted(uniq, requests[pos])
+    at_ok = at < len(uniq)
+    at_ok[at_ok] = uniq[at[at_ok]] == requests[pos][at_ok]
+    safe = np.minimum(at, max(len(uniq) - 1, 0))
+    weight = 1.0 + cfg.purchase_weight * (rows[C.LABEL_PURCHASE].to_numpy()[pos] > 0)
+    if cfg.recency_half_life_days:
+        age = (end.value - to_ns(rows[C.EVENT_TIMESTAMP])[pos]) / NS_PER_DAY
+        weight = weight * 0.5 ** (np.maximum(age, 0.0) / cfg.recency_half_life_days)
+    return Examples(
+        user_x=np.ascontiguousarray(user_x[pos]),
+        item_row=catalog_rows[pos],
+        weight=weight.astype(np.float32),
+        neg_start=np.where(at_ok, start[safe] if len(uniq) else 0, 0).astype(np.int64),
+        neg_count=np.where(at_ok, count[safe] if len(uniq) else 0, 0).astype(np.int64),
+        neg_items=neg_items.astype(np.int64),
+    )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The training inputs derived from :class:`RetrievalData`."""
+
+    examples: Examples
+    items: ItemInputs
+    encoder: ItemEncoder
+    mean: np.ndarray
+    std: np.ndarray
+    known: np.ndarray  # catalog rows that appeared in the train split
+    valid: Validation
+    parity_x: np.ndarray  # a few encoded train rows, to check the numpy export on
+
+
+def prepare(data: RetrievalData, cfg: TowerConfig, seed: int = 0) -> Prepared:
+    """Encode the train split into examples, the catalog into item inputs, and the valid
+    split into early-stopping groups."""
+    catalog = data.catalog
+    train = data.splits["train"]
+    train_rows = catalog.rows_of(train[C.ITEM_ID].to_numpy())
+    train_x = data.encode(train)
+    mean, std = normalisation(train_x, train)
+    known = np.zeros(len(catalog), dtype=bool)
+    known[train_rows[train_rows >= 0]] = True
+    encoder = ItemEncoder.fit(catalog, cfg)
+    valid_rows = data.splits["valid"]
+    valid_groups = eval_groups(
+        valid_rows, positive(valid_rows), catalog.rows_of(valid_rows[C.ITEM_ID].to_numpy())
+    ).subsample(cfg.eval_groups, seed)
+    return Prepared(
+        examples=build_examples(train, train_x, train_rows, cfg, data.split_times["train_end"]),
+        items=encoder.encode(
+            catalog.content, catalog.category, catalog.price, catalog.item_ids, known
+        ),
+        encoder=encoder,
+        mean=mean,
+        std=std,
+        known=known,
+        valid=Validation(valid_groups, data.encode(valid_rows.iloc[valid_groups.query_row])),
+        parity_x=train_x[:PARITY_ROWS],
+    )
+
+
+def train_retrieval(
+    home: Path,
+    dataset: str,
+    out_dir: Path,
+    seed: int = 0,
+    config: TowerConfig | None = None,
+    k: int = 500,
+    sweep_queries: int = 300,
+    latency_queries: int = 1000,
+    min_ann_recall: float = 0.95,
+    target_ann_recall: float = 0.99,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Train and export the retrieval stage of ``dataset`` (under ``home``) into
+    ``out_dir``; returns the report (metrics, ANN sweep, parameters, timings).
+
+    ``k`` is the number of candidates retrieval returns (capped at the catalog size).
+    ``threads`` is passed to ``torch.set_num_threads`` for the run and restored after:
+    training is deterministic given ``seed`` and the thread count.
+    """
+    cfg = config or TowerConfig()
+    started = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        data = RetrievalData.load(home, dataset)
+        prep = prepare(data, cfg, seed)
+        prepare_seconds = time.perf_counter() - started
+        log.info(
+            "retrieval: %d positives, %d of %d items seen in training, %d validation groups "
+            "(%.1fs to prepare)",
+            len(prep.examples),
+            prep.known.sum(),
+            len(data.catalog),
+            len(prep.valid.groups),
+            prepare_seconds,
+        )
+        fitted = fit(
+            prep.examples,
+            prep.items,
+            prep.mean,
+            prep.std,
+            data.catalog.n_categories,
+            cfg,
+            seed,
+            prep.valid,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    k = min(k, len(data.catalog))
+    tower, item_emb, parity = _export(fitted, data, prep, out_dir)
+    fallback = _write_popular(data, out_dir, k)
+    groups, queries = _test_groups(data, tower)
+    rng = np.random.default_rng(seed)
+    pool = np.concatenate([queries[n] for n in HEADLINE])
+    sweep = ann.sweep(item_emb, pool[rng.permutation(len(pool))[:sweep_queries]], k)
+    chosen = ann.choose(sweep, min_ann_recall, target_ann_recall)
+    params = ann.IndexParams(chosen["num_leaves"], chosen["leaves_to_search"], chosen["reorder"], k)
+    ann.save_index(ann.build_index(item_emb, params), out_dir / bundle.SCANN_DIR)
+    searcher = ann.load_index(out_dir / bundle.SCANN_DIR)  # measure what serving loads
+    latency_q = pool[rng.permutation(len(pool))[:latency_queries]]
+    found, ms = ann.timed_search(searcher, latency_q, k)
+    ann_recall = ann.overlap_recall(found, ann.exact_top_k(latency_q, item_emb, k))
+
+    report: dict[str, Any] = {
+        "dataset": dataset,
+        "k": k,
+        **_recall_metrics(data, groups, queries, item_emb, searcher, fallback, k),
+        f"ann_recall_at_{k}_vs_exact": ann_recall,
+        "query_p50_ms": float(np.percentile(ms, 50)),
+        "query_p99_ms": float(np.percentile(ms, 99)),
+        "user_tower_p50_ms": _tower_latency_ms(tower, data, groups["click"]),
+        "sweep": sweep,
+        "train_seconds": fitted.seconds,
+        "prepare_seconds": prepare_seconds,
+        "numpy_parity_max_abs_diff": parity,
+        "groups": {n: len(g) for n, g in groups.items()},
+        "positives": len(prep.examples),
+        "items_seen_in_training": int(prep.known.sum()),
+        "history": fitted.history,
+        "best_epoch": fitted.best_epoch,
+        "params": {"seed": seed, "k": k, "tower": cfg.to_dict(), "index": chosen},
+    }
+    _write_config(out_dir, dataset, seed, cfg, data, prep, item_emb, chosen)
+    report["total_seconds"] = time.perf_counter() - started
+    log.info(
+        "retrieval: recall@%d %s vs popularity %s; ANN recall %.3f, p50 %.3f ms, p99 %.3f ms",
+        k,
+        report[f"recall_at_{k}"],
+        report[f"popularity_recall_at_{k}"],
+        ann_recall,
+        report["query_p50_ms"],
+        report["query_p99_ms"],
+    )
+    return report
+
+
+def _recall_metrics(
+    data: RetrievalData,
+    groups: dict[str, EvalGroups],
+    queries: dict[str, np.ndarray],
+    item_emb: np.ndarray,
+    searcher: Any,
+    fallback: dict[str, Any],
+    k: int,
+) -> dict[str, Any]:
+    """Recall@k of the model (exact and through the index), of popularity (top-k by train
+    clicks), of the fallback lists and of the model interleaved with the fallback; plus a
+    recall curve over smaller K."""
+    catalog = data.catalog
+    train = data.splits["train"]
+    train_clicks = train[C.ITEM_ID].to_numpy()[train[C.LABEL_CLICK].to_numpy() > 0]
+    popular_rows = top_items(catalog.rows_of(train_clicks), k, len(catalog))
+    exact = {n: ann.exact_top_k(queries[n], item_emb, k) for n in groups}
+    via_ann = {n: ann.search(searcher, queries[n], k) for n in HEADLINE}
+    fallback_rows = {
+        n: _fallback_rows(fallback, catalog, data.users, g, k) for n, g in groups.items()
+    }
+    retrievers = {
+        "model": exact,
+        "popularity": popular_rows,
+        "fallback": fallback_rows,
+        "model+fallback": {n: interleave(exact[n], fallback_rows[n], k) for n in groups},
+    }
+    return {
+        f"recall_at_{k}": {n: recall_at_k(exact[n], groups[n]) for n in HEADLINE},
+        f"popularity_recall_at_{k}": {n: recall_at_k(popular_rows, groups[n]) for n in HEADLINE},
+        f"fallback_recall_at_{k}": {n: recall_at_k(fallback_rows[n], groups[n]) for n in HEADLINE},
+        f"recall_at_{k}_via_ann": {n: recall_at_k(via_ann[n], groups[n]) for n in HEADLINE},
+        "recall_curve": _recall_curve(groups, retrievers, k),
+    }
+
+
+def _export(
+    fitted: FitResult, data: RetrievalData, prep: Prepared, out_dir: Path
+) -> tuple[UserTower, np.ndarray, float]:
+    """Write the tower and the catalog embeddings; return the tower as serving loads it,
+    the embeddings, and the largest |numpy - torch| difference on a few train rows."""
+    export_user_tower(fitted.user_net, data.spec).save(out_dir / bundle.USER_TOWER)
+    item_emb = fitted.item_net.embed(prep.items)
+    np.save(out_dir / bundle.ITEM_EMBEDDINGS, item_emb)
+    np.save(out_dir / bundle.ITEM_IDS, data.catalog.item_ids)
+    tower = UserTower.load(out_dir / bundle.USER_TOWER)
+    with torch.no_grad():
+        reference = fitted.user_net(torch.from_numpy(prep.parity_x)).numpy()
+    parity = float(np.abs(tower.embed(prep.parity_x) - reference).max(initial=0.0))
+    return tower, item_emb, parity
+
+
+def _write_popular(data: RetrievalData, out_dir: Path, k: int) -> dict[str, Any]:
+    train = data.splits["train"]
+    end = data.split_times["train_end"]
+    start = max(end - pd.Timedelta(days=FALLBACK_WINDOW_DAYS), data.split_times["train_start"])
+    fallback = popular.popular_items(
+        train[train[C.LABEL_CLICK].to_numpy() > 0], data.users, start, end, k
+    )
+    popular.save_popular(fallback, out_dir / POPULAR)
+    return fallback
+
+
+def _test_groups(
+    data: RetrievalData, tower: UserTower
+) -> tuple[dict[str, EvalGroups], dict[str, np.ndarray]]:
+    """The test split's evaluation groups and their query embeddings (numpy tower)."""
+    test = data.splits["test"]
+    rows = data.catalog.rows_of(test[C.ITEM_ID].to_numpy())
+    click = test[C.LABEL_CLICK].to_numpy() > 0
+    randomized = test[C.POLICY].to_numpy() == C.POLICY_RANDOM
+    groups = {
+        "purchase": eval_groups(test, test[C.LABEL_PURCHASE].to_numpy() > 0, rows),
+        "click": eval_groups(test, click, rows),
+        # clicks on randomized traffic: exposure uniform over the pool, not by popularity
+        "click_randomized": eval_groups(test, click & randomized, rows),
+    }
+    queries = {n: tower.embed(data.encode(test.iloc[g.query_row])) for n, g in groups.items()}
+    return groups, queries
+
+
+def _tower_latency_ms(tower: UserTower, data: RetrievalData, groups: EvalGroups) -> float:
+    """p50 of one user's numpy-tower call from the feature dict (what serving does)."""
+    test = data.splits["test"].iloc[groups.query_row[:200]]
+    features = user_features(test, data.spec, data.affinity)
+    ms = []
+    for i in range(len(test)):
+        one = {name: values[i] for name, values in features.items()}
+        t0 = time.perf_counter_ns()
+        tower.embed(one)
+        ms.append((time.perf_counter_ns() - t0) / 1e6)
+    return float(np.percentile(ms, 50)) if ms else 0.0
+
+
+def _recall_curve(
+    groups: dict[str, EvalGroups], retrievers: dict[str, Any], k: int
+) -> dict[str, dict[str, dict[int, float]]]:
+    """Recall@K for each K in RECALL_KS up to ``k``: group -> retriever -> K -> recall.
+    ``retrievers[name]`` is a shared ``(k,)`` list or a dict of ``(groups, k)`` per group."""
+    ks = sorted({kk for kk in RECALL_KS if kk < k} | {k})
+    curve: dict[str, dict[str, dict[int, float]]] = {}
+    for name, g in groups.items():
+        curve[name] = {}
+        for who, rows in retrievers.items():
+            top = rows if isinstance(rows, np.ndarray) else rows[name]
+            curve[name][who] = {kk: recall_at_k(top[..., :kk], g) for kk in ks}
+    return curve
+
+
+def _fallback_rows(
+    fallback: dict[str, Any], catalog: Catalog, users: pd.DataFrame, groups: EvalGroups, k: int
+) -> np.ndarray:
+    """``(groups, k)`` catalog rows of each group's segment list (-1 pads a short list)."""
+    segment = users.set_index(C.USER_ID)[[C.COUNTRY, C.DEVICE]].reindex(groups.user_id)
+    out = np.full((len(groups), k), -1, dtype=np.int64)
+    cache: dict[tuple[str, str], np.ndarray] = {}
+    for g, (country, device) in enumerate(segment.itertuples(index=False)):
+        key = (str(country), str(device))
+        if key not in cache:
+            cache[key] = catalog.rows_of(np.asarray(popular.lookup(fallback, *key), np.int64))
+        out[g, : len(cache[key])] = cache[key]
+    return out
+
+
+def _write_config(
+    out_dir: Path,
+    dataset: str,
+    seed: int,
+    cfg: TowerConfig,
+    data: RetrievalData,
+    prep: Prepared,
+    item_emb: np.ndarray,
+    chosen: dict[str, Any],
+) -> None:
+    config = {
+        "dataset": dataset,
+        "seed": seed,
+        "split": {k: v.isoformat() for k, v in data.split_times.items()},
+        "tower": cfg.to_dict(),
+        "user_input": {**data.spec.to_dict(), "input_names": data.spec.input_names},
+        "item_encoder": prep.encoder.to_dict(),
+        "embeddings": {
+            "items": int(item_emb.shape[0]),
+            "dim": int(item_emb.shape[1]),
+            "l2_normalized": False,
+            "score": "dot_product",
+            "items_seen_in_training": int(prep.known.sum()),
+        },
+        "index": {
+            **{key: chosen[key] for key in ("num_leaves", "leaves_to_search", "reorder", "k")},
+            "dims_per_block": ann.DIMS_PER_BLOCK,
+            "anisotropic_quantization_threshold": ann.ANISOTROPIC_THRESHOLD,
+            "min_partition_size": ann.MIN_PARTITION_SIZE,
+            "sweep_recall": chosen["recall"],
+        },
+        "fallback": {"file": POPULAR, "window_days": FALLBACK_WINDOW_DAYS},
+        "files": {
+            "user_tower": bundle.USER_TOWER,
+            "item_embeddings": bundle.ITEM_EMBEDDINGS,
+            "item_ids": bundle.ITEM_IDS,
+            "scann": bundle.SCANN_DIR,
+            "popular": POPULAR,
+        },
+    }
+    (out_dir / bundle.RETRIEVAL_CONFIG).write_text(json.dumps(config, indent=2))

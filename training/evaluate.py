@@ -47,7 +47,7 @@ class ServedScorer:
 
     def egmv(self, X: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         p = self.calibrator.apply(self.scorer.predict(X))
-        return np.asarray(p * self._value[self._index.get_indexer(item_ids)])
+        return np.asarray(p * self._value[self._index.get_indexer(pd.Index(item_ids))])
 
 
 def _model_policy(store, retriever, score_fn, items: pd.DataFrame, n_candidates: int):
@@ -60,7 +60,7 @@ def _model_policy(store, retriever, score_fn, items: pd.DataFrame, n_candidates:
         item_index = pd.Index(items[C.ITEM_ID].to_numpy())
         filtered = []
         for c in cands:  # hard filters: listed and in stock at the start of the day
-            idx = item_index.get_indexer(c)
+            idx = item_index.get_indexer(pd.Index(c))
             ok = (idx >= 0) & state.eligible[np.maximum(idx, 0)]
             filtered.append(np.asarray(c)[ok])
         pairs = pair_frame(requests, filtered)
@@ -121,8 +121,33 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
         "bundle_version": "staging",
     }
     rankers = reports.get("rankers", {})
-    report["ranking"] = rankers.get("test", rankers)
-    report["calibration"] = rankers.get("calibration", {})
+    test = rankers.get("test", {})
+    if test:
+        purchase, lmart, served = test["purchase"], test["lambdamart"], test["purchase_egmv"]
+        report["ranking"] = {
+            # LambdaMART, the ranking model (graded relevance, IPS-corrected)
+            "ndcg_at_20": lmart["ndcg@20"],
+            "ndcg_at_20_ips": lmart["ndcg@20_ips"],
+            "ndcg_at_20_ips_total": lmart["ndcg@20_ips_total"],
+            # the served score: calibrated p(purchase) x price x margin
+            "served_egmv_ndcg_at_20": served["ndcg@20"],
+            "served_egmv_ndcg_at_20_ips": served["ndcg@20_ips"],
+            # the purchase model, calibrated
+            "auc": purchase["auc_calibrated"],
+            "logloss": purchase["log_loss_calibrated"],
+            "pr_auc": purchase["pr_auc_calibrated"],
+            "train_valid_auc_gap": rankers.get("purchase_auc_gap"),
+            "baselines": {
+                k: test[k]
+                for k in ("logreg", "logreg_egmv", "popularity", "heuristic", "random")
+                if k in test
+            },
+        }
+        report["calibration"] = {
+            "ece_before": purchase["ece"],
+            "ece_after": purchase["ece_calibrated"],
+            "reliability": rankers.get("reliability_test", {}),
+        }
     report["retrieval"] = reports.get("retrieval", {})
     compiled = reports.get("compile", {})
     latency = compiled.get("latency_500", {})
@@ -181,7 +206,7 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
         }
     out = stage / B.EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
-    curves = report["calibration"].get("reliability") if report["calibration"] else None
+    curves = report.get("calibration", {}).get("reliability")
     if curves:
         reliability_plot(curves, out / "reliability.png")
     if "policies" in report:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,28 @@ log = logging.getLogger(__name__)
 NEW_SELLER_DAYS = 30
 CHECKOUT_CATEGORY_BOOST = 8.0  # the heuristic's cart-category boost (engine.py)
 RECENCY_DAYS = 60.0
+
+
+class Request(NamedTuple):
+    request_id: int
+    user_id: int
+    ts: pd.Timestamp
+    surface: str
+
+
+def request_rows(requests: pd.DataFrame) -> list[Request]:
+    """Typed rows of a requests frame (request_id, user_id, ts, surface)."""
+    return [
+        Request(int(r), int(u), pd.Timestamp(t), str(s))
+        for r, u, t, s in zip(
+            requests[C.REQUEST_ID],
+            requests[C.USER_ID],
+            requests[C.TS],
+            requests[C.SURFACE],
+            strict=True,
+        )
+    ]
+
 
 # A model policy: (requests, day state) -> for each request, item ids in rank order.
 ModelPolicy = Callable[[pd.DataFrame, "DayState"], list[np.ndarray]]
@@ -71,7 +94,7 @@ class Marketplace:
         self.created = to_ns(items[C.CREATED_AT])
         sellers = tables[C.SELLERS].set_index(C.SELLER_ID)
         self.seller_created = to_ns(sellers.loc[items[C.SELLER_ID], C.CREATED_AT])
-        country = pd.Index(C.COUNTRIES).get_indexer(users[C.COUNTRY])
+        country = pd.Index(C.COUNTRIES).get_indexer(pd.Index(users[C.COUNTRY]))
         self.user_cap = np.where(country >= 0, COUNTRY_PRICE_CAP[np.maximum(country, 0)], 150.0)
         imp = tables[C.IMPRESSIONS]
         self._imp_item = pd.Series(imp[C.ITEM_ID].to_numpy(), index=imp[C.IMPRESSION_ID])
@@ -79,22 +102,22 @@ class Marketplace:
         clicks = tables[C.CLICKS]
         self._click_ts = to_ns(clicks[C.TS])
         self._click_item = self.item_index.get_indexer(
-            self._imp_item.reindex(clicks[C.IMPRESSION_ID]).to_numpy()
+            pd.Index(self._imp_item.reindex(clicks[C.IMPRESSION_ID]).to_numpy())
         )
         buys = tables[C.PURCHASES]
         self._buy_ts = to_ns(buys[C.TS])
         self._buy_user = self.user_index.get_indexer(
-            self._imp_user.reindex(buys[C.IMPRESSION_ID]).to_numpy()
+            pd.Index(self._imp_user.reindex(buys[C.IMPRESSION_ID]).to_numpy())
         )
         self._buy_price = buys[C.PRICE].to_numpy()
         inv = tables[C.INVENTORY].sort_values(C.TS, kind="stable")
         self._inv_ts = to_ns(inv[C.TS])
-        self._inv_item = self.item_index.get_indexer(inv[C.ITEM_ID])
+        self._inv_item = self.item_index.get_indexer(pd.Index(inv[C.ITEM_ID]))
         self._inv_stock = inv[C.STOCK].to_numpy()
         self.carts: dict[int, np.ndarray] = {}
         if checkout_carts is not None and len(checkout_carts):
             for request_id, group in checkout_carts.groupby(C.REQUEST_ID):
-                self.carts[int(request_id)] = group[C.ITEM_ID].to_numpy()
+                self.carts[int(str(request_id))] = group[C.ITEM_ID].to_numpy()
 
     def day_state(self, day_start: pd.Timestamp) -> DayState:
         t0 = day_start.value
@@ -119,7 +142,7 @@ class Marketplace:
         age = (state.day_start.value - self.created) / NS_PER_DAY
         base = heuristic_score(state.clicks_7d, age, RECENCY_DAYS)
         out = []
-        for row in requests.itertuples(index=False):
+        for row in request_rows(requests):
             u = self.user_index.get_loc(row.user_id)
             paid = state.mean_paid[u]
             cap = max(self.user_cap[u], 2.5 * paid) if paid > 0 else self.user_cap[u]
@@ -131,8 +154,7 @@ class Marketplace:
     def popularity(self, requests: pd.DataFrame, state: DayState, k: int) -> list[np.ndarray]:
         base = np.where(state.eligible, state.clicks_7d, -np.inf)
         return [
-            self._top(self._checkout(base, row, boost=False), k)
-            for row in requests.itertuples(index=False)
+            self._top(self._checkout(base, row, boost=False), k) for row in request_rows(requests)
         ]
 
     def optimal(
@@ -140,11 +162,11 @@ class Marketplace:
     ) -> list[np.ndarray]:
         eligible = np.flatnonzero(state.eligible)
         out = []
-        for row in requests.itertuples(index=False):
+        for row in request_rows(requests):
             cart = self.cart_of(row.request_id)
             cands = eligible[~np.isin(self.item_ids[eligible], cart)]
             best = oracle.optimal(
-                int(row.user_id),
+                row.user_id,
                 self.item_ids[cands],
                 k,
                 objective="margin",
@@ -154,13 +176,13 @@ class Marketplace:
             out.append(best)
         return out
 
-    def _checkout(self, score: np.ndarray, row, boost: bool) -> np.ndarray:
+    def _checkout(self, score: np.ndarray, row: Request, boost: bool) -> np.ndarray:
         if row.surface != "CHECKOUT":
             return score
         cart = self.cart_of(row.request_id)
         if not len(cart):
             return score
-        cart_idx = self.item_index.get_indexer(cart)
+        cart_idx = self.item_index.get_indexer(pd.Index(cart))
         score = score.copy()
         if boost:
             match = np.isin(self.category, self.category[cart_idx[cart_idx >= 0]])
@@ -215,15 +237,15 @@ def value_lists(
     n = len(lists)
     egmv, gmv, buys, clicks = (np.zeros(n) for _ in range(4))
     new_slots, slots, cats = 0, 0, []
-    for i, (row, items) in enumerate(zip(requests.itertuples(index=False), lists, strict=True)):
+    for i, (row, items) in enumerate(zip(request_rows(requests), lists, strict=True)):
         if not len(items):
             continue
         cart = market.cart_of(row.request_id)
         value = oracle.score(
-            int(row.user_id), items, at=row.ts, cart_item_ids=cart if len(cart) else None
+            row.user_id, items, at=row.ts, cart_item_ids=cart if len(cart) else None
         )
         egmv[i], gmv[i], buys[i], clicks[i] = value.margin, value.gmv, value.purchases, value.clicks
-        idx = market.item_index.get_indexer(items)
+        idx = market.item_index.get_indexer(pd.Index(items))
         joined = market.seller_created[idx]
         new_slots += int(((row.ts.value - joined) < NEW_SELLER_DAYS * NS_PER_DAY).sum())
         slots += len(items)

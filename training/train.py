@@ -81,12 +81,26 @@ def stage_retrieval(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, A
 
 
 def stage_rankers(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
-    from training.ranking.models import RankerBudget, save, train_rankers
+    """Tune + train the purchase model and LambdaMART, calibrate, score valid and test."""
+    from training import metrics as M
+    from training.ranking.models import RankerBudget
+    from training.ranking.train import ranking_data, read_split, save, train_rankers
 
     budget = RankerBudget(trials=cfg.ranker_trials, seconds=cfg.ranker_seconds)
     result = train_rankers(paths.home, dataset, seed=cfg.seed, budget=budget)
     save(result, staging_dir(paths, dataset))
-    metrics: dict[str, Any] = result.metrics
+    metrics: dict[str, Any] = dict(result.metrics)
+    # reliability of p(purchase) on the test days, before and after calibration
+    test = ranking_data(read_split(paths.home, dataset, "test"))
+    raw = result.models.raw_purchase_probability(test.X)
+    curves = {}
+    for name, p in (("before", raw), ("after", result.models.calibrator.apply(raw))):
+        curve = M.reliability_curve(test.purchase, p, test.sample_weight)
+        curves[name] = {
+            "predicted": curve.mean_predicted.tolist(),
+            "observed": curve.observed_rate.tolist(),
+        }
+    metrics["reliability_test"] = curves
     return metrics
 
 

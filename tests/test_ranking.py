@@ -1,0 +1,218 @@
+"""The rankers on sim-tiny: feature matrix layout, schema hash, calibration, pruning and the
+deadline, and the whole stage fit -> save -> load -> predict."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from training import bundle
+from training import columns as C
+from training.dataset import DAY_OF_WEEK, HOUR
+from training.ranking import features as F
+from training.ranking.calibration import Calibrator
+from training.ranking.models import (
+    RankerBudget,
+    fit_purchase,
+    lambdamart_weights,
+    purchase_datasets,
+    relevance,
+)
+from training.ranking.train import (
+    RankerResult,
+    load,
+    ranking_data,
+    read_split,
+    save,
+    train_rankers,
+)
+
+SMALL_BUDGET = RankerBudget(
+    trials=3,
+    seconds=30,
+    max_rounds=60,
+    early_stopping_rounds=15,
+    pruning_warmup_rounds=5,
+    progress=False,
+)
+
+
+def handmade_columns(n: int = 3) -> dict[str, np.ndarray]:
+    """Every input column, numeric ones holding 100 * (their schema position) + row."""
+    cols: dict[str, np.ndarray] = {
+        name: np.arange(n, dtype=np.float64) + 100 * j for j, name in enumerate(F.NUMERIC_COLUMNS)
+    }
+    cols["spend_band"] = np.array([0, 1, 4][:n])
+    cols["avg_price_paid_30d"] = np.array([0.0, 20.0, 50.0][:n])
+    cols[C.PRICE] = np.array([10.0, 40.0, 100.0][:n])
+    cols[C.COUNTRY] = np.array(["DE", "unknown", None][:n], dtype=object)
+    cols[C.DEVICE] = np.array(["web", "ios", "android"][:n], dtype=object)
+    cols[C.SURFACE] = np.array(["CHECKOUT", "HOME", "HOME"][:n], dtype=object)
+    cols[HOUR] = np.array([0, 13, 23][:n])
+    cols[DAY_OF_WEEK] = np.array([6, 0, 3][:n])
+    return cols
+
+
+def test_build_matrix_columns_follow_the_schema_order():
+    cols = handmade_columns()
+    X = F.build_matrix(cols)
+    schema = F.feature_schema()
+    assert X.shape == (3, len(schema)) and X.dtype == np.float32 and X.flags.c_contiguous
+    for name in F.NUMERIC_COLUMNS:
+        np.testing.assert_array_equal(X[:, schema.index(name)], cols[name].astype(np.float32))
+
+    def column(name: str) -> np.ndarray:
+        return X[:, schema.index(name)]
+
+    np.testing.assert_allclose(column(F.LOG_PRICE), np.log([10.0, 40.0, 100.0]), rtol=1e-6)
+    np.testing.assert_allclose(column(F.PRICE_TO_AVG_PAID), [0.0, 2.0, 2.0])
+    np.testing.assert_allclose(column(F.PRICE_TO_SPEND_BAND), [0.0, 40.0 / 12.5, 100.0 / 200.0])
+    assert column(F.COUNTRY_CODE).tolist() == [C.COUNTRIES.index("DE"), 5, 5]  # unknown = len
+    assert column(F.DEVICE_CODE).tolist() == [2, 0, 1]
+    assert column(F.SURFACE_CODE).tolist() == [1, 0, 0]
+    assert column(HOUR).tolist() == [0, 13, 23] and column(DAY_OF_WEEK).tolist() == [6, 0, 3]
+
+
+def test_build_matrix_is_the_same_from_a_frame_from_arrays_and_with_scalars(tiny_dataset, home):
+    frame = read_split(home.home, tiny_dataset["dataset"], "valid").iloc[:500]
+    from_frame = F.build_matrix(frame)
+    arrays = {c: frame[c].to_numpy() for c in F.INPUT_COLUMNS}
+    np.testing.assert_array_equal(F.build_matrix(arrays), from_frame)
+    one_request = frame[frame[C.REQUEST_ID] == frame[C.REQUEST_ID].iloc[0]]
+    per_row = {c: one_request[c].to_numpy() for c in F.INPUT_COLUMNS}
+    shared = {**per_row, C.COUNTRY: per_row[C.COUNTRY][0], HOUR: int(per_row[HOUR][0])}
+    np.testing.assert_array_equal(F.build_matrix(shared), F.build_matrix(per_row))
+    fixed = {c: np.asarray(v).astype(str) if c == C.DEVICE else v for c, v in arrays.items()}
+    np.testing.assert_array_equal(F.build_matrix(fixed), from_frame)  # numpy str dtype
+
+
+def test_build_matrix_names_a_missing_column_and_refuses_another_schema():
+    cols = handmade_columns()
+    del cols[C.PRICE]
+    with pytest.raises(KeyError, match="price"):
+        F.build_matrix(cols)
+    other = F.FeatureSchema(F.FEATURE_SCHEMA.names[:-1], F.FEATURE_SCHEMA.dtypes[:-1])
+    with pytest.raises(ValueError, match="does not match"):
+        F.build_matrix(handmade_columns(), schema=other)
+
+
+def test_schema_hash_changes_when_a_feature_is_added_and_survives_a_round_trip():
+    schema = F.feature_schema()
+    added = F.FeatureSchema((*schema.names, "new_feature"), (*schema.dtypes, "float32"))
+    assert added.hash != schema.hash and added != schema
+    retyped = F.FeatureSchema(schema.names, ("int64", *schema.dtypes[1:]))
+    assert retyped.hash != schema.hash
+    assert F.FeatureSchema.from_dict(schema.to_dict()) == schema
+    tampered = {**schema.to_dict(), "names": list(reversed(schema.names))}
+    with pytest.raises(ValueError, match="hash"):
+        F.FeatureSchema.from_dict(tampered)
+    with pytest.raises(ValueError, match="unique"):
+        F.FeatureSchema(("a", "a"), ("float32", "float32"))
+
+
+def test_calibrator_leaves_calibrated_probabilities_alone_and_round_trips():
+    rng = np.random.default_rng(5)
+    p = rng.beta(0.5, 20, 200_000)
+    y = (rng.random(len(p)) < p).astype(np.int8)
+    cal = Calibrator.fit(p, y)
+    assert np.mean(np.abs(cal.apply(p) - p)) < 0.003
+    assert Calibrator.from_dict(cal.to_dict()) == cal
+    assert np.all(np.diff(cal.apply(np.linspace(0, 1, 101))) >= 0)
+    assert cal.apply(np.array([-1.0, 2.0])).tolist() == [cal.y[0], cal.y[-1]]  # clipped
+    skewed = Calibrator.fit(np.minimum(4 * p, 1.0), y)
+    assert np.mean(np.abs(skewed.apply(np.minimum(4 * p, 1.0)) - p)) < 0.003
+
+
+def test_relevance_grades_and_ips_weights_only_on_relevant_rows():
+    labels = pd.DataFrame(
+        {C.LABEL_CLICK: [0, 1, 1, 1], C.LABEL_ATC: [0, 0, 1, 1], C.LABEL_PURCHASE: [0, 0, 0, 1]}
+    )
+    rel = relevance(labels)
+    assert rel.tolist() == [0, 1, 2, 3]
+    assert lambdamart_weights(rel, np.array([5.0, 2.0, 3.0, 4.0])).tolist() == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_dataset, home):
+    return {s: ranking_data(read_split(home.home, tiny_dataset["dataset"], s)) for s in C.SPLITS}
+
+
+def test_a_trial_reporting_a_bad_metric_is_pruned(tiny_data):
+    dtrain, dvalid = purchase_datasets(tiny_data["train"], tiny_data["valid"], SMALL_BUDGET)
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1e-6))
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        fit_purchase(dtrain, dvalid, {"num_leaves": 7}, SMALL_BUDGET, trial=trial)
+    assert list(study.trials[0].intermediate_values) == [0]  # pruned after its first report
+
+
+def test_a_passed_deadline_stops_training_with_the_best_round(tiny_data):
+    dtrain, dvalid = purchase_datasets(tiny_data["train"], tiny_data["valid"], SMALL_BUDGET)
+    fit = fit_purchase(
+        dtrain, dvalid, {"num_leaves": 7}, SMALL_BUDGET, deadline=time.monotonic() - 1
+    )
+    assert fit.best_iteration == 1 and fit.booster.num_trees() == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tiny_dataset, home) -> RankerResult:
+    return train_rankers(home.home, tiny_dataset["dataset"], seed=0, budget=SMALL_BUDGET)
+
+
+def test_fit_save_load_predicts_the_same(tiny_result, tiny_data, tmp_path: Path):
+    paths = save(tiny_result, tmp_path)
+    assert {p.relative_to(tmp_path).as_posix() for p in paths.values()} == {
+        bundle.PURCHASE_MODEL,
+        bundle.LAMBDAMART_MODEL,
+        bundle.CALIBRATOR,
+        bundle.FEATURE_SCHEMA,
+    }
+    loaded = load(tmp_path)
+    X = tiny_data["test"].X
+    assert loaded.schema == tiny_result.schema == F.feature_schema()
+    assert loaded.calibrator == tiny_result.calibrator
+    np.testing.assert_array_equal(
+        loaded.purchase_probability(X), tiny_result.models.purchase_probability(X)
+    )
+    np.testing.assert_array_equal(loaded.rank_score(X), tiny_result.models.rank_score(X))
+    np.testing.assert_array_equal(loaded.purchase.predict(X), tiny_result.purchase.predict(X))
+
+
+def test_lambdamart_beats_a_random_order_on_validation(tiny_result):
+    valid = tiny_result.metrics["valid"]
+    for metric in ("ndcg@20", "ndcg@20_ips_total"):
+        assert valid["lambdamart"][metric] > valid["random"][metric] + 0.03
+
+
+def test_the_search_stays_within_its_budget_and_reports_every_figure(tiny_result):
+    m = tiny_result.metrics
+    for model in ("purchase", "lambdamart"):
+        search = m["search"][model]
+        assert 1 <= search["trials_run"] <= SMALL_BUDGET.trials
+        assert search["trials_complete"] + search["trials_pruned"] == search["trials_run"]
+        assert 1 <= search["best_rounds"] <= SMALL_BUDGET.max_rounds
+        assert set(m["best_params"][model]) >= {"num_leaves", "learning_rate", "lambda_l2"}
+    for split in ("valid", "test"):
+        purchase = m[split]["purchase"]
+        for key in ("auc", "log_loss", "pr_auc", "ece", "ece_calibrated"):
+            assert np.isfinite(purchase[key]), (split, key)
+        assert 0.5 < purchase["auc"] <= 1.0
+    assert m["features"] == list(F.feature_schema().names)
+    assert np.isfinite(m["purchase_auc_gap"])
+
+
+def test_a_schema_mismatch_is_caught_on_load(tiny_result, tmp_path: Path):
+    save(tiny_result, tmp_path)
+    shorter = replace(
+        tiny_result.models,
+        schema=F.FeatureSchema(F.FEATURE_SCHEMA.names[:-1], F.FEATURE_SCHEMA.dtypes[:-1]),
+    )
+    save(shorter, tmp_path)
+    with pytest.raises(ValueError, match="features"):
+        load(tmp_path)

@@ -1,0 +1,564 @@
+"""The two LightGBM rankers and their Optuna search.
+
+**Purchase model** (``binary`` on ``label_purchase_7d``): trained with ``sample_weight``
+(``1 / negative_rate`` on the downsampled train negatives, so its probabilities are those of
+the full traffic), early-stopped on the validation split's weighted log loss. Serving ranks
+by E[GMV] = calibrated p x price x margin.
+
+**LambdaMART** (``lambdarank``): groups are requests (rows sorted by ``request_id``),
+graded relevance purchase 3 > add-to-cart 2 > click 1 > 0 with LightGBM's default gains
+``2**rel - 1``.
+
+Position bias. A click needs an examination, and examination falls with the slot, so a raw
+click label says as much about the logging policy's slot as about the item. The dataset's
+``ips_weight`` is ``1 / examination_propensity(slot)``. How LightGBM applies weights in
+``lambdarank`` (``src/objective/rank_objective.hpp``, ``RankingObjective::GetGradients``;
+``Metadata::CalculateQueryWeights`` in ``src/io/metadata.cpp``):
+
+- the objective computes each query's pairwise lambdas *unweighted*, then multiplies every
+  row's gradient and hessian by *that row's* weight: weights are per row, not per group,
+  and not per pair;
+- the NDCG *metric* weights each query by the *mean* of its rows' weights.
+
+The IPS estimator of a ranking loss weights every (relevant i, other j) pair by 1 / p_i, the
+propensity of the clicked item (Joachims et al., WSDM 2017). With per-row weights the
+closest match is weight ``ips_weight`` on relevant rows and 1 on the others: the relevant
+row's gradient (the sum of its pairs' lambdas) gets exactly its 1 / p_i; the other row's
+side of the pair stays unweighted (per-row weights cannot express a pair weight). Putting
+the IPS weight on every row would instead reweight non-clicks, which carry no examination
+evidence. Measured on sim-small against the Oracle's expected gains (diagnostic only, the
+truth is never a training input), default parameters, 150 rounds: NDCG@20 0.766
+unweighted, 0.815 with relevant-row IPS, 0.774 with IPS on every row, 0.80 for an exact
+pair-symmetric alternative (IPS folded into the label gains,
+``label_gain[(grade, slot)] = (2**grade - 1) / p``).
+
+Train negatives are a 10 % sample; their ``sample_weight`` is not used here: the kept
+negatives are a uniform sample of each list, so pairs keep their relative weights, and
+requests without any relevant row (no gradient at all) are dropped from the train split.
+
+Early stopping of LambdaMART: on the validation split's IPS-weighted NDCG@``eval_at`` in the
+``average="total"`` form (``training.metrics.ndcg_at_k``), a custom metric; LightGBM's own
+``ndcg@eval_at`` is logged next to it. Per-request NDCG on logged clicks, plain or IPS,
+prefers the logging policy's order (clicks sit at the top slots it chose): on sim-small it
+peaked after 1 tree while the Oracle's NDCG kept rising to ~50 trees; the total form tracks
+the Oracle's.
+
+Search: Optuna TPE over num_leaves, learning_rate, min_data_in_leaf, feature_fraction,
+bagging_fraction and lambda_l2; the number of rounds comes from early stopping. A trial
+reports its validation metric every round to Optuna's median pruner. The budget is both a
+trial count and wall-clock seconds; a trial still running at the deadline stops early with
+its best round so far. The test split is never read here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightgbm as lgb
+import numpy as np
+import optuna
+import pandas as pd
+from tqdm.auto import tqdm
+
+from training import columns as C
+from training.metrics import dcg_per_group
+
+log = logging.getLogger(__name__)
+
+# graded relevance of an impression (the highest label it reached)
+RELEVANCE_PURCHASE = 3
+RELEVANCE_ADD_TO_CART = 2
+RELEVANCE_CLICK = 1
+
+PURCHASE = "purchase"
+LAMBDAMART = "lambdamart"
+PURCHASE_METRIC = "binary_logloss"
+IPS_NDCG = "ips_ndcg"
+VALID = "valid"
+Direction = Literal["minimize", "maximize"]
+
+# first trial of every search: a configuration known to be reasonable, so that a budget of
+# one trial (or a deadline hit during trial 2) still yields a sensible model
+DEFAULT_PARAMS: dict[str, Any] = {
+    "num_leaves": 31,
+    "learning_rate": 0.05,
+    "min_data_in_leaf": 100,
+    "feature_fraction": 0.9,
+    "bagging_fraction": 0.8,
+    "lambda_l2": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class RankerBudget:
+    """How much search each model gets.
+
+    The defaults keep both models' training and tuning on sim-small under ~4 minutes on
+    one core: measured 60 s (purchase, 10 trials), 100 s (LambdaMART, deadline after 9
+    trials) and 179 s for all of ``train_rankers`` on 2 shared cores, 1 LightGBM thread.
+    The trial count reached under a wall-clock budget depends on the machine's load.
+    """
+
+    trials: int = 10  # Optuna trials per model (the first is DEFAULT_PARAMS)
+    seconds: float = 100.0  # wall clock per model's search, deadline included
+    max_rounds: int = 300  # boosting rounds cap; early stopping picks the number
+    early_stopping_rounds: int = 30
+    # rounds before the median pruner may stop a trial: a slow learning rate trails the
+    # others early on without being worse in the end
+    pruning_warmup_rounds: int = 40
+    train_fraction: float = 1.0  # share of train requests kept (whole requests)
+    eval_at: int = 50  # LambdaMART's validation cut-off (rows per feed are 20..50)
+    num_threads: int = 1
+    progress: bool = True  # tqdm bars over the trials
+
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.seconds <= 0 or self.max_rounds < 1:
+            raise ValueError(
+                f"budget needs trials >= 1, seconds > 0 and max_rounds >= 1, got {self}"
+            )
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+
+
+def relevance(columns: Mapping[str, Any] | pd.DataFrame) -> np.ndarray:
+    """Graded relevance per row from the label columns: purchase 3 > add-to-cart 2 >
+    click 1 > 0 (the highest label the impression reached)."""
+    return np.maximum.reduce(
+        [
+            RELEVANCE_PURCHASE * (np.asarray(columns[C.LABEL_PURCHASE]) > 0),
+            RELEVANCE_ADD_TO_CART * (np.asarray(columns[C.LABEL_ATC]) > 0),
+            RELEVANCE_CLICK * (np.asarray(columns[C.LABEL_CLICK]) > 0),
+        ]
+    ).astype(np.int64)
+
+
+def lambdamart_weights(rel: np.ndarray, ips: np.ndarray) -> np.ndarray:
+    """Per-row LightGBM weights for lambdarank: the IPS weight on relevant rows, 1 elsewhere
+    (see the module docstring for why)."""
+    return np.where(np.asarray(rel) > 0, np.asarray(ips, dtype=np.float64), 1.0)
+
+
+def group_sizes(request_ids: np.ndarray) -> np.ndarray:
+    """Sizes of consecutive runs of equal ids; raises if a request's rows are not contiguous."""
+    ids = np.asarray(request_ids)
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    if len(np.unique(ids[starts])) != len(starts):
+        raise ValueError("rows of a request must be contiguous: sort by request_id first")
+    return np.diff(np.r_[starts, len(ids)]).astype(np.int64)
+
+
+@dataclass
+class RankingData:
+    """One split's matrix and labels, rows sorted by request."""
+
+    X: np.ndarray
+    request_id: np.ndarray
+    relevance: np.ndarray
+    purchase: np.ndarray
+    sample_weight: np.ndarray
+    ips_weight: np.ndarray
+    feature_names: list[str]
+
+    def __post_init__(self) -> None:
+        n = len(self.X)
+        for name in ("request_id", "relevance", "purchase", "sample_weight", "ips_weight"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} rows, X has {n}")
+        self.groups = group_sizes(self.request_id)
+
+    def take(self, rows: np.ndarray) -> RankingData:
+        return RankingData(
+            self.X[rows],
+            self.request_id[rows],
+            self.relevance[rows],
+            self.purchase[rows],
+            self.sample_weight[rows],
+            self.ips_weight[rows],
+            self.feature_names,
+        )
+
+    def with_relevant_requests(self) -> RankingData:
+        """Only requests with at least one relevant row (the others give no lambdas)."""
+        has = np.repeat(np.add.reduceat(self.relevance > 0, self._starts()) > 0, self.groups)
+        return self.take(np.flatnonzero(has))
+
+    def sample_requests(self, fraction: float, seed: int) -> RankingData:
+        if fraction >= 1.0:
+            return self
+        keep = np.random.default_rng(seed).random(len(self.groups)) < fraction
+        return self.take(np.flatnonzero(np.repeat(keep, self.groups)))
+
+    def _starts(self) -> np.ndarray:
+        return np.r_[0, np.cumsum(self.groups)[:-1]].astype(np.int64)
+
+
+class IpsNdcgEval:
+    """LightGBM ``feval``: IPS-weighted NDCG@k, total form, of a fixed validation split.
+
+    The ideal DCG is computed once; a call costs one sort of the split (~30 ms for 377k rows).
+    """
+
+    def __init__(self, data: RankingData, k: int):
+        self.k = k
+        self.name = f"{IPS_NDCG}@{k}"
+        self.gains = (np.exp2(data.relevance) - 1.0) * data.ips_weight
+        self.groups = data.request_id
+        self.ideal = float(dcg_per_group(self.gains, self.gains, self.groups, k).sum())
+
+    def value(self, scores: np.ndarray) -> float:
+        if self.ideal <= 0:
+            return float("nan")
+        return float(dcg_per_group(self.gains, scores, self.groups, self.k).sum() / self.ideal)
+
+    def __call__(self, preds: np.ndarray, _: lgb.Dataset) -> tuple[str, float, bool]:
+        return self.name, self.value(preds), True
+
+
+class Monitor:
+    """LightGBM callback: early stopping on one named validation metric, per-round reports
+    to an Optuna trial (which may prune it), and a wall-clock deadline.
+
+    LightGBM's ``early_stopping`` callback can only follow the first metric; this one
+    follows ``metric`` wherever it appears, so the native metrics can be logged beside it.
+    """
+
+    order = 30  # where LightGBM's own early stopping runs
+
+    def __init__(
+        self,
+        metric: str,
+        higher_is_better: bool,
+        patience: int,
+        trial: optuna.Trial | None = None,
+        deadline: float | None = None,
+    ):
+        self.metric = metric
+        self.sign = 1.0 if higher_is_better else -1.0
+        self.patience = patience
+        self.trial = trial
+        self.deadline = deadline
+        self.best = -np.inf
+        self.best_iteration = -1
+        self.best_results: list[Any] = []
+        self.history: list[float] = []
+        self.hit_deadline = False
+
+    def _value(self, results: list[Any]) -> float:
+        for item in results:
+            if item[0] == VALID and item[1] == self.metric:
+                return float(item[2])
+        raise KeyError(f"metric {self.metric!r} not among {[r[:2] for r in results]}")
+
+    def __call__(self, env: lgb.callback.CallbackEnv) -> None:
+        results = env.evaluation_result_list or []
+        value = self._value(results)
+        self.history.append(value)
+        if np.isfinite(value) and self.sign * value > self.best:
+            self.best = self.sign * value
+            self.best_iteration = env.iteration
+            self.best_results = results
+        if self.trial is not None:
+            self.trial.report(value, env.iteration)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at round {env.iteration} ({value:.6g})")
+        if env.iteration - self.best_iteration >= self.patience:
+            raise lgb.callback.EarlyStopException(self.best_iteration, self.best_results)
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.hit_deadline = True
+            raise lgb.callback.EarlyStopException(self.best_iteration, self.best_results)
+
+    @property
+    def best_value(self) -> float:
+        return self.sign * self.best
+
+
+@dataclass
+class Fit:
+    """A trained booster cut at its best round, with the validation figure that chose it."""
+
+    booster: lgb.Booster
+    best_iteration: int  # rounds kept (1-based)
+    best_value: float
+    params: dict[str, Any]
+    history: list[float] = field(default_factory=list)
+
+
+def _truncate(booster: lgb.Booster, rounds: int) -> lgb.Booster:
+    """A booster holding only the first ``rounds`` trees: what is saved is what is scored."""
+    return lgb.Booster(model_str=booster.model_to_string(num_iteration=rounds))
+
+
+def _finish(booster: lgb.Booster, monitor: Monitor, params: dict[str, Any]) -> Fit:
+    if monitor.best_iteration < 0:
+        raise RuntimeError(f"validation {monitor.metric} was never finite: nothing to keep")
+    rounds = monitor.best_iteration + 1
+    return Fit(_truncate(booster, rounds), rounds, monitor.best_value, params, monitor.history)
+
+
+def _dataset_params(budget: RankerBudget) -> dict[str, Any]:
+    # feature_pre_filter off: trials change min_data_in_leaf on one constructed Dataset
+    return {"feature_pre_filter": False, "verbose": -1, "num_threads": budget.num_threads}
+
+
+def _booster_params(params: dict[str, Any], budget: RankerBudget, seed: int) -> dict[str, Any]:
+    return {
+        **params,
+        "bagging_freq": 1 if params.get("bagging_fraction", 1.0) < 1.0 else 0,
+        "num_threads": budget.num_threads,
+        "seed": seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbose": -1,
+        "feature_pre_filter": False,
+    }
+
+
+def purchase_datasets(
+    train: RankingData, valid: RankingData, budget: RankerBudget
+) -> tuple[lgb.Dataset, lgb.Dataset]:
+    dparams = _dataset_params(budget)
+    dtrain = lgb.Dataset(
+        train.X,
+        train.purchase.astype(np.float64),
+        weight=train.sample_weight,
+        feature_name=train.feature_names,
+        params=dparams,
+        free_raw_data=False,
+    )
+    dvalid = lgb.Dataset(
+        valid.X,
+        valid.purchase.astype(np.float64),
+        weight=valid.sample_weight,
+        reference=dtrain,
+        params=dparams,
+        free_raw_data=False,
+    )
+    return dtrain.construct(), dvalid.construct()
+
+
+def lambdamart_datasets(
+    train: RankingData, valid: RankingData, budget: RankerBudget
+) -> tuple[lgb.Dataset, lgb.Dataset]:
+    """Train: requests with a relevant row, IPS weights on relevant rows. Valid: every
+    request, unweighted (the early-stopping metric applies the IPS weights itself)."""
+    train = train.with_relevant_requests()
+    dparams = _dataset_params(budget)
+    dtrain = lgb.Dataset(
+        train.X,
+        train.relevance.astype(np.float64),
+        weight=lambdamart_weights(train.relevance, train.ips_weight),
+        group=train.groups,
+        feature_name=train.feature_names,
+        params=dparams,
+        free_raw_data=False,
+    )
+    dvalid = lgb.Dataset(
+        valid.X,
+        valid.relevance.astype(np.float64),
+        group=valid.groups,
+        reference=dtrain,
+        params=dparams,
+        free_raw_data=False,
+    )
+    return dtrain.construct(), dvalid.construct()
+
+
+def fit_purchase(
+    dtrain: lgb.Dataset,
+    dvalid: lgb.Dataset,
+    params: dict[str, Any],
+    budget: RankerBudget,
+    seed: int = 0,
+    trial: optuna.Trial | None = None,
+    deadline: float | None = None,
+) -> Fit:
+    """Binary purchase model, early-stopped on the validation split's weighted log loss."""
+    full = {**_booster_params(params, budget, seed), "objective": "binary"}
+    full["metric"] = [PURCHASE_METRIC]
+    monitor = Monitor(PURCHASE_METRIC, False, budget.early_stopping_rounds, trial, deadline)
+    booster = lgb.train(
+        full,
+        dtrain,
+        num_boost_round=budget.max_rounds,
+        valid_sets=[dvalid],
+        valid_names=[VALID],
+        callbacks=[monitor],
+    )
+    return _finish(booster, monitor, params)
+
+
+def fit_lambdamart(
+    dtrain: lgb.Dataset,
+    dvalid: lgb.Dataset,
+    feval: IpsNdcgEval,
+    params: dict[str, Any],
+    budget: RankerBudget,
+    seed: int = 0,
+    trial: optuna.Trial | None = None,
+    deadline: float | None = None,
+) -> Fit:
+    """LambdaMART, early-stopped on the validation split's IPS NDCG@eval_at (total form)."""
+    full = {
+        **_booster_params(params, budget, seed),
+        "objective": "lambdarank",
+        "metric": ["ndcg"],
+        "eval_at": [budget.eval_at],
+        "lambdarank_truncation_level": budget.eval_at,
+    }
+    monitor = Monitor(feval.name, True, budget.early_stopping_rounds, trial, deadline)
+    booster = lgb.train(
+        full,
+        dtrain,
+        num_boost_round=budget.max_rounds,
+        valid_sets=[dvalid],
+        valid_names=[VALID],
+        feval=feval,
+        callbacks=[monitor],
+    )
+    return _finish(booster, monitor, params)
+
+
+def suggest_params(trial: optuna.Trial) -> dict[str, Any]:
+    """The search space (the number of rounds is early stopping's)."""
+    return {
+        "num_leaves": trial.suggest_int("num_leaves", 15, 127, log=True),
+        "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.2, log=True),
+        "min_data_in_leaf": trial.suggest_int("min_data_in_leaf", 20, 1000, log=True),
+        "feature_fraction": trial.suggest_float("feature_fraction", 0.5, 1.0),
+        "bagging_fraction": trial.suggest_float("bagging_fraction", 0.5, 1.0),
+        "lambda_l2": trial.suggest_float("lambda_l2", 1e-3, 30.0, log=True),
+    }
+
+
+@dataclass
+class Search:
+    """The outcome of one model's search."""
+
+    best: Fit
+    direction: Direction
+    trials_run: int
+    trials_pruned: int
+    trials_complete: int
+    hit_deadline: bool
+    seconds: float
+    values: list[float | None]  # per trial: the best value, or the last before pruning
+    states: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "best_value": self.best.best_value,
+            "best_params": self.best.params,
+            "best_rounds": self.best.best_iteration,
+            "direction": self.direction,
+            "trials_run": self.trials_run,
+            "trials_pruned": self.trials_pruned,
+            "trials_complete": self.trials_complete,
+            "deadline_reached": self.hit_deadline,
+            "seconds": round(self.seconds, 2),
+            "trial_values": self.values,
+            "trial_states": self.states,
+        }
+
+
+FitFn = Callable[[dict[str, Any], "optuna.Trial | None", "float | None"], Fit]
+
+
+def tune(
+    name: str, fit: FitFn, direction: Direction, budget: RankerBudget, seed: int = 0
+) -> Search:
+    """Optuna search of ``fit`` within ``budget``; returns the best trial's model.
+
+    Every trial's booster is kept until a better one arrives, so the winner is not retrained.
+    """
+    started = time.monotonic()
+    deadline = started + budget.seconds
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, budget.trials))
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=3, n_warmup_steps=budget.pruning_warmup_rounds
+    )
+    sign = 1.0 if direction == "maximize" else -1.0
+    best: list[Fit] = []
+    deadline_hit = [False]
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest_params(trial)
+        result = fit(params, trial, deadline)
+        trial.set_user_attr("rounds", result.best_iteration)
+        if time.monotonic() > deadline:
+            deadline_hit[0] = True
+        if not best or sign * result.best_value > sign * best[0].best_value:
+            best[:] = [result]
+        return result.best_value
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial otherwise
+    study = optuna.create_study(direction=direction, sampler=sampler, pruner=pruner)
+    study.enqueue_trial(DEFAULT_PARAMS)
+    bar = tqdm(total=budget.trials, desc=f"tune {name}", disable=not budget.progress, leave=False)
+
+    def advance(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        bar.update(1)
+        if best:
+            bar.set_postfix(best=f"{best[0].best_value:.5g}", state=trial.state.name.lower())
+
+    try:
+        study.optimize(
+            objective, n_trials=budget.trials, timeout=budget.seconds, callbacks=[advance]
+        )
+    finally:
+        bar.close()
+        optuna.logging.set_verbosity(verbosity)
+    if not best:
+        raise RuntimeError(f"{name}: no trial finished within {budget.seconds}s")
+    states = [t.state for t in study.trials]
+    search = Search(
+        best=best[0],
+        direction=direction,
+        trials_run=len(study.trials),
+        trials_pruned=sum(s == optuna.trial.TrialState.PRUNED for s in states),
+        trials_complete=sum(s == optuna.trial.TrialState.COMPLETE for s in states),
+        hit_deadline=deadline_hit[0],
+        seconds=time.monotonic() - started,
+        values=[t.value for t in study.trials],
+        states=[t.state.name.lower() for t in study.trials],
+    )
+    log.info(
+        "%s: best %.6g after %d trials (%d pruned) in %.1fs, %d rounds, params %s",
+        name,
+        search.best.best_value,
+        search.trials_run,
+        search.trials_pruned,
+        search.seconds,
+        search.best.best_iteration,
+        search.best.params,
+    )
+    return search
+
+
+def tune_purchase(
+    train: RankingData, valid: RankingData, budget: RankerBudget, seed: int = 0
+) -> Search:
+    dtrain, dvalid = purchase_datasets(train, valid, budget)
+
+    def fit(params: dict[str, Any], trial: optuna.Trial | None, deadline: float | None) -> Fit:
+        return fit_purchase(dtrain, dvalid, params, budget, seed, trial, deadline)
+
+    return tune(PURCHASE, fit, "minimize", budget, seed)
+
+
+def tune_lambdamart(
+    train: RankingData, valid: RankingData, budget: RankerBudget, seed: int = 0
+) -> Search:
+    dtrain, dvalid = lambdamart_datasets(train, valid, budget)
+    feval = IpsNdcgEval(valid, budget.eval_at)
+
+    def fit(params: dict[str, Any], trial: optuna.Trial | None, deadline: float | None) -> Fit:
+        return fit_lambdamart(dtrain, dvalid, feval, params, budget, seed, trial, deadline)
+
+    return tune(LAMBDAMART, fit, "maximize", budget, seed)

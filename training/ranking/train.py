@@ -1,0 +1,293 @@
+"""Issue 3's ranking stage: train, calibrate, evaluate and save the rankers of a dataset.
+
+``train_rankers(home, dataset)`` reads ``<home>/data/<dataset>/training/{train,valid,test}``
+and the items table (for margins), tunes the purchase model and LambdaMART on train/valid
+(``models.py``), calibrates the purchase model on valid, fits the logistic baseline, and
+scores everything on valid and test. ``save`` writes the ranker files of a bundle
+(``training/bundle.py`` layout); ``load`` reads them back.
+
+Metrics (``metrics[split][model][name]``; splits ``valid`` and ``test``):
+
+- ranking, over requests with a relevant row, graded relevance 3/2/1/0: ``ndcg@20``,
+  ``ndcg@20_ips`` (gains times the IPS weight, per-request average) and
+  ``ndcg@20_ips_total`` (the same, sum-over-sum: the form that tracks the Oracle; see
+  ``training.metrics.ndcg_at_k``), ``recall@20``. Models: ``lambdamart``, ``purchase_egmv``
+  (calibrated p x price x margin), ``logreg_egmv``, ``popularity``, ``heuristic``,
+  ``random``.
+- purchase probability (weighted by ``sample_weight``): ``auc``, ``log_loss``, ``pr_auc``,
+  ``ece`` (10 equal-mass bins) before and after calibration, for ``purchase`` and
+  ``logreg``. The calibrator is fitted on valid, so valid's calibrated figures are in-sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from training import bundle
+from training import columns as C
+from training import metrics as M
+from training.dataset import IPS_WEIGHT
+from training.paths import Paths
+from training.ranking import baselines as B
+from training.ranking.calibration import Calibrator
+from training.ranking.features import FEATURE_SCHEMA, FeatureSchema, build_matrix
+from training.ranking.models import (
+    LAMBDAMART,
+    PURCHASE,
+    RankerBudget,
+    RankingData,
+    relevance,
+    tune_lambdamart,
+    tune_purchase,
+)
+from training.tables import read_tables
+
+log = logging.getLogger(__name__)
+
+REPORT_K = 20
+EVAL_SPLITS = ("valid", "test")
+ECE_BINS = 10
+
+
+@dataclass
+class RankerModels:
+    """What a bundle's ``ranker/`` holds, plus the feature schema they were trained on."""
+
+    purchase: lgb.Booster
+    lambdamart: lgb.Booster
+    calibrator: Calibrator
+    schema: FeatureSchema
+
+    def raw_purchase_probability(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self.purchase.predict(X))
+
+    def purchase_probability(self, X: np.ndarray) -> np.ndarray:
+        """Calibrated P(purchase within 7 days | shown)."""
+        return self.calibrator.apply(self.raw_purchase_probability(X))
+
+    def rank_score(self, X: np.ndarray) -> np.ndarray:
+        """LambdaMART score: only the order within a request means anything."""
+        return np.asarray(self.lambdamart.predict(X))
+
+
+@dataclass
+class RankerResult:
+    models: RankerModels
+    logreg: B.LogisticBaseline
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def purchase(self) -> lgb.Booster:
+        return self.models.purchase
+
+    @property
+    def lambdamart(self) -> lgb.Booster:
+        return self.models.lambdamart
+
+    @property
+    def calibrator(self) -> Calibrator:
+        return self.models.calibrator
+
+    @property
+    def schema(self) -> FeatureSchema:
+        return self.models.schema
+
+
+def read_split(home: Path, dataset: str, split: str) -> pd.DataFrame:
+    """A training-set split with its rows sorted by request (stable: slot order kept)."""
+    path = Paths(Path(home)).training_sets(dataset) / f"{split}.parquet"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"training split {path} not found: run `homefeed dataset` for {dataset!r} first"
+        )
+    frame = pd.read_parquet(path)
+    return frame.sort_values(C.REQUEST_ID, kind="stable").reset_index(drop=True)
+
+
+def ranking_data(frame: pd.DataFrame) -> RankingData:
+    return RankingData(
+        X=build_matrix(frame),
+        request_id=frame[C.REQUEST_ID].to_numpy(np.int64),
+        relevance=relevance(frame),
+        purchase=frame[C.LABEL_PURCHASE].to_numpy(np.int64),
+        sample_weight=frame[C.WEIGHT].to_numpy(np.float64),
+        ips_weight=frame[IPS_WEIGHT].to_numpy(np.float64),
+        feature_names=list(FEATURE_SCHEMA.names),
+    )
+
+
+def item_margins(items: pd.DataFrame, item_ids: np.ndarray) -> np.ndarray:
+    """Margin (share of price) of each item id, from the items table."""
+    margin = pd.Series(items[C.MARGIN].to_numpy(), index=items[C.ITEM_ID].to_numpy())
+    out = margin.reindex(np.asarray(item_ids)).to_numpy(np.float64)
+    if np.isnan(out).any():
+        raise ValueError(f"{int(np.isnan(out).sum())} training rows have an item not in items")
+    return out
+
+
+def ranking_metrics(data: RankingData, scores: np.ndarray, k: int = REPORT_K) -> dict[str, float]:
+    rel, g, ips = data.relevance, data.request_id, data.ips_weight
+    return {
+        f"ndcg@{k}": M.ndcg_at_k(rel, scores, g, k),
+        f"ndcg@{k}_ips": M.ndcg_at_k(rel, scores, g, k, ips),
+        f"ndcg@{k}_ips_total": M.ndcg_at_k(rel, scores, g, k, ips, average="total"),
+        f"recall@{k}": M.recall_at_k(rel, scores, g, k),
+    }
+
+
+def probability_metrics(
+    y: np.ndarray, p: np.ndarray, w: np.ndarray, suffix: str = ""
+) -> dict[str, float]:
+    out = {
+        "auc": M.auc(y, p, w),
+        "log_loss": M.log_loss(y, p, w),
+        "pr_auc": M.pr_auc(y, p, w),
+        "ece": M.expected_calibration_error(y, p, w, ECE_BINS),
+        "mean_p": float(np.average(p, weights=w)),
+        "rate": float(np.average(y, weights=w)),
+    }
+    return {f"{k}{suffix}": v for k, v in out.items()}
+
+
+def evaluate(
+    models: RankerModels,
+    logreg: B.LogisticBaseline,
+    frame: pd.DataFrame,
+    data: RankingData,
+    margin: np.ndarray,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Every model's ranking and probability figures on one split."""
+    y, w = data.purchase, data.sample_weight
+    raw = models.raw_purchase_probability(data.X)
+    cal = models.calibrator.apply(raw)
+    lr = logreg.predict(data.X)
+    price = frame[C.PRICE].to_numpy(np.float64)
+    rng = np.random.default_rng(seed)
+    return {
+        "purchase": {
+            **probability_metrics(y, raw, w),
+            **probability_metrics(y, cal, w, "_calibrated"),
+        },
+        "logreg": probability_metrics(y, lr, w),
+        LAMBDAMART: ranking_metrics(data, models.rank_score(data.X)),
+        "purchase_egmv": ranking_metrics(data, cal * price * margin),
+        "logreg_egmv": ranking_metrics(data, lr * price * margin),
+        "popularity": ranking_metrics(data, B.popularity_score(frame)),
+        "heuristic": ranking_metrics(data, B.heuristic_score(frame)),
+        "random": ranking_metrics(data, rng.random(len(y))),
+    }
+
+
+def train_rankers(
+    home: Path, dataset: str, seed: int = 0, budget: RankerBudget | None = None
+) -> RankerResult:
+    """Tune, calibrate and evaluate both rankers and the logistic baseline on a dataset."""
+    budget = budget or RankerBudget()
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    frames = {s: read_split(home, dataset, s) for s in C.SPLITS}
+    data = {s: ranking_data(f) for s, f in frames.items()}
+    data["train"] = data["train"].sample_requests(budget.train_fraction, seed)
+    items = read_tables(Paths(Path(home)).raw(dataset), [C.ITEMS])[C.ITEMS]
+    margins = {s: item_margins(items, frames[s][C.ITEM_ID].to_numpy()) for s in EVAL_SPLITS}
+    seconds["load"] = time.perf_counter() - t0
+    log.info("%s: rows %s", dataset, {s: len(d.X) for s, d in data.items()})
+
+    t = time.perf_counter()
+    purchase = tune_purchase(data["train"], data["valid"], budget, seed)
+    seconds["purchase"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ranker = tune_lambdamart(data["train"], data["valid"], budget, seed)
+    seconds["lambdamart"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    valid = data["valid"]
+    raw_valid = np.asarray(purchase.best.booster.predict(valid.X))
+    calibrator = Calibrator.fit(raw_valid, valid.purchase, valid.sample_weight)
+    seconds["calibration"] = time.perf_counter() - t
+    t = time.perf_counter()
+    train = data["train"]
+    logreg = B.LogisticBaseline.fit(train.X, train.purchase, train.sample_weight)
+    seconds["logreg"] = time.perf_counter() - t
+
+    models = RankerModels(purchase.best.booster, ranker.best.booster, calibrator, FEATURE_SCHEMA)
+    t = time.perf_counter()
+    metrics: dict[str, Any] = {
+        s: evaluate(models, logreg, frames[s], data[s], margins[s], seed) for s in EVAL_SPLITS
+    }
+    train_auc = M.auc(train.purchase, models.raw_purchase_probability(train.X), train.sample_weight)
+    metrics["purchase_auc_train"] = train_auc
+    metrics["purchase_auc_gap"] = train_auc - metrics["valid"]["purchase"]["auc"]
+    seconds["evaluate"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+    metrics["search"] = {PURCHASE: purchase.summary(), LAMBDAMART: ranker.summary()}
+    metrics["best_params"] = {PURCHASE: purchase.best.params, LAMBDAMART: ranker.best.params}
+    metrics["rows"] = {s: len(d.X) for s, d in data.items()}
+    metrics["budget"] = {k: v for k, v in budget.__dict__.items() if k != "progress"}
+    metrics["features"] = list(FEATURE_SCHEMA.names)
+    metrics["feature_schema_hash"] = FEATURE_SCHEMA.hash
+    metrics["seed"] = seed
+    metrics["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    log.info("rankers for %s in %.1fs", dataset, seconds["total"])
+    return RankerResult(models, logreg, metrics)
+
+
+def write_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_feature_schema(schema: FeatureSchema, path: Path) -> None:
+    write_json(schema.to_dict(), path)
+
+
+def write_calibrator(calibrator: Calibrator, path: Path) -> None:
+    write_json(calibrator.to_dict(), path)
+
+
+def save(result: RankerResult | RankerModels, out_dir: Path) -> dict[str, Path]:
+    """Write the ranker files of a bundle under ``out_dir``; returns bundle path -> file."""
+    models = result.models if isinstance(result, RankerResult) else result
+    out_dir = Path(out_dir)
+    paths = {
+        name: out_dir / name
+        for name in (
+            bundle.PURCHASE_MODEL,
+            bundle.LAMBDAMART_MODEL,
+            bundle.CALIBRATOR,
+            bundle.FEATURE_SCHEMA,
+        )
+    }
+    paths[bundle.PURCHASE_MODEL].parent.mkdir(parents=True, exist_ok=True)
+    models.purchase.save_model(str(paths[bundle.PURCHASE_MODEL]))
+    models.lambdamart.save_model(str(paths[bundle.LAMBDAMART_MODEL]))
+    write_calibrator(models.calibrator, paths[bundle.CALIBRATOR])
+    write_feature_schema(models.schema, paths[bundle.FEATURE_SCHEMA])
+    return paths
+
+
+def load(out_dir: Path) -> RankerModels:
+    """Read what :func:`save` wrote. The schema is returned as stored; serving compares it
+    with the code's (``build_matrix(..., schema=...)`` raises on a mismatch)."""
+    out_dir = Path(out_dir)
+    schema = FeatureSchema.from_dict(json.loads((out_dir / bundle.FEATURE_SCHEMA).read_text()))
+    calibrator = Calibrator.from_dict(json.loads((out_dir / bundle.CALIBRATOR).read_text()))
+    purchase = lgb.Booster(model_file=str(out_dir / bundle.PURCHASE_MODEL))
+    lambdamart = lgb.Booster(model_file=str(out_dir / bundle.LAMBDAMART_MODEL))
+    for name, booster in (("purchase", purchase), ("lambdamart", lambdamart)):
+        if booster.num_feature() != len(schema):
+            raise ValueError(
+                f"{name} model has {booster.num_feature()} features, feature_schema.json "
+                f"lists {len(schema)}"
+            )
+    return RankerModels(purchase, lambdamart, calibrator, schema)

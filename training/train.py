@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from training.paths import Paths
 
 log = logging.getLogger(__name__)
 
+_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")  # what MLflow accepts in a metric name
 STAGES = ("retrieval", "rankers", "compile", "evaluate", "register")
 STAGE_REPORT = "stage_reports.json"
 
@@ -167,7 +169,7 @@ def _flat_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
         if isinstance(value, dict):
             out.update(_flat_metrics(value, name + "."))
         elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[name.replace("@", "_at_")] = float(value)
+            out[_METRIC_NAME.sub("_", name.replace("@", "_at_"))] = float(value)
     return out
 
 

@@ -99,3 +99,22 @@ def tables():
     from tests.handmade import handmade_tables
 
     return handmade_tables()
+
+
+# DuckDB's Python bindings (Feast's offline store) report "nanobind: leaked ..." when the
+# interpreter tears down, dozens of lines printed after pytest's summary. Once the summary is
+# out, leave without that teardown, with pytest's own exit status.
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import sys
+
+    if _EXIT_STATUS and "duckdb" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])

@@ -91,8 +91,10 @@ def search(searcher: Any, queries: np.ndarray, k: int) -> np.ndarray:
     A query whose searched leaves hold fewer than ``k`` items gets fewer results; the rest
     of its row is -1 (ScaNN pads a batch with row 0 and a NaN score).
     """
-    idx, dist = searcher.search_batched(np.ascontiguousarray(queries, dtype=np.float32), k)
     out = np.full((len(queries), k), -1, dtype=np.int64)
+    if len(queries) == 0:  # e.g. no click groups in a purchases-only dataset
+        return out
+    idx, dist = searcher.search_batched(np.ascontiguousarray(queries, dtype=np.float32), k)
     found = np.asarray(idx, dtype=np.int64)
     width = min(found.shape[1], k) if found.ndim == 2 else 0
     out[:, :width] = np.where(np.isnan(dist[:, :width]), -1, found[:, :width])

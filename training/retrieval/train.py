@@ -312,8 +312,12 @@ def _recall_metrics(
     recall curve over smaller K."""
     catalog = data.catalog
     train = data.splits["train"]
-    train_clicks = train[C.ITEM_ID].to_numpy()[train[C.LABEL_CLICK].to_numpy() > 0]
-    popular_rows = top_items(catalog.rows_of(train_clicks), k, len(catalog))
+    # popularity by train clicks; a purchases-only dataset (Complete Journey) has none, so
+    # there it is popularity by train purchases
+    engaged = train[C.LABEL_CLICK].to_numpy() > 0
+    if not engaged.any():
+        engaged = train[C.LABEL_PURCHASE].to_numpy() > 0
+    popular_rows = top_items(catalog.rows_of(train[C.ITEM_ID].to_numpy()[engaged]), k, len(catalog))
     exact = {n: ann.exact_top_k(queries[n], item_emb, k) for n in groups}
     via_ann = {n: ann.search(searcher, queries[n], k) for n in HEADLINE}
     fallback_rows = {

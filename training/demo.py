@@ -82,9 +82,9 @@ def _print_training(trained: dict[str, Any], paths: Paths) -> None:
     evaluation = json.loads((paths.reports / "eval.json").read_text())
     policies = evaluation.get("policies", {})
     if policies:
-        print("\npolicy        Oracle E[GMV] per 1k impressions")
+        print("\npolicy                   Oracle E[GMV] per 1k impressions")
         for name, p in policies.items():
-            print(f"{name:<14}{p['oracle_egmv_per_1k']:>10.1f}")
+            print(f"{name:<25}{p['oracle_egmv_per_1k']:>10.1f}")
     registered = trained.get("register", {})
     if registered:
         print(

@@ -39,7 +39,7 @@ def test_heuristic_serves_listed_in_stock_items_under_the_price_cap(setup):
     state = market.day_state(day)
     lists = market.heuristic(today, state, 20)
     for row, items in zip(today.itertuples(index=False), lists, strict=True):
-        idx = market.item_index.get_indexer(items)
+        idx = market.item_index.get_indexer(pd.Index(items))
         assert state.eligible[idx].all()
         u = market.user_index.get_loc(row.user_id)
         cap = max(market.user_cap[u], 2.5 * state.mean_paid[u])

@@ -11,7 +11,7 @@ from training import bundle as B
 from training.train import STAGES, TrainConfig, train
 
 CONTRACT = {
-    "policies": ["heuristic", "popularity", "ranker", "optimal"],
+    "policies": ["heuristic", "popularity", "logreg", "ranker", "optimal"],
     "ranking": ["ndcg_at_20", "ndcg_at_20_ips", "auc", "logloss"],
     "calibration": ["ece_before", "ece_after"],
     "retrieval": ["recall_at_500", "popularity_recall_at_500", "ann_recall_at_500_vs_exact"],
@@ -37,7 +37,7 @@ def test_eval_report_holds_the_contract(trained, home):
         for key in keys:
             assert key in report[section], f"{section}.{key}"
     assert report["compiled"]["max_abs_diff"] <= 1e-6
-    for name in ("heuristic", "popularity", "ranker", "optimal"):
+    for name in ("heuristic", "popularity", "logreg", "ranker", "optimal"):
         assert report["policies"][name]["oracle_egmv_per_1k"] > 0
     best = report["policies"]["optimal"]["oracle_egmv_per_1k"]
     assert all(p["oracle_egmv_per_1k"] <= best for p in report["policies"].values())

@@ -70,6 +70,22 @@ class CandidateCache:
         return [self._cache[int(rid)] for rid in requests[C.REQUEST_ID]]
 
 
+def _logreg_egmv(paths: Paths, dataset: str, items: pd.DataFrame):
+    """The logistic-regression baseline's E[GMV] scorer, fitted on the train split (seconds)."""
+    from training.ranking.baselines import LogisticBaseline
+    from training.ranking.train import ranking_data, read_split
+
+    train = ranking_data(read_split(paths.home, dataset, "train"))
+    model = LogisticBaseline.fit(train.X, train.purchase, train.sample_weight)
+    index = pd.Index(items[C.ITEM_ID].to_numpy())
+    value = items[C.PRICE].to_numpy() * items[C.MARGIN].to_numpy()
+
+    def egmv(X: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict(X) * value[index.get_indexer(pd.Index(item_ids))])
+
+    return egmv
+
+
 def _model_policy(store, candidates: CandidateCache, score_fn, items: pd.DataFrame):
     """A policy: retrieval candidates, hard filters, request-time features, E[GMV] order."""
     from training.ranking.features import build_matrix
@@ -206,7 +222,9 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
         served = ServedScorer(stage, tables[C.ITEMS])
         retriever = load_retriever(stage, paths.home, dataset)
         candidates = CandidateCache(retriever, tables[C.ITEMS], cfg.candidates)
+        logreg = _logreg_egmv(paths, dataset, tables[C.ITEMS])
         models = {
+            "logreg": _model_policy(store, candidates, logreg, tables[C.ITEMS]),
             "ranker": _model_policy(store, candidates, served.egmv, tables[C.ITEMS]),
             "optimal_over_candidates": _oracle_over_candidates(oracle, candidates, cfg.k),
         }

@@ -65,19 +65,16 @@ def load_dataset(paths: Paths, dataset: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no training sets at {folder}: run `homefeed dataset {dataset}` first"
         )
-    features = json.loads(manifest_path.read_text())["feature_columns"]
+    from training.ranking.features import FEATURE_SCHEMA, build_matrix
+
     parts = {name: pd.read_parquet(folder / f"{name}.parquet") for name in ("train", "valid")}
     return {
         "source": f"dataset {dataset}",
-        "features": len(features),
-        "train": (
-            parts["train"][features].to_numpy(np.float32),
-            parts["train"][C.LABEL_PURCHASE].to_numpy(np.int32),
-        ),
-        "valid": (
-            parts["valid"][features].to_numpy(np.float32),
-            parts["valid"][C.LABEL_PURCHASE].to_numpy(np.int32),
-        ),
+        "features": len(FEATURE_SCHEMA.names),
+        **{
+            name: (build_matrix(part), part[C.LABEL_PURCHASE].to_numpy(np.int32))
+            for name, part in parts.items()
+        },
     }
 
 

@@ -32,6 +32,17 @@ TARGET_ECE = 0.01
 HEAVY_USER_CLICKS_30D = 5
 
 
+class ItemValue:
+    """price x margin of items by id: what a purchase is worth, E[GMV] = p x this."""
+
+    def __init__(self, items: pd.DataFrame):
+        self._index = pd.Index(items[C.ITEM_ID].to_numpy())
+        self._value = items[C.PRICE].to_numpy() * items[C.MARGIN].to_numpy()
+
+    def __call__(self, item_ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self._value[self._index.get_indexer(pd.Index(item_ids))])
+
+
 class ServedScorer:
     """The served score from a staging folder: compiled p(purchase) -> isotonic -> E[GMV]."""
 
@@ -41,13 +52,10 @@ class ServedScorer:
 
         self.scorer = CompiledScorer(stage / B.COMPILED_MODEL)
         self.calibrator = Calibrator.from_dict(json.loads((stage / B.CALIBRATOR).read_text()))
-        index = pd.Index(items[C.ITEM_ID].to_numpy())
-        self._index = index
-        self._value = items[C.PRICE].to_numpy() * items[C.MARGIN].to_numpy()
+        self.value = ItemValue(items)
 
     def egmv(self, X: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-        p = self.calibrator.apply(self.scorer.predict(X))
-        return np.asarray(p * self._value[self._index.get_indexer(pd.Index(item_ids))])
+        return np.asarray(self.calibrator.apply(self.scorer.predict(X)) * self.value(item_ids))
 
 
 class CandidateCache:
@@ -77,11 +85,10 @@ def _logreg_egmv(paths: Paths, dataset: str, items: pd.DataFrame):
 
     train = ranking_data(read_split(paths.home, dataset, "train"))
     model = LogisticBaseline.fit(train.X, train.purchase, train.sample_weight)
-    index = pd.Index(items[C.ITEM_ID].to_numpy())
-    value = items[C.PRICE].to_numpy() * items[C.MARGIN].to_numpy()
+    value = ItemValue(items)
 
     def egmv(X: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-        return np.asarray(model.predict(X) * value[index.get_indexer(pd.Index(item_ids))])
+        return np.asarray(model.predict(X) * value(item_ids))
 
     return egmv
 

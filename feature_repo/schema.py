@@ -84,6 +84,11 @@ DEFAULTS: dict[str, float | int | str] = {
     "in_stock": 1,
 }
 
+# Batch views are snapshots: daily for the simulator, weekly for long real-data windows (a
+# year of Complete Journey). Their TTL covers one weekly stride plus a missed run; a staler
+# row is no longer the entity's state and reads as missing (DEFAULTS).
+SNAPSHOT_TTL_DAYS = 8
+
 # The affinity vector is read per user; a training row (and serving, per candidate) keeps
 # only the entry of the candidate's category: a user x item feature.
 AFFINITY_VECTOR = "category_affinity"

@@ -30,10 +30,7 @@ def _fields(view: str) -> list[Field]:
     return [Field(name=name, dtype=_TYPES[kind]) for name, kind in S.FEATURES[view].items()]
 
 
-# Snapshots are daily for the simulator and weekly for long real-data windows (e.g. a year
-# of Complete Journey); the TTL covers one weekly stride plus a missed run. A staler row is
-# no longer the entity's state and reads as missing (the defaults in schema.DEFAULTS).
-SNAPSHOT_TTL = timedelta(days=8)
+SNAPSHOT_TTL = timedelta(days=S.SNAPSHOT_TTL_DAYS)  # see schema.SNAPSHOT_TTL_DAYS
 
 user_profile = FeatureView(
     name=S.USER_PROFILE,

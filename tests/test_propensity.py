@@ -33,7 +33,7 @@ def _synthetic(
         {
             C.IMPRESSION_ID: np.arange(len(pos)),
             C.POSITION: pos,
-            C.POLICY: np.where(np.arange(len(pos)) % 2 == 0, C.POLICY_RANDOM, C.POLICY_RANDOM),
+            C.POLICY: C.POLICY_RANDOM,
         }
     )
     return imp, pd.DataFrame({C.IMPRESSION_ID: imp[C.IMPRESSION_ID][clicked]})

@@ -31,10 +31,9 @@ ONLINE_STORES = ("sqlite", "redis")
 
 def store_env(paths: Paths, dataset: str, online: str, redis: str | None) -> dict[str, str]:
     """The variables feature_store*.yaml reads, for one dataset."""
-    feast_dir = paths.data / dataset / "feast"
     env = {
-        "HOMEFEED_FEAST_REGISTRY": str(feast_dir / "registry.db"),
-        "HOMEFEED_FEAST_ONLINE_PATH": str(feast_dir / "online.db"),
+        "HOMEFEED_FEAST_REGISTRY": str(paths.feast(dataset) / "registry.db"),
+        "HOMEFEED_FEAST_ONLINE_PATH": str(paths.feast(dataset) / "online.db"),
     }
     if online == "redis":
         if not redis:
@@ -58,7 +57,7 @@ def open_store(
     if online not in ONLINE_STORES:
         raise ValueError(f"online store must be one of {ONLINE_STORES}, got {online!r}")
     redis = redis or os.environ.get("HOMEFEED_REDIS")
-    (paths.data / dataset / "feast").mkdir(parents=True, exist_ok=True)
+    paths.feast(dataset).mkdir(parents=True, exist_ok=True)
     yaml_name = "feature_store.yaml" if online == "sqlite" else "feature_store.redis.yaml"
     features_dir = paths.features(dataset)
     features_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +120,3 @@ def materialize(store: FeatureStore, end: pd.Timestamp, start: pd.Timestamp | No
     start = start if start is not None else end - pd.Timedelta(days=30)
     store.materialize(start_date=start.to_pydatetime(), end_date=end.to_pydatetime())
     return time.perf_counter() - started
-
-
-def feast_dir(paths: Paths, dataset: str) -> Path:
-    return paths.data / dataset / "feast"

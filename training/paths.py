@@ -42,11 +42,9 @@ class Paths:
         """The simulator's hidden parameters: never read by a feature or training stage."""
         return self.data / dataset / "ground_truth"
 
-    def online_store(self, dataset: str) -> Path:
-        return self.data / dataset / "online_store.db"
-
-    def feast_registry(self, dataset: str) -> Path:
-        return self.data / dataset / "feast_registry.db"
+    def feast(self, dataset: str) -> Path:
+        """Feast's file registry and SQLite online store of one dataset."""
+        return self.data / dataset / "feast"
 
     @property
     def reports(self) -> Path:

@@ -61,7 +61,7 @@ def _fmt(x: Any) -> str:
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
     """eval.json plus eval.md (tables of the main figures) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2, default=json_default))
     lines = [
         f"# homefeed evaluation — preset {report.get('preset')}, bundle "
         f"{report.get('bundle_version')}",
@@ -104,13 +104,14 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         ]
         for key, value in block.items():
             if isinstance(value, dict | list):
-                value = json.dumps(value, default=_json_default)[:200]
+                value = json.dumps(value, default=json_default)[:200]
             lines.append(f"| {key} | {_fmt(value)} |")
         lines.append("")
     (out_dir / "eval.md").write_text("\n".join(lines))
 
 
-def _json_default(x: Any) -> Any:
+def json_default(x: Any) -> Any:
+    """numpy scalars and arrays as plain JSON values; anything else as its str."""
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, np.ndarray):

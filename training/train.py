@@ -23,6 +23,7 @@ import pandas as pd
 
 from training import bundle as B
 from training.paths import Paths
+from training.report import json_default
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,7 @@ def _save_report(stage_dir: Path, stage: str, report: dict[str, Any]) -> None:
     reports = _reports(stage_dir)
     reports[stage] = report
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / STAGE_REPORT).write_text(json.dumps(reports, indent=2, default=_plain))
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
+    (stage_dir / STAGE_REPORT).write_text(json.dumps(reports, indent=2, default=json_default))
 
 
 def _manifest(paths: Paths, dataset: str) -> dict[str, Any]:

@@ -26,8 +26,8 @@ from training.timeutil import NS_PER_DAY, to_ns
 
 log = logging.getLogger(__name__)
 
-# feature_repo/views.py SNAPSHOT_TTL (not imported: that module imports feast)
-AFFINITY_TTL_NS = 8 * NS_PER_DAY
+# the batch views' TTL (feature_repo/views.py reads the same constant)
+AFFINITY_TTL_NS = S.SNAPSHOT_TTL_DAYS * NS_PER_DAY
 USER_VIEWS = (S.USER_PROFILE, S.USER_RECENT_ACTIVITY)
 VOCABULARIES: dict[str, tuple[str, ...]] = {C.COUNTRY: C.COUNTRIES, C.DEVICE: C.DEVICES}
 LABELS = (C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE)

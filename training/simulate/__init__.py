@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -58,7 +57,3 @@ def simulate(cfg: SimConfig) -> SimulationResult:
     stats["seconds"] = time.perf_counter() - started
     log.info("simulated %s in %.1fs", cfg.preset, stats["seconds"])
     return SimulationResult(cfg, tables, world.truth, stats)
-
-
-def save_ground_truth(result: SimulationResult, directory: Path) -> None:
-    result.truth.save(directory)

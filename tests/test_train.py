@@ -33,6 +33,8 @@ def test_every_stage_reports(trained):
 
 def test_eval_report_holds_the_contract(trained, home):
     report = json.loads((home.reports / "eval.json").read_text())
+    assert report["bundle_version"] == trained["register"]["bundle_version"]
+    assert report["preset"] == "tiny"
     for section, keys in CONTRACT.items():
         for key in keys:
             assert key in report[section], f"{section}.{key}"
@@ -41,7 +43,8 @@ def test_eval_report_holds_the_contract(trained, home):
         assert report["policies"][name]["oracle_egmv_per_1k"] > 0
     best = report["policies"]["optimal"]["oracle_egmv_per_1k"]
     assert all(p["oracle_egmv_per_1k"] <= best for p in report["policies"].values())
-    assert (home.reports / "eval.md").read_text().startswith("# homefeed evaluation")
+    markdown = (home.reports / "eval.md").read_text()
+    assert markdown.startswith("# homefeed evaluation") and report["bundle_version"] in markdown
     assert (home.reports / "reliability.png").exists() and (home.reports / "policies.png").exists()
 
 

@@ -128,6 +128,7 @@ def stage_register(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, An
     manifest = _manifest(paths, dataset)
     version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{dataset}"
     target = paths.artifacts / "bundles" / version
+    _stamp_eval_reports(version, stage / B.EVAL_DIR / "eval.json", paths.reports / "eval.json")
     shutil.copytree(stage, target, ignore=shutil.ignore_patterns(STAGE_REPORT))
     reports = _reports(stage)
     metrics = _flat_metrics(reports.get("evaluate", {}))
@@ -153,6 +154,18 @@ def stage_register(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, An
         "aliases": aliases,
         "path": str(target),
     }
+
+
+def _stamp_eval_reports(version: str, *reports: Path) -> None:
+    """Name the bundle in the evaluation reports (eval.json and eval.md, written before the
+    bundle had a version)."""
+    from training.report import write_report
+
+    for path in reports:
+        if path.exists():
+            report = json.loads(path.read_text())
+            report["bundle_version"] = version
+            write_report(report, path.parent)
 
 
 def _flat_metrics(report: dict[str, Any], prefix: str = "") -> dict[str, float]:

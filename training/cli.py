@@ -182,5 +182,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """Console-script entry. DuckDB's bindings (Feast's offline store) print dozens of
+    "nanobind: leaked" lines at interpreter teardown; once our output is flushed, leave
+    without that teardown, with our exit code."""
+    import os
+
+    code = main()
+    if "duckdb" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -3,6 +3,8 @@ stage on the tiny preset through the real Feast store."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +15,7 @@ from training.dataset import (
     EXAMINATION,
     IPS_WEIGHT,
     DatasetConfig,
+    add_sampled_negatives,
     downsample,
     label_impressions,
     plan_split,
@@ -29,6 +32,47 @@ def test_split_follows_the_ratio_and_stops_a_label_window_before_the_end():
     assert s.test_end == START + pd.Timedelta(days=74)
     with pytest.raises(ValueError, match="leaves 2 labelled days"):
         plan_split(START, START + pd.Timedelta(days=9), DatasetConfig())
+
+
+def test_weekly_split_units_fall_on_whole_weeks():
+    s = plan_split(START, START + pd.Timedelta(days=365), DatasetConfig(split_unit_days=7))
+    bounds = (s.train_start, s.train_end, s.valid_end, s.test_end)
+    for a, b in itertools.pairwise(bounds):
+        assert (b - a).days % 7 == 0 and (b - a).days >= 7
+    assert s.test_end <= START + pd.Timedelta(days=365 - 7)
+
+
+def test_sampled_negatives_share_the_request_and_never_repeat_its_purchases():
+    n_items, rows = 50, 400
+    rng = np.random.default_rng(0)
+    imp = pd.DataFrame(
+        {
+            C.IMPRESSION_ID: np.arange(rows, dtype=np.int64),
+            C.REQUEST_ID: np.arange(rows, dtype=np.int64) // 4,
+            C.USER_ID: np.arange(rows, dtype=np.int64) // 8,
+            C.ITEM_ID: rng.integers(0, 5, rows),  # purchases concentrate on items 0..4
+            C.TS: START + pd.to_timedelta(np.arange(rows), unit="min"),
+            C.POLICY: C.POLICY_ORGANIC,
+            C.LABEL_CLICK: np.int8(0),
+            C.LABEL_ATC: np.int8(0),
+            C.LABEL_PURCHASE: np.int8(1),
+            C.SPLIT: "train",
+        }
+    )
+    items = pd.DataFrame({C.ITEM_ID: np.arange(n_items, dtype=np.int64)})
+    out = add_sampled_negatives(imp, items, 3, seed=1)
+    neg = out[out[C.POLICY] == C.POLICY_SAMPLED]
+    assert len(imp) < len(out) <= len(imp) * 4
+    assert (neg[C.LABEL_PURCHASE] == 0).all() and neg[C.IMPRESSION_ID].is_unique
+    assert not set(neg[C.IMPRESSION_ID]) & set(imp[C.IMPRESSION_ID])
+    bought = set(zip(imp[C.REQUEST_ID], imp[C.ITEM_ID], strict=True))
+    assert not bought & set(zip(neg[C.REQUEST_ID], neg[C.ITEM_ID], strict=True))
+    # popularity-weighted: the five bought items are drawn far above their 10 % catalogue share
+    assert neg[C.ITEM_ID].isin(range(5)).mean() > 0.5
+    # a negative keeps its request's user and time
+    first = imp.drop_duplicates(C.REQUEST_ID).set_index(C.REQUEST_ID)
+    assert (first.loc[neg[C.REQUEST_ID], C.USER_ID].to_numpy() == neg[C.USER_ID].to_numpy()).all()
+    assert add_sampled_negatives(imp, items, 0, seed=1) is imp
 
 
 def test_purchase_label_needs_the_purchase_within_the_window(tables):

@@ -380,3 +380,27 @@ def test_recall_groups_by_user_day_and_queries_the_first_request():
 def test_interleave_alternates_and_drops_duplicates():
     merged = interleave(np.array([[1, 2, 3]]), np.array([[2, 9, -1]]), 4)
     assert merged.tolist() == [[1, 2, 9, 3]]
+
+
+def test_history_orders_by_count_then_recency_and_caps():
+    from training.retrieval.history import History, history_first
+
+    user = np.array([7, 7, 7, 7, 3, 7])
+    item = np.array([10, 11, 11, 12, 10, 13])
+    ts = np.array([1, 2, 3, 9, 5, 4])
+    h = History.from_engagements(user, item, ts, max_items=3)
+    assert h.items_of(7).tolist() == [11, 12, 13]  # 11 twice; then the latest of the singles
+    assert h.items_of(3).tolist() == [10]
+    assert h.items_of(5).tolist() == [] and h.items_of(99).tolist() == []
+    merged = history_first(np.array([[4, 2, -1]]), np.array([[2, 5, 6, 7]]), 4)
+    assert merged.tolist() == [[4, 2, 5, 6]]
+    assert history_first(np.array([[-1]]), np.array([[1, -1]]), 3).tolist() == [[1, -1, -1]]
+
+
+def test_history_round_trips(tmp_path):
+    from training.retrieval.history import History
+
+    h = History.from_engagements(np.array([1, 2, 2]), np.array([5, 6, 7]), np.array([1, 2, 3]))
+    h.save(tmp_path / "h.npz")
+    loaded = History.load(tmp_path / "h.npz")
+    assert [loaded.items_of(u).tolist() for u in (1, 2)] == [[5], [7, 6]]

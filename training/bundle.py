@@ -16,6 +16,8 @@ Layout (paths relative to the bundle root; every file is listed with its sha256 
     retrieval/item_embeddings.npy
     retrieval/scann/             ScaNN index (serialized)
     retrieval/config.json        tower and index parameters
+    retrieval/popular.json       popularity lists by (country, device): cold start, fallback
+    retrieval/history.npz        each user's engaged items before the test period (history source)
     eval/                        eval.json, eval.md and plots of the run that made it
 """
 
@@ -33,6 +35,8 @@ ITEM_IDS = "retrieval/item_ids.npy"
 ITEM_EMBEDDINGS = "retrieval/item_embeddings.npy"
 SCANN_DIR = "retrieval/scann"
 RETRIEVAL_CONFIG = "retrieval/config.json"
+POPULAR = "retrieval/popular.json"
+HISTORY = "retrieval/history.npz"
 EVAL_DIR = "eval"
 
 REGISTERED_MODEL = "homefeed-ranker"

@@ -92,7 +92,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
-    run_demo(Paths.from_env(), args.preset, train_models=not args.no_train)
+    run_demo(
+        Paths.from_env(), args.preset, train_models=not args.no_train, real_data=not args.no_real
+    )
     return 0
 
 
@@ -163,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="simulate -> validate -> features -> training sets -> train")
     p.add_argument("--preset", default="small")
     p.add_argument("--no-train", action="store_true", help="stop after the training sets")
+    p.add_argument(
+        "--no-real", action="store_true", help="skip the Complete Journey evaluation (~3 min)"
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

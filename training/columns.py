@@ -68,6 +68,9 @@ POLICY_RANDOM = "random"
 # propensity is null. Never used for position-bias estimation or IPS.
 POLICY_ORGANIC = "organic"
 POLICIES = (POLICY_HEURISTIC, POLICY_RANDOM, POLICY_ORGANIC)
+# Training-set rows only, never in the event tables: an item sampled as a negative for an
+# organic purchase in purchase-only data (Complete Journey), where nothing unbought was shown.
+POLICY_SAMPLED = "sampled_negative"
 DEVICES = ("ios", "android", "web")
 COUNTRIES = ("US", "GB", "DE", "FR", "CA")
 SPLITS = ("train", "valid", "test")

@@ -45,6 +45,10 @@ class DatasetConfig:
     eval_negative_rate: float = 1.0  # the same for valid / test; 1 keeps whole feeds
     max_position: int = 20  # slots the examination curve is estimated for
     min_propensity: float = 0.05  # IPS weights are clipped at 1 / min_propensity
+    # Purchase-only data (no feed was logged) has no negatives: each organic purchase row gets
+    # this many items sampled by train-period purchase popularity as label-0 rows (0: none).
+    sampled_negatives: int = 0
+    split_unit_days: int = 1  # split boundaries fall on multiples of this (7: whole weeks)
     seed: int = 11
 
 
@@ -60,19 +64,23 @@ class Split:
 
 
 def plan_split(start: pd.Timestamp, end: pd.Timestamp, cfg: DatasetConfig) -> Split:
-    """Whole days, in the ratio ``split_ratio``, ending ``label_window_days`` before ``end``."""
+    """Whole units of ``split_unit_days`` days, in the ratio ``split_ratio``, ending at least
+    ``label_window_days`` before ``end``."""
     start = start.floor("D")
-    usable = int((end - start) / pd.Timedelta(days=1)) - cfg.label_window_days
+    unit = max(1, cfg.split_unit_days)
+    days = int((end - start) / pd.Timedelta(days=1)) - cfg.label_window_days
+    usable = days // unit
     if usable < 3:
         raise ValueError(
-            f"data window {start.date()}..{end.date()} leaves {usable} labelled days after the "
-            f"{cfg.label_window_days}-day label window; need at least 3 (train, valid, test)"
+            f"data window {start.date()}..{end.date()} leaves {days} labelled days after the "
+            f"{cfg.label_window_days}-day label window; need at least 3 units of {unit} day(s) "
+            "(train, valid, test)"
         )
     total = sum(cfg.split_ratio)
     valid = max(1, round(usable * cfg.split_ratio[1] / total))
     test = max(1, round(usable * cfg.split_ratio[2] / total))
     train = usable - valid - test
-    day = pd.Timedelta(days=1)
+    day = pd.Timedelta(days=unit)
     return Split(
         start,
         start + train * day,
@@ -96,6 +104,46 @@ def label_impressions(tables: dict[str, pd.DataFrame], label_window_days: int) -
     for col in (C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE):
         imp[col] = imp[col].astype(np.int8)
     return imp
+
+
+def add_sampled_negatives(
+    imp: pd.DataFrame, items: pd.DataFrame, k: int, seed: int
+) -> pd.DataFrame:
+    """``imp`` plus ``k`` label-0 rows per organic purchase row: the same request, user and
+    time with an item drawn by train-split purchase popularity (add-one smoothed over the
+    catalogue), never an item of the same request. Policy ``POLICY_SAMPLED``, weight 1.
+
+    Popularity sampling makes the negatives plausible purchases, so the model must learn who
+    buys what rather than what sells; the train split alone sets the distribution so the test
+    period's popularity does not leak into its own negatives.
+    """
+    organic = imp[(imp[C.POLICY] == C.POLICY_ORGANIC) & (imp[C.LABEL_PURCHASE] > 0)]
+    if k <= 0 or organic.empty:
+        return imp
+    rng = np.random.default_rng(seed)
+    catalogue = items[C.ITEM_ID].to_numpy(np.int64)
+    bought = organic.loc[organic[C.SPLIT] == "train", C.ITEM_ID].to_numpy(np.int64)
+    counts = pd.Series(bought).value_counts().reindex(catalogue).fillna(0).to_numpy()
+    weights = (counts + 1.0) / (counts + 1.0).sum()
+    n = len(organic) * k
+    drawn = catalogue[rng.choice(len(catalogue), size=n, p=weights)]
+    rows = organic.loc[organic.index.repeat(k)].reset_index(drop=True)
+    rows[C.ITEM_ID] = drawn
+    # an item the request bought is not a negative of that request
+    key = pd.MultiIndex.from_arrays([organic[C.REQUEST_ID].to_numpy(), organic[C.ITEM_ID]])
+    clash = pd.MultiIndex.from_arrays([rows[C.REQUEST_ID].to_numpy(), drawn]).isin(key)
+    rows = rows[~clash]
+    rows[C.POLICY] = C.POLICY_SAMPLED
+    for col in (C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE):
+        rows[col] = np.int8(0)
+    rows[C.IMPRESSION_ID] = imp[C.IMPRESSION_ID].max() + 1 + np.arange(len(rows), dtype=np.int64)
+    log.info(
+        "sampled %d negatives for %d organic purchases (%d drawn items were the request's own)",
+        len(rows),
+        len(organic),
+        int(clash.sum()),
+    )
+    return pd.concat([imp, rows], ignore_index=True)
 
 
 def assign_split(imp: pd.DataFrame, split: Split) -> pd.Series:
@@ -210,6 +258,7 @@ def build_training_sets(
     imp[C.SPLIT] = assign_split(imp, split)
     censored = int(imp[C.SPLIT].isna().sum())
     imp = imp[imp[C.SPLIT].notna()]
+    imp = add_sampled_negatives(imp, tables[C.ITEMS], cfg.sampled_negatives, cfg.seed)
 
     # examination propensities from the randomized traffic before the test period
     history = imp[imp[C.TS] < split.valid_end]
@@ -220,7 +269,7 @@ def build_training_sets(
     else:
         log.warning("no randomized traffic: examination propensities set to 1 (no IPS)")
         exam = np.ones(len(imp))
-    organic = (imp[C.POLICY] == C.POLICY_ORGANIC).to_numpy()
+    organic = imp[C.POLICY].isin([C.POLICY_ORGANIC, C.POLICY_SAMPLED]).to_numpy()
     imp[EXAMINATION] = np.where(organic, 1.0, exam)
     imp[IPS_WEIGHT] = 1.0 / np.maximum(imp[EXAMINATION].to_numpy(), cfg.min_propensity)
     add_context(imp)

@@ -30,6 +30,38 @@ TARGET_UPLIFT_OVER_HEURISTIC = 0.15
 TARGET_SHARE_OF_OPTIMAL = 0.80
 TARGET_ECE = 0.01
 HEAVY_USER_CLICKS_30D = 5
+# real-data evaluations a simulator report quotes: report section -> dataset name
+REAL_DATA_SECTIONS = {"complete_journey": "completejourney"}
+TARGET_REAL_RECALL_RATIO = 1.2
+
+
+def reports_dir(paths: Paths, dataset: str, simulated: bool) -> Path:
+    """Simulator runs write ``reports/``; a real dataset writes ``reports/<dataset>/`` so it
+    never overwrites the simulator's report."""
+    return paths.reports if simulated else paths.reports / dataset
+
+
+def real_data_section(paths: Paths, dataset: str) -> dict[str, Any] | None:
+    """The headline figures of a real dataset's evaluation, when it has been run."""
+    path = reports_dir(paths, dataset, simulated=False) / "eval.json"
+    if not path.exists():
+        return None
+    real = json.loads(path.read_text())
+    retrieval = real.get("retrieval", {})
+    ranking = real.get("ranking", {})
+    recall = retrieval.get("recall_at_500")
+    popular = retrieval.get("popularity_recall_at_500")
+    return {
+        "dataset": dataset,
+        "recall_at_500": recall,
+        "popularity_recall_at_500": popular,
+        "recall_ratio_vs_popularity": recall / popular if recall and popular else None,
+        "recall_ratio_target": TARGET_REAL_RECALL_RATIO,
+        "auc": ranking.get("auc"),
+        "logloss": ranking.get("logloss"),
+        "auc_negatives": "sampled by train-period purchase popularity",
+        "test_rows": real.get("test_rows"),
+    }
 
 
 class ItemValue:
@@ -214,8 +246,15 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
         "p99_ms_500": latency.get("lightgbm", {}).get("p99_ms"),
     }
 
+    report["test_rows"] = manifest["rows"]["test"]
     truth_dir = paths.ground_truth(dataset)
-    if (truth_dir / "ground_truth.npz").exists():
+    simulated = (truth_dir / "ground_truth.npz").exists()
+    if simulated:
+        for section, real_dataset in REAL_DATA_SECTIONS.items():
+            found = real_data_section(paths, real_dataset)
+            if found is not None:
+                report[section] = found
+    if simulated:
         from training.policy_eval import evaluate_policies
         from training.retrieval.retriever import load_retriever
         from training.simulate import Oracle
@@ -272,8 +311,9 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
         policy_plot(report["policies"], out / "policies.png")
     report["seconds"] = time.perf_counter() - started
     write_report(report, out)
-    paths.reports.mkdir(parents=True, exist_ok=True)
+    published = reports_dir(paths, dataset, simulated)
+    published.mkdir(parents=True, exist_ok=True)
     for name in ("eval.json", "eval.md", "reliability.png", "policies.png"):
         if (out / name).exists():
-            shutil.copy(out / name, paths.reports / name)
+            shutil.copy(out / name, published / name)
     return report

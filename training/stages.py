@@ -162,16 +162,31 @@ def features_stage(
     return out
 
 
+PURCHASE_ONLY_NEGATIVES = 2  # sampled negatives per purchase when no feed was logged
+
+
+def dataset_defaults(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> dict[str, Any]:
+    """Training-set settings the data calls for: weekly split units for weekly snapshots, and
+    for purchase-only data (every impression organic, no clicks) sampled negatives, all kept."""
+    out: dict[str, Any] = {"split_unit_days": int(meta.get("snapshot_days", 1))}
+    imp = tables[C.IMPRESSIONS]
+    if len(imp) and tables[C.CLICKS].empty and (imp[C.POLICY] == C.POLICY_ORGANIC).all():
+        out.update(sampled_negatives=PURCHASE_ONLY_NEGATIVES, negative_rate=1.0)
+    return out
+
+
 def dataset_stage(paths: Paths, dataset: str, **cfg_overrides: Any) -> dict[str, Any]:
     """Labels, split, downsampling, propensities, Feast point-in-time join."""
     from training import feature_store
     from training.dataset import DatasetConfig, build_training_sets
 
     meta = read_meta(paths, dataset)
+    tables = load_raw(paths, dataset)
+    overrides = {**dataset_defaults(tables, meta), **cfg_overrides}
     store = feature_store.open_store(dataset, paths=paths)
-    cfg = DatasetConfig(**cfg_overrides)
+    cfg = DatasetConfig(**overrides)
     return build_training_sets(
-        load_raw(paths, dataset),
+        tables,
         store,
         paths.training_sets(dataset),
         cfg,

@@ -121,6 +121,7 @@ def stage_evaluate(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, An
 
 
 def stage_register(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
+    from training.evaluate import reports_dir
     from training.registry import Registry, write_manifest
 
     stage = staging_dir(paths, dataset)
@@ -128,7 +129,9 @@ def stage_register(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, An
     manifest = _manifest(paths, dataset)
     version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{dataset}"
     target = paths.artifacts / "bundles" / version
-    _stamp_eval_reports(version, stage / B.EVAL_DIR / "eval.json", paths.reports / "eval.json")
+    simulated = paths.ground_truth(dataset).joinpath("ground_truth.npz").exists()
+    published = reports_dir(paths, dataset, simulated) / "eval.json"
+    _stamp_eval_reports(version, stage / B.EVAL_DIR / "eval.json", published)
     shutil.copytree(stage, target, ignore=shutil.ignore_patterns(STAGE_REPORT))
     reports = _reports(stage)
     metrics = _flat_metrics(reports.get("evaluate", {}))

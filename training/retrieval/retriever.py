@@ -1,5 +1,6 @@
-"""Retrieval for offline replay: requests -> user features as of each request (the same
-Feast join as training) -> numpy user tower -> ScaNN top-n item ids."""
+"""Retrieval for offline replay, as serving does it: the user's history (items engaged with
+before the bundle's test period) first, then requests -> user features as of each request
+(the same Feast join as training) -> numpy user tower -> ScaNN top-n item ids."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from training import columns as C
 from training.paths import Paths
 from training.retrieval.ann import load_index, search
 from training.retrieval.features import AffinitySnapshots, user_features
+from training.retrieval.history import History
 from training.retrieval.numpy_tower import UserTower
 
 if TYPE_CHECKING:
@@ -30,6 +32,8 @@ class Retriever:
         self.tower = UserTower.load(bundle_dir / B.USER_TOWER)
         self.item_ids = np.load(bundle_dir / B.ITEM_IDS)
         self.searcher = load_index(bundle_dir / B.SCANN_DIR)
+        history = bundle_dir / B.HISTORY
+        self.history = History.load(history) if history.exists() else None
         self.affinity = AffinitySnapshots.read(
             paths.features(dataset) / f"{S.USER_CATEGORY_AFFINITY}.parquet"
         )
@@ -49,7 +53,15 @@ class Retriever:
         spec = self.tower.spec
         queries = self.tower.embed(user_features(rows, spec, self.affinity))
         found = search(self.searcher, queries, n)
-        return [self.item_ids[r[r >= 0]] for r in found]
+        out = [self.item_ids[r[r >= 0]] for r in found]
+        if self.history is None:
+            return out
+        merged = []
+        for user, ann_ids in zip(requests[C.USER_ID].to_numpy(), out, strict=True):
+            ids = np.concatenate([self.history.items_of(int(user)), ann_ids])
+            _, first = np.unique(ids, return_index=True)
+            merged.append(ids[np.sort(first)][:n])
+        return merged
 
 
 def load_retriever(bundle_dir: Path, home: Path, dataset: str) -> Retriever:

@@ -49,6 +49,7 @@ from training.retrieval.features import (
     user_features,
     user_input_spec,
 )
+from training.retrieval.history import History, history_first
 from training.retrieval.numpy_tower import InputSpec, UserTower
 from training.retrieval.towers import (
     Examples,
@@ -65,7 +66,7 @@ from training.timeutil import NS_PER_DAY, to_ns
 
 log = logging.getLogger(__name__)
 
-POPULAR = "retrieval/popular.json"
+POPULAR = bundle.POPULAR
 FALLBACK_WINDOW_DAYS = 7
 PARITY_ROWS = 256
 HEADLINE = ("purchase", "click")  # the groups of the report's top-level recall figures
@@ -253,6 +254,7 @@ def train_retrieval(
     k = min(k, len(data.catalog))
     tower, item_emb, parity = _export(fitted, data, prep, out_dir)
     fallback = _write_popular(data, out_dir, k)
+    history = _write_history(data, out_dir)
     groups, queries = _test_groups(data, tower)
     rng = np.random.default_rng(seed)
     pool = np.concatenate([queries[n] for n in HEADLINE])
@@ -268,7 +270,7 @@ def train_retrieval(
     report: dict[str, Any] = {
         "dataset": dataset,
         "k": k,
-        **_recall_metrics(data, groups, queries, item_emb, searcher, fallback, k),
+        **_recall_metrics(data, groups, queries, item_emb, searcher, fallback, history, k),
         f"ann_recall_at_{k}_vs_exact": ann_recall,
         "query_p50_ms": float(np.percentile(ms, 50)),
         "query_p99_ms": float(np.percentile(ms, 99)),
@@ -305,11 +307,13 @@ def _recall_metrics(
     item_emb: np.ndarray,
     searcher: Any,
     fallback: dict[str, Any],
+    history: History,
     k: int,
 ) -> dict[str, Any]:
-    """Recall@k of the model (exact and through the index), of popularity (top-k by train
-    clicks), of the fallback lists and of the model interleaved with the fallback; plus a
-    recall curve over smaller K."""
+    """Recall@k of what serving retrieves (the user's history, then the tower's neighbours),
+    of the tower alone (exact and through the index), of popularity (top-k by train clicks),
+    of the fallback lists and of the model interleaved with the fallback; plus a recall
+    curve over smaller K."""
     catalog = data.catalog
     train = data.splits["train"]
     # popularity by train clicks; a purchases-only dataset (Complete Journey) has none, so
@@ -323,17 +327,24 @@ def _recall_metrics(
     fallback_rows = {
         n: _fallback_rows(fallback, catalog, data.users, g, k) for n, g in groups.items()
     }
+    history_rows = {n: _history_rows(history, catalog, g, k) for n, g in groups.items()}
+    served = {n: history_first(history_rows[n], exact[n], k) for n in groups}
+    served_ann = {n: history_first(history_rows[n], via_ann[n], k) for n in HEADLINE}
     retrievers = {
+        "history+model": served,
         "model": exact,
         "popularity": popular_rows,
         "fallback": fallback_rows,
         "model+fallback": {n: interleave(exact[n], fallback_rows[n], k) for n in groups},
     }
     return {
-        f"recall_at_{k}": {n: recall_at_k(exact[n], groups[n]) for n in HEADLINE},
+        f"recall_at_{k}": {n: recall_at_k(served[n], groups[n]) for n in HEADLINE},
+        f"recall_at_{k}_via_ann": {n: recall_at_k(served_ann[n], groups[n]) for n in HEADLINE},
+        f"model_recall_at_{k}": {n: recall_at_k(exact[n], groups[n]) for n in HEADLINE},
+        f"history_recall_at_{k}": {n: recall_at_k(history_rows[n], groups[n]) for n in HEADLINE},
         f"popularity_recall_at_{k}": {n: recall_at_k(popular_rows, groups[n]) for n in HEADLINE},
         f"fallback_recall_at_{k}": {n: recall_at_k(fallback_rows[n], groups[n]) for n in HEADLINE},
-        f"recall_at_{k}_via_ann": {n: recall_at_k(via_ann[n], groups[n]) for n in HEADLINE},
+        f"model_recall_at_{k}_via_ann": {n: recall_at_k(via_ann[n], groups[n]) for n in HEADLINE},
         "recall_curve": _recall_curve(groups, retrievers, k),
     }
 
@@ -352,6 +363,29 @@ def _export(
         reference = fitted.user_net(torch.from_numpy(prep.parity_x)).numpy()
     parity = float(np.abs(tower.embed(prep.parity_x) - reference).max(initial=0.0))
     return tower, item_emb, parity
+
+
+def _history_rows(history: History, catalog: Catalog, groups: EvalGroups, k: int) -> np.ndarray:
+    """``(groups, k)`` catalog rows of each group's user history (-1 padded)."""
+    out = np.full((len(groups), k), -1, dtype=np.int64)
+    for g, user in enumerate(groups.user_id):
+        rows = catalog.rows_of(history.items_of(int(user)))[:k]
+        rows = rows[rows >= 0]
+        out[g, : len(rows)] = rows
+    return out
+
+
+def _write_history(data: RetrievalData, out_dir: Path) -> History:
+    """The history source as of the end of training: every train-split engagement."""
+    train = data.splits["train"]
+    engaged = positive(train)
+    history = History.from_engagements(
+        train[C.USER_ID].to_numpy(np.int64)[engaged],
+        train[C.ITEM_ID].to_numpy(np.int64)[engaged],
+        to_ns(train[C.EVENT_TIMESTAMP])[engaged],
+    )
+    history.save(out_dir / bundle.HISTORY)
+    return history
 
 
 def _write_popular(data: RetrievalData, out_dir: Path, k: int) -> dict[str, Any]:

@@ -12,8 +12,11 @@ PRESET ?= small
 # this machine kind's pip config lists local index folders that may not exist; pip warns per package
 PIP_NOISE := ^WARNING: Location 'file:
 export HOMEFEED_HOME ?= $(CURDIR)
+PROTO_SRC := $(shell find protos/homefeed -name '*.proto')
+PROTO_GEN := protos/gen
+PROTO_STAMP := $(PROTO_GEN)/.generated
 
-.PHONY: help setup system-deps demo test test-fast lint format lock clean
+.PHONY: help setup system-deps protos demo test test-fast lint format lock clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -25,7 +28,16 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | { grep -v "$(PIP_NOISE)" || true; }
 	touch $(STAMP)
 
-setup: $(STAMP) system-deps ## Create .venv from requirements.lock and install Debian packages the tests need
+# generated stubs live in protos/gen (git-ignored); a .pth file puts that folder on the venv's path
+$(PROTO_STAMP): $(PROTO_SRC) $(STAMP)
+	rm -rf $(PROTO_GEN) && mkdir -p $(PROTO_GEN)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(PROTO_GEN) --pyi_out=$(PROTO_GEN) --grpc_python_out=$(PROTO_GEN) $(PROTO_SRC)
+	echo "$(CURDIR)/$(PROTO_GEN)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/homefeed-protos.pth"
+	touch $(PROTO_STAMP)
+
+protos: $(PROTO_STAMP) ## Generate the gRPC Python stubs from protos/ (never edited by hand)
+
+setup: $(STAMP) $(PROTO_STAMP) system-deps ## Create .venv from requirements.lock and install Debian packages the tests need
 
 system-deps: ## Install redis-server (Debian) when it is missing
 	@command -v redis-server >/dev/null || bash scripts/install-system-deps.sh
@@ -55,4 +67,4 @@ lock: ## Re-resolve requirements.lock from pyproject.toml in a scratch venv
 	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
 clean: ## Remove generated data, reports and the venv
-	rm -rf $(VENV) data reports artifacts mlruns .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PROTO_GEN) data reports artifacts mlruns .pytest_cache .mypy_cache .ruff_cache

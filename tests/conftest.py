@@ -47,6 +47,22 @@ def tiny_dataset(home: Paths) -> dict:
     return {"dataset": sim["dataset"], "sim": sim, "features": features, "manifest": manifest}
 
 
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_dataset: dict, home: Paths) -> dict:
+    """Every `homefeed train` stage on sim-tiny with a small budget: a registered bundle
+    (``@challenger``; the first registration is also ``@champion``) and the stage reports."""
+    from training.train import STAGES, TrainConfig, train
+
+    cfg = TrainConfig(ranker_trials=2, ranker_seconds=15, eval_requests=120)
+    return train(home, tiny_dataset["dataset"], STAGES, cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_trained: dict, home: Paths) -> Path:
+    """The directory of the bundle ``tiny_trained`` registered."""
+    return home.artifacts / "bundles" / tiny_trained["register"]["bundle_version"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

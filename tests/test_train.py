@@ -8,7 +8,7 @@ import json
 import pytest
 
 from training import bundle as B
-from training.train import STAGES, TrainConfig, train
+from training.train import STAGES
 
 CONTRACT = {
     "policies": ["heuristic", "popularity", "logreg", "ranker", "optimal"],
@@ -21,9 +21,8 @@ CONTRACT = {
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dataset, home):
-    cfg = TrainConfig(ranker_trials=2, ranker_seconds=15, eval_requests=120)
-    return train(home, tiny_dataset["dataset"], STAGES, cfg)
+def trained(tiny_trained):
+    return tiny_trained
 
 
 def test_every_stage_reports(trained):

@@ -1,0 +1,1 @@
+"""The gRPC services of the homefeed mesh; shared plumbing lives in ``services.common``."""

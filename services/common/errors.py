@@ -1,0 +1,133 @@
+"""Domain errors that know their gRPC status, and the request checks every servicer uses.
+
+A servicer raises one of these; ``interceptors.ServiceInterceptor`` turns it into the status
+the client sees, with the message unchanged. A message says what was wrong and what would be
+right: ``page_size must be 1..100, got 500``.
+"""
+
+# The error classes are named after the gRPC status codes they carry, not "...Error".
+# ruff: noqa: N818
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import grpc
+import numpy as np
+from homefeed.common.v1 import common_pb2
+
+_INT64_MAX = np.iinfo(np.int64).max
+_SHOWN = 5  # offending values quoted in a message
+
+N = TypeVar("N", int, float)
+
+
+class ServiceError(Exception):
+    """An error with a gRPC status; the message is sent to the client as the status details."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def grpc_status_code(self) -> grpc.StatusCode:
+        return self.code
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def check_range(name: str, value: N, lo: N, hi: N) -> N:
+    """``value`` if ``lo <= value <= hi``, else InvalidArgument naming the field and bounds."""
+    if not lo <= value <= hi:  # also rejects NaN
+        raise InvalidArgument(f"{name} must be {lo}..{hi}, got {value}")
+    return value
+
+
+def _first(values: np.ndarray) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:_SHOWN])
+    return f"[{shown}, ...]" if len(values) > _SHOWN else f"[{shown}]"
+
+
+def check_ids(
+    name: str,
+    ids: Sequence[int] | np.ndarray,
+    max_len: int,
+    min_len: int = 0,
+    unique: bool = False,
+) -> np.ndarray:
+    """The ids as a 1-D int64 array, or InvalidArgument.
+
+    Rejects more than ``max_len`` or fewer than ``min_len`` ids, negative ids, non-integer
+    arrays and, with ``unique=True``, repeated ids. Accepts a proto repeated field directly.
+    """
+    n = len(ids)
+    if n > max_len:
+        raise InvalidArgument(f"{name} must have at most {max_len} ids, got {n}")
+    if n < min_len:
+        raise InvalidArgument(f"{name} must have at least {min_len} ids, got {n}")
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise InvalidArgument(f"{name} must be a flat list of ids, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise InvalidArgument(f"{name} must be integer ids, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > _INT64_MAX:
+        raise InvalidArgument(f"{name} must be ids in 0..{_INT64_MAX}, got {int(arr.max())}")
+    arr = arr.astype(np.int64, copy=False)
+    negative = arr[arr < 0]
+    if len(negative):
+        raise InvalidArgument(
+            f"{name} must be non-negative ids, got {len(negative)} negative: {_first(negative)}"
+        )
+    if unique:
+        values, counts = np.unique(arr, return_counts=True)
+        repeated = values[counts > 1]
+        if len(repeated):
+            raise InvalidArgument(
+                f"{name} must not repeat ids, got {len(repeated)} repeated: {_first(repeated)}"
+            )
+    return arr
+
+
+_SURFACES = (common_pb2.SURFACE_HOME, common_pb2.SURFACE_CHECKOUT)
+
+
+def check_surface(value: int, name: str = "surface") -> int:
+    """``value`` if it is SURFACE_HOME or SURFACE_CHECKOUT, else InvalidArgument."""
+    if value in _SURFACES:
+        return int(value)
+    allowed = ", ".join(common_pb2.Surface.Name(s) for s in _SURFACES)
+    try:
+        got = common_pb2.Surface.Name(value)
+    except ValueError:
+        got = str(value)
+    raise InvalidArgument(f"{name} must be one of {allowed}, got {got}")

@@ -1,0 +1,146 @@
+"""Server bootstrap shared by every service: build a grpc server with our interceptor, the
+stock health service and reflection; serve it until SIGTERM/SIGINT, then drain.
+
+A service's ``server.py`` is then only its own wiring::
+
+    settings = ServerSettings.from_env("ranking")
+    server, port, health = build_server(
+        settings, [RANKING_SERVICE_NAME], lambda s: add_RankingServiceServicer_to_server(svc, s)
+    )
+    serve(server, health, settings, on_stop=model.close)
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.interceptors import LatencyRecorder, ServiceInterceptor
+from services.common.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+READY_LINE = "HOMEFEED_READY port={port}"
+
+# What build_server made for each server: the bound port, so serve() can report it when
+# settings.port is 0, and the worker pool, so serve() can release its threads at the end.
+_built: weakref.WeakKeyDictionary[grpc.Server, tuple[int, ThreadPoolExecutor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def build_server(
+    settings: ServerSettings,
+    service_names: Sequence[str],
+    register: Callable[[grpc.Server], None],
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    recorder: LatencyRecorder | None = None,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A bound, not yet started server and the port it got (a free one when settings.port is 0).
+
+    ``service_names`` are the full proto names (``homefeed.ranking.v1.RankingService``) that
+    ``register`` adds; each is reported SERVING by health and listed by reflection. Pass a
+    ``recorder`` to read the per-method latency counters of ``ServiceInterceptor``.
+    """
+    executor = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="grpc-worker")
+    server = grpc.server(
+        executor,
+        interceptors=[ServiceInterceptor(recorder), *interceptors],
+        options=[
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # two servers must never share a port by accident (a stale one would get traffic)
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    register(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *service_names):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise OSError(f"cannot bind {address}: {err}") from err
+    if port == 0:
+        raise OSError(f"cannot bind {address}: the port is taken or the host is not local")
+    _built[server] = (port, executor)
+    return server, port, health_servicer
+
+
+def serve(
+    server: grpc.Server,
+    health_servicer: health.HealthServicer,
+    settings: ServerSettings,
+    on_stop: Callable[[], None] | None = None,
+    stop_event: threading.Event | None = None,
+) -> None:
+    """Start ``server`` and block until it has drained after a stop request.
+
+    A stop request is SIGTERM or SIGINT (handlers are installed when called from the main
+    thread) or ``stop_event`` being set, which is how tests and supervisors in-process stop
+    it. Then: health turns NOT_SERVING for every service (load balancers stop sending), the
+    server refuses new RPCs and gives in-flight ones ``settings.drain_seconds`` to finish,
+    ``on_stop`` runs (close channels, flush logs) once they have, and this returns.
+
+    Once listening it prints ``HOMEFEED_READY port=<port>`` on stdout for a supervisor.
+    """
+    stop = stop_event if stop_event is not None else threading.Event()
+    port, executor = _built.get(server, (settings.port, None))
+    previous = _install_signal_handlers(stop)
+    try:
+        server.start()
+        log.info("listening", extra={"port": port, "host": settings.host})
+        sys.stdout.write(READY_LINE.format(port=port) + "\n")
+        sys.stdout.flush()
+        stop.wait()
+        log.info("draining", extra={"port": port, "drain_seconds": settings.drain_seconds})
+        health_servicer.enter_graceful_shutdown()
+        server.stop(settings.drain_seconds).wait()
+        if on_stop is not None:
+            try:
+                on_stop()
+            except Exception:  # the server is down already; finish the shutdown regardless
+                log.exception("on_stop failed")
+        server.wait_for_termination()
+        if executor is not None:
+            executor.shutdown(wait=False)
+        log.info("stopped", extra={"port": port})
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+_Handler = Callable[[int, FrameType | None], object] | int | None
+
+
+def _install_signal_handlers(stop: threading.Event) -> dict[int, _Handler]:
+    """SIGTERM/SIGINT set ``stop``; returns the handlers they replaced. Signal handlers can
+    only be installed from the main thread; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.warning("already draining", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    previous: dict[int, _Handler] = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.getsignal(signum)
+        signal.signal(signum, on_signal)
+    return previous

@@ -1,0 +1,93 @@
+"""The ranking server: loads the model, then serves ``RankingService`` with health and
+reflection. ``python -m services.ranking`` runs ``main()``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import grpc
+from grpc_health.v1.health import HealthServicer
+from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+
+from services.common.errors import ServiceError
+from services.common.logs import configure_logging
+from services.common.server import build_server, serve
+from services.common.settings import SettingsError
+from services.ranking.scorer import ModelHolder
+from services.ranking.servicer import RankingServicer
+from services.ranking.settings import SERVICE, RankingSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+
+
+class StartupError(RuntimeError):
+    """The service cannot start: the message names the model source and the reason."""
+
+
+def load_model(settings: RankingSettings) -> ModelHolder:
+    """A holder serving the start-up model; StartupError naming the source otherwise."""
+    holder = ModelHolder(
+        default_target=settings.default_target,
+        cache_dir=settings.model_cache,
+        tracking_uri=settings.registry_uri,
+        allow_directories=settings.bundle_dir is not None,
+        served=settings.score,
+    )
+    try:
+        holder.reload()
+    except ServiceError as err:
+        raise StartupError(f"cannot load {settings.describe_source()}: {err}") from err
+    return holder
+
+
+def _build(settings: RankingSettings) -> tuple[grpc.Server, int, ModelHolder, HealthServicer]:
+    holder = load_model(settings)  # before build_server, which reports SERVING
+    if settings.admin_token is None:
+        log.warning("HOMEFEED_ADMIN_TOKEN is not set: admin RPCs (Reload) are open to every caller")
+    servicer = RankingServicer(holder, settings.admin_token)
+    server, port, health = build_server(
+        settings.server,
+        [SERVICE_NAME],
+        lambda s: ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, s),
+    )
+    model = holder.current()
+    log.info(
+        "ranking ready",
+        extra={
+            "port": port,
+            "source": settings.describe_source(),
+            "model_version": model.version,
+            "bundle_version": model.bundle_version,
+            "score": settings.score.value,
+        },
+    )
+    return server, port, holder, health
+
+
+def create_server(settings: RankingSettings) -> tuple[grpc.Server, int, ModelHolder]:
+    """A bound, not yet started server with the model loaded, its port (settings' port, a
+    free one for 0) and the model holder. Raises StartupError when the model cannot load."""
+    server, port, holder, _ = _build(settings)
+    return server, port, holder
+
+
+def main() -> int:
+    """Serve until SIGTERM/SIGINT; exit status 1 with the reason on stderr when the
+    settings or the model are unusable."""
+    try:
+        settings = RankingSettings.from_env()
+    except SettingsError as err:
+        sys.stderr.write(f"ranking: {err}\n")
+        return 1
+    configure_logging(SERVICE, settings.server.log_level)
+    try:
+        server, _, _, health = _build(settings)
+    except (StartupError, OSError) as err:
+        log.error("cannot start", extra={"reason": str(err)})
+        sys.stderr.write(f"ranking: {err}\n")
+        return 1
+    serve(server, health, settings.server)
+    return 0

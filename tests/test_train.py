@@ -62,3 +62,25 @@ def test_registered_bundle_loads_verified_by_alias(trained, home, tmp_path):
     assert (loaded / B.COMPILED_MODEL).exists() and (loaded / B.SCANN_DIR).is_dir()
     with pytest.raises(BundleError, match="expected"):
         registry.load(B.ALIAS_CHALLENGER, tmp_path / "cache2", expected_schema_hash="0" * 64)
+
+
+def test_real_data_section_quotes_purchase_recall_and_auc(tmp_path):
+    from training.evaluate import real_data_section, reports_dir
+    from training.paths import Paths
+
+    paths = Paths(tmp_path)
+    out = reports_dir(paths, "completejourney", simulated=False)
+    out.mkdir(parents=True)
+    report = {
+        "retrieval": {
+            "recall_at_500": {"purchase": 0.44, "click": 0.0},
+            "popularity_recall_at_500": {"purchase": 0.30, "click": 0.0},
+        },
+        "ranking": {"auc": 0.69, "logloss": 0.5},
+    }
+    (out / "eval.json").write_text(json.dumps(report))
+    section = real_data_section(paths, "completejourney")
+    assert section is not None
+    assert (section["recall_at_500"], section["auc"]) == (0.44, 0.69)
+    assert section["recall_ratio_vs_popularity"] == pytest.approx(0.44 / 0.30)
+    assert real_data_section(paths, "never-ingested") is None

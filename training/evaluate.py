@@ -49,8 +49,9 @@ def real_data_section(paths: Paths, dataset: str) -> dict[str, Any] | None:
     real = json.loads(path.read_text())
     retrieval = real.get("retrieval", {})
     ranking = real.get("ranking", {})
-    recall = retrieval.get("recall_at_500")
-    popular = retrieval.get("popularity_recall_at_500")
+    # recall of next-period purchases (the data has no clicks)
+    recall = (retrieval.get("recall_at_500") or {}).get("purchase")
+    popular = (retrieval.get("popularity_recall_at_500") or {}).get("purchase")
     return {
         "dataset": dataset,
         "recall_at_500": recall,

@@ -1,0 +1,672 @@
+"""The in-memory item table: every catalog item's features as columnar numpy arrays, read
+from the Feast online store at start and refreshed by a background thread.
+
+A request gathers its 500 rows with one fancy index per column instead of reading 500
+entities from the online store (measured: ``get_online_features`` takes 120-340 ms for 500
+items x 20 features). The table is an immutable :class:`ItemSnapshot`; a refresh builds a
+new one and swaps the reference, so a reader that took ``ItemStore.snapshot()`` sees one
+consistent table to the end of its request and takes no lock.
+
+Row ``n`` (one past the catalog) is the default row: an id the catalog does not know maps
+to it and gets ``feature_repo.schema.DEFAULTS`` (else 0), as training's ``fill_defaults``
+gives an entity Feast had no row for.
+
+Two ways to read the store (measured on sim-small, 50k items, this machine):
+
+- :class:`ProviderReader`, the provider's ``online_read`` (raw ``Value`` protos): works with
+  every online store; 1.3 s for the inventory view, 5.7 s for the whole table.
+- :class:`SqliteReader`, SQL over Feast's SQLite online tables: one query per feature whose
+  per-row work (entity id from the key's last 8 bytes, value as fixed-width hex) runs inside
+  SQLite with the GIL released, leaving Python one ``bytes.fromhex`` per column: 50-100 ms
+  for the inventory view, 1.0 s for the whole table, and requests served meanwhile keep
+  their latency (a Python loop over the rows would stall them). It depends on Feast's table
+  layout, so :func:`open_reader` checks it against ``ProviderReader`` on a sample of items
+  and the store switches to the provider when it meets a value it cannot decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from feature_repo import schema as S
+from training import columns as C
+from training.simulate.policy import heuristic_score
+from training.tables import read_tables, table_path
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+log = logging.getLogger(__name__)
+
+ITEM_BATCH_VIEWS = (S.ITEM_STATS, S.SELLER_STATS)
+ITEM_VIEWS = (*ITEM_BATCH_VIEWS, S.ITEM_INVENTORY)
+# every item-side column of the ranker's matrix (seller_stats joined through the seller)
+ITEM_FEATURES: tuple[str, ...] = tuple(name for view in ITEM_VIEWS for name in S.FEATURES[view])
+CATEGORY = "category"
+CLICKS_7D = "clicks_7d"
+AGE_DAYS = "age_days"
+IN_STOCK = "in_stock"
+SELLER_IS_NEW = "seller_is_new"
+for _name, _view in (
+    (CATEGORY, S.ITEM_STATS),
+    (CLICKS_7D, S.ITEM_STATS),
+    (AGE_DAYS, S.ITEM_STATS),
+    (SELLER_IS_NEW, S.SELLER_STATS),
+    (IN_STOCK, S.ITEM_INVENTORY),
+):
+    if _name not in S.FEATURES[_view]:
+        raise ImportError(f"{_view} lost {_name}: update services/features/items.py")
+
+_BATCH = 10_000  # entity keys per online_read call (SQLite allows 32766 parameters)
+_DENSE_SLACK = 4  # a dense id -> row table may be this many times the catalog size
+_VERIFY_SAMPLE = 64
+# How SQL turns one value into fixed-width hex (SQLite does the per-row work with the GIL
+# released; Python decodes one string per column): (expression, well-formed test, dtype).
+# int64: the text Feast writes beside the proto; float32: the proto's 4 payload bytes
+# (``float_val`` is field 6, fixed32: tag 0x35), exact where text would round.
+_HEX_COLUMN: dict[str, tuple[str, str, str]] = {
+    "int64": ("printf('%016x', CAST(value_text AS INTEGER))", "value_text IS NOT NULL", ">i8"),
+    "float32": (
+        "hex(substr(value, 2, 4))",
+        "length(value) = 5 AND substr(value, 1, 1) = x'35'",
+        "<f4",
+    ),
+}
+_KEYED_MAX = 900  # ids read by key rather than by scanning (SQLite's parameter limit: 999+)
+
+
+def default_value(name: str, kind: str) -> float | int | str:
+    """What a feature is when Feast has no row (training's ``fill_defaults``)."""
+    default = S.DEFAULTS.get(name)
+    if default is not None:
+        return default
+    return "unknown" if kind == "string" else 0
+
+
+def numpy_dtype(kind: str) -> np.dtype[Any]:
+    return np.dtype({"int64": np.int64, "float32": np.float32}.get(kind, object))
+
+
+def decode_value(value: ValueProto) -> Any:
+    """A Feast ``Value`` proto as a Python scalar or list; None when it holds nothing."""
+    kind = value.WhichOneof("val")
+    if kind is None or kind == "null_val":
+        return None
+    field = getattr(value, kind)
+    if kind.endswith("_list_val"):
+        return list(field.val)
+    return field
+
+
+# --- the catalog ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The raw items table's serving facts, sorted by item id."""
+
+    item_ids: np.ndarray  # int64, unique, ascending
+    seller_ids: np.ndarray  # int64
+    categories: np.ndarray  # int64
+    prices: np.ndarray  # float64
+    margins: np.ndarray  # float64
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_categories(self) -> int:
+        """Width of the affinity vector as training sets it: max category + 1."""
+        return int(self.categories.max()) + 1 if len(self.categories) else 1
+
+    @classmethod
+    def from_columns(
+        cls,
+        item_ids: Sequence[int] | np.ndarray,
+        seller_ids: Sequence[int] | np.ndarray,
+        categories: Sequence[int] | np.ndarray,
+        prices: Sequence[float] | np.ndarray,
+        margins: Sequence[float] | np.ndarray,
+    ) -> Catalog:
+        ids = np.asarray(item_ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        if len(ids) > 1 and (np.diff(ids) == 0).any():
+            repeated = ids[1:][np.diff(ids) == 0]
+            raise ValueError(f"catalog item ids must be unique, got repeats {repeated[:5]}")
+        return cls(
+            item_ids=ids,
+            seller_ids=np.asarray(seller_ids, dtype=np.int64)[order],
+            categories=np.asarray(categories, dtype=np.int64)[order],
+            prices=np.asarray(prices, dtype=np.float64)[order],
+            margins=np.asarray(margins, dtype=np.float64)[order],
+        )
+
+    @classmethod
+    def read(cls, raw_dir: Path) -> Catalog:
+        """The items table of a dataset's ``raw/`` folder (``training.tables`` layout)."""
+        items = read_tables(raw_dir, [C.ITEMS])[C.ITEMS]
+        return cls.from_columns(
+            items[C.ITEM_ID].to_numpy(),
+            items[C.SELLER_ID].to_numpy(),
+            items[C.CATEGORY].to_numpy(),
+            items[C.PRICE].to_numpy(),
+            items[C.MARGIN].to_numpy(),
+        )
+
+
+class ItemIndex:
+    """Item id -> table row; ids outside the catalog map to ``len(catalog)`` (the default row).
+
+    Small non-negative ids (the simulator's 0..n-1, most warehouses' surrogate keys) use a
+    dense lookup table: 500 ids in ~3 us. Sparse ids fall back to a binary search over the
+    sorted ids (~15 us for 500 among 50k).
+    """
+
+    def __init__(self, sorted_ids: np.ndarray) -> None:
+        self.ids = sorted_ids
+        self.n = len(sorted_ids)
+        self._dense: np.ndarray | None = None
+        if self.n and sorted_ids[0] >= 0 and sorted_ids[-1] < _DENSE_SLACK * self.n + 1024:
+            dense = np.full(int(sorted_ids[-1]) + 1, self.n, dtype=np.intp)
+            dense[sorted_ids] = np.arange(self.n, dtype=np.intp)
+            self._dense = dense
+
+    @property
+    def dense(self) -> bool:
+        return self._dense is not None
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id (intp); ``n`` for an id the catalog does not hold."""
+        if self._dense is not None:
+            inside = (ids >= 0) & (ids < len(self._dense))
+            if inside.all():
+                return self._dense[ids]
+            return np.where(inside, self._dense[np.where(inside, ids, 0)], self.n)
+        if self.n == 0:
+            return np.zeros(len(ids), dtype=np.intp)
+        pos = np.minimum(np.searchsorted(self.ids, ids), self.n - 1)
+        return np.where(self.ids[pos] == ids, pos, self.n).astype(np.intp, copy=False)
+
+
+# --- reading the online store -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ViewRows:
+    """One view's features for a list of entities, defaults where Feast had no value."""
+
+    found: np.ndarray  # bool: the entity has a row in the view
+    columns: dict[str, np.ndarray]  # feature -> values (the schema's dtype)
+
+
+def empty_rows(view: str, n: int) -> ViewRows:
+    columns = {
+        name: np.full(n, default_value(name, kind), dtype=numpy_dtype(kind))
+        for name, kind in S.FEATURES[view].items()
+    }
+    return ViewRows(np.zeros(n, dtype=bool), columns)
+
+
+class OnlineReader(Protocol):
+    """Bulk reads of scalar feature views for many entities."""
+
+    name: str
+
+    def read_view(self, view: str, ids: np.ndarray) -> ViewRows: ...
+
+    def changes(self) -> Hashable:
+        """A value that changes when the store may have new data (anything, when unknown)."""
+        ...
+
+
+class ProviderReader:
+    """``provider.online_read`` in batches: every online store, Python-speed decoding."""
+
+    name = "provider"
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self._provider = store._get_provider()
+        self._counter = 0
+
+    def read_view(self, view: str, ids: np.ndarray) -> ViewRows:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        table = self.store.get_feature_view(view, allow_registry_cache=True)
+        key = S.ENTITY_OF_VIEW[view]
+        names = list(S.FEATURES[view])
+        out = empty_rows(view, len(ids))
+        for lo in range(0, len(ids), _BATCH):
+            keys = [
+                EntityKey(join_keys=[key], entity_values=[Value(int64_val=int(i))])
+                for i in ids[lo : lo + _BATCH]
+            ]
+            rows = self._provider.online_read(
+                config=self.store.config, table=table, entity_keys=keys, requested_features=names
+            )
+            for j, (_, values) in enumerate(rows, start=lo):
+                if not values:
+                    continue
+                out.found[j] = True
+                for name in names:
+                    proto = values.get(name)
+                    decoded = None if proto is None else decode_value(proto)
+                    if decoded is not None:
+                        out.columns[name][j] = decoded
+        return out
+
+    def changes(self) -> Hashable:
+        self._counter += 1
+        return self._counter
+
+
+class FastPathError(RuntimeError):
+    """The SQLite table does not have the layout the fast path reads."""
+
+
+class SqliteReader:
+    """SQL over Feast's SQLite online tables, on a read-only connection of its own.
+
+    ``changes()`` is SQLite's ``PRAGMA data_version``, which moves when another connection
+    commits to the file (a push, a materialization): an idle store costs nothing to poll.
+    """
+
+    name = "sqlite"
+
+    def __init__(self, db_path: str | os.PathLike[str], project: str, key_version: int) -> None:
+        from feast.infra.key_encoding_utils import serialize_entity_key
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        self.project = project
+        self._con = sqlite3.connect(
+            f"file:{Path(db_path).resolve()}?mode=ro", uri=True, check_same_thread=False
+        )
+        self._lock = threading.Lock()
+        self._prefix: dict[str, bytes] = {}
+        for key in {S.ENTITY_OF_VIEW[v] for v in ITEM_VIEWS}:
+            probe = EntityKey(join_keys=[key], entity_values=[Value(int64_val=0x0102030405060708)])
+            raw = serialize_entity_key(probe, entity_key_serialization_version=key_version)
+            if raw[-8:] != struct.pack("<q", 0x0102030405060708):
+                raise FastPathError(
+                    f"entity key serialization v{key_version} does not end with the int64 id"
+                )
+            self._prefix[key] = raw[:-8]
+
+    def table(self, view: str) -> str:
+        return f"{self.project}_{view}"
+
+    def read_view(self, view: str, ids: np.ndarray) -> ViewRows:
+        prefix = self._prefix[S.ENTITY_OF_VIEW[view]]
+        out = empty_rows(view, len(ids))
+        if not len(ids):
+            return out
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        where = "feature_name = ? AND length(entity_key) = ? AND substr(entity_key, 1, ?) = ?"
+        keys: list[bytes] = []
+        if len(ids) <= _KEYED_MAX:  # a few ids: primary-key lookups instead of a table scan
+            keys = [prefix + struct.pack("<q", int(i)) for i in ids]
+            where += f" AND entity_key IN ({','.join('?' * len(keys))})"
+        with self._lock:
+            for name, kind in S.FEATURES[view].items():
+                if kind not in _HEX_COLUMN:
+                    raise FastPathError(f"{view}.{name} is {kind}; the fast path reads numbers")
+                encode, well_formed, dtype = _HEX_COLUMN[kind]
+                query = (
+                    f"SELECT group_concat(hex(substr(entity_key, -8)), ''), "
+                    f"group_concat({encode}, ''), count(*), total({well_formed}) "
+                    f'FROM "{self.table(view)}" WHERE {where}'
+                )
+                try:
+                    id_hex, value_hex, n, good = self._con.execute(
+                        query, (name, len(prefix) + 8, len(prefix), prefix, *keys)
+                    ).fetchone()
+                except sqlite3.OperationalError as err:
+                    raise FastPathError(f"cannot read {self.table(view)}: {err}") from err
+                if not n:
+                    continue
+                if good != n:
+                    raise FastPathError(
+                        f"{self.table(view)}.{name}: {n - int(good)} of {n} values are not "
+                        f"in the layout the fast path decodes"
+                    )
+                found = np.frombuffer(bytes.fromhex(id_hex), dtype="<i8")
+                values = np.frombuffer(bytes.fromhex(value_hex), dtype=dtype)
+                pos = np.minimum(np.searchsorted(sorted_ids, found), len(sorted_ids) - 1)
+                hit = sorted_ids[pos] == found
+                target = order[pos[hit]]
+                out.columns[name][target] = values[hit]
+                out.found[target] = True
+        return out
+
+    def changes(self) -> Hashable:
+        with self._lock:
+            return self._con.execute("PRAGMA data_version").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+
+def verify_reader(
+    fast: OnlineReader, reference: OnlineReader, ids: np.ndarray, views: Iterable[str]
+) -> str | None:
+    """None when ``fast`` reads exactly what ``reference`` reads for ``ids``, else why not."""
+    for view in views:
+        a, b = fast.read_view(view, ids), reference.read_view(view, ids)
+        if not np.array_equal(a.found, b.found):
+            return f"{view}: rows found differ"
+        for name in S.FEATURES[view]:
+            if not np.array_equal(a.columns[name], b.columns[name]):
+                return f"{view}.{name}: values differ"
+    return None
+
+
+def open_reader(
+    store: FeatureStore, sample_ids: np.ndarray, fast_path: bool = True
+) -> tuple[OnlineReader, OnlineReader | None]:
+    """``(reader, fallback)``: the SQLite fast path, with the provider's ``online_read`` as
+    its fallback, when the store is SQLite and the fast path reads what the provider reads
+    on a sample of ids; else ``(provider reader, None)``."""
+    reference = ProviderReader(store)
+    online = store.config.online_store
+    if not fast_path or getattr(online, "type", "") != "sqlite":
+        return reference, None
+    try:
+        fast = SqliteReader(
+            online.path, store.project, store.config.entity_key_serialization_version
+        )
+    except (FastPathError, sqlite3.Error) as err:
+        log.warning("sqlite fast path unavailable", extra={"reason": str(err)})
+        return reference, None
+    rng = np.random.default_rng(0)
+    sample = rng.choice(sample_ids, size=min(_VERIFY_SAMPLE, len(sample_ids)), replace=False)
+    try:
+        problem = verify_reader(fast, reference, np.sort(sample), ITEM_VIEWS)
+    except (FastPathError, sqlite3.Error) as err:
+        problem = str(err)
+    if problem is not None:
+        log.warning("sqlite fast path disagrees with online_read", extra={"reason": problem})
+        fast.close()
+        return reference, None
+    return fast, reference
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ItemSnapshot:
+    """Every column has ``len(catalog) + 1`` entries; the last is the default row."""
+
+    index: ItemIndex
+    known: np.ndarray  # bool: in the catalog (False on the default row)
+    prices: np.ndarray  # float32, catalog price (0 on the default row)
+    values: np.ndarray  # float32, catalog price x margin
+    categories: np.ndarray  # int32, catalog category (-1 on the default row)
+    affinity_category: np.ndarray  # int64: item_stats category, -1 without a row (uniform)
+    heuristic: np.ndarray  # float32, the logging policy's score (0 on the default row)
+    features: Mapping[str, np.ndarray]  # ITEM_FEATURES, the schema's dtypes
+    n_categories: int
+    batch_loaded_at: float  # time.time() of the batch views' read
+    inventory_loaded_at: float
+
+    @property
+    def n_items(self) -> int:
+        return self.index.n
+
+
+def _with_default_row(values: np.ndarray, default: Any) -> np.ndarray:
+    return np.concatenate([values, np.asarray([default], dtype=values.dtype)])
+
+
+def _inventory_columns(rows: ViewRows) -> dict[str, np.ndarray]:
+    return {
+        name: _with_default_row(rows.columns[name], default_value(name, kind))
+        for name, kind in S.FEATURES[S.ITEM_INVENTORY].items()
+    }
+
+
+def build_snapshot(
+    catalog: Catalog,
+    item_stats: ViewRows,
+    seller_stats: ViewRows,
+    seller_of_item: np.ndarray,
+    inventory: ViewRows,
+    recency_days: float,
+) -> ItemSnapshot:
+    """The table from the three item views' rows (in catalog order; seller rows indexed by
+    ``seller_of_item``).
+
+    ``heuristic`` is ``training.simulate.policy.heuristic_score``, the logging policy, with
+    the inputs the simulator gives it (``engine._pool``): popularity = the item's clicks over
+    the last 7 days (``clicks_7d``; ``popularity_7d`` is its log1p, which the policy does not
+    use) and age = ``age_days`` as of the item_stats snapshot.
+    """
+    now = time.time()
+    features: dict[str, np.ndarray] = {}
+    for name, kind in S.FEATURES[S.ITEM_STATS].items():
+        features[name] = _with_default_row(item_stats.columns[name], default_value(name, kind))
+    for name, kind in S.FEATURES[S.SELLER_STATS].items():
+        per_item = seller_stats.columns[name][seller_of_item]
+        features[name] = _with_default_row(per_item, default_value(name, kind))
+    features.update(_inventory_columns(inventory))
+    affinity_category = np.where(item_stats.found, item_stats.columns[CATEGORY], -1)
+    score = heuristic_score(
+        features[CLICKS_7D][:-1].astype(np.float64),
+        features[AGE_DAYS][:-1].astype(np.float64),
+        recency_days,
+    )
+    return ItemSnapshot(
+        index=ItemIndex(catalog.item_ids),
+        known=_with_default_row(np.ones(len(catalog), dtype=bool), False),
+        prices=_with_default_row(catalog.prices.astype(np.float32), 0.0),
+        values=_with_default_row((catalog.prices * catalog.margins).astype(np.float32), 0.0),
+        categories=_with_default_row(catalog.categories.astype(np.int32), -1),
+        affinity_category=_with_default_row(affinity_category.astype(np.int64), -1),
+        heuristic=_with_default_row(score.astype(np.float32), 0.0),
+        features=features,
+        n_categories=catalog.n_categories,
+        batch_loaded_at=now,
+        inventory_loaded_at=now,
+    )
+
+
+@dataclass
+class RefreshStats:
+    """What the refresher has done, for logs and tests."""
+
+    inventory_refreshes: int = 0
+    inventory_skipped: int = 0  # the store reported no change
+    batch_reloads: int = 0
+    failures: int = 0
+    last_inventory_ms: float = 0.0
+    last_batch_ms: float = 0.0
+    last_error: str = ""
+
+
+class ItemStore:
+    """The current :class:`ItemSnapshot` and the thread that refreshes it.
+
+    Every ``refresh_s`` the thread re-reads the inventory view (skipped when the reader says
+    nothing changed) and, every ``batch_refresh_s`` or when ``batch_marker`` changes (a new
+    materialization), rebuilds the whole table. A failed refresh is logged and the last good
+    table keeps serving.
+    """
+
+    def __init__(
+        self,
+        reader: OnlineReader,
+        load_catalog: Callable[[], Catalog],
+        recency_days: float,
+        refresh_s: float = 2.0,
+        batch_refresh_s: float = 60.0,
+        batch_marker: Callable[[], Hashable] | None = None,
+        fallback: OnlineReader | None = None,
+    ) -> None:
+        """``fallback``: the reader to switch to when ``reader`` raises FastPathError."""
+        self.reader = reader
+        self.fallback = fallback
+        self._load_catalog = load_catalog
+        self.recency_days = recency_days
+        self.refresh_s = refresh_s
+        self.batch_refresh_s = batch_refresh_s
+        self._batch_marker = batch_marker
+        self.stats = RefreshStats()
+        self._write = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._catalog: Catalog | None = None
+        self._marker: Hashable = None
+        self._changes: Hashable = None
+        self._snapshot: ItemSnapshot | None = None
+
+    def snapshot(self) -> ItemSnapshot:
+        snap = self._snapshot
+        if snap is None:
+            raise RuntimeError("ItemStore.load() has not run")
+        return snap
+
+    def load(self) -> ItemSnapshot:
+        """Read the catalog and every item view; the table served from now on."""
+        with self._write:
+            started = time.perf_counter()
+            marker = self._batch_marker() if self._batch_marker else None
+            changes = self.reader.changes()
+            catalog = self._load_catalog()
+            sellers, seller_of_item = np.unique(catalog.seller_ids, return_inverse=True)
+            snap = build_snapshot(
+                catalog,
+                self.reader.read_view(S.ITEM_STATS, catalog.item_ids),
+                self.reader.read_view(S.SELLER_STATS, sellers),
+                seller_of_item,
+                self.reader.read_view(S.ITEM_INVENTORY, catalog.item_ids),
+                self.recency_days,
+            )
+            self._catalog = catalog
+            self._marker, self._changes = marker, changes
+            self._snapshot = snap
+            self.stats.batch_reloads += 1
+            self.stats.last_batch_ms = (time.perf_counter() - started) * 1e3
+        log.info(
+            "item table loaded",
+            extra={
+                "items": len(catalog),
+                "reader": self.reader.name,
+                "ms": round(self.stats.last_batch_ms, 1),
+            },
+        )
+        return snap
+
+    def refresh_inventory(self, force: bool = False) -> bool:
+        """Re-read stock and in_stock; False when the store reported no change (skipped)."""
+        with self._write:
+            snap, catalog = self.snapshot(), self._catalog
+            assert catalog is not None
+            changes = self.reader.changes()
+            if not force and changes == self._changes:
+                self.stats.inventory_skipped += 1
+                return False
+            started = time.perf_counter()
+            rows = self.reader.read_view(S.ITEM_INVENTORY, catalog.item_ids)
+            features = {**snap.features, **_inventory_columns(rows)}
+            self._snapshot = dataclasses.replace(
+                snap, features=features, inventory_loaded_at=time.time()
+            )
+            self._changes = changes
+            self.stats.inventory_refreshes += 1
+            self.stats.last_inventory_ms = (time.perf_counter() - started) * 1e3
+            return True
+
+    def batch_due(self) -> bool:
+        if time.time() - self.snapshot().batch_loaded_at >= self.batch_refresh_s:
+            return True
+        return self._batch_marker is not None and self._batch_marker() != self._marker
+
+    def refresh_once(self) -> None:
+        """One tick of the refresher: the whole table when due, else the inventory."""
+        try:
+            try:
+                if self.batch_due():
+                    self.load()
+                else:
+                    self.refresh_inventory()
+            except FastPathError as err:
+                if self.fallback is None:
+                    raise
+                log.warning(
+                    "fast path failed; reading through the fallback from now on",
+                    extra={"reason": str(err), "fallback": self.fallback.name},
+                )
+                self.reader, self.fallback = self.fallback, None
+                self.load()
+        except Exception as err:  # keep serving the last good table
+            self.stats.failures += 1
+            self.stats.last_error = f"{type(err).__name__}: {err}"
+            log.exception("item table refresh failed; serving the previous table")
+
+    def start(self) -> None:
+        """Start the refresher thread (after ``load``)."""
+        if self._thread is not None:
+            return
+        self.snapshot()
+        self._thread = threading.Thread(target=self._run, name="item-refresh", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            self.refresh_once()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the refresher and wait for a refresh in progress to end."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        close = getattr(self.reader, "close", None)
+        if close is not None:
+            close()
+
+
+def materialization_marker(
+    store: FeatureStore, views: Sequence[str] = ITEM_BATCH_VIEWS
+) -> Hashable:
+    """The registry's materialization record of ``views``: it changes when a job
+    materializes new rows into the online store."""
+    store.refresh_registry()
+    marker = []
+    for view in views:
+        table = store.get_feature_view(view, allow_registry_cache=True)
+        intervals = table.materialization_intervals
+        marker.append((view, len(intervals), intervals[-1][1] if intervals else None))
+    return tuple(marker)
+
+
+def catalog_loader(raw_dir: Path) -> Callable[[], Catalog]:
+    """Reads the catalog again only when its file changed."""
+    path = Path(table_path(raw_dir, C.ITEMS))
+    cached: list[tuple[float, Catalog]] = []
+
+    def load() -> Catalog:
+        mtime = path.stat().st_mtime
+        if not cached or cached[0][0] != mtime:
+            cached[:] = [(mtime, Catalog.read(raw_dir))]
+        return cached[0][1]
+
+    return load

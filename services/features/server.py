@@ -1,0 +1,134 @@
+"""The features server: opens the dataset's Feast store, loads the item table, starts its
+refresher, then serves ``FeaturesService`` with health and reflection.
+``python -m services.features`` runs ``main()``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import grpc
+from grpc_health.v1.health import HealthServicer
+from homefeed.features.v1 import features_pb2, features_pb2_grpc
+
+from services.common.logs import configure_logging
+from services.common.server import build_server, serve
+from services.common.settings import SettingsError
+from services.features.assembler import Assembler, FeastUserReader
+from services.features.items import (
+    ItemStore,
+    catalog_loader,
+    materialization_marker,
+    open_reader,
+)
+from services.features.settings import SERVICE, FeaturesSettings
+from training.feature_store import open_store
+from training.simulate.config import SimConfig
+from training.stages import read_meta
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name
+
+
+class StartupError(RuntimeError):
+    """The service cannot start: the message names the dataset or store and the reason."""
+
+
+def recency_days(settings: FeaturesSettings) -> float:
+    """The logging policy's recency decay: the simulator config the dataset was made with,
+    else the simulator's default (a real dataset has no logging policy of its own)."""
+    config = read_meta(settings.paths, settings.dataset).get("config") or {}
+    return float(config.get("recency_days", SimConfig.recency_days))
+
+
+def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, FeastUserReader]:
+    """The loaded item table (refresher not started) and the user reader; StartupError
+    naming what is missing otherwise."""
+    paths = settings.paths
+    registry = paths.feast(settings.dataset) / "registry.db"
+    if not registry.exists():
+        raise StartupError(
+            f"dataset {settings.dataset!r} has no Feast registry at {registry}: run "
+            f"`homefeed features --dataset {settings.dataset}` (apply + materialize) first"
+        )
+    try:
+        decay = recency_days(settings)
+        load_catalog = catalog_loader(paths.raw(settings.dataset))
+        catalog = load_catalog()
+    except FileNotFoundError as err:
+        raise StartupError(str(err)) from err
+    store = open_store(
+        settings.dataset, paths=paths, online=settings.online_store, redis=settings.redis
+    )
+    reader, fallback = open_reader(store, catalog.item_ids, fast_path=settings.sqlite_fast_path)
+    items = ItemStore(
+        reader,
+        load_catalog,
+        recency_days=decay,
+        refresh_s=settings.refresh_s,
+        batch_refresh_s=settings.batch_refresh_s,
+        batch_marker=lambda: materialization_marker(store),
+        fallback=fallback,
+    )
+    started = time.perf_counter()
+    items.load()
+    log.info(
+        "features store ready",
+        extra={
+            "dataset": settings.dataset,
+            "online_store": settings.online_store,
+            "reader": reader.name,
+            "items": items.snapshot().n_items,
+            "load_ms": round((time.perf_counter() - started) * 1e3, 1),
+            "recency_days": decay,
+        },
+    )
+    return items, FeastUserReader(store)
+
+
+def _build(
+    settings: FeaturesSettings,
+) -> tuple[grpc.Server, int, ItemStore, HealthServicer]:
+    from services.features.servicer import FeaturesServicer
+
+    items, users = load_item_store(settings)  # before build_server, which reports SERVING
+    servicer = FeaturesServicer(Assembler(items, users))
+    try:
+        server, port, health = build_server(
+            settings.server,
+            [SERVICE_NAME],
+            lambda s: features_pb2_grpc.add_FeaturesServiceServicer_to_server(servicer, s),
+        )
+    except OSError:
+        items.close()
+        raise
+    items.start()
+    return server, port, items, health
+
+
+def create_server(settings: FeaturesSettings) -> tuple[grpc.Server, int, ItemStore]:
+    """A bound, not yet started server, its port (a free one for port 0) and the item store
+    whose refresher is running (``close()`` it after stopping the server)."""
+    server, port, items, _ = _build(settings)
+    return server, port, items
+
+
+def main() -> int:
+    """Serve until SIGTERM/SIGINT; exit status 1 with the reason on stderr when the settings,
+    the dataset or the store are unusable."""
+    try:
+        settings = FeaturesSettings.from_env()
+    except SettingsError as err:
+        sys.stderr.write(f"features: {err}\n")
+        return 1
+    configure_logging(SERVICE, settings.server.log_level)
+    try:
+        server, _, items, health = _build(settings)
+    except (StartupError, OSError) as err:
+        log.error("cannot start", extra={"reason": str(err)})
+        sys.stderr.write(f"features: {err}\n")
+        return 1
+    serve(server, health, settings.server, on_stop=items.close)
+    return 0

@@ -1,0 +1,627 @@
+"""The features service: the core without gRPC (hand-made tables, a fake online store), then
+a real server on port 0 over the ``tiny_dataset`` Feast store (SQLite, materialized).
+
+The served matrix is checked against the training path run on the same online values:
+``store.get_online_features`` for every view -> ``training.dataset.fill_defaults`` and
+``affinity_for_items`` -> context columns computed by hand -> ``build_matrix``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from homefeed.common.v1 import common_pb2
+from homefeed.features.v1 import features_pb2, features_pb2_grpc
+
+from feature_repo import schema as S
+from services.common.settings import ServerSettings, SettingsError
+from services.features.assembler import (
+    Assembler,
+    RequestContext,
+    UserFeatures,
+    affinity_for_items,
+    first_duplicate,
+)
+from services.features.items import (
+    ITEM_VIEWS,
+    Catalog,
+    FastPathError,
+    ItemIndex,
+    ItemStore,
+    ProviderReader,
+    SqliteReader,
+    ViewRows,
+    empty_rows,
+    verify_reader,
+)
+from services.features.server import SERVICE_NAME, create_server
+from services.features.settings import FeaturesSettings
+from training import columns as C
+from training.dataset import DAY_OF_WEEK, HOUR, fill_defaults
+from training.dataset import affinity_for_items as training_affinity
+from training.feature_store import open_store
+from training.paths import REPO_ROOT, Paths
+from training.ranking.features import FEATURE_SCHEMA, build_matrix
+from training.simulate.policy import heuristic_score
+from training.stages import read_meta
+from training.tables import read_tables
+
+TIMEOUT_S = 10.0
+REFRESH_S = 0.2
+INVENTORY_PUSH = "item_inventory_push"
+WHEN = datetime(2026, 1, 14, 21, 30, tzinfo=UTC)  # a Wednesday: day_of_week 2, hour 21
+COL = {name: j for j, name in enumerate(FEATURE_SCHEMA.names)}
+
+
+def f32(values: list[float]) -> np.ndarray:
+    return np.array(values, dtype=np.float32)
+
+
+# --- the core, without gRPC or Feast ---------------------------------------------------------
+
+
+def test_item_index_maps_known_ids_to_rows_and_the_rest_to_the_default_row() -> None:
+    dense = ItemIndex(np.array([0, 1, 2, 5, 9], dtype=np.int64))
+    sparse = ItemIndex(np.array([10, 10_000_000, 10**15], dtype=np.int64))
+    assert dense.dense and not sparse.dense
+    query = np.array([9, 5, 0, 3, 10, 2**40], dtype=np.int64)
+    np.testing.assert_array_equal(dense.rows(query), [4, 3, 0, 5, 5, 5])
+    query = np.array([10**15, 11, 10, 10_000_000, 0], dtype=np.int64)
+    np.testing.assert_array_equal(sparse.rows(query), [2, 3, 0, 1, 3])
+    assert ItemIndex(np.empty(0, np.int64)).rows(np.array([1, 2])).tolist() == [0, 0]
+
+
+def test_first_duplicate_names_the_earliest_repeat_in_request_order() -> None:
+    assert first_duplicate(np.array([3, 1, 2])) is None
+    assert first_duplicate(np.array([7])) is None
+    assert first_duplicate(np.array([9, 4, 8, 4, 9])) == (4, 1, 3)
+    assert first_duplicate(np.array([5, 5])) == (5, 0, 1)
+
+
+def test_affinity_for_items_is_the_users_entry_or_uniform() -> None:
+    vector = f32([0.5, 0.25, 0.25])
+    got = affinity_for_items(vector, np.array([1, -1, 0, 7]), n_categories=4)
+    np.testing.assert_array_equal(got, f32([0.25, 0.25, 0.5, 0.25]))
+    assert (affinity_for_items(None, np.array([0, 2]), 4) == np.float32(0.25)).all()
+
+
+def test_unknown_user_gets_schema_defaults() -> None:
+    user = UserFeatures.from_rows({S.USER_PROFILE: None, S.USER_RECENT_ACTIVITY: None})
+    assert not user.known and user.affinity is None
+    assert user.values["country"] == "unknown" and user.values["recency_days"] == 365.0
+    assert user.values["clicks_30d"] == 0 and user.values["views_24h"] == 0
+    known = UserFeatures.from_rows(
+        {
+            S.USER_PROFILE: {"country": "DE", "clicks_30d": 4, "recency_days": None},
+            S.USER_CATEGORY_AFFINITY: {S.AFFINITY_VECTOR: [0.1, 0.9]},
+        }
+    )
+    assert known.known and known.values["country"] == "DE" and known.values["clicks_30d"] == 4
+    assert known.values["recency_days"] == 365.0  # a null value takes the default too
+    np.testing.assert_array_equal(known.affinity, f32([0.1, 0.9]))
+
+
+def test_request_context_is_utc_hour_and_monday_based_weekday() -> None:
+    ctx = RequestContext.at(WHEN, "CHECKOUT")
+    assert (ctx.hour_of_day, ctx.day_of_week, ctx.surface) == (21, 2, "CHECKOUT")
+    assert pd.Timestamp(WHEN).dayofweek == 2  # training's add_context
+    with pytest.raises(ValueError, match="surface"):
+        RequestContext.at(WHEN, "SEARCH")
+
+
+class FakeReader:
+    """An online store in memory: view -> entity id -> feature -> value."""
+
+    name = "fake"
+
+    def __init__(self, data: dict[str, dict[int, dict[str, Any]]]) -> None:
+        self.data = data
+        self.version = 0
+        self.reads: list[str] = []
+        self.fail = False
+
+    def read_view(self, view: str, ids: np.ndarray) -> ViewRows:
+        if self.fail:
+            raise ConnectionError("store down")
+        self.reads.append(view)
+        out = empty_rows(view, len(ids))
+        for j, entity in enumerate(ids.tolist()):
+            row = self.data.get(view, {}).get(entity)
+            if row is not None:
+                out.found[j] = True
+                for name, value in row.items():
+                    out.columns[name][j] = value
+        return out
+
+    def changes(self) -> Hashable:
+        return self.version
+
+
+class FakeUsers:
+    def __init__(self, users: dict[int, UserFeatures]) -> None:
+        self.users = users
+
+    def read(self, user_id: int) -> UserFeatures:
+        return self.users.get(user_id, UserFeatures.unknown())
+
+
+def _fake_store(**kwargs: Any) -> tuple[ItemStore, FakeReader, list[int]]:
+    catalog = Catalog.from_columns(
+        item_ids=[30, 10, 20],
+        seller_ids=[2, 1, 1],
+        categories=[2, 0, 1],
+        prices=[10.0, 20.0, 40.0],
+        margins=[0.5, 0.1, 0.25],
+    )
+    reader = FakeReader(
+        {
+            S.ITEM_STATS: {
+                10: {"category": 0, "price": 20.0, "clicks_7d": 3, "age_days": 6.0},
+                30: {"category": 2, "price": 10.0, "clicks_7d": 0, "age_days": 60.0},
+            },
+            S.SELLER_STATS: {1: {"seller_rating": 4.5, "seller_is_new": 1}},
+            S.ITEM_INVENTORY: {10: {"stock": 5, "in_stock": 1}, 20: {"stock": 0, "in_stock": 0}},
+        }
+    )
+    marker = [0]
+    store = ItemStore(reader, lambda: catalog, 60.0, batch_marker=lambda: marker[0], **kwargs)
+    store.load()
+    return store, reader, marker
+
+
+def test_item_table_joins_sellers_fills_defaults_and_scores_the_heuristic() -> None:
+    store, _, _ = _fake_store()
+    snap = store.snapshot()
+    rows = snap.index.rows(np.array([10, 20, 30, 99], dtype=np.int64))
+    f = snap.features
+    np.testing.assert_array_equal(f["seller_rating"][rows], f32([4.5, 4.5, 4.0, 4.0]))
+    np.testing.assert_array_equal(f["seller_is_new"][rows], [1, 1, 0, 0])
+    # no inventory row reads as in stock (DEFAULTS); the unknown id too, but it is not known
+    np.testing.assert_array_equal(f["in_stock"][rows], [1, 0, 1, 1])
+    np.testing.assert_array_equal(snap.known[rows], [True, True, True, False])
+    np.testing.assert_array_equal(snap.affinity_category[rows], [0, -1, 2, -1])
+    np.testing.assert_array_equal(snap.values[rows], f32([2.0, 10.0, 5.0, 0.0]))
+    np.testing.assert_array_equal(snap.categories[rows], [0, 1, 2, -1])
+    expected = heuristic_score(np.array([3.0, 0.0, 0.0]), np.array([6.0, 0.0, 60.0]), 60.0)
+    np.testing.assert_allclose(snap.heuristic[rows], [*expected, 0.0], rtol=1e-6)
+
+
+def test_assembler_matrix_is_build_matrix_of_the_same_columns() -> None:
+    store, _, _ = _fake_store()
+    user = UserFeatures.from_rows(
+        {
+            S.USER_PROFILE: {"country": "GB", "device": "web", "avg_price_paid_30d": 25.0},
+            S.USER_CATEGORY_AFFINITY: {S.AFFINITY_VECTOR: [0.7, 0.2, 0.1]},
+        }
+    )
+    assembler = Assembler(store, FakeUsers({7: user}))
+    ids = np.array([20, 99, 10], dtype=np.int64)
+    out = assembler.assemble(7, ids, RequestContext.at(WHEN, "HOME"))
+    assert out.known_user and out.matrix.shape == (3, len(FEATURE_SCHEMA))
+    np.testing.assert_array_equal(out.available, [False, False, True])
+    np.testing.assert_array_equal(out.new_seller, [True, False, True])
+    X = out.matrix
+    # item 20 has no item_stats row and 99 is unknown: the uniform 1 / 3, as in training
+    np.testing.assert_array_equal(X[:, COL[S.AFFINITY_FOR_ITEM]], f32([1 / 3, 1 / 3, 0.7]))
+    np.testing.assert_array_equal(X[:, COL["price"]], f32([0, 0, 20]))
+    np.testing.assert_array_equal(X[:, COL["price_to_avg_paid"]], f32([0, 0, 0.8]))
+    assert (X[:, COL[HOUR]] == 21).all() and (X[:, COL[DAY_OF_WEEK]] == 2).all()
+    assert (X[:, COL["country_code"]] == C.COUNTRIES.index("GB")).all()
+    assert (X[:, COL["surface_code"]] == C.SURFACES.index("HOME")).all()
+    stranger = assembler.assemble(8, ids, RequestContext.at(WHEN, "HOME"))
+    assert not stranger.known_user
+    assert (stranger.matrix[:, COL["country_code"]] == len(C.COUNTRIES)).all()
+    assert (stranger.matrix[:, COL["recency_days"]] == 365).all()
+
+
+def test_refresh_swaps_inventory_and_skips_when_the_store_did_not_change() -> None:
+    store, reader, marker = _fake_store()
+    before = store.snapshot()
+    reader.data[S.ITEM_INVENTORY][10] = {"stock": 0, "in_stock": 0}
+    assert not store.refresh_inventory()  # changes() still reports the old version
+    reader.version += 1
+    assert store.refresh_inventory()
+    after = store.snapshot()
+    row = after.index.rows(np.array([10]))
+    assert after.features["in_stock"][row][0] == 0
+    assert before.features["in_stock"][row][0] == 1  # a reader's snapshot never changes
+    assert after.features["price"] is before.features["price"]  # batch columns are shared
+    reads = len(reader.reads)
+    store.refresh_once()
+    assert reader.reads[reads:] == [] and store.stats.inventory_skipped == 2
+    marker[0] += 1  # a new materialization: the whole table reloads
+    store.refresh_once()
+    assert set(reader.reads[reads:]) == set(ITEM_VIEWS) and store.stats.batch_reloads == 2
+
+
+def test_a_failed_refresh_keeps_the_last_table_and_the_thread_keeps_running() -> None:
+    store, reader, _ = _fake_store(refresh_s=0.02)
+    snap = store.snapshot()
+    reader.fail = True
+    reader.version += 1
+    store.start()
+    try:
+        deadline = time.monotonic() + 5
+        while store.stats.failures < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.stats.failures >= 2 and "store down" in store.stats.last_error
+        assert store.snapshot() is snap
+        reader.fail = False
+        while store.stats.inventory_refreshes < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.stats.inventory_refreshes >= 1 and store.snapshot() is not snap
+    finally:
+        store.close()
+    assert store._thread is None
+
+
+def test_a_fast_path_error_switches_to_the_fallback_reader() -> None:
+    store, reader, _ = _fake_store()
+
+    class Broken(FakeReader):
+        name = "broken"
+
+        def read_view(self, view: str, ids: np.ndarray) -> ViewRows:
+            raise FastPathError("value_text missing")
+
+    broken = Broken({})
+    broken.version = -1  # reports a change, so the tick reads
+    store.reader, store.fallback = broken, reader
+    reader.data[S.ITEM_INVENTORY][10] = {"stock": 0, "in_stock": 0}
+    store.refresh_once()
+    assert store.reader is reader and store.fallback is None and store.stats.failures == 0
+    snap = store.snapshot()
+    assert snap.features["in_stock"][snap.index.rows(np.array([10]))][0] == 0
+    store.reader = broken
+    store.refresh_once()  # no fallback left: a failure, the table stays
+    assert store.stats.failures == 1 and store.snapshot() is snap
+
+
+def test_verify_reader_reports_the_first_difference() -> None:
+    _, reader, _ = _fake_store()
+    other = FakeReader({**reader.data, S.SELLER_STATS: {1: {"seller_rating": 3.0}}})
+    ids = np.array([1, 2], dtype=np.int64)
+    assert verify_reader(reader, reader, ids, [S.SELLER_STATS]) is None
+    assert verify_reader(reader, other, ids, [S.SELLER_STATS]) == (
+        "seller_stats.seller_rating: values differ"
+    )
+
+
+def test_settings_name_the_variable_that_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("HOMEFEED_FEATURES_") or name in ("HOMEFEED_ONLINE_STORE",):
+            monkeypatch.delenv(name)
+    assert FeaturesSettings.from_env().refresh_s == 2.0
+    monkeypatch.setenv("HOMEFEED_ONLINE_STORE", "redis")
+    monkeypatch.delenv("HOMEFEED_REDIS", raising=False)
+    with pytest.raises(SettingsError, match="HOMEFEED_REDIS is required"):
+        FeaturesSettings.from_env()
+    monkeypatch.setenv("HOMEFEED_ONLINE_STORE", "cassandra")
+    with pytest.raises(SettingsError, match="HOMEFEED_ONLINE_STORE must be one of sqlite, redis"):
+        FeaturesSettings.from_env()
+    monkeypatch.setenv("HOMEFEED_ONLINE_STORE", "sqlite")
+    monkeypatch.setenv("HOMEFEED_FEATURES_REFRESH_S", "0")
+    with pytest.raises(SettingsError, match="HOMEFEED_FEATURES_REFRESH_S"):
+        FeaturesSettings.from_env()
+
+
+def test_main_exits_with_the_settings_error() -> None:
+    env = {**os.environ, "HOMEFEED_ONLINE_STORE": "redis", "HOMEFEED_REDIS": ""}
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.features"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1 and "HOMEFEED_REDIS is required" in proc.stderr
+
+
+# --- a real server over the tiny dataset's Feast store -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Served:
+    stub: features_pb2_grpc.FeaturesServiceStub
+    channel: grpc.Channel
+    items: ItemStore
+    store: Any  # the test's own FeatureStore (reads for expectations, pushes)
+    catalog: pd.DataFrame
+    recency_days: float
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dataset: dict, home: Paths) -> Iterator[Served]:
+    dataset = tiny_dataset["dataset"]
+    settings = FeaturesSettings(
+        server=ServerSettings(port=0, max_workers=4),
+        home=home.home,
+        dataset=dataset,
+        refresh_s=REFRESH_S,
+    )
+    server, port, items = create_server(settings)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    catalog = read_tables(home.raw(dataset), [C.ITEMS])[C.ITEMS]
+    try:
+        yield Served(
+            stub=features_pb2_grpc.FeaturesServiceStub(channel),
+            channel=channel,
+            items=items,
+            store=open_store(dataset, paths=home, online="sqlite"),
+            catalog=catalog,
+            recency_days=float(read_meta(home, dataset)["config"]["recency_days"]),
+        )
+    finally:
+        channel.close()
+        server.stop(0).wait()
+        items.close()
+
+
+def _request(
+    item_ids: list[int], user_id: int = 0, surface: int = common_pb2.SURFACE_HOME, **fields: Any
+) -> features_pb2.GetFeaturesRequest:
+    stamp = Timestamp()
+    stamp.FromDatetime(WHEN)
+    request = features_pb2.GetFeaturesRequest(
+        request_id="t", user_id=user_id, item_ids=item_ids, surface=surface
+    )
+    request.context.time.CopyFrom(stamp)
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return request
+
+
+def _get(served: Served, request: features_pb2.GetFeaturesRequest) -> Any:
+    response = served.stub.GetFeatures(request, timeout=TIMEOUT_S)
+    X = np.array(response.features.values, dtype=np.float32)
+    return response, X.reshape(response.features.rows, response.features.cols)
+
+
+def _expected(
+    served: Served, user_id: int, item_ids: list[int], surface: str
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Training's path on the online values: the matrix, and the filled frame."""
+    seller = dict(zip(served.catalog[C.ITEM_ID], served.catalog[C.SELLER_ID], strict=True))
+    rows = [
+        {C.USER_ID: user_id, C.ITEM_ID: i, C.SELLER_ID: int(seller.get(i, -1))} for i in item_ids
+    ]
+    got = served.store.get_online_features(features=S.feature_refs(), entity_rows=rows).to_dict()
+    vectors = pa.chunked_array([got.pop(S.AFFINITY_VECTOR)], type=pa.list_(pa.float32()))
+    frame = pd.DataFrame(got)
+    category = frame["category"].fillna(-1).to_numpy(np.int64)
+    n_categories = int(served.catalog[C.CATEGORY].max()) + 1
+    frame[S.AFFINITY_FOR_ITEM] = training_affinity(vectors, category, n_categories)
+    frame = fill_defaults(frame)
+    frame[HOUR] = 21  # WHEN, by hand
+    frame[DAY_OF_WEEK] = 2
+    frame[C.SURFACE] = surface
+    return build_matrix(frame), frame
+
+
+def _assert_same_columns(served_X: np.ndarray, expected_X: np.ndarray) -> None:
+    assert served_X.shape == expected_X.shape
+    for name, j in COL.items():
+        np.testing.assert_array_equal(served_X[:, j], expected_X[:, j], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def known_user(served: Served, tiny_dataset: dict, home: Paths) -> int:
+    """A user with a profile, an affinity vector and recent activity online."""
+    features = home.features(tiny_dataset["dataset"])
+    active = pd.read_parquet(features / f"{S.USER_RECENT_ACTIVITY}.parquet")
+    candidates = active.loc[active["views_24h"] > 0, C.USER_ID].unique()[:200].tolist()
+    got = served.store.get_online_features(
+        features=["user_profile:clicks_30d", "user_recent_activity:views_24h"],
+        entity_rows=[{C.USER_ID: int(u)} for u in candidates],
+    ).to_dict()
+    for user, clicks, views in zip(candidates, got["clicks_30d"], got["views_24h"], strict=True):
+        if clicks and views:
+            return int(user)
+    raise AssertionError("no user of sim-tiny has clicks and recent views online")
+
+
+def _some_items(served: Served, n: int, seed: int) -> list[int]:
+    ids = served.catalog[C.ITEM_ID].to_numpy()
+    return np.random.default_rng(seed).choice(ids, n, replace=False).tolist()
+
+
+def test_health_reports_serving(served: Served) -> None:
+    stub = health_pb2_grpc.HealthStub(served.channel)
+    reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=TIMEOUT_S)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_known_user_matrix_equals_training_path_on_online_values(
+    served: Served, known_user: int
+) -> None:
+    unknown_items = [int(served.catalog[C.ITEM_ID].max()) + 1, 10**12]
+    item_ids = _some_items(served, 60, seed=1) + unknown_items
+    request = _request(item_ids, user_id=known_user, surface=common_pb2.SURFACE_CHECKOUT)
+    request.context.country = "DE"  # not a feature: the profile's country is (as in training)
+    request.context.device = "ios"
+    response, X = _get(served, request)
+    expected_X, frame = _expected(served, known_user, item_ids, "CHECKOUT")
+    _assert_same_columns(X, expected_X)
+
+    assert response.known_user
+    assert list(response.feature_names) == list(FEATURE_SCHEMA.names)
+    assert response.features.schema_hash == FEATURE_SCHEMA.hash
+    assert frame["views_24h"].iloc[0] > 0 and (frame["clicks_30d"] > 0).all()
+    assert X[0, COL["country_code"]] == C.COUNTRIES.index(frame["country"].iloc[0])
+    assert (X[:, COL["surface_code"]] == C.SURFACES.index("CHECKOUT")).all()
+    affinity = X[:, COL[S.AFFINITY_FOR_ITEM]]
+    assert len(np.unique(affinity[:-2])) > 1  # the user's own vector, not the uniform prior
+
+    catalog = served.catalog.set_index(C.ITEM_ID).reindex(item_ids)
+    known = catalog[C.PRICE].notna().to_numpy()
+    price = catalog[C.PRICE].fillna(0).to_numpy()
+    margin = catalog[C.MARGIN].fillna(0).to_numpy()
+    np.testing.assert_array_equal(response.prices, price.astype(np.float32))
+    np.testing.assert_array_equal(response.values, (price * margin).astype(np.float32))
+    np.testing.assert_array_equal(
+        response.categories, catalog[C.CATEGORY].fillna(-1).to_numpy(np.int64)
+    )
+    np.testing.assert_array_equal(response.available, known & (frame["in_stock"] == 1))
+    np.testing.assert_array_equal(response.new_seller, frame["seller_is_new"] == 1)
+    score = heuristic_score(
+        frame["clicks_7d"].to_numpy(np.float64),
+        frame["age_days"].to_numpy(np.float64),
+        served.recency_days,
+    )
+    np.testing.assert_allclose(response.heuristic_scores, np.where(known, score, 0), rtol=1e-6)
+
+
+def test_unknown_user_gets_defaults_and_unknown_items_are_unavailable(served: Served) -> None:
+    stranger = 10**15
+    item_ids = [int(served.catalog[C.ITEM_ID].max()) + 7, *_some_items(served, 5, seed=2)]
+    response, X = _get(served, _request(item_ids, user_id=stranger))
+    expected_X, _ = _expected(served, stranger, item_ids, "HOME")
+    _assert_same_columns(X, expected_X)
+    assert not response.known_user and len(response.available) == len(item_ids)
+    assert not response.available[0] and response.categories[0] == -1
+    assert response.values[0] == 0 and response.heuristic_scores[0] == 0
+    n_categories = int(served.catalog[C.CATEGORY].max()) + 1
+    np.testing.assert_array_equal(X[:, COL[S.AFFINITY_FOR_ITEM]], np.float32(1 / n_categories))
+    assert (X[:, COL["country_code"]] == len(C.COUNTRIES)).all()
+    assert (X[:, COL["recency_days"]] == 365).all()
+
+
+def _push_inventory(store: Any, item_id: int, stock: int, in_stock: int) -> None:
+    now = pd.Timestamp.now(tz="UTC").as_unit("us")
+    frame = pd.DataFrame(
+        {
+            C.ITEM_ID: [item_id],
+            S.EVENT_TIMESTAMP: [now],
+            "stock": [stock],
+            "in_stock": [in_stock],
+            S.CREATED: [now],
+        }
+    )
+    store.push(INVENTORY_PUSH, frame)
+
+
+def _wait_for(check: Callable[[], bool], seconds: float) -> float:
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > seconds:
+            raise AssertionError(f"condition not met within {seconds} s")
+        time.sleep(REFRESH_S / 10)
+    return time.monotonic() - started
+
+
+def test_an_out_of_stock_push_makes_the_item_unavailable_within_refreshes(
+    served: Served,
+) -> None:
+    item_ids = _some_items(served, 20, seed=3)
+    response, _ = _get(served, _request(item_ids))
+    rows = [{C.ITEM_ID: i} for i in item_ids]
+    inventory = served.store.get_online_features(
+        features=["item_inventory:stock", "item_inventory:in_stock"], entity_rows=rows
+    ).to_dict()
+    k = next(
+        k
+        for k, ok in enumerate(response.available)
+        if ok and inventory["in_stock"][k] == 1 and inventory["stock"][k]
+    )
+    item, stock = item_ids[k], int(inventory["stock"][k])
+
+    def available() -> bool:
+        return bool(_get(served, _request([item]))[0].available[0])
+
+    _push_inventory(served.store, item, 0, 0)
+    try:
+        waited = _wait_for(lambda: not available(), seconds=10 * REFRESH_S)
+        assert waited <= 10 * REFRESH_S
+        response, X = _get(served, _request([item]))
+        assert X[0, COL["stock"]] == 0 and X[0, COL["in_stock"]] == 0
+    finally:
+        _push_inventory(served.store, item, stock, 1)  # other tests share the store
+    _wait_for(available, seconds=10 * REFRESH_S)
+
+
+def test_sqlite_fast_path_reads_what_feast_online_read_reads(served: Served) -> None:
+    assert served.items.reader.name == "sqlite"
+    reader = served.items.reader
+    assert isinstance(reader, SqliteReader)
+    ids = served.catalog[C.ITEM_ID].to_numpy(np.int64)
+    everything = np.concatenate([ids[::-1], [ids.max() + 1]])  # a table scan
+    a_few = np.concatenate([ids[::97], [ids.max() + 1]])  # primary-key lookups
+    assert len(a_few) < 100 < 1000 < len(everything)
+    provider = ProviderReader(served.store)
+    assert verify_reader(reader, provider, everything, ITEM_VIEWS) is None
+    assert verify_reader(reader, provider, a_few, ITEM_VIEWS) is None
+    assert reader.read_view(S.ITEM_STATS, a_few).found[:-1].any()
+
+
+def test_schema_hash_mismatch_is_failed_precondition(served: Served) -> None:
+    other = "0" * 64
+    with pytest.raises(grpc.RpcError) as err:
+        _get(served, _request([1, 2], schema_hash=other))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert other in str(err.value.details()) and FEATURE_SCHEMA.hash in str(err.value.details())
+    response, _ = _get(served, _request([1, 2], schema_hash=FEATURE_SCHEMA.hash))
+    assert response.features.rows == 2
+
+
+def _with_context(**fields: Any) -> features_pb2.GetFeaturesRequest:
+    request = _request([1, 2])
+    for name, value in fields.items():
+        setattr(request.context, name, value)
+    return request
+
+
+def _bad_time() -> features_pb2.GetFeaturesRequest:
+    request = _request([1, 2])
+    request.context.time.nanos = -1
+    return request
+
+
+@pytest.mark.parametrize(
+    ("request_factory", "message"),
+    [
+        (lambda: _request([]), "item_ids must have at least 1"),
+        (lambda: _request(list(range(2001))), "item_ids must have at most 2000"),
+        (lambda: _request([4, -3]), "item_ids must be non-negative"),
+        (lambda: _request([1, 8, 2, 8, 1]), "must be unique, got item 8 at positions 1 and 3"),
+        (lambda: _request([1], user_id=-5), "user_id must be 0..9223372036854775807, got -5"),
+        (lambda: _request([1], surface=common_pb2.SURFACE_UNSPECIFIED), "surface must be one of"),
+        (lambda: _request([1], surface=7), "surface must be one of"),
+        (lambda: _with_context(country="de"), "context.country must be empty or an ISO"),
+        (lambda: _with_context(device="tv"), "context.device must be empty or one of"),
+        (_bad_time, "context.time.nanos must be 0..999999999, got -1"),
+        (lambda: _request([1], request_id="x" * 129), "request_id must be at most 128"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(
+    served: Served, request_factory: Callable[[], features_pb2.GetFeaturesRequest], message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.GetFeatures(request_factory(), timeout=TIMEOUT_S)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in str(err.value.details())
+
+
+def test_unset_time_means_now(served: Served) -> None:
+    request = _request([1])
+    request.ClearField("context")
+    before = datetime.now(UTC)
+    _, X = _get(served, request)
+    after = datetime.now(UTC)
+    assert X[0, COL[HOUR]] in {before.hour, after.hour}
+    assert X[0, COL[DAY_OF_WEEK]] in {before.weekday(), after.weekday()}

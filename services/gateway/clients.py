@@ -1,0 +1,264 @@
+"""The gateway's view of its three downstreams: what it asks, what it gets back (numpy
+arrays, ids as int64), as Protocols the pipeline depends on, and thin gRPC implementations.
+
+A client raises on any failure: ``grpc.RpcError`` from the stub (DEADLINE_EXCEEDED,
+UNAVAILABLE, a downstream's INVALID_ARGUMENT...) or ``DownstreamError`` for an answer that
+breaks its contract (parallel arrays of different lengths, a matrix of the wrong shape).
+The pipeline turns either into that hop's fallback; it never lets one reach the caller.
+
+Each gRPC client owns one channel to its downstream, created once and shared by every
+request thread (grpc channels are thread-safe and multiplex calls over one HTTP/2
+connection). Calls are plain blocking unary calls with a timeout and the request id in the
+``x-request-id`` metadata; none waits for a channel to become ready, so a downstream that is
+down fails fast into the fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import numpy as np
+from homefeed.common.v1 import common_pb2
+from homefeed.features.v1 import features_pb2, features_pb2_grpc
+from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
+from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+from services.common.errors import InvalidArgument
+from services.common.interceptors import REQUEST_ID_KEY
+from services.common.matrix import from_float_matrix, to_float_matrix
+
+EXPLORATION_SOURCE = retrieval_pb2.CANDIDATE_SOURCE_EXPLORATION
+POPULARITY_SOURCE = retrieval_pb2.CANDIDATE_SOURCE_POPULARITY
+CONTENT_SOURCE = retrieval_pb2.CANDIDATE_SOURCE_CONTENT
+
+
+class DownstreamError(Exception):
+    """A downstream answered, but not in the shape its contract promises."""
+
+
+@dataclass(frozen=True)
+class FeedRequest:
+    """A validated GetFeed request."""
+
+    request_id: str
+    user_id: int
+    surface: int  # common.v1.Surface, HOME or CHECKOUT
+    cart_item_ids: np.ndarray  # int64, <= 100, non-negative
+    page_size: int
+    context: common_pb2.RequestContext  # forwarded as is; country/device pick popularity
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Retrieval's answer: parallel arrays, best first within each source."""
+
+    item_ids: np.ndarray  # int64
+    scores: np.ndarray  # float32, source-specific
+    sources: np.ndarray  # int32 retrieval.v1.CandidateSource
+    model_version: str = ""
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """The features service's answer: row k of ``matrix`` and entry k of every array
+    describe the k-th requested item."""
+
+    matrix: np.ndarray  # float32 (items, schema width)
+    schema_hash: str
+    available: np.ndarray  # bool: False = out of stock, delisted or unknown
+    values: np.ndarray  # float32 price x margin
+    prices: np.ndarray  # float32
+    categories: np.ndarray  # int32
+    new_seller: np.ndarray  # bool
+    heuristic_scores: np.ndarray  # float32
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Ranking's answer, one entry per ranked item."""
+
+    p_purchase: np.ndarray  # float32
+    egmv: np.ndarray  # float32
+    model_version: str
+
+
+class RetrievalClient(Protocol):
+    def retrieve(self, request: FeedRequest, n: int, timeout_s: float) -> Candidates:
+        """Up to ``n`` candidates for the request's user, none of its cart items."""
+        ...
+
+
+class FeaturesClient(Protocol):
+    def get_features(
+        self, request: FeedRequest, item_ids: np.ndarray, timeout_s: float
+    ) -> ItemFeatures:
+        """Features and item facts of ``item_ids`` (unique), in their order."""
+        ...
+
+
+class RankingClient(Protocol):
+    def rank(
+        self,
+        request: FeedRequest,
+        item_ids: np.ndarray,
+        matrix: np.ndarray,
+        schema_hash: str,
+        values: np.ndarray,
+        timeout_s: float,
+    ) -> Scores:
+        """p(purchase) and E[GMV] of each row of ``matrix``."""
+        ...
+
+
+def _metadata(request: FeedRequest) -> tuple[tuple[str, str], ...]:
+    return ((REQUEST_ID_KEY, request.request_id),)
+
+
+def _check_lengths(what: str, n: int, **arrays: np.ndarray) -> None:
+    for name, array in arrays.items():
+        if len(array) != n:
+            raise DownstreamError(f"{what}: {name} has {len(array)} entries, expected {n}")
+
+
+class GrpcRetrieval:
+    """``RetrievalService.Retrieve`` over one channel; the cart is both excluded and, for
+    CHECKOUT, the seed of cart-similar candidates."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+
+    def retrieve(self, request: FeedRequest, n: int, timeout_s: float) -> Candidates:
+        cart = request.cart_item_ids.tolist()
+        message = retrieval_pb2.RetrieveRequest(
+            request_id=request.request_id,
+            user_id=request.user_id,
+            n=n,
+            surface=request.surface,
+            context=request.context,
+        )
+        message.exclude_item_ids.extend(cart)
+        message.cart_item_ids.extend(cart)
+        response = self._stub.Retrieve(message, timeout=timeout_s, metadata=_metadata(request))
+        ids = np.array(response.item_ids, dtype=np.int64)
+        scores = np.array(response.scores, dtype=np.float32)
+        sources = np.array(response.sources, dtype=np.int32)
+        _check_lengths("Retrieve", len(ids), scores=scores, sources=sources)
+        return Candidates(ids, scores, sources, response.model_version)
+
+
+class GrpcFeatures:
+    """``FeaturesService.GetFeatures`` over one channel, in the service's own schema (the
+    ranking service checks that the schema is its bundle's)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = features_pb2_grpc.FeaturesServiceStub(channel)
+
+    def get_features(
+        self, request: FeedRequest, item_ids: np.ndarray, timeout_s: float
+    ) -> ItemFeatures:
+        message = features_pb2.GetFeaturesRequest(
+            request_id=request.request_id,
+            user_id=request.user_id,
+            surface=request.surface,
+            context=request.context,
+        )
+        message.item_ids.extend(item_ids.tolist())
+        response = self._stub.GetFeatures(message, timeout=timeout_s, metadata=_metadata(request))
+        n = len(item_ids)
+        try:
+            matrix = from_float_matrix(response.features)
+        except InvalidArgument as err:
+            raise DownstreamError(f"GetFeatures: {err}") from None
+        out = ItemFeatures(
+            matrix=matrix,
+            schema_hash=response.features.schema_hash,
+            available=np.array(response.available, dtype=bool),
+            values=np.array(response.values, dtype=np.float32),
+            prices=np.array(response.prices, dtype=np.float32),
+            categories=np.array(response.categories, dtype=np.int32),
+            new_seller=np.array(response.new_seller, dtype=bool),
+            heuristic_scores=np.array(response.heuristic_scores, dtype=np.float32),
+        )
+        _check_lengths(
+            "GetFeatures",
+            n,
+            **{
+                "features.rows": matrix,
+                "available": out.available,
+                "values": out.values,
+                "prices": out.prices,
+                "categories": out.categories,
+                "new_seller": out.new_seller,
+                "heuristic_scores": out.heuristic_scores,
+            },
+        )
+        return out
+
+
+class GrpcRanking:
+    """``RankingService.Rank`` over one channel."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = ranking_pb2_grpc.RankingServiceStub(channel)
+
+    def rank(
+        self,
+        request: FeedRequest,
+        item_ids: np.ndarray,
+        matrix: np.ndarray,
+        schema_hash: str,
+        values: np.ndarray,
+        timeout_s: float,
+    ) -> Scores:
+        message = ranking_pb2.RankRequest(
+            request_id=request.request_id,
+            user_id=request.user_id,
+            features=to_float_matrix(matrix, schema_hash),
+        )
+        message.item_ids.extend(item_ids.tolist())
+        message.values.extend(values.tolist())
+        response = self._stub.Rank(message, timeout=timeout_s, metadata=_metadata(request))
+        p = np.array(response.p_purchase, dtype=np.float32)
+        egmv = np.array(response.egmv, dtype=np.float32)
+        _check_lengths("Rank", len(item_ids), p_purchase=p, egmv=egmv)
+        return Scores(p, egmv, response.model_version)
+
+
+@dataclass(frozen=True)
+class Downstreams:
+    """The three gRPC clients and their channels; ``close`` releases the channels."""
+
+    retrieval: GrpcRetrieval
+    features: GrpcFeatures
+    ranking: GrpcRanking
+    channels: tuple[grpc.Channel, ...]
+
+    @classmethod
+    def connect(
+        cls,
+        retrieval_addr: str,
+        features_addr: str,
+        ranking_addr: str,
+        max_message_bytes: int,
+    ) -> Downstreams:
+        """One insecure channel per address (they connect lazily, on the first call)."""
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        channels = tuple(
+            grpc.insecure_channel(addr, options=options)
+            for addr in (retrieval_addr, features_addr, ranking_addr)
+        )
+        return cls(
+            GrpcRetrieval(channels[0]),
+            GrpcFeatures(channels[1]),
+            GrpcRanking(channels[2]),
+            channels,
+        )
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()

@@ -1,0 +1,444 @@
+"""The feed pipeline: retrieve -> filter -> features -> rank -> re-rank, with a deadline per
+hop, a circuit breaker per downstream and a fallback for each of them.
+
+Per request (``FeedPipeline.run``):
+
+1. **Budget.** The caller's remaining deadline, or the surface's default when it set none.
+   Each hop's timeout is ``min(cap, share x budget, time left - reserve)``: retrieval's share
+   is 30 %, features' 40 %, ranking's the whole budget (what is left), and ``reserve`` keeps
+   a few milliseconds for re-ranking and the response. A hop with less than ``min_hop_s``
+   left is not called: it counts as timed out.
+2. **Retrieve** ``candidates`` items excluding the cart. Fallback (failure, timeout, open
+   breaker): the bundle's popularity list of the request's (country, device), flag
+   DEGRADATION_RETRIEVAL.
+3. **Filter** the cart's items and repeated ids out (retrieval was asked to exclude the
+   cart, and the popularity list was not).
+4. **Features** of the remaining candidates, then drop every row that is not ``available``
+   (out of stock, delisted, unknown): such an item is never served. Fallback: no item facts,
+   so candidates in retrieval order with reason POPULAR (popularity source), CART_SIMILAR
+   (content source) or HEURISTIC, flag DEGRADATION_FEATURES; ranking is skipped. Retrieval
+   is then the only stock filter.
+5. **Rank** the available rows (the matrix is sliced only when a row was dropped). Fallback:
+   heuristic-score order, reason HEURISTIC, E[GMV] 0, empty model version, flag
+   DEGRADATION_RANKING.
+6. **Re-rank** (``rerank.py``): category cap, new-seller share, epsilon-exploration with
+   propensities, seeded by the request id.
+
+Filtering happens before ranking rather than after: the features service may send NaN
+values for unknown items, which ranking refuses for the whole request. Slicing a 500 x 40
+float32 matrix costs a few microseconds, less than scoring the rows that would be dropped.
+
+Every array of item ids is int64 end to end; no Python loop runs over the candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from homefeed.common.v1 import common_pb2
+from homefeed.feed.v1 import feed_pb2
+
+from services.common.interceptors import LatencyRecorder
+from services.gateway import rerank as R
+from services.gateway.breaker import BreakerConfig, CircuitBreaker
+from services.gateway.clients import (
+    CONTENT_SOURCE,
+    EXPLORATION_SOURCE,
+    POPULARITY_SOURCE,
+    Candidates,
+    FeaturesClient,
+    FeedRequest,
+    RankingClient,
+    RetrievalClient,
+)
+from training.retrieval.popular import segment_key
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRIEVAL = "retrieval"
+FEATURES = "features"
+RANKING = "ranking"
+DOWNSTREAMS = (RETRIEVAL, FEATURES, RANKING)
+STAGES = ("retrieval", "filter", "features", "ranking", "rerank", "total")
+MAX_CANDIDATES = 2000  # RetrieveRequest.n and GetFeaturesRequest.item_ids allow 1..2000
+STABLE_ARM = "stable"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Candidates, deadlines and per-hop timeouts (seconds)."""
+
+    candidates: int = 500
+    home_deadline_s: float = 0.150  # budget when the caller sets no deadline
+    checkout_deadline_s: float = 0.100
+    retrieval_share: float = 0.3  # of the budget
+    features_share: float = 0.4
+    retrieval_cap_s: float = 0.045
+    features_cap_s: float = 0.060
+    ranking_cap_s: float = 0.060
+    reserve_s: float = 0.005  # kept for re-ranking and the response
+    min_hop_s: float = 0.001  # a hop with less time than this is skipped
+    arm: str = STABLE_ARM
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be 1..{MAX_CANDIDATES}, got {self.candidates}")
+        for name in ("retrieval_share", "features_share"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        for name in (
+            "home_deadline_s",
+            "checkout_deadline_s",
+            "retrieval_cap_s",
+            "features_cap_s",
+            "ranking_cap_s",
+            "min_hop_s",
+        ):
+            value = getattr(self, name)
+            if not value > 0.0:
+                raise ValueError(f"{name} must be > 0 s, got {value}")
+        if self.reserve_s < 0.0:
+            raise ValueError(f"reserve_s must be >= 0 s, got {self.reserve_s}")
+
+    def default_deadline_s(self, surface: int) -> float:
+        if surface == common_pb2.SURFACE_CHECKOUT:
+            return self.checkout_deadline_s
+        return self.home_deadline_s
+
+
+class PopularityLists:
+    """The bundle's ``retrieval/popular.json`` as int64 arrays: a list per
+    ``<country>/<device>`` segment and an overall list for any other context (format:
+    ``training/retrieval/popular.py``)."""
+
+    def __init__(self, overall: np.ndarray, segments: Mapping[str, np.ndarray]) -> None:
+        self.overall = overall
+        self.segments = dict(segments)
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "popular.json") -> PopularityLists:
+        """ValueError naming ``source`` when the structure or an id is not what the training
+        stage writes."""
+        if not isinstance(data, dict) or not isinstance(data.get("segments"), dict):
+            raise ValueError(f"{source} must be an object with 'overall' and 'segments' lists")
+
+        def ids(key: str, value: Any) -> np.ndarray:
+            if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+            ):
+                raise ValueError(f"{source}: {key} must be a list of non-negative item ids")
+            return np.asarray(value, dtype=np.int64)
+
+        overall = ids("overall", data.get("overall"))
+        segments = {str(k): ids(f"segments[{k!r}]", v) for k, v in data["segments"].items()}
+        return cls(overall, segments)
+
+    @classmethod
+    def load(cls, path: Path) -> PopularityLists:
+        return cls.from_json(json.loads(Path(path).read_text()), str(path))
+
+    def lookup(self, country: str, device: str) -> np.ndarray:
+        return self.segments.get(segment_key(country, device), self.overall)
+
+
+@dataclass
+class StageTimes:
+    """Wall milliseconds per stage of one request; ``total`` is set by the servicer."""
+
+    retrieval: float = 0.0
+    filter: float = 0.0
+    features: float = 0.0
+    ranking: float = 0.0
+    rerank: float = 0.0
+    total: float = 0.0
+
+    def format(self) -> str:
+        """The ``hf-stage-ms`` trailer: ``retrieval=0.81;filter=0.02;...;total=3.40``."""
+        return (
+            f"retrieval={self.retrieval:.2f};filter={self.filter:.2f};"
+            f"features={self.features:.2f};ranking={self.ranking:.2f};"
+            f"rerank={self.rerank:.2f};total={self.total:.2f}"
+        )
+
+
+class StageTimers:
+    """count/p50/p99 per stage over the last ``window`` requests (in-process diagnostics)."""
+
+    def __init__(self, window: int = 2048) -> None:
+        self._recorder = LatencyRecorder(window)
+        self._stats = {stage: self._recorder.stats(stage) for stage in STAGES}
+
+    def record(self, times: StageTimes) -> None:
+        for stage, stats in self._stats.items():
+            stats.add(getattr(times, stage), False)
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """``{stage: {count, p50_ms, p99_ms}}``."""
+        return {
+            stage: {k: v for k, v in figures.items() if k != "errors"}
+            for stage, figures in self._recorder.snapshot().items()
+        }
+
+
+@dataclass(frozen=True)
+class FeedPage:
+    """One page as parallel arrays, slot order, plus what the response reports about it."""
+
+    request_id: str
+    item_ids: np.ndarray  # int64
+    scores: np.ndarray  # float32: E[GMV], heuristic or retrieval score
+    egmv: np.ndarray  # float32, 0 when unranked
+    reasons: np.ndarray  # int32 feed.v1.Reason
+    propensities: np.ndarray  # float64 in (0, 1]
+    model_version: str
+    arm: str
+    degraded: tuple[int, ...]  # feed.v1.Degradation
+    candidates: int  # retrieved (or popularity) candidates before filtering
+    times: StageTimes = field(default_factory=StageTimes)
+
+
+def make_breakers(
+    config: BreakerConfig, clock: Callable[[], float] = time.monotonic
+) -> dict[str, CircuitBreaker]:
+    return {name: CircuitBreaker(name, config, clock) for name in DOWNSTREAMS}
+
+
+def _drop_cart_and_repeats(
+    found: Candidates, cart: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ids, scores and sources of the candidates without the cart's items and repeated ids
+    (the first occurrence stays), at most ``n``."""
+    ids, scores, sources = found.item_ids, found.scores, found.sources
+    ordered = np.sort(ids)
+    if (ordered[1:] == ordered[:-1]).any():
+        _, first = np.unique(ids, return_index=True)
+        keep = np.sort(first)
+        ids, scores, sources = ids[keep], scores[keep], sources[keep]
+    if len(cart):
+        mask = ~np.isin(ids, cart)
+        if not mask.all():
+            ids, scores, sources = ids[mask], scores[mask], sources[mask]
+    return ids[:n], scores[:n], sources[:n]
+
+
+class FeedPipeline:
+    """Composes the three downstreams into a page; thread-safe (no state but the breakers
+    and timers, both locked)."""
+
+    def __init__(
+        self,
+        retrieval: RetrievalClient,
+        features: FeaturesClient,
+        ranking: RankingClient,
+        popularity: PopularityLists,
+        config: PipelineConfig | None = None,
+        rerank_config: R.RerankConfig | None = None,
+        breakers: Mapping[str, CircuitBreaker] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.retrieval = retrieval
+        self.features = features
+        self.ranking = ranking
+        self.popularity = popularity
+        self.config = config if config is not None else PipelineConfig()
+        self.rerank_config = rerank_config if rerank_config is not None else R.RerankConfig()
+        self.breakers = dict(breakers) if breakers is not None else make_breakers(BreakerConfig())
+        missing = set(DOWNSTREAMS) - set(self.breakers)
+        if missing:
+            raise ValueError(f"breakers must include {', '.join(sorted(missing))}")
+        self.clock = clock
+        self.timers = StageTimers()
+        self._on_close = on_close
+
+    def close(self) -> None:
+        """Release the clients' resources (channels); call once the server has stopped."""
+        if self._on_close is not None:
+            self._on_close()
+
+    def _call(
+        self,
+        name: str,
+        request: FeedRequest,
+        call: Callable[[float], T],
+        timeout_s: float,
+    ) -> T | None:
+        """``call(timeout)`` through ``name``'s breaker; None means "serve the fallback"."""
+        if timeout_s < self.config.min_hop_s:
+            log.debug(
+                "deadline spent before the hop",
+                extra={"downstream": name, "request_id": request.request_id},
+            )
+            return None
+        breaker = self.breakers[name]
+        permit = breaker.try_acquire()
+        if permit is None:
+            log.debug("breaker open", extra={"downstream": name, "request_id": request.request_id})
+            return None
+        started = self.clock()
+        try:
+            result = call(timeout_s)
+        except Exception as err:  # any failure of a hop is served by its fallback
+            breaker.on_failure(permit, self.clock() - started)
+            log.warning(
+                "downstream failed, serving its fallback",
+                extra={
+                    "downstream": name,
+                    "request_id": request.request_id,
+                    "error": _describe(err),
+                    "timeout_ms": round(timeout_s * 1e3, 2),
+                },
+            )
+            return None
+        breaker.on_success(permit, self.clock() - started)
+        return result
+
+    def _popular(self, request: FeedRequest, n: int) -> Candidates:
+        """Retrieval's fallback: the request's (country, device) popularity list."""
+        ids = self.popularity.lookup(request.context.country, request.context.device)[:n]
+        return Candidates(
+            ids,
+            np.zeros(len(ids), dtype=np.float32),
+            np.full(len(ids), POPULARITY_SOURCE, dtype=np.int32),
+        )
+
+    def _timeout(self, deadline: float, budget: float, share: float, cap: float) -> float:
+        left = deadline - self.clock() - self.config.reserve_s
+        return min(cap, share * budget, left)
+
+    def run(self, request: FeedRequest, remaining_s: float | None) -> FeedPage:
+        """The page for ``request``; ``remaining_s`` is the caller's deadline (None: none)."""
+        cfg = self.config
+        clock = self.clock
+        t0 = clock()
+        budget = remaining_s if remaining_s is not None else cfg.default_deadline_s(request.surface)
+        deadline = t0 + budget
+        degraded: list[int] = []
+        times = StageTimes()
+
+        n = cfg.candidates
+        found = self._call(
+            RETRIEVAL,
+            request,
+            lambda t: self.retrieval.retrieve(request, n, t),
+            self._timeout(deadline, budget, cfg.retrieval_share, cfg.retrieval_cap_s),
+        )
+        if found is None:
+            degraded.append(feed_pb2.DEGRADATION_RETRIEVAL)
+            found = self._popular(request, n)
+        retrieved = len(found.item_ids)
+        t1 = clock()
+        times.retrieval = (t1 - t0) * 1e3
+
+        ids, scores, sources = _drop_cart_and_repeats(found, request.cart_item_ids, n)
+        t2 = clock()
+        times.filter = (t2 - t1) * 1e3
+
+        facts = None
+        if len(ids):
+            facts = self._call(
+                FEATURES,
+                request,
+                lambda t: self.features.get_features(request, ids, t),
+                self._timeout(deadline, budget, cfg.features_share, cfg.features_cap_s),
+            )
+            if facts is None:
+                degraded.append(feed_pb2.DEGRADATION_FEATURES)
+        t3 = clock()
+        times.features = (t3 - t2) * 1e3
+
+        ranked = None
+        categories = new_seller = None
+        if facts is None:
+            order_scores = None
+            base = np.full(len(ids), R.HEURISTIC, dtype=np.int32)
+            base[sources == POPULARITY_SOURCE] = R.POPULAR
+            base[sources == CONTENT_SOURCE] = R.CART_SIMILAR
+            egmv = np.zeros(len(ids), dtype=np.float32)
+        else:
+            available = facts.available
+            matrix, values = facts.matrix, facts.values
+            heuristic, categories, new_seller = (
+                facts.heuristic_scores,
+                facts.categories,
+                facts.new_seller,
+            )
+            if not available.all():
+                ids, scores, sources = ids[available], scores[available], sources[available]
+                matrix, values = matrix[available], values[available]
+                heuristic = heuristic[available]
+                categories, new_seller = categories[available], new_seller[available]
+            t4 = clock()
+            times.filter += (t4 - t3) * 1e3
+            if len(ids):
+                ranked = self._call(
+                    RANKING,
+                    request,
+                    lambda t: self.ranking.rank(request, ids, matrix, facts.schema_hash, values, t),
+                    self._timeout(deadline, budget, 1.0, cfg.ranking_cap_s),
+                )
+                if ranked is None:
+                    degraded.append(feed_pb2.DEGRADATION_RANKING)
+            if ranked is not None:
+                order_scores = scores = ranked.egmv
+                egmv = ranked.egmv
+                base = np.full(len(ids), R.RANKED, dtype=np.int32)
+            else:
+                order_scores = scores = heuristic
+                egmv = np.zeros(len(ids), dtype=np.float32)
+                base = np.full(len(ids), R.HEURISTIC, dtype=np.int32)
+            times.ranking = (clock() - t4) * 1e3
+
+        t5 = clock()
+        rcfg = self.rerank_config
+        rng = (
+            np.random.default_rng(R.request_seed(request.request_id)) if rcfg.epsilon > 0 else None
+        )
+        page = R.rerank(
+            len(ids),
+            request.page_size,
+            rcfg,
+            base,
+            scores=order_scores,
+            categories=categories,
+            new_seller=new_seller,
+            preferred=sources == EXPLORATION_SOURCE,
+            rng=rng,
+        )
+        slots = page.index
+        times.rerank = (clock() - t5) * 1e3
+        return FeedPage(
+            request_id=request.request_id,
+            item_ids=ids[slots],
+            scores=scores[slots],
+            egmv=egmv[slots],
+            reasons=page.reasons,
+            propensities=page.propensities,
+            model_version=ranked.model_version if ranked is not None else "",
+            arm=cfg.arm,
+            degraded=tuple(degraded),
+            candidates=retrieved,
+            times=times,
+        )
+
+
+def _describe(err: BaseException) -> str:
+    """``DEADLINE_EXCEEDED: Deadline Exceeded`` for a grpc error, ``Type: message`` else."""
+    code = getattr(err, "code", None)
+    details = getattr(err, "details", None)
+    if callable(code) and callable(details):
+        try:
+            return f"{code().name}: {details()}"
+        except Exception:  # not a grpc.Call after all
+            pass
+    return f"{type(err).__name__}: {err}"

@@ -1,0 +1,128 @@
+"""The gateway server: loads the popularity fallback, connects to the three downstreams and
+serves ``FeedService`` with health and reflection. ``python -m services.gateway`` runs
+``main()``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1.health import HealthServicer
+from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
+
+from services.common.logs import configure_logging
+from services.common.server import build_server, serve
+from services.common.settings import SettingsError
+from services.gateway.clients import Downstreams
+from services.gateway.pipeline import FeedPipeline, PopularityLists, make_breakers
+from services.gateway.servicer import FeedServicer
+from services.gateway.settings import SERVICE, GatewaySettings
+from training.bundle import POPULAR
+from training.registry import Registry, verify_bundle
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = feed_pb2.DESCRIPTOR.services_by_name["FeedService"].full_name
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start: the message names the bundle source and the reason."""
+
+
+def load_popularity(settings: GatewaySettings) -> PopularityLists:
+    """The popularity lists of the configured bundle, verified (checksums) before use."""
+    try:
+        if settings.bundle_dir is not None:
+            verify_bundle(settings.bundle_dir)
+            bundle: Path = settings.bundle_dir
+        else:
+            registry = Registry(settings.registry_uri)
+            bundle = registry.load(settings.model, settings.model_cache)
+        return PopularityLists.load(bundle / POPULAR)
+    except Exception as err:  # BundleError, OSError, a bad file, MlflowException (no alias)
+        raise StartupError(
+            f"cannot load the popularity fallback from {settings.describe_bundle()}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def build_pipeline(settings: GatewaySettings) -> FeedPipeline:
+    """The pipeline over gRPC clients of the configured addresses; ``close()`` closes their
+    channels."""
+    popularity = load_popularity(settings)
+    downstreams = Downstreams.connect(
+        settings.retrieval_addr,
+        settings.features_addr,
+        settings.ranking_addr,
+        settings.server.max_message_bytes,
+    )
+    pipeline = FeedPipeline(
+        downstreams.retrieval,
+        downstreams.features,
+        downstreams.ranking,
+        popularity,
+        settings.pipeline,
+        settings.rerank,
+        make_breakers(settings.breaker),
+        on_close=downstreams.close,
+    )
+    return pipeline
+
+
+def _build(
+    settings: GatewaySettings, pipeline: FeedPipeline | None
+) -> tuple[grpc.Server, int, FeedPipeline, HealthServicer]:
+    if pipeline is None:
+        pipeline = build_pipeline(settings)
+    servicer = FeedServicer(pipeline)
+    server, port, health = build_server(
+        settings.server,
+        [SERVICE_NAME],
+        lambda s: feed_pb2_grpc.add_FeedServiceServicer_to_server(servicer, s),
+    )
+    log.info(
+        "gateway ready",
+        extra={
+            "port": port,
+            "retrieval": settings.retrieval_addr,
+            "features": settings.features_addr,
+            "ranking": settings.ranking_addr,
+            "popularity": settings.describe_bundle(),
+            "candidates": settings.pipeline.candidates,
+            "epsilon": settings.rerank.epsilon,
+        },
+    )
+    return server, port, pipeline, health
+
+
+def create_server(
+    settings: GatewaySettings, pipeline: FeedPipeline | None = None
+) -> tuple[grpc.Server, int, FeedPipeline]:
+    """A bound, not yet started server, its port (settings' port, a free one for 0) and
+    the pipeline it serves: ``pipeline`` when given (tests pass one over fake clients),
+    else one over gRPC clients of the settings' addresses (``pipeline.close()`` closes their
+    channels once the server has stopped). Raises StartupError when the popularity fallback
+    cannot be loaded."""
+    server, port, pipeline, _ = _build(settings, pipeline)
+    return server, port, pipeline
+
+
+def main() -> int:
+    """Serve until SIGTERM/SIGINT; exit status 1 with the reason on stderr when the
+    settings or the popularity fallback are unusable."""
+    try:
+        settings = GatewaySettings.from_env()
+    except SettingsError as err:
+        sys.stderr.write(f"gateway: {err}\n")
+        return 1
+    configure_logging(SERVICE, settings.server.log_level)
+    try:
+        server, _, pipeline, health = _build(settings, None)
+    except (StartupError, OSError) as err:
+        log.error("cannot start", extra={"reason": str(err)})
+        sys.stderr.write(f"gateway: {err}\n")
+        return 1
+    serve(server, health, settings.server, on_stop=pipeline.close)
+    return 0

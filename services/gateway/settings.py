@@ -1,0 +1,217 @@
+"""Settings of the feed gateway, read once at start from the environment.
+
+Downstreams (required; a missing one stops the start naming it):
+
+- ``HOMEFEED_RETRIEVAL_ADDR``, ``HOMEFEED_FEATURES_ADDR``, ``HOMEFEED_RANKING_ADDR``:
+  ``host:port`` of each service.
+
+Popularity fallback (the bundle's ``retrieval/popular.json``, loaded and verified at start):
+
+- ``HOMEFEED_GATEWAY_MODEL`` (``champion``): registry alias or version of the bundle;
+- ``HOMEFEED_GATEWAY_BUNDLE_DIR`` (unset): read this bundle directory instead;
+- ``HOMEFEED_GATEWAY_CACHE_DIR`` (``<home>/artifacts/model_cache``), ``MLFLOW_TRACKING_URI``,
+  ``HOMEFEED_HOME``: where registry bundles are cached and the registry lives.
+
+Pipeline (``pipeline.PipelineConfig``; times in milliseconds):
+
+- ``HOMEFEED_GATEWAY_CANDIDATES`` (500, 1..2000): candidates retrieved per request;
+- ``HOMEFEED_GATEWAY_HOME_DEADLINE_MS`` (150), ``HOMEFEED_GATEWAY_CHECKOUT_DEADLINE_MS``
+  (100): the budget when the caller sets no deadline;
+- ``HOMEFEED_GATEWAY_RETRIEVAL_SHARE`` (0.3), ``HOMEFEED_GATEWAY_FEATURES_SHARE`` (0.4):
+  the share of the budget a hop may use;
+- ``HOMEFEED_GATEWAY_RETRIEVAL_TIMEOUT_MS`` (45), ``HOMEFEED_GATEWAY_FEATURES_TIMEOUT_MS``
+  (60), ``HOMEFEED_GATEWAY_RANKING_TIMEOUT_MS`` (60): per-hop caps;
+- ``HOMEFEED_GATEWAY_RESERVE_MS`` (5): kept for re-ranking and the response.
+
+Re-ranking (``rerank.RerankConfig``):
+
+- ``HOMEFEED_GATEWAY_MAX_PER_CATEGORY`` (4), ``HOMEFEED_GATEWAY_DIVERSITY_DEPTH`` (20),
+  ``HOMEFEED_GATEWAY_NEW_SELLER_MIN_SHARE`` (0.1), ``HOMEFEED_GATEWAY_EPSILON`` (0.05).
+
+Circuit breakers (``breaker.BreakerConfig``, the same for the three downstreams):
+
+- ``HOMEFEED_GATEWAY_BREAKER_WINDOW`` (20 calls), ``..._BREAKER_MIN_CALLS`` (10),
+  ``..._BREAKER_FAILURE_RATE`` (0.5), ``..._BREAKER_SLOW_RATE`` (0.5),
+  ``..._BREAKER_SLOW_CALL_MS`` (40), ``..._BREAKER_OPEN_WAIT_S`` (5),
+  ``..._BREAKER_HALF_OPEN_CALLS`` (3), ``..._BREAKER_HALF_OPEN_MAX_WAIT_S`` (5).
+
+plus ``HOMEFEED_GATEWAY_{HOST,PORT,MAX_WORKERS,...}`` (``ServerSettings``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from services.common.settings import ServerSettings, SettingsError, env_float, env_int, env_str
+from services.common.settings import require as require_env
+from services.gateway.breaker import BreakerConfig
+from services.gateway.pipeline import PipelineConfig
+from services.gateway.rerank import RerankConfig
+from training.bundle import ALIAS_CHAMPION
+from training.paths import Paths
+from training.registry import default_tracking_uri
+
+SERVICE = "gateway"
+PREFIX = "HOMEFEED_GATEWAY_"
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Where the downstreams are, where the popularity fallback comes from, and how the
+    pipeline, the re-ranking and the breakers behave."""
+
+    server: ServerSettings
+    retrieval_addr: str
+    features_addr: str
+    ranking_addr: str
+    home: Path
+    model: str = ALIAS_CHAMPION
+    bundle_dir: Path | None = None
+    cache_dir: Path | None = None
+    tracking_uri: str | None = None
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+    @property
+    def model_cache(self) -> Path:
+        return (
+            self.cache_dir
+            if self.cache_dir is not None
+            else Paths(self.home).artifacts / ("model_cache")
+        )
+
+    @property
+    def registry_uri(self) -> str:
+        return self.tracking_uri or default_tracking_uri(Paths(self.home))
+
+    def describe_bundle(self) -> str:
+        """Where the popularity lists come from, for log lines and start-up errors."""
+        if self.bundle_dir is not None:
+            return f"bundle directory {self.bundle_dir} (HOMEFEED_GATEWAY_BUNDLE_DIR)"
+        return f"registry model {self.model!r} (HOMEFEED_GATEWAY_MODEL) at {self.registry_uri}"
+
+    @classmethod
+    def from_env(cls) -> GatewaySettings:
+        """Read the variables listed in the module docstring; a missing required one or a
+        malformed or out-of-range value raises ``SettingsError`` naming it."""
+        retrieval = require_env("HOMEFEED_RETRIEVAL_ADDR", "host:port of the retrieval service")
+        features = require_env("HOMEFEED_FEATURES_ADDR", "host:port of the features service")
+        ranking = require_env("HOMEFEED_RANKING_ADDR", "host:port of the ranking service")
+        p, r, b = PipelineConfig(), RerankConfig(), BreakerConfig()
+
+        def ms(name: str, default_s: float) -> float:
+            return env_float(PREFIX + name, default_s * 1e3) / 1e3
+
+        pipeline = _build(
+            PipelineConfig,
+            {
+                "candidates": ("CANDIDATES", env_int(PREFIX + "CANDIDATES", p.candidates)),
+                "home_deadline_s": ("HOME_DEADLINE_MS", ms("HOME_DEADLINE_MS", p.home_deadline_s)),
+                "checkout_deadline_s": (
+                    "CHECKOUT_DEADLINE_MS",
+                    ms("CHECKOUT_DEADLINE_MS", p.checkout_deadline_s),
+                ),
+                "retrieval_share": (
+                    "RETRIEVAL_SHARE",
+                    env_float(PREFIX + "RETRIEVAL_SHARE", p.retrieval_share),
+                ),
+                "features_share": (
+                    "FEATURES_SHARE",
+                    env_float(PREFIX + "FEATURES_SHARE", p.features_share),
+                ),
+                "retrieval_cap_s": (
+                    "RETRIEVAL_TIMEOUT_MS",
+                    ms("RETRIEVAL_TIMEOUT_MS", p.retrieval_cap_s),
+                ),
+                "features_cap_s": (
+                    "FEATURES_TIMEOUT_MS",
+                    ms("FEATURES_TIMEOUT_MS", p.features_cap_s),
+                ),
+                "ranking_cap_s": ("RANKING_TIMEOUT_MS", ms("RANKING_TIMEOUT_MS", p.ranking_cap_s)),
+                "reserve_s": ("RESERVE_MS", ms("RESERVE_MS", p.reserve_s)),
+            },
+        )
+        rerank = _build(
+            RerankConfig,
+            {
+                "max_per_category": (
+                    "MAX_PER_CATEGORY",
+                    env_int(PREFIX + "MAX_PER_CATEGORY", r.max_per_category),
+                ),
+                "diversity_depth": (
+                    "DIVERSITY_DEPTH",
+                    env_int(PREFIX + "DIVERSITY_DEPTH", r.diversity_depth),
+                ),
+                "new_seller_min_share": (
+                    "NEW_SELLER_MIN_SHARE",
+                    env_float(PREFIX + "NEW_SELLER_MIN_SHARE", r.new_seller_min_share),
+                ),
+                "epsilon": ("EPSILON", env_float(PREFIX + "EPSILON", r.epsilon)),
+            },
+        )
+        breaker = _build(
+            BreakerConfig,
+            {
+                "window": ("BREAKER_WINDOW", env_int(PREFIX + "BREAKER_WINDOW", b.window)),
+                "min_calls": (
+                    "BREAKER_MIN_CALLS",
+                    env_int(PREFIX + "BREAKER_MIN_CALLS", b.min_calls),
+                ),
+                "failure_rate": (
+                    "BREAKER_FAILURE_RATE",
+                    env_float(PREFIX + "BREAKER_FAILURE_RATE", b.failure_rate),
+                ),
+                "slow_rate": (
+                    "BREAKER_SLOW_RATE",
+                    env_float(PREFIX + "BREAKER_SLOW_RATE", b.slow_rate),
+                ),
+                "slow_call_s": ("BREAKER_SLOW_CALL_MS", ms("BREAKER_SLOW_CALL_MS", b.slow_call_s)),
+                "open_wait_s": (
+                    "BREAKER_OPEN_WAIT_S",
+                    env_float(PREFIX + "BREAKER_OPEN_WAIT_S", b.open_wait_s),
+                ),
+                "half_open_calls": (
+                    "BREAKER_HALF_OPEN_CALLS",
+                    env_int(PREFIX + "BREAKER_HALF_OPEN_CALLS", b.half_open_calls),
+                ),
+                "half_open_max_wait_s": (
+                    "BREAKER_HALF_OPEN_MAX_WAIT_S",
+                    env_float(PREFIX + "BREAKER_HALF_OPEN_MAX_WAIT_S", b.half_open_max_wait_s),
+                ),
+            },
+        )
+        bundle_dir = env_str(PREFIX + "BUNDLE_DIR")
+        cache_dir = env_str(PREFIX + "CACHE_DIR")
+        return cls(
+            server=ServerSettings.from_env(SERVICE),
+            retrieval_addr=retrieval,
+            features_addr=features,
+            ranking_addr=ranking,
+            home=Paths.from_env().home,
+            model=env_str(PREFIX + "MODEL", ALIAS_CHAMPION),
+            bundle_dir=Path(bundle_dir).resolve() if bundle_dir else None,
+            cache_dir=Path(cache_dir).resolve() if cache_dir else None,
+            tracking_uri=env_str("MLFLOW_TRACKING_URI"),
+            pipeline=pipeline,
+            rerank=rerank,
+            breaker=breaker,
+        )
+
+
+def _build(factory: Callable[..., C], fields: dict[str, tuple[str, object]]) -> C:
+    """``factory(**values)``; its ValueError for an out-of-range field is re-raised as a
+    SettingsError naming the environment variable (``field must be ...`` messages)."""
+    try:
+        return factory(**{name: value for name, (_, value) in fields.items()})
+    except ValueError as err:
+        message = str(err)
+        name, _, rest = message.partition(" ")
+        if name in fields:
+            raise SettingsError(f"{PREFIX}{fields[name][0]} (as {name}) {rest}") from None
+        raise SettingsError(message) from None

@@ -6,13 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from typing import Any
+import time
+from collections.abc import Sequence
+from typing import IO, Any
 
 from training.paths import Paths
 
 # the stage names, repeated here so `homefeed --help` does not import the training stack
 _STAGES = ("retrieval", "rankers", "compile", "evaluate", "register")
+# likewise the services (services.mesh.SERVICES), so --help imports no grpc
+_SERVICES = ("retrieval", "features", "ranking", "gateway")
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
@@ -98,6 +103,231 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Become ``python -m services.<name>``: the service owns the process (signals, exit
+    status, logging) exactly as it does under a supervisor."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", f"services.{args.service}"])
+    return 1  # not reached: execv replaces the process or raises
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.mesh import Mesh, MeshConfig, MeshError
+
+    home = Paths.from_env().home
+    cfg = MeshConfig(
+        home=home,
+        dataset=args.dataset,
+        model=args.model,
+        admin_token=os.environ.get("HOMEFEED_ADMIN_TOKEN") or None,
+        startup_timeout=args.timeout,
+    )
+    print(
+        f"starting the mesh under {home} (dataset {args.dataset}, model {args.model}) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        mesh = Mesh.start(cfg)
+    except MeshError as err:
+        print(f"homefeed up: {err}", file=sys.stderr)
+        return 1
+    rows = [("service", "address", "pid", "log")]
+    rows += [
+        (name, info.address or "-", str(info.pid), str(info.log))
+        for name, info in mesh.services.items()
+    ]
+    print(_table(rows, align="<<><"))
+    print(f"\nadmin token: {mesh.admin_token_file}\nstate: {mesh.state_file}")
+    print("try: homefeed feed --user 1    stop: homefeed down")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from services.mesh import Mesh, MeshError
+
+    home = Paths.from_env().home
+    try:
+        mesh = Mesh.from_state(home)
+        if mesh is None:
+            print(f"no mesh is running under {home}")
+            return 0
+        pids = sorted(mesh.pids.items(), key=lambda item: item[0] != "gateway")  # stop order
+        mesh.stop(timeout=args.timeout)
+    except MeshError as err:
+        print(f"homefeed down: {err}", file=sys.stderr)
+        return 1
+    print("stopped " + ", ".join(f"{name} (pid {pid})" for name, pid in pids))
+    return 0
+
+
+def cmd_feed(args: argparse.Namespace) -> int:
+    import grpc
+    from homefeed.common.v1 import common_pb2
+    from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
+
+    address = args.addr or _gateway_address()
+    request = feed_pb2.GetFeedRequest(
+        user_id=args.user,
+        surface=common_pb2.SURFACE_CHECKOUT
+        if args.surface == "checkout"
+        else common_pb2.SURFACE_HOME,
+        cart_item_ids=args.cart,
+        page_size=args.page_size,
+        context=common_pb2.RequestContext(country=args.country, device=args.device),
+    )
+    with grpc.insecure_channel(address) as channel:
+        stub = feed_pb2_grpc.FeedServiceStub(channel)
+        start = time.perf_counter()
+        try:
+            response = stub.GetFeed(request, timeout=args.timeout)
+        except grpc.RpcError as err:
+            print(f"homefeed feed: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 2
+        round_trip_ms = (time.perf_counter() - start) * 1000.0
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        page = MessageToDict(
+            response,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+        )
+        _print({**page, "round_trip_ms": round(round_trip_ms, 3)})
+    else:
+        print_feed(response, round_trip_ms)
+    return 0
+
+
+def _gateway_address() -> str:
+    from services.mesh import Mesh, MeshError
+
+    home = Paths.from_env().home
+    try:
+        mesh = Mesh.from_state(home)
+    except MeshError as err:
+        raise ValueError(str(err)) from None
+    if mesh is None:
+        raise ValueError(
+            f"no mesh is running under {home}; start one with `homefeed up` "
+            "or pass --addr host:port"
+        )
+    address = mesh.addresses.get("gateway")
+    if address is None:
+        raise ValueError(f"the mesh under {home} has no listening gateway yet (still starting?)")
+    return address
+
+
+def print_feed(
+    response: Any, round_trip_ms: float | None = None, file: IO[str] | None = None
+) -> None:
+    """Print a ``GetFeedResponse`` as a header (request id, model version, arm, degraded
+    flags, candidate count, round trip) and one table row per item."""
+    from homefeed.feed.v1 import feed_pb2
+
+    out = file if file is not None else sys.stdout
+    degraded = [
+        feed_pb2.Degradation.Name(d).removeprefix("DEGRADATION_").lower() for d in response.degraded
+    ]
+    header = [
+        f"request {response.request_id or '-'}",
+        f"model {response.model_version or '-'}",
+        f"arm {response.arm or '-'}",
+        f"degraded {','.join(degraded) or 'none'}",
+        f"candidates {response.candidates}",
+    ]
+    if round_trip_ms is not None:
+        header.append(f"round trip {round_trip_ms:.1f} ms")
+    print("  ".join(header), file=out)
+    rows = [("pos", "item", "score", "E[GMV]", "reason", "propensity")]
+    for k, item in enumerate(response.item_ids):
+        rows.append(
+            (
+                str(_at(response.positions, k, k + 1)),
+                str(item),
+                f"{_at(response.scores, k, float('nan')):.4f}",
+                f"{_at(response.egmv, k, float('nan')):.4f}",
+                _reason(feed_pb2, _at(response.reasons, k, 0)),
+                f"{_at(response.propensities, k, float('nan')):.3f}",
+            )
+        )
+    print(_table(rows, align=">>>><>"), file=out)
+    if not response.item_ids:
+        print("(empty page)", file=out)
+
+
+def _at(values: Any, k: int, default: Any) -> Any:
+    """Entry k of a parallel repeated field, or ``default`` when the server sent fewer."""
+    return values[k] if k < len(values) else default
+
+
+def _reason(feed_pb2: Any, value: int) -> str:
+    try:
+        return str(feed_pb2.Reason.Name(value)).removeprefix("REASON_").lower()
+    except ValueError:
+        return f"reason_{value}"
+
+
+def _table(rows: Sequence[Sequence[str]], align: str) -> str:
+    """Rows as aligned columns (``align``: one ``<`` or ``>`` per column)."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(w) if a == ">" else cell.ljust(w)
+            for cell, w, a in zip(row, widths, align, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _item_ids(text: str) -> list[int]:
+    """``--cart 1,2,3`` -> [1, 2, 3]; argparse turns the error into exit status 2."""
+    parts = [part.strip() for part in text.split(",")]
+    if parts == [""]:
+        return []
+    try:
+        ids = [int(part) for part in parts]
+    except ValueError:
+        ids = []
+    if len(ids) != len(parts) or not all(-(2**63) <= i < 2**63 for i in ids):
+        raise argparse.ArgumentTypeError(
+            f"expects comma-separated 64-bit integer item ids such as 1,2,3, got {text!r}"
+        )
+    return ids
+
+
+def _int64(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects an integer id, got {text!r}") from None
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expects a 64-bit integer id, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expects a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="homefeed", description="Personalized feed ranking for a two-sided marketplace."
@@ -169,6 +399,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-real", action="store_true", help="skip the Complete Journey evaluation (~3 min)"
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "serve", help="run one service in the foreground (python -m services.<name>)"
+    )
+    p.add_argument("service", choices=list(_SERVICES))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("up", help="start the local mesh (four services) in the background")
+    p.add_argument(
+        "--dataset",
+        default=os.environ.get("HOMEFEED_DATASET") or "sim-small",
+        help="dataset the services read (default: $HOMEFEED_DATASET or sim-small)",
+    )
+    p.add_argument("--model", default="champion", help="registry alias or version to serve")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=120.0,
+        help="seconds each start phase may take (default 120)",
+    )
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop the local mesh started by `homefeed up`")
+    p.add_argument(
+        "--timeout", type=_positive_float, default=10.0, help="seconds to drain before SIGKILL"
+    )
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("feed", help="ask the gateway for one page and print it")
+    p.add_argument("--user", type=_int64, required=True, help="buyer id (unknown: cold start)")
+    p.add_argument("--surface", choices=["home", "checkout"], default="home")
+    p.add_argument(
+        "--cart", type=_item_ids, default=[], metavar="ID,ID,...", help="item ids in the cart"
+    )
+    p.add_argument("--page-size", type=_positive_int, default=20)
+    p.add_argument("--country", default="", help="ISO 3166-1 alpha-2, e.g. US")
+    p.add_argument("--device", default="", help="ios | android | web")
+    p.add_argument("--addr", help="gateway host:port (default: the running mesh's)")
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="deadline in seconds")
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.set_defaults(func=cmd_feed)
     return parser
 
 

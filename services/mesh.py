@@ -1,0 +1,626 @@
+"""The local mesh supervisor: the four services as processes on one machine (`homefeed up`).
+
+Kubernetes runs the mesh in production; here ``Mesh.start`` spawns retrieval, features and
+ranking in parallel (``python -m services.<name>``, every port 0), learns each one's port
+from the ``HOMEFEED_READY port=<port>`` line it prints once listening, checks it with the
+gRPC health service, then starts the gateway with their addresses. A service that exits or
+is not ready in time stops the others, and the error quotes the end of its log.
+
+Each service's stdout and stderr go to ``<home>/run/logs/<name>.log``; the READY line is
+read back from that file rather than from a pipe, so a mesh started by ``homefeed up``
+keeps running (and may keep printing) after the command has exited.
+
+What is running is recorded in ``<home>/run/``:
+
+- ``mesh.json``: pids, ports, addresses, commands, log paths, ``started_at``, and the path
+  of the admin token (written while starting too, so a supervisor killed half-way leaves
+  pids that ``homefeed down`` can still stop);
+- ``mesh.pid``: the service pids, one a line, gateway first;
+- ``admin_token`` (mode 0600): the bearer token the admin RPCs require.
+
+A recorded process counts as running only while its pid is alive, is not a zombie, and
+(where ``/proc`` exists) still runs the recorded command, so a reused pid is not mistaken
+for a service. State whose processes are all gone is stale and is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.server import READY_LINE
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("retrieval", "features", "ranking")
+GATEWAY = "gateway"
+SERVICES = (*BACKENDS, GATEWAY)
+
+STATE_VERSION = 1
+LOG_TAIL_LINES = 20
+
+# the directory that holds the ``services`` package, put on the children's PYTHONPATH
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+_READY = re.compile(
+    "^" + re.escape(READY_LINE).replace(re.escape("{port}"), r"(?P<port>\d+)") + r"\s*$"
+)
+_POLL_S = 0.05
+_KILL_WAIT_S = 5.0
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+class MeshError(RuntimeError):
+    """The mesh cannot start or its recorded state cannot be used; the message says why."""
+
+
+def run_dir(home: Path) -> Path:
+    return Path(home) / "run"
+
+
+def state_path(home: Path) -> Path:
+    return run_dir(home) / "mesh.json"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """What ``Mesh.start`` runs.
+
+    ``commands`` replaces the command of a service (tests start stand-ins with it); the
+    default is ``[python, "-m", "services.<name>"]``. ``extra_env`` is applied last, so it
+    can also pin a port (``HOMEFEED_GATEWAY_PORT``) or set any service setting.
+    """
+
+    home: Path
+    dataset: str = "sim-small"
+    model: str = "champion"  # registry alias or version: ranking, retrieval, gateway
+    admin_token: str | None = field(default=None, repr=False)  # None: a fresh random one
+    startup_timeout: float = 120.0  # s per phase (backends, gateway): feast costs ~10 s
+    health_timeout: float = 10.0  # s for a ready service to answer SERVING
+    python: str = sys.executable
+    host: str = "127.0.0.1"
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    commands: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.commands) - set(SERVICES))
+        if unknown:
+            raise ValueError(
+                f"commands has unknown services {unknown}; known: {', '.join(SERVICES)}"
+            )
+        if self.startup_timeout <= 0 or self.health_timeout <= 0:
+            raise ValueError(
+                "startup_timeout and health_timeout must be > 0 s, got "
+                f"{self.startup_timeout} and {self.health_timeout}"
+            )
+
+    def command(self, name: str) -> list[str]:
+        if name in self.commands:
+            return [str(part) for part in self.commands[name]]
+        return [self.python, "-m", f"services.{name}"]
+
+    def env(self, name: str, admin_token: str, addresses: Mapping[str, str]) -> dict[str, str]:
+        """The environment of service ``name``: ours on top of the caller's, ``extra_env``
+        on top of that. The gateway also gets the backends' ``HOMEFEED_<SVC>_ADDR``."""
+        env = dict(os.environ)
+        python_path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = (
+            f"{_SOURCE_ROOT}{os.pathsep}{python_path}" if python_path else str(_SOURCE_ROOT)
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        env["HOMEFEED_HOME"] = str(Path(self.home).resolve())
+        env["HOMEFEED_DATASET"] = self.dataset
+        env["HOMEFEED_RANKING_MODEL"] = self.model
+        env["HOMEFEED_RETRIEVAL_MODEL"] = self.model
+        env["HOMEFEED_GATEWAY_MODEL"] = self.model  # its popularity fallback lists
+        env["HOMEFEED_ADMIN_TOKEN"] = admin_token
+        prefix = f"HOMEFEED_{name.upper()}_"
+        env[prefix + "HOST"] = self.host
+        env[prefix + "PORT"] = "0"
+        if name == GATEWAY:
+            for backend in BACKENDS:
+                env[f"HOMEFEED_{backend.upper()}_ADDR"] = addresses[backend]
+        env.update(self.extra_env)
+        return env
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    """One running service as recorded in ``mesh.json``; port/address are None while it
+    is starting."""
+
+    name: str
+    pid: int
+    command: tuple[str, ...]
+    log: Path
+    port: int | None = None
+    address: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "port": self.port,
+            "address": self.address,
+            "command": list(self.command),
+            "log": str(self.log),
+        }
+
+    @classmethod
+    def from_json(cls, name: str, data: Mapping[str, Any]) -> ServiceProcess:
+        port = data.get("port")
+        return cls(
+            name=name,
+            pid=int(data["pid"]),
+            command=tuple(str(part) for part in data["command"]),
+            log=Path(data["log"]),
+            port=None if port is None else int(port),
+            address=data.get("address"),
+        )
+
+
+class Mesh:
+    """A running local mesh: started here (``Mesh.start``) or found on disk
+    (``Mesh.from_state``). Use it as a context manager to stop it on the way out."""
+
+    def __init__(
+        self,
+        home: Path,
+        services: Mapping[str, ServiceProcess],
+        started_at: str,
+        admin_token_file: Path,
+        procs: Mapping[str, subprocess.Popen[bytes]] | None = None,
+        status: str = "running",
+    ) -> None:
+        self.home = Path(home).resolve()
+        self.services: dict[str, ServiceProcess] = dict(services)
+        self.started_at = started_at
+        self.admin_token_file = admin_token_file
+        self.status = status
+        self._procs: dict[str, subprocess.Popen[bytes]] = dict(procs or {})
+
+    def __repr__(self) -> str:
+        return f"Mesh(home={str(self.home)!r}, addresses={self.addresses}, pids={self.pids})"
+
+    @property
+    def state_file(self) -> Path:
+        return state_path(self.home)
+
+    @property
+    def pid_file(self) -> Path:
+        return run_dir(self.home) / "mesh.pid"
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        """``host:port`` of every service that is listening."""
+        return {n: s.address for n, s in self.services.items() if s.address is not None}
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {n: s.port for n, s in self.services.items() if s.port is not None}
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {n: s.pid for n, s in self.services.items()}
+
+    @property
+    def logs(self) -> dict[str, Path]:
+        return {n: s.log for n, s in self.services.items()}
+
+    @property
+    def admin_token(self) -> str:
+        return self.admin_token_file.read_text().strip()
+
+    # --- start ---------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, cfg: MeshConfig) -> Mesh:
+        """Start the four services and return once each answers SERVING.
+
+        Raises MeshError when a mesh is already running under ``cfg.home``, or when a
+        service exits or is not ready in time (the message quotes the end of its log); the
+        services started so far are stopped first.
+        """
+        home = Path(cfg.home).resolve()
+        logs_dir = run_dir(home) / "logs"
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        with _start_lock(home):
+            running = cls.from_state(home)
+            if running is not None:
+                raise MeshError(
+                    f"a mesh is already running under {home} ({_describe(running)}); "
+                    "stop it with `homefeed down`"
+                )
+            token = cfg.admin_token or secrets.token_urlsafe(32)
+            token_file = _write_token(home, token)
+            mesh = cls(
+                home,
+                {},
+                datetime.now(UTC).isoformat(timespec="seconds"),
+                token_file,
+                status="starting",
+            )
+            try:
+                mesh._launch(cfg, BACKENDS, token)
+                mesh._launch(cfg, (GATEWAY,), token)
+            except BaseException:
+                try:
+                    mesh.stop(timeout=5.0)
+                except MeshError as err:
+                    log.error("cannot stop a failed start", extra={"reason": str(err)})
+                raise
+            mesh.status = "running"
+            mesh._write_state()
+            log.debug("mesh started", extra={"addresses": mesh.addresses, "pids": mesh.pids})
+            return mesh
+
+    def _launch(self, cfg: MeshConfig, names: Sequence[str], token: str) -> None:
+        """Spawn ``names`` together, wait for their READY lines, then for SERVING."""
+        watchers: dict[str, _LogWatcher] = {}
+        hosts: dict[str, str] = {}
+        try:
+            for name in names:
+                command = cfg.command(name)
+                env = cfg.env(name, token, self.addresses)
+                log_path = run_dir(self.home) / "logs" / f"{name}.log"
+                _rotate(log_path)
+                with open(log_path, "ab") as out:
+                    try:
+                        proc = subprocess.Popen(
+                            command,
+                            stdin=subprocess.DEVNULL,
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            env=env,
+                            start_new_session=True,  # outlives `homefeed up`; Ctrl-C stays ours
+                        )
+                    except OSError as err:
+                        raise MeshError(
+                            f"cannot run {name} ({shlex.join(command)}): {err}"
+                        ) from None
+                self._procs[name] = proc
+                self.services[name] = ServiceProcess(name, proc.pid, tuple(command), log_path)
+                hosts[name] = _connect_host(env.get(f"HOMEFEED_{name.upper()}_HOST"))
+                watchers[name] = _LogWatcher(log_path)
+            self._write_state()
+            self._await_ready(watchers, hosts, cfg.startup_timeout)
+        finally:
+            for watcher in watchers.values():
+                watcher.close()
+        self._write_state()
+        for name in names:
+            self._await_serving(name, cfg.health_timeout)
+
+    def _await_ready(
+        self, watchers: Mapping[str, _LogWatcher], hosts: Mapping[str, str], timeout: float
+    ) -> None:
+        started = time.monotonic()
+        pending = dict(watchers)
+        while pending:
+            for name, watcher in list(pending.items()):
+                port = watcher.ready_port()
+                if port is not None:
+                    info = self.services[name]
+                    self.services[name] = ServiceProcess(
+                        name, info.pid, info.command, info.log, port, f"{hosts[name]}:{port}"
+                    )
+                    del pending[name]
+                    continue
+                code = self._procs[name].poll()
+                if code is not None:
+                    raise MeshError(
+                        f"{name} exited with status {code} before it was ready"
+                        + _tail_note(self.services[name].log)
+                    )
+            if pending and time.monotonic() - started > timeout:
+                late = sorted(pending)
+                raise MeshError(
+                    f"{' and '.join(late)} not ready after {timeout:g} s (no "
+                    f"{READY_LINE.format(port='<port>')!r} line)"
+                    + _tail_note(self.services[late[0]].log)
+                )
+            if pending:
+                time.sleep(_POLL_S)
+
+    def _await_serving(self, name: str, timeout: float) -> None:
+        info = self.services[name]
+        assert info.address is not None
+        proc = self._procs[name]
+        try:
+            check_serving(info.address, timeout, running=lambda: proc.poll() is None)
+        except MeshError as err:
+            raise MeshError(f"{name}: {err}" + _tail_note(info.log)) from None
+
+    # --- state ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_state(cls, home: Path) -> Mesh | None:
+        """The mesh recorded under ``home``, or None when none is; stale state (every
+        recorded process gone) is removed. MeshError when ``mesh.json`` is unreadable."""
+        home = Path(home).resolve()
+        path = state_path(home)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise MeshError(
+                f"{path} is unreadable ({err}); remove it once no homefeed service runs"
+            ) from None
+        try:
+            if data.get("version") != STATE_VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {STATE_VERSION}")
+            mesh = cls(
+                home,
+                {n: ServiceProcess.from_json(n, s) for n, s in data["services"].items()},
+                str(data["started_at"]),
+                Path(data["admin_token_file"]),
+                status=str(data.get("status", "running")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise MeshError(
+                f"{path} is not a mesh state file ({err}); remove it once no homefeed service runs"
+            ) from None
+        if not any(mesh.alive().values()):
+            log.info("removing stale mesh state", extra={"pids": mesh.pids})
+            mesh._remove_state(force=True)
+            return None
+        return mesh
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "status": self.status,
+            "home": str(self.home),
+            "started_at": self.started_at,
+            "admin_token_file": str(self.admin_token_file),
+            "services": {n: s.to_json() for n, s in self.services.items()},
+        }
+
+    def _write_state(self) -> None:
+        _atomic_write(self.state_file, json.dumps(self._state(), indent=2) + "\n")
+        order = sorted(self.services, key=lambda n: n != GATEWAY)
+        _atomic_write(self.pid_file, "".join(f"{self.services[n].pid}\n" for n in order))
+
+    def _remove_state(self, force: bool = False) -> None:
+        """Remove the state files, unless they now record another mesh's processes."""
+        if not force:
+            try:
+                recorded = json.loads(self.state_file.read_text())["services"]
+                ours = {n: s["pid"] for n, s in recorded.items()} == self.pids
+            except (OSError, ValueError, KeyError, TypeError):
+                ours = True
+            if not ours:
+                return
+        for path in (self.state_file, self.pid_file, self.admin_token_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    # --- processes -----------------------------------------------------------------------
+
+    def alive(self) -> dict[str, bool]:
+        """Whether each recorded service process still runs."""
+        return {name: self._alive(name) for name in self.services}
+
+    def _alive(self, name: str) -> bool:
+        proc = self._procs.get(name)
+        if proc is not None:
+            return proc.poll() is None
+        info = self.services[name]
+        return pid_alive(info.pid, info.command)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the gateway and wait up to ``timeout`` s for it to drain, then the same
+        for the other services together; SIGKILL whatever is still running after its wait.
+        Removes the state files. Safe to call twice."""
+        for group in ((GATEWAY,), BACKENDS):
+            live = [n for n in group if n in self.services and self._alive(n)]
+            for name in live:
+                self._signal(name, signal.SIGTERM)
+            left = self._wait(live, timeout)
+            for name in left:
+                log.warning("killing a service that did not drain", extra={"service": name})
+                self._signal(name, signal.SIGKILL, group=True)
+            if self._wait(left, _KILL_WAIT_S):
+                raise MeshError(f"could not stop {', '.join(left)} (pids {self.pids})")
+        self._remove_state()
+        self.status = "stopped"
+
+    def _signal(self, name: str, signum: int, group: bool = False) -> None:
+        pid = self.services[name].pid
+        with contextlib.suppress(ProcessLookupError):
+            # each service leads its own session: the group also holds anything it spawned
+            if group and os.getpgid(pid) == pid:
+                os.killpg(pid, signum)
+            else:
+                os.kill(pid, signum)
+
+    def _wait(self, names: Sequence[str], timeout: float) -> list[str]:
+        """Wait until ``names`` have exited or ``timeout`` passed; returns those still up."""
+        deadline = time.monotonic() + timeout
+        left = list(names)
+        while left:
+            left = [n for n in left if self._alive(n)]
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_S)
+        return left
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def check_serving(address: str, timeout: float, running: Callable[[], bool] | None = None) -> None:
+    """Return once the grpc health service at ``address`` reports the server (``""``)
+    SERVING; MeshError with the last answer after ``timeout`` s, or as soon as ``running``
+    (the server process's liveness) says it has exited."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if running is not None and not running():
+                raise MeshError(f"exited after it reported listening on {address}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MeshError(f"health check of {address} failed after {timeout:g} s: {last}")
+            try:
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(service=""),
+                    timeout=min(remaining, 2.0),
+                    wait_for_ready=True,
+                )
+            except grpc.RpcError as err:
+                last = f"{err.code().name}: {err.details()}"
+            else:
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            time.sleep(_POLL_S)
+
+
+def pid_alive(pid: int, command: Sequence[str] | None = None) -> bool:
+    """Whether ``pid`` runs and is not a zombie; with ``command``, also that it still runs
+    that command line (checked where ``/proc`` exists), so a reused pid does not count."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # another user's process: not one of ours
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():
+        return True
+    try:
+        stat = (proc / "stat").read_text()
+        if stat[stat.rindex(")") + 2 :].startswith(("Z", "X")):
+            return False
+        if command is not None:
+            argv = (proc / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            return [a.decode(errors="replace") for a in argv] == list(command)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return True
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a text file ('' when it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _tail_note(path: Path) -> str:
+    text = tail(path)
+    if not text:
+        return f"; its log {path} is empty"
+    indented = "\n".join("    " + line for line in text.splitlines())
+    return f"; last lines of {path}:\n{indented}"
+
+
+def _describe(mesh: Mesh) -> str:
+    alive = mesh.alive()
+    parts = [
+        f"{n} pid {s.pid}"
+        + (f" at {s.address}" if s.address else "")
+        + ("" if alive[n] else " (exited)")
+        for n, s in mesh.services.items()
+    ]
+    return ", ".join(parts)
+
+
+def _connect_host(host: str | None) -> str:
+    """Where a client reaches a server bound to ``host`` (a wildcard means loopback)."""
+    return "127.0.0.1" if host is None or host.strip() in _WILDCARD_HOSTS else host.strip()
+
+
+class _LogWatcher:
+    """Reads a growing log file and finds the READY line among complete lines."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._file.seek(0, os.SEEK_END)
+        self._partial = b""
+
+    def ready_port(self) -> int | None:
+        chunk = self._file.read()
+        if not chunk:
+            return None
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
+            match = _READY.match(line.decode(errors="replace"))
+            if match:
+                return int(match.group("port"))
+        return None
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def _start_lock(home: Path) -> Iterator[None]:
+    """Serializes starts under one home: two `homefeed up` at once would both find no mesh."""
+    path = run_dir(home) / "mesh.lock"
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MeshError(f"another mesh is being started under {home}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_token(home: Path, token: str) -> Path:
+    path = run_dir(home) / "admin_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rotate(log_path: Path) -> None:
+    """Keep the previous run's log as ``<name>.log.1``: it may explain why it stopped."""
+    if log_path.exists() and log_path.stat().st_size > 0:
+        os.replace(log_path, log_path.with_name(log_path.name + ".1"))

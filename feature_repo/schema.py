@@ -2,7 +2,7 @@
 
 The batch jobs (training/features.py) write exactly these columns, the views declare
 exactly these fields, and the training sets and serving read them by these names.
-Types: "int64", "float32", "string", "float32[]" (a fixed-length vector).
+Types: "int64", "float32", "string", "float32[]" and "int64[]" (lists; see each feature).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 # source file (Parquet, under the dataset's feature folder) of each view
 USER_PROFILE = "user_profile"
 USER_CATEGORY_AFFINITY = "user_category_affinity"
+USER_SELLER_RECENCY = "user_seller_recency"
 ITEM_STATS = "item_stats"
 SELLER_STATS = "seller_stats"
 USER_RECENT_ACTIVITY = "user_recent_activity"
@@ -21,6 +22,7 @@ CREATED = "created"
 ENTITY_OF_VIEW = {
     USER_PROFILE: "user_id",
     USER_CATEGORY_AFFINITY: "user_id",
+    USER_SELLER_RECENCY: "user_id",
     ITEM_STATS: "item_id",
     SELLER_STATS: "seller_id",
     USER_RECENT_ACTIVITY: "user_id",
@@ -41,6 +43,13 @@ FEATURES: dict[str, dict[str, str]] = {
     },
     USER_CATEGORY_AFFINITY: {
         "category_affinity": "float32[]",  # smoothed share of 30-day clicks per category
+    },
+    # The sellers the user clicked or bought from in the 30 days before the snapshot, most
+    # recent first, at most 50, and the days from the last such click / purchase to the
+    # snapshot, aligned (both empty without engagement).
+    USER_SELLER_RECENCY: {
+        "recent_sellers": "int64[]",
+        "recent_seller_days": "float32[]",
     },
     ITEM_STATS: {
         "category": "int64",
@@ -74,12 +83,13 @@ FEATURES: dict[str, dict[str, str]] = {
 
 # The value a feature takes when Feast has no row for the entity (a user who signed up today,
 # no activity in 24 h, an item never seen in the inventory log). Training sets and serving
-# fill the same values; anything not listed is 0 (numbers) or "unknown" (strings), and a
-# missing category_affinity is the uniform vector.
+# fill the same values; anything not listed is 0 (numbers) or "unknown" (strings), a
+# missing category_affinity is the uniform vector and missing seller lists are empty.
 DEFAULTS: dict[str, float | int | str] = {
     "country": "unknown",
     "device": "unknown",
     "recency_days": 365.0,
+    "seller_days_since_engaged": 365.0,  # the seller is not in the user's 30-day list
     "seller_rating": 4.0,
     "in_stock": 1,
 }
@@ -89,12 +99,21 @@ DEFAULTS: dict[str, float | int | str] = {
 # row is no longer the entity's state and reads as missing (DEFAULTS).
 SNAPSHOT_TTL_DAYS = 8
 
-# The affinity vector is read per user; a training row (and serving, per candidate) keeps
-# only the entry of the candidate's category: a user x item feature.
+# Per-user lists are read once per user; a training row (and serving, per candidate) keeps
+# only the scalar they reduce to with the candidate: user x item features.
 AFFINITY_VECTOR = "category_affinity"
-AFFINITY_FOR_ITEM = "category_affinity_for_item"
+AFFINITY_FOR_ITEM = "category_affinity_for_item"  # the entry of the item's category
+RECENT_SELLERS = "recent_sellers"
+RECENT_SELLER_DAYS = "recent_seller_days"
+SELLER_DAYS_SINCE_ENGAGED = "seller_days_since_engaged"  # the days entry of the item's seller
+# list feature -> the float32 scalar a training row holds in its place
+REDUCED_FOR_ITEM: dict[str, str] = {
+    AFFINITY_VECTOR: AFFINITY_FOR_ITEM,
+    RECENT_SELLERS: SELLER_DAYS_SINCE_ENGAGED,
+    RECENT_SELLER_DAYS: SELLER_DAYS_SINCE_ENGAGED,
+}
 
-BATCH_VIEWS = (USER_PROFILE, USER_CATEGORY_AFFINITY, ITEM_STATS, SELLER_STATS)
+BATCH_VIEWS = (USER_PROFILE, USER_CATEGORY_AFFINITY, USER_SELLER_RECENCY, ITEM_STATS, SELLER_STATS)
 STREAM_VIEWS = (USER_RECENT_ACTIVITY, ITEM_INVENTORY)
 
 # The feature service each ranker version reads; the bundle records which one it used.
@@ -108,10 +127,7 @@ def feature_refs(views: tuple[str, ...] = RANKER_VIEWS) -> list[str]:
 
 
 def training_columns(views: tuple[str, ...] = RANKER_VIEWS) -> list[str]:
-    """The scalar feature columns of a training row: every feature, with the affinity vector
-    replaced by the candidate's entry of it."""
-    return [
-        AFFINITY_FOR_ITEM if name == AFFINITY_VECTOR else name
-        for view in views
-        for name in FEATURES[view]
-    ]
+    """The scalar feature columns of a training row: every feature, with each per-user list
+    replaced by the scalar it reduces to (REDUCED_FOR_ITEM), once."""
+    columns = (REDUCED_FOR_ITEM.get(name, name) for view in views for name in FEATURES[view])
+    return list(dict.fromkeys(columns))

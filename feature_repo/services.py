@@ -10,6 +10,7 @@ from feature_repo.views import (
     user_category_affinity,
     user_profile,
     user_recent_activity,
+    user_seller_recency,
 )
 
 ranker_v1 = FeatureService(
@@ -17,6 +18,7 @@ ranker_v1 = FeatureService(
     features=[
         user_profile,
         user_category_affinity,
+        user_seller_recency,
         item_stats,
         seller_stats,
         user_recent_activity,

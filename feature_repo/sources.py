@@ -25,6 +25,7 @@ def _parquet(view: str) -> FileSource:
 
 user_profile_source = _parquet(S.USER_PROFILE)
 user_category_affinity_source = _parquet(S.USER_CATEGORY_AFFINITY)
+user_seller_recency_source = _parquet(S.USER_SELLER_RECENCY)
 item_stats_source = _parquet(S.ITEM_STATS)
 seller_stats_source = _parquet(S.SELLER_STATS)
 

@@ -16,6 +16,7 @@ from feature_repo.sources import (
     user_category_affinity_source,
     user_profile_source,
     user_recent_activity_push,
+    user_seller_recency_source,
 )
 
 _TYPES: dict[str, Any] = {
@@ -23,6 +24,7 @@ _TYPES: dict[str, Any] = {
     "float32": Float32,
     "string": String,
     "float32[]": Array(Float32),
+    "int64[]": Array(Int64),
 }
 
 
@@ -49,6 +51,16 @@ user_category_affinity = FeatureView(
     source=user_category_affinity_source,
     description="One vector per user (not a user x category entity): the ranker indexes it "
     "with the candidate's category, so 500 candidates cost one read.",
+)
+
+user_seller_recency = FeatureView(
+    name=S.USER_SELLER_RECENCY,
+    entities=[user],
+    ttl=SNAPSHOT_TTL,
+    schema=_fields(S.USER_SELLER_RECENCY),
+    source=user_seller_recency_source,
+    description="The user's last 30 days of sellers as two aligned lists (not a user x seller "
+    "entity): the ranker looks up the candidate's seller, so 500 candidates cost one read.",
 )
 
 item_stats = FeatureView(

@@ -81,6 +81,10 @@ def test_snapshot_features_come_from_the_last_snapshot_at_or_before_the_event(tm
     assert out["clicks_7d"].tolist()[:3] == [0, 2, 2] and pd.isna(out["clicks_7d"].iloc[3])
     assert out["purchases_30d"].tolist()[:3] == [0, 0, 1]
     assert out["stock"].tolist() == [5, 5, 3, 3]  # inventory: ttl 0, the last change stays true
+    # seller lists: empty at day 0, then seller 0 (last engaged day 1.2), then past the TTL
+    assert [list(v) for v in out[S.RECENT_SELLERS].iloc[:3]] == [[], [0], [0]]
+    assert out[S.RECENT_SELLER_DAYS].iloc[2][0] == pytest.approx(2.8, abs=1e-5)
+    assert out[S.RECENT_SELLERS].iloc[3] is None
 
 
 def test_unknown_entities_keep_their_rows(tmp_path, tables):
@@ -99,6 +103,8 @@ def _online_roundtrip(store) -> None:
         row["purchases_30d"] == [1]
         and row["stock"] == [3]
         and row["seller_rating"][0] == pytest.approx(4.5)
+        and row[S.RECENT_SELLERS] == [[0]]
+        and row[S.RECENT_SELLER_DAYS][0] == pytest.approx([2.8], abs=1e-5)
     )
     store.push(
         "item_inventory_push",

@@ -2,8 +2,9 @@
 a real server on port 0 over the ``tiny_dataset`` Feast store (SQLite, materialized).
 
 The served matrix is checked against the training path run on the same online values:
-``store.get_online_features`` for every view -> ``training.dataset.fill_defaults`` and
-``affinity_for_items`` -> context columns computed by hand -> ``build_matrix``.
+``store.get_online_features`` for every view -> ``training.dataset.fill_defaults``,
+``affinity_for_items`` and ``seller_days_for_items`` -> context columns computed by hand ->
+``build_matrix``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from services.features.assembler import (
     UserFeatures,
     affinity_for_items,
     first_duplicate,
+    seller_days_for_items,
 )
 from services.features.items import (
     ITEM_VIEWS,
@@ -53,6 +55,7 @@ from services.features.settings import FeaturesSettings
 from training import columns as C
 from training.dataset import DAY_OF_WEEK, HOUR, fill_defaults
 from training.dataset import affinity_for_items as training_affinity
+from training.dataset import seller_days_for_items as training_seller_days
 from training.feature_store import open_store
 from training.paths import REPO_ROOT, Paths
 from training.ranking.features import FEATURE_SCHEMA, build_matrix
@@ -99,20 +102,37 @@ def test_affinity_for_items_is_the_users_entry_or_uniform() -> None:
     assert (affinity_for_items(None, np.array([0, 2]), 4) == np.float32(0.25)).all()
 
 
+def test_seller_days_for_items_is_the_users_entry_or_365() -> None:
+    recent, days = np.array([9, 4, 6], dtype=np.int64), f32([0.5, 2.0, 29.0])
+    sellers = np.array([4, 5, 9, -1, 6], dtype=np.int64)  # -1: the unknown item's seller
+    got = seller_days_for_items(recent, days, sellers)
+    np.testing.assert_array_equal(got, f32([2.0, 365, 0.5, 365, 29.0]))
+    empty = seller_days_for_items(np.empty(0, np.int64), f32([]), sellers)
+    np.testing.assert_array_equal(empty, np.full(5, 365, np.float32))
+    assert len(seller_days_for_items(recent, days, np.empty(0, np.int64))) == 0
+
+
 def test_unknown_user_gets_schema_defaults() -> None:
     user = UserFeatures.from_rows({S.USER_PROFILE: None, S.USER_RECENT_ACTIVITY: None})
     assert not user.known and user.affinity is None
     assert user.values["country"] == "unknown" and user.values["recency_days"] == 365.0
     assert user.values["clicks_30d"] == 0 and user.values["views_24h"] == 0
+    assert len(user.recent_sellers) == 0 and len(user.recent_seller_days) == 0
+    assert S.RECENT_SELLERS not in user.values and S.AFFINITY_VECTOR not in user.values
     known = UserFeatures.from_rows(
         {
             S.USER_PROFILE: {"country": "DE", "clicks_30d": 4, "recency_days": None},
             S.USER_CATEGORY_AFFINITY: {S.AFFINITY_VECTOR: [0.1, 0.9]},
+            S.USER_SELLER_RECENCY: {S.RECENT_SELLERS: [3, 1], S.RECENT_SELLER_DAYS: [0.5, 2.0]},
         }
     )
     assert known.known and known.values["country"] == "DE" and known.values["clicks_30d"] == 4
     assert known.values["recency_days"] == 365.0  # a null value takes the default too
     np.testing.assert_array_equal(known.affinity, f32([0.1, 0.9]))
+    assert known.recent_sellers.dtype == np.int64 and known.recent_sellers.tolist() == [3, 1]
+    np.testing.assert_array_equal(known.recent_seller_days, f32([0.5, 2.0]))
+    with pytest.raises(ValueError, match="aligned"):
+        UserFeatures.from_rows({S.USER_SELLER_RECENCY: {S.RECENT_SELLERS: [3]}})
 
 
 def test_request_context_is_utc_hour_and_monday_based_weekday() -> None:
@@ -206,6 +226,7 @@ def test_assembler_matrix_is_build_matrix_of_the_same_columns() -> None:
         {
             S.USER_PROFILE: {"country": "GB", "device": "web", "avg_price_paid_30d": 25.0},
             S.USER_CATEGORY_AFFINITY: {S.AFFINITY_VECTOR: [0.7, 0.2, 0.1]},
+            S.USER_SELLER_RECENCY: {S.RECENT_SELLERS: [2, 1], S.RECENT_SELLER_DAYS: [1.5, 3.0]},
         }
     )
     assembler = Assembler(store, FakeUsers({7: user}))
@@ -217,6 +238,8 @@ def test_assembler_matrix_is_build_matrix_of_the_same_columns() -> None:
     X = out.matrix
     # item 20 has no item_stats row and 99 is unknown: the uniform 1 / 3, as in training
     np.testing.assert_array_equal(X[:, COL[S.AFFINITY_FOR_ITEM]], f32([1 / 3, 1 / 3, 0.7]))
+    # items 20 and 10 are seller 1's; 99 is unknown (no seller)
+    np.testing.assert_array_equal(X[:, COL[S.SELLER_DAYS_SINCE_ENGAGED]], f32([3.0, 365, 3.0]))
     np.testing.assert_array_equal(X[:, COL["price"]], f32([0, 0, 20]))
     np.testing.assert_array_equal(X[:, COL["price_to_avg_paid"]], f32([0, 0, 0.8]))
     assert (X[:, COL[HOUR]] == 21).all() and (X[:, COL[DAY_OF_WEEK]] == 2).all()
@@ -226,6 +249,7 @@ def test_assembler_matrix_is_build_matrix_of_the_same_columns() -> None:
     assert not stranger.known_user
     assert (stranger.matrix[:, COL["country_code"]] == len(C.COUNTRIES)).all()
     assert (stranger.matrix[:, COL["recency_days"]] == 365).all()
+    assert (stranger.matrix[:, COL[S.SELLER_DAYS_SINCE_ENGAGED]] == 365).all()
 
 
 def test_refresh_swaps_inventory_and_skips_when_the_store_did_not_change() -> None:
@@ -403,10 +427,14 @@ def _expected(
     ]
     got = served.store.get_online_features(features=S.feature_refs(), entity_rows=rows).to_dict()
     vectors = pa.chunked_array([got.pop(S.AFFINITY_VECTOR)], type=pa.list_(pa.float32()))
+    sellers = pa.array(got.pop(S.RECENT_SELLERS), type=pa.list_(pa.int64()))
+    days = pa.array(got.pop(S.RECENT_SELLER_DAYS), type=pa.list_(pa.float32()))
     frame = pd.DataFrame(got)
     category = frame["category"].fillna(-1).to_numpy(np.int64)
     n_categories = int(served.catalog[C.CATEGORY].max()) + 1
     frame[S.AFFINITY_FOR_ITEM] = training_affinity(vectors, category, n_categories)
+    item_seller = np.array([row[C.SELLER_ID] for row in rows], dtype=np.int64)
+    frame[S.SELLER_DAYS_SINCE_ENGAGED] = training_seller_days(sellers, days, item_seller)
     frame = fill_defaults(frame)
     frame[HOUR] = 21  # WHEN, by hand
     frame[DAY_OF_WEEK] = 2
@@ -436,6 +464,14 @@ def known_user(served: Served, tiny_dataset: dict, home: Paths) -> int:
     raise AssertionError("no user of sim-tiny has clicks and recent views online")
 
 
+def _recent_sellers(served: Served, user_id: int) -> tuple[list[int], list[float]]:
+    got = served.store.get_online_features(
+        features=[f"{S.USER_SELLER_RECENCY}:{n}" for n in S.FEATURES[S.USER_SELLER_RECENCY]],
+        entity_rows=[{C.USER_ID: user_id}],
+    ).to_dict()
+    return got[S.RECENT_SELLERS][0] or [], got[S.RECENT_SELLER_DAYS][0] or []
+
+
 def _some_items(served: Served, n: int, seed: int) -> list[int]:
     ids = served.catalog[C.ITEM_ID].to_numpy()
     return np.random.default_rng(seed).choice(ids, n, replace=False).tolist()
@@ -451,7 +487,13 @@ def test_known_user_matrix_equals_training_path_on_online_values(
     served: Served, known_user: int
 ) -> None:
     unknown_items = [int(served.catalog[C.ITEM_ID].max()) + 1, 10**12]
-    item_ids = _some_items(served, 60, seed=1) + unknown_items
+    recent, recent_days = _recent_sellers(served, known_user)
+    assert recent, "the known user clicked in 30 days: their seller list is not empty"
+    # an item of each of the user's first 5 sellers, then random ones (their sellers mostly not)
+    of_recent = served.catalog.drop_duplicates(C.SELLER_ID).set_index(C.SELLER_ID)
+    listed = of_recent.loc[recent[:5], C.ITEM_ID].tolist()
+    others = [i for i in _some_items(served, 60, seed=1) if i not in listed]
+    item_ids = listed + others + unknown_items
     request = _request(item_ids, user_id=known_user, surface=common_pb2.SURFACE_CHECKOUT)
     request.context.country = "DE"  # not a feature: the profile's country is (as in training)
     request.context.device = "ios"
@@ -467,6 +509,9 @@ def test_known_user_matrix_equals_training_path_on_online_values(
     assert (X[:, COL["surface_code"]] == C.SURFACES.index("CHECKOUT")).all()
     affinity = X[:, COL[S.AFFINITY_FOR_ITEM]]
     assert len(np.unique(affinity[:-2])) > 1  # the user's own vector, not the uniform prior
+    seller_days = X[:, COL[S.SELLER_DAYS_SINCE_ENGAGED]]
+    np.testing.assert_allclose(seller_days[: len(listed)], recent_days[: len(listed)], rtol=1e-6)
+    assert (seller_days[len(listed) :] == 365).any()  # sellers the user did not engage
 
     catalog = served.catalog.set_index(C.ITEM_ID).reindex(item_ids)
     known = catalog[C.PRICE].notna().to_numpy()

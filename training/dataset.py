@@ -187,7 +187,7 @@ def fill_defaults(frame: pd.DataFrame) -> pd.DataFrame:
     """Features Feast found no row for take the value serving uses for an unknown entity."""
     for feats in S.FEATURES.values():
         for name, kind in feats.items():
-            if name not in frame or kind == "float32[]":
+            if name not in frame or kind.endswith("[]"):
                 continue
             default = S.DEFAULTS.get(name)
             if kind == "string":
@@ -223,10 +223,49 @@ def affinity_for_items(
     return out
 
 
+def _list_layout(lists: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """(list array, offsets into its child values, lengths with 0 for a null list)."""
+    array = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    return array, offsets, np.where(valid, np.diff(offsets), 0)
+
+
+def seller_days_for_items(
+    sellers: pa.ChunkedArray | pa.Array, days: pa.ChunkedArray | pa.Array, seller: np.ndarray
+) -> np.ndarray:
+    """Each row's days since its user last engaged with its item's seller: the entry of
+    ``recent_seller_days`` where ``recent_sellers`` holds ``seller``, read straight from Arrow.
+
+    A seller not in the list, an empty list and a missing one (no row) all give the default
+    (365 days). One vectorised pass over the lists' values: no per-row Python. Offsets are
+    read rather than ``flatten()``ed so a null list backed by values cannot shift the rows.
+    """
+    out = np.full(len(seller), S.DEFAULTS[S.SELLER_DAYS_SINCE_ENGAGED], dtype=np.float32)
+    if len(seller) == 0:
+        return out
+    seller_lists, offsets, lengths = _list_layout(sellers)
+    day_lists, day_offsets, day_lengths = _list_layout(days)
+    if not np.array_equal(lengths, day_lengths):
+        raise ValueError(
+            f"{S.RECENT_SELLERS} and {S.RECENT_SELLER_DAYS} must be aligned lists, got "
+            f"{int((lengths != day_lengths).sum())} rows whose lengths differ"
+        )
+    parent = np.repeat(np.arange(len(lengths)), lengths)
+    within = np.arange(len(parent)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    values = seller_lists.values.to_numpy(zero_copy_only=False)
+    hit = values[offsets[parent] + within] == seller[parent]
+    rows = parent[hit]
+    day_values = day_lists.values.to_numpy(zero_copy_only=False)
+    out[rows] = day_values[day_offsets[rows] + within[hit]]
+    return out
+
+
 def historical_features(
     store: FeatureStore, entity_df: pd.DataFrame, n_categories: int
 ) -> pd.DataFrame:
-    """Feast's point-in-time join, with the affinity vector reduced to the item's category."""
+    """Feast's point-in-time join, with the affinity vector reduced to the item's category and
+    the seller lists to the item's seller."""
     service = store.get_feature_service(S.RANKER_SERVICE)
     table = store.get_historical_features(entity_df=entity_df, features=service).to_arrow()
     if table.num_rows != len(entity_df):
@@ -234,10 +273,15 @@ def historical_features(
             f"historical retrieval returned {table.num_rows} rows for {len(entity_df)} entity "
             "rows; the offline store lost rows (a point-in-time join must be a left join)"
         )
-    vectors = table.column(S.AFFINITY_VECTOR)
-    frame = table.drop_columns([S.AFFINITY_VECTOR]).to_pandas()
+    lists = [S.AFFINITY_VECTOR, S.RECENT_SELLERS, S.RECENT_SELLER_DAYS]
+    frame = table.drop_columns(lists).to_pandas()
     category = frame["category"].fillna(-1).to_numpy(np.int64)
+    vectors = table.column(S.AFFINITY_VECTOR)
     frame[S.AFFINITY_FOR_ITEM] = affinity_for_items(vectors, category, n_categories)
+    seller = frame[C.SELLER_ID].fillna(-1).to_numpy(np.int64)
+    frame[S.SELLER_DAYS_SINCE_ENGAGED] = seller_days_for_items(
+        table.column(S.RECENT_SELLERS), table.column(S.RECENT_SELLER_DAYS), seller
+    )
     return frame
 
 

@@ -32,6 +32,8 @@ AFFINITY_PRIOR_STRENGTH = 2.0  # pseudo-engagements pulling affinities to the gl
 PURCHASE_ENGAGEMENT_WEIGHT = 3.0  # a purchase counts as this many clicks for affinity
 NEW_SELLER_DAYS = 30
 NO_ACTIVITY_RECENCY_DAYS = 365.0
+RECENT_SELLERS_DAYS = 30  # window of user_seller_recency
+RECENT_SELLERS_MAX = 50  # sellers kept per user and snapshot, the most recent
 SPEND_BANDS = np.array([0.0, 25.0, 75.0, 200.0])  # band = number of edges the spend exceeds
 
 
@@ -90,6 +92,11 @@ def _snapshot_frame(
     for name, values in cols.items():
         frame[name] = values[e, s] if values.ndim == 2 else values[e]
     return frame
+
+
+def _lists(offsets: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
+    """``values[offsets[i]:offsets[i + 1]]`` for each i: numpy views, typed even when empty."""
+    return np.split(values, offsets[1:-1]) if len(offsets) > 1 else []
 
 
 class FeatureBuilder:
@@ -250,6 +257,64 @@ class FeatureBuilder:
         )
         return self._finish(S.USER_CATEGORY_AFFINITY, frame)
 
+    def user_seller_recency(self) -> pd.DataFrame:
+        """Per user and snapshot s: the sellers of the items the user clicked or bought with
+        ts in [s - 30 days, s), most recent first, at most 50, with (s - last ts) in days.
+
+        No dense (user x seller x day) grid (sim-small: 20k x 2k x 30): each (user, seller,
+        day) group's last event is the pair's latest for the snapshots from the next day
+        until the pair's next engagement day or 30 days on, whichever comes first; the
+        groups are expanded to those snapshots and ranked within each (user, snapshot).
+        """
+        c_item, c_user, c_day, c_df = self._outcome(C.CLICKS)
+        p_item, p_user, p_day, p_df = self._outcome(C.PURCHASES)
+        snaps, n_snaps = self.snaps, len(self.snaps)
+        seller_of_item = self.t[C.ITEMS][C.SELLER_ID].to_numpy(np.int64)
+        item = np.concatenate([c_item, p_item])
+        user = np.concatenate([c_user, p_user]).astype(np.int64)
+        day = np.concatenate([c_day, p_day])
+        ts = np.concatenate([to_ns(c_df[C.TS]), to_ns(p_df[C.TS])])
+        ok = (item >= 0) & (user >= 0) & (day >= 0) & (day < self.cal.days)
+        user, day, ts = user[ok], day[ok], ts[ok]
+        seller = seller_of_item[item[ok]]
+        # the last event of each (user, seller, day) ...
+        order = np.lexsort((ts, day, seller, user))
+        user, seller, day, ts = user[order], seller[order], day[order], ts[order]
+        pair_goes_on = np.zeros(len(day), dtype=bool)  # the next row is the same pair
+        pair_goes_on[:-1] = (user[1:] == user[:-1]) & (seller[1:] == seller[:-1])
+        last = ~(pair_goes_on & (np.append(day[1:], -1) == day))
+        user, seller, day, ts = user[last], seller[last], day[last], ts[last]
+        pair_goes_on = pair_goes_on[last]
+        # ... is the pair's latest at the snapshots in [day + 1, min(next day, day + 30)]
+        until = day + RECENT_SELLERS_DAYS
+        until = np.where(pair_goes_on, np.minimum(np.append(day[1:], 0), until), until)
+        k_lo = np.searchsorted(snaps, day + 1, side="left")
+        count = np.searchsorted(snaps, until, side="right") - k_lo
+        group = np.repeat(np.arange(len(day)), count)
+        k = k_lo[group] + np.arange(len(group)) - np.repeat(np.cumsum(count) - count, count)
+        cell = user[group] * n_snaps + k  # (user, snapshot), row-major
+        # the cells of users signed up by the snapshot, in _snapshot_frame's order
+        signup = to_ns(self.t[C.USERS][C.SIGNUP_AT])
+        alive = self.snap_ns[None, :] >= signup[:, None]
+        keep = alive.ravel()[cell]
+        cell, group = cell[keep], group[keep]
+        order = np.lexsort((seller[group], -ts[group], cell))  # most recent first
+        cell, group = cell[order], group[order]
+        rank = np.arange(len(cell)) - np.searchsorted(cell, cell, side="left")
+        cell, group = cell[rank < RECENT_SELLERS_MAX], group[rank < RECENT_SELLERS_MAX]
+        days = ((self.snap_ns[cell % n_snaps] - ts[group]) / NS_PER_DAY).astype(np.float32)
+        e, s = np.nonzero(alive)
+        offsets = np.append(0, np.searchsorted(cell, e * n_snaps + s, side="right"))
+        frame = pd.DataFrame(
+            {
+                C.USER_ID: self.user_ids[e],
+                S.EVENT_TIMESTAMP: from_ns(self.snap_ns[s]),
+                S.RECENT_SELLERS: _lists(offsets, seller[group]),
+                S.RECENT_SELLER_DAYS: _lists(offsets, days),
+            }
+        )
+        return self._finish(S.USER_SELLER_RECENCY, frame)
+
     # --- streaming views (event-level rows) ----------------------------------------------
     def user_recent_activity(self) -> pd.DataFrame:
         _, c_user, _, c_df = self._outcome(C.CLICKS)
@@ -308,6 +373,7 @@ class FeatureBuilder:
         return {
             S.USER_PROFILE: self.user_profile(),
             S.USER_CATEGORY_AFFINITY: self.user_category_affinity(),
+            S.USER_SELLER_RECENCY: self.user_seller_recency(),
             S.ITEM_STATS: self.item_stats(),
             S.SELLER_STATS: self.seller_stats(),
             S.USER_RECENT_ACTIVITY: self.user_recent_activity(),

@@ -420,6 +420,7 @@ class ItemSnapshot:
     prices: np.ndarray  # float32, catalog price (0 on the default row)
     values: np.ndarray  # float32, catalog price x margin
     categories: np.ndarray  # int32, catalog category (-1 on the default row)
+    sellers: np.ndarray  # int64, catalog seller (-1 on the default row: in no user's list)
     affinity_category: np.ndarray  # int64: item_stats category, -1 without a row (uniform)
     heuristic: np.ndarray  # float32, the logging policy's score (0 on the default row)
     features: Mapping[str, np.ndarray]  # ITEM_FEATURES, the schema's dtypes
@@ -479,6 +480,7 @@ def build_snapshot(
         prices=_with_default_row(catalog.prices.astype(np.float32), 0.0),
         values=_with_default_row((catalog.prices * catalog.margins).astype(np.float32), 0.0),
         categories=_with_default_row(catalog.categories.astype(np.int32), -1),
+        sellers=_with_default_row(catalog.seller_ids, -1),
         affinity_category=_with_default_row(affinity_category.astype(np.int64), -1),
         heuristic=_with_default_row(score.astype(np.float32), 0.0),
         features=features,

@@ -113,7 +113,7 @@ class FeatureSchema:
 
 
 def _schema_dtype(name: str) -> str:
-    if name == S.AFFINITY_FOR_ITEM:
+    if name in S.REDUCED_FOR_ITEM.values():
         return "float32"
     for feats in S.FEATURES.values():
         if name in feats:

@@ -16,7 +16,7 @@ PROTO_SRC := $(shell find protos/homefeed -name '*.proto')
 PROTO_GEN := protos/gen
 PROTO_STAMP := $(PROTO_GEN)/.generated
 
-.PHONY: help setup system-deps protos demo test test-fast lint format lock clean
+.PHONY: help setup system-deps protos demo bench test test-fast lint format lock clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -42,8 +42,11 @@ setup: $(STAMP) $(PROTO_STAMP) system-deps ## Create .venv from requirements.loc
 system-deps: ## Install redis-server (Debian) when it is missing
 	@command -v redis-server >/dev/null || bash scripts/install-system-deps.sh
 
-demo: setup ## Simulate the small preset, validate, build features and training sets, print a summary
+demo: setup ## Small preset + Complete Journey: data, features, training, registered bundle, report, then the mesh serving a few feeds
 	$(VENV)/bin/homefeed demo --preset $(PRESET)
+
+bench: setup ## Closed-loop gRPC load on the mesh vs the naive reference (after make demo) -> reports/bench.json
+	$(VENV)/bin/python -m services.bench --preset $(PRESET)
 
 test: setup ## Run the whole test suite (what CI runs)
 	$(VENV)/bin/pytest -q
@@ -54,7 +57,7 @@ test-fast: setup ## The tests without the slow tier
 lint: setup ## ruff check + format check, mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy training feature_repo tests scripts
+	$(VENV)/bin/mypy training feature_repo services tests scripts
 
 format: setup ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .

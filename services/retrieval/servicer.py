@@ -1,0 +1,136 @@
+"""``homefeed.retrieval.v1.RetrievalService``: request checks, proto <-> numpy."""
+
+# RPC methods carry the proto's names, as the generated base class does.
+# ruff: noqa: N802
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import re
+from typing import Any
+
+import grpc
+import numpy as np
+from homefeed.common.v1 import common_pb2
+from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+from services.common.errors import (
+    InvalidArgument,
+    Unavailable,
+    check_ids,
+    check_range,
+    check_surface,
+)
+from services.retrieval.index import (
+    CHECKOUT,
+    HOME,
+    MAX_CART,
+    MAX_EXCLUDE,
+    MAX_N,
+    CandidateIndex,
+    Source,
+)
+from services.retrieval.users import UserReader, tower_input
+from training import columns as C
+
+log = logging.getLogger(__name__)
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
+_MAX_REQUEST_ID = 128
+_COUNTRY = re.compile(r"[A-Z]{2}")
+_DEVICES = ("", *C.DEVICES)
+_SURFACE_NAME = {common_pb2.SURFACE_HOME: HOME, common_pb2.SURFACE_CHECKOUT: CHECKOUT}
+_WARM_UP_USER = 0
+
+for _source in Source:
+    if retrieval_pb2.CandidateSource.Value(f"CANDIDATE_SOURCE_{_source.name}") != _source.value:
+        raise ImportError(f"index.Source.{_source.name} no longer matches retrieval.proto")
+
+
+def check_context(context: common_pb2.RequestContext) -> None:
+    """country: empty or ISO 3166-1 alpha-2 in upper case; device: empty, ios, android, web."""
+    if context.country and not _COUNTRY.fullmatch(context.country):
+        raise InvalidArgument(
+            "context.country must be empty or an ISO 3166-1 alpha-2 code in upper case "
+            f'("US", "DE"), got {context.country!r}'
+        )
+    if context.device not in _DEVICES:
+        raise InvalidArgument(
+            f"context.device must be empty or one of {', '.join(C.DEVICES)}, got {context.device!r}"
+        )
+
+
+class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
+    """Retrieve: validate, read the user's online features, ask the index, respond.
+
+    The exploration draw of a request is seeded from ``(seed, request_id)``, so a request
+    id always gets the same candidates (replays and retries agree); requests without an id
+    take successive seeds.
+    """
+
+    def __init__(self, index: CandidateIndex, users: UserReader, seed: int = 0) -> None:
+        self.index = index
+        self.users = users
+        self.seed = seed
+        self._anonymous = itertools.count()
+
+    def rng(self, request_id: str) -> np.random.Generator:
+        if request_id:
+            digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+            return np.random.default_rng([self.seed, 1, int.from_bytes(digest, "little")])
+        return np.random.default_rng([self.seed, 0, next(self._anonymous)])
+
+    def read_user(self, user_id: int) -> dict[str, Any] | None:
+        """The tower's input for ``user_id``, None for an unknown user; Unavailable when the
+        online store cannot be read."""
+        try:
+            rows = self.users.read(user_id)
+        except Exception as err:
+            raise Unavailable(
+                f"the online store failed to read user {user_id}: {type(err).__name__}: {err}"
+            ) from err
+        return tower_input(rows, self.index.tower.spec)
+
+    def warm_up(self) -> None:
+        """One read and a few retrievals, so the first request pays no lazy set-up."""
+        user = self.read_user(_WARM_UP_USER)
+        cart = self.index.item_ids[:2]
+        empty = np.empty(0, dtype=np.int64)
+        for who, surface, items in ((user, HOME, empty), (None, CHECKOUT, cart)):
+            self.index.retrieve(who, 50, items, surface, items, "", "", self.rng("warm-up"))
+
+    def Retrieve(
+        self, request: retrieval_pb2.RetrieveRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.RetrieveResponse:
+        if len(request.request_id) > _MAX_REQUEST_ID:
+            raise InvalidArgument(
+                f"request_id must be at most {_MAX_REQUEST_ID} characters, "
+                f"got {len(request.request_id)}"
+            )
+        user_id = check_range("user_id", request.user_id, 0, _INT64_MAX)
+        n = check_range("n", request.n, 1, MAX_N)
+        exclude = check_ids("exclude_item_ids", request.exclude_item_ids, max_len=MAX_EXCLUDE)
+        cart = check_ids("cart_item_ids", request.cart_item_ids, max_len=MAX_CART)
+        surface = _SURFACE_NAME[check_surface(request.surface)]
+        check_context(request.context)
+
+        found = self.index.retrieve(
+            self.read_user(user_id),
+            n,
+            exclude,
+            surface,
+            cart,
+            request.context.country,
+            request.context.device,
+            self.rng(request.request_id),
+        )
+        response = retrieval_pb2.RetrieveResponse(
+            known_user=found.known_user, model_version=self.index.version
+        )
+        response.item_ids.extend(found.item_ids.tolist())
+        response.scores.extend(found.scores.tolist())
+        response.sources.extend(found.sources.tolist())
+        response.propensities.extend(found.propensities.tolist())
+        return response

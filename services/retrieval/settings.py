@@ -1,0 +1,150 @@
+"""Settings of the retrieval service, read once at start from the environment.
+
+- ``HOMEFEED_HOME`` (default: the repo root): where ``data/<dataset>/``, the registry
+  database and the model cache live.
+- ``HOMEFEED_DATASET`` (``sim-small``): the dataset whose Feast store gives the user
+  features and whose catalog (``raw/items.parquet``, ``raw/sellers.parquet``) gives the
+  exploration pool.
+- ``HOMEFEED_ONLINE_STORE`` (``sqlite``): ``sqlite`` or ``redis``.
+- ``HOMEFEED_REDIS`` (required with ``redis``): Feast's connection string, ``host:port``.
+- ``HOMEFEED_RETRIEVAL_MODEL`` (``champion``): registry alias or version number served.
+- ``HOMEFEED_RETRIEVAL_BUNDLE_DIR`` (unset): serve this bundle directory instead.
+- ``HOMEFEED_RETRIEVAL_CACHE_DIR`` (``<home>/artifacts/model_cache``): verified local copies
+  of registry versions (the ranking service's default too: one download serves both).
+- ``MLFLOW_TRACKING_URI`` (``sqlite:///<home>/mlruns/mlflow.db``): the model registry.
+- ``HOMEFEED_RETRIEVAL_EXPLORATION`` (10): exploration candidates per request (0 disables;
+  at most half of ``n``).
+- ``HOMEFEED_RETRIEVAL_CHECKOUT_CONTENT_SHARE`` (0.5): share of the non-exploration slots
+  that cart-similar (CONTENT) candidates take on CHECKOUT.
+- ``HOMEFEED_RETRIEVAL_NEW_ITEM_DAYS`` (14): an item listed within this many days of the
+  catalog's as-of time is in the exploration pool (so is every item of a seller who joined
+  within ``training.features.NEW_SELLER_DAYS``, the ``seller_is_new`` rule).
+- ``HOMEFEED_RETRIEVAL_SEED`` (0): mixed with the request id into the exploration draw, so
+  a request id always gets the same draw.
+
+plus ``HOMEFEED_RETRIEVAL_{HOST,PORT,MAX_WORKERS,...}`` (``ServerSettings``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.settings import (
+    ServerSettings,
+    SettingsError,
+    env_float,
+    env_int,
+    env_str,
+    require,
+)
+from services.retrieval.index import MAX_N, NEW_ITEM_DAYS, RetrievalConfig
+from training.bundle import ALIAS_CHAMPION
+from training.feature_store import ONLINE_STORES
+from training.paths import Paths
+from training.registry import default_tracking_uri
+
+SERVICE = "retrieval"
+_PREFIX = "HOMEFEED_RETRIEVAL_"
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """Which bundle and store are served, and how candidates are assembled."""
+
+    server: ServerSettings
+    home: Path
+    dataset: str = "sim-small"
+    online_store: str = "sqlite"
+    redis: str | None = None
+    model: str = ALIAS_CHAMPION  # registry alias or version number
+    bundle_dir: Path | None = None  # set: serve this directory instead of the registry's
+    cache_dir: Path | None = None  # None: <home>/artifacts/model_cache
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else the home's SQLite file
+    exploration: int = 10
+    checkout_content_share: float = 0.5
+    new_item_days: float = NEW_ITEM_DAYS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.online_store not in ONLINE_STORES:
+            raise SettingsError(
+                f"HOMEFEED_ONLINE_STORE must be one of {', '.join(ONLINE_STORES)}, "
+                f"got {self.online_store!r}"
+            )
+        if self.online_store == "redis" and not self.redis:
+            raise SettingsError(
+                "HOMEFEED_REDIS is required with HOMEFEED_ONLINE_STORE=redis: "
+                "the Redis connection string, host:port"
+            )
+        if not 0 <= self.exploration <= MAX_N // 2:
+            raise SettingsError(
+                f"{_PREFIX}EXPLORATION must be 0..{MAX_N // 2} candidates, got {self.exploration}"
+            )
+        if not 0.0 <= self.checkout_content_share <= 1.0:
+            raise SettingsError(
+                f"{_PREFIX}CHECKOUT_CONTENT_SHARE must be in [0, 1], "
+                f"got {self.checkout_content_share}"
+            )
+        if not self.new_item_days >= 0:
+            raise SettingsError(
+                f"{_PREFIX}NEW_ITEM_DAYS must be >= 0 days, got {self.new_item_days}"
+            )
+        if self.seed < 0:
+            raise SettingsError(f"{_PREFIX}SEED must be >= 0, got {self.seed}")
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(self.home)
+
+    @property
+    def model_cache(self) -> Path:
+        return (
+            self.cache_dir if self.cache_dir is not None else self.paths.artifacts / "model_cache"
+        )
+
+    @property
+    def registry_uri(self) -> str:
+        return self.tracking_uri or default_tracking_uri(self.paths)
+
+    @property
+    def config(self) -> RetrievalConfig:
+        return RetrievalConfig(
+            exploration=self.exploration, checkout_content_share=self.checkout_content_share
+        )
+
+    def describe_source(self) -> str:
+        """Where the bundle comes from, for log lines and start-up errors."""
+        if self.bundle_dir is not None:
+            return f"bundle directory {self.bundle_dir} ({_PREFIX}BUNDLE_DIR)"
+        return f"registry model {self.model!r} ({_PREFIX}MODEL) at {self.registry_uri}"
+
+    @classmethod
+    def from_env(cls) -> RetrievalSettings:
+        """Read the variables listed in the module docstring; a malformed one raises
+        ``SettingsError`` naming it."""
+        online = env_str("HOMEFEED_ONLINE_STORE", "sqlite")
+        bundle_dir = env_str(_PREFIX + "BUNDLE_DIR")
+        cache_dir = env_str(_PREFIX + "CACHE_DIR")
+        d = cls(server=ServerSettings(), home=Path("."))
+        return cls(
+            server=ServerSettings.from_env(SERVICE),
+            home=Paths.from_env().home,
+            dataset=env_str("HOMEFEED_DATASET", d.dataset),
+            online_store=online,
+            redis=(
+                require("HOMEFEED_REDIS", "the Redis connection string (host:port)")
+                if online == "redis"
+                else env_str("HOMEFEED_REDIS")
+            ),
+            model=env_str(_PREFIX + "MODEL", d.model),
+            bundle_dir=Path(bundle_dir).resolve() if bundle_dir else None,
+            cache_dir=Path(cache_dir).resolve() if cache_dir else None,
+            tracking_uri=env_str("MLFLOW_TRACKING_URI"),
+            exploration=env_int(_PREFIX + "EXPLORATION", d.exploration),
+            checkout_content_share=env_float(
+                _PREFIX + "CHECKOUT_CONTENT_SHARE", d.checkout_content_share
+            ),
+            new_item_days=env_float(_PREFIX + "NEW_ITEM_DAYS", d.new_item_days),
+            seed=env_int(_PREFIX + "SEED", d.seed),
+        )

@@ -66,7 +66,7 @@ pytestmark = pytest.mark.timeout(180)
 
 TIMEOUT_S = 10.0
 UNKNOWN_USER = 10**9
-ANN, POP, CONTENT, EXPLORE = (int(s) for s in Source)
+ANN, POP, CONTENT, EXPLORE, HIST = (int(s) for s in Source)
 
 
 # --- the core on a hand-made index ----------------------------------------------------------
@@ -191,6 +191,35 @@ def test_excluded_and_cart_items_never_appear_and_the_search_grows_past_them() -
     assert found.item_ids.tolist() == BY_DOT[4:9]
     assert index.searcher.calls[0] == 5 and len(index.searcher.calls) > 1
     assert_well_formed(found, 5, {10, 11, 12, 13})
+
+
+def test_history_comes_first_capped_by_its_share_then_the_tower_fills() -> None:
+    from training.retrieval.history import History
+
+    past = History.from_engagements(
+        np.array([7, 7, 7, 8]), np.array([17, 16, 999, 12]), np.array([1, 2, 3, 4])
+    )
+    index = handmade(history_share=0.4)
+    index.history = past
+    found = index.retrieve(
+        USER, 5, np.array([16]), HOME, np.array([], np.int64), "US", "ios",
+        np.random.default_rng(0), user_id=7,
+    )  # fmt: skip
+    # 999 is not listed and 16 is excluded: 17 is the history; the tower fills the rest
+    assert found.item_ids.tolist() == [17, *[i for i in BY_DOT if i not in (16, 17)][:4]]
+    assert found.sources.tolist() == [HIST, ANN, ANN, ANN, ANN]
+    np.testing.assert_allclose(found.scores[0], EMB[17 - 10] @ USER_Q, rtol=1e-6)
+    capped = index.retrieve(
+        USER, 5, np.array([], np.int64), HOME, np.array([], np.int64), "US", "ios",
+        np.random.default_rng(0), user_id=7,
+    )  # fmt: skip
+    assert capped.sources.tolist().count(HIST) == 2  # ceil(0.4 x 5)
+    stranger = index.retrieve(
+        None, 3, np.array([], np.int64), HOME, np.array([], np.int64), "US", "ios",
+        np.random.default_rng(0), user_id=8,
+    )  # fmt: skip
+    assert stranger.item_ids[0] == 12 and stranger.sources[0] == HIST and stranger.scores[0] == 0
+    assert_well_formed(found, 5, {16})
 
 
 def test_a_short_index_answer_is_padded_with_popularity() -> None:
@@ -556,6 +585,7 @@ def settings(
         dataset=tiny_dataset["dataset"],
         cache_dir=tmp_path_factory.mktemp("model_cache"),
         tracking_uri=f"sqlite:///{home.home / 'mlruns' / 'mlflow.db'}",
+        history_share=0.0,  # the assertions below are about the tower; history has its own
     )
 
 

@@ -1,8 +1,14 @@
 """The retrieval core: a verified bundle's user tower, item embeddings, ScaNN index and
 popularity lists, plus the catalog's exploration pool, turned into one request's candidates.
 
-:meth:`CandidateIndex.retrieve` assembles up to ``n`` candidates from four sources, in this
+:meth:`CandidateIndex.retrieve` assembles up to ``n`` candidates from five sources, in this
 order, each best first:
+
+0. **HISTORY** (a user the bundle's ``retrieval/history.npz`` lists): the items the user
+   engaged with in the training period, most engaged first (``training.retrieval.history``),
+   at most ``ceil(history_share x (n - m))`` of them; what the offline evaluation's recall
+   measures first, too. Score: the inner product with the user vector (0 for a user the
+   tower does not know).
 
 1. **CONTENT** (surface CHECKOUT with a cart the bundle knows): the items whose embeddings
    are closest in angle to the cart's query vector, the mean of the cart items' unit
@@ -66,6 +72,7 @@ from training.features import NEW_SELLER_DAYS
 from training.registry import BundleError, read_manifest, verify_bundle
 from training.retrieval import popular
 from training.retrieval.ann import load_index
+from training.retrieval.history import History
 from training.retrieval.numpy_tower import UserTower
 from training.timeutil import NS_PER_DAY, to_ns
 
@@ -92,6 +99,7 @@ class Source(IntEnum):
     POPULARITY = 2
     CONTENT = 3
     EXPLORATION = 4
+    HISTORY = 5
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,7 @@ class RetrievalConfig:
 
     exploration: int = 10  # m; 0 disables exploration
     checkout_content_share: float = 0.5  # of the non-exploration slots, on CHECKOUT
+    history_share: float = 0.4  # of the non-exploration slots, at most, for the history source
     search_margin: int = SEARCH_MARGIN
 
     def __post_init__(self) -> None:
@@ -123,6 +132,8 @@ class RetrievalConfig:
             raise ValueError(
                 f"checkout_content_share must be in [0, 1], got {self.checkout_content_share}"
             )
+        if not 0.0 <= self.history_share <= 1.0:
+            raise ValueError(f"history_share must be in [0, 1], got {self.history_share}")
         if self.search_margin < 0:
             raise ValueError(f"search_margin must be >= 0, got {self.search_margin}")
 
@@ -239,6 +250,7 @@ class CandidateIndex:
         version: str,
         bundle_version: str,
         config: RetrievalConfig | None = None,
+        history: History | None = None,
     ) -> None:
         item_ids = np.asarray(item_ids, dtype=np.int64)
         if embeddings.ndim != 2 or embeddings.shape[0] != len(item_ids):
@@ -267,6 +279,7 @@ class CandidateIndex:
         self.version = version
         self.bundle_version = bundle_version
         self.config = config or RetrievalConfig()
+        self.history = history
         self.size = len(item_ids)
         self._popular = {
             key: self._popularity_rows(ids)
@@ -304,6 +317,8 @@ class CandidateIndex:
             item_ids = np.load(bundle_dir / B.ITEM_IDS, allow_pickle=False)
             embeddings = np.load(bundle_dir / B.ITEM_EMBEDDINGS, allow_pickle=False)
             searcher = load_index(bundle_dir / B.SCANN_DIR)
+            history_file = bundle_dir / B.HISTORY
+            history = History.load(history_file) if history_file.exists() else None
         except (KeyError, ValueError, OSError) as err:  # JSONDecodeError is a ValueError
             raise BundleError(
                 f"bundle {bundle_version} at {bundle_dir}: {type(err).__name__}: {err}"
@@ -319,6 +334,7 @@ class CandidateIndex:
             version=version if version is not None else bundle_version,
             bundle_version=bundle_version,
             config=config,
+            history=history,
         )
 
     def _popularity_rows(self, ids: list[int]) -> _Part:
@@ -406,10 +422,12 @@ class CandidateIndex:
         country: str,
         device: str,
         rng: np.random.Generator,
+        user_id: int | None = None,
     ) -> Candidates:
         """Up to ``n`` candidates (module docstring) for a user given as the tower's feature
-        dict (None: unknown user). ``exclude`` and ``cart`` are int64 ids, already checked;
-        ids the bundle does not list are ignored. ``rng`` draws the exploration items."""
+        dict (None: unknown user) and, for the history source, their id. ``exclude`` and
+        ``cart`` are int64 ids, already checked; ids the bundle does not list are ignored.
+        ``rng`` draws the exploration items."""
         if not 1 <= n <= MAX_N:
             raise ValueError(f"n must be 1..{MAX_N}, got {n}")
         if surface not in C.SURFACES:
@@ -427,8 +445,21 @@ class CandidateIndex:
             if share and query is not None:
                 parts.append(self._similar(query, share, req))
         placed = sum(len(p.rows) for p in parts)
-        if user is not None:
-            parts.append(self._nearest(self.user_vector(user), n - placed, req))
+        vector = self.user_vector(user) if user is not None else None
+        if self.history is not None and user_id is not None:
+            cap = min(n - m - placed, math.ceil(self.config.history_share * (n - m)))
+            past = self.rows_of(self.history.items_of(int(user_id)))
+            rows = req.take(past[past >= 0], max(cap, 0))
+            if len(rows):
+                scores = (
+                    self.embeddings[rows] @ vector
+                    if vector is not None
+                    else np.zeros(len(rows), np.float32)
+                )
+                parts.append(_Part(rows, scores, Source.HISTORY))
+                placed += len(rows)
+        if vector is not None:
+            parts.append(self._nearest(vector, n - placed, req))
             placed += len(parts[-1].rows)
         if placed < n:
             ranked = self.popular_for(country, device)

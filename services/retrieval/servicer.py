@@ -125,6 +125,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             request.context.country,
             request.context.device,
             self.rng(request.request_id),
+            user_id=user_id,
         )
         response = retrieval_pb2.RetrieveResponse(
             known_user=found.known_user, model_version=self.index.version

@@ -16,6 +16,8 @@
   at most half of ``n``).
 - ``HOMEFEED_RETRIEVAL_CHECKOUT_CONTENT_SHARE`` (0.5): share of the non-exploration slots
   that cart-similar (CONTENT) candidates take on CHECKOUT.
+- ``HOMEFEED_RETRIEVAL_HISTORY_SHARE`` (0.4): at most this share of the non-exploration slots
+  goes to the user's history (HISTORY) before the tower's neighbours.
 - ``HOMEFEED_RETRIEVAL_NEW_ITEM_DAYS`` (14): an item listed within this many days of the
   catalog's as-of time is in the exploration pool (so is every item of a seller who joined
   within ``training.features.NEW_SELLER_DAYS``, the ``seller_is_new`` rule).
@@ -63,6 +65,7 @@ class RetrievalSettings:
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else the home's SQLite file
     exploration: int = 10
     checkout_content_share: float = 0.5
+    history_share: float = 0.4
     new_item_days: float = NEW_ITEM_DAYS
     seed: int = 0
 
@@ -85,6 +88,10 @@ class RetrievalSettings:
             raise SettingsError(
                 f"{_PREFIX}CHECKOUT_CONTENT_SHARE must be in [0, 1], "
                 f"got {self.checkout_content_share}"
+            )
+        if not 0.0 <= self.history_share <= 1.0:
+            raise SettingsError(
+                f"{_PREFIX}HISTORY_SHARE must be in [0, 1], got {self.history_share}"
             )
         if not self.new_item_days >= 0:
             raise SettingsError(
@@ -110,7 +117,9 @@ class RetrievalSettings:
     @property
     def config(self) -> RetrievalConfig:
         return RetrievalConfig(
-            exploration=self.exploration, checkout_content_share=self.checkout_content_share
+            exploration=self.exploration,
+            checkout_content_share=self.checkout_content_share,
+            history_share=self.history_share,
         )
 
     def describe_source(self) -> str:
@@ -145,6 +154,7 @@ class RetrievalSettings:
             checkout_content_share=env_float(
                 _PREFIX + "CHECKOUT_CONTENT_SHARE", d.checkout_content_share
             ),
+            history_share=env_float(_PREFIX + "HISTORY_SHARE", d.history_share),
             new_item_days=env_float(_PREFIX + "NEW_ITEM_DAYS", d.new_item_days),
             seed=env_int(_PREFIX + "SEED", d.seed),
         )

@@ -55,6 +55,76 @@ def run_real_data(paths: Paths, households: int = CJ_HOUSEHOLDS) -> dict[str, An
     return {"seconds": seconds}
 
 
+FEED_PAGE = 10
+
+
+def show_feeds(paths: Paths, dataset: str) -> dict[str, float]:
+    """Start the local mesh on the registered champion, print three pages (a returning user,
+    a new user, a checkout) and stop it; returns the round trips in ms."""
+    import grpc
+    from homefeed.common.v1 import common_pb2
+    from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
+
+    from services.mesh import Mesh, MeshConfig
+    from training import columns as C
+    from training.cli import print_feed
+    from training.tables import read_tables
+
+    tables = read_tables(paths.raw(dataset), [C.USERS, C.IMPRESSIONS])
+    users = tables[C.USERS].set_index(C.USER_ID)
+    returning = int(tables[C.IMPRESSIONS][C.USER_ID].value_counts().index[0])
+    profile = users.loc[returning]
+    context = common_pb2.RequestContext(country=profile[C.COUNTRY], device=profile[C.DEVICE])
+    newcomer = int(users.index.max()) + 1
+    timings: dict[str, float] = {}
+    print("\nstarting the serving mesh (homefeed up) ...")
+    t0 = time.perf_counter()
+    with Mesh.start(MeshConfig(home=paths.home, dataset=dataset)) as mesh:
+        timings["mesh_start_s"] = time.perf_counter() - t0
+        with grpc.insecure_channel(mesh.addresses["gateway"]) as channel:
+            stub = feed_pb2_grpc.FeedServiceStub(channel)
+
+            def feed(title: str, request: feed_pb2.GetFeedRequest) -> feed_pb2.GetFeedResponse:
+                t = time.perf_counter()
+                page = stub.GetFeed(request, timeout=5)
+                ms = (time.perf_counter() - t) * 1e3
+                timings[title] = ms
+                print(f"\n== {title}")
+                print_feed(page, round_trip_ms=ms)
+                return page
+
+            home = feed_pb2.GetFeedRequest(
+                user_id=returning,
+                surface=common_pb2.SURFACE_HOME,
+                page_size=FEED_PAGE,
+                context=context,
+            )
+            feed("warm-up", home)  # first call pays channel set-up
+            first = feed(f"home feed, returning user {returning}", home)
+            feed(
+                f"home feed, new user {newcomer} (cold start, DE/android)",
+                feed_pb2.GetFeedRequest(
+                    user_id=newcomer,
+                    surface=common_pb2.SURFACE_HOME,
+                    page_size=FEED_PAGE,
+                    context=common_pb2.RequestContext(country="DE", device="android"),
+                ),
+            )
+            cart = list(first.item_ids[:2])
+            feed(
+                f"checkout, user {returning}, cart {cart}",
+                feed_pb2.GetFeedRequest(
+                    user_id=returning,
+                    surface=common_pb2.SURFACE_CHECKOUT,
+                    cart_item_ids=cart,
+                    page_size=FEED_PAGE,
+                    context=context,
+                ),
+            )
+        print("\nstopping the mesh (homefeed down) ...")
+    return timings
+
+
 def run_demo(
     paths: Paths, preset: str, train_models: bool = True, real_data: bool = True
 ) -> dict[str, Any]:
@@ -116,6 +186,7 @@ def run_demo(
             seconds[f"train_{stage}"] = float(stage_report["seconds"])
         (paths.reports / "data.json").write_text(json.dumps(report, indent=2, default=str))
         _print_training(trained, paths)
+        report["feeds_ms"] = show_feeds(paths, dataset)
     return report
 
 

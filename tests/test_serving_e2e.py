@@ -82,12 +82,13 @@ def mesh(tiny_trained: dict, tiny_dataset: dict, home) -> Iterator[Mesh]:
     channels: list[grpc.Channel] = []
     try:
         addresses: dict[str, str] = {}
-        for name, create, settings in (
-            ("retrieval", retrieval_server, RetrievalSettings),
-            ("features", features_server, FeaturesSettings),
-            ("ranking", ranking_server, RankingSettings),
-        ):
-            built = create(settings.from_env())
+        starters: dict[str, Callable[[], tuple[Any, ...]]] = {
+            "retrieval": lambda: retrieval_server(RetrievalSettings.from_env()),
+            "features": lambda: features_server(FeaturesSettings.from_env()),
+            "ranking": lambda: ranking_server(RankingSettings.from_env()),
+        }
+        for name, start in starters.items():
+            built = start()
             server, port = built[0], built[1]
             server.start()
             servers.append(server)

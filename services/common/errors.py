@@ -10,14 +10,23 @@ right: ``page_size must be 1..100, got 500``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import grpc
 import numpy as np
 from homefeed.common.v1 import common_pb2
 
+from training.columns import DEVICES
+
 _INT64_MAX = np.iinfo(np.int64).max
+INT64_MAX = int(_INT64_MAX)
+MAX_REQUEST_ID = 128  # characters of a caller's request id
+_COUNTRY = re.compile(r"[A-Z]{2}")
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
 _SHOWN = 5  # offending values quoted in a message
 
 N = TypeVar("N", int, float)
@@ -131,3 +140,31 @@ def check_surface(value: int, name: str = "surface") -> int:
     except ValueError:
         got = str(value)
     raise InvalidArgument(f"{name} must be one of {allowed}, got {got}")
+
+
+def check_request_id(value: str, note: str = "") -> str:
+    """A caller's request id: at most ``MAX_REQUEST_ID`` characters."""
+    if len(value) > MAX_REQUEST_ID:
+        raise InvalidArgument(
+            f"request_id must be at most {MAX_REQUEST_ID} characters{note}, got {len(value)}"
+        )
+    return value
+
+
+def check_context(context: common_pb2.RequestContext) -> datetime | None:
+    """country: empty or ISO 3166-1 alpha-2 in upper case; device: empty, ios, android or
+    web; time: unset or a valid Timestamp. Returns the time (UTC), None when unset."""
+    if context.country and not _COUNTRY.fullmatch(context.country):
+        raise InvalidArgument(
+            "context.country must be empty or an ISO 3166-1 alpha-2 code in upper case "
+            f'("US", "DE"), got {context.country!r}'
+        )
+    if context.device and context.device not in DEVICES:
+        raise InvalidArgument(
+            f"context.device must be empty or one of {', '.join(DEVICES)}, got {context.device!r}"
+        )
+    if not context.HasField("time"):
+        return None
+    check_range("context.time.seconds", context.time.seconds, _MIN_SECONDS, _MAX_SECONDS)
+    check_range("context.time.nanos", context.time.nanos, 0, 999_999_999)
+    return context.time.ToDatetime(tzinfo=UTC)

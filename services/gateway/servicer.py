@@ -5,46 +5,28 @@
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 
 import grpc
-import numpy as np
-from homefeed.common.v1 import common_pb2
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
 from services.common.context import remaining_seconds
-from services.common.errors import InvalidArgument, check_ids, check_range, check_surface
+from services.common.errors import (
+    INT64_MAX,
+    InvalidArgument,
+    check_context,
+    check_ids,
+    check_range,
+    check_surface,
+)
 from services.gateway.clients import FeedRequest
 from services.gateway.pipeline import FeedPage, FeedPipeline
-from training import columns as C
 
 STAGE_METADATA_KEY = "hf-stage-ms"
 MAX_PAGE_SIZE = 100
 MAX_CART = 100
 MAX_REQUEST_ID = 128
-_INT64_MAX = int(np.iinfo(np.int64).max)
-_COUNTRY = re.compile(r"[A-Z]{2}")
-# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z
-_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
-
-
-def check_context(context: common_pb2.RequestContext) -> None:
-    """country: empty or ISO 3166-1 alpha-2 in upper case; device: empty, ios, android or
-    web; time: unset or a valid Timestamp."""
-    if context.country and not _COUNTRY.fullmatch(context.country):
-        raise InvalidArgument(
-            "context.country must be empty or an ISO 3166-1 alpha-2 code in upper case "
-            f'("US", "DE"), got {context.country!r}'
-        )
-    if context.device and context.device not in C.DEVICES:
-        raise InvalidArgument(
-            f"context.device must be empty or one of {', '.join(C.DEVICES)}, got {context.device!r}"
-        )
-    if context.HasField("time"):
-        check_range("context.time.seconds", context.time.seconds, _MIN_SECONDS, _MAX_SECONDS)
-        check_range("context.time.nanos", context.time.nanos, 0, 999_999_999)
 
 
 def parse_request(request: feed_pb2.GetFeedRequest) -> FeedRequest:
@@ -56,7 +38,7 @@ def parse_request(request: feed_pb2.GetFeedRequest) -> FeedRequest:
         )
     check_range("page_size", request.page_size, 1, MAX_PAGE_SIZE)
     surface = check_surface(request.surface)
-    user_id = check_range("user_id", request.user_id, 0, _INT64_MAX)
+    user_id = check_range("user_id", request.user_id, 0, INT64_MAX)
     cart = check_ids("cart_item_ids", request.cart_item_ids, max_len=MAX_CART)
     check_context(request.context)
     return FeedRequest(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import re
 from typing import Any
 
 import grpc
@@ -17,10 +16,12 @@ from homefeed.common.v1 import common_pb2
 from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from services.common.errors import (
-    InvalidArgument,
+    INT64_MAX,
     Unavailable,
+    check_context,
     check_ids,
     check_range,
+    check_request_id,
     check_surface,
 )
 from services.retrieval.index import (
@@ -33,33 +34,15 @@ from services.retrieval.index import (
     Source,
 )
 from services.retrieval.users import UserReader, tower_input
-from training import columns as C
 
 log = logging.getLogger(__name__)
 
-_INT64_MAX = int(np.iinfo(np.int64).max)
-_MAX_REQUEST_ID = 128
-_COUNTRY = re.compile(r"[A-Z]{2}")
-_DEVICES = ("", *C.DEVICES)
 _SURFACE_NAME = {common_pb2.SURFACE_HOME: HOME, common_pb2.SURFACE_CHECKOUT: CHECKOUT}
 _WARM_UP_USER = 0
 
 for _source in Source:
     if retrieval_pb2.CandidateSource.Value(f"CANDIDATE_SOURCE_{_source.name}") != _source.value:
         raise ImportError(f"index.Source.{_source.name} no longer matches retrieval.proto")
-
-
-def check_context(context: common_pb2.RequestContext) -> None:
-    """country: empty or ISO 3166-1 alpha-2 in upper case; device: empty, ios, android, web."""
-    if context.country and not _COUNTRY.fullmatch(context.country):
-        raise InvalidArgument(
-            "context.country must be empty or an ISO 3166-1 alpha-2 code in upper case "
-            f'("US", "DE"), got {context.country!r}'
-        )
-    if context.device not in _DEVICES:
-        raise InvalidArgument(
-            f"context.device must be empty or one of {', '.join(C.DEVICES)}, got {context.device!r}"
-        )
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
@@ -104,12 +87,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     def Retrieve(
         self, request: retrieval_pb2.RetrieveRequest, context: grpc.ServicerContext
     ) -> retrieval_pb2.RetrieveResponse:
-        if len(request.request_id) > _MAX_REQUEST_ID:
-            raise InvalidArgument(
-                f"request_id must be at most {_MAX_REQUEST_ID} characters, "
-                f"got {len(request.request_id)}"
-            )
-        user_id = check_range("user_id", request.user_id, 0, _INT64_MAX)
+        check_request_id(request.request_id)
+        user_id = check_range("user_id", request.user_id, 0, INT64_MAX)
         n = check_range("n", request.n, 1, MAX_N)
         exclude = check_ids("exclude_item_ids", request.exclude_item_ids, max_len=MAX_EXCLUDE)
         cart = check_ids("cart_item_ids", request.cart_item_ids, max_len=MAX_CART)

@@ -119,6 +119,9 @@ def test_unknown_user_gets_schema_defaults() -> None:
     assert user.values["clicks_30d"] == 0 and user.values["views_24h"] == 0
     assert len(user.recent_sellers) == 0 and len(user.recent_seller_days) == 0
     assert S.RECENT_SELLERS not in user.values and S.AFFINITY_VECTOR not in user.values
+    # Redis's answer for a user it does not hold: a row whose every value is null
+    nulls = {name: None for name in S.FEATURES[S.USER_PROFILE]}
+    assert not UserFeatures.from_rows({S.USER_PROFILE: nulls}).known
     known = UserFeatures.from_rows(
         {
             S.USER_PROFILE: {"country": "DE", "clicks_30d": 4, "recency_days": None},

@@ -103,7 +103,8 @@ class UserFeatures:
 
     @classmethod
     def from_rows(cls, rows: Mapping[str, Mapping[str, Any] | None]) -> UserFeatures:
-        """From each user view's decoded values (None: no row; a None value: default)."""
+        """From each user view's decoded values (None: no row; a None value: default). A user
+        is known when their user_profile row holds a value."""
         values = dict(USER_DEFAULTS)
         for view in (S.USER_PROFILE, S.USER_RECENT_ACTIVITY):
             for name, value in (rows.get(view) or {}).items():
@@ -112,8 +113,10 @@ class UserFeatures:
         vector = (rows.get(S.USER_CATEGORY_AFFINITY) or {}).get(S.AFFINITY_VECTOR)
         affinity = np.asarray(vector, dtype=np.float32) if vector else None
         recency = rows.get(S.USER_SELLER_RECENCY) or {}
+        # Redis answers a user it does not hold with a row of nulls, SQLite with no row
+        profile = rows.get(S.USER_PROFILE) or {}
         return cls(
-            bool(rows.get(S.USER_PROFILE)),
+            any(value is not None for value in profile.values()),
             values,
             affinity,
             np.asarray(recency.get(S.RECENT_SELLERS) or (), dtype=np.int64),

@@ -21,14 +21,15 @@ import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
-from typing import NoReturn
+from typing import NoReturn, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.interceptors import LatencyRecorder, ServiceInterceptor
-from services.common.settings import ServerSettings
+from services.common.logs import configure_logging
+from services.common.settings import ServerSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +161,38 @@ def exit_after(main: Callable[[], int]) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+class StartupError(RuntimeError):
+    """A service cannot start: the message names what it tried to load (bundle, dataset,
+    store) and the reason."""
+
+
+class _HasServer(Protocol):
+    @property
+    def server(self) -> ServerSettings: ...
+
+
+S = TypeVar("S", bound=_HasServer)
+Started = tuple[grpc.Server, health.HealthServicer, Callable[[], None] | None]
+
+
+def run_service(service: str, load_settings: Callable[[], S], start: Callable[[S], Started]) -> int:
+    """A service's ``main``: settings from the environment, JSON logs, ``start`` (a bound
+    server, its health servicer and what to close after the drain), then ``serve`` until
+    SIGTERM. Exit status 1 with the reason on stderr when the settings are bad or the
+    service cannot start (``StartupError``, a port it cannot bind)."""
+    try:
+        settings = load_settings()
+    except SettingsError as err:
+        sys.stderr.write(f"{service}: {err}\n")
+        return 1
+    configure_logging(service, settings.server.log_level)
+    try:
+        server, health_servicer, on_stop = start(settings)
+    except (StartupError, OSError) as err:
+        log.error("cannot start", extra={"reason": str(err)})
+        sys.stderr.write(f"{service}: {err}\n")
+        return 1
+    serve(server, health_servicer, settings.server, on_stop=on_stop)
+    return 0

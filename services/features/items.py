@@ -41,13 +41,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from feature_repo import schema as S
+from services.common.feast_values import decode_value
 from training import columns as C
 from training.simulate.policy import heuristic_score
 from training.tables import read_tables, table_path
 
 if TYPE_CHECKING:
     from feast import FeatureStore
-    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +98,6 @@ def default_value(name: str, kind: str) -> float | int | str:
 
 def numpy_dtype(kind: str) -> np.dtype[Any]:
     return np.dtype({"int64": np.int64, "float32": np.float32}.get(kind, object))
-
-
-def decode_value(value: ValueProto) -> Any:
-    """A Feast ``Value`` proto as a Python scalar or list; None when it holds nothing."""
-    kind = value.WhichOneof("val")
-    if kind is None or kind == "null_val":
-        return None
-    field = getattr(value, kind)
-    if kind.endswith("_list_val"):
-        return list(field.val)
-    return field
 
 
 # --- the catalog ------------------------------------------------------------------------

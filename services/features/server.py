@@ -5,16 +5,13 @@ refresher, then serves ``FeaturesService`` with health and reflection.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 import grpc
 from grpc_health.v1.health import HealthServicer
 from homefeed.features.v1 import features_pb2, features_pb2_grpc
 
-from services.common.logs import configure_logging
-from services.common.server import build_server, serve
-from services.common.settings import SettingsError
+from services.common.server import Started, StartupError, build_server, run_service
 from services.features.assembler import Assembler, FeastUserReader
 from services.features.items import (
     ItemStore,
@@ -30,10 +27,6 @@ from training.stages import read_meta
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name
-
-
-class StartupError(RuntimeError):
-    """The service cannot start: the message names the dataset or store and the reason."""
 
 
 def recency_days(settings: FeaturesSettings) -> float:
@@ -115,20 +108,11 @@ def create_server(settings: FeaturesSettings) -> tuple[grpc.Server, int, ItemSto
     return server, port, items
 
 
+def _start(settings: FeaturesSettings) -> Started:
+    server, _, items, health = _build(settings)
+    return server, health, items.close
+
+
 def main() -> int:
-    """Serve until SIGTERM/SIGINT; exit status 1 with the reason on stderr when the settings,
-    the dataset or the store are unusable."""
-    try:
-        settings = FeaturesSettings.from_env()
-    except SettingsError as err:
-        sys.stderr.write(f"features: {err}\n")
-        return 1
-    configure_logging(SERVICE, settings.server.log_level)
-    try:
-        server, _, items, health = _build(settings)
-    except (StartupError, OSError) as err:
-        log.error("cannot start", extra={"reason": str(err)})
-        sys.stderr.write(f"features: {err}\n")
-        return 1
-    serve(server, health, settings.server, on_stop=items.close)
-    return 0
+    """Serve until SIGTERM/SIGINT (``run_service``: exit 1 naming what could not load)."""
+    return run_service(SERVICE, FeaturesSettings.from_env, _start)

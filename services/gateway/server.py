@@ -5,16 +5,13 @@ serves ``FeedService`` with health and reflection. ``python -m services.gateway`
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import grpc
 from grpc_health.v1.health import HealthServicer
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
-from services.common.logs import configure_logging
-from services.common.server import build_server, serve
-from services.common.settings import SettingsError
+from services.common.server import Started, StartupError, build_server, run_service
 from services.gateway.clients import Downstreams
 from services.gateway.pipeline import FeedPipeline, PopularityLists, make_breakers
 from services.gateway.servicer import FeedServicer
@@ -25,10 +22,6 @@ from training.registry import Registry, verify_bundle
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = feed_pb2.DESCRIPTOR.services_by_name["FeedService"].full_name
-
-
-class StartupError(RuntimeError):
-    """The gateway cannot start: the message names the bundle source and the reason."""
 
 
 def load_popularity(settings: GatewaySettings) -> PopularityLists:
@@ -109,20 +102,11 @@ def create_server(
     return server, port, pipeline
 
 
+def _start(settings: GatewaySettings) -> Started:
+    server, _, pipeline, health = _build(settings, None)
+    return server, health, pipeline.close
+
+
 def main() -> int:
-    """Serve until SIGTERM/SIGINT; exit status 1 with the reason on stderr when the
-    settings or the popularity fallback are unusable."""
-    try:
-        settings = GatewaySettings.from_env()
-    except SettingsError as err:
-        sys.stderr.write(f"gateway: {err}\n")
-        return 1
-    configure_logging(SERVICE, settings.server.log_level)
-    try:
-        server, _, pipeline, health = _build(settings, None)
-    except (StartupError, OSError) as err:
-        log.error("cannot start", extra={"reason": str(err)})
-        sys.stderr.write(f"gateway: {err}\n")
-        return 1
-    serve(server, health, settings.server, on_stop=pipeline.close)
-    return 0
+    """Serve until SIGTERM/SIGINT (``run_service``: exit 1 naming what could not load)."""
+    return run_service(SERVICE, GatewaySettings.from_env, _start)

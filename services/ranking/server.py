@@ -4,16 +4,13 @@ reflection. ``python -m services.ranking`` runs ``main()``."""
 from __future__ import annotations
 
 import logging
-import sys
 
 import grpc
 from grpc_health.v1.health import HealthServicer
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from services.common.errors import ServiceError
-from services.common.logs import configure_logging
-from services.common.server import build_server, serve
-from services.common.settings import SettingsError
+from services.common.server import Started, StartupError, build_server, run_service
 from services.ranking.scorer import ModelHolder
 from services.ranking.servicer import RankingServicer
 from services.ranking.settings import SERVICE, RankingSettings
@@ -21,10 +18,6 @@ from services.ranking.settings import SERVICE, RankingSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
-
-
-class StartupError(RuntimeError):
-    """The service cannot start: the message names the model source and the reason."""
 
 
 def load_model(settings: RankingSettings) -> ModelHolder:
@@ -74,20 +67,11 @@ def create_server(settings: RankingSettings) -> tuple[grpc.Server, int, ModelHol
     return server, port, holder
 
 
+def _start(settings: RankingSettings) -> Started:
+    server, _, _, health = _build(settings)
+    return server, health, None
+
+
 def main() -> int:
-    """Serve until SIGTERM/SIGINT; exit status 1 with the reason on stderr when the
-    settings or the model are unusable."""
-    try:
-        settings = RankingSettings.from_env()
-    except SettingsError as err:
-        sys.stderr.write(f"ranking: {err}\n")
-        return 1
-    configure_logging(SERVICE, settings.server.log_level)
-    try:
-        server, _, _, health = _build(settings)
-    except (StartupError, OSError) as err:
-        log.error("cannot start", extra={"reason": str(err)})
-        sys.stderr.write(f"ranking: {err}\n")
-        return 1
-    serve(server, health, settings.server)
-    return 0
+    """Serve until SIGTERM/SIGINT (``run_service``: exit 1 naming what could not load)."""
+    return run_service(SERVICE, RankingSettings.from_env, _start)

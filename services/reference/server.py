@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import sys
 import uuid
 from dataclasses import dataclass
 from datetime import UTC
@@ -40,8 +39,7 @@ from homefeed.common.v1 import common_pb2
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
 from services.common.errors import InvalidArgument, check_ids, check_range, check_surface
-from services.common.logs import configure_logging
-from services.common.server import build_server, serve
+from services.common.server import Started, StartupError, build_server, run_service
 from services.common.settings import ServerSettings, SettingsError, env_int, env_str
 from services.reference.feed import (
     DEFAULT_CANDIDATES,
@@ -64,10 +62,6 @@ MAX_CART = 100
 DEFAULT_MAX_WORKERS = 4
 DEFAULT_DATASET = "sim-small"
 _COUNTRY = re.compile(r"[A-Z]{2}")
-
-
-class StartupError(RuntimeError):
-    """The server cannot start; the message says what is missing and how to get it."""
 
 
 @dataclass(frozen=True)
@@ -237,20 +231,11 @@ def create_server(settings: ReferenceSettings) -> tuple[grpc.Server, int]:
     return server, port
 
 
+def _start(settings: ReferenceSettings) -> Started:
+    server, _, health = _build(settings)
+    return server, health, None
+
+
 def main() -> int:
-    """Serve until SIGTERM/SIGINT; exit status 1 with the reason on stderr when the
-    settings, the data or the bundle are unusable."""
-    try:
-        settings = ReferenceSettings.from_env()
-    except SettingsError as err:
-        sys.stderr.write(f"reference: {err}\n")
-        return 1
-    configure_logging(SERVICE, settings.server.log_level)
-    try:
-        server, _, health = _build(settings)
-    except (StartupError, OSError) as err:
-        log.error("cannot start", extra={"reason": str(err)})
-        sys.stderr.write(f"reference: {err}\n")
-        return 1
-    serve(server, health, settings.server)
-    return 0
+    """Serve until SIGTERM/SIGINT (``run_service``: exit 1 naming what could not load)."""
+    return run_service(SERVICE, ReferenceSettings.from_env, _start)

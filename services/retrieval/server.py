@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +18,7 @@ from grpc_health.v1.health import HealthServicer
 from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from services.common.errors import ServiceError
-from services.common.logs import configure_logging
-from services.common.server import build_server, serve
-from services.common.settings import SettingsError
+from services.common.server import Started, StartupError, build_server, run_service
 from services.retrieval.index import CandidateIndex, exploration_pool
 from services.retrieval.servicer import RetrievalServicer
 from services.retrieval.settings import SERVICE, RetrievalSettings
@@ -34,10 +31,6 @@ from training.tables import read_tables
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
-
-
-class StartupError(RuntimeError):
-    """The service cannot start: the message names the bundle, dataset or store and why."""
 
 
 def resolve_bundle(settings: RetrievalSettings) -> tuple[Path, str | None]:
@@ -157,20 +150,11 @@ def create_server(settings: RetrievalSettings) -> tuple[grpc.Server, int, Retrie
     return server, port, servicer
 
 
+def _start(settings: RetrievalSettings) -> Started:
+    server, _, _, health = _build(settings)
+    return server, health, None
+
+
 def main() -> int:
-    """Serve until SIGTERM/SIGINT; exit status 1 with the reason on stderr when the
-    settings, the bundle, the catalog or the store are unusable."""
-    try:
-        settings = RetrievalSettings.from_env()
-    except SettingsError as err:
-        sys.stderr.write(f"retrieval: {err}\n")
-        return 1
-    configure_logging(SERVICE, settings.server.log_level)
-    try:
-        server, _, _, health = _build(settings)
-    except (StartupError, OSError) as err:
-        log.error("cannot start", extra={"reason": str(err)})
-        sys.stderr.write(f"retrieval: {err}\n")
-        return 1
-    serve(server, health, settings.server)
-    return 0
+    """Serve until SIGTERM/SIGINT (``run_service``: exit 1 naming what could not load)."""
+    return run_service(SERVICE, RetrievalSettings.from_env, _start)

@@ -22,11 +22,11 @@ import numpy as np
 
 from feature_repo import schema as S
 from services.common.errors import FailedPrecondition
+from services.common.feast_values import decode_value
 from training.retrieval.numpy_tower import InputSpec
 
 if TYPE_CHECKING:
     from feast import FeatureStore
-    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 USER_VIEWS = (S.USER_PROFILE, S.USER_CATEGORY_AFFINITY, S.USER_RECENT_ACTIVITY)
 _KIND = {name: kind for view in USER_VIEWS for name, kind in S.FEATURES[view].items()}
@@ -79,15 +79,6 @@ def tower_input(rows: ViewRows, spec: InputSpec) -> dict[str, Any] | None:
 
 class UserReader(Protocol):
     def read(self, user_id: int) -> ViewRows: ...
-
-
-def decode_value(value: ValueProto) -> Any:
-    """A Feast ``Value`` proto as a Python scalar or list; None when it holds nothing."""
-    kind = value.WhichOneof("val")
-    if kind is None or kind == "null_val":
-        return None
-    field = getattr(value, kind)
-    return list(field.val) if kind.endswith("_list_val") else field
 
 
 class FeastUserReader:

@@ -19,6 +19,7 @@ shows through ``avg_price_paid_30d`` and ``spend_band``), and the context codes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -85,9 +86,10 @@ class FeatureSchema:
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"feature names must be unique, got {list(self.names)}")
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
-        """sha256 of the ``name:dtype`` lines, in order."""
+        """sha256 of the ``name:dtype`` lines, in order (computed once: serving checks it on
+        every request)."""
         text = "\n".join(f"{n}:{d}" for n, d in zip(self.names, self.dtypes, strict=True))
         return hashlib.sha256(text.encode()).hexdigest()
 

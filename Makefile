@@ -45,29 +45,35 @@ system-deps: ## Install redis-server (Debian) when it is missing
 demo: setup ## Small preset + Complete Journey: data, features, training, registered bundle, report, then the mesh serving a few feeds
 	$(VENV)/bin/homefeed demo --preset $(PRESET)
 
-bench: setup ## Closed-loop gRPC load on the mesh vs the naive reference (after make demo) -> reports/bench.json
-	$(VENV)/bin/python -m services.bench --preset $(PRESET)
+bench: setup ## Closed-loop gRPC load: the mesh vs the bare gRPC floor and the naive reference (after make demo) -> reports/bench.json
+	$(VENV)/bin/python -m tools.bench --preset $(PRESET)
 
-test: setup ## Run the whole test suite (what CI runs)
+test: setup ## The import contracts, then the whole test suite (what CI runs)
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/pytest -q
 
 test-fast: setup ## The tests without the slow tier
 	$(VENV)/bin/pytest -q -m "not slow"
 
-lint: setup ## ruff check + format check, mypy
+lint: setup ## Import contracts (lint-imports), ruff check + format check, mypy
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy training feature_repo services tests scripts
+	$(VENV)/bin/mypy contract training feature_repo services tools tests scripts
 
 format: setup ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-lock: ## Re-resolve requirements.lock from pyproject.toml in a scratch venv
+lock: ## Re-resolve requirements.lock (everything) and requirements-serving.lock (the services' subset, same versions) in scratch venvs
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install -q -e '.[dev]' 'setuptools>=75'
 	{ head -2 requirements.lock; .lock-venv/bin/pip freeze --all | grep -vE '^(-e|pip==|homefeed|# Editable)'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q -c requirements.lock . 'setuptools>=75'
+	{ head -3 requirements-serving.lock; .lock-venv/bin/pip freeze --all | grep -vE '^(-e|pip==|setuptools==|homefeed|# Editable)'; } > requirements-serving.lock.new
+	mv requirements-serving.lock.new requirements-serving.lock && rm -rf .lock-venv
 
 clean: ## Remove generated data, reports and the venv
 	rm -rf $(VENV) $(PROTO_GEN) data reports artifacts mlruns .pytest_cache .mypy_cache .ruff_cache

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from training.paths import Paths
+from contract.paths import Paths
 from training.ranking.compile import (
     PARITY_TOLERANCE,
     SCORING_ROWS,
@@ -56,7 +56,7 @@ def load_dataset(paths: Paths, dataset: str) -> dict[str, Any]:
     """Train/valid features and purchase labels of a dataset built by ``homefeed dataset``."""
     import pandas as pd
 
-    from training import columns as C
+    from contract import columns as C
     from training.dataset import MANIFEST
 
     folder = paths.training_sets(dataset)
@@ -65,7 +65,7 @@ def load_dataset(paths: Paths, dataset: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no training sets at {folder}: run `homefeed dataset {dataset}` first"
         )
-    from training.ranking.features import FEATURE_SCHEMA, build_matrix
+    from contract.features import FEATURE_SCHEMA, build_matrix
 
     parts = {name: pd.read_parquet(folder / f"{name}.parquet") for name in ("train", "valid")}
     return {

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from training.columns import (
+from contract.columns import (
     ADD_TO_CARTS,
     BRAND,
     CATEGORY,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from training.paths import Paths
+from contract.paths import Paths
 
 
 @pytest.fixture(scope="session")

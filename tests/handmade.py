@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from training import columns as C
+from contract import columns as C
 
 DAY0 = pd.Timestamp("2026-03-02", tz="UTC")
 

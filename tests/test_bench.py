@@ -15,12 +15,12 @@ import pytest
 from homefeed.common.v1 import common_pb2
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
-from services import bench
+from contract.paths import Paths
 from services.common.errors import InvalidArgument
 from services.common.settings import SettingsError
-from services.reference.feed import FeedRequest, ReferenceFeed, format_stage_ms
-from services.reference.server import to_domain
-from training.paths import Paths
+from tools import bench
+from tools.reference.feed import FeedRequest, ReferenceFeed, format_stage_ms
+from tools.reference.server import to_domain
 
 # --- percentiles and stage trailers ------------------------------------------------------------
 
@@ -273,7 +273,7 @@ def test_prerequisites_pass_on_a_trained_home_and_catch_a_stale_bundle(
 ) -> None:
     cfg = bench.BenchConfig(home=home.home, preset=tiny_dataset["dataset"].removeprefix("sim-"))
     bench.check_prerequisites(cfg)
-    import training.ranking.features as ranking_features
+    import contract.features as ranking_features
 
     newer = ranking_features.FeatureSchema(("a_new_feature",), ("float32",))
     monkeypatch.setattr(ranking_features, "feature_schema", lambda: newer)

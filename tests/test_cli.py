@@ -6,16 +6,16 @@ import json
 import subprocess
 import sys
 
-from training.cli import main
+from tools.cli import main
 
 
 def test_help_answers_without_importing_feast():
     out = subprocess.run(
-        [sys.executable, "-m", "training.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "tools.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "simulate" in out.stdout and "dataset" in out.stdout
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, training.cli; print('feast' in sys.modules)"],
+        [sys.executable, "-c", "import sys, tools.cli; print('feast' in sys.modules)"],
         capture_output=True,
         text=True,
         check=True,
@@ -60,7 +60,7 @@ def test_demo_writes_the_data_report(home, capsys):
 def test_ingest_of_corrupt_logs_names_table_column_rows_and_writes_nothing(
     tiny_sim, home, tmp_path, capsys
 ):
-    from training import columns as C
+    from contract import columns as C
     from training.tables import write_tables
 
     tables = {k: v.copy() for k, v in tiny_sim.tables.items() if k in C.ALL_TABLES}
@@ -97,7 +97,7 @@ def test_ingest_of_corrupt_logs_names_table_column_rows_and_writes_nothing(
 
 
 def test_cli_stage_names_match_the_trainer():
-    from training.cli import _STAGES
+    from tools.cli import _STAGES
     from training.train import STAGES
 
     assert _STAGES == STAGES

@@ -14,10 +14,10 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from training.bundle import COMPILE_REPORT, COMPILED_MODEL
+from contract.bundle import COMPILE_REPORT, COMPILED_MODEL
+from contract.scorer import CompiledScorer
 from training.ranking.compile import (
     PARITY_TOLERANCE,
-    CompiledScorer,
     CompileReport,
     benchmark_scoring,
     compile_for_bundle,

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from contract import columns as C
+from contract.timeutil import to_ns
 from feature_repo import schema as S
-from training import columns as C
 from training.dataset import (
     EXAMINATION,
     IPS_WEIGHT,
@@ -20,7 +21,6 @@ from training.dataset import (
     label_impressions,
     plan_split,
 )
-from training.timeutil import to_ns
 
 START = pd.Timestamp("2026-01-05", tz="UTC")
 

@@ -6,18 +6,19 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from contract import columns as C
+from contract.feature_store import open_store
+from contract.paths import Paths
 from feature_repo import schema as S
 from tests.handmade import ts
-from training import columns as C
 from training import feature_store
 from training.features import build_feature_tables
-from training.paths import Paths
 
 
 def _store(tmp_path, tables, dataset="hand", online="sqlite", redis=None):
     paths = Paths(tmp_path)
     build_feature_tables(tables, paths.features(dataset))
-    store = feature_store.open_store(dataset, paths=paths, online=online, redis=redis)
+    store = open_store(dataset, paths=paths, online=online, redis=redis)
     applied = feature_store.apply(store)
     assert f"FeatureService:{S.RANKER_SERVICE}" in applied
     return store
@@ -141,4 +142,4 @@ def test_redis_online_store_materializes_and_takes_pushes(tmp_path, tables, redi
 
 def test_redis_needs_a_connection_string(tmp_path):
     with pytest.raises(ValueError, match="needs a connection string"):
-        feature_store.open_store("hand", paths=Paths(tmp_path), online="redis", redis=None)
+        open_store("hand", paths=Paths(tmp_path), online="redis", redis=None)

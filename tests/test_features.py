@@ -9,9 +9,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from contract import columns as C
 from feature_repo import schema as S
 from tests.handmade import ts as _ts
-from training import columns as C
 from training.dataset import seller_days_for_items
 from training.features import FeatureBuilder
 

@@ -28,6 +28,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from homefeed.common.v1 import common_pb2
 from homefeed.features.v1 import features_pb2, features_pb2_grpc
 
+from contract import columns as C
+from contract.catalog import Catalog
+from contract.feature_store import open_store
+from contract.features import DAY_OF_WEEK, FEATURE_SCHEMA, HOUR, build_matrix
+from contract.heuristic import Heuristic, heuristic_score
+from contract.paths import REPO_ROOT, Paths
 from feature_repo import schema as S
 from services.common.settings import ServerSettings, SettingsError
 from services.features.assembler import (
@@ -40,7 +46,6 @@ from services.features.assembler import (
 )
 from services.features.items import (
     ITEM_VIEWS,
-    Catalog,
     FastPathError,
     ItemIndex,
     ItemStore,
@@ -52,14 +57,9 @@ from services.features.items import (
 )
 from services.features.server import SERVICE_NAME, create_server
 from services.features.settings import FeaturesSettings
-from training import columns as C
-from training.dataset import DAY_OF_WEEK, HOUR, fill_defaults
 from training.dataset import affinity_for_items as training_affinity
+from training.dataset import fill_defaults
 from training.dataset import seller_days_for_items as training_seller_days
-from training.feature_store import open_store
-from training.paths import REPO_ROOT, Paths
-from training.ranking.features import FEATURE_SCHEMA, build_matrix
-from training.simulate.policy import heuristic_score
 from training.stages import read_meta
 from training.tables import read_tables
 
@@ -201,7 +201,7 @@ def _fake_store(**kwargs: Any) -> tuple[ItemStore, FakeReader, list[int]]:
         }
     )
     marker = [0]
-    store = ItemStore(reader, lambda: catalog, 60.0, batch_marker=lambda: marker[0], **kwargs)
+    store = ItemStore(reader, catalog, Heuristic(), batch_marker=lambda: marker[0], **kwargs)
     store.load()
     return store, reader, marker
 
@@ -373,7 +373,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_dataset: dict, home: Paths) -> Iterator[Served]:
+def served(tiny_dataset: dict, tiny_trained: dict, home: Paths) -> Iterator[Served]:
     dataset = tiny_dataset["dataset"]
     settings = FeaturesSettings(
         server=ServerSettings(port=0, max_workers=4),

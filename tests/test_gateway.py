@@ -31,6 +31,8 @@ from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
+from contract.bundle import POPULAR, write_manifest
+from contract.popular import PopularityLists
 from services.common.errors import InvalidArgument
 from services.common.matrix import from_float_matrix, to_float_matrix
 from services.common.settings import ServerSettings, SettingsError
@@ -43,18 +45,10 @@ from services.gateway.clients import (
     ItemFeatures,
     Scores,
 )
-from services.gateway.pipeline import (
-    FeedPipeline,
-    PipelineConfig,
-    PopularityLists,
-    StageTimes,
-    make_breakers,
-)
+from services.gateway.pipeline import FeedPipeline, PipelineConfig, StageTimes, make_breakers
 from services.gateway.server import SERVICE_NAME, StartupError, create_server, load_popularity
 from services.gateway.servicer import STAGE_METADATA_KEY, FeedServicer, parse_request
 from services.gateway.settings import GatewaySettings
-from training.bundle import POPULAR
-from training.registry import write_manifest
 
 ANN = retrieval_pb2.CANDIDATE_SOURCE_ANN
 POP = retrieval_pb2.CANDIDATE_SOURCE_POPULARITY
@@ -908,6 +902,8 @@ def gateway_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.Monke
     for name in ("RETRIEVAL", "FEATURES", "RANKING"):
         monkeypatch.setenv(f"HOMEFEED_{name}_ADDR", f"127.0.0.1:{5000 + len(name)}")
     monkeypatch.setenv("HOMEFEED_HOME", str(tmp_path))
+    for name in ("HOMEFEED_MODEL", "HOMEFEED_BUNDLE_DIR", "HOMEFEED_GATEWAY_MODEL"):
+        monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
 
@@ -916,7 +912,11 @@ def test_settings_defaults_and_overrides(gateway_env: pytest.MonkeyPatch) -> Non
     assert settings.pipeline == PipelineConfig()
     assert settings.rerank == R.RerankConfig()
     assert settings.breaker == BreakerConfig()
-    assert settings.model == "champion" and settings.bundle_dir is None
+    assert settings.source.model == "champion" and settings.source.bundle_dir is None
+    gateway_env.setenv("HOMEFEED_MODEL", "7")  # the mesh's one version
+    assert GatewaySettings.from_env().source.model == "7"
+    gateway_env.setenv("HOMEFEED_GATEWAY_MODEL", "8")  # a service's own wins
+    assert GatewaySettings.from_env().source.model == "8"
     gateway_env.setenv("HOMEFEED_GATEWAY_CANDIDATES", "300")
     gateway_env.setenv("HOMEFEED_GATEWAY_RANKING_TIMEOUT_MS", "25")
     gateway_env.setenv("HOMEFEED_GATEWAY_EPSILON", "0")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training import columns as C
+from contract import columns as C
 from training import ingest as ing
 from training import tables as tb
 

@@ -25,7 +25,9 @@ import pytest
 from homefeed.common.v1 import common_pb2
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
-from services.mesh import (
+from contract.paths import REPO_ROOT
+from tools.cli import build_parser, main, print_feed
+from tools.mesh import (
     BACKENDS,
     GATEWAY,
     SERVICES,
@@ -36,8 +38,6 @@ from services.mesh import (
     pid_alive,
     state_path,
 )
-from training.cli import build_parser, main, print_feed
-from training.paths import REPO_ROOT
 
 # A stand-in service: a real server with health and reflection, nothing registered. It logs
 # its pid (and, as the gateway, the backend addresses it was given) before serving.
@@ -76,6 +76,7 @@ def config(home: Path, **overrides: Any) -> MeshConfig:
     commands = {name: fake(name) for name in SERVICES}
     commands.update(overrides.pop("commands", {}))
     overrides.setdefault("startup_timeout", 30)
+    overrides.setdefault("model", "1")  # a version number: no registry to resolve it in
     return MeshConfig(home=home, commands=commands, **overrides)
 
 
@@ -309,7 +310,7 @@ def test_help_imports_no_grpc():
         [
             sys.executable,
             "-c",
-            "import sys, training.cli; training.cli.build_parser(); "
+            "import sys, tools.cli; tools.cli.build_parser(); "
             "print(sorted({'grpc', 'feast', 'mlflow', 'services'} & set(sys.modules)))",
         ],
         capture_output=True,
@@ -514,7 +515,7 @@ def test_up_feed_down_on_the_tiny_model(tiny_trained: dict, tiny_dataset: dict, 
 
     def homefeed(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "training.cli", *argv],
+            [sys.executable, "-m", "tools.cli", *argv],
             env=env,
             capture_output=True,
             text=True,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training import columns as C
+from contract import columns as C
 from training.propensity import estimate_position_curve, isotonic_decreasing
 
 

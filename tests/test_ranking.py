@@ -12,11 +12,12 @@ import optuna
 import pandas as pd
 import pytest
 
-from training import bundle
-from training import columns as C
-from training.dataset import DAY_OF_WEEK, HOUR
-from training.ranking import features as F
-from training.ranking.calibration import Calibrator
+from contract import bundle
+from contract import columns as C
+from contract import features as F
+from contract.calibration import Calibrator
+from contract.features import DAY_OF_WEEK, HOUR
+from training.ranking.calibration import fit_isotonic
 from training.ranking.models import (
     RankerBudget,
     fit_purchase,
@@ -120,12 +121,12 @@ def test_calibrator_leaves_calibrated_probabilities_alone_and_round_trips():
     rng = np.random.default_rng(5)
     p = rng.beta(0.5, 20, 200_000)
     y = (rng.random(len(p)) < p).astype(np.int8)
-    cal = Calibrator.fit(p, y)
+    cal = fit_isotonic(p, y)
     assert np.mean(np.abs(cal.apply(p) - p)) < 0.003
     assert Calibrator.from_dict(cal.to_dict()) == cal
     assert np.all(np.diff(cal.apply(np.linspace(0, 1, 101))) >= 0)
     assert cal.apply(np.array([-1.0, 2.0])).tolist() == [cal.y[0], cal.y[-1]]  # clipped
-    skewed = Calibrator.fit(np.minimum(4 * p, 1.0), y)
+    skewed = fit_isotonic(np.minimum(4 * p, 1.0), y)
     assert np.mean(np.abs(skewed.apply(np.minimum(4 * p, 1.0)) - p)) < 0.003
 
 

@@ -31,23 +31,25 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
+from contract.bundle import (
+    ALIAS_CHAMPION,
+    BUNDLE_MANIFEST,
+    CALIBRATOR,
+    COMPILED_MODEL,
+    PURCHASE_MODEL,
+    file_checksums,
+)
+from contract.features import FEATURE_SCHEMA, build_matrix
+from contract.paths import REPO_ROOT, Paths
+from contract.registry import Registry
+from contract.scorer import CompiledScorer
+from services.common.bundles import BundleRef
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.matrix import to_float_matrix
 from services.common.settings import ServerSettings, SettingsError
 from services.ranking.scorer import LoadedModel, ModelHolder, ServedScore
 from services.ranking.server import SERVICE_NAME, StartupError, create_server
 from services.ranking.settings import RankingSettings
-from training.bundle import (
-    ALIAS_CHAMPION,
-    BUNDLE_MANIFEST,
-    CALIBRATOR,
-    COMPILED_MODEL,
-    PURCHASE_MODEL,
-)
-from training.paths import REPO_ROOT, Paths
-from training.ranking.compile import CompiledScorer
-from training.ranking.features import FEATURE_SCHEMA, build_matrix
-from training.registry import Registry, file_checksums
 
 TOKEN = "test-admin-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -260,19 +262,22 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         "HOMEFEED_RANKING_CACHE_DIR",
         "HOMEFEED_RANKING_SCORE",
         "HOMEFEED_ADMIN_TOKEN",
+        "HOMEFEED_MODEL",
+        "HOMEFEED_BUNDLE_DIR",
+        "HOMEFEED_MODEL_CACHE",
         "MLFLOW_TRACKING_URI",
     ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOMEFEED_HOME", str(tmp_path))
     s = RankingSettings.from_env()
-    assert (s.model, s.bundle_dir, s.admin_token, s.score) == (
+    assert (s.source.model, s.source.bundle_dir, s.admin_token, s.score) == (
         "champion",
         None,
         None,
         ServedScore.PURCHASE,
     )
-    assert s.model_cache == tmp_path.resolve() / "artifacts" / "model_cache"
-    assert s.registry_uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    assert s.source.model_cache == tmp_path.resolve() / "artifacts" / "model_cache"
+    assert s.source.registry_uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
     assert s.default_target == "champion"
 
     monkeypatch.setenv("HOMEFEED_ADMIN_TOKEN", "s3cret")
@@ -302,7 +307,9 @@ def registry_settings(tiny_trained: dict, home: Paths, tmp_path_factory) -> Rank
     return RankingSettings(
         server=ServerSettings(port=0, max_workers=4, drain_seconds=0),
         home=home.home,
-        cache_dir=tmp_path_factory.mktemp("model_cache"),
+        bundle=BundleRef(
+            home.home, cache_dir=tmp_path_factory.mktemp("model_cache"), service="ranking"
+        ),
         admin_token=TOKEN,
     )
 
@@ -481,7 +488,7 @@ def test_a_corrupt_registry_version_is_refused_and_the_old_one_keeps_serving(
     version, stored = register_copy(tiny_bundle, tmp_path / "copy")
     assert stored.is_relative_to(served.settings.home / "mlruns" / "artifacts")
     flip_bytes(stored / COMPILED_MODEL)
-    assert not (served.settings.model_cache / Registry().name / f"v{version}").exists()
+    assert not (served.settings.source.model_cache / Registry().name / f"v{version}").exists()
 
     request = ranking_pb2.ReloadRequest(target=str(version))
     err = rpc_error(lambda: served.stub.Reload(request, metadata=AUTH, timeout=60))
@@ -545,18 +552,22 @@ def test_rank_calls_during_a_reload_all_succeed(
 
 
 def test_start_up_fails_naming_an_unknown_alias(registry_settings: RankingSettings) -> None:
-    settings = replace(registry_settings, model="no-such-alias")
+    settings = replace(
+        registry_settings, bundle=replace(registry_settings.source, model="no-such-alias")
+    )
     with pytest.raises(StartupError, match=r"registry model 'no-such-alias' \(HOMEFEED_RANKING"):
         create_server(settings)
     with pytest.raises(NotFound):  # the cause, as Reload would report it
-        ModelHolder(default_target="no-such-alias", cache_dir=settings.model_cache).reload()
+        ModelHolder(default_target="no-such-alias", cache_dir=settings.source.model_cache).reload()
 
 
 def test_a_bundle_directory_server_warns_that_reload_is_open(
     tiny_bundle: Path, rows: Rows, model: LoadedModel, tmp_path: Path, caplog
 ) -> None:
     settings = RankingSettings(
-        server=ServerSettings(port=0, drain_seconds=0), home=tmp_path, bundle_dir=tiny_bundle
+        server=ServerSettings(port=0, drain_seconds=0),
+        home=tmp_path,
+        bundle=BundleRef(tmp_path, bundle_dir=tiny_bundle),
     )
     with caplog.at_level(logging.WARNING, logger="services.ranking.server"):
         running = start(settings)

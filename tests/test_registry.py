@@ -18,21 +18,18 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from training.bundle import (
+from contract.bundle import (
     ALIAS_CHALLENGER,
     ALIAS_CHAMPION,
     BUNDLE_MANIFEST,
     FEATURE_SCHEMA,
     PURCHASE_MODEL,
-)
-from training.registry import (
     BundleError,
-    Registry,
-    default_tracking_uri,
     file_checksums,
     verify_bundle,
     write_manifest,
 )
+from contract.registry import Registry, default_tracking_uri
 
 SCHEMA_HASH = "schema-aaaa"
 
@@ -244,7 +241,7 @@ def test_an_unverifiable_bundle_is_never_registered(registry: Registry, bundle: 
 def test_a_shipped_schema_that_disagrees_with_the_manifest_is_refused(tmp_path):
     import json
 
-    from training.registry import BundleError, verify_bundle, write_manifest
+    from contract.bundle import BundleError, verify_bundle, write_manifest
 
     bundle = tmp_path / "b"
     bundle.mkdir()

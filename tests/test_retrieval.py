@@ -16,14 +16,16 @@ import pandas as pd
 import pytest
 import torch
 
+from contract import bundle
+from contract import columns as C
+from contract.ann import load_index
+from contract.paths import Paths
+from contract.timeutil import to_ns
+from contract.tower import InputSpec, UserTower
 from feature_repo import schema as S
-from training import bundle
-from training import columns as C
-from training.paths import Paths
 from training.retrieval import ann, popular
 from training.retrieval.evaluate import eval_groups, interleave, recall_at_k, top_items
 from training.retrieval.features import AffinitySnapshots, user_features, user_input_spec
-from training.retrieval.numpy_tower import InputSpec, UserTower
 from training.retrieval.towers import TowerConfig, export_user_tower, fit, hash_buckets
 from training.retrieval.train import (
     POPULAR,
@@ -32,7 +34,6 @@ from training.retrieval.train import (
     prepare,
     train_retrieval,
 )
-from training.timeutil import to_ns
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -133,8 +134,7 @@ def test_numpy_tower_matches_torch(fitted, data: RetrievalData):
 
 def test_numpy_tower_imports_neither_torch_nor_pandas():
     code = (
-        "import sys, training.retrieval.numpy_tower; "
-        "sys.exit(sorted({'torch', 'pandas'} & set(sys.modules)) or 0)"
+        "import sys, contract.tower; sys.exit(sorted({'torch', 'pandas'} & set(sys.modules)) or 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -272,7 +272,7 @@ def test_serialized_index_returns_the_same_neighbours_after_load(trained, tmp_pa
     moved = tmp_path / "moved" / "scann"
     shutil.copytree(tmp_path / "index", moved)  # relative asset paths: the bundle can move
     shutil.rmtree(tmp_path / "index")
-    np.testing.assert_array_equal(ann.search(ann.load_index(moved), queries, k), before)
+    np.testing.assert_array_equal(ann.search(load_index(moved), queries, k), before)
 
 
 def test_ann_recall_against_exact_search_on_the_tiny_catalog(trained, data: RetrievalData):
@@ -281,7 +281,7 @@ def test_ann_recall_against_exact_search_on_the_tiny_catalog(trained, data: Retr
     tower = UserTower.load(out / bundle.USER_TOWER)
     queries = tower.embed(data.encode(data.splits["test"].drop_duplicates(C.REQUEST_ID)))
     k = report["k"]
-    found = ann.search(ann.load_index(out / bundle.SCANN_DIR), queries, k)
+    found = ann.search(load_index(out / bundle.SCANN_DIR), queries, k)
     assert ann.overlap_recall(found, ann.exact_top_k(queries, emb, k)) >= 0.95
     assert report[f"ann_recall_at_{k}_vs_exact"] >= 0.95
     chosen = report["params"]["index"]
@@ -383,12 +383,12 @@ def test_interleave_alternates_and_drops_duplicates():
 
 
 def test_history_orders_by_count_then_recency_and_caps():
-    from training.retrieval.history import History, history_first
+    from training.retrieval.history import build_history, history_first
 
     user = np.array([7, 7, 7, 7, 3, 7])
     item = np.array([10, 11, 11, 12, 10, 13])
     ts = np.array([1, 2, 3, 9, 5, 4])
-    h = History.from_engagements(user, item, ts, max_items=3)
+    h = build_history(user, item, ts, max_items=3)
     assert h.items_of(7).tolist() == [11, 12, 13]  # 11 twice; then the latest of the singles
     assert h.items_of(3).tolist() == [10]
     assert h.items_of(5).tolist() == [] and h.items_of(99).tolist() == []
@@ -398,9 +398,10 @@ def test_history_orders_by_count_then_recency_and_caps():
 
 
 def test_history_round_trips(tmp_path):
-    from training.retrieval.history import History
+    from contract.history import History
+    from training.retrieval.history import build_history
 
-    h = History.from_engagements(np.array([1, 2, 2]), np.array([5, 6, 7]), np.array([1, 2, 3]))
+    h = build_history(np.array([1, 2, 2]), np.array([5, 6, 7]), np.array([1, 2, 3]))
     h.save(tmp_path / "h.npz")
     loaded = History.load(tmp_path / "h.npz")
     assert [loaded.items_of(u).tolist() for u in (1, 2)] == [[5], [7, 6]]

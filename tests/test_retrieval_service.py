@@ -30,7 +30,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from homefeed.common.v1 import common_pb2
 from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
+from contract import bundle as B
+from contract import columns as C
+from contract.features import NEW_SELLER_DAYS
+from contract.paths import REPO_ROOT, Paths
+from contract.popular import PopularityLists
+from contract.tower import InputSpec, UserTower
 from feature_repo import schema as S
+from services.common.bundles import BundleRef
 from services.common.errors import FailedPrecondition
 from services.common.settings import ServerSettings, SettingsError
 from services.retrieval.index import (
@@ -42,7 +49,6 @@ from services.retrieval.index import (
     IdRows,
     RetrievalConfig,
     Source,
-    exploration_pool,
     matvec,
 )
 from services.retrieval.server import SERVICE_NAME, StartupError, create_server
@@ -54,12 +60,7 @@ from services.retrieval.users import (
     check_spec,
     tower_input,
 )
-from training import bundle as B
-from training import columns as C
-from training.features import NEW_SELLER_DAYS
-from training.paths import REPO_ROOT, Paths
 from training.retrieval.features import user_input_spec
-from training.retrieval.numpy_tower import InputSpec, UserTower
 from training.tables import read_tables
 
 pytestmark = pytest.mark.timeout(180)
@@ -131,7 +132,7 @@ def handmade(
         embeddings=EMB,
         searcher=BruteSearcher(EMB, cap),
         tower=constant_tower(USER_Q),
-        popular_lists=POPULAR,
+        popular_lists=PopularityLists.from_json(POPULAR),
         pool_ids=np.array(pool or [], dtype=np.int64),
         reorder=4,
         version="7",
@@ -194,9 +195,9 @@ def test_excluded_and_cart_items_never_appear_and_the_search_grows_past_them() -
 
 
 def test_history_comes_first_capped_by_its_share_then_the_tower_fills() -> None:
-    from training.retrieval.history import History
+    from training.retrieval.history import build_history
 
-    past = History.from_engagements(
+    past = build_history(
         np.array([7, 7, 7, 8]), np.array([17, 16, 999, 12]), np.array([1, 2, 3, 4])
     )
     index = handmade(history_share=0.4)
@@ -317,28 +318,6 @@ def test_matvec_in_blocks_equals_the_product() -> None:
     np.testing.assert_allclose(got, matrix @ vector, rtol=1e-5, atol=1e-6)
 
 
-def test_exploration_pool_is_recent_items_and_items_of_new_sellers() -> None:
-    day = pd.Timedelta(days=1)
-    as_of = pd.Timestamp("2026-02-01", tz="UTC")
-    items = pd.DataFrame(
-        {
-            C.ITEM_ID: [1, 2, 3, 4, 5],
-            C.SELLER_ID: [0, 0, 1, 0, 7],  # seller 7 is not in the sellers table
-            C.CREATED_AT: [as_of, as_of - 13 * day, as_of - 90 * day, as_of - 15 * day, as_of],
-        }
-    )
-    sellers = pd.DataFrame(
-        {C.SELLER_ID: [0, 1], C.CREATED_AT: [as_of - 400 * day, as_of - 29 * day]}
-    )
-    ids, when = exploration_pool(items, sellers, new_item_days=14)
-    assert ids.tolist() == [1, 2, 3, 5] and when == as_of
-    assert NEW_SELLER_DAYS == 30
-    ids, _ = exploration_pool(items, sellers, new_item_days=14, new_seller_days=28)
-    assert ids.tolist() == [1, 2, 5]
-    empty, none = exploration_pool(items.iloc[:0], sellers)
-    assert len(empty) == 0 and none is None
-
-
 def test_id_rows_maps_dense_and_sparse_ids() -> None:
     dense = IdRows(np.array([4, 2, 0, 9], dtype=np.int64))
     sparse = IdRows(np.array([10**12, 5, 10**15], dtype=np.int64))
@@ -384,25 +363,28 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
             "HOMEFEED_DATASET",
             "HOMEFEED_ONLINE_STORE",
             "HOMEFEED_REDIS",
+            "HOMEFEED_MODEL",
+            "HOMEFEED_BUNDLE_DIR",
+            "HOMEFEED_MODEL_CACHE",
             "MLFLOW_TRACKING_URI",
         ):
             monkeypatch.delenv(name)
     monkeypatch.setenv("HOMEFEED_HOME", str(tmp_path))
     s = RetrievalSettings.from_env()
-    assert (s.dataset, s.online_store, s.model, s.bundle_dir) == (
+    assert (s.dataset, s.online_store, s.source.model, s.source.bundle_dir) == (
         "sim-small",
         "sqlite",
         "champion",
         None,
     )
     assert (s.exploration, s.checkout_content_share, s.seed) == (10, 0.5, 0)
-    assert s.model_cache == tmp_path.resolve() / "artifacts" / "model_cache"
-    assert "HOMEFEED_RETRIEVAL_MODEL" in s.describe_source()
+    assert s.source.model_cache == tmp_path.resolve() / "artifacts" / "model_cache"
+    assert "HOMEFEED_RETRIEVAL_MODEL" in s.source.describe()
 
     monkeypatch.setenv("HOMEFEED_RETRIEVAL_BUNDLE_DIR", str(tmp_path / "b"))
     monkeypatch.setenv("HOMEFEED_RETRIEVAL_EXPLORATION", "0")
     s = RetrievalSettings.from_env()
-    assert s.bundle_dir == (tmp_path / "b").resolve() and s.config.exploration == 0
+    assert s.source.bundle_dir == (tmp_path / "b").resolve() and s.config.exploration == 0
 
     for name, value, message in [
         ("HOMEFEED_RETRIEVAL_EXPLORATION", "-1", "HOMEFEED_RETRIEVAL_EXPLORATION must be 0..1000"),
@@ -465,7 +447,7 @@ class Truth:
 
 @pytest.fixture(scope="module")
 def truth(tiny_dataset: dict, tiny_bundle: Path, home: Paths) -> Truth:
-    from training.feature_store import open_store
+    from contract.feature_store import open_store
 
     dataset = tiny_dataset["dataset"]
     store = open_store(dataset, paths=home)
@@ -525,7 +507,7 @@ def test_the_reader_on_redis_knows_the_same_users(
     """A few users' rows copied from the SQLite store into a Redis one (no registry write):
     the same values come back, and a user Redis has no row for is unknown (Redis answers
     with a null per feature, not with no row)."""
-    from training.feature_store import open_store
+    from contract.feature_store import open_store
 
     redis_store = open_store(
         tiny_dataset["dataset"], paths=home, online="redis", redis=redis_server
@@ -583,8 +565,12 @@ def settings(
         server=ServerSettings(port=0, max_workers=4, drain_seconds=0),
         home=home.home,
         dataset=tiny_dataset["dataset"],
-        cache_dir=tmp_path_factory.mktemp("model_cache"),
-        tracking_uri=f"sqlite:///{home.home / 'mlruns' / 'mlflow.db'}",
+        bundle=BundleRef(
+            home.home,
+            cache_dir=tmp_path_factory.mktemp("model_cache"),
+            tracking_uri=f"sqlite:///{home.home / 'mlruns' / 'mlflow.db'}",
+            service="retrieval",
+        ),
         history_share=0.0,  # the assertions below are about the tower; history has its own
     )
 
@@ -853,9 +839,9 @@ def test_limits_are_accepted(served: Running, truth: Truth) -> None:
 
 def test_start_up_fails_naming_an_unknown_alias(settings: RetrievalSettings) -> None:
     with pytest.raises(
-        StartupError, match=r"registry model 'no-such-alias' \(HOMEFEED_RETRIEVAL_MODEL\)"
+        StartupError, match=r"registry model 'no-such-alias' \(HOMEFEED_RETRIEVAL_MODEL or"
     ):
-        create_server(replace(settings, model="no-such-alias"))
+        create_server(replace(settings, bundle=replace(settings.source, model="no-such-alias")))
 
 
 def test_start_up_refuses_a_tampered_bundle(
@@ -870,14 +856,28 @@ def test_start_up_refuses_a_tampered_bundle(
     with pytest.raises(
         StartupError, match=r"bundle directory .*tampered.*modified retrieval/user_tower\.npz"
     ):
-        create_server(replace(settings, bundle_dir=copy))
+        create_server(replace(settings, bundle=replace(settings.source, bundle_dir=copy)))
 
 
-def test_start_up_fails_naming_a_dataset_without_a_catalog(
-    settings: RetrievalSettings, tiny_bundle: Path
+def test_start_up_fails_naming_a_bundle_without_a_catalog(
+    settings: RetrievalSettings, tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(StartupError, match=r"dataset 'sim-none' has no catalog"):
-        create_server(replace(settings, bundle_dir=tiny_bundle, dataset="sim-none"))
+    import shutil
+
+    from contract.bundle import read_manifest, write_manifest
+
+    copy = Path(shutil.copytree(tiny_bundle, tmp_path / "old"))
+    manifest = read_manifest(copy)
+    (copy / B.CATALOG).unlink()
+    write_manifest(
+        copy,
+        version=manifest["version"],
+        data_snapshot=manifest["data_snapshot"],
+        feature_schema_hash=manifest["feature_schema_hash"],
+        metrics={},
+    )
+    with pytest.raises(StartupError, match=r"bundle directory .*old.*catalog\.npz"):
+        create_server(replace(settings, bundle=replace(settings.source, bundle_dir=copy)))
 
 
 def _service_env(**extra: str) -> dict[str, str]:

@@ -21,8 +21,8 @@ from homefeed.features.v1 import features_pb2, features_pb2_grpc
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
+from contract import columns as C
 from feature_repo import schema as S
-from training import columns as C
 from training.tables import read_tables
 
 HOME = common_pb2.SURFACE_HOME
@@ -203,7 +203,7 @@ def test_exploration_slots_carry_their_propensity(mesh: Mesh) -> None:
 
 
 def _push_inventory(home, dataset: str, item_id: int, in_stock: int) -> None:
-    from training.feature_store import open_store
+    from contract.feature_store import open_store
 
     store = open_store(dataset, paths=home)
     now = pd.Timestamp.now(tz="UTC").as_unit("us")

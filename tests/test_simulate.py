@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training import columns as C
+from contract import columns as C
+from contract.timeutil import to_ns
 from training.simulate import GroundTruth, Oracle, load_config, simulate
 from training.simulate.policy import plackett_luce_topk
-from training.timeutil import to_ns
 
 
 def test_same_seed_same_tables_other_seed_other_tables(tiny_sim):

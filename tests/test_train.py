@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from training import bundle as B
+from contract import bundle as B
 from training.train import STAGES
 
 CONTRACT = {
@@ -48,7 +48,8 @@ def test_eval_report_holds_the_contract(trained, home):
 
 
 def test_registered_bundle_loads_verified_by_alias(trained, home, tmp_path):
-    from training.registry import BundleError, Registry
+    from contract.bundle import BundleError
+    from contract.registry import Registry
 
     registered = trained["register"]
     registry = Registry()
@@ -65,8 +66,8 @@ def test_registered_bundle_loads_verified_by_alias(trained, home, tmp_path):
 
 
 def test_real_data_section_quotes_purchase_recall_and_auc(tmp_path):
+    from contract.paths import Paths
     from training.evaluate import real_data_section, reports_dir
-    from training.paths import Paths
 
     paths = Paths(tmp_path)
     out = reports_dir(paths, "completejourney", simulated=False)

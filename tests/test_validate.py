@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.columns import (
+from contract.columns import (
     ADD_TO_CARTS,
     ALL_TABLES,
     BRAND,

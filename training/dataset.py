@@ -20,10 +20,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from contract import columns as C
+from contract.features import DAY_OF_WEEK, HOUR
+from contract.timeutil import NS_PER_DAY, to_ns
 from feature_repo import schema as S
-from training import columns as C
 from training.propensity import PositionCurve, estimate_position_curve
-from training.timeutil import NS_PER_DAY, to_ns
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 
 EXAMINATION = "examination_propensity"
 IPS_WEIGHT = "ips_weight"
-HOUR = "hour_of_day"
-DAY_OF_WEEK = "day_of_week"
 MANIFEST = "manifest.json"
 
 

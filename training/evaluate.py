@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from training import bundle as B
-from training import columns as C
-from training.paths import Paths
+from contract import bundle as B
+from contract import columns as C
+from contract.paths import Paths
 
 if TYPE_CHECKING:
-    from training.train import TrainConfig
+    from training.staging import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ class ServedScorer:
     """The served score from a staging folder: compiled p(purchase) -> isotonic -> E[GMV]."""
 
     def __init__(self, stage: Path, items: pd.DataFrame):
-        from training.ranking.calibration import Calibrator
-        from training.ranking.compile import CompiledScorer
+        from contract.calibration import Calibrator
+        from contract.scorer import CompiledScorer
 
         self.scorer = CompiledScorer(stage / B.COMPILED_MODEL)
         self.calibrator = Calibrator.from_dict(json.loads((stage / B.CALIBRATOR).read_text()))
@@ -128,7 +128,7 @@ def _logreg_egmv(paths: Paths, dataset: str, items: pd.DataFrame):
 
 def _model_policy(store, candidates: CandidateCache, score_fn, items: pd.DataFrame):
     """A policy: retrieval candidates, hard filters, request-time features, E[GMV] order."""
-    from training.ranking.features import build_matrix
+    from contract.features import build_matrix
     from training.request_features import features_for_pairs, pair_frame
 
     def policy(requests: pd.DataFrame, state) -> list[np.ndarray]:
@@ -193,12 +193,12 @@ def segments(
 
 
 def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[str, Any]:
-    from training import feature_store
+    from contract.feature_store import open_store
     from training.report import policy_plot, reliability_plot, write_report
-    from training.train import _reports
+    from training.staging import read_stage_reports
 
     started = time.perf_counter()
-    reports = _reports(stage)
+    reports = read_stage_reports(stage)
     manifest = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())
     report: dict[str, Any] = {
         "preset": dataset.removeprefix("sim-"),
@@ -265,7 +265,7 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
         carts_path = paths.raw(dataset) / "checkout_carts.parquet"
         carts = pd.read_parquet(carts_path) if carts_path.exists() else None
         oracle = Oracle.load(truth_dir)
-        store = feature_store.open_store(dataset, paths=paths)
+        store = open_store(dataset, paths=paths)
         served = ServedScorer(stage, tables[C.ITEMS])
         retriever = load_retriever(stage, paths.home, dataset)
         candidates = CandidateCache(retriever, tables[C.ITEMS], cfg.candidates)

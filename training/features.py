@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from contract import columns as C
+from contract.features import NEW_SELLER_DAYS, SPEND_BANDS
+from contract.timeutil import NS_PER_DAY, NS_PER_S, from_ns, to_ns
 from feature_repo import schema as S
-from training import columns as C
-from training.timeutil import NS_PER_DAY, NS_PER_S, from_ns, to_ns
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,9 @@ CTR_PRIOR_STRENGTH = 50.0  # pseudo-impressions pulling an item's CTR to the cat
 PURCHASE_PRIOR_STRENGTH = 500.0
 AFFINITY_PRIOR_STRENGTH = 2.0  # pseudo-engagements pulling affinities to the global mix
 PURCHASE_ENGAGEMENT_WEIGHT = 3.0  # a purchase counts as this many clicks for affinity
-NEW_SELLER_DAYS = 30
 NO_ACTIVITY_RECENCY_DAYS = 365.0
 RECENT_SELLERS_DAYS = 30  # window of user_seller_recency
 RECENT_SELLERS_MAX = 50  # sellers kept per user and snapshot, the most recent
-SPEND_BANDS = np.array([0.0, 25.0, 75.0, 200.0])  # band = number of edges the spend exceeds
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training import columns as C
-from training.paths import Paths
+from contract import columns as C
+from contract.paths import Paths
 from training.tables import (
     OPTIONAL_TABLES,
     TableSchemaError,

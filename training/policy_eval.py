@@ -26,17 +26,16 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from training import columns as C
+from contract import columns as C
+from contract.features import NEW_SELLER_DAYS
+from contract.heuristic import RECENCY_DAYS, heuristic_score
+from contract.timeutil import NS_PER_DAY, to_ns
 from training.simulate.groundtruth import Oracle
-from training.simulate.policy import heuristic_score
 from training.simulate.world import COUNTRY_PRICE_CAP
-from training.timeutil import NS_PER_DAY, to_ns
 
 log = logging.getLogger(__name__)
 
-NEW_SELLER_DAYS = 30
 CHECKOUT_CATEGORY_BOOST = 8.0  # the heuristic's cart-category boost (engine.py)
-RECENCY_DAYS = 60.0
 
 
 class Request(NamedTuple):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from training import columns as C
+from contract import columns as C
 
 
 def isotonic_decreasing(values: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from training import columns as C
+from contract import columns as C
 from training.dataset import add_context, entity_frame, fill_defaults, historical_features
 
 if TYPE_CHECKING:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from training import columns as C
-from training.paths import Paths
+from contract import columns as C
+from contract.paths import Paths
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,11 @@ def features_stage(
         )
         out["seconds"]["build"] = time.perf_counter() - t0
     if "apply" in steps or "materialize" in steps:
+        from contract.feature_store import open_store
         from training import feature_store
 
         t0 = time.perf_counter()
-        store = feature_store.open_store(dataset, paths=paths, online=online, redis=redis)
+        store = open_store(dataset, paths=paths, online=online, redis=redis)
         out["seconds"]["open_store"] = time.perf_counter() - t0
         if "apply" in steps:
             t0 = time.perf_counter()
@@ -177,13 +178,13 @@ def dataset_defaults(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> d
 
 def dataset_stage(paths: Paths, dataset: str, **cfg_overrides: Any) -> dict[str, Any]:
     """Labels, split, downsampling, propensities, Feast point-in-time join."""
-    from training import feature_store
+    from contract.feature_store import open_store
     from training.dataset import DatasetConfig, build_training_sets
 
     meta = read_meta(paths, dataset)
     tables = load_raw(paths, dataset)
     overrides = {**dataset_defaults(tables, meta), **cfg_overrides}
-    store = feature_store.open_store(dataset, paths=paths)
+    store = open_store(dataset, paths=paths)
     cfg = DatasetConfig(**overrides)
     return build_training_sets(
         tables,

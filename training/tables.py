@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from training import columns as C
+from contract import columns as C
 
 log = logging.getLogger(__name__)
 

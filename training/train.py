@@ -1,7 +1,7 @@
 """`homefeed train`: retrieval -> rankers -> compile -> evaluate -> register.
 
 Each stage reads the dataset's training sets and writes into the dataset's staging folder
-(``artifacts/staging/<dataset>/``, laid out like a bundle, see training/bundle.py), so any
+(``artifacts/staging/<dataset>/``, laid out like a bundle, see contract/bundle.py), so any
 stage can be run alone after the ones it needs. ``register`` freezes the staging folder
 into an immutable, versioned bundle (``artifacts/bundles/<version>/``) with checksums and
 registers it in MLflow under the ``challenger`` alias (and ``champion`` when there is none).
@@ -14,48 +14,27 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from training import bundle as B
-from training.paths import Paths
-from training.report import json_default
+from contract import bundle as B
+from contract.paths import Paths
+from training.staging import (
+    STAGE_REPORT,
+    TrainConfig,
+    read_stage_reports,
+    save_stage_report,
+    staging_dir,
+)
 
 log = logging.getLogger(__name__)
 
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")  # what MLflow accepts in a metric name
 STAGES = ("retrieval", "rankers", "compile", "evaluate", "register")
-STAGE_REPORT = "stage_reports.json"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    seed: int = 0
-    k: int = 20  # slots the policies are compared on
-    eval_requests: int = 1000  # test-period requests the Oracle scores
-    candidates: int = 500  # retrieval candidates a model policy re-ranks
-    ranker_trials: int = 8  # Optuna trials per model
-    ranker_seconds: float = 120.0  # Optuna wall-clock budget per model
-
-
-def staging_dir(paths: Paths, dataset: str) -> Path:
-    return paths.artifacts / "staging" / dataset
-
-
-def _reports(stage_dir: Path) -> dict[str, Any]:
-    path = stage_dir / STAGE_REPORT
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _save_report(stage_dir: Path, stage: str, report: dict[str, Any]) -> None:
-    reports = _reports(stage_dir)
-    reports[stage] = report
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / STAGE_REPORT).write_text(json.dumps(reports, indent=2, default=json_default))
 
 
 def _manifest(paths: Paths, dataset: str) -> dict[str, Any]:
@@ -72,7 +51,29 @@ def _manifest(paths: Paths, dataset: str) -> dict[str, Any]:
 def stage_retrieval(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
     from training.retrieval.train import train_retrieval
 
-    return train_retrieval(paths.home, dataset, staging_dir(paths, dataset), seed=cfg.seed)
+    stage = staging_dir(paths, dataset)
+    report = train_retrieval(paths.home, dataset, stage, seed=cfg.seed)
+    return {**report, **write_serving_files(paths, dataset, stage)}
+
+
+def write_serving_files(paths: Paths, dataset: str, out_dir: Path) -> dict[str, Any]:
+    """The bundle's catalogue (``contract.catalog``) from the dataset's items and sellers, and
+    its heuristic (``contract.heuristic``): the simulator's logging-policy parameters, the
+    defaults for real data."""
+    from contract import columns as C
+    from contract.catalog import Catalog
+    from contract.heuristic import RECENCY_DAYS, Heuristic
+    from training.stages import read_meta
+    from training.tables import read_tables
+
+    tables = read_tables(paths.raw(dataset), [C.ITEMS, C.SELLERS])
+    catalog = Catalog.from_tables(tables[C.ITEMS], tables[C.SELLERS])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    catalog.save(out_dir / B.CATALOG)
+    config = read_meta(paths, dataset).get("config") or {}
+    heuristic = Heuristic(recency_days=float(config.get("recency_days", RECENCY_DAYS)))
+    heuristic.save(out_dir / B.HEURISTIC)
+    return {"catalog_items": len(catalog), "heuristic": heuristic.to_dict()}
 
 
 def stage_rankers(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -102,8 +103,8 @@ def stage_rankers(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any
 def stage_compile(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
     """Compile the purchase model with TL2cgen (quantized); refuse it unless predictions
     match LightGBM to 1e-6 on held-out rows; time 500-candidate scoring against LightGBM."""
+    from contract.features import build_matrix
     from training.ranking.compile import compile_for_bundle
-    from training.ranking.features import build_matrix
 
     stage = staging_dir(paths, dataset)
     model = stage / B.PURCHASE_MODEL
@@ -121,8 +122,9 @@ def stage_evaluate(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, An
 
 
 def stage_register(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
+    from contract.bundle import write_manifest
+    from contract.registry import Registry
     from training.evaluate import reports_dir
-    from training.registry import Registry, write_manifest
 
     stage = staging_dir(paths, dataset)
     schema = json.loads((stage / B.FEATURE_SCHEMA).read_text())
@@ -133,7 +135,7 @@ def stage_register(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, An
     published = reports_dir(paths, dataset, simulated) / "eval.json"
     _stamp_eval_reports(version, stage / B.EVAL_DIR / "eval.json", published)
     shutil.copytree(stage, target, ignore=shutil.ignore_patterns(STAGE_REPORT))
-    reports = _reports(stage)
+    reports = read_stage_reports(stage)
     metrics = _flat_metrics(reports.get("evaluate", {}))
     snapshot = f"{dataset}:{manifest['split']['train_start']}..{manifest['split']['test_end']}"
     write_manifest(
@@ -208,6 +210,6 @@ def train(
         log.info("train %s: %s", dataset, name)
         report = RUNNERS[name](paths, dataset, cfg)
         report = {**report, "seconds": time.perf_counter() - t0}
-        _save_report(stage, name, report)
+        save_stage_report(stage, name, report)
         results[name] = report
     return results

@@ -1,4 +1,4 @@
-"""Validation stage: check raw tables against the contract in `training.columns`.
+"""Validation stage: check raw tables against the contract in `contract.columns`.
 
 Every stage after ingest trusts its input, so this stage is where bad data stops. It runs
 every rule, collects all violations and raises them together as one `ValidationError`,
@@ -41,7 +41,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
-from training.columns import (
+from contract.columns import (
     ADD_TO_CARTS,
     ALL_TABLES,
     CLICKS,

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 from homefeed.common.v1 import common_pb2
 
-from training.columns import DEVICES
+from contract.columns import DEVICES
 
 _INT64_MAX = np.iinfo(np.int64).max
 INT64_MAX = int(_INT64_MAX)

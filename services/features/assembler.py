@@ -1,5 +1,5 @@
 """The features core: one request's (user, item, context) columns, turned into the ranker's
-matrix by ``training.ranking.features.build_matrix``, the function training used.
+matrix by ``contract.features.build_matrix``, the function training used.
 
 Every column is defined as in a training row (``training.dataset``):
 
@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from contract import columns as C
+from contract.features import DAY_OF_WEEK, FEATURE_SCHEMA, HOUR, INPUT_COLUMNS, build_matrix
 from feature_repo import schema as S
 from services.common.errors import FailedPrecondition
 from services.features.items import (
@@ -45,9 +47,6 @@ from services.features.items import (
     decode_value,
     default_value,
 )
-from training import columns as C
-from training.dataset import DAY_OF_WEEK, HOUR
-from training.ranking.features import FEATURE_SCHEMA, INPUT_COLUMNS, build_matrix
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -165,7 +164,7 @@ class FeastUserReader:
 class RequestContext:
     """The request's context features."""
 
-    surface: str  # one of training.columns.SURFACES
+    surface: str  # one of contract.columns.SURFACES
     hour_of_day: int  # UTC
     day_of_week: int  # Monday = 0
 

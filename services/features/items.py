@@ -40,11 +40,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from contract.catalog import Catalog
+from contract.heuristic import Heuristic
 from feature_repo import schema as S
 from services.common.feast_values import decode_value
-from training import columns as C
-from training.simulate.policy import heuristic_score
-from training.tables import read_tables, table_path
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -98,63 +97,6 @@ def default_value(name: str, kind: str) -> float | int | str:
 
 def numpy_dtype(kind: str) -> np.dtype[Any]:
     return np.dtype({"int64": np.int64, "float32": np.float32}.get(kind, object))
-
-
-# --- the catalog ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Catalog:
-    """The raw items table's serving facts, sorted by item id."""
-
-    item_ids: np.ndarray  # int64, unique, ascending
-    seller_ids: np.ndarray  # int64
-    categories: np.ndarray  # int64
-    prices: np.ndarray  # float64
-    margins: np.ndarray  # float64
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    @property
-    def n_categories(self) -> int:
-        """Width of the affinity vector as training sets it: max category + 1."""
-        return int(self.categories.max()) + 1 if len(self.categories) else 1
-
-    @classmethod
-    def from_columns(
-        cls,
-        item_ids: Sequence[int] | np.ndarray,
-        seller_ids: Sequence[int] | np.ndarray,
-        categories: Sequence[int] | np.ndarray,
-        prices: Sequence[float] | np.ndarray,
-        margins: Sequence[float] | np.ndarray,
-    ) -> Catalog:
-        ids = np.asarray(item_ids, dtype=np.int64)
-        order = np.argsort(ids, kind="stable")
-        ids = ids[order]
-        if len(ids) > 1 and (np.diff(ids) == 0).any():
-            repeated = ids[1:][np.diff(ids) == 0]
-            raise ValueError(f"catalog item ids must be unique, got repeats {repeated[:5]}")
-        return cls(
-            item_ids=ids,
-            seller_ids=np.asarray(seller_ids, dtype=np.int64)[order],
-            categories=np.asarray(categories, dtype=np.int64)[order],
-            prices=np.asarray(prices, dtype=np.float64)[order],
-            margins=np.asarray(margins, dtype=np.float64)[order],
-        )
-
-    @classmethod
-    def read(cls, raw_dir: Path) -> Catalog:
-        """The items table of a dataset's ``raw/`` folder (``training.tables`` layout)."""
-        items = read_tables(raw_dir, [C.ITEMS])[C.ITEMS]
-        return cls.from_columns(
-            items[C.ITEM_ID].to_numpy(),
-            items[C.SELLER_ID].to_numpy(),
-            items[C.CATEGORY].to_numpy(),
-            items[C.PRICE].to_numpy(),
-            items[C.MARGIN].to_numpy(),
-        )
 
 
 class ItemIndex:
@@ -439,15 +381,15 @@ def build_snapshot(
     seller_stats: ViewRows,
     seller_of_item: np.ndarray,
     inventory: ViewRows,
-    recency_days: float,
+    heuristic: Heuristic,
 ) -> ItemSnapshot:
     """The table from the three item views' rows (in catalog order; seller rows indexed by
     ``seller_of_item``).
 
-    ``heuristic`` is ``training.simulate.policy.heuristic_score``, the logging policy, with
-    the inputs the simulator gives it (``engine._pool``): popularity = the item's clicks over
-    the last 7 days (``clicks_7d``; ``popularity_7d`` is its log1p, which the policy does not
-    use) and age = ``age_days`` as of the item_stats snapshot.
+    ``heuristic`` is the bundle's production heuristic (``contract.heuristic``), the logging
+    policy, with the inputs the simulator gives it (``engine._pool``): popularity = the
+    item's clicks over the last 7 days (``clicks_7d``; ``popularity_7d`` is its log1p, which
+    the policy does not use) and age = ``age_days`` as of the item_stats snapshot.
     """
     now = time.time()
     features: dict[str, np.ndarray] = {}
@@ -458,10 +400,8 @@ def build_snapshot(
         features[name] = _with_default_row(per_item, default_value(name, kind))
     features.update(_inventory_columns(inventory))
     affinity_category = np.where(item_stats.found, item_stats.columns[CATEGORY], -1)
-    score = heuristic_score(
-        features[CLICKS_7D][:-1].astype(np.float64),
-        features[AGE_DAYS][:-1].astype(np.float64),
-        recency_days,
+    score = heuristic.score(
+        features[CLICKS_7D][:-1].astype(np.float64), features[AGE_DAYS][:-1].astype(np.float64)
     )
     return ItemSnapshot(
         index=ItemIndex(catalog.item_ids),
@@ -504,8 +444,8 @@ class ItemStore:
     def __init__(
         self,
         reader: OnlineReader,
-        load_catalog: Callable[[], Catalog],
-        recency_days: float,
+        catalog: Catalog,
+        heuristic: Heuristic,
         refresh_s: float = 2.0,
         batch_refresh_s: float = 60.0,
         batch_marker: Callable[[], Hashable] | None = None,
@@ -514,8 +454,8 @@ class ItemStore:
         """``fallback``: the reader to switch to when ``reader`` raises FastPathError."""
         self.reader = reader
         self.fallback = fallback
-        self._load_catalog = load_catalog
-        self.recency_days = recency_days
+        self.catalog = catalog
+        self.heuristic = heuristic
         self.refresh_s = refresh_s
         self.batch_refresh_s = batch_refresh_s
         self._batch_marker = batch_marker
@@ -523,7 +463,6 @@ class ItemStore:
         self._write = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._catalog: Catalog | None = None
         self._marker: Hashable = None
         self._changes: Hashable = None
         self._snapshot: ItemSnapshot | None = None
@@ -540,7 +479,7 @@ class ItemStore:
             started = time.perf_counter()
             marker = self._batch_marker() if self._batch_marker else None
             changes = self.reader.changes()
-            catalog = self._load_catalog()
+            catalog = self.catalog
             sellers, seller_of_item = np.unique(catalog.seller_ids, return_inverse=True)
             snap = build_snapshot(
                 catalog,
@@ -548,9 +487,8 @@ class ItemStore:
                 self.reader.read_view(S.SELLER_STATS, sellers),
                 seller_of_item,
                 self.reader.read_view(S.ITEM_INVENTORY, catalog.item_ids),
-                self.recency_days,
+                self.heuristic,
             )
-            self._catalog = catalog
             self._marker, self._changes = marker, changes
             self._snapshot = snap
             self.stats.batch_reloads += 1
@@ -568,8 +506,7 @@ class ItemStore:
     def refresh_inventory(self, force: bool = False) -> bool:
         """Re-read stock and in_stock; False when the store reported no change (skipped)."""
         with self._write:
-            snap, catalog = self.snapshot(), self._catalog
-            assert catalog is not None
+            snap, catalog = self.snapshot(), self.catalog
             changes = self.reader.changes()
             if not force and changes == self._changes:
                 self.stats.inventory_skipped += 1
@@ -647,17 +584,3 @@ def materialization_marker(
         intervals = table.materialization_intervals
         marker.append((view, len(intervals), intervals[-1][1] if intervals else None))
     return tuple(marker)
-
-
-def catalog_loader(raw_dir: Path) -> Callable[[], Catalog]:
-    """Reads the catalog again only when its file changed."""
-    path = Path(table_path(raw_dir, C.ITEMS))
-    cached: list[tuple[float, Catalog]] = []
-
-    def load() -> Catalog:
-        mtime = path.stat().st_mtime
-        if not cached or cached[0][0] != mtime:
-            cached[:] = [(mtime, Catalog.read(raw_dir))]
-        return cached[0][1]
-
-    return load

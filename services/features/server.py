@@ -1,5 +1,5 @@
-"""The features server: opens the dataset's Feast store, loads the item table, starts its
-refresher, then serves ``FeaturesService`` with health and reflection.
+"""The features server: loads the bundle's catalogue, opens the dataset's Feast store, loads
+the item table, starts its refresher, then serves ``FeaturesService`` with health and reflection.
 ``python -m services.features`` runs ``main()``."""
 
 from __future__ import annotations
@@ -11,34 +11,25 @@ import grpc
 from grpc_health.v1.health import HealthServicer
 from homefeed.features.v1 import features_pb2, features_pb2_grpc
 
+from contract import bundle as B
+from contract.bundle import BundleError
+from contract.catalog import Catalog
+from contract.feature_store import open_store
+from contract.heuristic import Heuristic
+from services.common.bundles import RegistryError, resolve_bundle
 from services.common.server import Started, StartupError, build_server, run_service
 from services.features.assembler import Assembler, FeastUserReader
-from services.features.items import (
-    ItemStore,
-    catalog_loader,
-    materialization_marker,
-    open_reader,
-)
+from services.features.items import ItemStore, materialization_marker, open_reader
 from services.features.settings import SERVICE, FeaturesSettings
-from training.feature_store import open_store
-from training.simulate.config import SimConfig
-from training.stages import read_meta
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name
 
 
-def recency_days(settings: FeaturesSettings) -> float:
-    """The logging policy's recency decay: the simulator config the dataset was made with,
-    else the simulator's default (a real dataset has no logging policy of its own)."""
-    config = read_meta(settings.paths, settings.dataset).get("config") or {}
-    return float(config.get("recency_days", SimConfig.recency_days))
-
-
-def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, FeastUserReader]:
-    """The loaded item table (refresher not started) and the user reader; StartupError
-    naming what is missing otherwise."""
+def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, FeastUserReader, str]:
+    """The loaded item table (refresher not started), the user reader and the version of the
+    bundle whose catalogue it serves; StartupError naming what is missing otherwise."""
     paths = settings.paths
     registry = paths.feast(settings.dataset) / "registry.db"
     if not registry.exists():
@@ -46,20 +37,25 @@ def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, FeastUserRea
             f"dataset {settings.dataset!r} has no Feast registry at {registry}: run "
             f"`homefeed features --dataset {settings.dataset}` (apply + materialize) first"
         )
+    source = settings.source
     try:
-        decay = recency_days(settings)
-        load_catalog = catalog_loader(paths.raw(settings.dataset))
-        catalog = load_catalog()
-    except FileNotFoundError as err:
-        raise StartupError(str(err)) from err
+        resolved = resolve_bundle(source)
+        catalog = Catalog.load(resolved.path / B.CATALOG)
+        heuristic = Heuristic.load(resolved.path / B.HEURISTIC)
+    except (BundleError, RegistryError, ValueError, OSError) as err:
+        raise StartupError(f"cannot load {source.describe()}: {err}") from err
     store = open_store(
-        settings.dataset, paths=paths, online=settings.online_store, redis=settings.redis
+        settings.dataset,
+        paths=paths,
+        online=settings.online_store,
+        redis=settings.redis,
+        offline=False,
     )
     reader, fallback = open_reader(store, catalog.item_ids, fast_path=settings.sqlite_fast_path)
     items = ItemStore(
         reader,
-        load_catalog,
-        recency_days=decay,
+        catalog,
+        heuristic,
         refresh_s=settings.refresh_s,
         batch_refresh_s=settings.batch_refresh_s,
         batch_marker=lambda: materialization_marker(store),
@@ -75,10 +71,11 @@ def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, FeastUserRea
             "reader": reader.name,
             "items": items.snapshot().n_items,
             "load_ms": round((time.perf_counter() - started) * 1e3, 1),
-            "recency_days": decay,
+            "model_version": resolved.version,
+            "recency_days": heuristic.recency_days,
         },
     )
-    return items, FeastUserReader(store)
+    return items, FeastUserReader(store), resolved.version
 
 
 def _build(
@@ -86,7 +83,7 @@ def _build(
 ) -> tuple[grpc.Server, int, ItemStore, HealthServicer]:
     from services.features.servicer import FeaturesServicer
 
-    items, users = load_item_store(settings)  # before build_server, which reports SERVING
+    items, users, _ = load_item_store(settings)  # before build_server, which reports SERVING
     servicer = FeaturesServicer(Assembler(items, users))
     try:
         server, port, health = build_server(

@@ -1,8 +1,11 @@
 """Settings of the features service, read once at start from the environment.
 
 - ``HOMEFEED_HOME`` (default: the repo root): where ``data/<dataset>/`` lives.
-- ``HOMEFEED_DATASET`` (``sim-small``): the dataset whose catalog (``raw/items.parquet``) and
-  Feast store (``feast/``) are served.
+- ``HOMEFEED_DATASET`` (``sim-small``): the dataset whose Feast store (``feast/``) is served.
+- ``HOMEFEED_FEATURES_MODEL``, else ``HOMEFEED_MODEL`` (``champion``), or
+  ``HOMEFEED_FEATURES_BUNDLE_DIR``, else ``HOMEFEED_BUNDLE_DIR``: the bundle whose catalogue
+  (prices, margins, sellers, categories) and heuristic are served
+  (``services.common.bundles``).
 - ``HOMEFEED_ONLINE_STORE`` (``sqlite``): ``sqlite`` or ``redis``.
 - ``HOMEFEED_REDIS`` (required with ``redis``): Feast's connection string, ``host:port``.
 - ``HOMEFEED_FEATURES_REFRESH_S`` (2): seconds between inventory refreshes; an out-of-stock
@@ -20,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.feature_store import ONLINE_STORES
+from contract.paths import Paths
+from services.common.bundles import BundleRef
 from services.common.settings import (
     ServerSettings,
     SettingsError,
@@ -28,8 +34,6 @@ from services.common.settings import (
     env_str,
     require,
 )
-from training.feature_store import ONLINE_STORES
-from training.paths import Paths
 
 SERVICE = "features"
 
@@ -46,6 +50,7 @@ class FeaturesSettings:
     refresh_s: float = 2.0
     batch_refresh_s: float = 60.0
     sqlite_fast_path: bool = True
+    bundle: BundleRef | None = None  # None: the registry's champion under home
 
     def __post_init__(self) -> None:
         if self.online_store not in ONLINE_STORES:
@@ -72,15 +77,20 @@ class FeaturesSettings:
     def paths(self) -> Paths:
         return Paths(self.home)
 
+    @property
+    def source(self) -> BundleRef:
+        return self.bundle if self.bundle is not None else BundleRef(self.home, service=SERVICE)
+
     @classmethod
     def from_env(cls) -> FeaturesSettings:
         """Read the variables listed in the module docstring; a malformed one raises
         ``SettingsError`` naming it."""
         online = env_str("HOMEFEED_ONLINE_STORE", "sqlite")
         d = cls(server=ServerSettings(), home=Path("."))
+        home = Paths.from_env().home
         return cls(
             server=ServerSettings.from_env(SERVICE),
-            home=Paths.from_env().home,
+            home=home,
             dataset=env_str("HOMEFEED_DATASET", d.dataset),
             online_store=online,
             redis=(
@@ -91,4 +101,5 @@ class FeaturesSettings:
             refresh_s=env_float("HOMEFEED_FEATURES_REFRESH_S", d.refresh_s),
             batch_refresh_s=env_float("HOMEFEED_FEATURES_BATCH_REFRESH_S", d.batch_refresh_s),
             sqlite_fast_path=env_bool("HOMEFEED_FEATURES_SQLITE_FAST_PATH", d.sqlite_fast_path),
+            bundle=BundleRef.from_env(SERVICE, home),
         )

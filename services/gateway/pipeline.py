@@ -33,18 +33,17 @@ Every array of item ids is int64 end to end; no Python loop runs over the candid
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from homefeed.common.v1 import common_pb2
 from homefeed.feed.v1 import feed_pb2
 
+from contract.popular import PopularityLists
 from services.common.interceptors import LatencyRecorder
 from services.gateway import rerank as R
 from services.gateway.breaker import BreakerConfig, CircuitBreaker
@@ -58,7 +57,6 @@ from services.gateway.clients import (
     RankingClient,
     RetrievalClient,
 )
-from training.retrieval.popular import segment_key
 
 log = logging.getLogger(__name__)
 
@@ -114,41 +112,6 @@ class PipelineConfig:
         if surface == common_pb2.SURFACE_CHECKOUT:
             return self.checkout_deadline_s
         return self.home_deadline_s
-
-
-class PopularityLists:
-    """The bundle's ``retrieval/popular.json`` as int64 arrays: a list per
-    ``<country>/<device>`` segment and an overall list for any other context (format:
-    ``training/retrieval/popular.py``)."""
-
-    def __init__(self, overall: np.ndarray, segments: Mapping[str, np.ndarray]) -> None:
-        self.overall = overall
-        self.segments = dict(segments)
-
-    @classmethod
-    def from_json(cls, data: Any, source: str = "popular.json") -> PopularityLists:
-        """ValueError naming ``source`` when the structure or an id is not what the training
-        stage writes."""
-        if not isinstance(data, dict) or not isinstance(data.get("segments"), dict):
-            raise ValueError(f"{source} must be an object with 'overall' and 'segments' lists")
-
-        def ids(key: str, value: Any) -> np.ndarray:
-            if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-            ):
-                raise ValueError(f"{source}: {key} must be a list of non-negative item ids")
-            return np.asarray(value, dtype=np.int64)
-
-        overall = ids("overall", data.get("overall"))
-        segments = {str(k): ids(f"segments[{k!r}]", v) for k, v in data["segments"].items()}
-        return cls(overall, segments)
-
-    @classmethod
-    def load(cls, path: Path) -> PopularityLists:
-        return cls.from_json(json.loads(Path(path).read_text()), str(path))
-
-    def lookup(self, country: str, device: str) -> np.ndarray:
-        return self.segments.get(segment_key(country, device), self.overall)
 
 
 @dataclass

@@ -5,19 +5,19 @@ serves ``FeedService`` with health and reflection. ``python -m services.gateway`
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import grpc
 from grpc_health.v1.health import HealthServicer
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
+from contract.bundle import POPULAR, BundleError
+from contract.popular import PopularityLists
+from services.common.bundles import RegistryError, resolve_bundle
 from services.common.server import Started, StartupError, build_server, run_service
 from services.gateway.clients import Downstreams
-from services.gateway.pipeline import FeedPipeline, PopularityLists, make_breakers
+from services.gateway.pipeline import FeedPipeline, make_breakers
 from services.gateway.servicer import FeedServicer
 from services.gateway.settings import SERVICE, GatewaySettings
-from training.bundle import POPULAR
-from training.registry import Registry, verify_bundle
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +26,13 @@ SERVICE_NAME: str = feed_pb2.DESCRIPTOR.services_by_name["FeedService"].full_nam
 
 def load_popularity(settings: GatewaySettings) -> PopularityLists:
     """The popularity lists of the configured bundle, verified (checksums) before use."""
+    source = settings.source
     try:
-        if settings.bundle_dir is not None:
-            verify_bundle(settings.bundle_dir)
-            bundle: Path = settings.bundle_dir
-        else:
-            registry = Registry(settings.registry_uri)
-            bundle = registry.load(settings.model, settings.model_cache)
-        return PopularityLists.load(bundle / POPULAR)
-    except Exception as err:  # BundleError, OSError, a bad file, MlflowException (no alias)
+        resolved = resolve_bundle(source)
+        return PopularityLists.load(resolved.path / POPULAR)
+    except (BundleError, RegistryError, ValueError, OSError) as err:
         raise StartupError(
-            f"cannot load the popularity fallback from {settings.describe_bundle()}: "
-            f"{type(err).__name__}: {err}"
+            f"cannot load the popularity fallback from {source.describe()}: {err}"
         ) from err
 
 
@@ -82,7 +77,7 @@ def _build(
             "retrieval": settings.retrieval_addr,
             "features": settings.features_addr,
             "ranking": settings.ranking_addr,
-            "popularity": settings.describe_bundle(),
+            "popularity": settings.source.describe(),
             "candidates": settings.pipeline.candidates,
             "epsilon": settings.rerank.epsilon,
         },

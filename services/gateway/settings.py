@@ -7,10 +7,12 @@ Downstreams (required; a missing one stops the start naming it):
 
 Popularity fallback (the bundle's ``retrieval/popular.json``, loaded and verified at start):
 
-- ``HOMEFEED_GATEWAY_MODEL`` (``champion``): registry alias or version of the bundle;
-- ``HOMEFEED_GATEWAY_BUNDLE_DIR`` (unset): read this bundle directory instead;
-- ``HOMEFEED_GATEWAY_CACHE_DIR`` (``<home>/artifacts/model_cache``), ``MLFLOW_TRACKING_URI``,
-  ``HOMEFEED_HOME``: where registry bundles are cached and the registry lives.
+- ``HOMEFEED_GATEWAY_MODEL``, else ``HOMEFEED_MODEL`` (``champion``): registry alias or
+  version of the bundle; ``HOMEFEED_GATEWAY_BUNDLE_DIR``, else ``HOMEFEED_BUNDLE_DIR``: read
+  this bundle directory instead (``services.common.bundles``);
+- ``HOMEFEED_GATEWAY_CACHE_DIR``, else ``HOMEFEED_MODEL_CACHE``
+  (``<home>/artifacts/model_cache``), ``MLFLOW_TRACKING_URI``, ``HOMEFEED_HOME``: where
+  registry bundles are cached and the registry lives.
 
 Pipeline (``pipeline.PipelineConfig``; times in milliseconds):
 
@@ -45,14 +47,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from services.common.settings import ServerSettings, SettingsError, env_float, env_int, env_str
+from contract.paths import Paths
+from services.common.bundles import BundleRef
+from services.common.settings import ServerSettings, SettingsError, env_float, env_int
 from services.common.settings import require as require_env
 from services.gateway.breaker import BreakerConfig
 from services.gateway.pipeline import PipelineConfig
 from services.gateway.rerank import RerankConfig
-from training.bundle import ALIAS_CHAMPION
-from training.paths import Paths
-from training.registry import default_tracking_uri
 
 SERVICE = "gateway"
 PREFIX = "HOMEFEED_GATEWAY_"
@@ -70,31 +71,14 @@ class GatewaySettings:
     features_addr: str
     ranking_addr: str
     home: Path
-    model: str = ALIAS_CHAMPION
-    bundle_dir: Path | None = None
-    cache_dir: Path | None = None
-    tracking_uri: str | None = None
+    bundle: BundleRef | None = None  # None: the registry's champion under home
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
     @property
-    def model_cache(self) -> Path:
-        return (
-            self.cache_dir
-            if self.cache_dir is not None
-            else Paths(self.home).artifacts / ("model_cache")
-        )
-
-    @property
-    def registry_uri(self) -> str:
-        return self.tracking_uri or default_tracking_uri(Paths(self.home))
-
-    def describe_bundle(self) -> str:
-        """Where the popularity lists come from, for log lines and start-up errors."""
-        if self.bundle_dir is not None:
-            return f"bundle directory {self.bundle_dir} (HOMEFEED_GATEWAY_BUNDLE_DIR)"
-        return f"registry model {self.model!r} (HOMEFEED_GATEWAY_MODEL) at {self.registry_uri}"
+    def source(self) -> BundleRef:
+        return self.bundle if self.bundle is not None else BundleRef(self.home, service=SERVICE)
 
     @classmethod
     def from_env(cls) -> GatewaySettings:
@@ -186,18 +170,14 @@ class GatewaySettings:
                 ),
             },
         )
-        bundle_dir = env_str(PREFIX + "BUNDLE_DIR")
-        cache_dir = env_str(PREFIX + "CACHE_DIR")
+        home = Paths.from_env().home
         return cls(
             server=ServerSettings.from_env(SERVICE),
             retrieval_addr=retrieval,
             features_addr=features,
             ranking_addr=ranking,
-            home=Paths.from_env().home,
-            model=env_str(PREFIX + "MODEL", ALIAS_CHAMPION),
-            bundle_dir=Path(bundle_dir).resolve() if bundle_dir else None,
-            cache_dir=Path(cache_dir).resolve() if cache_dir else None,
-            tracking_uri=env_str("MLFLOW_TRACKING_URI"),
+            home=home,
+            bundle=BundleRef.from_env(SERVICE, home),
             pipeline=pipeline,
             rerank=rerank,
             breaker=breaker,

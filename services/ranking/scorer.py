@@ -25,6 +25,18 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from contract.bundle import (
+    CALIBRATOR,
+    COMPILED_MODEL,
+    FEATURE_SCHEMA,
+    REGISTERED_MODEL,
+    BundleError,
+    read_manifest,
+    verify_bundle,
+)
+from contract.calibration import Calibrator
+from contract.features import FeatureSchema
+from contract.scorer import CompiledScorer
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -32,14 +44,9 @@ from services.common.errors import (
     ServiceError,
     Unavailable,
 )
-from training.bundle import CALIBRATOR, COMPILED_MODEL, FEATURE_SCHEMA, REGISTERED_MODEL
-from training.ranking.calibration import Calibrator
-from training.ranking.compile import CompiledScorer
-from training.ranking.features import FeatureSchema
-from training.registry import BundleError, read_manifest, verify_bundle
 
 if TYPE_CHECKING:
-    from training.registry import Registry
+    from contract.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +276,7 @@ class ModelHolder:
     @property
     def registry(self) -> Registry:
         if self._registry is None:
-            from training.registry import Registry
+            from contract.registry import Registry
 
             self._registry = Registry(self.tracking_uri, name=self.model_name)
         return self._registry

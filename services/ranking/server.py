@@ -24,15 +24,15 @@ def load_model(settings: RankingSettings) -> ModelHolder:
     """A holder serving the start-up model; StartupError naming the source otherwise."""
     holder = ModelHolder(
         default_target=settings.default_target,
-        cache_dir=settings.model_cache,
-        tracking_uri=settings.registry_uri,
-        allow_directories=settings.bundle_dir is not None,
+        cache_dir=settings.source.model_cache,
+        tracking_uri=settings.source.registry_uri,
+        allow_directories=settings.source.bundle_dir is not None,
         served=settings.score,
     )
     try:
         holder.reload()
     except ServiceError as err:
-        raise StartupError(f"cannot load {settings.describe_source()}: {err}") from err
+        raise StartupError(f"cannot load {settings.source.describe()}: {err}") from err
     return holder
 
 
@@ -51,7 +51,7 @@ def _build(settings: RankingSettings) -> tuple[grpc.Server, int, ModelHolder, He
         "ranking ready",
         extra={
             "port": port,
-            "source": settings.describe_source(),
+            "source": settings.source.describe(),
             "model_version": model.version,
             "bundle_version": model.bundle_version,
             "score": settings.score.value,

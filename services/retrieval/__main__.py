@@ -1,6 +1,10 @@
 """``python -m services.retrieval``: serve the retrieval service (settings: ``settings.py``)."""
 
-from services.common.server import exit_after
-from services.retrieval.server import main
+from services.common.serving_only import block_training_stack
+
+block_training_stack()  # before anything else imports: a serving image has none of it
+
+from services.common.server import exit_after  # noqa: E402
+from services.retrieval.server import main  # noqa: E402
 
 exit_after(main)

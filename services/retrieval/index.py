@@ -28,7 +28,7 @@ order, each best first:
    log-popularity of a Zipf(1) list up to a constant, 0 for the top item.
 4. **EXPLORATION**: ``m = min(exploration, n // 2)`` items drawn uniformly without
    replacement from the *eligible pool*: the exploration pool (recent items and items of
-   new sellers, :func:`exploration_pool`) minus the excluded and cart items and minus the
+   new sellers, ``Catalog.exploration_pool``) minus the excluded and cart items and minus the
    first ``n - m`` candidates of sources 1-3. Each eligible item is drawn with probability
    ``k / |eligible|`` (``k = min(m, |eligible|)`` items drawn), which is the propensity
    every exploration candidate carries; the others carry 0. When fewer than ``m`` items are
@@ -64,17 +64,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from training import bundle as B
-from training import columns as C
-from training.features import NEW_SELLER_DAYS
-from training.registry import BundleError, read_manifest, verify_bundle
-from training.retrieval import popular
-from training.retrieval.ann import load_index
-from training.retrieval.history import History
-from training.retrieval.numpy_tower import UserTower
-from training.timeutil import NS_PER_DAY, to_ns
+from contract import bundle as B
+from contract import columns as C
+from contract.ann import load_index
+from contract.bundle import BundleError, read_manifest, verify_bundle
+from contract.history import History
+from contract.popular import PopularityLists, segment_key
+from contract.tower import UserTower
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +80,6 @@ MAX_EXCLUDE = 5000  # RetrieveRequest.exclude_item_ids
 MAX_CART = 100  # RetrieveRequest.cart_item_ids
 HOME, CHECKOUT = C.SURFACES
 SEARCH_MARGIN = 32  # extra neighbours asked for, so that a few exclusions need no second search
-NEW_ITEM_DAYS = 14.0
 # Rows per matrix-vector product: OpenBLAS splits a product of more than ~10k rows over its
 # threads, which in a busy threaded server costs far more than it saves (50k x 32 on a
 # loaded 2-core machine: 12 ms p50 on 2 threads, 0.1 ms in 8k-row blocks on one).
@@ -136,37 +132,6 @@ class RetrievalConfig:
             raise ValueError(f"history_share must be in [0, 1], got {self.history_share}")
         if self.search_margin < 0:
             raise ValueError(f"search_margin must be >= 0, got {self.search_margin}")
-
-
-def exploration_pool(
-    items: pd.DataFrame,
-    sellers: pd.DataFrame,
-    *,
-    new_item_days: float = NEW_ITEM_DAYS,
-    new_seller_days: float = NEW_SELLER_DAYS,
-) -> tuple[np.ndarray, pd.Timestamp | None]:
-    """Ids of the catalog's items listed within ``new_item_days``, or whose seller joined
-    within ``new_seller_days`` (the ``seller_is_new`` feature's rule), of the catalog's
-    as-of time; and that time.
-
-    The as-of time is the newest ``created_at`` among items and sellers: the moment the
-    catalog snapshot describes. The wall clock would not do: a simulated or replayed
-    catalog lives in its own time.
-    """
-    if len(items) == 0:
-        return np.empty(0, dtype=np.int64), None
-    item_created = to_ns(items[C.CREATED_AT])
-    seller_created = to_ns(sellers[C.CREATED_AT]) if len(sellers) else np.empty(0, np.int64)
-    as_of = int(max(item_created.max(), seller_created.max(initial=item_created.max())))
-    joined = (
-        pd.Series(seller_created, index=sellers[C.SELLER_ID].to_numpy(np.int64))
-        .reindex(items[C.SELLER_ID].to_numpy(np.int64))
-        .to_numpy(dtype=np.float64, na_value=np.nan)
-    )
-    recent = as_of - item_created < new_item_days * NS_PER_DAY
-    new_seller = as_of - joined < new_seller_days * NS_PER_DAY  # NaN (unknown seller): False
-    ids = items[C.ITEM_ID].to_numpy(np.int64)[recent | new_seller]
-    return np.unique(ids), pd.Timestamp(as_of, tz="UTC")
 
 
 def matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
@@ -244,7 +209,7 @@ class CandidateIndex:
         embeddings: np.ndarray,
         searcher: Any,
         tower: UserTower,
-        popular_lists: Mapping[str, Any],
+        popular_lists: PopularityLists,
         pool_ids: np.ndarray,
         reorder: int,
         version: str,
@@ -283,7 +248,7 @@ class CandidateIndex:
         self.size = len(item_ids)
         self._popular = {
             key: self._popularity_rows(ids)
-            for key, ids in {"": popular_lists["overall"], **popular_lists["segments"]}.items()
+            for key, ids in {"": popular_lists.overall, **popular_lists.segments}.items()
         }
         pool_rows = self.rows_of(np.asarray(pool_ids, dtype=np.int64))
         self.pool_rows = np.unique(pool_rows[pool_rows >= 0])
@@ -308,11 +273,7 @@ class CandidateIndex:
         try:
             settings = json.loads((bundle_dir / B.RETRIEVAL_CONFIG).read_text())
             reorder = int(settings["index"]["reorder"])
-            lists = json.loads((bundle_dir / B.POPULAR).read_text())
-            if not isinstance(lists.get("overall"), list) or not isinstance(
-                lists.get("segments"), dict
-            ):
-                raise KeyError(f"{B.POPULAR} needs an 'overall' list and a 'segments' table")
+            lists = PopularityLists.load(bundle_dir / B.POPULAR)
             tower = UserTower.load(bundle_dir / B.USER_TOWER)
             item_ids = np.load(bundle_dir / B.ITEM_IDS, allow_pickle=False)
             embeddings = np.load(bundle_dir / B.ITEM_EMBEDDINGS, allow_pickle=False)
@@ -337,7 +298,7 @@ class CandidateIndex:
             history=history,
         )
 
-    def _popularity_rows(self, ids: list[int]) -> _Part:
+    def _popularity_rows(self, ids: np.ndarray) -> _Part:
         rows = self.rows_of(np.asarray(ids, dtype=np.int64))
         scores = (0.0 - np.log1p(np.arange(len(rows), dtype=np.float64))).astype(np.float32)
         _, first = np.unique(rows, return_index=True)
@@ -348,7 +309,7 @@ class CandidateIndex:
 
     def popular_for(self, country: str, device: str) -> _Part:
         """The popularity list of a (country, device) segment, ``overall`` for any other."""
-        return self._popular.get(popular.segment_key(country, device), self._popular[""])
+        return self._popular.get(segment_key(country, device), self._popular[""])
 
     @property
     def exploration_pool_size(self) -> int:

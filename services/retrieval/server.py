@@ -1,5 +1,5 @@
-"""The retrieval server: loads the bundle's index, the catalog's exploration pool and the
-dataset's Feast store, then serves ``RetrievalService`` with health and reflection.
+"""The retrieval server: loads the bundle's index and its catalogue's exploration pool, opens
+the dataset's Feast store, then serves ``RetrievalService`` with health and reflection.
 ``python -m services.retrieval`` runs ``main()``.
 
 The bundle is loaded once, at start: the retrieval contract has no reload RPC, so a new
@@ -11,88 +11,62 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 import grpc
+import pandas as pd
 from grpc_health.v1.health import HealthServicer
 from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
+from contract import bundle as B
+from contract.bundle import BundleError
+from contract.catalog import Catalog
+from services.common.bundles import RegistryError, resolve_bundle
 from services.common.errors import ServiceError
 from services.common.server import Started, StartupError, build_server, run_service
-from services.retrieval.index import CandidateIndex, exploration_pool
+from services.retrieval.index import CandidateIndex
 from services.retrieval.servicer import RetrievalServicer
 from services.retrieval.settings import SERVICE, RetrievalSettings
 from services.retrieval.users import FeastUserReader, check_spec
-from training import columns as C
-from training.bundle import RETRIEVAL_CONFIG
-from training.registry import BundleError, verify_bundle
-from training.tables import read_tables
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 
 
-def resolve_bundle(settings: RetrievalSettings) -> tuple[Path, str | None]:
-    """The verified bundle directory and its registry version (None for a plain
-    directory); StartupError naming the source otherwise."""
-    what = settings.describe_source()
-    if settings.bundle_dir is not None:
-        try:
-            verify_bundle(settings.bundle_dir)
-        except BundleError as err:
-            raise StartupError(f"cannot load {what}: {err}") from err
-        return settings.bundle_dir, None
-    from mlflow.exceptions import MlflowException
-
-    from training.registry import Registry
-
-    registry = Registry(settings.registry_uri)
-    try:
-        model = settings.model
-        version = int(model) if model.isdigit() else registry.get_version(model)
-        return registry.load(version, settings.model_cache), str(version)
-    except (MlflowException, BundleError, OSError) as err:
-        message = getattr(err, "message", str(err))
-        raise StartupError(f"cannot load {what}: {message}") from err
-
-
 def load_index(settings: RetrievalSettings) -> CandidateIndex:
-    """The served index: the bundle (registry or directory) with the dataset's exploration
-    pool; StartupError when either cannot be loaded."""
-    bundle_dir, version = resolve_bundle(settings)
-    raw = settings.paths.raw(settings.dataset)
+    """The served index: the bundle (registry or directory) with its catalogue's exploration
+    pool; StartupError when it cannot be loaded."""
+    source = settings.source
     try:
-        tables = read_tables(raw, [C.ITEMS, C.SELLERS])
-    except FileNotFoundError as err:
-        raise StartupError(
-            f"dataset {settings.dataset!r} has no catalog: {err} (HOMEFEED_DATASET, HOMEFEED_HOME)"
-        ) from err
-    pool, as_of = exploration_pool(
-        tables[C.ITEMS], tables[C.SELLERS], new_item_days=settings.new_item_days
-    )
-    try:
+        resolved = resolve_bundle(source)
+        catalog = Catalog.load(resolved.path / B.CATALOG)
+        pool = catalog.exploration_pool(new_item_days=settings.new_item_days)
         index = CandidateIndex.load(
-            bundle_dir, pool_ids=pool, version=version, verified=True, config=settings.config
+            resolved.path,
+            pool_ids=pool,
+            version=resolved.version,
+            verified=True,
+            config=settings.config,
         )
         check_spec(index.tower.spec)
-    except (BundleError, ServiceError) as err:
-        raise StartupError(f"cannot load {settings.describe_source()}: {err}") from err
-    trained_on = json.loads((bundle_dir / RETRIEVAL_CONFIG).read_text()).get("dataset")
+    except (BundleError, RegistryError, ServiceError, ValueError, OSError) as err:
+        raise StartupError(f"cannot load {source.describe()}: {err}") from err
+    trained_on = json.loads((resolved.path / B.RETRIEVAL_CONFIG).read_text()).get("dataset")
     if trained_on != settings.dataset:
         log.warning(
             "the bundle was trained on another dataset than the one served",
             extra={"bundle_dataset": trained_on, "dataset": settings.dataset},
         )
+    as_of = catalog.as_of_ns
     log.info(
         "retrieval index loaded",
         extra={
-            "source": settings.describe_source(),
+            "source": source.describe(),
             "model_version": index.version,
             "bundle_version": index.bundle_version,
             "items": index.size,
             "exploration_pool": index.exploration_pool_size,
-            "catalog_as_of": as_of.isoformat() if as_of is not None else None,
+            "catalog_as_of": str(pd.Timestamp(as_of, tz="UTC")) if as_of is not None else None,
         },
     )
     return index
@@ -100,7 +74,7 @@ def load_index(settings: RetrievalSettings) -> CandidateIndex:
 
 def open_users(settings: RetrievalSettings) -> FeastUserReader:
     """The user-feature reader over the dataset's Feast store (imports feast: seconds)."""
-    from training.feature_store import open_store
+    from contract.feature_store import open_store
 
     registry = settings.paths.feast(settings.dataset) / "registry.db"
     if not registry.exists():
@@ -110,7 +84,11 @@ def open_users(settings: RetrievalSettings) -> FeastUserReader:
         )
     started = time.perf_counter()
     store = open_store(
-        settings.dataset, paths=settings.paths, online=settings.online_store, redis=settings.redis
+        settings.dataset,
+        paths=settings.paths,
+        online=settings.online_store,
+        redis=settings.redis,
+        offline=False,
     )
     users = FeastUserReader(store)
     log.info(

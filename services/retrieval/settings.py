@@ -3,14 +3,16 @@
 - ``HOMEFEED_HOME`` (default: the repo root): where ``data/<dataset>/``, the registry
   database and the model cache live.
 - ``HOMEFEED_DATASET`` (``sim-small``): the dataset whose Feast store gives the user
-  features and whose catalog (``raw/items.parquet``, ``raw/sellers.parquet``) gives the
-  exploration pool.
+  features and the stock.
 - ``HOMEFEED_ONLINE_STORE`` (``sqlite``): ``sqlite`` or ``redis``.
 - ``HOMEFEED_REDIS`` (required with ``redis``): Feast's connection string, ``host:port``.
-- ``HOMEFEED_RETRIEVAL_MODEL`` (``champion``): registry alias or version number served.
-- ``HOMEFEED_RETRIEVAL_BUNDLE_DIR`` (unset): serve this bundle directory instead.
-- ``HOMEFEED_RETRIEVAL_CACHE_DIR`` (``<home>/artifacts/model_cache``): verified local copies
-  of registry versions (the ranking service's default too: one download serves both).
+- ``HOMEFEED_RETRIEVAL_MODEL``, else ``HOMEFEED_MODEL`` (``champion``): registry alias or
+  version number served; its bundle's catalog gives the exploration pool.
+- ``HOMEFEED_RETRIEVAL_BUNDLE_DIR``, else ``HOMEFEED_BUNDLE_DIR`` (unset): serve this bundle
+  directory instead.
+- ``HOMEFEED_RETRIEVAL_CACHE_DIR``, else ``HOMEFEED_MODEL_CACHE``
+  (``<home>/artifacts/model_cache``): verified local copies of registry versions (shared by
+  the services: one download serves all).
 - ``MLFLOW_TRACKING_URI`` (``sqlite:///<home>/mlruns/mlflow.db``): the model registry.
 - ``HOMEFEED_RETRIEVAL_EXPLORATION`` (10): exploration candidates per request (0 disables;
   at most half of ``n``).
@@ -20,7 +22,7 @@
   goes to the user's history (HISTORY) before the tower's neighbours.
 - ``HOMEFEED_RETRIEVAL_NEW_ITEM_DAYS`` (14): an item listed within this many days of the
   catalog's as-of time is in the exploration pool (so is every item of a seller who joined
-  within ``training.features.NEW_SELLER_DAYS``, the ``seller_is_new`` rule).
+  within ``contract.features.NEW_SELLER_DAYS``, the ``seller_is_new`` rule).
 - ``HOMEFEED_RETRIEVAL_SEED`` (0): mixed with the request id into the exploration draw, so
   a request id always gets the same draw.
 
@@ -32,6 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.catalog import NEW_ITEM_DAYS
+from contract.feature_store import ONLINE_STORES
+from contract.paths import Paths
+from services.common.bundles import BundleRef
 from services.common.settings import (
     ServerSettings,
     SettingsError,
@@ -40,11 +46,7 @@ from services.common.settings import (
     env_str,
     require,
 )
-from services.retrieval.index import MAX_N, NEW_ITEM_DAYS, RetrievalConfig
-from training.bundle import ALIAS_CHAMPION
-from training.feature_store import ONLINE_STORES
-from training.paths import Paths
-from training.registry import default_tracking_uri
+from services.retrieval.index import MAX_N, RetrievalConfig
 
 SERVICE = "retrieval"
 _PREFIX = "HOMEFEED_RETRIEVAL_"
@@ -59,10 +61,7 @@ class RetrievalSettings:
     dataset: str = "sim-small"
     online_store: str = "sqlite"
     redis: str | None = None
-    model: str = ALIAS_CHAMPION  # registry alias or version number
-    bundle_dir: Path | None = None  # set: serve this directory instead of the registry's
-    cache_dir: Path | None = None  # None: <home>/artifacts/model_cache
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else the home's SQLite file
+    bundle: BundleRef | None = None  # None: the registry's champion under home
     exploration: int = 10
     checkout_content_share: float = 0.5
     history_share: float = 0.4
@@ -105,14 +104,8 @@ class RetrievalSettings:
         return Paths(self.home)
 
     @property
-    def model_cache(self) -> Path:
-        return (
-            self.cache_dir if self.cache_dir is not None else self.paths.artifacts / "model_cache"
-        )
-
-    @property
-    def registry_uri(self) -> str:
-        return self.tracking_uri or default_tracking_uri(self.paths)
+    def source(self) -> BundleRef:
+        return self.bundle if self.bundle is not None else BundleRef(self.home, service=SERVICE)
 
     @property
     def config(self) -> RetrievalConfig:
@@ -122,23 +115,16 @@ class RetrievalSettings:
             history_share=self.history_share,
         )
 
-    def describe_source(self) -> str:
-        """Where the bundle comes from, for log lines and start-up errors."""
-        if self.bundle_dir is not None:
-            return f"bundle directory {self.bundle_dir} ({_PREFIX}BUNDLE_DIR)"
-        return f"registry model {self.model!r} ({_PREFIX}MODEL) at {self.registry_uri}"
-
     @classmethod
     def from_env(cls) -> RetrievalSettings:
         """Read the variables listed in the module docstring; a malformed one raises
         ``SettingsError`` naming it."""
         online = env_str("HOMEFEED_ONLINE_STORE", "sqlite")
-        bundle_dir = env_str(_PREFIX + "BUNDLE_DIR")
-        cache_dir = env_str(_PREFIX + "CACHE_DIR")
         d = cls(server=ServerSettings(), home=Path("."))
+        home = Paths.from_env().home
         return cls(
             server=ServerSettings.from_env(SERVICE),
-            home=Paths.from_env().home,
+            home=home,
             dataset=env_str("HOMEFEED_DATASET", d.dataset),
             online_store=online,
             redis=(
@@ -146,10 +132,7 @@ class RetrievalSettings:
                 if online == "redis"
                 else env_str("HOMEFEED_REDIS")
             ),
-            model=env_str(_PREFIX + "MODEL", d.model),
-            bundle_dir=Path(bundle_dir).resolve() if bundle_dir else None,
-            cache_dir=Path(cache_dir).resolve() if cache_dir else None,
-            tracking_uri=env_str("MLFLOW_TRACKING_URI"),
+            bundle=BundleRef.from_env(SERVICE, home),
             exploration=env_int(_PREFIX + "EXPLORATION", d.exploration),
             checkout_content_share=env_float(
                 _PREFIX + "CHECKOUT_CONTENT_SHARE", d.checkout_content_share

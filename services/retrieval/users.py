@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from contract.tower import InputSpec
 from feature_repo import schema as S
 from services.common.errors import FailedPrecondition
 from services.common.feast_values import decode_value
-from training.retrieval.numpy_tower import InputSpec
 
 if TYPE_CHECKING:
     from feast import FeatureStore

@@ -20,12 +20,10 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from training.simulate import policy
+from contract import heuristic
 
 CLICKS_7D = "clicks_7d"
 AGE_DAYS = "age_days"
-# the heuristic's recency decay (simulate.yaml ``recency_days``; the logging policy's)
-HEURISTIC_RECENCY_DAYS = 60.0
 
 
 @dataclass
@@ -74,10 +72,10 @@ def popularity_score(columns: Mapping[str, Any] | pd.DataFrame) -> np.ndarray:
 
 
 def heuristic_score(
-    columns: Mapping[str, Any] | pd.DataFrame, recency_days: float = HEURISTIC_RECENCY_DAYS
+    columns: Mapping[str, Any] | pd.DataFrame, recency_days: float = heuristic.RECENCY_DAYS
 ) -> np.ndarray:
     """The logging policy's score: popularity x recency."""
-    return policy.heuristic_score(
+    return heuristic.heuristic_score(
         _col(columns, CLICKS_7D).astype(np.float64),
         _col(columns, AGE_DAYS).astype(np.float64),
         recency_days,

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -33,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from training.bundle import COMPILE_REPORT, COMPILED_MODEL
+from contract.bundle import COMPILE_REPORT, COMPILED_MODEL
+from contract.scorer import CompiledScorer, as_matrix
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def compile_model(
         params["quantize"] = 1
     with tempfile.TemporaryDirectory(prefix="homefeed-compile-") as tmp:
         if annotate_with is not None:
-            sample = _as_matrix(annotate_with, model.num_feature)
+            sample = as_matrix(annotate_with, model.num_feature)
             annotation = Path(tmp) / "annotation.json"
             tl2cgen.annotate_branch(model, tl2cgen.DMatrix(sample), annotation, nthread=jobs)
             params["annotate_in"] = str(annotation)
@@ -137,56 +137,6 @@ def compile_model(
     return report
 
 
-def _as_matrix(X: np.ndarray, num_features: int) -> np.ndarray:
-    """A C-contiguous float32/float64 (n, num_features) view or copy of ``X``.
-
-    TL2cgen's DMatrix reads raw memory with the row width it is given; a matrix with fewer
-    columns than the model would score garbage silently, so the width is checked here.
-    """
-    if X.ndim != 2 or X.shape[1] != num_features:
-        raise ValueError(f"X must have shape (n, {num_features}), got {X.shape}")
-    if X.dtype not in (np.float32, np.float64):
-        X = X.astype(np.float32)
-    return np.ascontiguousarray(X)
-
-
-class CompiledScorer:
-    """A loaded compiled model: ``predict(X) -> scores`` matching ``lightgbm.Booster.predict``.
-
-    For a binary model the scores are probabilities (TL2cgen applies the sigmoid that the
-    model file declares). ``nthread=1`` is the serving setting: requests run concurrently on
-    their own threads, and 500 rows are too few to gain from OpenMP. TL2cgen's predictor may
-    be used by one thread at a time, hence the lock.
-    """
-
-    def __init__(self, lib_path: Path, nthread: int = 1) -> None:
-        import tl2cgen
-
-        self._tl2cgen = tl2cgen
-        self.lib_path = Path(lib_path)
-        if not self.lib_path.is_file():
-            raise FileNotFoundError(f"compiled model not found at {self.lib_path}")
-        self._predictor = tl2cgen.Predictor(self.lib_path, nthread=nthread)
-        self.num_features: int = int(self._predictor.num_feature)
-        self._lock = threading.Lock()
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Scores of the rows of ``X`` (n, num_features), float32 preferred (no copy).
-
-        NaN marks a missing value, as in LightGBM. Returns shape (n,) for a single-output
-        model, (n, k) otherwise.
-        """
-        X = _as_matrix(X, self.num_features)
-        n = X.shape[0]
-        if n == 0:
-            return np.zeros(0, dtype=np.float64)
-        dmat = self._tl2cgen.DMatrix(X)
-        with self._lock:
-            out = self._predictor.predict(dmat)
-        scores = out.reshape(n, -1)
-        return scores[:, 0] if scores.shape[1] == 1 else scores
-
-
 def _lgb_booster(lgb_model_path: Path) -> Any:
     import lightgbm as lgb
 
@@ -196,7 +146,7 @@ def _lgb_booster(lgb_model_path: Path) -> Any:
 def parity(lgb_model_path: Path, lib: Path, X: np.ndarray) -> float:
     """Max |compiled - LightGBM| over the rows of ``X``; must be <= ``PARITY_TOLERANCE``."""
     booster = _lgb_booster(lgb_model_path)
-    X = _as_matrix(X, booster.num_feature())
+    X = as_matrix(X, booster.num_feature())
     expected = np.asarray(booster.predict(X, num_threads=1), dtype=np.float64)
     got = CompiledScorer(lib, nthread=1).predict(X)
     if expected.shape != got.shape:
@@ -253,7 +203,7 @@ def benchmark_scoring(
     ``speedup_p50``/``speedup_p99`` = LightGBM / compiled.
     """
     booster = _lgb_booster(lgb_model_path)
-    X = _as_matrix(X500, booster.num_feature()).astype(np.float32)
+    X = as_matrix(X500, booster.num_feature()).astype(np.float32)
     libs = [Path(lib)] if isinstance(lib, str | Path) else [Path(p) for p in lib]
     names = ["compiled"] if len(libs) == 1 else [f"compiled[{p.name}]" for p in libs]
     fns: dict[str, Callable[[], object]] = {"lightgbm": lambda: booster.predict(X, num_threads=1)}

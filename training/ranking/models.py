@@ -64,7 +64,7 @@ import optuna
 import pandas as pd
 from tqdm.auto import tqdm
 
-from training import columns as C
+from contract import columns as C
 from training.metrics import dcg_per_group
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@
 and the items table (for margins), tunes the purchase model and LambdaMART on train/valid
 (``models.py``), calibrates the purchase model on valid, fits the logistic baseline, and
 scores everything on valid and test. ``save`` writes the ranker files of a bundle
-(``training/bundle.py`` layout); ``load`` reads them back.
+(``contract/bundle.py`` layout); ``load`` reads them back.
 
 Metrics (``metrics[split][model][name]``; splits ``valid`` and ``test``):
 
@@ -32,14 +32,15 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from training import bundle
-from training import columns as C
+from contract import bundle
+from contract import columns as C
+from contract.calibration import Calibrator
+from contract.features import FEATURE_SCHEMA, FeatureSchema, build_matrix
+from contract.paths import Paths
 from training import metrics as M
 from training.dataset import IPS_WEIGHT
-from training.paths import Paths
 from training.ranking import baselines as B
-from training.ranking.calibration import Calibrator
-from training.ranking.features import FEATURE_SCHEMA, FeatureSchema, build_matrix
+from training.ranking.calibration import fit_isotonic
 from training.ranking.models import (
     LAMBDAMART,
     PURCHASE,
@@ -213,7 +214,7 @@ def train_rankers(
     t = time.perf_counter()
     valid = data["valid"]
     raw_valid = np.asarray(purchase.best.booster.predict(valid.X))
-    calibrator = Calibrator.fit(raw_valid, valid.purchase, valid.sample_weight)
+    calibrator = fit_isotonic(raw_valid, valid.purchase, valid.sample_weight)
     seconds["calibration"] = time.perf_counter() - t
     t = time.perf_counter()
     train = data["train"]

@@ -77,14 +77,6 @@ def save_index(searcher: Any, directory: Path) -> None:
     searcher.serialize(str(directory), relative_path=True)
 
 
-def load_index(directory: Path) -> Any:
-    import scann
-
-    if not (directory / "scann_assets.pbtxt").exists():
-        raise FileNotFoundError(f"no ScaNN index at {directory} (scann_assets.pbtxt missing)")
-    return scann.scann_ops_pybind.load_searcher(str(directory))
-
-
 def search(searcher: Any, queries: np.ndarray, k: int) -> np.ndarray:
     """``(queries, k)`` catalog rows, best first, with the searcher's default parameters.
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from training import columns as C
-from training.timeutil import NS_PER_DAY, to_ns
+from contract import columns as C
+from contract.timeutil import NS_PER_DAY, to_ns
 
 
 @dataclass(frozen=True)

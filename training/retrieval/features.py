@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from contract import columns as C
+from contract.timeutil import NS_PER_DAY, to_ns
+from contract.tower import InputSpec
 from feature_repo import schema as S
-from training import columns as C
-from training.retrieval.numpy_tower import InputSpec
 from training.tables import vectors_to_matrix
-from training.timeutil import NS_PER_DAY, to_ns
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training import columns as C
-
-
-def segment_key(country: str, device: str) -> str:
-    return f"{country}/{device}"
+from contract import columns as C
+from contract.popular import segment_key
 
 
 def _top(item_ids: np.ndarray, k: int) -> list[int]:

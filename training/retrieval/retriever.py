@@ -10,14 +10,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from contract import bundle as B
+from contract import columns as C
+from contract.ann import load_index
+from contract.history import History
+from contract.paths import Paths
+from contract.tower import UserTower
 from feature_repo import schema as S
-from training import bundle as B
-from training import columns as C
-from training.paths import Paths
-from training.retrieval.ann import load_index, search
+from training.retrieval.ann import search
 from training.retrieval.features import AffinitySnapshots, user_features
-from training.retrieval.history import History
-from training.retrieval.numpy_tower import UserTower
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -65,10 +66,10 @@ class Retriever:
 
 
 def load_retriever(bundle_dir: Path, home: Path, dataset: str) -> Retriever:
-    from training import feature_store
+    from contract.feature_store import open_store
     from training.tables import read_tables
 
     paths = Paths(Path(home))
     items = read_tables(paths.raw(dataset), [C.ITEMS])[C.ITEMS]
-    store = feature_store.open_store(dataset, paths=paths)
+    store = open_store(dataset, paths=paths)
     return Retriever(bundle_dir, store, paths, dataset, items)

@@ -1,6 +1,6 @@
 """The two-tower retrieval model in PyTorch (CPU): towers, training loop, export.
 
-User tower: the encoded request-time user features (``numpy_tower.InputSpec``),
+User tower: the encoded request-time user features (``contract.tower.InputSpec``),
 standardised, through a small ReLU MLP. Item tower: an MLP over the item's content vector
 (standardised), a category embedding and a log-price-bucket embedding, plus an item-id
 embedding (the sum of two hashed buckets) added to the MLP's output. The id part is used
@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from contract.tower import InputSpec, UserTower
 from training.retrieval.ann import exact_top_k
 from training.retrieval.evaluate import EvalGroups, recall_at_k
 from training.retrieval.features import Catalog
-from training.retrieval.numpy_tower import InputSpec, UserTower
 
 log = logging.getLogger(__name__)
 

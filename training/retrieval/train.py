@@ -1,8 +1,8 @@
 """``train_retrieval``: read a dataset, train the towers, export, index, evaluate.
 
-Files written under ``out_dir`` (names from ``training.bundle``):
+Files written under ``out_dir`` (names from ``contract.bundle``):
 
-- ``retrieval/user_tower.npz``: the user tower for ``numpy_tower.UserTower.load``;
+- ``retrieval/user_tower.npz``: the user tower for ``contract.tower.UserTower.load``;
 - ``retrieval/item_embeddings.npy``: ``(items, dim)`` float32, **not** L2-normalised (the
   score is the raw dot product; an item's norm carries its popularity);
 - ``retrieval/item_ids.npy``: int64 item id of each embedding row (= ANN row);
@@ -28,11 +28,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from contract import bundle
+from contract import columns as C
+from contract.ann import load_index
+from contract.history import History
+from contract.paths import Paths
+from contract.timeutil import NS_PER_DAY, to_ns
+from contract.tower import InputSpec, UserTower
 from feature_repo import schema as S
-from training import bundle
-from training import columns as C
 from training.dataset import MANIFEST
-from training.paths import Paths
 from training.retrieval import ann, popular
 from training.retrieval.evaluate import (
     EvalGroups,
@@ -49,8 +53,7 @@ from training.retrieval.features import (
     user_features,
     user_input_spec,
 )
-from training.retrieval.history import History, history_first
-from training.retrieval.numpy_tower import InputSpec, UserTower
+from training.retrieval.history import build_history, history_first
 from training.retrieval.towers import (
     Examples,
     FitResult,
@@ -62,7 +65,6 @@ from training.retrieval.towers import (
     fit,
 )
 from training.tables import read_tables
-from training.timeutil import NS_PER_DAY, to_ns
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +264,7 @@ def train_retrieval(
     chosen = ann.choose(sweep, min_ann_recall, target_ann_recall)
     params = ann.IndexParams(chosen["num_leaves"], chosen["leaves_to_search"], chosen["reorder"], k)
     ann.save_index(ann.build_index(item_emb, params), out_dir / bundle.SCANN_DIR)
-    searcher = ann.load_index(out_dir / bundle.SCANN_DIR)  # measure what serving loads
+    searcher = load_index(out_dir / bundle.SCANN_DIR)  # measure what serving loads
     latency_q = pool[rng.permutation(len(pool))[:latency_queries]]
     found, ms = ann.timed_search(searcher, latency_q, k)
     ann_recall = ann.overlap_recall(found, ann.exact_top_k(latency_q, item_emb, k))
@@ -379,7 +381,7 @@ def _write_history(data: RetrievalData, out_dir: Path) -> History:
     """The history source as of the end of training: every train-split engagement."""
     train = data.splits["train"]
     engaged = positive(train)
-    history = History.from_engagements(
+    history = build_history(
         train[C.USER_ID].to_numpy(np.int64)[engaged],
         train[C.ITEM_ID].to_numpy(np.int64)[engaged],
         to_ns(train[C.EVENT_TIMESTAMP])[engaged],

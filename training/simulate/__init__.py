@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from training import columns as C
+from contract import columns as C
 from training.simulate.config import SimConfig, load_config
 from training.simulate.engine import Simulation
 from training.simulate.groundtruth import GroundTruth, ListValue, Oracle

@@ -10,6 +10,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from contract.heuristic import RECENCY_DAYS
+
 CONFIG_FILE = Path(__file__).resolve().parent.parent / "configs" / "simulate.yaml"
 
 
@@ -37,7 +39,7 @@ class SimConfig:
     randomized_share: float = 0.015
     pool_size: int = 1500
     policy_temperature: float = 0.7
-    recency_days: float = 60.0
+    recency_days: float = RECENCY_DAYS  # the production heuristic's decay
     page_sizes_home: tuple[int, ...] = (20, 30, 40, 50)
     page_size_checkout: int = 20
     restock_probability: float = 0.5

@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from training import columns as C
+from contract import columns as C
+from contract.heuristic import heuristic_score
+from contract.timeutil import NS_PER_DAY, NS_PER_S, from_ns, to_ns
 from training.simulate.config import SimConfig
-from training.simulate.policy import NEG_INF, heuristic_score, plackett_luce_topk
+from training.simulate.policy import NEG_INF, plackett_luce_topk
 from training.simulate.world import COUNTRY_PRICE_CAP, World
-from training.timeutil import NS_PER_DAY, NS_PER_S, from_ns, to_ns
 
 log = logging.getLogger(__name__)
 

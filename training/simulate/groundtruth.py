@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training import columns as C
-from training.timeutil import NS_PER_DAY, to_ns
+from contract import columns as C
+from contract.timeutil import NS_PER_DAY, to_ns
 
 ARRAYS_FILE = "ground_truth.npz"
 PARAMS_FILE = "ground_truth.json"

@@ -1,4 +1,5 @@
-"""The logging policy: the production heuristic the simulator serves feeds with.
+"""The logging policy: the production heuristic (``contract.heuristic``) the simulator
+serves feeds with.
 
 popularity x recency with price filters, sampled Plackett-Luce so that every shown item has
 a logged propensity. A randomized request is the same sampler at infinite temperature
@@ -11,13 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 NEG_INF = -np.inf
-
-
-def heuristic_score(
-    popularity: np.ndarray, age_days: np.ndarray, recency_days: float
-) -> np.ndarray:
-    """(recent clicks + 1) x exp(-age / recency_days); higher is shown first."""
-    return (popularity + 1.0) * np.exp(-np.maximum(age_days, 0.0) / recency_days)
 
 
 def plackett_luce_topk(

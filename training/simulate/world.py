@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from training import columns as C
+from contract import columns as C
+from contract.timeutil import NS_PER_DAY, from_ns
 from training.simulate.config import SimConfig
 from training.simulate.groundtruth import GroundTruth
-from training.timeutil import NS_PER_DAY, from_ns
 
 COUNTRY_WEIGHTS = np.array([0.45, 0.15, 0.15, 0.12, 0.13])  # order of columns.COUNTRIES
 DEVICE_WEIGHTS = np.array([0.40, 0.40, 0.20])  # order of columns.DEVICES

@@ -10,7 +10,7 @@ Everything runs in one process, per request:
 3. one Feast ``get_online_features`` call with the ranker's feature references
    (``ranker_v1``: user, item, seller and inventory views) and one entity row per candidate
    -- the slow part: 500 rows take 120-340 ms through Feast's Python read path;
-4. ``training.ranking.features.build_matrix`` on those columns plus the request context;
+4. ``contract.features.build_matrix`` on those columns plus the request context;
 5. LightGBM ``Booster.predict`` on the bundle's source model (not the compiled library),
    the bundle's isotonic calibrator, E[GMV] = p x price x margin;
 6. out-of-stock items dropped, the rest sorted by E[GMV], the first ``page_size`` returned.
@@ -35,15 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from contract import bundle as B
+from contract import columns as C
+from contract.bundle import verify_bundle
+from contract.calibration import Calibrator
+from contract.features import DAY_OF_WEEK, HOUR, FeatureSchema, build_matrix, feature_schema
+from contract.paths import Paths
+from contract.tower import UserTower
 from feature_repo import schema as S
-from training import bundle as B
-from training import columns as C
-from training.dataset import DAY_OF_WEEK, HOUR
-from training.paths import Paths
-from training.ranking.calibration import Calibrator
-from training.ranking.features import FeatureSchema, build_matrix, feature_schema
-from training.registry import verify_bundle
-from training.retrieval.numpy_tower import UserTower
 
 if TYPE_CHECKING:
     import lightgbm
@@ -71,7 +70,7 @@ class FeedRequest:
     """One validated request, in domain terms."""
 
     user_id: int
-    surface: str  # one of training.columns.SURFACES
+    surface: str  # one of contract.columns.SURFACES
     page_size: int
     cart: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     country: str = ""  # used when Feast has no profile for the user
@@ -152,12 +151,12 @@ class ReferenceFeed:
         candidates: int = DEFAULT_CANDIDATES,
     ) -> ReferenceFeed:
         """The feed over ``dataset``'s Feast store and items table under ``home``."""
-        from training import feature_store
+        from contract.feature_store import open_store
         from training.tables import read_tables
 
         paths = Paths(Path(home).resolve())
         items = read_tables(paths.raw(dataset), [C.ITEMS])[C.ITEMS]
-        store = feature_store.open_store(dataset, paths=paths)
+        store = open_store(dataset, paths=paths)
         return cls(bundle_dir, store, items, model_version, candidates)
 
     def _rows_of(self, item_ids: np.ndarray) -> np.ndarray:

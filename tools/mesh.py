@@ -91,7 +91,7 @@ class MeshConfig:
 
     home: Path
     dataset: str = "sim-small"
-    model: str = "champion"  # registry alias or version: ranking, retrieval, gateway
+    model: str = "champion"  # registry alias or version, resolved once for every service
     admin_token: str | None = field(default=None, repr=False)  # None: a fresh random one
     startup_timeout: float = 120.0  # s per phase (backends, gateway): feast costs ~10 s
     health_timeout: float = 10.0  # s for a ready service to answer SERVING
@@ -117,9 +117,31 @@ class MeshConfig:
             return [str(part) for part in self.commands[name]]
         return [self.python, "-m", f"services.{name}"]
 
-    def env(self, name: str, admin_token: str, addresses: Mapping[str, str]) -> dict[str, str]:
+    def resolve_model(self) -> str:
+        """The registry version ``model`` names, resolved once for the whole mesh so that
+        every service serves the same one (a number or a directory passes as it is)."""
+        if self.model.isdigit() or "/" in self.model:
+            return self.model
+        from mlflow.exceptions import MlflowException
+
+        from contract.paths import Paths
+        from contract.registry import Registry, default_tracking_uri
+
+        uri = default_tracking_uri(Paths(Path(self.home).resolve()))
+        try:
+            return str(Registry(uri).get_version(self.model))
+        except MlflowException as err:
+            raise MeshError(
+                f"cannot resolve model {self.model!r} in the registry at {uri}: {err.message}"
+            ) from None
+
+    def env(
+        self, name: str, admin_token: str, addresses: Mapping[str, str], model: str
+    ) -> dict[str, str]:
         """The environment of service ``name``: ours on top of the caller's, ``extra_env``
-        on top of that. The gateway also gets the backends' ``HOMEFEED_<SVC>_ADDR``."""
+        on top of that. Every service gets the one resolved ``model``; the gateway also gets
+        the backends' ``HOMEFEED_<SVC>_ADDR``, and only ranking, whose Reload is an admin
+        RPC, gets the admin token."""
         env = dict(os.environ)
         python_path = env.get("PYTHONPATH")
         env["PYTHONPATH"] = (
@@ -128,10 +150,17 @@ class MeshConfig:
         env["PYTHONUNBUFFERED"] = "1"
         env["HOMEFEED_HOME"] = str(Path(self.home).resolve())
         env["HOMEFEED_DATASET"] = self.dataset
-        env["HOMEFEED_RANKING_MODEL"] = self.model
-        env["HOMEFEED_RETRIEVAL_MODEL"] = self.model
-        env["HOMEFEED_GATEWAY_MODEL"] = self.model  # its popularity fallback lists
-        env["HOMEFEED_ADMIN_TOKEN"] = admin_token
+        for service in SERVICES:  # the caller's per-service choices would split the mesh
+            env.pop(f"HOMEFEED_{service.upper()}_MODEL", None)
+            env.pop(f"HOMEFEED_{service.upper()}_BUNDLE_DIR", None)
+        env.pop("HOMEFEED_BUNDLE_DIR", None)
+        env.pop("HOMEFEED_ADMIN_TOKEN", None)
+        if "/" in model:
+            env["HOMEFEED_BUNDLE_DIR"] = model
+        else:
+            env["HOMEFEED_MODEL"] = model
+        if name == "ranking":
+            env["HOMEFEED_ADMIN_TOKEN"] = admin_token
         prefix = f"HOMEFEED_{name.upper()}_"
         env[prefix + "HOST"] = self.host
         env[prefix + "PORT"] = "0"
@@ -188,12 +217,14 @@ class Mesh:
         admin_token_file: Path,
         procs: Mapping[str, subprocess.Popen[bytes]] | None = None,
         status: str = "running",
+        model: str = "",
     ) -> None:
         self.home = Path(home).resolve()
         self.services: dict[str, ServiceProcess] = dict(services)
         self.started_at = started_at
         self.admin_token_file = admin_token_file
         self.status = status
+        self.model = model  # the registry version (or bundle directory) every service serves
         self._procs: dict[str, subprocess.Popen[bytes]] = dict(procs or {})
 
     def __repr__(self) -> str:
@@ -248,6 +279,7 @@ class Mesh:
                     f"a mesh is already running under {home} ({_describe(running)}); "
                     "stop it with `homefeed down`"
                 )
+            model = cfg.resolve_model()
             token = cfg.admin_token or secrets.token_urlsafe(32)
             token_file = _write_token(home, token)
             mesh = cls(
@@ -256,6 +288,7 @@ class Mesh:
                 datetime.now(UTC).isoformat(timespec="seconds"),
                 token_file,
                 status="starting",
+                model=model,
             )
             try:
                 mesh._launch(cfg, BACKENDS, token)
@@ -278,7 +311,7 @@ class Mesh:
         try:
             for name in names:
                 command = cfg.command(name)
-                env = cfg.env(name, token, self.addresses)
+                env = cfg.env(name, token, self.addresses, self.model)
                 log_path = run_dir(self.home) / "logs" / f"{name}.log"
                 _rotate(log_path)
                 with open(log_path, "ab") as out:
@@ -373,6 +406,7 @@ class Mesh:
                 str(data["started_at"]),
                 Path(data["admin_token_file"]),
                 status=str(data.get("status", "running")),
+                model=str(data.get("model", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise MeshError(
@@ -391,6 +425,7 @@ class Mesh:
             "home": str(self.home),
             "started_at": self.started_at,
             "admin_token_file": str(self.admin_token_file),
+            "model": self.model,
             "services": {n: s.to_json() for n, s in self.services.items()},
         }
 

@@ -1,4 +1,4 @@
-"""The ranker's feature matrix: one function shared by training and serving.
+"""The ranker's feature matrix: one schema and one function shared by training and serving.
 
 :func:`build_matrix` turns columns named as in a training row (``schema.training_columns()``
 plus the request context ``hour_of_day``, ``day_of_week`` and ``surface``) into a float32,
@@ -9,7 +9,7 @@ which is how serving passes the user's and the request's features once.
 
 The body is numpy only (no pandas in the loop): it is on the serving hot path, where 500
 rows take tens of microseconds. Strings are encoded with fixed vocabularies from
-``training.columns`` so a code means the same in every bundle; an unknown value gets the
+``contract.columns`` so a code means the same in every bundle; an unknown value gets the
 code ``len(vocabulary)`` instead of failing.
 
 Derived features are those the simulator's purchase response depends on but no single
@@ -28,10 +28,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from contract import columns as C
 from feature_repo import schema as S
-from training import columns as C
-from training.dataset import DAY_OF_WEEK, HOUR
-from training.features import SPEND_BANDS
+
+# Definitions the batch feature jobs, the training sets and serving share.
+HOUR = "hour_of_day"  # request context: UTC hour of the impression, 0..23
+DAY_OF_WEEK = "day_of_week"  # request context: Monday = 0
+NEW_SELLER_DAYS = 30  # seller_is_new: the seller joined within this many days
+SPEND_BANDS = np.array([0.0, 25.0, 75.0, 200.0])  # spend_band = number of edges the spend exceeds
 
 # feature-view columns the derived features read (names are the schema's)
 AVG_PRICE_PAID = "avg_price_paid_30d"
@@ -47,7 +51,7 @@ COUNTRY_CODE = "country_code"
 DEVICE_CODE = "device_code"
 SURFACE_CODE = "surface_code"
 
-# A spend band is an interval of 30-day spend (training.features.SPEND_BANDS edges); its
+# A spend band is an interval of 30-day spend (SPEND_BANDS edges); its
 # reference amount is the band's lower edge, and half the first positive edge for band 1
 # (spend in (0, 25]). Band 0 (no spend) has no reference.
 BAND_REFERENCE = np.concatenate([[np.nan, SPEND_BANDS[1] / 2], SPEND_BANDS[1:]]).astype(np.float64)

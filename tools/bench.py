@@ -25,8 +25,8 @@ Figures per level:
 The top-level ``stages_p99_ms`` are those of concurrency 4 (the level of the latency
 targets), or of the lowest level measured when 4 was not.
 
-The mesh runs first (``services.mesh.Mesh``), is stopped, then the reference server
-(``python -m services.reference``) is started and loaded the same way.
+The mesh runs first (``tools.mesh.Mesh``), is stopped, then the reference server
+(``python -m tools.reference``) is started and loaded the same way.
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ import psutil
 from homefeed.common.v1 import common_pb2
 from homefeed.feed.v1 import feed_pb2
 
+from contract import columns as C
+from contract.bundle import ALIAS_CHAMPION
+from contract.paths import REPO_ROOT, Paths
 from services.common.server import READY_LINE
 from services.common.settings import SettingsError, env_float, env_int, env_str
-from training import columns as C
-from training.bundle import ALIAS_CHAMPION
-from training.paths import REPO_ROOT, Paths
 
-log = logging.getLogger("services.bench")
+log = logging.getLogger("tools.bench")
 
 GET_FEED = "/homefeed.feed.v1.FeedService/GetFeed"
 STAGE_METADATA_KEY = "hf-stage-ms"
@@ -149,7 +149,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     """The run's configuration from the command line, defaults from the environment."""
     d = BenchConfig(home=Paths.from_env().home)
     parser = argparse.ArgumentParser(
-        prog="python -m services.bench",
+        prog="python -m tools.bench",
         description="Closed-loop gRPC load against the local mesh's gateway and the naive "
         "reference; writes reports/bench.json and prints a table.",
     )
@@ -551,7 +551,7 @@ def check_prerequisites(config: BenchConfig) -> None:
     for what, path in needed.items():
         if not path.exists():
             raise BenchError(f"no {what} of dataset {config.dataset!r} at {path}: {hint}")
-    from training.registry import Registry, default_tracking_uri
+    from contract.registry import Registry, default_tracking_uri
 
     uri = default_tracking_uri(paths)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
@@ -563,7 +563,7 @@ def check_prerequisites(config: BenchConfig) -> None:
         raise BenchError(
             f"no bundle registered as {ALIAS_CHAMPION!r} at {uri} ({err}): {hint}"
         ) from err
-    from training.ranking.features import feature_schema
+    from contract.features import feature_schema
 
     built_for = (champion.tags or {}).get("feature_schema_hash")
     code = feature_schema().hash
@@ -720,7 +720,7 @@ def run_levels(
 @contextlib.contextmanager
 def mesh_running(config: BenchConfig) -> Iterator[tuple[str, list[int]]]:
     """The local mesh for the run: (gateway address, service pids); stopped on exit."""
-    from services.mesh import Mesh, MeshConfig, MeshError
+    from tools.mesh import Mesh, MeshConfig, MeshError
 
     mesh_config = MeshConfig(
         home=config.home,
@@ -739,7 +739,7 @@ def mesh_running(config: BenchConfig) -> Iterator[tuple[str, list[int]]]:
 def reference_running(
     config: BenchConfig, timeout: float = 180.0
 ) -> Iterator[tuple[str, list[int]]]:
-    """``python -m services.reference`` on a free port: (address, [pid]); SIGTERM on exit.
+    """``python -m tools.reference`` on a free port: (address, [pid]); SIGTERM on exit.
 
     Its output goes to ``<home>/run/logs/reference.log``; the READY line is read from there.
     """
@@ -759,7 +759,7 @@ def reference_running(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.reference"],
+            [sys.executable, "-m", "tools.reference"],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from training.paths import Paths
+from contract.paths import Paths
 
 POSITIONS = 10
 # Complete Journey in the demo: the first N households (of 2,469), so the real-data pipeline
@@ -65,9 +65,9 @@ def show_feeds(paths: Paths, dataset: str) -> dict[str, float]:
     from homefeed.common.v1 import common_pb2
     from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
-    from services.mesh import Mesh, MeshConfig
-    from training import columns as C
-    from training.cli import print_feed
+    from contract import columns as C
+    from tools.mesh import Mesh, MeshConfig
+    from tools.pages import print_feed
     from training.tables import read_tables
 
     tables = read_tables(paths.raw(dataset), [C.USERS, C.IMPRESSIONS])

@@ -1,6 +1,6 @@
 """The reference server: ``homefeed.feed.v1.FeedService`` in one process over
-:class:`services.reference.feed.ReferenceFeed` (the naive pipeline), so the benchmark can
-drive it with the same requests as the gateway. ``python -m services.reference`` runs
+:class:`tools.reference.feed.ReferenceFeed` (the naive pipeline), so the benchmark can
+drive it with the same requests as the gateway. ``python -m tools.reference`` runs
 ``main()``.
 
 Settings (environment):
@@ -38,19 +38,19 @@ from grpc_health.v1.health import HealthServicer
 from homefeed.common.v1 import common_pb2
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
+from contract import columns as C
+from contract.bundle import ALIAS_CHAMPION, BundleError
+from contract.paths import Paths
+from contract.registry import default_tracking_uri
 from services.common.errors import InvalidArgument, check_ids, check_range, check_surface
 from services.common.server import Started, StartupError, build_server, run_service
 from services.common.settings import ServerSettings, SettingsError, env_int, env_str
-from services.reference.feed import (
+from tools.reference.feed import (
     DEFAULT_CANDIDATES,
     FeedRequest,
     ReferenceFeed,
     format_stage_ms,
 )
-from training import columns as C
-from training.bundle import ALIAS_CHAMPION
-from training.paths import Paths
-from training.registry import BundleError, default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def load_feed(settings: ReferenceSettings) -> ReferenceFeed:
         uri = settings.tracking_uri or default_tracking_uri(paths)
         if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
             raise StartupError(f"no model registry at {uri}: {hint}")
-        from training.registry import Registry
+        from contract.registry import Registry
 
         try:
             bundle_dir = Registry(uri).load(settings.model, settings.model_cache)

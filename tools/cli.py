@@ -9,14 +9,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import IO, Any
+from typing import Any
 
-from training.paths import Paths
+from contract.paths import Paths
+from tools.pages import print_feed, table
 
 # the stage names, repeated here so `homefeed --help` does not import the training stack
 _STAGES = ("retrieval", "rankers", "compile", "evaluate", "register")
-# likewise the services (services.mesh.SERVICES), so --help imports no grpc
+# likewise the services (tools.mesh.SERVICES), so --help imports no grpc
 _SERVICES = ("retrieval", "features", "ranking", "gateway")
 
 
@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from training.demo import run_demo
+    from tools.demo import run_demo
 
     run_demo(
         Paths.from_env(), args.preset, train_models=not args.no_train, real_data=not args.no_real
@@ -113,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from services.mesh import Mesh, MeshConfig, MeshError
+    from tools.mesh import Mesh, MeshConfig, MeshError
 
     home = Paths.from_env().home
     cfg = MeshConfig(
@@ -138,14 +138,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         (name, info.address or "-", str(info.pid), str(info.log))
         for name, info in mesh.services.items()
     ]
-    print(_table(rows, align="<<><"))
+    print(table(rows, align="<<><"))
     print(f"\nadmin token: {mesh.admin_token_file}\nstate: {mesh.state_file}")
     print("try: homefeed feed --user 1    stop: homefeed down")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from services.mesh import Mesh, MeshError
+    from tools.mesh import Mesh, MeshError
 
     home = Paths.from_env().home
     try:
@@ -201,7 +201,7 @@ def cmd_feed(args: argparse.Namespace) -> int:
 
 
 def _gateway_address() -> str:
-    from services.mesh import Mesh, MeshError
+    from tools.mesh import Mesh, MeshError
 
     home = Paths.from_env().home
     try:
@@ -217,69 +217,6 @@ def _gateway_address() -> str:
     if address is None:
         raise ValueError(f"the mesh under {home} has no listening gateway yet (still starting?)")
     return address
-
-
-def print_feed(
-    response: Any, round_trip_ms: float | None = None, file: IO[str] | None = None
-) -> None:
-    """Print a ``GetFeedResponse`` as a header (request id, model version, arm, degraded
-    flags, candidate count, round trip) and one table row per item."""
-    from homefeed.feed.v1 import feed_pb2
-
-    out = file if file is not None else sys.stdout
-    degraded = [
-        feed_pb2.Degradation.Name(d).removeprefix("DEGRADATION_").lower() for d in response.degraded
-    ]
-    header = [
-        f"request {response.request_id or '-'}",
-        f"model {response.model_version or '-'}",
-        f"arm {response.arm or '-'}",
-        f"degraded {','.join(degraded) or 'none'}",
-        f"candidates {response.candidates}",
-    ]
-    if round_trip_ms is not None:
-        header.append(f"round trip {round_trip_ms:.1f} ms")
-    print("  ".join(header), file=out)
-    rows = [("pos", "item", "score", "E[GMV]", "reason", "propensity")]
-    for k, item in enumerate(response.item_ids):
-        rows.append(
-            (
-                str(_at(response.positions, k, k + 1)),
-                str(item),
-                f"{_at(response.scores, k, float('nan')):.4f}",
-                f"{_at(response.egmv, k, float('nan')):.4f}",
-                _reason(feed_pb2, _at(response.reasons, k, 0)),
-                f"{_at(response.propensities, k, float('nan')):.3f}",
-            )
-        )
-    print(_table(rows, align=">>>><>"), file=out)
-    if not response.item_ids:
-        print("(empty page)", file=out)
-
-
-def _at(values: Any, k: int, default: Any) -> Any:
-    """Entry k of a parallel repeated field, or ``default`` when the server sent fewer."""
-    return values[k] if k < len(values) else default
-
-
-def _reason(feed_pb2: Any, value: int) -> str:
-    try:
-        return str(feed_pb2.Reason.Name(value)).removeprefix("REASON_").lower()
-    except ValueError:
-        return f"reason_{value}"
-
-
-def _table(rows: Sequence[Sequence[str]], align: str) -> str:
-    """Rows as aligned columns (``align``: one ``<`` or ``>`` per column)."""
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [
-            cell.rjust(w) if a == ">" else cell.ljust(w)
-            for cell, w, a in zip(row, widths, align, strict=True)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
 
 
 def _item_ids(text: str) -> list[int]:

@@ -1,26 +1,21 @@
-"""Write, register and load model bundles (layout: ``training/bundle.py``).
+"""Bundle versions and aliases in MLflow's model registry: register (training), resolve and
+load (serving). Layout and verification of a bundle: ``contract.bundle``.
 
-A bundle is trusted only through its manifest: ``bundle.json`` lists the sha256 of every
-other file, and ``verify_bundle`` refuses a bundle with a missing, extra or modified file, or
-one built for another feature schema. Serving calls it before it swaps bundles and keeps the
-current one when it raises (``BundleError`` -> FAILED_PRECONDITION).
+A bundle is not an MLflow model (it has no ``MLmodel`` file and no pyfunc flavor), and
+MLflow 3's ``mlflow.register_model`` on a ``runs:/<id>/bundle`` URI refuses exactly that
+case: with no ``MLmodel`` file there it looks for a *LoggedModel* of that name and raises
+``Unable to find a logged_model``. So ``Registry.register`` logs the bundle directory as
+plain run artifacts and creates the version with ``MlflowClient.create_model_version(name,
+source=<run artifact URI>/bundle, run_id=...)``, which stores the source as given. ``load``
+downloads that source and verifies it before anyone reads it.
 
-Versions and aliases live in MLflow's model registry. A bundle is not an MLflow model (it
-has no ``MLmodel`` file and no pyfunc flavor), and MLflow 3's ``mlflow.register_model`` on a
-``runs:/<id>/bundle`` URI refuses exactly that case: with no ``MLmodel`` file there it looks
-for a *LoggedModel* of that name and raises ``Unable to find a logged_model``. So
-``Registry.register`` logs the bundle directory as plain run artifacts and creates the
-version with ``MlflowClient.create_model_version(name, source=<run artifact URI>/bundle,
-run_id=...)``, which stores the source as given. ``load`` downloads that source.
-
-``import mlflow`` takes about 1.2 s, so it happens only inside ``Registry`` methods;
-``write_manifest`` and ``verify_bundle`` need only the standard library.
+``import mlflow`` costs over a second, so it happens only inside ``Registry`` methods. The
+client needs only MLflow's tracking client (``mlflow-skinny`` plus SQLAlchemy for a SQLite
+registry), not the MLflow server.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -28,142 +23,25 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from training.bundle import ALIAS_CHALLENGER, BUNDLE_MANIFEST, FEATURE_SCHEMA, REGISTERED_MODEL
-from training.paths import Paths
+from contract.bundle import (
+    ALIAS_CHALLENGER,
+    REGISTERED_MODEL,
+    BundleError,
+    check_schema,
+    verify_bundle,
+)
+from contract.paths import Paths
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
 EXPERIMENT = "homefeed-bundles"
 BUNDLE_ARTIFACT_PATH = "bundle"  # where a run keeps the bundle among its artifacts
-_CHUNK = 1 << 20
-
-
-class BundleError(ValueError):
-    """A bundle that must not be loaded: not intact, or built for another feature schema."""
-
-    grpc_status_name: ClassVar[str] = "FAILED_PRECONDITION"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_checksums(bundle_dir: Path) -> dict[str, str]:
-    """sha256 of every file under ``bundle_dir`` except the manifest, by relative POSIX path
-    in sorted order."""
-    bundle_dir = Path(bundle_dir)
-    found = sorted(
-        p.relative_to(bundle_dir).as_posix()
-        for p in bundle_dir.rglob("*")
-        if p.is_file() or p.is_symlink()
-    )
-    return {rel: sha256_file(bundle_dir / rel) for rel in found if rel != BUNDLE_MANIFEST}
-
-
-def write_manifest(
-    bundle_dir: Path,
-    *,
-    version: str,
-    data_snapshot: str,
-    feature_schema_hash: str,
-    metrics: Mapping[str, Any],
-) -> dict[str, Any]:
-    """Checksum every file of ``bundle_dir`` and write ``bundle.json``; returns the manifest.
-
-    Call it last, once every other file is in place: a file added later makes the bundle fail
-    verification as "extra".
-    """
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise FileNotFoundError(f"bundle directory not found: {bundle_dir}")
-    manifest: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "version": version,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data_snapshot": data_snapshot,
-        "feature_schema_hash": feature_schema_hash,
-        "metrics": dict(metrics),
-        "files": file_checksums(bundle_dir),
-    }
-    tmp = bundle_dir / f".{BUNDLE_MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    tmp.replace(bundle_dir / BUNDLE_MANIFEST)
-    log.info("wrote manifest of bundle %s: %d files", version, len(manifest["files"]))
-    return manifest
-
-
-def read_manifest(bundle_dir: Path) -> dict[str, Any]:
-    path = Path(bundle_dir) / BUNDLE_MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{path} is missing: not a bundle, or an incomplete one")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise BundleError(f"{path} has no 'files' table of checksums")
-    return manifest
-
-
-def verify_bundle(bundle_dir: Path, expected_schema_hash: str | None = None) -> dict[str, Any]:
-    """Recompute every checksum and compare with ``bundle.json``; returns the manifest.
-
-    Raises ``BundleError`` naming every missing, extra and modified file, or both schema
-    hashes when ``expected_schema_hash`` is given and differs from the bundle's.
-    """
-    bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    _check_files(bundle_dir, manifest)
-    _check_schema(bundle_dir, manifest, expected_schema_hash)
-    return manifest
-
-
-def _check_files(bundle_dir: Path, manifest: Mapping[str, Any]) -> None:
-    listed: dict[str, str] = manifest["files"]
-    actual = file_checksums(bundle_dir)
-    problems = [f"missing {p}" for p in sorted(listed.keys() - actual.keys())]
-    problems += [f"extra {p}" for p in sorted(actual.keys() - listed.keys())]
-    problems += [
-        f"modified {p} (sha256 {actual[p][:12]}..., manifest says {listed[p][:12]}...)"
-        for p in sorted(listed.keys() & actual.keys())
-        if actual[p] != listed[p]
-    ]
-    if problems:
-        raise BundleError(
-            f"bundle {manifest.get('version', '?')} at {bundle_dir} does not match its "
-            f"{BUNDLE_MANIFEST}: " + "; ".join(problems)
-        )
-
-
-def _check_schema(bundle_dir: Path, manifest: Mapping[str, Any], expected: str | None) -> None:
-    got = manifest.get("feature_schema_hash")
-    schema_file = bundle_dir / FEATURE_SCHEMA
-    if schema_file.exists():  # the schema shipped must be the one the manifest names
-        shipped = json.loads(schema_file.read_text()).get("hash")
-        if shipped != got:
-            raise BundleError(
-                f"bundle {manifest.get('version', '?')} at {bundle_dir}: {FEATURE_SCHEMA} has "
-                f"hash {shipped}, {BUNDLE_MANIFEST} says {got}"
-            )
-    if expected is None:
-        return
-    if got != expected:
-        raise BundleError(
-            f"bundle {manifest.get('version', '?')} at {bundle_dir} was built for feature "
-            f"schema {got}, expected {expected}"
-        )
 
 
 def default_tracking_uri(paths: Paths | None = None) -> str:
@@ -253,7 +131,7 @@ class Registry:
         except MlflowException:
             try:
                 self.client.create_registered_model(
-                    name, description="homefeed model bundles (training/bundle.py)"
+                    name, description="homefeed model bundles (contract/bundle.py)"
                 )
             except MlflowException:
                 self.client.get_registered_model(name)  # created concurrently, else raise
@@ -371,17 +249,17 @@ class Registry:
             try:
                 manifest = verify_bundle(target)
                 log.debug("reusing cached %s version %d at %s", name, version, target)
-            except BundleError as e:
+            except BundleError as err:
                 log.warning(
                     "cached copy of %s version %d is refused (%s); fetching it again",
                     name,
                     version,
-                    e,
+                    err,
                 )
                 shutil.rmtree(target)
         if manifest is None:
             manifest = self._download(name, version, model_cache, target)
-        _check_schema(target, manifest, expected_schema_hash)
+        check_schema(target, manifest, expected_schema_hash)
         log.info(
             "loaded %s version %d (bundle %s) in %.2f s",
             name,
@@ -407,8 +285,8 @@ class Registry:
             )
             try:
                 manifest = verify_bundle(local)
-            except BundleError as e:
-                raise BundleError(f"{name} version {version} ({mv.source}): {e}") from e
+            except BundleError as err:
+                raise BundleError(f"{name} version {version} ({mv.source}): {err}") from err
             try:
                 local.rename(target)
             except OSError:

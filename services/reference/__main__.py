@@ -1,6 +1,0 @@
-"""``python -m services.reference``: serve the naive reference feed (settings: ``server.py``)."""
-
-from services.common.server import exit_after
-from services.reference.server import main
-
-exit_after(main)

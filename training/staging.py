@@ -1,0 +1,40 @@
+"""The training run's configuration and its staging folder (``artifacts/staging/<dataset>/``,
+laid out like a bundle), shared by the stages of ``training.train`` and by evaluation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from contract.paths import Paths
+from training.report import json_default
+
+STAGE_REPORT = "stage_reports.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    k: int = 20  # slots the policies are compared on
+    eval_requests: int = 1000  # test-period requests the Oracle scores
+    candidates: int = 500  # retrieval candidates a model policy re-ranks
+    ranker_trials: int = 8  # Optuna trials per model
+    ranker_seconds: float = 120.0  # Optuna wall-clock budget per model
+
+
+def staging_dir(paths: Paths, dataset: str) -> Path:
+    return paths.artifacts / "staging" / dataset
+
+
+def read_stage_reports(stage_dir: Path) -> dict[str, Any]:
+    path = stage_dir / STAGE_REPORT
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_stage_report(stage_dir: Path, stage: str, report: dict[str, Any]) -> None:
+    reports = read_stage_reports(stage_dir)
+    reports[stage] = report
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / STAGE_REPORT).write_text(json.dumps(reports, indent=2, default=json_default))

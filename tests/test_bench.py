@@ -131,29 +131,58 @@ def test_summarize_level_counts_errors_and_feeds_per_second() -> None:
     assert got["degraded_pages"] == 4
     assert got["degraded_share"] == pytest.approx(0.004)
     assert got["degraded_by"] == {"RETRIEVAL": 3, "FEATURES": 1, "RANKING": 1}
-    assert got["whole_qps"] == pytest.approx(99.6)
+    assert got["full_qps"] == pytest.approx(99.6)
+    assert got["server_cpu_ms_per_full_feed"] == pytest.approx(10_000 / 996)
 
 
 def config(tmp_path: Path, **overrides: object) -> bench.BenchConfig:
     return bench.BenchConfig(home=tmp_path, **overrides)  # type: ignore[arg-type]
 
 
+def floor_levels() -> dict[int, dict]:
+    """A floor of 1.5 / 2 / 5 ms at c1 / c4 / c16 and 5 ms of server CPU per feed."""
+    out = {}
+    for c, ms, n in ((1, 1.5, 1000), (4, 2.0, 2000), (16, 5.0, 4000)):
+        run = synthetic_run(c, ms, n=n)
+        run.server_cpu_s = 5.0 * n / 1000
+        out[c] = bench.summarize_level(run, 2)
+    return out
+
+
+def fast_run(c: int, ms: float, n: int) -> bench.LevelRun:
+    run = synthetic_run(c, ms, n=n)
+    run.server_cpu_s = 7.5 * n / 1000  # 1.5 x the floor's 5 ms per feed
+    return run
+
+
 def test_report_has_the_contract_keys_and_meets_targets_of_a_fast_mesh(tmp_path: Path) -> None:
     homefeed = {
-        c: bench.summarize_level(synthetic_run(c, ms, n=3500 if c == 16 else 1000), 2)
-        for c, ms in ((1, 2.0), (4, 3.0), (16, 8.0))
+        c: bench.summarize_level(fast_run(c, ms, n=3500 if c == 16 else 1000), 2)
+        for c, ms in ((1, 2.0), (4, 2.5), (16, 8.0))
     }
     reference = {4: bench.summarize_level(synthetic_run(4, 300.0, n=60), 2)}
-    report = bench.build_report(config(tmp_path), homefeed, reference, 2, {"git": {"x": 1}})
+    report = bench.build_report(
+        config(tmp_path), homefeed, reference, 2, {"git": {"x": 1}}, floor_levels()
+    )
     json.dumps(report)  # serializable as is
     for level in ("c1", "c4", "c16"):
-        for key in ("p50_ms", "p95_ms", "p99_ms", "qps", "errors", "max_ms"):
+        for key in ("p50_ms", "p95_ms", "p99_ms", "qps", "full_qps", "degraded_share", "errors"):
             assert isinstance(report["homefeed"][level][key], int | float), (level, key)
+        for key in ("qps", "p50_ms", "p99_ms", "server_cpu_ms_per_feed"):
+            assert isinstance(report["floor"][level][key], int | float), (level, key)
+        assert set(report["ratios"][level]) == {
+            "p50",
+            "p99",
+            "server_cpu_per_full_feed",
+            "full_qps",
+        }
     for key in ("p50_ms", "p99_ms", "qps", "errors"):
         assert isinstance(report["reference"]["c4"][key], int | float), key
+    assert report["ratios"]["c1"]["p50"] == pytest.approx(
+        report["homefeed"]["c1"]["p50_ms"] / report["floor"]["c1"]["p50_ms"]
+    )
     assert set(report["stages_p99_ms"]) >= {"retrieval", "features", "ranking"}
     assert report["stages_level"] == "c4"
-    assert report["stages_p99_ms"]["ranking"] == pytest.approx(1.0)
     assert (report["candidates"], report["preset"], report["cpu_count"]) == (500, "small", 2)
     assert report["git"] == {"x": 1}
     ratio = report["reference"]["c4"]["p99_ms"] / report["homefeed"]["c4"]["p99_ms"]
@@ -163,19 +192,25 @@ def test_report_has_the_contract_keys_and_meets_targets_of_a_fast_mesh(tmp_path:
     assert report["ratio_is_lower_bound"] is False
 
     cut = {4: bench.summarize_level(synthetic_run(4, 300.0, n=60, errors=2), 2)}
-    report = bench.build_report(config(tmp_path), homefeed, cut, 2)
+    report = bench.build_report(config(tmp_path), homefeed, cut, 2, floor=floor_levels())
     assert report["ratio_is_lower_bound"] is True
     assert report["reference"]["c4"]["p99_ms"] == 1000.0
     assert "lower bounds" in bench.format_table(report)
 
 
-def test_feeds_per_second_target_counts_whole_pages_only(tmp_path: Path) -> None:
+def test_full_feeds_target_counts_pages_without_a_fallback_only(tmp_path: Path) -> None:
     run = synthetic_run(16, 8.0, n=3000, seconds=10.0)  # 300 feeds/s
     run.degraded = [(feed_pb2.DEGRADATION_FEATURES,)] * 1500  # half of them degraded
-    report = bench.build_report(config(tmp_path), {16: bench.summarize_level(run, 2)}, {}, 2)
+    floor = floor_levels()  # 400 feeds/s at c16
+    report = bench.build_report(
+        config(tmp_path), {16: bench.summarize_level(run, 2)}, {}, 2, floor=floor
+    )
     assert report["homefeed"]["c16"]["qps"] == pytest.approx(300.0)
-    target = report["targets"]["homefeed_c16_qps"]
-    assert (target["value"], target["met"]) == (pytest.approx(150.0), False)
+    target = report["targets"]["c16_full_qps_vs_floor"]
+    assert (target["value"], target["met"]) == (pytest.approx(150.0 / 400.0), False)
+    assert report["targets"]["c16_degraded_share"]["met"] is False
+    cpu = report["targets"]["c16_cpu_vs_floor"]  # 10 s over 1500 full feeds vs 5 ms
+    assert cpu["value"] == pytest.approx(10_000 / 1500 / 5.0)
     assert "FEATURES" in bench.format_table(report)
 
 
@@ -184,19 +219,17 @@ def test_report_marks_missed_and_unmeasured_targets(tmp_path: Path) -> None:
         1: bench.summarize_level(synthetic_run(1, 12.0), 2),
         16: bench.summarize_level(synthetic_run(16, 30.0, n=1500), 2),
     }
-    report = bench.build_report(config(tmp_path), homefeed, {}, 2)
+    report = bench.build_report(config(tmp_path), homefeed, {}, 2, floor=floor_levels())
     targets = report["targets"]
-    assert targets["homefeed_c16_qps"]["met"] is False  # 150 feeds/s < 200
-    assert targets["homefeed_c16_qps"]["value"] == pytest.approx(150.0)
-    assert targets["homefeed_c4_p99_ms"]["met"] is None  # c4 not run
+    assert targets["c1_p50_vs_floor"]["met"] is False  # 12 ms vs 1.5 ms
+    assert targets["c1_p50_vs_floor"]["value"] == pytest.approx(8.0, rel=0.1)
+    assert targets["c4_p99_vs_floor"]["met"] is None  # c4 not run
     assert targets["reference_over_homefeed_p99_c4"]["value"] is None
+    assert targets["errors"]["met"] is True
     assert report["stages_level"] == "c1"  # no c4: the lowest level run
-    assert targets["stage_ranking_p99_ms"]["met"] is True  # 4 ms <= 5
-    assert targets["stage_features_p99_ms"]["met"] is False  # 4 ms > 3
-    assert targets["stage_features_p99_ms"]["value"] == pytest.approx(4.0)
     assert report["all_targets_met"] is False
     table = bench.format_table(report)
-    assert "[MISS] homefeed whole feeds/s at concurrency 16" in table
+    assert "[MISS] p50 at concurrency 1, x floor" in table
     assert "[n/a ]" in table
 
 

@@ -135,11 +135,17 @@ def test_benchmark_times_every_library_against_lightgbm(compiled: Compiled) -> N
     result = benchmark_scoring(
         compiled.model, [compiled.plain, compiled.quantized], compiled.X[:500], repeats=5, warmup=1
     )
-    assert result["rows"] == 500
+    assert (result["rows"], result["features"], result["repeats"]) == (500, N_FEATURES, 5)
+    lightgbm = result["lightgbm"]
     for key in ("compiled[plain.so]", "compiled[quantized.so]"):
-        assert 0 < result[key]["p50_ms"] <= result[key]["p99_ms"]
-        assert result[key]["speedup_p50"] > 0
-    assert 0 < result["lightgbm"]["p50_ms"] <= result["lightgbm"]["p99_ms"]
+        figures = result[key]
+        # the speed-ups are the ratios of the timed figures (the report's arithmetic)
+        assert figures["speedup_p50"] == pytest.approx(
+            lightgbm["p50_ms"] / figures["p50_ms"], rel=1e-2, abs=2e-3
+        )
+        assert figures["speedup_p99"] == pytest.approx(
+            lightgbm["p99_ms"] / figures["p99_ms"], rel=1e-2, abs=2e-3
+        )
 
 
 def test_size_tradeoff_rows_have_quality_parity_and_latency(tmp_path: Path) -> None:

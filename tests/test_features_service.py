@@ -35,6 +35,14 @@ from contract.features import DAY_OF_WEEK, FEATURE_SCHEMA, HOUR, build_matrix
 from contract.heuristic import Heuristic, heuristic_score
 from contract.paths import REPO_ROOT, Paths
 from feature_repo import schema as S
+from services.common.online import (
+    FastPathError,
+    ProviderReader,
+    SqliteReader,
+    ViewRows,
+    empty_rows,
+    verify_reader,
+)
 from services.common.settings import ServerSettings, SettingsError
 from services.features.assembler import (
     Assembler,
@@ -44,17 +52,7 @@ from services.features.assembler import (
     first_duplicate,
     seller_days_for_items,
 )
-from services.features.items import (
-    ITEM_VIEWS,
-    FastPathError,
-    ItemIndex,
-    ItemStore,
-    ProviderReader,
-    SqliteReader,
-    ViewRows,
-    empty_rows,
-    verify_reader,
-)
+from services.features.items import ITEM_VIEWS, ItemIndex, ItemStore
 from services.features.server import SERVICE_NAME, create_server
 from services.features.settings import FeaturesSettings
 from training.dataset import affinity_for_items as training_affinity
@@ -175,11 +173,13 @@ class FakeReader:
 
 
 class FakeUsers:
+    name = "fake"
+
     def __init__(self, users: dict[int, UserFeatures]) -> None:
         self.users = users
 
-    def read(self, user_id: int) -> UserFeatures:
-        return self.users.get(user_id, UserFeatures.unknown())
+    def read(self, user_id: int) -> Any:
+        raise AssertionError("the assembler reads no user: the servicer gives it one")
 
 
 def _fake_store(**kwargs: Any) -> tuple[ItemStore, FakeReader, list[int]]:
@@ -234,7 +234,7 @@ def test_assembler_matrix_is_build_matrix_of_the_same_columns() -> None:
     )
     assembler = Assembler(store, FakeUsers({7: user}))
     ids = np.array([20, 99, 10], dtype=np.int64)
-    out = assembler.assemble(7, ids, RequestContext.at(WHEN, "HOME"))
+    out = assembler.assemble(user, ids, RequestContext.at(WHEN, "HOME"))
     assert out.known_user and out.matrix.shape == (3, len(FEATURE_SCHEMA))
     np.testing.assert_array_equal(out.available, [False, False, True])
     np.testing.assert_array_equal(out.new_seller, [True, False, True])
@@ -248,7 +248,7 @@ def test_assembler_matrix_is_build_matrix_of_the_same_columns() -> None:
     assert (X[:, COL[HOUR]] == 21).all() and (X[:, COL[DAY_OF_WEEK]] == 2).all()
     assert (X[:, COL["country_code"]] == C.COUNTRIES.index("GB")).all()
     assert (X[:, COL["surface_code"]] == C.SURFACES.index("HOME")).all()
-    stranger = assembler.assemble(8, ids, RequestContext.at(WHEN, "HOME"))
+    stranger = assembler.assemble(UserFeatures.unknown(), ids, RequestContext.at(WHEN, "HOME"))
     assert not stranger.known_user
     assert (stranger.matrix[:, COL["country_code"]] == len(C.COUNTRIES)).all()
     assert (stranger.matrix[:, COL["recency_days"]] == 365).all()
@@ -410,7 +410,10 @@ def _request(
     )
     request.context.time.CopyFrom(stamp)
     for name, value in fields.items():
-        setattr(request, name, value)
+        if hasattr(value, "DESCRIPTOR"):  # a message field is copied into place
+            getattr(request, name).CopyFrom(value)
+        else:
+            setattr(request, name, value)
     return request
 
 
@@ -486,6 +489,25 @@ def test_health_reports_serving(served: Served) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_user_features_in_the_request_replace_the_stores_read(
+    served: Served, known_user: int
+) -> None:
+    from services.common.users import ProviderUserReader, to_proto
+
+    items = _some_items(served, 30, seed=4)
+    read_here, X = _get(served, _request(items, user_id=known_user))
+    rows = ProviderUserReader(served.store).read(known_user)
+    # another user id: the features come from the request, not from a read of that id
+    passed, Y = _get(served, _request(items, user_id=10**15, user=to_proto(rows)))
+    assert read_here.known_user and passed.known_user
+    np.testing.assert_array_equal(X, Y)
+    bad = common_pb2.UserFeatures(known=True, number_names=["shoe_size"], number_values=[42])
+    with pytest.raises(grpc.RpcError) as caught:
+        _get(served, _request(items, user_id=known_user, user=bad))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "number user features, got 'shoe_size'" in caught.value.details()
+
+
 def test_known_user_matrix_equals_training_path_on_online_values(
     served: Served, known_user: int
 ) -> None:
@@ -505,7 +527,9 @@ def test_known_user_matrix_equals_training_path_on_online_values(
     _assert_same_columns(X, expected_X)
 
     assert response.known_user
-    assert list(response.feature_names) == list(FEATURE_SCHEMA.names)
+    assert list(response.feature_names) == []  # only on request
+    request.include_feature_names = True
+    assert list(_get(served, request)[0].feature_names) == list(FEATURE_SCHEMA.names)
     assert response.features.schema_hash == FEATURE_SCHEMA.hash
     assert frame["views_24h"].iloc[0] > 0 and (frame["clicks_30d"] > 0).all()
     assert X[0, COL["country_code"]] == C.COUNTRIES.index(frame["country"].iloc[0])

@@ -112,6 +112,8 @@ class FakeRetrieval:
     clock: FakeClock | None = None
     takes_s: float = 0.0
     calls: list[dict] = field(default_factory=list)
+    user: common_pb2.UserFeatures | None = None
+    version: str = "r1"
 
     def retrieve(self, request: FeedRequest, n: int, timeout_s: float) -> Candidates:
         self.calls.append({"n": n, "timeout_s": timeout_s, "exclude": request.cart_item_ids})
@@ -122,7 +124,9 @@ class FakeRetrieval:
         ids = self.ids[:n]
         sources = self.sources[:n] if self.sources is not None else np.full(len(ids), ANN)
         scores = np.linspace(1.0, 0.0, len(ids), dtype=np.float32)
-        return Candidates(ids.astype(np.int64), scores, sources.astype(np.int32), "r1")
+        return Candidates(
+            ids.astype(np.int64), scores, sources.astype(np.int32), self.version, user=self.user
+        )
 
 
 @dataclass
@@ -134,9 +138,13 @@ class FakeFeatures:
     calls: list[dict] = field(default_factory=list)
 
     def get_features(
-        self, request: FeedRequest, item_ids: np.ndarray, timeout_s: float
+        self,
+        request: FeedRequest,
+        item_ids: np.ndarray,
+        timeout_s: float,
+        user: common_pb2.UserFeatures | None = None,
     ) -> ItemFeatures:
-        self.calls.append({"ids": item_ids.copy(), "timeout_s": timeout_s})
+        self.calls.append({"ids": item_ids.copy(), "timeout_s": timeout_s, "user": user})
         if self.clock is not None:
             self.clock.advance(self.takes_s)
         if self.error is not None:
@@ -149,8 +157,7 @@ class FakeFeatures:
         values = c.values[item_ids].copy()
         values[~c.available[item_ids]] = np.nan  # what an unknown item may carry
         return ItemFeatures(
-            matrix=matrix,
-            schema_hash=SCHEMA,
+            matrix=to_float_matrix(matrix, SCHEMA),
             available=c.available[item_ids],
             values=values,
             prices=values * 3,
@@ -172,18 +179,21 @@ class FakeRanking:
         self,
         request: FeedRequest,
         item_ids: np.ndarray,
-        matrix: np.ndarray,
-        schema_hash: str,
+        matrix: common_pb2.FloatMatrix,
+        row_mask: np.ndarray | None,
         values: np.ndarray,
         timeout_s: float,
     ) -> Scores:
-        self.calls.append({"ids": item_ids.copy(), "timeout_s": timeout_s})
+        self.calls.append({"ids": item_ids.copy(), "timeout_s": timeout_s, "mask": row_mask})
         if self.clock is not None:
             self.clock.advance(self.takes_s)
         if self.error is not None:
             raise self.error
-        np.testing.assert_array_equal(matrix[:, 0], item_ids.astype(np.float32))
-        assert schema_hash == SCHEMA
+        X = from_float_matrix(matrix)
+        if row_mask is not None:
+            X = X[row_mask]
+        np.testing.assert_array_equal(X[:, 0], item_ids.astype(np.float32))
+        assert matrix.schema_hash == SCHEMA
         assert np.isfinite(values).all(), "ranking got the values of an unavailable item"
         egmv = self.catalog.egmv[item_ids]
         return Scores(egmv / np.maximum(values, 1e-6), egmv, "7")
@@ -371,25 +381,53 @@ def test_new_seller_promotion_respects_the_category_cap_when_it_can() -> None:
     assert page.index.tolist()[-1] == 20
 
 
-def test_epsilon_one_explores_every_slot_uniformly_over_what_is_left() -> None:
+def test_epsilon_one_takes_the_exploration_candidates_first_in_retrievals_order() -> None:
+    exploration = np.zeros(30, dtype=bool)
+    exploration[[17, 5, 29]] = True
     cfg = replace(NO_RERANK, epsilon=1.0)
     page = R.rerank(
-        50, 20, cfg, np.full(50, R.RANKED), scores=np.arange(50.0), rng=np.random.default_rng(1)
+        30,
+        6,
+        cfg,
+        np.full(30, R.RANKED),
+        scores=np.arange(30.0),
+        exploration=exploration,
+        pool_size=40,
+        rng=np.random.default_rng(3),
     )
-    assert page.reasons.tolist() == [R.EXPLORATION] * 20
-    assert len(set(page.index.tolist())) == 20
-    np.testing.assert_allclose(page.propensities, 1.0 / (50 - np.arange(20)))
+    # explored in candidate order; then the deterministic order, best score first
+    assert page.index.tolist() == [5, 17, 29, 28, 27, 26]
+    assert page.reasons.tolist() == [R.EXPLORATION] * 3 + [R.RANKED] * 3
+    # explored slot: P(slot explores) / |pool|; the deterministic slots are certain then
+    np.testing.assert_allclose(page.propensities, [1 / 40] * 3 + [1.0] * 3)
 
 
-def test_exploration_prefers_the_exploration_candidates_while_any_is_left() -> None:
-    preferred = np.zeros(30, dtype=bool)
-    preferred[[5, 17, 29]] = True
-    cfg = replace(NO_RERANK, epsilon=1.0)
+def test_exploration_candidates_never_take_a_deterministic_slot() -> None:
+    exploration = np.zeros(10, dtype=bool)
+    exploration[[0, 1]] = True  # the two best scores
     page = R.rerank(
-        30, 6, cfg, np.full(30, R.RANKED), preferred=preferred, rng=np.random.default_rng(3)
+        10,
+        5,
+        replace(NO_RERANK, epsilon=0.0),
+        np.full(10, R.RANKED),
+        scores=np.arange(10.0)[::-1].copy(),
+        exploration=exploration,
+        pool_size=2,
+        rng=np.random.default_rng(0),
     )
-    assert set(page.index.tolist()[:3]) == {5, 17, 29}
-    np.testing.assert_allclose(page.propensities, [1 / 3, 1 / 2, 1, 1 / 27, 1 / 26, 1 / 25])
+    assert page.index.tolist() == [2, 3, 4, 5, 6]
+    assert page.propensities.tolist() == [1.0] * 5
+
+
+def test_slot_probabilities_follow_the_chain() -> None:
+    before, heads = R.slot_probabilities(3, 5, 2, 0.25)
+    np.testing.assert_allclose(before[0], [1, 0, 0])
+    np.testing.assert_allclose(before[1], [0.75, 0.25, 0])
+    np.testing.assert_allclose(before[2], [0.75**2, 2 * 0.25 * 0.75, 0.25**2])
+    assert heads[2, 2] == 0.0  # both exploration candidates placed: deterministic
+    # one deterministic item: slot 2 explores for sure when it was placed in slot 1
+    _, heads = R.slot_probabilities(3, 1, 2, 0.25)
+    assert heads[1, 0] == 1.0 and heads[1, 1] == 0.25
 
 
 def test_propensities_are_probabilities_and_deterministic_per_request() -> None:
@@ -397,6 +435,7 @@ def test_propensities_are_probabilities_and_deterministic_per_request() -> None:
     categories = np.arange(200, dtype=np.int32) % 7
     new = np.arange(200) % 13 == 0
     scores = np.random.default_rng(0).random(200).astype(np.float32)
+    exploration = np.arange(200) % 20 == 3  # ten exploration candidates
 
     def page(seed: int) -> R.Page:
         return R.rerank(
@@ -407,6 +446,8 @@ def test_propensities_are_probabilities_and_deterministic_per_request() -> None:
             scores=scores,
             categories=categories,
             new_seller=new,
+            exploration=exploration,
+            pool_size=500,
             rng=np.random.default_rng(seed),
         )
 
@@ -419,27 +460,45 @@ def test_propensities_are_probabilities_and_deterministic_per_request() -> None:
         assert ((p.propensities > 0) & (p.propensities <= 1)).all()
         assert len(set(p.index.tolist())) == 30
         explored = p.reasons == R.EXPLORATION
-        assert (p.propensities[~explored] >= 0.7).all()  # deterministic: 1 - eps + eps/|pool|
+        assert exploration[p.index[explored]].all() and not exploration[p.index[~explored]].any()
+        np.testing.assert_allclose(p.propensities[explored] * 500, 0.3, rtol=0.5)
 
 
-def test_logged_propensities_match_the_frequencies_of_the_policy() -> None:
-    """The product of the logged propensities of slots 1..2 is the probability of that pair."""
-    cfg = replace(NO_RERANK, epsilon=0.5)
-    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
-    runs = 6000
-    seen: Counter[tuple[int, int]] = Counter()
+def test_logged_propensities_are_the_exact_slot_frequencies_of_the_policy() -> None:
+    """Every logged propensity is the frequency with which the policy shows that item in
+    that slot, retrieval's draw included: the exploration candidates are drawn here as
+    retrieval draws them (the first k of a uniform ordering of the pool)."""
+    cfg = replace(NO_RERANK, epsilon=0.4)
+    n_ranked, pool, k, size = 4, 6, 2, 4
+    scores = np.concatenate([np.array([4.0, 3.0, 2.0, 1.0]), np.zeros(k)])
+    exploration = np.r_[np.zeros(n_ranked, bool), np.ones(k, bool)]
+    runs = 100_000
+    rng = np.random.default_rng(11)
+    shown: Counter[tuple[int, int]] = Counter()  # (slot, item id) -> count
     logged: dict[tuple[int, int], float] = {}
-    rng = np.random.default_rng(7)
+    ids = np.arange(n_ranked + pool)  # ranked items 0..3, pool items 4..9
     for _ in range(runs):
-        page = R.rerank(5, 2, cfg, np.full(5, R.RANKED), scores=scores, rng=rng)
-        pair = (int(page.index[0]), int(page.index[1]))
-        seen[pair] += 1
-        p = float(np.prod(page.propensities))
-        assert logged.setdefault(pair, p) == pytest.approx(p)
-    assert sum(logged.values()) == pytest.approx(1.0)  # all 20 ordered pairs are possible
-    for pair, p in logged.items():
-        assert seen[pair] / runs == pytest.approx(p, abs=0.02), pair
-    assert logged[(0, 1)] == pytest.approx((0.5 + 0.1) * (0.5 + 0.125))
+        drawn = n_ranked + rng.choice(pool, size=k, replace=False)
+        candidates = np.concatenate([ids[:n_ranked], drawn])
+        page = R.rerank(
+            n_ranked + k,
+            size,
+            cfg,
+            np.full(n_ranked + k, R.RANKED),
+            scores=scores,
+            exploration=exploration,
+            pool_size=pool,
+            rng=rng,
+        )
+        for slot, (index, p) in enumerate(zip(page.index, page.propensities, strict=True)):
+            key = (slot, int(candidates[index]))
+            shown[key] += 1
+            assert logged.setdefault(key, float(p)) == pytest.approx(p)
+    for key, p in logged.items():
+        sigma = np.sqrt(p * (1 - p) / runs)
+        assert abs(shown[key] / runs - p) <= 3 * sigma + 1e-12, (key, shown[key] / runs, p)
+    for slot in range(size):  # each slot shows exactly one item
+        assert sum(p for (s, _), p in logged.items() if s == slot) == pytest.approx(1.0)
 
 
 def test_rerank_config_rejects_out_of_range_values() -> None:
@@ -690,9 +749,12 @@ def test_features_failure_serves_retrieval_order_without_ranking() -> None:
     h.features.error = grpc.RpcError()
     page = h.pipeline.run(feed_request(page_size=10), None)
     assert page.degraded == (feed_pb2.DEGRADATION_FEATURES,)
-    assert page.item_ids.tolist() == list(range(10))
+    # retrieval's order; an exploration candidate only ever takes an explored slot
+    assert page.item_ids.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11]
     assert page.reasons.tolist() == [
-        *([R.HEURISTIC, R.POPULAR, R.CART_SIMILAR, R.HEURISTIC, R.HEURISTIC] * 2)
+        *([R.HEURISTIC, R.POPULAR, R.CART_SIMILAR, R.HEURISTIC] * 2),
+        R.HEURISTIC,
+        R.POPULAR,
     ]
     assert page.egmv.tolist() == [0.0] * 10
     assert page.model_version == ""
@@ -967,10 +1029,10 @@ def test_popularity_loads_from_a_verified_bundle_directory(
         {"k": 3, "overall": [1, 2, 3], "segments": {"US/ios": [7, 8, 9], "DE/web": [4, 5, 6]}},
     )
     gateway_env.setenv("HOMEFEED_GATEWAY_BUNDLE_DIR", str(bundle))
-    lists = load_popularity(GatewaySettings.from_env())
+    lists, version = load_popularity(GatewaySettings.from_env())
     assert lists.lookup("DE", "web").tolist() == [4, 5, 6]
     assert lists.lookup("DE", "ios").tolist() == [1, 2, 3]
-    assert lists.lookup("US", "ios").dtype == np.int64
+    assert lists.lookup("US", "ios").dtype == np.int64 and version == "test"
     (bundle / POPULAR).write_text('{"overall": [], "segments": {}}')  # not what was verified
     with pytest.raises(StartupError, match=r"HOMEFEED_GATEWAY_BUNDLE_DIR.*modified"):
         load_popularity(GatewaySettings.from_env())
@@ -1047,6 +1109,8 @@ class FakeDownstreams(
         self.seen.rank.append(request)
         ids = np.array(request.item_ids, dtype=np.int64)
         X = from_float_matrix(request.features)
+        if len(request.row_mask):
+            X = X[np.array(request.row_mask, dtype=bool)]
         assert (X[:, 0] == ids).all() and request.features.schema_hash == SCHEMA
         egmv = self.catalog.egmv[ids]
         response = ranking_pb2.RankResponse(model_version="7", schema_hash=SCHEMA)
@@ -1105,7 +1169,10 @@ def test_grpc_clients_carry_the_request_to_each_downstream(fake_mesh: FakeMesh) 
     assert 1 not in features.item_ids and len(features.item_ids) == N_CANDIDATES - 2
     [rank] = seen.rank
     assert catalog.available[list(rank.item_ids)].all()
-    assert rank.features.rows == len(rank.item_ids) == N_CANDIDATES - 2 - 3
+    # the features service's matrix, forwarded whole, and a mask of the available rows
+    assert rank.features.rows == len(features.item_ids) == len(rank.row_mask)
+    assert sum(rank.row_mask) == len(rank.item_ids) == N_CANDIDATES - 2 - 3
+    assert features.HasField("user") is False  # the fake retrieval read no user
     candidates = np.array([i for i in range(N_CANDIDATES) if i not in (1, 2)])
     candidates = candidates[catalog.available[candidates]]
     np.testing.assert_array_equal(page.item_ids, expected_top(catalog, candidates, 10))
@@ -1167,3 +1234,24 @@ def test_gateway_server_over_grpc(fake_mesh: FakeMesh) -> None:
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.details() == "page_size must be 1..100, got 500"
     assert response.model_version == "7" and list(response.degraded) == []
+
+
+def test_the_users_features_go_from_retrieval_to_features_once() -> None:
+    h = harness()
+    user = common_pb2.UserFeatures(known=True, number_names=["clicks_30d"], number_values=[3.0])
+    h.retrieval.user = user
+    h.pipeline.run(feed_request(), None)
+    assert h.features.calls[0]["user"] is user
+
+
+def test_a_page_whose_hops_serve_another_version_is_flagged(caplog) -> None:
+    h = harness()
+    h.pipeline.model_version = "7"  # what ranking reports; retrieval reports "r1"
+    with caplog.at_level("WARNING", logger="services.gateway.pipeline"):
+        page = h.pipeline.run(feed_request(), None)
+    assert page.version_skew and "another model version" in caplog.text
+    h.retrieval.version = "7"
+    assert not h.pipeline.run(feed_request(), None).version_skew
+    h.pipeline.model_version = ""  # a gateway that does not know its version flags nothing
+    h.retrieval.version = "r1"
+    assert not h.pipeline.run(feed_request(), None).version_skew

@@ -223,11 +223,19 @@ def test_unreadable_state_is_an_error(mesh_home: Path):
 
 @pytest.mark.parametrize("dying", ["ranking", GATEWAY])
 def test_a_service_dying_at_start_stops_the_others_and_quotes_its_log(mesh_home: Path, dying: str):
+    # it dies once the other services it starts beside have logged their pids (polled with
+    # a deadline), so the test sees them stopped rather than never started
+    others = [n for n in BACKENDS if n != dying] if dying != GATEWAY else list(BACKENDS)
     crash = [
         sys.executable,
         "-c",
-        "import sys, time\n"
-        "time.sleep(0.5)\n"  # the others have started by then
+        "import pathlib, sys, time\n"
+        f"logs = [pathlib.Path({str(mesh_home)!r}) / 'run' / 'logs' / f'{{n}}.log' "
+        f"for n in {others!r}]\n"
+        "deadline = time.monotonic() + 20\n"
+        "while time.monotonic() < deadline and not all(\n"
+        "    p.exists() and 'FAKE name=' in p.read_text() for p in logs):\n"
+        "    time.sleep(0.01)\n"
         "for i in range(30): print(f'noise {i}', file=sys.stderr)\n"
         "print('cannot load registry model champion: no such alias', file=sys.stderr)\n"
         "sys.exit(3)",

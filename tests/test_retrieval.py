@@ -305,7 +305,6 @@ def test_bundle_files_and_report(trained, data: RetrievalData):
     for key in ("recall_at_500", "popularity_recall_at_500"):
         assert set(report[key]) == {"purchase", "click"}
         assert all(0.0 <= v <= 1.0 for v in report[key].values())
-    assert report["query_p50_ms"] <= report["query_p99_ms"]
 
 
 def test_model_retrieves_test_clicks_far_above_chance_and_near_popularity(trained, data):

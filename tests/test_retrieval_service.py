@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +41,13 @@ from feature_repo import schema as S
 from services.common.bundles import BundleRef
 from services.common.errors import FailedPrecondition
 from services.common.settings import ServerSettings, SettingsError
+from services.common.users import (
+    USER_VIEWS,
+    ProviderUserReader,
+    SqliteUserReader,
+    ViewRows,
+    open_user_reader,
+)
 from services.retrieval.index import (
     CHECKOUT,
     HOME,
@@ -54,9 +62,6 @@ from services.retrieval.index import (
 from services.retrieval.server import SERVICE_NAME, StartupError, create_server
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.users import (
-    USER_VIEWS,
-    FeastUserReader,
-    OnlineFeaturesReader,
     check_spec,
     tower_input,
 )
@@ -291,6 +296,34 @@ def test_exploration_is_uniform_over_the_eligible_items() -> None:
         assert abs(c / runs - 0.5) < 0.035, (item, c / runs)
 
 
+def test_the_draw_is_a_uniform_ordering_and_reports_its_pool() -> None:
+    """Exploration candidates come in a uniformly random order of the eligible pool (the
+    gateway takes them in that order), and the response says how large the pool was."""
+    index = handmade(pool=[17, 18, 19, 20, 21], exploration=2)
+    runs = 5000
+    first: Counter[int] = Counter()
+    for seed in range(runs):
+        found = retrieve(index, n=6, seed=seed)
+        assert found.exploration_pool == 5
+        first[int(found.item_ids[found.sources == EXPLORE][0])] += 1
+    assert set(first) == {17, 18, 19, 20, 21}
+    for item, c in first.items():
+        assert abs(c / runs - 0.2) < 0.03, (item, c / runs)
+
+
+def test_out_of_stock_items_are_never_retrieved_nor_drawn() -> None:
+    index = handmade(pool=[17, 18, 19, 20, 21], exploration=2)
+    in_stock = np.ones(index.size, dtype=bool)
+    out = [BY_DOT[0], 18, 19]
+    in_stock[index.rows_of(np.array(out))] = False
+    index.stock = lambda: in_stock
+    for seed in range(200):
+        found = retrieve(index, n=6, seed=seed)
+        assert not set(out) & set(found.item_ids.tolist())
+        assert found.exploration_pool == 3  # 17, 20, 21
+    assert retrieve(index, n=6).item_ids[:4].tolist() == BY_DOT[1:5]
+
+
 def test_a_small_pool_gives_its_slots_back_to_the_ranked_candidates() -> None:
     index = handmade(pool=[17], exploration=2)  # 17 is ranked 8th: a reserve candidate
     found = retrieve(index, n=8)
@@ -485,11 +518,34 @@ def overlap(got: list[int], want: list[int]) -> float:
     return len(set(got) & set(want)) / len(want)
 
 
-def test_feast_reader_matches_get_online_features(truth: Truth, real_index: CandidateIndex) -> None:
-    fast, public = FeastUserReader(truth.store), OnlineFeaturesReader(truth.store)
+class OnlineFeaturesReader:
+    """The user views through ``get_online_features``: Feast's public API, the reference."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def read(self, user_id: int) -> ViewRows:
+        got = self.store.get_online_features(
+            features=S.feature_refs(USER_VIEWS), entity_rows=[{"user_id": user_id}]
+        ).to_dict()
+        rows: dict[str, dict[str, Any] | None] = {}
+        for view in USER_VIEWS:
+            values = {name: got[name][0] for name in S.FEATURES[view]}
+            rows[view] = values if any(v is not None for v in values.values()) else None
+        return rows
+
+
+def test_user_readers_match_get_online_features(truth: Truth, real_index: CandidateIndex) -> None:
+    public = OnlineFeaturesReader(truth.store)
+    fast = open_user_reader(truth.store, truth.known_users)
+    assert isinstance(fast, SqliteUserReader)  # the SQLite store takes the fast path
+    provider = ProviderUserReader(truth.store)
+    for user in truth.known_users[:5]:
+        assert fast.read(user) == provider.read(user)
     spec = real_index.tower.spec
     for user in [*truth.known_users[:5], UNKNOWN_USER]:
         a, b = tower_input(fast.read(user), spec), tower_input(public.read(user), spec)
+        assert fast.read(user) == provider.read(user)
         if user == UNKNOWN_USER:
             assert a is None and b is None
             continue
@@ -512,7 +568,7 @@ def test_the_reader_on_redis_knows_the_same_users(
     redis_store = open_store(
         tiny_dataset["dataset"], paths=home, online="redis", redis=redis_server
     )
-    sqlite, redis = FeastUserReader(truth.store), FeastUserReader(redis_store)
+    sqlite, redis = ProviderUserReader(truth.store), ProviderUserReader(redis_store)
     users = truth.known_users[:3]
     now = pd.Timestamp.now(tz="UTC")
     for view in USER_VIEWS:
@@ -532,7 +588,7 @@ def test_the_reader_on_redis_knows_the_same_users(
 
 
 def test_core_ann_matches_its_exact_top_k(truth: Truth, real_index: CandidateIndex) -> None:
-    reader = FeastUserReader(truth.store)
+    reader = ProviderUserReader(truth.store)
     shares = []
     for user in truth.known_users:
         features = tower_input(reader.read(user), real_index.tower.spec)

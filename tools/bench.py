@@ -1,5 +1,7 @@
 """The serving benchmark (``make bench``): closed-loop gRPC load against the gateway of a
-local mesh and against the naive reference, figures in ``reports/bench.json`` and a table.
+local mesh, against the floor (``tools.floor``: a bare gRPC chain of the mesh's shape whose
+handlers do nothing) and against the naive reference; figures in ``reports/bench.json`` and
+a table. The targets are ratios to the floor measured in the same run, level by level.
 
 Load: ``C`` workers (asyncio tasks on one ``grpc.aio`` channel in this one process), each
 sending its next ``GetFeed`` as soon as the previous one is answered, for ``--seconds`` per
@@ -17,16 +19,19 @@ Figures per level:
   in-flight request returns); ``errors``: non-OK statuses, also counted by code;
 - stage p50/p99 from the ``hf-stage-ms`` trailer the gateway (and the reference) sends:
   ``retrieval=0.81;filter=0.02;features=1.20;ranking=0.95;rerank=0.10;total=3.40`` (ms);
-- CPU seconds of this client, of the server processes and of the whole machine over the
-  window. The client shares the cores with the servers, and the machine may be shared with
+- CPU seconds of this client, of each server process and of the whole machine over the
+  window; ``server_cpu_ms_per_full_feed`` divides the servers' CPU by the pages served
+  whole (a degraded page is not a served feed), ``cpu_ms_per_feed_by_process`` by every OK
+  page. The client shares the cores with the servers, and the machine may be shared with
   other work: ``other_cpu_s`` (machine busy time not spent by the client or the servers)
   says how much.
 
 The top-level ``stages_p99_ms`` are those of concurrency 4 (the level of the latency
 targets), or of the lowest level measured when 4 was not.
 
-The mesh runs first (``tools.mesh.Mesh``), is stopped, then the reference server
-(``python -m tools.reference``) is started and loaded the same way.
+The mesh and the floor run side by side (both started, then each level runs on the floor and
+right after on the mesh, so both see the same machine), are stopped, then the reference
+server (``python -m tools.reference``) is started and loaded the same way.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ GET_FEED = "/homefeed.feed.v1.FeedService/GetFeed"
 STAGE_METADATA_KEY = "hf-stage-ms"
 STAGES = ("retrieval", "filter", "features", "ranking", "rerank", "total")
 STAGE_LEVEL = 4  # the concurrency whose stage p99s are the report's headline figures
-REPORT_FORMAT = 1
+REPORT_FORMAT = 2
 _READY = re.compile(r"^" + re.escape(READY_LINE).replace(r"\{port\}", r"(?P<port>\d+)") + r"\s*$")
 
 
@@ -304,6 +309,7 @@ class LevelRun:
     degraded: list[tuple[int, ...]] = field(default_factory=list)  # per degraded OK response
     client_cpu_s: float = 0.0
     server_cpu_s: float | None = None
+    cpu_by_process: dict[str, float] = field(default_factory=dict)  # server CPU s by name
     machine_busy_s: float | None = None
     machine_cpu_s: float | None = None  # wall x cores of the machine over the window
 
@@ -322,12 +328,14 @@ def _degradations(pages: Sequence[tuple[int, ...]]) -> dict[str, int]:
 
 
 def summarize_level(run: LevelRun, cpu_count: int) -> dict[str, Any]:
-    """The report's figures of one level. ``qps`` counts every OK feed; ``whole_qps`` only
-    those no dependency was missing from (``degraded`` empty)."""
+    """The report's figures of one level. ``qps`` counts every OK feed; ``full_qps`` only
+    those no dependency was missing from (``degraded`` empty), and the servers' CPU per
+    full feed divides by those."""
     codes = Counter(run.codes)
     ok = codes.pop("OK", 0)
     errors = sum(codes.values())
     requests = ok + errors
+    full = ok - len(run.degraded)
     elapsed = max(run.elapsed_s, 1e-9)
     out: dict[str, Any] = {
         "concurrency": run.concurrency,
@@ -343,7 +351,7 @@ def summarize_level(run: LevelRun, cpu_count: int) -> dict[str, Any]:
         "degraded_pages": len(run.degraded),
         "degraded_share": len(run.degraded) / ok if ok else 0.0,
         "degraded_by": _degradations(run.degraded),
-        "whole_qps": (ok - len(run.degraded)) / elapsed,
+        "full_qps": (ok - len(run.degraded)) / elapsed,
         "empty_pages": sum(1 for n in run.page_lengths if n == 0),
         "mean_page_length": float(np.mean(run.page_lengths)) if run.page_lengths else None,
         "median_candidates": float(np.median(run.candidates)) if run.candidates else None,
@@ -354,6 +362,13 @@ def summarize_level(run: LevelRun, cpu_count: int) -> dict[str, Any]:
         "server_cpu_ms_per_feed": (
             run.server_cpu_s * 1e3 / ok if run.server_cpu_s is not None and ok else None
         ),
+        "server_cpu_ms_per_full_feed": (
+            run.server_cpu_s * 1e3 / full if run.server_cpu_s is not None and full else None
+        ),
+        "cpu_ms_per_feed_by_process": {
+            name: seconds * 1e3 / ok if ok else None
+            for name, seconds in sorted(run.cpu_by_process.items())
+        },
     }
     if run.machine_busy_s is not None and run.machine_cpu_s:
         ours = run.client_cpu_s + (run.server_cpu_s or 0.0)
@@ -374,18 +389,33 @@ class Target:
 
 
 TARGETS: tuple[Target, ...] = (
-    Target("homefeed_c4_p50_ms", "homefeed p50 at concurrency 4", "homefeed.c4.p50_ms", "<=", 8),
-    Target("homefeed_c4_p99_ms", "homefeed p99 at concurrency 4", "homefeed.c4.p99_ms", "<=", 20),
+    Target("c1_p50_vs_floor", "p50 at concurrency 1, x floor", "ratios.c1.p50", "<=", 2.0),
+    Target("c4_p99_vs_floor", "p99 at concurrency 4, x floor", "ratios.c4.p99", "<=", 1.5),
+    *(
+        Target(
+            f"c{c}_cpu_vs_floor",
+            f"server CPU per full feed at concurrency {c}, x floor",
+            f"ratios.c{c}.server_cpu_per_full_feed",
+            "<=",
+            2.0,
+        )
+        for c in (1, 4, 16)
+    ),
     Target(
-        "homefeed_c16_qps",
-        "homefeed whole feeds/s at concurrency 16",
-        "homefeed.c16.whole_qps",
+        "c16_degraded_share",
+        "degraded share at concurrency 16",
+        "homefeed.c16.degraded_share",
+        "<=",
+        0.01,
+    ),
+    Target(
+        "c16_full_qps_vs_floor",
+        "full feeds/s at concurrency 16, x floor feeds/s",
+        "ratios.c16.full_qps",
         ">=",
-        200,
+        0.5,
     ),
-    Target(
-        "homefeed_c16_p99_ms", "homefeed p99 at concurrency 16", "homefeed.c16.p99_ms", "<=", 60
-    ),
+    Target("errors", "errors over every homefeed level", "homefeed_errors", "<=", 0),
     Target(
         "reference_over_homefeed_p99_c4",
         "reference p99 / homefeed p99 at concurrency 4",
@@ -393,10 +423,30 @@ TARGETS: tuple[Target, ...] = (
         ">=",
         10,
     ),
-    Target("stage_retrieval_p99_ms", "retrieval stage p99", "stages_p99_ms.retrieval", "<=", 2),
-    Target("stage_features_p99_ms", "features stage p99", "stages_p99_ms.features", "<=", 3),
-    Target("stage_ranking_p99_ms", "ranking stage p99", "stages_p99_ms.ranking", "<=", 5),
 )
+
+
+def level_ratios(
+    homefeed: Mapping[int, Mapping[str, Any]], floor: Mapping[int, Mapping[str, Any]]
+) -> dict[str, dict[str, float | None]]:
+    """Per level run on both: homefeed / floor for p50, p99 and server CPU per full feed
+    (the floor's pages are all full), and homefeed's full feeds/s / the floor's feeds/s."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    out: dict[str, dict[str, float | None]] = {}
+    for c in sorted(set(homefeed) & set(floor)):
+        h, f = homefeed[c], floor[c]
+        out[f"c{c}"] = {
+            "p50": ratio(h["p50_ms"], f["p50_ms"]),
+            "p99": ratio(h["p99_ms"], f["p99_ms"]),
+            "server_cpu_per_full_feed": ratio(
+                h["server_cpu_ms_per_full_feed"], f["server_cpu_ms_per_feed"]
+            ),
+            "full_qps": ratio(h["full_qps"], f["qps"]),
+        }
+    return out
 
 
 def _lookup(report: Mapping[str, Any], path: str) -> float | None:
@@ -430,14 +480,19 @@ def build_report(
     reference: Mapping[int, dict[str, Any]],
     cpu_count: int,
     meta: Mapping[str, Any] | None = None,
+    floor: Mapping[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The ``bench.json`` document from per-level summaries (``summarize_level``).
 
-    Contract: ``homefeed.c<N>.{p50_ms,p95_ms,p99_ms,qps,errors}`` per level run,
-    ``reference.c<N>.{p50_ms,p99_ms,qps,errors}``, ``stages_p99_ms.{retrieval,features,
-    ranking}``, ``candidates``, ``preset``, ``cpu_count``; plus targets, the p99 ratio at
-    concurrency 4 and whatever ``meta`` holds (git, machine, timings).
+    Contract: ``homefeed.c<N>.{p50_ms,p95_ms,p99_ms,qps,full_qps,degraded_share,errors,
+    server_cpu_ms_per_full_feed,cpu_ms_per_feed_by_process}`` per level run,
+    ``floor.c<N>.{qps,p50_ms,p99_ms,server_cpu_ms_per_feed}``, ``ratios.c<N>`` (homefeed /
+    floor), ``reference.c<N>.{p50_ms,p99_ms,qps,errors}``, ``stages_p99_ms.{retrieval,
+    features,ranking}``, ``candidates``, ``preset``, ``cpu_count``; plus targets, the
+    reference's p99 ratio at concurrency 4 and whatever ``meta`` holds (git, machine,
+    timings).
     """
+    floor = floor or {}
     stage_level = STAGE_LEVEL if STAGE_LEVEL in homefeed else (min(homefeed) if homefeed else None)
     stages: dict[str, float | None] = dict.fromkeys(("retrieval", "features", "ranking"))
     if stage_level is not None:
@@ -458,6 +513,11 @@ def build_report(
         "page_size": config.page_size,
         "cpu_count": cpu_count,
         "homefeed": {f"c{c}": homefeed[c] for c in sorted(homefeed)},
+        "floor": {f"c{c}": floor[c] for c in sorted(floor)},
+        "ratios": level_ratios(homefeed, floor),
+        "homefeed_errors": (
+            sum(level["errors"] for level in homefeed.values()) if homefeed else None
+        ),
         "reference": {f"c{c}": reference[c] for c in sorted(reference)},
         "stages_p99_ms": stages,
         "stages_level": None if stage_level is None else f"c{stage_level}",
@@ -579,18 +639,18 @@ def check_prerequisites(config: BenchConfig) -> None:
 
 
 class _CpuProbe:
-    """CPU seconds (user + system) of a set of processes and their children."""
+    """CPU seconds (user + system) of named processes and their children."""
 
-    def __init__(self, pids: Sequence[int]) -> None:
-        self._procs = [psutil.Process(pid) for pid in pids]
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
 
-    def __call__(self) -> float:
-        total = 0.0
-        for proc in self._procs:
+    def __call__(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, proc in self._procs.items():
             with contextlib.suppress(psutil.Error):
                 t = proc.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-        return total
+                out[name] = t.user + t.system + t.children_user + t.children_system
+        return out
 
 
 def _machine_cpu() -> tuple[float, float]:
@@ -648,7 +708,7 @@ async def _run_level_async(
     warmup: float,
     seconds: float,
     deadline: float,
-    server_cpu: Callable[[], float] | None,
+    server_cpu: Callable[[], dict[str, float]] | None,
 ) -> LevelRun:
     async with grpc.aio.insecure_channel(address) as channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=10)
@@ -669,57 +729,57 @@ async def _run_level_async(
         busy1, total1 = _machine_cpu()
         run.client_cpu_s = time.process_time() - cpu0
         if server_cpu is not None and srv0 is not None:
-            run.server_cpu_s = server_cpu() - srv0
+            srv1 = server_cpu()
+            run.cpu_by_process = {name: srv1[name] - srv0.get(name, 0.0) for name in srv1}
+            run.server_cpu_s = sum(run.cpu_by_process.values())
         run.machine_busy_s, run.machine_cpu_s = busy1 - busy0, total1 - total0
         return run
 
 
-def run_levels(
+def run_level(
     system: str,
     address: str,
-    payloads: Sequence[bytes],
-    levels: Sequence[int],
+    payloads: Iterator[bytes],
+    concurrency: int,
     config: BenchConfig,
-    server_pids: Sequence[int],
+    server_pids: Mapping[str, int],
     cpu_count: int,
-) -> dict[int, dict[str, Any]]:
-    """Summaries of every level against ``address``, logged as they finish."""
-    cycle = itertools.cycle(payloads)
+) -> dict[str, Any]:
+    """The summary of one level against ``address``, logged when it finishes."""
     probe = _CpuProbe(server_pids) if server_pids else None
-    out: dict[int, dict[str, Any]] = {}
-    for concurrency in levels:
-        log.info(
-            "%s: concurrency %d for %.0f s (+%.0f s warm-up)",
-            system,
-            concurrency,
-            config.seconds,
-            config.warmup,
+    log.info(
+        "%s: concurrency %d for %.0f s (+%.0f s warm-up)",
+        system,
+        concurrency,
+        config.seconds,
+        config.warmup,
+    )
+    run = asyncio.run(
+        _run_level_async(
+            address, payloads, concurrency, config.warmup, config.seconds, config.deadline, probe
         )
-        run = asyncio.run(
-            _run_level_async(
-                address, cycle, concurrency, config.warmup, config.seconds, config.deadline, probe
-            )
-        )
-        summary = summarize_level(run, cpu_count)
-        out[concurrency] = summary
-        log.info(
-            "%s c%d: %.1f feeds/s, p50 %s ms, p99 %s ms, %d errors",
-            system,
-            concurrency,
-            summary["qps"],
-            _fmt(summary["p50_ms"]),
-            _fmt(summary["p99_ms"]),
-            summary["errors"],
-        )
-    return out
+    )
+    summary = summarize_level(run, cpu_count)
+    log.info(
+        "%s c%d: %.1f feeds/s (%.1f full), p50 %s ms, p99 %s ms, %d errors",
+        system,
+        concurrency,
+        summary["qps"],
+        summary["full_qps"],
+        _fmt(summary["p50_ms"]),
+        _fmt(summary["p99_ms"]),
+        summary["errors"],
+    )
+    return summary
 
 
 # --- servers -------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def mesh_running(config: BenchConfig) -> Iterator[tuple[str, list[int]]]:
-    """The local mesh for the run: (gateway address, service pids); stopped on exit."""
+def mesh_running(config: BenchConfig) -> Iterator[tuple[str, dict[str, int]]]:
+    """The local mesh for the run: (gateway address, service pids by name); stopped on
+    exit."""
     from tools.mesh import Mesh, MeshConfig, MeshError
 
     mesh_config = MeshConfig(
@@ -732,14 +792,37 @@ def mesh_running(config: BenchConfig) -> Iterator[tuple[str, list[int]]]:
     except MeshError as err:
         raise BenchError(f"the mesh did not start: {err}") from err
     with mesh:
-        yield mesh.addresses["gateway"], list(mesh.pids.values())
+        yield mesh.addresses["gateway"], mesh.pids
+
+
+@contextlib.contextmanager
+def floor_running(config: BenchConfig) -> Iterator[tuple[str, dict[str, int]]]:
+    """The floor chain (``tools.floor``), started by the same supervisor as the mesh under
+    ``<home>/run/floor``: (its gateway's address, pids by name); stopped on exit."""
+    from contract.features import FEATURE_SCHEMA
+    from tools.mesh import SERVICES, Mesh, MeshConfig, MeshError
+
+    command = [sys.executable, "-m", "tools.floor"]
+    size = ["--candidates", str(config.candidates), "--width", str(len(FEATURE_SCHEMA))]
+    floor_config = MeshConfig(
+        home=config.paths.home / "run" / "floor",
+        model="0",  # no bundle: nothing to resolve
+        commands={name: [*command, name, *size] for name in SERVICES},
+    )
+    try:
+        floor = Mesh.start(floor_config)
+    except MeshError as err:
+        raise BenchError(f"the floor did not start: {err}") from err
+    with floor:
+        yield floor.addresses["gateway"], floor.pids
 
 
 @contextlib.contextmanager
 def reference_running(
     config: BenchConfig, timeout: float = 180.0
-) -> Iterator[tuple[str, list[int]]]:
-    """``python -m tools.reference`` on a free port: (address, [pid]); SIGTERM on exit.
+) -> Iterator[tuple[str, dict[str, int]]]:
+    """``python -m tools.reference`` on a free port: (address, {"reference": pid});
+    SIGTERM on exit.
 
     Its output goes to ``<home>/run/logs/reference.log``; the READY line is read from there.
     """
@@ -767,7 +850,7 @@ def reference_running(
         )
     try:
         port = _await_ready(proc, log_path, timeout)
-        yield f"127.0.0.1:{port}", [proc.pid]
+        yield f"127.0.0.1:{port}", {"reference": proc.pid}
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -849,24 +932,51 @@ def format_table(report: Mapping[str, Any]) -> str:
             "the client and with any other work on the machine (other CPU s below)"
         )
     header = (
-        f"{'system':<10}{'conc':>5}{'feeds/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
-        f"{'max ms':>9}{'errors':>8}{'degr %':>8}{'client':>8}{'server':>8}{'other':>7}"
+        f"{'system':<10}{'conc':>5}{'feeds/s':>9}{'full/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
+        f"{'p99 ms':>9}{'max ms':>9}{'errors':>8}{'degr %':>8}{'cpu/feed':>9}{'client':>8}"
+        f"{'other':>7}"
     )
     lines += ["", header, "-" * len(header)]
-    for system in ("homefeed", "reference"):
-        for level in report[system].values():
+    for system in ("floor", "homefeed", "reference"):
+        for level in report.get(system, {}).values():
             lines.append(
                 f"{system:<10}{level['concurrency']:>5}{level['qps']:>9.1f}"
+                f"{level['full_qps']:>9.1f}"
                 f"{_fmt(level['p50_ms']):>9}{_fmt(level['p95_ms']):>9}"
                 f"{_fmt(level['p99_ms']):>9}{_fmt(level['max_ms'], 1):>9}"
                 f"{level['errors']:>8}{100 * level['degraded_share']:>8.1f}"
-                f"{_fmt(level['client_cpu_s'], 1):>8}"
-                f"{_fmt(level['server_cpu_s'], 1):>8}{_fmt(level.get('other_cpu_s'), 1):>7}"
+                f"{_fmt(level['server_cpu_ms_per_full_feed']):>9}"
+                f"{_fmt(level['client_cpu_s'], 1):>8}{_fmt(level.get('other_cpu_s'), 1):>7}"
             )
     lines.append(
-        "(feeds/s: OK pages, degraded ones included; degr %: pages served with a fallback; "
-        "client/server/other: CPU seconds over the level's window)"
+        "(feeds/s: OK pages; full/s: those with no fallback; degr %: pages served with a "
+        "fallback; cpu/feed: server CPU ms per full page; client/other: CPU seconds over the "
+        "level's window)"
     )
+    by_process = {
+        f"c{level['concurrency']}": level["cpu_ms_per_feed_by_process"]
+        for level in report["homefeed"].values()
+        if level.get("cpu_ms_per_feed_by_process")
+    }
+    if by_process:
+        lines.append(
+            "homefeed CPU ms per feed by process: "
+            + "; ".join(
+                f"{c}: " + ", ".join(f"{n} {_fmt(v)}" for n, v in figures.items())
+                for c, figures in by_process.items()
+            )
+        )
+    if report.get("ratios"):
+        lines += [
+            "",
+            f"{'homefeed / floor':<18}{'p50':>7}{'p99':>7}{'cpu/full feed':>15}"
+            f"{'full feeds/s':>14}",
+        ]
+        for level, r in report["ratios"].items():
+            lines.append(
+                f"{level:<18}{_fmt(r['p50']):>7}{_fmt(r['p99']):>7}"
+                f"{_fmt(r['server_cpu_per_full_feed']):>15}{_fmt(r['full_qps']):>14}"
+            )
     degraded = {
         f"{system} c{level['concurrency']}": level["degraded_by"]
         for system in ("homefeed", "reference")
@@ -927,24 +1037,31 @@ def run(config: BenchConfig) -> dict[str, Any]:
     started = datetime.now(UTC)
     wall0 = time.perf_counter()
     load_before = os.getloadavg()
-    payloads = load_requests(config)
+    payloads = itertools.cycle(load_requests(config))
     homefeed: dict[int, dict[str, Any]] = {}
+    floor: dict[int, dict[str, Any]] = {}
     reference: dict[int, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     if config.levels:
         t0 = time.perf_counter()
         with mesh_running(config) as (address, pids):
             timings["mesh_start_s"] = time.perf_counter() - t0
-            homefeed = run_levels(
-                "homefeed", address, payloads, config.levels, config, pids, cpu_count
-            )
+            t0 = time.perf_counter()
+            with floor_running(config) as (floor_address, floor_pids):
+                timings["floor_start_s"] = time.perf_counter() - t0
+                for c in config.levels:  # side by side: the same machine for both
+                    floor[c] = run_level(
+                        "floor", floor_address, payloads, c, config, floor_pids, cpu_count
+                    )
+                    homefeed[c] = run_level(
+                        "homefeed", address, payloads, c, config, pids, cpu_count
+                    )
     if config.reference_levels:
         t0 = time.perf_counter()
         with reference_running(config) as (address, pids):
             timings["reference_start_s"] = time.perf_counter() - t0
-            reference = run_levels(
-                "reference", address, payloads, config.reference_levels, config, pids, cpu_count
-            )
+            for c in config.reference_levels:
+                reference[c] = run_level("reference", address, payloads, c, config, pids, cpu_count)
     timings["total_s"] = time.perf_counter() - wall0
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -961,7 +1078,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             "client_cpu_s, server_cpu_s and other_cpu_s per level, and load_average",
         ],
     }
-    report = build_report(config, homefeed, reference, cpu_count, meta)
+    report = build_report(config, homefeed, reference, cpu_count, meta, floor)
     write_report(report, config.out_path)
     return report
 

@@ -1,4 +1,6 @@
-"""numpy float32 matrices to and from ``homefeed.common.v1.FloatMatrix``.
+"""numpy arrays into protobuf repeated fields without a Python object per element:
+float32 matrices to and from ``homefeed.common.v1.FloatMatrix``, and ``extend_packed`` for
+any packed repeated numeric field.
 
 Measured on this machine (protobuf 7.36 upb, numpy 2.4), a 500 x 40 float32 matrix:
 
@@ -11,12 +13,18 @@ Measured on this machine (protobuf 7.36 upb, numpy 2.4), a 500 x 40 float32 matr
 
 The write path encodes field 3 in protobuf's packed wire format (tag, varint byte length,
 little-endian float32s) and lets the parser merge it: the bytes are exactly what
-``values=X.ravel().tolist()`` serializes to, NaN payloads and -0.0 included.
+``values=X.ravel().tolist()`` serializes to, NaN payloads and -0.0 included. The same trick
+for a 500-entry float field: 1.5 us against 15 us for ``extend(a.tolist())``; for varint
+fields (bool, enum, small ints) it applies when every value is in 0..127, one byte each.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from homefeed.common.v1 import common_pb2
 
 from services.common.errors import InvalidArgument
@@ -31,6 +39,56 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_FIXED = {FieldDescriptor.TYPE_FLOAT: "<f4", FieldDescriptor.TYPE_DOUBLE: "<f8"}
+_VARINT = frozenset(
+    {
+        FieldDescriptor.TYPE_BOOL,
+        FieldDescriptor.TYPE_ENUM,
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+    }
+)
+_FIELDS: dict[tuple[Any, str], tuple[bytes, str | None, bool]] = {}
+
+
+def _field(message: Message, field: str) -> tuple[bytes, str | None, bool]:
+    """(tag, fixed-width dtype or None, varint) of a packed repeated numeric field."""
+    key = (message.DESCRIPTOR, field)
+    found = _FIELDS.get(key)
+    if found is None:
+        fd = message.DESCRIPTOR.fields_by_name[field]
+        if not (fd.is_repeated and fd.is_packed) or (
+            fd.type not in _FIXED and fd.type not in _VARINT
+        ):
+            raise TypeError(
+                f"{message.DESCRIPTOR.name}.{field} is not a packed repeated number field"
+            )
+        found = _FIELDS[key] = (
+            bytes([(fd.number << 3) | 2]) if fd.number < 16 else _varint((fd.number << 3) | 2),
+            _FIXED.get(fd.type),
+            fd.type in _VARINT,
+        )
+    return found
+
+
+def extend_packed(message: Message, field: str, values: np.ndarray) -> None:
+    """Append ``values`` (1-D) to the packed repeated numeric ``field`` of ``message``, as
+    ``getattr(message, field).extend(values.tolist())`` would, with the same bytes."""
+    if not len(values):
+        return
+    tag, dtype, varint = _field(message, field)
+    if dtype is not None:
+        data = np.ascontiguousarray(values, dtype=dtype).tobytes()
+    elif varint and (values.dtype == np.bool_ or (values.min() >= 0 and values.max() < 0x80)):
+        data = values.astype(np.uint8).tobytes()
+    else:
+        getattr(message, field).extend(values.tolist())
+        return
+    message.MergeFromString(tag + _varint(len(data)) + data)
 
 
 def to_float_matrix(X: np.ndarray, schema_hash: str) -> common_pb2.FloatMatrix:

@@ -12,6 +12,7 @@ A service's ``server.py`` is then only its own wiring::
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -106,6 +107,7 @@ def serve(
     port, executor = _built.get(server, (settings.port, None))
     previous = _install_signal_handlers(stop)
     try:
+        _freeze_start_up_heap()
         server.start()
         log.info("listening", extra={"port": port, "host": settings.host})
         sys.stdout.write(READY_LINE.format(port=port) + "\n")
@@ -126,6 +128,15 @@ def serve(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _freeze_start_up_heap() -> None:
+    """Move everything start-up allocated (Feast, MLflow, the bundle: hundreds of thousands
+    of objects that live as long as the process) out of the cyclic garbage collector's
+    reach. Otherwise every full collection walks all of them, which shows as CPU per request
+    and as latency spikes; the requests' own garbage is still collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 _Handler = Callable[[int, FrameType | None], object] | int | None

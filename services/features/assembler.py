@@ -4,7 +4,8 @@ matrix by ``contract.features.build_matrix``, the function training used.
 Every column is defined as in a training row (``training.dataset``):
 
 - user views (user_profile, user_category_affinity, user_seller_recency,
-  user_recent_activity): read once per request; a missing row or value takes
+  user_recent_activity): as retrieval read them for the feed and the request carries them
+  (``services.common.users``), else read here once; a missing row or value takes
   ``feature_repo.schema.DEFAULTS`` (else 0 / "unknown"), as ``fill_defaults`` does. The user
   is *known* when a user_profile row exists.
 - ``category_affinity_for_item``: the user's affinity vector at the item's item_stats
@@ -31,34 +32,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from contract import columns as C
 from contract.features import DAY_OF_WEEK, FEATURE_SCHEMA, HOUR, INPUT_COLUMNS, build_matrix
 from feature_repo import schema as S
-from services.common.errors import FailedPrecondition
-from services.features.items import (
-    IN_STOCK,
-    ITEM_FEATURES,
-    SELLER_IS_NEW,
-    ItemSnapshot,
-    decode_value,
-    default_value,
-)
-
-if TYPE_CHECKING:
-    from feast import FeatureStore
-
+from services.common.errors import FailedPrecondition, Unavailable
+from services.common.online import default_value
+from services.common.users import USER_VIEWS, UserReader
+from services.features.items import IN_STOCK, ITEM_FEATURES, SELLER_IS_NEW, ItemSnapshot
 
 MAX_ITEMS = 2000
-USER_VIEWS = (
-    S.USER_PROFILE,
-    S.USER_CATEGORY_AFFINITY,
-    S.USER_SELLER_RECENCY,
-    S.USER_RECENT_ACTIVITY,
-)
 # the user's scalar features: every user-view feature but the lists reduced per item
 USER_FEATURES: dict[str, str] = {
     name: kind
@@ -110,54 +96,26 @@ class UserFeatures:
                 if name in values and value is not None:
                     values[name] = value
         vector = (rows.get(S.USER_CATEGORY_AFFINITY) or {}).get(S.AFFINITY_VECTOR)
-        affinity = np.asarray(vector, dtype=np.float32) if vector else None
+        affinity = (
+            np.asarray(vector, dtype=np.float32) if vector is not None and len(vector) else None
+        )
         recency = rows.get(S.USER_SELLER_RECENCY) or {}
+        sellers, days = recency.get(S.RECENT_SELLERS), recency.get(S.RECENT_SELLER_DAYS)
         # Redis answers a user it does not hold with a row of nulls, SQLite with no row
         profile = rows.get(S.USER_PROFILE) or {}
         return cls(
             any(value is not None for value in profile.values()),
             values,
             affinity,
-            np.asarray(recency.get(S.RECENT_SELLERS) or (), dtype=np.int64),
-            np.asarray(recency.get(S.RECENT_SELLER_DAYS) or (), dtype=np.float32),
+            np.asarray(sellers if sellers is not None else (), dtype=np.int64),
+            np.asarray(days if days is not None else (), dtype=np.float32),
         )
-
-
-class UserReader(Protocol):
-    def read(self, user_id: int) -> UserFeatures: ...
 
 
 class ItemSource(Protocol):
     """Where the current item table comes from (an ``items.ItemStore``)."""
 
     def snapshot(self) -> ItemSnapshot: ...
-
-
-class FeastUserReader:
-    """The user views of one user through the provider's ``online_read``: one call per view
-    (Feast reads one view per call), 0.12 ms p50 for the four views on sim-small, of which
-    user_seller_recency's lists take 0.03 ms; ``get_online_features`` takes 0.8 ms for the
-    three others alone. ``items``' SQLite fast path is for bulk item reads of numbers."""
-
-    def __init__(self, store: FeatureStore) -> None:
-        self.store = store
-        self._provider = store._get_provider()
-        self._tables = [
-            (view, store.get_feature_view(view, allow_registry_cache=True)) for view in USER_VIEWS
-        ]
-
-    def read(self, user_id: int) -> UserFeatures:
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
-        key = [EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=user_id)])]
-        rows: dict[str, dict[str, Any] | None] = {}
-        for view, table in self._tables:
-            ((_, values),) = self._provider.online_read(
-                config=self.store.config, table=table, entity_keys=key
-            )
-            rows[view] = None if not values else {n: decode_value(v) for n, v in values.items()}
-        return UserFeatures.from_rows(rows)
 
 
 @dataclass(frozen=True)
@@ -239,6 +197,16 @@ class Assembler:
         self.items = items
         self.users = users
 
+    def read_user(self, user_id: int) -> UserFeatures:
+        """The user's features from the online store (when the request did not carry them);
+        Unavailable when the store cannot be read."""
+        try:
+            return UserFeatures.from_rows(self.users.read(user_id))
+        except Exception as err:
+            raise Unavailable(
+                f"the online store failed to read user {user_id}: {type(err).__name__}: {err}"
+            ) from err
+
     @property
     def schema_hash(self) -> str:
         return self.schema.hash
@@ -273,11 +241,12 @@ class Assembler:
         columns[C.SURFACE] = context.surface
         return columns
 
-    def assemble(self, user_id: int, item_ids: np.ndarray, context: RequestContext) -> Features:
-        """The features of ``item_ids`` (int64, validated) for ``user_id``."""
+    def assemble(
+        self, user: UserFeatures, item_ids: np.ndarray, context: RequestContext
+    ) -> Features:
+        """The features of ``item_ids`` (int64, validated) for ``user``."""
         snap = self.items.snapshot()
         rows = snap.index.rows(item_ids)
-        user = self.users.read(user_id)
         matrix = build_matrix(self.columns(snap, rows, user, context))
         features = snap.features
         return Features(

@@ -8,6 +8,7 @@ import logging
 import time
 
 import grpc
+import numpy as np
 from grpc_health.v1.health import HealthServicer
 from homefeed.features.v1 import features_pb2, features_pb2_grpc
 
@@ -17,9 +18,11 @@ from contract.catalog import Catalog
 from contract.feature_store import open_store
 from contract.heuristic import Heuristic
 from services.common.bundles import RegistryError, resolve_bundle
+from services.common.online import open_reader
 from services.common.server import Started, StartupError, build_server, run_service
-from services.features.assembler import Assembler, FeastUserReader
-from services.features.items import ItemStore, materialization_marker, open_reader
+from services.common.users import UserReader, open_user_reader
+from services.features.assembler import Assembler
+from services.features.items import ITEM_VIEWS, ItemStore, materialization_marker
 from services.features.settings import SERVICE, FeaturesSettings
 
 log = logging.getLogger(__name__)
@@ -27,7 +30,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME: str = features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name
 
 
-def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, FeastUserReader, str]:
+def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, UserReader, str]:
     """The loaded item table (refresher not started), the user reader and the version of the
     bundle whose catalogue it serves; StartupError naming what is missing otherwise."""
     paths = settings.paths
@@ -51,7 +54,9 @@ def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, FeastUserRea
         redis=settings.redis,
         offline=False,
     )
-    reader, fallback = open_reader(store, catalog.item_ids, fast_path=settings.sqlite_fast_path)
+    reader, fallback = open_reader(
+        store, catalog.item_ids, ITEM_VIEWS, fast_path=settings.sqlite_fast_path
+    )
     items = ItemStore(
         reader,
         catalog,
@@ -75,7 +80,7 @@ def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, FeastUserRea
             "recency_days": heuristic.recency_days,
         },
     )
-    return items, FeastUserReader(store), resolved.version
+    return items, open_user_reader(store, np.arange(64)), resolved.version
 
 
 def _build(
@@ -83,8 +88,8 @@ def _build(
 ) -> tuple[grpc.Server, int, ItemStore, HealthServicer]:
     from services.features.servicer import FeaturesServicer
 
-    items, users, _ = load_item_store(settings)  # before build_server, which reports SERVING
-    servicer = FeaturesServicer(Assembler(items, users))
+    items, users, version = load_item_store(settings)  # before build_server: SERVING
+    servicer = FeaturesServicer(Assembler(items, users), model_version=version)
     try:
         server, port, health = build_server(
             settings.server,

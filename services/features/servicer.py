@@ -18,8 +18,15 @@ from services.common.errors import (
     check_request_id,
     check_surface,
 )
-from services.common.matrix import to_float_matrix
-from services.features.assembler import MAX_ITEMS, Assembler, RequestContext, first_duplicate
+from services.common.matrix import extend_packed, to_float_matrix
+from services.common.users import from_proto
+from services.features.assembler import (
+    MAX_ITEMS,
+    Assembler,
+    RequestContext,
+    UserFeatures,
+    first_duplicate,
+)
 
 _SURFACE_NAME = {common_pb2.SURFACE_HOME: "HOME", common_pb2.SURFACE_CHECKOUT: "CHECKOUT"}
 
@@ -27,8 +34,9 @@ _SURFACE_NAME = {common_pb2.SURFACE_HOME: "HOME", common_pb2.SURFACE_CHECKOUT: "
 class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     """GetFeatures: validate, assemble with the current item table, respond."""
 
-    def __init__(self, assembler: Assembler) -> None:
+    def __init__(self, assembler: Assembler, model_version: str = "") -> None:
         self.assembler = assembler
+        self.model_version = model_version  # the bundle whose catalogue is served
 
     def GetFeatures(
         self, request: features_pb2.GetFeaturesRequest, context: grpc.ServicerContext
@@ -45,17 +53,24 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         surface = _SURFACE_NAME[check_surface(request.surface)]
         self.assembler.check_schema_hash(request.schema_hash)
         when = check_context(request.context)
+        user = (
+            UserFeatures.from_rows(from_proto(request.user))
+            if request.HasField("user")
+            else self.assembler.read_user(user_id)
+        )
 
-        out = self.assembler.assemble(user_id, item_ids, RequestContext.at(when, surface))
+        out = self.assembler.assemble(user, item_ids, RequestContext.at(when, surface))
         response = features_pb2.GetFeaturesResponse(
             features=to_float_matrix(out.matrix, self.assembler.schema_hash),
             known_user=out.known_user,
+            model_version=self.model_version,
         )
-        response.available.extend(out.available.tolist())
-        response.values.extend(out.values.tolist())
-        response.prices.extend(out.prices.tolist())
+        extend_packed(response, "available", out.available)
+        extend_packed(response, "values", out.values)
+        extend_packed(response, "prices", out.prices)
         response.categories.extend(out.categories.tolist())
-        response.new_seller.extend(out.new_seller.tolist())
-        response.heuristic_scores.extend(out.heuristic_scores.tolist())
-        response.feature_names.extend(self.assembler.feature_names)
+        extend_packed(response, "new_seller", out.new_seller)
+        extend_packed(response, "heuristic_scores", out.heuristic_scores)
+        if request.include_feature_names:
+            response.feature_names.extend(self.assembler.feature_names)
         return response

@@ -25,9 +25,8 @@ from homefeed.features.v1 import features_pb2, features_pb2_grpc
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
-from services.common.errors import InvalidArgument
 from services.common.interceptors import REQUEST_ID_KEY
-from services.common.matrix import from_float_matrix, to_float_matrix
+from services.common.matrix import extend_packed
 
 EXPLORATION_SOURCE = retrieval_pb2.CANDIDATE_SOURCE_EXPLORATION
 POPULARITY_SOURCE = retrieval_pb2.CANDIDATE_SOURCE_POPULARITY
@@ -58,21 +57,25 @@ class Candidates:
     scores: np.ndarray  # float32, source-specific
     sources: np.ndarray  # int32 retrieval.v1.CandidateSource
     model_version: str = ""
+    propensities: np.ndarray | None = None  # float32: P(in the candidates), exploration only
+    exploration_pool: int = 0  # the exploration draw's eligible pool size
+    user: common_pb2.UserFeatures | None = None  # as retrieval read them: passed to features
 
 
 @dataclass(frozen=True)
 class ItemFeatures:
     """The features service's answer: row k of ``matrix`` and entry k of every array
-    describe the k-th requested item."""
+    describe the k-th requested item. The gateway never reads the matrix: it forwards the
+    message to ranking as it came."""
 
-    matrix: np.ndarray  # float32 (items, schema width)
-    schema_hash: str
+    matrix: common_pb2.FloatMatrix  # (items, schema width), schema_hash set
     available: np.ndarray  # bool: False = out of stock, delisted or unknown
     values: np.ndarray  # float32 price x margin
     prices: np.ndarray  # float32
     categories: np.ndarray  # int32
     new_seller: np.ndarray  # bool
     heuristic_scores: np.ndarray  # float32
+    model_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,14 @@ class RetrievalClient(Protocol):
 
 class FeaturesClient(Protocol):
     def get_features(
-        self, request: FeedRequest, item_ids: np.ndarray, timeout_s: float
+        self,
+        request: FeedRequest,
+        item_ids: np.ndarray,
+        timeout_s: float,
+        user: common_pb2.UserFeatures | None = None,
     ) -> ItemFeatures:
-        """Features and item facts of ``item_ids`` (unique), in their order."""
+        """Features and item facts of ``item_ids`` (unique), in their order; ``user``: the
+        user's online features when retrieval read them (else the service reads them)."""
         ...
 
 
@@ -103,12 +111,13 @@ class RankingClient(Protocol):
         self,
         request: FeedRequest,
         item_ids: np.ndarray,
-        matrix: np.ndarray,
-        schema_hash: str,
+        matrix: common_pb2.FloatMatrix,
+        row_mask: np.ndarray | None,
         values: np.ndarray,
         timeout_s: float,
     ) -> Scores:
-        """p(purchase) and E[GMV] of each row of ``matrix``."""
+        """p(purchase) and E[GMV] of the rows of ``matrix`` that ``row_mask`` keeps (None:
+        every row); ``item_ids`` and ``values`` describe those rows."""
         ...
 
 
@@ -137,6 +146,7 @@ class GrpcRetrieval:
             n=n,
             surface=request.surface,
             context=request.context,
+            include_user_features=True,
         )
         message.exclude_item_ids.extend(cart)
         message.cart_item_ids.extend(cart)
@@ -144,8 +154,19 @@ class GrpcRetrieval:
         ids = np.array(response.item_ids, dtype=np.int64)
         scores = np.array(response.scores, dtype=np.float32)
         sources = np.array(response.sources, dtype=np.int32)
-        _check_lengths("Retrieve", len(ids), scores=scores, sources=sources)
-        return Candidates(ids, scores, sources, response.model_version)
+        propensities = np.array(response.propensities, dtype=np.float32)
+        _check_lengths(
+            "Retrieve", len(ids), scores=scores, sources=sources, propensities=propensities
+        )
+        return Candidates(
+            ids,
+            scores,
+            sources,
+            response.model_version,
+            propensities,
+            response.exploration_pool,
+            response.user if response.HasField("user") else None,
+        )
 
 
 class GrpcFeatures:
@@ -156,36 +177,42 @@ class GrpcFeatures:
         self._stub = features_pb2_grpc.FeaturesServiceStub(channel)
 
     def get_features(
-        self, request: FeedRequest, item_ids: np.ndarray, timeout_s: float
+        self,
+        request: FeedRequest,
+        item_ids: np.ndarray,
+        timeout_s: float,
+        user: common_pb2.UserFeatures | None = None,
     ) -> ItemFeatures:
         message = features_pb2.GetFeaturesRequest(
             request_id=request.request_id,
             user_id=request.user_id,
             surface=request.surface,
             context=request.context,
+            user=user,
         )
         message.item_ids.extend(item_ids.tolist())
         response = self._stub.GetFeatures(message, timeout=timeout_s, metadata=_metadata(request))
         n = len(item_ids)
-        try:
-            matrix = from_float_matrix(response.features)
-        except InvalidArgument as err:
-            raise DownstreamError(f"GetFeatures: {err}") from None
+        matrix = response.features
+        if matrix.rows != n or len(matrix.values) != n * matrix.cols or not matrix.cols:
+            raise DownstreamError(
+                f"GetFeatures: a {matrix.rows} x {matrix.cols} matrix of {len(matrix.values)} "
+                f"values for {n} items"
+            )
         out = ItemFeatures(
             matrix=matrix,
-            schema_hash=response.features.schema_hash,
             available=np.array(response.available, dtype=bool),
             values=np.array(response.values, dtype=np.float32),
             prices=np.array(response.prices, dtype=np.float32),
             categories=np.array(response.categories, dtype=np.int32),
             new_seller=np.array(response.new_seller, dtype=bool),
             heuristic_scores=np.array(response.heuristic_scores, dtype=np.float32),
+            model_version=response.model_version,
         )
         _check_lengths(
             "GetFeatures",
             n,
             **{
-                "features.rows": matrix,
                 "available": out.available,
                 "values": out.values,
                 "prices": out.prices,
@@ -207,18 +234,18 @@ class GrpcRanking:
         self,
         request: FeedRequest,
         item_ids: np.ndarray,
-        matrix: np.ndarray,
-        schema_hash: str,
+        matrix: common_pb2.FloatMatrix,
+        row_mask: np.ndarray | None,
         values: np.ndarray,
         timeout_s: float,
     ) -> Scores:
         message = ranking_pb2.RankRequest(
-            request_id=request.request_id,
-            user_id=request.user_id,
-            features=to_float_matrix(matrix, schema_hash),
+            request_id=request.request_id, user_id=request.user_id, features=matrix
         )
         message.item_ids.extend(item_ids.tolist())
-        message.values.extend(values.tolist())
+        extend_packed(message, "values", values)
+        if row_mask is not None:
+            extend_packed(message, "row_mask", row_mask)
         response = self._stub.Rank(message, timeout=timeout_s, metadata=_metadata(request))
         p = np.array(response.p_purchase, dtype=np.float32)
         egmv = np.array(response.egmv, dtype=np.float32)

@@ -8,25 +8,29 @@ Per request (``FeedPipeline.run``):
    is 30 %, features' 40 %, ranking's the whole budget (what is left), and ``reserve`` keeps
    a few milliseconds for re-ranking and the response. A hop with less than ``min_hop_s``
    left is not called: it counts as timed out.
-2. **Retrieve** ``candidates`` items excluding the cart. Fallback (failure, timeout, open
-   breaker): the bundle's popularity list of the request's (country, device), flag
-   DEGRADATION_RETRIEVAL.
+2. **Retrieve** ``candidates`` items excluding the cart, and the user's online features as
+   retrieval read them. Fallback (failure, timeout, open breaker): the bundle's popularity
+   list of the request's (country, device), flag DEGRADATION_RETRIEVAL.
 3. **Filter** the cart's items and repeated ids out (retrieval was asked to exclude the
    cart, and the popularity list was not).
-4. **Features** of the remaining candidates, then drop every row that is not ``available``
-   (out of stock, delisted, unknown): such an item is never served. Fallback: no item facts,
+4. **Features** of the remaining candidates (with the user's features, so the service does
+   not read them again), then drop every row that is not ``available`` (out of stock,
+   delisted, unknown): such an item is never served. Fallback: no item facts,
    so candidates in retrieval order with reason POPULAR (popularity source), CART_SIMILAR
    (content source) or HEURISTIC, flag DEGRADATION_FEATURES; ranking is skipped. Retrieval
    is then the only stock filter.
-5. **Rank** the available rows (the matrix is sliced only when a row was dropped). Fallback:
+5. **Rank** the available rows: the features service's matrix goes to ranking as it came
+   (the gateway never decodes it), with a row mask when a row was dropped. Fallback:
    heuristic-score order, reason HEURISTIC, E[GMV] 0, empty model version, flag
    DEGRADATION_RANKING.
-6. **Re-rank** (``rerank.py``): category cap, new-seller share, epsilon-exploration with
-   propensities, seeded by the request id.
+6. **Re-rank** (``rerank.py``): category cap, new-seller share, exploration over retrieval's
+   exploration draw with exact propensities, the coins seeded by the request id.
+
+Every hop reports the bundle version it serves; a page whose hops disagree with the
+gateway's version is flagged (``version_skew``) and logged.
 
 Filtering happens before ranking rather than after: the features service may send NaN
-values for unknown items, which ranking refuses for the whole request. Slicing a 500 x 40
-float32 matrix costs a few microseconds, less than scoring the rows that would be dropped.
+values for unknown items, which ranking refuses for the whole request.
 
 Every array of item ids is int64 end to end; no Python loop runs over the candidates.
 """
@@ -167,6 +171,7 @@ class FeedPage:
     arm: str
     degraded: tuple[int, ...]  # feed.v1.Degradation
     candidates: int  # retrieved (or popularity) candidates before filtering
+    version_skew: bool = False  # the hops that answered serve different bundle versions
     times: StageTimes = field(default_factory=StageTimes)
 
 
@@ -209,6 +214,7 @@ class FeedPipeline:
         breakers: Mapping[str, CircuitBreaker] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         on_close: Callable[[], None] | None = None,
+        model_version: str = "",
     ) -> None:
         self.retrieval = retrieval
         self.features = features
@@ -221,6 +227,7 @@ class FeedPipeline:
         if missing:
             raise ValueError(f"breakers must include {', '.join(sorted(missing))}")
         self.clock = clock
+        self.model_version = model_version  # the bundle the gateway and the mesh serve
         self.timers = StageTimers()
         self._on_close = on_close
 
@@ -312,7 +319,7 @@ class FeedPipeline:
             facts = self._call(
                 FEATURES,
                 request,
-                lambda t: self.features.get_features(request, ids, t),
+                lambda t: self.features.get_features(request, ids, t, found.user),
                 self._timeout(deadline, budget, cfg.features_share, cfg.features_cap_s),
             )
             if facts is None:
@@ -322,6 +329,7 @@ class FeedPipeline:
 
         ranked = None
         categories = new_seller = None
+        versions = [found.model_version]
         if facts is None:
             order_scores = None
             base = np.full(len(ids), R.HEURISTIC, dtype=np.int32)
@@ -329,17 +337,15 @@ class FeedPipeline:
             base[sources == CONTENT_SOURCE] = R.CART_SIMILAR
             egmv = np.zeros(len(ids), dtype=np.float32)
         else:
+            versions.append(facts.model_version)
             available = facts.available
-            matrix, values = facts.matrix, facts.values
-            heuristic, categories, new_seller = (
-                facts.heuristic_scores,
-                facts.categories,
-                facts.new_seller,
-            )
-            if not available.all():
+            values, heuristic = facts.values, facts.heuristic_scores
+            categories, new_seller = facts.categories, facts.new_seller
+            row_mask = None
+            if not available.all():  # ranking gets the whole matrix and this mask
+                row_mask = available
                 ids, scores, sources = ids[available], scores[available], sources[available]
-                matrix, values = matrix[available], values[available]
-                heuristic = heuristic[available]
+                values, heuristic = values[available], heuristic[available]
                 categories, new_seller = categories[available], new_seller[available]
             t4 = clock()
             times.filter += (t4 - t3) * 1e3
@@ -347,12 +353,13 @@ class FeedPipeline:
                 ranked = self._call(
                     RANKING,
                     request,
-                    lambda t: self.ranking.rank(request, ids, matrix, facts.schema_hash, values, t),
+                    lambda t: self.ranking.rank(request, ids, facts.matrix, row_mask, values, t),
                     self._timeout(deadline, budget, 1.0, cfg.ranking_cap_s),
                 )
                 if ranked is None:
                     degraded.append(feed_pb2.DEGRADATION_RANKING)
             if ranked is not None:
+                versions.append(ranked.model_version)
                 order_scores = scores = ranked.egmv
                 egmv = ranked.egmv
                 base = np.full(len(ids), R.RANKED, dtype=np.int32)
@@ -375,11 +382,13 @@ class FeedPipeline:
             scores=order_scores,
             categories=categories,
             new_seller=new_seller,
-            preferred=sources == EXPLORATION_SOURCE,
+            exploration=sources == EXPLORATION_SOURCE,
+            pool_size=found.exploration_pool,
             rng=rng,
         )
         slots = page.index
         times.rerank = (clock() - t5) * 1e3
+        skew = self.version_skew(versions, request)
         return FeedPage(
             request_id=request.request_id,
             item_ids=ids[slots],
@@ -391,8 +400,26 @@ class FeedPipeline:
             arm=cfg.arm,
             degraded=tuple(degraded),
             candidates=retrieved,
+            version_skew=skew,
             times=times,
         )
+
+    def version_skew(self, versions: list[str], request: FeedRequest) -> bool:
+        """True when a hop that answered serves another bundle version than the gateway's
+        (logged: a half-finished rollout or a misconfiguration, worth a look)."""
+        if not self.model_version:
+            return False
+        other = [v for v in versions if v and v != self.model_version]
+        if other:
+            log.warning(
+                "hops serve another model version than the gateway",
+                extra={
+                    "request_id": request.request_id,
+                    "gateway_version": self.model_version,
+                    "versions": versions,
+                },
+            )
+        return bool(other)
 
 
 def _describe(err: BaseException) -> str:

@@ -30,27 +30,27 @@ parallel arrays. Items are referred to by their index ``0..n-1`` in those arrays
    regardless when none does: the exposure share wins over diversity). Promoted items get
    reason NEW_SELLER; the displaced items move to just below the page, in their order.
 
-3. **Exploration** (``epsilon``). Slots are filled top to bottom. For each slot a coin
-   with P(heads) = epsilon decides: heads, the slot goes to an item drawn uniformly from
-   the *pool*; tails, to the best not-yet-placed item of the order from rules 0-2. The pool
-   is the not-yet-placed candidates that retrieval sampled for exploration (source
-   EXPLORATION) when any is left, else all not-yet-placed candidates. Explored slots get
-   reason EXPLORATION. Explored items can break rules 1 and 2 on the page; the
-   deterministic order still satisfies them.
+3. **Exploration** (``epsilon``). The candidates retrieval drew for exploration (source
+   EXPLORATION: the first ``k`` of a uniformly random ordering of its eligible pool of
+   ``|E|`` items, ``k`` at most ~10, none of them in the ranked candidates) never take a
+   slot of the deterministic order of rules 0-2. Slots are filled top to bottom; for each, a
+   coin with P(heads) = epsilon decides: heads, the slot takes the next exploration
+   candidate in retrieval's order; tails, the best not-yet-placed item of the
+   deterministic order. When one list is used up, the other fills the remaining slots.
+   Explored slots get reason EXPLORATION.
 
-**Propensity.** The logged propensity of slot ``s`` is the probability that the policy
-puts the item it placed there in slot ``s``, given the items placed in slots ``1..s-1``
-(the request's candidates fixed)::
+**Propensity.** The logged propensity of a slot is the exact probability that the policy
+shows that item in that slot, over the coins and retrieval's draw (the request, its ranked
+candidates and the eligible pool fixed). With ``t`` the number of explored slots above
+slot ``s`` (a Markov chain over the coins, computed exactly in ``slot_probabilities``):
 
-    p_s(i) = (1 - epsilon) x [i is the best not-yet-placed item]
-             + epsilon x [i in pool_s] / |pool_s|
+    deterministic item r (0-based in the order):  P(t = s - r before s) x P(tails | t, s)
+    exploration item j:                            P(slot s explores) / |E|
 
-It depends only on which item was placed, not on how the coin fell: an explored draw that
-happens to pick the deterministic item gets ``1 - epsilon + epsilon / |pool_s|``, as does a
-deterministic slot whose item is in the pool. So epsilon = 0 gives 1 everywhere and
-epsilon = 1 gives ``1 / |pool_s|``; every propensity is in (0, 1], and the product over
-slots ``1..s`` is the probability of the page's first ``s`` slots, which is what a
-slot-wise or a top-k inverse-propensity estimator needs.
+since the ``t``-th exploration candidate is uniform over the eligible pool whatever ``t``
+is. So epsilon = 0 gives 1 everywhere; every propensity is in (0, 1]. An inverse-propensity
+estimator over served logs (slot by slot) is then unbiased for the whole policy, retrieval's
+draw included.
 
 The generator is seeded from the request id (``request_seed``), so a request with the same
 id and the same candidates gets the same page.
@@ -203,67 +203,66 @@ def promote_new_sellers(
     return new_order, promoted, displaced
 
 
+def slot_probabilities(
+    size: int, n_order: int, n_explore: int, epsilon: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exploration chain of a page of ``size`` slots over ``n_order`` deterministic and
+    ``n_explore`` exploration candidates: ``before[s, t]``, the probability that ``t`` slots
+    above slot ``s`` explored, and ``heads[s, t]``, the probability that slot ``s``
+    explores given that (1 when the deterministic order is used up, 0 when the exploration
+    candidates are)."""
+    before = np.zeros((size + 1, n_explore + 1), dtype=np.float64)
+    before[0, 0] = 1.0
+    heads = np.zeros((size, n_explore + 1), dtype=np.float64)
+    t = np.arange(n_explore + 1)
+    for s in range(size):
+        det_left = n_order - (s - t) > 0  # a deterministic item is left to place
+        exp_left = t < n_explore
+        heads[s] = np.where(exp_left, np.where(det_left, epsilon, 1.0), 0.0)
+        reach = before[s] * np.where(det_left | exp_left, 1.0, 0.0)
+        before[s + 1] += reach * (1.0 - heads[s])
+        before[s + 1, 1:] += (reach * heads[s])[:-1]
+    return before, heads
+
+
 def explore(
     order: np.ndarray,
+    explore_items: np.ndarray,
+    pool_size: int,
     page_size: int,
     epsilon: float,
     rng: np.random.Generator | None,
-    preferred: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rule 3: the page's items, a per-slot explored mask and the propensities.
+    """Rule 3: the page's items, a per-slot explored mask and the exact propensities.
 
-    ``preferred`` (per item) marks the exploration-source candidates. Runs of deterministic
-    slots are filled with vectorized steps; the Python loop turns once per explored slot.
+    ``order``: the deterministic order (rules 0-2, no exploration candidate in it);
+    ``explore_items``: the exploration candidates in retrieval's order; ``pool_size``: the
+    eligible pool they were drawn from (at least ``len(explore_items)``).
     """
-    n = len(order)
-    size = min(page_size, n)
+    n_order, n_explore = len(order), len(explore_items) if epsilon > 0 else 0
+    size = min(page_size, n_order + n_explore)
     if size == 0:
         empty = np.empty(0, dtype=np.int64)
         return empty, np.zeros(0, dtype=bool), np.empty(0, dtype=np.float64)
-    if epsilon == 0.0 or rng is None:
+    if n_explore == 0 or rng is None:
         return order[:size].copy(), np.zeros(size, dtype=bool), np.ones(size, dtype=np.float64)
-    coins = rng.random(size) < epsilon
-    pref = np.zeros(n, dtype=bool) if preferred is None else preferred.astype(bool, copy=False)
-    placed = np.zeros(n, dtype=bool)
+    before, heads = slot_probabilities(size, n_order, n_explore, epsilon)
+    coins = rng.random(size)
     items = np.empty(size, dtype=np.int64)
+    explored = np.zeros(size, dtype=bool)
     props = np.empty(size, dtype=np.float64)
-    pref_left = int(pref.sum())
-    cursor = 0  # positions of `order` before it hold placed items only
-    slot = 0  # also the number of items placed so far
-    for stop in [*np.flatnonzero(coins).tolist(), size]:
-        run = stop - slot
-        if run > 0:  # deterministic slots slot..stop-1
-            tail = order[cursor : cursor + run + slot]  # enough: at most `slot` are placed
-            free = np.flatnonzero(~placed[tail])[:run]
-            picked = tail[free]
-            cursor += int(free[-1]) + 1
-            left_before = (n - slot) - np.arange(run)
-            if pref_left == 0:
-                props[slot:stop] = (1.0 - epsilon) + epsilon / left_before
-            else:
-                picked_pref = pref[picked]
-                pref_before = pref_left - (np.cumsum(picked_pref) - picked_pref)
-                restricted = pref_before > 0
-                pool = np.where(restricted, pref_before, left_before)
-                in_pool = np.where(restricted, picked_pref, True)
-                props[slot:stop] = (1.0 - epsilon) + epsilon * in_pool / pool
-                pref_left -= int(picked_pref.sum())
-            items[slot:stop] = picked
-            placed[picked] = True
-            slot = stop
-        if slot == size:
-            break
-        pool_items = np.flatnonzero(~placed & pref) if pref_left > 0 else np.flatnonzero(~placed)
-        item = int(pool_items[rng.integers(len(pool_items))])
-        while placed[order[cursor]]:
-            cursor += 1
-        greedy = int(order[cursor])
-        props[slot] = epsilon / len(pool_items) + (1.0 - epsilon) * (item == greedy)
-        items[slot] = item
-        placed[item] = True
-        pref_left -= int(pref[item])
-        slot += 1
-    return items, coins, props
+    pool = max(pool_size, n_explore)
+    t = 0
+    for s in range(size):
+        if coins[s] < heads[s, t]:
+            items[s] = explore_items[t]
+            explored[s] = True
+            props[s] = float(before[s] @ heads[s]) / pool
+            t += 1
+        else:
+            items[s] = order[s - t]
+            props[s] = before[s, t] * (1.0 - heads[s, t])
+    return items, explored, props
 
 
 def rerank(
@@ -275,17 +274,23 @@ def rerank(
     scores: np.ndarray | None = None,
     categories: np.ndarray | None = None,
     new_seller: np.ndarray | None = None,
-    preferred: np.ndarray | None = None,
+    exploration: np.ndarray | None = None,
+    pool_size: int = 0,
     rng: np.random.Generator | None = None,
 ) -> Page:
     """Rules 0-3 over ``n`` candidates (see the module docstring).
 
     ``base_reasons`` (per item) is what an item's slot says when no rule moved it;
-    ``categories``/``new_seller`` None skip rules 1/2; ``rng`` None (or epsilon 0) skips
-    exploration.
+    ``categories``/``new_seller`` None skip rules 1/2; ``exploration`` (per item) marks
+    retrieval's exploration candidates, drawn from a pool of ``pool_size``; ``rng`` None
+    (or epsilon 0) skips exploration.
     """
     reasons = base_reasons.astype(np.int32, copy=True)
     order = base_order(n, scores)
+    explore_items = np.empty(0, dtype=np.int64)
+    if exploration is not None and exploration.any():
+        order = order[~exploration[order]]
+        explore_items = np.flatnonzero(exploration)
     if categories is not None and config.diversity_depth > 0:
         order, moved = cap_categories(
             order, categories, config.max_per_category, config.diversity_depth
@@ -303,7 +308,9 @@ def rerank(
         )
         reasons[displaced] = base_reasons[displaced]
         reasons[promoted] = NEW_SELLER
-    items, explored, propensities = explore(order, page_size, config.epsilon, rng, preferred)
+    items, explored, propensities = explore(
+        order, explore_items, pool_size, page_size, config.epsilon, rng
+    )
     slot_reasons = reasons[items]
     slot_reasons[explored] = EXPLORATION
     return Page(items, slot_reasons, propensities)

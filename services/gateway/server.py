@@ -24,12 +24,13 @@ log = logging.getLogger(__name__)
 SERVICE_NAME: str = feed_pb2.DESCRIPTOR.services_by_name["FeedService"].full_name
 
 
-def load_popularity(settings: GatewaySettings) -> PopularityLists:
-    """The popularity lists of the configured bundle, verified (checksums) before use."""
+def load_popularity(settings: GatewaySettings) -> tuple[PopularityLists, str]:
+    """The popularity lists of the configured bundle, verified (checksums) before use, and
+    the bundle's version (the one the mesh serves)."""
     source = settings.source
     try:
         resolved = resolve_bundle(source)
-        return PopularityLists.load(resolved.path / POPULAR)
+        return PopularityLists.load(resolved.path / POPULAR), resolved.version
     except (BundleError, RegistryError, ValueError, OSError) as err:
         raise StartupError(
             f"cannot load the popularity fallback from {source.describe()}: {err}"
@@ -39,7 +40,7 @@ def load_popularity(settings: GatewaySettings) -> PopularityLists:
 def build_pipeline(settings: GatewaySettings) -> FeedPipeline:
     """The pipeline over gRPC clients of the configured addresses; ``close()`` closes their
     channels."""
-    popularity = load_popularity(settings)
+    popularity, version = load_popularity(settings)
     downstreams = Downstreams.connect(
         settings.retrieval_addr,
         settings.features_addr,
@@ -55,6 +56,7 @@ def build_pipeline(settings: GatewaySettings) -> FeedPipeline:
         settings.rerank,
         make_breakers(settings.breaker),
         on_close=downstreams.close,
+        model_version=version,
     )
     return pipeline
 

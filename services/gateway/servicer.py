@@ -9,6 +9,7 @@ import time
 import uuid
 
 import grpc
+import numpy as np
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
 from services.common.context import remaining_seconds
@@ -20,6 +21,7 @@ from services.common.errors import (
     check_range,
     check_surface,
 )
+from services.common.matrix import extend_packed
 from services.gateway.clients import FeedRequest
 from services.gateway.pipeline import FeedPage, FeedPipeline
 
@@ -57,13 +59,14 @@ def to_response(page: FeedPage) -> feed_pb2.GetFeedResponse:
         model_version=page.model_version,
         arm=page.arm,
         candidates=page.candidates,
+        version_skew=page.version_skew,
     )
     response.item_ids.extend(page.item_ids.tolist())
-    response.positions.extend(range(1, len(page.item_ids) + 1))
-    response.scores.extend(page.scores.tolist())
-    response.egmv.extend(page.egmv.tolist())
-    response.reasons.extend(page.reasons.tolist())
-    response.propensities.extend(page.propensities.tolist())
+    extend_packed(response, "positions", np.arange(1, len(page.item_ids) + 1))
+    extend_packed(response, "scores", page.scores)
+    extend_packed(response, "egmv", page.egmv)
+    extend_packed(response, "reasons", page.reasons)
+    extend_packed(response, "propensities", page.propensities)
     response.degraded.extend(page.degraded)
     return response
 

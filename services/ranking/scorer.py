@@ -197,6 +197,10 @@ class LoadedModel:
             raise InvalidArgument(
                 f"values must hold one price x margin per row ({n}), got {values.size}"
             )
+        self.check_values(X, values)
+
+    def check_values(self, X: np.ndarray, values: np.ndarray) -> None:
+        """``check_inputs`` without the shapes (the servicer has checked them)."""
         bad_values = ~(values >= 0) | np.isinf(values)  # NaN fails >= 0
         if bad_values.any():
             first = int(np.argmax(bad_values))

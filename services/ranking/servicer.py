@@ -13,7 +13,7 @@ import numpy as np
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from services.common.errors import InvalidArgument, Unauthenticated, check_ids, check_range
-from services.common.matrix import from_float_matrix
+from services.common.matrix import extend_packed
 from services.ranking.scorer import MAX_ITEMS, ModelHolder
 
 log = logging.getLogger(__name__)
@@ -40,33 +40,40 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         n = len(check_ids("item_ids", request.item_ids, max_len=MAX_ITEMS, min_len=1))
         features = request.features
         model.check_schema_hash(features.schema_hash)
-        if features.rows != n:
+        mask = np.array(request.row_mask, dtype=bool)
+        if len(mask) and len(mask) != features.rows:
             raise InvalidArgument(
-                f"features.rows must equal the number of item_ids ({n}), got {features.rows}"
+                f"row_mask must have one entry per matrix row ({features.rows}), got {len(mask)}"
             )
+        scored = int(mask.sum()) if len(mask) else features.rows
+        if scored != n:
+            what = "the rows row_mask keeps" if len(mask) else "features.rows"
+            raise InvalidArgument(f"{what} must equal the number of item_ids ({n}), got {scored}")
         if features.cols != model.width:
             raise InvalidArgument(
                 f"features.cols must be {model.width} (the columns of feature schema "
                 f"{model.schema_hash[:12]}), got {features.cols}"
             )
-        if len(features.values) != n * model.width:
+        if len(features.values) != features.rows * model.width:
             raise InvalidArgument(
-                f"features.values must hold rows x cols = {n} x {model.width} = "
-                f"{n * model.width} values, got {len(features.values)}"
+                f"features.values must hold rows x cols = {features.rows} x {model.width} = "
+                f"{features.rows * model.width} values, got {len(features.values)}"
             )
         if len(request.values) != n:
             raise InvalidArgument(
                 f"values must hold one price x margin per item_id ({n}), got {len(request.values)}"
             )
-        X = from_float_matrix(features, expected_cols=model.width)
+        X = np.array(features.values, dtype=np.float32).reshape(features.rows, model.width)
+        if len(mask):
+            X = X[mask]
         values = np.array(request.values, dtype=np.float32)
-        model.check_inputs(X, values)
+        model.check_values(X, values)
         p, egmv = model.score(X, values)
         response = ranking_pb2.RankResponse(
             model_version=model.version, schema_hash=model.schema_hash
         )
-        response.p_purchase.extend(p.tolist())
-        response.egmv.extend(egmv.tolist())
+        extend_packed(response, "p_purchase", p)
+        extend_packed(response, "egmv", egmv)
         return response
 
     def Reload(

@@ -26,15 +26,19 @@ order, each best first:
    a known user's part when the index returns fewer neighbours than asked. Score:
    ``-log(1 + rank)``, rank 0-based in the full list (before any exclusion): the
    log-popularity of a Zipf(1) list up to a constant, 0 for the top item.
-4. **EXPLORATION**: ``m = min(exploration, n // 2)`` items drawn uniformly without
-   replacement from the *eligible pool*: the exploration pool (recent items and items of
-   new sellers, ``Catalog.exploration_pool``) minus the excluded and cart items and minus the
-   first ``n - m`` candidates of sources 1-3. Each eligible item is drawn with probability
-   ``k / |eligible|`` (``k = min(m, |eligible|)`` items drawn), which is the propensity
-   every exploration candidate carries; the others carry 0. When fewer than ``m`` items are
-   eligible, sources 1-3 fill the free slots.
+4. **EXPLORATION**: the first ``k = min(m, |eligible|)`` of a uniformly random ordering of
+   the *eligible pool* (``m = min(exploration, n // 2)``), in that order: the exploration
+   pool (recent items and items of new sellers, ``Catalog.exploration_pool``) minus the
+   excluded, cart and out-of-stock items and minus the first ``n - m`` candidates of
+   sources 0-3. Each eligible item is drawn with probability ``k / |eligible|``, which is
+   the propensity every exploration candidate carries (the others carry 0), and the
+   response says ``|eligible|``: the gateway's slot propensities account for this draw
+   exactly. When fewer than ``m`` items are eligible, every one is drawn and further
+   candidates of sources 0-3 outside the pool fill the free slots; which of those are
+   returned never depends on the draw.
 
-Excluded ids and cart ids never appear; no id appears twice (an item already placed by an
+Excluded ids, cart ids and items out of stock (``stock``, the online store's ``in_stock``,
+refreshed in the background) never appear; no id appears twice (an item already placed by an
 earlier source is skipped by later ones); at most ``n`` candidates.
 
 The ANN search asks ScaNN for ``need + margin`` neighbours and, when exclusions or earlier
@@ -57,7 +61,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -107,6 +111,7 @@ class Candidates:
     sources: np.ndarray  # int32 Source values
     propensities: np.ndarray  # float32: k / |eligible| for exploration, else 0
     known_user: bool
+    exploration_pool: int = 0  # |eligible|: the pool the exploration candidates came from
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -186,8 +191,10 @@ class _Part:
 class _Request:
     """One request's bookkeeping: which rows are taken (excluded, cart, or already placed)."""
 
-    def __init__(self, size: int, blocked_rows: np.ndarray) -> None:
-        self.blocked = np.zeros(size, dtype=bool)
+    def __init__(
+        self, size: int, blocked_rows: np.ndarray, in_stock: np.ndarray | None = None
+    ) -> None:
+        self.blocked = np.zeros(size, dtype=bool) if in_stock is None else ~in_stock
         self.blocked[blocked_rows] = True
         self.n_blocked = int(np.count_nonzero(self.blocked))
 
@@ -217,6 +224,8 @@ class CandidateIndex:
         config: RetrievalConfig | None = None,
         history: History | None = None,
     ) -> None:
+        """``stock`` (set after construction, None: everything in stock) answers the
+        current in-stock mask over the rows."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
         if embeddings.ndim != 2 or embeddings.shape[0] != len(item_ids):
             raise BundleError(
@@ -245,6 +254,7 @@ class CandidateIndex:
         self.bundle_version = bundle_version
         self.config = config or RetrievalConfig()
         self.history = history
+        self.stock: Callable[[], np.ndarray] | None = None
         self.size = len(item_ids)
         self._popular = {
             key: self._popularity_rows(ids)
@@ -396,7 +406,8 @@ class CandidateIndex:
         excluded = self.rows_of(exclude)
         cart_rows = self.rows_of(cart)
         cart_rows = cart_rows[cart_rows >= 0]
-        req = _Request(self.size, np.concatenate([excluded[excluded >= 0], cart_rows]))
+        in_stock = self.stock() if self.stock is not None else None
+        req = _Request(self.size, np.concatenate([excluded[excluded >= 0], cart_rows]), in_stock)
         m = min(self.config.exploration, n // 2) if len(self.pool_rows) else 0
 
         parts: list[_Part] = []
@@ -444,34 +455,36 @@ class CandidateIndex:
         *,
         known: bool,
     ) -> Candidates:
-        """The first ``n - k`` ranked candidates and ``k <= m`` exploration draws after them.
-
-        Ranked candidates past ``n - m`` are a reserve: eligible for the draw (so the
-        eligible set does not depend on how many draws succeed) and dropped when drawn.
-        """
-        propensities = np.zeros(len(rows), dtype=np.float32)
+        """The first ``n - m`` ranked candidates, then the exploration draw: the first
+        ``k = min(m, |E|)`` of a uniformly random ordering of the eligible pool ``E`` (the
+        exploration pool minus what is blocked and minus those ranked candidates). When
+        ``|E| < m`` (all of it drawn), further ranked candidates outside ``E`` fill the free
+        slots. Which ranked candidates are returned never depends on the draw, so the
+        gateway's propensities can account for the draw exactly."""
         quota = n - m
-        eligible = self.pool_rows[:0]
+        drawn = eligible = self.pool_rows[:0]
         if m:
             req.blocked[rows[quota:]] = False
             eligible = self.pool_rows[~req.blocked[self.pool_rows]]
-        k = min(m, len(eligible))
-        if k:
-            drawn = eligible[rng.choice(len(eligible), size=k, replace=False)]
-            req.blocked[drawn] = True  # of the reserve, exactly the drawn rows are blocked
-            keep = np.ones(len(rows), dtype=bool)
-            keep[quota:] = ~req.blocked[rows[quota:]]
-            keep &= np.cumsum(keep) <= n - k
-            rows = np.concatenate([rows[keep], drawn])
-            scores = np.concatenate([scores[keep], np.zeros(k, np.float32)])
-            sources = np.concatenate([sources[keep], np.full(k, Source.EXPLORATION, np.int32)])
-            propensities = np.concatenate(
-                [propensities[keep], np.full(k, k / len(eligible), np.float32)]
-            )
+            k = min(m, len(eligible))
+            drawn = eligible[rng.choice(len(eligible), size=k, replace=False)] if k else drawn
+        keep = np.zeros(len(rows), dtype=bool)
+        keep[:quota] = True
+        if len(drawn) < m:  # every eligible item is drawn: the reserve outside it fills up
+            req.blocked[drawn] = True
+            reserve = np.flatnonzero(~req.blocked[rows[quota:]])[: m - len(drawn)] + quota
+            keep[reserve] = True
+        k = len(drawn)
         return Candidates(
-            item_ids=self.item_ids[rows],
-            scores=scores,
-            sources=sources,
-            propensities=propensities,
+            item_ids=self.item_ids[np.concatenate([rows[keep], drawn])],
+            scores=np.concatenate([scores[keep], np.zeros(k, np.float32)]),
+            sources=np.concatenate([sources[keep], np.full(k, Source.EXPLORATION, np.int32)]),
+            propensities=np.concatenate(
+                [
+                    np.zeros(int(keep.sum()), np.float32),
+                    np.full(k, k / max(len(eligible), 1), np.float32),
+                ]
+            ),
             known_user=known,
+            exploration_pool=len(eligible),
         )

@@ -13,6 +13,7 @@ import logging
 import time
 
 import grpc
+import numpy as np
 import pandas as pd
 from grpc_health.v1.health import HealthServicer
 from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -20,13 +21,17 @@ from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 from contract import bundle as B
 from contract.bundle import BundleError
 from contract.catalog import Catalog
+from feature_repo import schema as S
 from services.common.bundles import RegistryError, resolve_bundle
 from services.common.errors import ServiceError
+from services.common.online import open_reader
 from services.common.server import Started, StartupError, build_server, run_service
+from services.common.stock import StockWatcher
+from services.common.users import UserReader, open_user_reader
 from services.retrieval.index import CandidateIndex
 from services.retrieval.servicer import RetrievalServicer
 from services.retrieval.settings import SERVICE, RetrievalSettings
-from services.retrieval.users import FeastUserReader, check_spec
+from services.retrieval.users import check_spec
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +77,11 @@ def load_index(settings: RetrievalSettings) -> CandidateIndex:
     return index
 
 
-def open_users(settings: RetrievalSettings) -> FeastUserReader:
-    """The user-feature reader over the dataset's Feast store (imports feast: seconds)."""
+def open_online(
+    settings: RetrievalSettings, index: CandidateIndex
+) -> tuple[UserReader, StockWatcher]:
+    """The user-feature reader and the stock of the index's items, over the dataset's Feast
+    store (imports feast: seconds); the fast paths are checked against Feast's reads."""
     from contract.feature_store import open_store
 
     registry = settings.paths.feast(settings.dataset) / "registry.db"
@@ -90,47 +98,62 @@ def open_users(settings: RetrievalSettings) -> FeastUserReader:
         redis=settings.redis,
         offline=False,
     )
-    users = FeastUserReader(store)
+    known = index.history.user_ids if index.history is not None else np.arange(64)
+    users = open_user_reader(store, np.random.default_rng(0).permutation(known)[:32].tolist())
+    reader, fallback = open_reader(store, index.item_ids, (S.ITEM_INVENTORY,))
+    stock = StockWatcher(reader, index.item_ids, settings.stock_refresh_s, fallback)
+    stock.refresh()
     log.info(
         "feast store open",
         extra={
             "dataset": settings.dataset,
             "online_store": settings.online_store,
+            "user_reader": users.name,
+            "stock_reader": reader.name,
+            "in_stock": int(stock.in_stock().sum()),
             "seconds": round(time.perf_counter() - started, 2),
         },
     )
-    return users
+    return users, stock
 
 
 def _build(
     settings: RetrievalSettings,
-) -> tuple[grpc.Server, int, RetrievalServicer, HealthServicer]:
+) -> tuple[grpc.Server, int, RetrievalServicer, HealthServicer, StockWatcher]:
     index = load_index(settings)  # before build_server, which reports SERVING
-    servicer = RetrievalServicer(index, open_users(settings), seed=settings.seed)
+    users, stock = open_online(settings, index)
+    index.stock = stock.in_stock
+    servicer = RetrievalServicer(index, users, seed=settings.seed)
     try:
         servicer.warm_up()
+        server, port, health = build_server(
+            settings.server,
+            [SERVICE_NAME],
+            lambda s: retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, s),
+        )
     except ServiceError as err:  # e.g. an online store that does not answer
+        stock.close()
         raise StartupError(f"warm-up failed: {err}") from err
-    server, port, health = build_server(
-        settings.server,
-        [SERVICE_NAME],
-        lambda s: retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, s),
-    )
+    except OSError:
+        stock.close()
+        raise
+    stock.start()
     log.info("retrieval ready", extra={"port": port, "model_version": index.version})
-    return server, port, servicer, health
+    return server, port, servicer, health, stock
 
 
 def create_server(settings: RetrievalSettings) -> tuple[grpc.Server, int, RetrievalServicer]:
     """A bound, not yet started server, its port (a free one for port 0) and the servicer
-    (``servicer.index`` is the served index). Raises StartupError when the bundle, the
-    catalog or the Feast store cannot be loaded."""
-    server, port, servicer, _ = _build(settings)
+    (``servicer.index`` is the served index; its stock refresher runs in the background as
+    a daemon thread). Raises StartupError when the bundle, the catalog or the Feast store
+    cannot be loaded."""
+    server, port, servicer, _, _ = _build(settings)
     return server, port, servicer
 
 
 def _start(settings: RetrievalSettings) -> Started:
-    server, _, _, health = _build(settings)
-    return server, health, None
+    server, _, _, health, stock = _build(settings)
+    return server, health, stock.close
 
 
 def main() -> int:

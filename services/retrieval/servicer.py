@@ -24,6 +24,8 @@ from services.common.errors import (
     check_request_id,
     check_surface,
 )
+from services.common.matrix import extend_packed
+from services.common.users import UserReader, ViewRows, to_proto
 from services.retrieval.index import (
     CHECKOUT,
     HOME,
@@ -33,7 +35,7 @@ from services.retrieval.index import (
     CandidateIndex,
     Source,
 )
-from services.retrieval.users import UserReader, tower_input
+from services.retrieval.users import tower_input
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +67,20 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             return np.random.default_rng([self.seed, 1, int.from_bytes(digest, "little")])
         return np.random.default_rng([self.seed, 0, next(self._anonymous)])
 
-    def read_user(self, user_id: int) -> dict[str, Any] | None:
-        """The tower's input for ``user_id``, None for an unknown user; Unavailable when the
-        online store cannot be read."""
+    def read_user(self, user_id: int) -> tuple[ViewRows, dict[str, Any] | None]:
+        """The user's online rows and the tower's input (None for an unknown user);
+        Unavailable when the online store cannot be read."""
         try:
             rows = self.users.read(user_id)
         except Exception as err:
             raise Unavailable(
                 f"the online store failed to read user {user_id}: {type(err).__name__}: {err}"
             ) from err
-        return tower_input(rows, self.index.tower.spec)
+        return rows, tower_input(rows, self.index.tower.spec)
 
     def warm_up(self) -> None:
         """One read and a few retrievals, so the first request pays no lazy set-up."""
-        user = self.read_user(_WARM_UP_USER)
+        _, user = self.read_user(_WARM_UP_USER)
         cart = self.index.item_ids[:2]
         empty = np.empty(0, dtype=np.int64)
         for who, surface, items in ((user, HOME, empty), (None, CHECKOUT, cart)):
@@ -95,8 +97,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         surface = _SURFACE_NAME[check_surface(request.surface)]
         check_context(request.context)
 
+        rows, user = self.read_user(user_id)
         found = self.index.retrieve(
-            self.read_user(user_id),
+            user,
             n,
             exclude,
             surface,
@@ -110,7 +113,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             known_user=found.known_user, model_version=self.index.version
         )
         response.item_ids.extend(found.item_ids.tolist())
-        response.scores.extend(found.scores.tolist())
-        response.sources.extend(found.sources.tolist())
-        response.propensities.extend(found.propensities.tolist())
+        extend_packed(response, "scores", found.scores)
+        extend_packed(response, "sources", found.sources)
+        extend_packed(response, "propensities", found.propensities)
+        if request.include_user_features:
+            response.user.CopyFrom(to_proto(rows))
         return response

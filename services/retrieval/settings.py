@@ -25,6 +25,8 @@
   within ``contract.features.NEW_SELLER_DAYS``, the ``seller_is_new`` rule).
 - ``HOMEFEED_RETRIEVAL_SEED`` (0): mixed with the request id into the exploration draw, so
   a request id always gets the same draw.
+- ``HOMEFEED_RETRIEVAL_STOCK_REFRESH_S`` (2): seconds between checks of the online store's
+  stock; an item pushed out of stock stops being retrieved within about this long.
 
 plus ``HOMEFEED_RETRIEVAL_{HOST,PORT,MAX_WORKERS,...}`` (``ServerSettings``).
 """
@@ -67,6 +69,7 @@ class RetrievalSettings:
     history_share: float = 0.4
     new_item_days: float = NEW_ITEM_DAYS
     seed: int = 0
+    stock_refresh_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.online_store not in ONLINE_STORES:
@@ -98,6 +101,10 @@ class RetrievalSettings:
             )
         if self.seed < 0:
             raise SettingsError(f"{_PREFIX}SEED must be >= 0, got {self.seed}")
+        if not 0 < self.stock_refresh_s <= 3600:
+            raise SettingsError(
+                f"{_PREFIX}STOCK_REFRESH_S must be in (0, 3600] seconds, got {self.stock_refresh_s}"
+            )
 
     @property
     def paths(self) -> Paths:
@@ -140,4 +147,5 @@ class RetrievalSettings:
             history_share=env_float(_PREFIX + "HISTORY_SHARE", d.history_share),
             new_item_days=env_float(_PREFIX + "NEW_ITEM_DAYS", d.new_item_days),
             seed=env_int(_PREFIX + "SEED", d.seed),
+            stock_refresh_s=env_float(_PREFIX + "STOCK_REFRESH_S", d.stock_refresh_s),
         )

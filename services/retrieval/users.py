@@ -1,4 +1,5 @@
-"""One user's online features, turned into the user tower's input exactly as training did.
+"""One user's online features (``services.common.users``), turned into the user tower's
+input exactly as training did.
 
 Training rows carry the user views through Feast's point-in-time join, with missing values
 filled by ``training.dataset.fill_defaults`` (``feature_repo.schema.DEFAULTS``, else 0 or
@@ -6,38 +7,23 @@ filled by ``training.dataset.fill_defaults`` (``feature_repo.schema.DEFAULTS``, 
 (``training.retrieval.features.AffinitySnapshots.at``); :func:`tower_input` applies the
 same rules to the online row. A user is *unknown* when ``user_profile`` has no row: the
 tower never saw such a user's profile, so retrieval serves context popularity instead.
-
-:class:`FeastUserReader` reads the three user views with the provider's ``online_read``
-(raw ``Value`` protos, one call per view): 0.31 ms p50 / 0.71 ms p99 on sim-small, against
-0.69 / 1.12 ms for ``store.get_online_features(...).to_dict()`` of the same features, which
-:class:`OnlineFeaturesReader` does (kept as the reference the tests compare with).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from contract.tower import InputSpec
 from feature_repo import schema as S
 from services.common.errors import FailedPrecondition
-from services.common.feast_values import decode_value
-
-if TYPE_CHECKING:
-    from feast import FeatureStore
-
-USER_VIEWS = (S.USER_PROFILE, S.USER_CATEGORY_AFFINITY, S.USER_RECENT_ACTIVITY)
-_KIND = {name: kind for view in USER_VIEWS for name, kind in S.FEATURES[view].items()}
-
-# view -> feature -> value (None: no value); a view without a row maps to None
-ViewRows = Mapping[str, Mapping[str, Any] | None]
+from services.common.users import KIND_OF, USER_VIEWS, ViewRows
 
 
 def check_spec(spec: InputSpec) -> None:
     """FailedPrecondition when the tower reads a feature the user views do not have."""
-    unknown = [name for name in spec.feature_names if name not in _KIND]
+    unknown = [name for name in spec.feature_names if name not in KIND_OF]
     if unknown:
         raise FailedPrecondition(
             f"the user tower reads {unknown}, which no user view "
@@ -50,7 +36,7 @@ def default_value(name: str) -> Any:
     default = S.DEFAULTS.get(name)
     if default is not None:
         return default
-    return "unknown" if _KIND[name] == "string" else 0
+    return "unknown" if KIND_OF[name] == "string" else 0
 
 
 def tower_input(rows: ViewRows, spec: InputSpec) -> dict[str, Any] | None:
@@ -75,54 +61,3 @@ def tower_input(rows: ViewRows, spec: InputSpec) -> dict[str, Any] | None:
     else:
         out[spec.vector] = np.asarray(vector, dtype=np.float32)
     return out
-
-
-class UserReader(Protocol):
-    def read(self, user_id: int) -> ViewRows: ...
-
-
-class FeastUserReader:
-    """The user views of one user through the provider's ``online_read``.
-
-    A view counts as having no row when every value is null: SQLite answers a missing
-    entity with no values, Redis with a null for every feature (and a 1970 timestamp).
-    """
-
-    def __init__(self, store: FeatureStore) -> None:
-        self.store = store
-        self._provider = store._get_provider()
-        self._tables = [
-            (view, store.get_feature_view(view, allow_registry_cache=True)) for view in USER_VIEWS
-        ]
-
-    def read(self, user_id: int) -> ViewRows:
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
-        key = [EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=user_id)])]
-        rows: dict[str, dict[str, Any] | None] = {}
-        for view, table in self._tables:
-            ((_, values),) = self._provider.online_read(
-                config=self.store.config, table=table, entity_keys=key
-            )
-            decoded = {n: decode_value(v) for n, v in (values or {}).items()}
-            rows[view] = decoded if any(v is not None for v in decoded.values()) else None
-        return rows
-
-
-class OnlineFeaturesReader:
-    """The same through ``get_online_features``: Feast's public API, about twice as slow."""
-
-    def __init__(self, store: FeatureStore) -> None:
-        self.store = store
-        self._refs = S.feature_refs(USER_VIEWS)
-
-    def read(self, user_id: int) -> ViewRows:
-        got = self.store.get_online_features(
-            features=self._refs, entity_rows=[{"user_id": user_id}]
-        ).to_dict()
-        rows: dict[str, dict[str, Any] | None] = {}
-        for view in USER_VIEWS:
-            values = {name: got[name][0] for name in S.FEATURES[view]}
-            rows[view] = values if any(v is not None for v in values.values()) else None
-        return rows

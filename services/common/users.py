@@ -1,0 +1,264 @@
+"""One buyer's online features: read once per feed, passed on as ``common.v1.UserFeatures``.
+
+Retrieval needs the user views for the user tower, the features service for the ranker's
+user and user x item columns. Retrieval reads them (``UserReader.read``) and returns them in
+its response; the gateway passes them to the features service, which reads the store itself
+only when a request comes without them (retrieval was down, or another caller).
+
+The rows are kept as the store holds them (``ViewRows``: view -> feature -> value, None for
+a value the store does not hold, and None for a view without a row); each consumer applies
+the training-time defaults itself, as it did when it read the store directly.
+
+Two readers, the same answer (``open_user_reader`` checks it at start on a sample of users):
+
+- :class:`ProviderUserReader`: Feast's provider ``online_read``, one call per view; every
+  online store.
+- :class:`SqliteUserReader`: one SQL query over Feast's SQLite tables for the four views,
+  decoding only the values (Feast's own read also converts every row's timestamp).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import struct
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from homefeed.common.v1 import common_pb2
+
+from feature_repo import schema as S
+from services.common.errors import InvalidArgument
+from services.common.feast_values import decode_value
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+log = logging.getLogger(__name__)
+
+USER_VIEWS = (
+    S.USER_PROFILE,
+    S.USER_CATEGORY_AFFINITY,
+    S.USER_SELLER_RECENCY,
+    S.USER_RECENT_ACTIVITY,
+)
+# every user feature and the view that holds it
+VIEW_OF: dict[str, str] = {name: view for view in USER_VIEWS for name in S.FEATURES[view]}
+KIND_OF: dict[str, str] = {name: S.FEATURES[VIEW_OF[name]][name] for name in VIEW_OF}
+SCALARS = tuple(name for name, kind in KIND_OF.items() if not kind.endswith("[]"))
+LISTS = (S.AFFINITY_VECTOR, S.RECENT_SELLERS, S.RECENT_SELLER_DAYS)
+if set(LISTS) != {name for name, kind in KIND_OF.items() if kind.endswith("[]")}:
+    raise ImportError("the user views' list features changed: update services/common/users.py")
+MAX_LIST = 100_000  # entries of a list feature a request may carry
+_VERIFY_SAMPLE = 32
+
+# view -> feature -> value (None: no value); a view without a row maps to None
+ViewRows = Mapping[str, Mapping[str, Any] | None]
+
+
+class UserReader(Protocol):
+    name: str
+
+    def read(self, user_id: int) -> ViewRows: ...
+
+
+class ProviderUserReader:
+    """The user views through the provider's ``online_read``, one call per view. A view
+    counts as having no row when every value is null: SQLite answers a missing entity with
+    no values, Redis with a null for every feature (and a 1970 timestamp)."""
+
+    name = "provider"
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self._provider = store._get_provider()
+        self._tables = [
+            (view, store.get_feature_view(view, allow_registry_cache=True)) for view in USER_VIEWS
+        ]
+
+    def read(self, user_id: int) -> ViewRows:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        key = [EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=user_id)])]
+        rows: dict[str, dict[str, Any] | None] = {}
+        for view, table in self._tables:
+            ((_, values),) = self._provider.online_read(
+                config=self.store.config, table=table, entity_keys=key
+            )
+            decoded = {n: decode_value(v) for n, v in (values or {}).items()}
+            rows[view] = decoded if any(v is not None for v in decoded.values()) else None
+        return rows
+
+
+class SqliteUserReader:
+    """The four user views of one user in one query over Feast's SQLite online tables
+    (``<project>_<view>``: entity_key, feature_name, value = a serialized ``Value``)."""
+
+    name = "sqlite"
+
+    def __init__(self, db_path: str | Path, project: str, key_version: int) -> None:
+        from feast.infra.key_encoding_utils import serialize_entity_key
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        self._value = Value
+        probe = EntityKey(
+            join_keys=["user_id"], entity_values=[Value(int64_val=0x0102030405060708)]
+        )
+        raw = serialize_entity_key(probe, entity_key_serialization_version=key_version)
+        if raw[-8:] != struct.pack("<q", 0x0102030405060708):
+            raise ValueError(f"entity key serialization v{key_version} does not end with the id")
+        self._prefix = raw[:-8]
+        self._con = sqlite3.connect(
+            f"file:{Path(db_path).resolve()}?mode=ro", uri=True, check_same_thread=False
+        )
+        self._lock = threading.Lock()
+        self._sql = " UNION ALL ".join(
+            f"SELECT '{view}', feature_name, value FROM \"{project}_{view}\" WHERE entity_key = ?"
+            for view in USER_VIEWS
+        )
+
+    def read(self, user_id: int) -> ViewRows:
+        key = self._prefix + struct.pack("<q", user_id)
+        with self._lock:
+            found = self._con.execute(self._sql, (key,) * len(USER_VIEWS)).fetchall()
+        rows: dict[str, dict[str, Any] | None] = dict.fromkeys(USER_VIEWS)
+        parse = self._value.FromString
+        for view, name, value in found:
+            decoded = decode_value(parse(value))
+            values = rows[view]
+            if values is None:
+                values = rows[view] = {}
+            values[name] = decoded
+        return {
+            v: r if r and any(x is not None for x in r.values()) else None for v, r in rows.items()
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+
+def open_user_reader(store: FeatureStore, sample_ids: Iterable[int] = range(64)) -> UserReader:
+    """The SQLite fast path when the store is SQLite and it reads what the provider reads
+    for ``sample_ids`` (a sample of real user ids); else the provider."""
+    provider = ProviderUserReader(store)
+    online = store.config.online_store
+    if getattr(online, "type", "") != "sqlite":
+        return provider
+    try:
+        fast = SqliteUserReader(
+            online.path, store.project, store.config.entity_key_serialization_version
+        )
+        sample = list(sample_ids)[:_VERIFY_SAMPLE]
+        differ = [u for u in sample if _normalize(fast.read(u)) != _normalize(provider.read(u))]
+    except (sqlite3.Error, ValueError) as err:
+        log.warning("sqlite user reader unavailable", extra={"reason": str(err)})
+        return provider
+    if differ:
+        log.warning("sqlite user reader disagrees with online_read", extra={"users": differ[:5]})
+        fast.close()
+        return provider
+    return fast
+
+
+def _normalize(rows: ViewRows) -> dict[str, Any]:
+    return {
+        view: None if values is None else {k: v for k, v in values.items() if v is not None}
+        for view, values in rows.items()
+    }
+
+
+# --- the wire form ---------------------------------------------------------------------------
+
+
+def to_proto(rows: ViewRows) -> common_pb2.UserFeatures:
+    """``rows`` as ``UserFeatures``; absent values stay absent."""
+    msg = common_pb2.UserFeatures(known=bool(rows.get(S.USER_PROFILE)))
+    numbers: list[tuple[str, Any]] = []
+    strings: list[tuple[str, Any]] = []
+    for view in (S.USER_PROFILE, S.USER_RECENT_ACTIVITY):
+        for name, value in (rows.get(view) or {}).items():
+            if value is None or name not in KIND_OF:
+                continue
+            (strings if KIND_OF[name] == "string" else numbers).append((name, value))
+    if numbers:
+        msg.number_names.extend(n for n, _ in numbers)
+        msg.number_values.extend(float(v) for _, v in numbers)
+    if strings:
+        msg.string_names.extend(n for n, _ in strings)
+        msg.string_values.extend(str(v) for _, v in strings)
+    affinity = (rows.get(S.USER_CATEGORY_AFFINITY) or {}).get(S.AFFINITY_VECTOR)
+    if affinity:
+        msg.category_affinity.extend(affinity)
+    recency = rows.get(S.USER_SELLER_RECENCY) or {}
+    if recency.get(S.RECENT_SELLERS):
+        msg.recent_sellers.extend(recency[S.RECENT_SELLERS])
+        msg.recent_seller_days.extend(recency.get(S.RECENT_SELLER_DAYS) or ())
+    return msg
+
+
+def from_proto(msg: common_pb2.UserFeatures, field: str = "user") -> ViewRows:
+    """The rows ``msg`` carries; InvalidArgument naming the field for a feature name the user
+    views do not have, a repeated or non-finite value, or lists that do not line up."""
+    numbers = _named(msg.number_names, msg.number_values, field, "number")
+    strings = _named(msg.string_names, msg.string_values, field, "string")
+    bad = [v for v in numbers.values() if not math.isfinite(v)]
+    if bad:
+        raise InvalidArgument(f"{field}.number_values must be finite, got {bad[0]}")
+    rows: dict[str, dict[str, Any] | None] = {}
+    for view in (S.USER_PROFILE, S.USER_RECENT_ACTIVITY):
+        values = {
+            name: (int(numbers[name]) if KIND_OF[name] == "int64" else numbers[name])
+            for name in S.FEATURES[view]
+            if name in numbers
+        }
+        values.update({name: strings[name] for name in S.FEATURES[view] if name in strings})
+        rows[view] = values or None
+    if not msg.known:  # the store has no profile row: the user is unknown
+        rows[S.USER_PROFILE] = None
+    for name, values in (
+        ("category_affinity", msg.category_affinity),
+        ("recent_sellers", msg.recent_sellers),
+    ):
+        if len(values) > MAX_LIST:
+            raise InvalidArgument(f"{field}.{name} must have at most {MAX_LIST} entries")
+    if len(msg.recent_sellers) != len(msg.recent_seller_days):
+        raise InvalidArgument(
+            f"{field}.recent_seller_days must align with recent_sellers, got "
+            f"{len(msg.recent_seller_days)} days for {len(msg.recent_sellers)} sellers"
+        )
+    affinity = np.array(msg.category_affinity, dtype=np.float32)
+    if not np.isfinite(affinity).all():
+        raise InvalidArgument(f"{field}.category_affinity must be finite")
+    rows[S.USER_CATEGORY_AFFINITY] = {S.AFFINITY_VECTOR: affinity} if len(affinity) else None
+    rows[S.USER_SELLER_RECENCY] = (
+        {
+            S.RECENT_SELLERS: np.array(msg.recent_sellers, dtype=np.int64),
+            S.RECENT_SELLER_DAYS: np.array(msg.recent_seller_days, dtype=np.float32),
+        }
+        if len(msg.recent_sellers)
+        else None
+    )
+    return rows
+
+
+def _named(names: Any, values: Any, field: str, kind: str) -> dict[str, Any]:
+    if len(names) != len(values):
+        raise InvalidArgument(
+            f"{field}.{kind}_names and {field}.{kind}_values must be parallel, got "
+            f"{len(names)} names and {len(values)} values"
+        )
+    out = dict(zip(names, values, strict=True))
+    if len(out) != len(names):
+        raise InvalidArgument(f"{field}.{kind}_names must not repeat a name")
+    unknown = [n for n in out if n not in SCALARS or (KIND_OF[n] == "string") != (kind == "string")]
+    if unknown:
+        shown = ", ".join(repr(n[:40]) for n in unknown[:3])
+        raise InvalidArgument(f"{field}.{kind}_names must be {kind} user features, got {shown}")
+    return out

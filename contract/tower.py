@@ -98,6 +98,46 @@ class InputSpec:
             )
         return out.astype(np.float32)
 
+    def is_one_user(self, features: Features) -> bool:
+        """Scalars and a 1-D vector: one user's features, as serving holds them."""
+        return np.ndim(features.get(self.vector)) == 1 and all(
+            np.ndim(features.get(name)) == 0 for name in self.feature_names[:-1]
+        )
+
+    def encode_one(self, features: Features) -> np.ndarray:
+        """``encode`` of one user given as scalars (and the vector), the same numbers with
+        a handful of numpy calls instead of a few per feature: what serving runs per
+        request."""
+        missing = [name for name in self.feature_names if name not in features]
+        if missing:
+            raise ValueError(
+                f"user features missing: {missing}; the tower needs {self.feature_names}"
+            )
+        vector = np.asarray(features[self.vector], dtype=np.float64)
+        if vector.shape != (self.vector_dim,):
+            raise ValueError(
+                f"{self.vector} must have shape ({self.vector_dim},), got {vector.shape}"
+            )
+        numbers = np.array([float(features[name]) for name in self.numeric], dtype=np.float64)
+        hot: list[float] = []
+        for name, vocab in self.categorical:
+            value = str(features[name])
+            row = [1.0 if value == word else 0.0 for word in vocab]
+            hot += [*row, 0.0 if 1.0 in row else 1.0]
+        out = np.concatenate(
+            [
+                np.log1p(np.maximum(numbers, 0.0)),
+                np.asarray(hot, dtype=np.float64),
+                np.log(np.maximum(vector, AFFINITY_FLOOR)),
+            ]
+        )
+        if not np.isfinite(out).all():
+            raise ValueError(
+                "user features of rows [0] are not finite; fill feature_repo.schema.DEFAULTS "
+                "before embedding"
+            )
+        return out.astype(np.float32)[None, :]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "numeric": list(self.numeric),
@@ -172,6 +212,8 @@ class UserTower:
                     f"encoded users must have shape (n, {len(self.spec.input_names)}), "
                     f"got {x.shape}"
                 )
+        elif self.spec.is_one_user(features):
+            x = self.spec.encode_one(features)
         else:
             x = self.encode(features)
         h = (x.astype(np.float64) - self.mean) / self.std

@@ -91,6 +91,22 @@ def _spec() -> InputSpec:
     return InputSpec(("clicks_30d",), (("country", ("US", "GB")),), "category_affinity", 3)
 
 
+def test_encode_one_gives_encodes_numbers_for_one_user():
+    spec = _spec()
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        user = {
+            "clicks_30d": float(rng.exponential(3)) * (i % 3 != 0) - (i % 11 == 0),
+            "country": ["US", "GB", "FR", "unknown"][i % 4],
+            "category_affinity": rng.dirichlet(np.ones(3)) * (i % 5 != 0),
+        }
+        one, batch = spec.encode_one(user), spec.encode(user)
+        assert one.dtype == batch.dtype == np.float32
+        np.testing.assert_array_equal(one, batch)
+    with pytest.raises(ValueError, match=r"must have shape \(3,\)"):
+        spec.encode_one({"clicks_30d": 1, "country": "US", "category_affinity": np.ones(4)})
+
+
 def test_encode_applies_log1p_one_hot_with_other_and_log_affinity():
     x = _spec().encode(
         {

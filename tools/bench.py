@@ -73,6 +73,7 @@ GET_FEED = "/homefeed.feed.v1.FeedService/GetFeed"
 STAGE_METADATA_KEY = "hf-stage-ms"
 STAGES = ("retrieval", "filter", "features", "ranking", "rerank", "total")
 STAGE_LEVEL = 4  # the concurrency whose stage p99s are the report's headline figures
+SETTLE_S = 5.0  # idle seconds between starting the systems and the first level
 REPORT_FORMAT = 2
 _READY = re.compile(r"^" + re.escape(READY_LINE).replace(r"\{port\}", r"(?P<port>\d+)") + r"\s*$")
 
@@ -1049,6 +1050,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             with floor_running(config) as (floor_address, floor_pids):
                 timings["floor_start_s"] = time.perf_counter() - t0
+                time.sleep(SETTLE_S)  # start-up's tail (refreshers' first ticks) is not load
                 for c in config.levels:  # side by side: the same machine for both
                     floor[c] = run_level(
                         "floor", floor_address, payloads, c, config, floor_pids, cpu_count

@@ -22,7 +22,7 @@ from services.common.online import open_reader
 from services.common.server import Started, StartupError, build_server, run_service
 from services.common.users import UserReader, open_user_reader
 from services.features.assembler import Assembler
-from services.features.items import ITEM_VIEWS, ItemStore, materialization_marker
+from services.features.items import ITEM_VIEWS, ItemStore, MaterializationWatch
 from services.features.settings import SERVICE, FeaturesSettings
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, UserReader, 
         heuristic,
         refresh_s=settings.refresh_s,
         batch_refresh_s=settings.batch_refresh_s,
-        batch_marker=lambda: materialization_marker(store),
+        batch_marker=MaterializationWatch(store),
         fallback=fallback,
     )
     started = time.perf_counter()

@@ -10,8 +10,9 @@
 - ``HOMEFEED_REDIS`` (required with ``redis``): Feast's connection string, ``host:port``.
 - ``HOMEFEED_FEATURES_REFRESH_S`` (2): seconds between inventory refreshes; an out-of-stock
   push is served within about this long.
-- ``HOMEFEED_FEATURES_BATCH_REFRESH_S`` (60): seconds between full reloads of the batch item
-  views (a new materialization reloads them at the next inventory tick).
+- ``HOMEFEED_FEATURES_BATCH_REFRESH_S`` (3600): seconds between full reloads of the batch
+  item views when nothing was materialized (a new materialization reloads them at the next
+  inventory tick; a full reload takes about a second of CPU, so it is not done for nothing).
 - ``HOMEFEED_FEATURES_SQLITE_FAST_PATH`` (true): read the SQLite online tables with SQL
   (checked against Feast's own read at start) instead of ``online_read``.
 
@@ -48,7 +49,7 @@ class FeaturesSettings:
     online_store: str = "sqlite"
     redis: str | None = None
     refresh_s: float = 2.0
-    batch_refresh_s: float = 60.0
+    batch_refresh_s: float = 3600.0
     sqlite_fast_path: bool = True
     bundle: BundleRef | None = None  # None: the registry's champion under home
 

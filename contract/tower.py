@@ -100,8 +100,10 @@ class InputSpec:
 
     def is_one_user(self, features: Features) -> bool:
         """Scalars and a 1-D vector: one user's features, as serving holds them."""
-        return np.ndim(features.get(self.vector)) == 1 and all(
-            np.ndim(features.get(name)) == 0 for name in self.feature_names[:-1]
+        if any(name not in features for name in self.feature_names):
+            return False
+        return np.ndim(features[self.vector]) == 1 and all(
+            np.ndim(features[name]) == 0 for name in self.feature_names[:-1]
         )
 
     def encode_one(self, features: Features) -> np.ndarray:

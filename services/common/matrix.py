@@ -2,20 +2,14 @@
 float32 matrices to and from ``homefeed.common.v1.FloatMatrix``, and ``extend_packed`` for
 any packed repeated numeric field.
 
-Measured on this machine (protobuf 7.36 upb, numpy 2.4), a 500 x 40 float32 matrix:
-
-    write  msg.values.extend(X.ravel())             2150 us  (a Python float per element)
-           FloatMatrix(values=X.ravel().tolist())     430 us
-           msg.MergeFromString(<packed field bytes>)    3.4 us  <- used
-    read   np.fromiter(msg.values, float32)           475 us
-           np.array(list(msg.values), float32)        635 us
-           np.array(msg.values, float32)                2.8 us  <- used (a copy)
-
-The write path encodes field 3 in protobuf's packed wire format (tag, varint byte length,
-little-endian float32s) and lets the parser merge it: the bytes are exactly what
-``values=X.ravel().tolist()`` serializes to, NaN payloads and -0.0 included. The same trick
-for a 500-entry float field: 1.5 us against 15 us for ``extend(a.tolist())``; for varint
-fields (bool, enum, small ints) it applies when every value is in 0..127, one byte each.
+Building a repeated field element by element makes a Python object per element; the write
+path here encodes the field in protobuf's packed wire format (tag, varint byte length, the
+little-endian values) and lets the parser merge it, so the bytes are exactly what
+``extend(a.tolist())`` serializes to, NaN payloads and -0.0 included. For varint fields
+(bool, enum, small ints) it applies when every value is in 0..127, one byte each; other ints
+take the plain path. Reading, ``np.array(msg.values, dtype)`` copies the parsed buffer
+without per-element objects. The costs of both ways are in docs/serving.md
+(``scripts/bench_cores.py``).
 """
 
 from __future__ import annotations

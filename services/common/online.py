@@ -1,19 +1,18 @@
 """Bulk reads of scalar feature views for many entities (every catalogue item) from the
 Feast online store: the features service's item table and retrieval's stock.
 
-Reading 50k entities through ``get_online_features`` takes seconds (Python value conversion
-per value); two readers do better (measured on sim-small, 50k items, this machine):
+Reading every catalogue item through ``get_online_features`` converts every value in Python;
+two readers do better (their costs on sim-small are in docs/serving.md):
 
 - :class:`ProviderReader`, the provider's ``online_read`` (raw ``Value`` protos): works with
-  every online store; 1.3 s for the inventory view, 5.7 s for three item views.
+  every online store, Python-speed decoding (seconds for 50k items).
 - :class:`SqliteReader`, SQL over Feast's SQLite online tables: one query per feature whose
   per-row work (entity id from the key's last 8 bytes, value as fixed-width hex) runs inside
-  SQLite with the GIL released, leaving Python one ``bytes.fromhex`` per column: 50-100 ms
-  for the inventory view, 1.0 s for the whole item table, and requests served meanwhile
-  keep their latency (a Python loop over the rows would stall them). It depends on Feast's
-  table layout, so :func:`open_reader` checks it against ``ProviderReader`` on a sample of
-  entities, and a reader that meets a value it cannot decode raises ``FastPathError`` so
-  its owner can switch to the provider.
+  SQLite with the GIL released, leaving Python one ``bytes.fromhex`` per column, so requests
+  served meanwhile keep their latency (a Python loop over the rows would stall them). It
+  depends on Feast's table layout, so :func:`open_reader` checks it against
+  ``ProviderReader`` on a sample of entities, and a reader that meets a value it cannot
+  decode raises ``FastPathError`` so its owner can switch to the provider.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ order, each best first:
    the ScaNN index: its raw inner products reward an item's norm, which carries its
    popularity, and on sim-small (50 random 3-item carts of one category, 245 candidates
    each) only 5 % of its answers share the cart's category, the catalog's base rate,
-   against 78 % by cosine; the brute force costs 0.13 ms p50 there (ScaNN: 0.04 ms). They
-   take ``ceil(checkout_content_share x (n - m))`` slots; the user part gets the rest.
+   against 78 % by cosine; the brute force over the unit embeddings costs a few times
+   ScaNN's search. They take ``ceil(checkout_content_share x (n - m))`` slots; the user part
+   gets the rest.
 2. **ANN** (a known user): the user tower's vector searched in the ScaNN index. Score: the
    inner product ``item_embedding . user_vector``, recomputed exactly for every candidate.
 3. **POPULARITY**: the bundle's list for the request's (country, device), ``overall`` for an
@@ -48,12 +49,7 @@ the usual request pays for one small search. ``pre_reorder_num_neighbors`` is ra
 ``k`` when ``k`` exceeds the bundle's reorder setting (ScaNN returns at most that many
 otherwise).
 
-Cost of :meth:`CandidateIndex.retrieve` for ``n = 500`` on sim-small (50k items, 32
-dimensions, exploration 10), p50 / p99 in the quietest run on a shared 2-core machine:
-known user on HOME 0.21 / 0.32 ms (tower 0.05, ScaNN 0.05), with 5,000 exclusions
-0.32 / 0.43 ms, unknown user 0.05 / 0.08 ms, CHECKOUT with a 3-item cart 0.48 / 0.73 ms
-(the brute-force cosine and its top-k: 0.19). Runs while other jobs load the machine
-keep the p50s within ~0.1 ms (CHECKOUT: 1.1 ms) but put 4-5 ms stalls into every p99.
+What it costs per request is measured by ``scripts/bench_cores.py`` (docs/serving.md).
 """
 
 from __future__ import annotations

@@ -673,6 +673,7 @@ class Reply:
     propensities: np.ndarray
     known_user: bool
     model_version: str
+    exploration_pool: int = 0
 
     @classmethod
     def of(cls, r: retrieval_pb2.RetrieveResponse) -> Reply:
@@ -685,6 +686,7 @@ class Reply:
             np.array(r.propensities, np.float64),
             r.known_user,
             r.model_version,
+            r.exploration_pool,
         )
 
     def of_source(self, source: int) -> list[int]:
@@ -807,6 +809,7 @@ def test_exploration_candidates_carry_their_inclusion_probability(
     eligible = pool - set(exclude) - set(reply.ids[: n - m].tolist())
     is_explored = reply.sources == EXPLORE
     np.testing.assert_allclose(reply.propensities[is_explored], m / len(eligible), rtol=1e-6)
+    assert reply.exploration_pool == len(eligible)  # the gateway's propensities divide by it
     assert (reply.propensities[~is_explored] == 0).all()
     assert (reply.scores[is_explored] == 0).all()
 

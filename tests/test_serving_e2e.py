@@ -183,19 +183,30 @@ def test_cold_start_user_gets_a_whole_page(mesh: Mesh) -> None:
 
 
 def test_exploration_slots_carry_their_propensity(mesh: Mesh) -> None:
+    from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+    retrieval = retrieval_pb2_grpc.RetrievalServiceStub(
+        grpc.insecure_channel(mesh.addresses["retrieval"])
+    )
     explored = []
     for k in range(15):
-        page = mesh.feed.GetFeed(
-            _request(_known_user(mesh, k), request_id=f"explore-{k}"), timeout=5
-        )
+        request = _request(_known_user(mesh, k), request_id=f"explore-{k}")
+        page = mesh.feed.GetFeed(request, timeout=5)
         _check_page(page, 20)
-        explored += [
-            p
-            for r, p in zip(page.reasons, page.propensities, strict=True)
-            if r == feed_pb2.REASON_EXPLORATION
-        ]
+        # the draw the gateway got: the same request id gives retrieval the same seed
+        drawn = retrieval.Retrieve(
+            retrieval_pb2.RetrieveRequest(
+                request_id=request.request_id, user_id=request.user_id, n=500, surface=HOME
+            ),
+            timeout=5,
+        )
+        assert drawn.exploration_pool > 10
+        for r, p in zip(page.reasons, page.propensities, strict=True):
+            if r == feed_pb2.REASON_EXPLORATION:
+                # P(the slot explores) / |pool|: epsilon while exploration candidates are left
+                assert 0.099 <= p * drawn.exploration_pool <= 0.1 + 1e-6, p
+                explored.append(p)
     assert explored, "epsilon = 0.1 over 300 slots explored nothing"
-    assert all(0 < p < 1 for p in explored)
     # the same request id replays the same page (the exploration draw is seeded by it)
     again = [mesh.feed.GetFeed(_request(_known_user(mesh), request_id="same"), timeout=5)]
     again.append(mesh.feed.GetFeed(_request(_known_user(mesh), request_id="same"), timeout=5))

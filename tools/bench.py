@@ -778,30 +778,40 @@ def run_level(
 
 
 @contextlib.contextmanager
-def mesh_running(config: BenchConfig) -> Iterator[tuple[str, dict[str, int]]]:
-    """The local mesh for the run: (gateway address, service pids by name); stopped on
-    exit."""
-    from tools.mesh import Mesh, MeshConfig, MeshError
+def _started(mesh_config: Any, what: str) -> Iterator[tuple[str, dict[str, int]]]:
+    """A mesh of ``mesh_config`` (``tools.mesh``): (its gateway's address, pids by name);
+    stopped on exit."""
+    from tools.mesh import Mesh, MeshError
+
+    try:
+        mesh = Mesh.start(mesh_config)
+    except MeshError as err:
+        raise BenchError(f"the {what} did not start: {err}") from err
+    with mesh:
+        yield mesh.addresses["gateway"], mesh.pids
+
+
+def mesh_running(
+    config: BenchConfig,
+) -> contextlib.AbstractContextManager[tuple[str, dict[str, int]]]:
+    """The local mesh for the run."""
+    from tools.mesh import MeshConfig
 
     mesh_config = MeshConfig(
         home=config.home,
         dataset=config.dataset,
         extra_env={"HOMEFEED_GATEWAY_CANDIDATES": str(config.candidates)},
     )
-    try:
-        mesh = Mesh.start(mesh_config)
-    except MeshError as err:
-        raise BenchError(f"the mesh did not start: {err}") from err
-    with mesh:
-        yield mesh.addresses["gateway"], mesh.pids
+    return _started(mesh_config, "mesh")
 
 
-@contextlib.contextmanager
-def floor_running(config: BenchConfig) -> Iterator[tuple[str, dict[str, int]]]:
+def floor_running(
+    config: BenchConfig,
+) -> contextlib.AbstractContextManager[tuple[str, dict[str, int]]]:
     """The floor chain (``tools.floor``), started by the same supervisor as the mesh under
-    ``<home>/run/floor``: (its gateway's address, pids by name); stopped on exit."""
+    ``<home>/run/floor``."""
     from contract.features import FEATURE_SCHEMA
-    from tools.mesh import SERVICES, Mesh, MeshConfig, MeshError
+    from tools.mesh import SERVICES, MeshConfig
 
     command = [sys.executable, "-m", "tools.floor"]
     size = ["--candidates", str(config.candidates), "--width", str(len(FEATURE_SCHEMA))]
@@ -810,12 +820,7 @@ def floor_running(config: BenchConfig) -> Iterator[tuple[str, dict[str, int]]]:
         model="0",  # no bundle: nothing to resolve
         commands={name: [*command, name, *size] for name in SERVICES},
     )
-    try:
-        floor = Mesh.start(floor_config)
-    except MeshError as err:
-        raise BenchError(f"the floor did not start: {err}") from err
-    with floor:
-        yield floor.addresses["gateway"], floor.pids
+    return _started(floor_config, "floor")
 
 
 @contextlib.contextmanager

@@ -12,13 +12,13 @@ the last mask keeps serving.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import numpy as np
 
 from feature_repo import schema as S
 from services.common.online import FastPathError, OnlineReader
+from services.common.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ class StockWatcher:
         self.failures = 0
         self._mask: np.ndarray | None = None
         self._changes: object = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._refresher = Periodic("stock-refresh", refresh_s, self._tick)
 
     def in_stock(self) -> np.ndarray:
         mask = self._mask
@@ -95,19 +94,10 @@ class StockWatcher:
     def start(self) -> None:
         """The background refresher (after a first ``refresh``)."""
         self.in_stock()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="stock-refresh", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            self._tick()
+        self._refresher.start()
 
     def close(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._refresher.close(timeout)
         close = getattr(self.reader, "close", None)
         if close is not None:
             close()

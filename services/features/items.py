@@ -33,6 +33,7 @@ from contract.catalog import Catalog
 from contract.heuristic import Heuristic
 from feature_repo import schema as S
 from services.common.online import FastPathError, OnlineReader, ViewRows, default_value
+from services.common.periodic import Periodic
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -217,8 +218,7 @@ class ItemStore:
         self._batch_marker = batch_marker
         self.stats = RefreshStats()
         self._write = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._refresher = Periodic("item-refresh", refresh_s, self.refresh_once)
         self._marker: Hashable = None
         self._changes: Hashable = None
         self._snapshot: ItemSnapshot | None = None
@@ -307,22 +307,12 @@ class ItemStore:
 
     def start(self) -> None:
         """Start the refresher thread (after ``load``)."""
-        if self._thread is not None:
-            return
         self.snapshot()
-        self._thread = threading.Thread(target=self._run, name="item-refresh", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            self.refresh_once()
+        self._refresher.start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the refresher and wait for a refresh in progress to end."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._refresher.close(timeout)
         close = getattr(self.reader, "close", None)
         if close is not None:
             close()

@@ -110,7 +110,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             user_id=user_id,
         )
         response = retrieval_pb2.RetrieveResponse(
-            known_user=found.known_user, model_version=self.index.version
+            known_user=found.known_user,
+            model_version=self.index.version,
+            exploration_pool=found.exploration_pool,
         )
         response.item_ids.extend(found.item_ids.tolist())
         extend_packed(response, "scores", found.scores)

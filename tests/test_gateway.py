@@ -1255,3 +1255,12 @@ def test_a_page_whose_hops_serve_another_version_is_flagged(caplog) -> None:
     h.pipeline.model_version = ""  # a gateway that does not know its version flags nothing
     h.retrieval.version = "r1"
     assert not h.pipeline.run(feed_request(), None).version_skew
+
+
+def test_a_version_skew_is_logged_once_per_combination(caplog) -> None:
+    h = harness()
+    h.pipeline.model_version = "7"  # retrieval reports "r1"
+    with caplog.at_level("WARNING", logger="services.gateway.pipeline"):
+        for _ in range(5):
+            assert h.pipeline.run(feed_request(), None).version_skew
+    assert caplog.text.count("another model version") == 1

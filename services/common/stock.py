@@ -41,7 +41,6 @@ class StockWatcher:
         self.reader = reader
         self.fallback = fallback
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
-        self.refresh_s = refresh_s
         self.refreshes = 0
         self.failures = 0
         self._mask: np.ndarray | None = None

@@ -57,7 +57,6 @@ class Candidates:
     scores: np.ndarray  # float32, source-specific
     sources: np.ndarray  # int32 retrieval.v1.CandidateSource
     model_version: str = ""
-    propensities: np.ndarray | None = None  # float32: P(in the candidates), exploration only
     exploration_pool: int = 0  # the exploration draw's eligible pool size
     user: common_pb2.UserFeatures | None = None  # as retrieval read them: passed to features
 
@@ -154,16 +153,12 @@ class GrpcRetrieval:
         ids = np.array(response.item_ids, dtype=np.int64)
         scores = np.array(response.scores, dtype=np.float32)
         sources = np.array(response.sources, dtype=np.int32)
-        propensities = np.array(response.propensities, dtype=np.float32)
-        _check_lengths(
-            "Retrieve", len(ids), scores=scores, sources=sources, propensities=propensities
-        )
+        _check_lengths("Retrieve", len(ids), scores=scores, sources=sources)
         return Candidates(
             ids,
             scores,
             sources,
             response.model_version,
-            propensities,
             response.exploration_pool,
             response.user if response.HasField("user") else None,
         )

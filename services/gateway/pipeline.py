@@ -228,6 +228,7 @@ class FeedPipeline:
             raise ValueError(f"breakers must include {', '.join(sorted(missing))}")
         self.clock = clock
         self.model_version = model_version  # the bundle the gateway and the mesh serve
+        self._skews_logged: set[tuple[str, ...]] = set()
         self.timers = StageTimers()
         self._on_close = on_close
 
@@ -406,11 +407,13 @@ class FeedPipeline:
 
     def version_skew(self, versions: list[str], request: FeedRequest) -> bool:
         """True when a hop that answered serves another bundle version than the gateway's
-        (logged: a half-finished rollout or a misconfiguration, worth a look)."""
+        (logged once per combination of versions: a half-finished rollout or a
+        misconfiguration, worth a look, but not a line per request)."""
         if not self.model_version:
             return False
         other = [v for v in versions if v and v != self.model_version]
-        if other:
+        if other and tuple(versions) not in self._skews_logged:
+            self._skews_logged.add(tuple(versions))
             log.warning(
                 "hops serve another model version than the gateway",
                 extra={

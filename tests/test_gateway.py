@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
@@ -25,6 +27,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
 from homefeed.common.v1 import common_pb2
 from homefeed.features.v1 import features_pb2, features_pb2_grpc
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
@@ -37,8 +41,10 @@ from services.common.errors import InvalidArgument
 from services.common.matrix import from_float_matrix, to_float_matrix
 from services.common.settings import ServerSettings, SettingsError
 from services.gateway import rerank as R
+from services.gateway.admission import RETRY_AFTER_KEY, Admission, AdmissionConfig, Shed
 from services.gateway.breaker import BreakerConfig, CircuitBreaker, State
 from services.gateway.clients import (
+    CHANNEL_OPTIONS,
     Candidates,
     Downstreams,
     FeedRequest,
@@ -46,6 +52,7 @@ from services.gateway.clients import (
     Scores,
 )
 from services.gateway.pipeline import FeedPipeline, PipelineConfig, StageTimes, make_breakers
+from services.gateway.readiness import HopWatcher
 from services.gateway.server import SERVICE_NAME, StartupError, create_server, load_popularity
 from services.gateway.servicer import STAGE_METADATA_KEY, FeedServicer, parse_request
 from services.gateway.settings import GatewaySettings
@@ -64,6 +71,24 @@ NO_RERANK = R.RerankConfig(diversity_depth=0, new_seller_min_share=0.0, epsilon=
 
 
 # --- fakes ----------------------------------------------------------------------------------
+
+
+class FakeRpcError(grpc.RpcError):
+    """What a stub raises when the downstream answers with a status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def rpc_error(code: grpc.StatusCode, details: str = "down") -> FakeRpcError:
+    return FakeRpcError(code, details)
 
 
 class FakeClock:
@@ -729,7 +754,7 @@ def test_repeated_candidates_are_sent_once() -> None:
 
 def test_retrieval_failure_serves_the_context_popularity_list() -> None:
     h = harness()
-    h.retrieval.error = RuntimeError("retrieval is down")
+    h.retrieval.error = rpc_error(grpc.StatusCode.UNAVAILABLE)
     page = h.pipeline.run(feed_request(page_size=20, cart=[999]), None)
     assert page.degraded == (feed_pb2.DEGRADATION_RETRIEVAL,)
     assert set(page.item_ids.tolist()) <= set(POPULAR_US_IOS.tolist()) - {999}
@@ -763,7 +788,7 @@ def test_features_failure_serves_retrieval_order_without_ranking() -> None:
 
 def test_ranking_failure_serves_the_heuristic_order() -> None:
     h = harness()
-    h.ranking.error = TimeoutError("too slow")
+    h.ranking.error = rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED)
     page = h.pipeline.run(feed_request(page_size=20), None)
     ids = np.arange(N_CANDIDATES)
     expected = ids[np.argsort(-h.catalog.heuristic[ids], kind="stable")][:20]
@@ -777,8 +802,8 @@ def test_ranking_failure_serves_the_heuristic_order() -> None:
 
 def test_retrieval_and_features_down_serve_popularity_in_order() -> None:
     h = harness()
-    h.retrieval.error = RuntimeError("down")
-    h.features.error = RuntimeError("down")
+    h.retrieval.error = rpc_error(grpc.StatusCode.UNAVAILABLE)
+    h.features.error = rpc_error(grpc.StatusCode.UNAVAILABLE)
     page = h.pipeline.run(feed_request(page_size=5), None)
     assert page.item_ids.tolist() == POPULAR_US_IOS[:5].tolist()
     assert page.reasons.tolist() == [R.POPULAR] * 5
@@ -795,9 +820,45 @@ def test_nothing_available_is_an_empty_page_without_a_rank_call() -> None:
     assert h.ranking.calls == []
 
 
+def test_refusals_and_gateway_bugs_never_open_a_breaker() -> None:
+    """A caller's bad input refused downstream, or the gateway's own exception, serves the
+    fallback for that request only: the breaker does not count it, so one caller cannot
+    de-personalise everyone's feed."""
+    h = harness()
+    h.retrieval.error = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "bad")
+    h.ranking.error = ValueError("a bug in the gateway's client code")
+    for i in range(50):
+        page = h.pipeline.run(feed_request(request_id=f"r{i}"), None)
+        assert page.degraded == (feed_pb2.DEGRADATION_RETRIEVAL, feed_pb2.DEGRADATION_RANKING)
+    assert len(h.retrieval.calls) == len(h.ranking.calls) == 50  # never skipped
+    for name in ("retrieval", "ranking"):
+        snapshot = h.pipeline.breakers[name].snapshot()
+        assert snapshot["state"] == "closed" and snapshot["calls"] == 0, snapshot
+    h.retrieval.error = h.ranking.error = None
+    assert h.pipeline.run(feed_request(), None).degraded == ()
+
+
+def test_released_half_open_trial_is_handed_out_again() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("x", BreakerConfig(window=2, min_calls=2, half_open_calls=1), clock)
+    for _ in range(2):
+        permit = breaker.try_acquire()
+        assert permit is not None
+        breaker.on_failure(permit, 0.001)
+    clock.advance(10.0)
+    trial = breaker.try_acquire()
+    assert trial is not None and breaker.state is State.HALF_OPEN
+    assert breaker.try_acquire() is None  # the only trial is out
+    breaker.release(trial)
+    again = breaker.try_acquire()
+    assert again is not None
+    breaker.on_success(again, 0.001)
+    assert breaker.state is State.CLOSED
+
+
 def test_an_open_breaker_skips_the_downstream_until_its_wait_is_over() -> None:
     h = harness()
-    h.ranking.error = RuntimeError("down")
+    h.ranking.error = rpc_error(grpc.StatusCode.UNAVAILABLE)
     for i in range(12):
         page = h.pipeline.run(feed_request(request_id=f"r{i}"), None)
         assert page.degraded == (feed_pb2.DEGRADATION_RANKING,)
@@ -893,6 +954,16 @@ def valid_proto(**overrides: object) -> feed_pb2.GetFeedRequest:
         ({"cart_item_ids": list(range(101))}, r"^cart_item_ids must have at most 100 ids"),
         ({"cart_item_ids": [1, -2]}, r"^cart_item_ids must be non-negative ids, got 1 negative"),
         ({"request_id": "x" * 129}, r"^request_id must be at most 128 characters.*got 129$"),
+        (
+            {"request_id": "r\u00e9q"},
+            r"^request_id must be printable ASCII .*got '\u00e9' at index 1$",
+        ),
+        ({"request_id": "a\nb"}, r"^request_id must be printable ASCII .*got '\\n' at index 1$"),
+        ({"request_id": "a b"}, r"^request_id must be printable ASCII without spaces"),
+        (
+            {"context": common_pb2.RequestContext(device="x" * 100_000)},
+            r"^context.device must be .*got 'x{30,}\.\.\. \(100000 characters\)$",
+        ),
         (
             {"context": common_pb2.RequestContext(country="us")},
             r"^context.country must be empty or an ISO 3166-1 alpha-2 code",
@@ -1143,7 +1214,7 @@ def fake_mesh() -> Iterator[FakeMesh]:
 
 
 def grpc_pipeline(address: str, rerank: R.RerankConfig = NO_RERANK) -> FeedPipeline:
-    clients = Downstreams.connect(address, address, address, 16 << 20)
+    clients = Downstreams.connect(address, address, address)
     return FeedPipeline(
         clients.retrieval,
         clients.features,
@@ -1204,14 +1275,20 @@ def test_unreachable_downstreams_fail_fast_into_the_fallbacks() -> None:
     assert page.times.retrieval < 1000 and page.times.features < 1000
 
 
-def test_gateway_server_over_grpc(fake_mesh: FakeMesh) -> None:
-    settings = GatewaySettings(
+def gateway_settings(address: str, **overrides: object) -> GatewaySettings:
+    """Settings of a gateway whose three downstreams are all at ``address``."""
+    return GatewaySettings(
         server=ServerSettings(port=0),
-        retrieval_addr=fake_mesh.address,
-        features_addr=fake_mesh.address,
-        ranking_addr=fake_mesh.address,
+        retrieval_addr=address,
+        features_addr=address,
+        ranking_addr=address,
         home=Path("."),
+        **overrides,  # type: ignore[arg-type]
     )
+
+
+def test_gateway_server_over_grpc(fake_mesh: FakeMesh) -> None:
+    settings = gateway_settings(fake_mesh.address)
     pipeline = grpc_pipeline(fake_mesh.address, rerank=R.RerankConfig())
     server, port, served = create_server(settings, pipeline)
     assert served is pipeline and SERVICE_NAME == "homefeed.feed.v1.FeedService"
@@ -1264,3 +1341,102 @@ def test_a_version_skew_is_logged_once_per_combination(caplog) -> None:
         for _ in range(5):
             assert h.pipeline.run(feed_request(), None).version_skew
     assert caplog.text.count("another model version") == 1
+
+
+# --- load shedding and readiness ----------------------------------------------------------
+
+
+def test_admission_refuses_past_capacity_and_short_deadlines() -> None:
+    admission = Admission(AdmissionConfig(max_in_flight=2, min_budget_s=0.010))
+    admission.admit(1.0)
+    admission.admit(None)  # no deadline: nothing to check but capacity
+    with pytest.raises(Shed, match=r"at capacity \(2 feeds in flight\)") as full:
+        admission.admit(1.0)
+    assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert full.value.retry_after_ms == 50
+    admission.release()
+    admission.admit(1.0)  # a slot came free
+    with pytest.raises(Shed, match=r"remaining deadline \(5\.0 ms\) cannot cover"):
+        admission.admit(0.005)
+    assert admission.snapshot() == {
+        "in_flight": 2,
+        "admitted": 3,
+        "shed_full": 1,
+        "shed_deadline": 1,
+    }
+
+
+def test_the_gateway_sheds_at_once_with_a_retry_hint(fake_mesh: FakeMesh) -> None:
+    """One feed held in flight; the next is refused at once (no queue), with the hint, and
+    the held one still completes."""
+    settings = gateway_settings(fake_mesh.address, admission=AdmissionConfig(max_in_flight=1))
+    assert settings.serving.max_workers == settings.serving.max_concurrent_rpcs == 5
+    h = harness()
+    entered, release = threading.Event(), threading.Event()
+    retrieve = h.retrieval.retrieve
+
+    def held(request: FeedRequest, n: int, timeout_s: float) -> Candidates:
+        entered.set()
+        release.wait(10)
+        return retrieve(request, n, timeout_s)
+
+    h.retrieval.retrieve = held  # type: ignore[method-assign]
+    server, port, _ = create_server(settings, h.pipeline)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = feed_pb2_grpc.FeedServiceStub(channel)
+            first = stub.GetFeed.future(valid_proto(page_size=5), timeout=10.0)
+            assert entered.wait(5)
+            started = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as shed:
+                stub.GetFeed(valid_proto(page_size=5), timeout=5.0)
+            took = time.perf_counter() - started
+            release.set()
+            assert len(first.result(timeout=10).item_ids) == 5
+            assert len(stub.GetFeed(valid_proto(page_size=5), timeout=5.0).item_ids) == 5
+    finally:
+        release.set()
+        server.stop(0)
+    assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "at capacity (1 feeds in flight)" in (shed.value.details() or "")
+    assert dict(shed.value.trailing_metadata())[RETRY_AFTER_KEY] == "50"
+    assert took < 1.0
+    assert all(
+        b.snapshot()["calls"] == 0 or b.state is State.CLOSED for b in h.pipeline.breakers.values()
+    )
+
+
+def test_readiness_follows_the_downstreams_health_liveness_does_not() -> None:
+    backend = grpc.server(futures.ThreadPoolExecutor(2))
+    backend_health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(backend_health, backend)
+    backend_port = backend.add_insecure_port("127.0.0.1:0")
+    backend.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # bound, never listening
+        channels = {
+            "retrieval": grpc.insecure_channel(
+                f"127.0.0.1:{backend_port}", options=CHANNEL_OPTIONS
+            ),
+            "features": grpc.insecure_channel(dead, options=CHANNEL_OPTIONS),
+        }
+        gateway_health = HealthServicer()
+        watcher = HopWatcher(channels, gateway_health, SERVICE_NAME, interval_s=60)
+        try:
+            assert watcher.check() is True
+            assert watcher.hops == {"retrieval": True, "features": False}
+            backend_health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert watcher.check() is False
+            status = gateway_health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), None)
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            backend.stop(0).wait()
+            assert watcher.check() is False
+            alive = gateway_health.Check(health_pb2.HealthCheckRequest(service=""), None)
+            assert alive.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            watcher.close()
+            for channel in channels.values():
+                channel.close()
+            backend.stop(0)

@@ -38,8 +38,10 @@ from contract.bundle import (
     COMPILED_MODEL,
     PURCHASE_MODEL,
     file_checksums,
+    write_manifest,
 )
-from contract.features import FEATURE_SCHEMA, build_matrix
+from contract.bundle import FEATURE_SCHEMA as FEATURE_SCHEMA_FILE
+from contract.features import FEATURE_SCHEMA, FeatureSchema, build_matrix
 from contract.paths import REPO_ROOT, Paths
 from contract.registry import Registry
 from contract.scorer import CompiledScorer
@@ -561,11 +563,37 @@ def test_start_up_fails_naming_an_unknown_alias(registry_settings: RankingSettin
         ModelHolder(default_target="no-such-alias", cache_dir=settings.source.model_cache).reload()
 
 
-def test_a_bundle_directory_server_warns_that_reload_is_open(
+def other_schema_bundle(bundle: Path, dest: Path) -> tuple[Path, str]:
+    """A copy of ``bundle`` that says it was built for another feature schema (one column
+    renamed), consistent in itself: it verifies, it only does not fit this mesh."""
+    copy = copy_bundle(bundle, dest)
+    manifest = json.loads((copy / BUNDLE_MANIFEST).read_text())
+    schema = json.loads((copy / FEATURE_SCHEMA_FILE).read_text())
+    schema["names"][-1] += "_v2"
+    other = FeatureSchema(tuple(schema["names"]), tuple(schema["dtypes"]))
+    (copy / FEATURE_SCHEMA_FILE).write_text(json.dumps(other.to_dict()))
+    (copy / BUNDLE_MANIFEST).unlink()
+    write_manifest(
+        copy,
+        version=manifest["version"] + "-other",
+        data_snapshot=manifest["data_snapshot"],
+        feature_schema_hash=other.hash,
+        metrics=manifest.get("metrics", {}),
+    )
+    return copy, other.hash
+
+
+def reload_error(
+    served: Running, request: ranking_pb2.ReloadRequest, metadata: tuple[tuple[str, str], ...]
+) -> grpc.RpcError:
+    return rpc_error(lambda: served.stub.Reload(request, metadata=metadata, timeout=30))
+
+
+def test_a_server_without_admin_token_refuses_reload_and_keeps_serving(
     tiny_bundle: Path, rows: Rows, model: LoadedModel, tmp_path: Path, caplog
 ) -> None:
     settings = RankingSettings(
-        server=ServerSettings(port=0, drain_seconds=0),
+        server=ServerSettings(port=0, drain_seconds=0, lame_duck_seconds=0),
         home=tmp_path,
         bundle=BundleRef(tmp_path, bundle_dir=tiny_bundle),
     )
@@ -573,15 +601,47 @@ def test_a_bundle_directory_server_warns_that_reload_is_open(
         running = start(settings)
         served = next(running)
     try:
-        assert "admin RPCs (Reload) are open" in caplog.text
+        assert "admin RPCs (Reload) are refused" in caplog.text
         copy = copy_bundle(tiny_bundle, tmp_path / "again")
-        reply = served.stub.Reload(ranking_pb2.ReloadRequest(target=str(copy)), timeout=30)
-        assert reply.previous_version == reply.model_version == model.bundle_version
-        assert served.holder.current().bundle_dir == copy
+        for metadata in ((), AUTH, (("authorization", "Bearer "),)):
+            err = reload_error(served, ranking_pb2.ReloadRequest(target=str(copy)), metadata)
+            assert err.code() is grpc.StatusCode.PERMISSION_DENIED, err.details()
+            assert "without an admin token" in (err.details() or "")
+        assert served.holder.current().bundle_dir == tiny_bundle
         ranked = served.stub.Rank(rank_request(rows, model.schema_hash, 10), timeout=TIMEOUT_S)
         np.testing.assert_allclose(ranked.p_purchase, rows.expected_p[:10], rtol=0, atol=1e-6)
     finally:
         running.close()
+
+
+def test_a_bundle_of_another_feature_schema_is_refused_at_reload_and_at_start(
+    tiny_bundle: Path, rows: Rows, model: LoadedModel, tmp_path: Path
+) -> None:
+    other, other_hash = other_schema_bundle(tiny_bundle, tmp_path / "other")
+    settings = RankingSettings(
+        server=ServerSettings(port=0, drain_seconds=0, lame_duck_seconds=0),
+        home=tmp_path,
+        bundle=BundleRef(tmp_path, bundle_dir=tiny_bundle),
+        admin_token=TOKEN,
+    )
+    running = start(settings)
+    served = next(running)
+    try:
+        request = ranking_pb2.ReloadRequest(target=str(other))
+        err = rpc_error(lambda: served.stub.Reload(request, metadata=AUTH, timeout=30))
+        assert err.code() is grpc.StatusCode.FAILED_PRECONDITION, err.details()
+        details = err.details() or ""
+        assert f"built for feature schema {other_hash[:12]}" in details
+        assert FEATURE_SCHEMA.hash[:12] in details and "still serving" in details
+        ranked = served.stub.Rank(rank_request(rows, model.schema_hash, 10), timeout=TIMEOUT_S)
+        np.testing.assert_allclose(ranked.p_purchase, rows.expected_p[:10], rtol=0, atol=1e-6)
+        copy = copy_bundle(tiny_bundle, tmp_path / "same")  # the same schema still reloads
+        reply = served.stub.Reload(ranking_pb2.ReloadRequest(target=str(copy)), metadata=AUTH)
+        assert reply.model_version == model.bundle_version
+    finally:
+        running.close()
+    with pytest.raises(StartupError, match="built for feature schema"):
+        create_server(replace(settings, bundle=BundleRef(tmp_path, bundle_dir=other)))
 
 
 def _service_env(**extra: str) -> dict[str, str]:

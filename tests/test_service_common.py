@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +95,10 @@ class Served:
     health_stub: health_pb2_grpc.HealthStub
 
 
-def _build(drain_seconds: float = 5.0) -> Served:
+def _build(drain_seconds: float = 5.0, lame_duck_seconds: float = 0.0) -> Served:
     servicer = _Feed()
     recorder = LatencyRecorder(window=16)
-    settings = ServerSettings(drain_seconds=drain_seconds)
+    settings = ServerSettings(drain_seconds=drain_seconds, lame_duck_seconds=lame_duck_seconds)
     server, port, health = build_server(
         settings,
         [FEED],
@@ -166,6 +167,53 @@ def test_unexpected_error_is_internal_logged_and_the_server_keeps_serving(
     assert logged[0].rpc == GET_FEED  # type: ignore[attr-defined]
     assert "boom" in str(logged[0].exc_info[1])  # type: ignore[index]
     assert list(_get_feed(served, 20).item_ids) == [1, 2]
+
+
+def _raw_call(s: Served, payload: bytes) -> tuple[grpc.StatusCode, str]:
+    call = s.channel.unary_unary(f"/{GET_FEED}", request_serializer=None)
+    with pytest.raises(grpc.RpcError) as info:
+        call(payload, timeout=5.0)
+    return info.value.code(), info.value.details()
+
+
+def test_malformed_requests_are_invalid_argument_without_a_traceback(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    field = feed_pb2.GetFeedRequest.DESCRIPTOR.fields_by_name["request_id"].number
+    bad_utf8 = bytes([(field << 3) | 2, 2, 0xFF, 0xFE])
+    with caplog.at_level(logging.DEBUG):
+        for payload in (b"\xff\xff\xff\xff", bad_utf8, b"\x0a\x7f"):
+            code, details = _raw_call(served, payload)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert details.startswith("the request is not a valid GetFeedRequest message (")
+            assert len(details) < 400
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    stats = served.recorder.snapshot()[GET_FEED]
+    assert (stats["count"], stats["errors"]) == (3, 3)
+    assert list(_get_feed(served, 20).item_ids) == [1, 2]
+
+
+def test_oversized_requests_are_refused_before_the_handler() -> None:
+    settings = ServerSettings(max_message_bytes=4096)
+    servicer = _Feed()
+    server, port, _ = build_server(
+        settings, [FEED], lambda s: feed_pb2_grpc.add_FeedServiceServicer_to_server(servicer, s)
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = feed_pb2_grpc.FeedServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetFeed(feed_pb2.GetFeedRequest(request_id="x" * 5000), timeout=5.0)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert servicer.remaining == []
+    finally:
+        server.stop(None)
+
+
+def test_receive_limits_are_per_service() -> None:
+    assert ServerSettings.from_env("gateway").max_message_bytes == 64 * 1024
+    assert ServerSettings.from_env("ranking").max_message_bytes == 512 * 1024
 
 
 def test_handler_abort_keeps_its_status(served: Served, caplog: pytest.LogCaptureFixture) -> None:
@@ -278,13 +326,46 @@ def test_serve_drains_in_flight_calls_then_stops(capsys: pytest.CaptureFixture[s
     assert capsys.readouterr().out == f"HOMEFEED_READY port={s.port}\n"
 
 
+def test_lame_duck_keeps_answering_while_not_serving() -> None:
+    """After a stop request health says NOT_SERVING at once, yet calls that still arrive
+    (routed before the balancer noticed) are answered until the lame-duck period ends."""
+    s = _build(drain_seconds=1.0, lame_duck_seconds=1.0)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=serve, args=(s.server, s.health, s.settings), kwargs={"stop_event": stop}
+    )
+    thread.start()
+    try:
+        check = health_pb2.HealthCheckRequest(service=FEED)
+        reply = s.health_stub.Check(check, wait_for_ready=True, timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stop.set()
+        started = time.monotonic()
+        while (
+            s.health_stub.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        ):
+            assert time.monotonic() - started < 0.5, "health did not turn NOT_SERVING"
+        answered = 0
+        while time.monotonic() - started < 0.8:  # well inside the lame-duck second
+            assert list(_get_feed(s, 20).item_ids) == [1, 2]
+            answered += 1
+        assert answered > 0
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        assert time.monotonic() - started >= 1.0  # it did wait out the period
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        s.channel.close()
+
+
 _SERVE_MAIN = """
 from services.common.logs import configure_logging
 from services.common.server import build_server, serve
 from services.common.settings import ServerSettings
 
 configure_logging("probe")
-settings = ServerSettings(drain_seconds=1.0)
+settings = ServerSettings(drain_seconds=1.0, lame_duck_seconds=0.2)
 server, port, health = build_server(settings, [], lambda s: None)
 serve(server, health, settings, on_stop=lambda: print("on_stop", flush=True))
 """
@@ -316,7 +397,12 @@ def test_sigterm_drains_and_exits_cleanly() -> None:
     assert proc.returncode == 0, err
     assert out == "on_stop\n"
     messages = [json.loads(line)["msg"] for line in err.splitlines()]
-    assert messages == ["listening", "draining", "stopped"]
+    assert messages == [
+        "listening",
+        "lame duck: not serving, still answering",
+        "draining",
+        "stopped",
+    ]
 
 
 # --- errors and validation ----------------------------------------------------------------

@@ -95,6 +95,9 @@ class MeshConfig:
     admin_token: str | None = field(default=None, repr=False)  # None: a fresh random one
     startup_timeout: float = 120.0  # s per phase (backends, gateway): feast costs ~10 s
     health_timeout: float = 10.0  # s for a ready service to answer SERVING
+    # s each service keeps answering after SIGTERM while reporting NOT_SERVING; locally the
+    # gateway is stopped before the backends and no balancer has to notice, so it is short
+    lame_duck_seconds: float = 0.5
     python: str = sys.executable
     host: str = "127.0.0.1"
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -164,6 +167,7 @@ class MeshConfig:
         prefix = f"HOMEFEED_{name.upper()}_"
         env[prefix + "HOST"] = self.host
         env[prefix + "PORT"] = "0"
+        env.setdefault(prefix + "LAME_DUCK_SECONDS", str(self.lame_duck_seconds))
         if name == GATEWAY:
             for backend in BACKENDS:
                 env[f"HOMEFEED_{backend.upper()}_ADDR"] = addresses[backend]

@@ -10,6 +10,7 @@ right: ``page_size must be 1..100, got 500``.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -36,6 +37,9 @@ class ServiceError(Exception):
     """An error with a gRPC status; the message is sent to the client as the status details."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # how the server logs it: a refusal that comes by the thousand under load (shedding)
+    # lowers it, so the log does not grow with an attack or an overload
+    log_level: int = logging.WARNING
 
     def grpc_status_code(self) -> grpc.StatusCode:
         return self.code
@@ -142,13 +146,37 @@ def check_surface(value: int, name: str = "surface") -> int:
     raise InvalidArgument(f"{name} must be one of {allowed}, got {got}")
 
 
+_REQUEST_ID = re.compile(r"[\x21-\x7e]*")  # printable ASCII without space
+
+
 def check_request_id(value: str, note: str = "") -> str:
-    """A caller's request id: at most ``MAX_REQUEST_ID`` characters."""
+    """A caller's request id: at most ``MAX_REQUEST_ID`` printable ASCII characters, no
+    spaces. It travels as ``x-request-id`` metadata to every hop, and gRPC refuses a
+    metadata value outside printable ASCII, so anything else is refused here, at the edge."""
     if len(value) > MAX_REQUEST_ID:
         raise InvalidArgument(
             f"request_id must be at most {MAX_REQUEST_ID} characters{note}, got {len(value)}"
         )
+    if not _REQUEST_ID.fullmatch(value):
+        bad = next(c for c in value if not "\x21" <= c <= "\x7e")
+        raise InvalidArgument(
+            f"request_id must be printable ASCII without spaces{note}, got {quote(bad)} at "
+            f"index {value.index(bad)}"
+        )
     return value
+
+
+MAX_QUOTED = 40  # characters of a caller's value quoted back in a message
+
+
+def quote(value: object, limit: int = MAX_QUOTED) -> str:
+    """``repr(value)``, cut to ``limit`` characters (with the full length when cut): a caller's
+    input is echoed into errors and logs, and one request must not write a megabyte line."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str | bytes) else "cut"
+    return f"{text[:limit]}... ({size})"
 
 
 def check_context(context: common_pb2.RequestContext) -> datetime | None:
@@ -157,11 +185,12 @@ def check_context(context: common_pb2.RequestContext) -> datetime | None:
     if context.country and not _COUNTRY.fullmatch(context.country):
         raise InvalidArgument(
             "context.country must be empty or an ISO 3166-1 alpha-2 code in upper case "
-            f'("US", "DE"), got {context.country!r}'
+            f'("US", "DE"), got {quote(context.country)}'
         )
     if context.device and context.device not in DEVICES:
         raise InvalidArgument(
-            f"context.device must be empty or one of {', '.join(DEVICES)}, got {context.device!r}"
+            f"context.device must be empty or one of {', '.join(DEVICES)}, "
+            f"got {quote(context.device)}"
         )
     if not context.HasField("time"):
         return None

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from services.common.errors import ServiceError
+from services.common.errors import InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +136,21 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
     def _wrap(self, rpc: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
+        deserialize = handler.request_deserializer
         stats = self.recorder.stats(rpc)
 
         def failed(
-            context: grpc.ServicerContext, code: grpc.StatusCode, ms: float, msg: str
+            context: grpc.ServicerContext,
+            code: grpc.StatusCode,
+            ms: float,
+            msg: str,
+            level: int = logging.WARNING,
         ) -> None:
             stats.add(ms, True)
-            log.warning(
+            if not log.isEnabledFor(level):
+                return
+            log.log(
+                level,
                 msg,
                 extra={
                     "rpc": rpc,
@@ -155,11 +163,14 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             try:
+                if deserialize is not None:
+                    request = _parse(deserialize, request)
                 response = behavior(request, context)
             except ServiceError as err:
                 code = err.grpc_status_code()
-                failed(context, code, (time.perf_counter() - start) * 1e3, str(err))
-                context.abort(code, str(err))
+                message = bounded(str(err))
+                failed(context, code, (time.perf_counter() - start) * 1e3, message, err.log_level)
+                context.abort(code, message)
             except Exception as err:
                 ms = (time.perf_counter() - start) * 1e3
                 code = context.code()
@@ -200,8 +211,32 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 )
             return response
 
+        # the request arrives as bytes and is parsed inside ``call``: grpc's own parse failure
+        # answers INTERNAL and logs a traceback, where a caller's garbage is INVALID_ARGUMENT
         return grpc.unary_unary_rpc_method_handler(
-            call,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            call, request_deserializer=None, response_serializer=handler.response_serializer
         )
+
+
+MAX_DETAILS = 1000  # characters of a status message; a longer one is cut
+
+
+def bounded(message: str, limit: int = MAX_DETAILS) -> str:
+    """``message`` cut to ``limit`` characters: status details and log lines carry what the
+    caller sent, and must not grow with it."""
+    if len(message) <= limit:
+        return message
+    return f"{message[: limit - 30]}... ({len(message)} characters)"
+
+
+def _parse(deserialize: Callable[[bytes], Any], data: bytes) -> Any:
+    """The request message, or InvalidArgument for bytes that are not one (malformed wire
+    format, invalid UTF-8 in a string field)."""
+    try:
+        return deserialize(data)
+    except Exception as err:
+        what = getattr(getattr(deserialize, "__self__", None), "__name__", "request")
+        raise InvalidArgument(
+            f"the request is not a valid {what} message ({len(data)} bytes): "
+            f"{type(err).__name__}: {bounded(str(err), 200)}"
+        ) from None

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.interceptors import LatencyRecorder, ServiceInterceptor
 from services.common.logs import configure_logging
-from services.common.settings import ServerSettings, SettingsError
+from services.common.settings import SEND_LIMIT, ServerSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,17 @@ def build_server(
     executor = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="grpc-worker")
     server = grpc.server(
         executor,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         interceptors=[ServiceInterceptor(recorder), *interceptors],
         options=[
-            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", SEND_LIMIT),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             # two servers must never share a port by accident (a stale one would get traffic)
             ("grpc.so_reuseport", 0),
+            # the gateway's keepalive pings (every 10 s, also between calls) are welcome
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_pings_without_data", 0),
         ],
     )
     register(server)
@@ -97,15 +102,19 @@ def serve(
 
     A stop request is SIGTERM or SIGINT (handlers are installed when called from the main
     thread) or ``stop_event`` being set, which is how tests and supervisors in-process stop
-    it. Then: health turns NOT_SERVING for every service (load balancers stop sending), the
-    server refuses new RPCs and gives in-flight ones ``settings.drain_seconds`` to finish,
-    ``on_stop`` runs (close channels, flush logs) once they have, and this returns.
+    it. Then, like a lame duck: health turns NOT_SERVING for every service (load balancers
+    and health-checking clients stop sending) while the server keeps answering for
+    ``settings.lame_duck_seconds``, so a request routed before they noticed is still served;
+    then it refuses new RPCs and gives in-flight ones ``settings.drain_seconds`` to finish,
+    ``on_stop`` runs (close channels, flush logs) once they have, and this returns. A second
+    signal skips what is left of the lame-duck period.
 
     Once listening it prints ``HOMEFEED_READY port=<port>`` on stdout for a supervisor.
     """
     stop = stop_event if stop_event is not None else threading.Event()
+    hurry = threading.Event()  # a second stop request: end the lame-duck period now
     port, executor = _built.get(server, (settings.port, None))
-    previous = _install_signal_handlers(stop)
+    previous = _install_signal_handlers(stop, hurry)
     try:
         _freeze_start_up_heap()
         server.start()
@@ -113,8 +122,14 @@ def serve(
         sys.stdout.write(READY_LINE.format(port=port) + "\n")
         sys.stdout.flush()
         stop.wait()
-        log.info("draining", extra={"port": port, "drain_seconds": settings.drain_seconds})
+        log.info(
+            "lame duck: not serving, still answering",
+            extra={"port": port, "lame_duck_seconds": settings.lame_duck_seconds},
+        )
         health_servicer.enter_graceful_shutdown()
+        if settings.lame_duck_seconds > 0:
+            hurry.wait(settings.lame_duck_seconds)
+        log.info("draining", extra={"port": port, "drain_seconds": settings.drain_seconds})
         server.stop(settings.drain_seconds).wait()
         if on_stop is not None:
             try:
@@ -142,15 +157,19 @@ def _freeze_start_up_heap() -> None:
 _Handler = Callable[[int, FrameType | None], object] | int | None
 
 
-def _install_signal_handlers(stop: threading.Event) -> dict[int, _Handler]:
-    """SIGTERM/SIGINT set ``stop``; returns the handlers they replaced. Signal handlers can
-    only be installed from the main thread; elsewhere this does nothing."""
+def _install_signal_handlers(stop: threading.Event, hurry: threading.Event) -> dict[int, _Handler]:
+    """SIGTERM/SIGINT set ``stop``, a second one ``hurry``; returns the handlers they
+    replaced. Signal handlers can only be installed from the main thread; elsewhere this
+    does nothing."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
-            log.warning("already draining", extra={"signal": signal.Signals(signum).name})
+            log.warning(
+                "already stopping: draining now", extra={"signal": signal.Signals(signum).name}
+            )
+            hurry.set()
         stop.set()
 
     previous: dict[int, _Handler] = {}

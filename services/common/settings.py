@@ -88,6 +88,19 @@ def require(name: str, what: str = "set it in the environment") -> str:
     return value
 
 
+# The largest request each service accepts, from what a legitimate one needs (gRPC answers
+# RESOURCE_EXHAUSTED above it before any of our code runs): a feed request is a few ids and
+# strings; Retrieve carries up to 5,000 excluded ids (~50 KB); GetFeatures up to 2,000 ids
+# and the user's features; Rank up to 2,000 x 40 float32 (320 KB) plus ids and values.
+RECEIVE_LIMITS = {
+    "gateway": 64 * 1024,
+    "retrieval": 256 * 1024,
+    "features": 256 * 1024,
+    "ranking": 512 * 1024,
+}
+SEND_LIMIT = 4 * 1024 * 1024  # what a server may answer, and a client accept from one
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """How a service's gRPC server listens, drains and logs."""
@@ -95,8 +108,15 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 0  # 0: the OS picks a free port, reported on the HOMEFEED_READY line
     max_workers: int = 8  # threads serving RPCs concurrently
-    max_message_bytes: int = 16 * 1024 * 1024  # both directions
-    drain_seconds: float = 5.0  # grace for in-flight RPCs on SIGTERM
+    # RPCs accepted at once, running or waiting for a thread; past it grpc answers
+    # RESOURCE_EXHAUSTED at once (None: no limit, an unbounded queue)
+    max_concurrent_rpcs: int | None = None
+    max_message_bytes: int = 4 * 1024 * 1024  # the largest request accepted (RECEIVE_LIMITS)
+    # On SIGTERM: report NOT_SERVING but keep serving for ``lame_duck_seconds`` (load
+    # balancers and the gateway's health checks move away meanwhile), then refuse new RPCs
+    # and give the in-flight ones ``drain_seconds`` to finish.
+    lame_duck_seconds: float = 2.0
+    drain_seconds: float = 5.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -104,10 +124,14 @@ class ServerSettings:
             raise SettingsError(f"port must be 0..65535, got {self.port}")
         if self.max_workers < 1:
             raise SettingsError(f"max_workers must be >= 1, got {self.max_workers}")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise SettingsError(f"max_concurrent_rpcs must be >= 1, got {self.max_concurrent_rpcs}")
         if self.max_message_bytes < 1024:
             raise SettingsError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if self.drain_seconds < 0:
             raise SettingsError(f"drain_seconds must be >= 0, got {self.drain_seconds}")
+        if not 0 <= self.lame_duck_seconds <= 300:
+            raise SettingsError(f"lame_duck_seconds must be 0..300, got {self.lame_duck_seconds}")
         if self.log_level.upper() not in _LOG_LEVELS:
             raise SettingsError(
                 f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}"
@@ -115,16 +139,19 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, service: str) -> ServerSettings:
-        """Read ``HOMEFEED_<SERVICE>_{HOST,PORT,MAX_WORKERS,MAX_MESSAGE_BYTES,DRAIN_SECONDS,
-        LOG_LEVEL}``; unset ones keep the defaults. An out-of-range value names its variable."""
+        """Read ``HOMEFEED_<SERVICE>_{HOST,PORT,MAX_WORKERS,MAX_MESSAGE_BYTES,
+        LAME_DUCK_SECONDS,DRAIN_SECONDS,LOG_LEVEL}``; unset ones keep the defaults (the
+        receive limit is the service's ``RECEIVE_LIMITS``). An out-of-range value names its
+        variable."""
         prefix = f"HOMEFEED_{service.upper().replace('-', '_')}_"
-        d = cls()
+        d = cls(max_message_bytes=RECEIVE_LIMITS.get(service, cls.max_message_bytes))
         try:
             return cls(
                 host=env_str(prefix + "HOST", d.host),
                 port=env_int(prefix + "PORT", d.port),
                 max_workers=env_int(prefix + "MAX_WORKERS", d.max_workers),
                 max_message_bytes=env_int(prefix + "MAX_MESSAGE_BYTES", d.max_message_bytes),
+                lame_duck_seconds=env_float(prefix + "LAME_DUCK_SECONDS", d.lame_duck_seconds),
                 drain_seconds=env_float(prefix + "DRAIN_SECONDS", d.drain_seconds),
                 log_level=env_str(prefix + "LOG_LEVEL", d.log_level).upper(),
             )

@@ -156,6 +156,14 @@ class CircuitBreaker:
     def on_failure(self, permit: Permit, duration_s: float) -> None:
         self._record(permit, failed=True, duration_s=duration_s)
 
+    def release(self, permit: Permit) -> None:
+        """Give back a permit whose call says nothing about the downstream's health (it
+        refused the caller's input, or the call never left this process): no outcome is
+        recorded, and a half-open trial is handed out again."""
+        with self._lock:
+            if permit.epoch == self._epoch and self._state is State.HALF_OPEN:
+                self._trials_left += 1
+
     def snapshot(self) -> dict[str, float | int | str]:
         """State, window contents and rates, and how often the breaker has opened."""
         with self._lock:

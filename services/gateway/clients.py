@@ -27,10 +27,28 @@ from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 from services.common.interceptors import REQUEST_ID_KEY
 from services.common.matrix import extend_packed
+from services.common.settings import SEND_LIMIT
 
 EXPLORATION_SOURCE = retrieval_pb2.CANDIDATE_SOURCE_EXPLORATION
 POPULARITY_SOURCE = retrieval_pb2.CANDIDATE_SOURCE_POPULARITY
 CONTENT_SOURCE = retrieval_pb2.CANDIDATE_SOURCE_CONTENT
+
+
+# A mesh's channels: a restarted downstream is found again within a second (gRPC's default
+# reconnect backoff grows to 120 s), and a peer that vanished without closing its connection
+# (a killed pod, a dropped network path) is noticed by keepalive pings within ~12 s rather
+# than by the kernel's TCP timeout. The servers permit these pings (services.common.server).
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", SEND_LIMIT),
+    ("grpc.max_receive_message_length", SEND_LIMIT),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 2_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 
 class DownstreamError(Exception):
@@ -258,20 +276,10 @@ class Downstreams:
     channels: tuple[grpc.Channel, ...]
 
     @classmethod
-    def connect(
-        cls,
-        retrieval_addr: str,
-        features_addr: str,
-        ranking_addr: str,
-        max_message_bytes: int,
-    ) -> Downstreams:
+    def connect(cls, retrieval_addr: str, features_addr: str, ranking_addr: str) -> Downstreams:
         """One insecure channel per address (they connect lazily, on the first call)."""
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
         channels = tuple(
-            grpc.insecure_channel(addr, options=options)
+            grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
             for addr in (retrieval_addr, features_addr, ranking_addr)
         )
         return cls(

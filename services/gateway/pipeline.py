@@ -43,12 +43,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import grpc
 import numpy as np
 from homefeed.common.v1 import common_pb2
 from homefeed.feed.v1 import feed_pb2
 
 from contract.popular import PopularityLists
-from services.common.interceptors import LatencyRecorder
+from services.common.interceptors import LatencyRecorder, bounded
 from services.gateway import rerank as R
 from services.gateway.breaker import BreakerConfig, CircuitBreaker
 from services.gateway.clients import (
@@ -56,6 +57,7 @@ from services.gateway.clients import (
     EXPLORATION_SOURCE,
     POPULARITY_SOURCE,
     Candidates,
+    DownstreamError,
     FeaturesClient,
     FeedRequest,
     RankingClient,
@@ -230,12 +232,16 @@ class FeedPipeline:
         self.model_version = model_version  # the bundle the gateway and the mesh serve
         self._skews_logged: set[tuple[str, ...]] = set()
         self.timers = StageTimers()
-        self._on_close = on_close
+        self._closers: list[Callable[[], None]] = [on_close] if on_close is not None else []
+
+    def add_closer(self, close: Callable[[], None]) -> None:
+        """Run ``close`` on ``close()``, before the ones added earlier."""
+        self._closers.insert(0, close)
 
     def close(self) -> None:
         """Release the clients' resources (channels); call once the server has stopped."""
-        if self._on_close is not None:
-            self._on_close()
+        for close in self._closers:
+            close()
 
     def _call(
         self,
@@ -259,16 +265,28 @@ class FeedPipeline:
         started = self.clock()
         try:
             result = call(timeout_s)
-        except Exception as err:  # any failure of a hop is served by its fallback
-            breaker.on_failure(permit, self.clock() - started)
+        except (grpc.RpcError, DownstreamError) as err:  # the downstream failed or refused
+            outcome = _outcome(err)
+            if outcome is _REFUSED:  # the request was bad, not the downstream: not counted
+                breaker.release(permit)
+            else:
+                breaker.on_failure(permit, self.clock() - started)
             log.warning(
                 "downstream failed, serving its fallback",
                 extra={
                     "downstream": name,
                     "request_id": request.request_id,
-                    "error": _describe(err),
+                    "error": bounded(_describe(err), 300),
                     "timeout_ms": round(timeout_s * 1e3, 2),
+                    "counted": outcome is not _REFUSED,
                 },
+            )
+            return None
+        except Exception:  # the gateway's own bug: said loudly, never held against the hop
+            breaker.release(permit)
+            log.exception(
+                "gateway error calling a downstream (a bug), serving its fallback",
+                extra={"downstream": name, "request_id": request.request_id},
             )
             return None
         breaker.on_success(permit, self.clock() - started)
@@ -423,6 +441,23 @@ class FeedPipeline:
                 },
             )
         return bool(other)
+
+
+_REFUSED = "refused"
+_FAILED = "failed"
+# Statuses that say the request was wrong rather than the downstream unwell. Only
+# INVALID_ARGUMENT: the gateway validates every caller field a downstream checks, so one
+# slipping through must not let a caller open a breaker for everyone.
+_REFUSAL_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
+
+
+def _outcome(err: BaseException) -> str:
+    code = getattr(err, "code", None)
+    try:
+        status = code() if callable(code) else None
+    except Exception:  # an RpcError that is not a grpc.Call
+        status = None
+    return _REFUSED if status in _REFUSAL_CODES else _FAILED
 
 
 def _describe(err: BaseException) -> str:

@@ -14,8 +14,10 @@ from contract.bundle import POPULAR, BundleError
 from contract.popular import PopularityLists
 from services.common.bundles import RegistryError, resolve_bundle
 from services.common.server import Started, StartupError, build_server, run_service
+from services.gateway.admission import Admission
 from services.gateway.clients import Downstreams
-from services.gateway.pipeline import FeedPipeline, make_breakers
+from services.gateway.pipeline import DOWNSTREAMS, FeedPipeline, make_breakers
+from services.gateway.readiness import HopWatcher
 from services.gateway.servicer import FeedServicer
 from services.gateway.settings import SERVICE, GatewaySettings
 
@@ -37,16 +39,16 @@ def load_popularity(settings: GatewaySettings) -> tuple[PopularityLists, str]:
         ) from err
 
 
-def build_pipeline(settings: GatewaySettings) -> FeedPipeline:
-    """The pipeline over gRPC clients of the configured addresses; ``close()`` closes their
-    channels."""
+def build_pipeline(
+    settings: GatewaySettings, downstreams: Downstreams | None = None
+) -> FeedPipeline:
+    """The pipeline over gRPC clients of the configured addresses (or ``downstreams``);
+    ``close()`` closes their channels."""
     popularity, version = load_popularity(settings)
-    downstreams = Downstreams.connect(
-        settings.retrieval_addr,
-        settings.features_addr,
-        settings.ranking_addr,
-        settings.server.max_message_bytes,
-    )
+    if downstreams is None:
+        downstreams = Downstreams.connect(
+            settings.retrieval_addr, settings.features_addr, settings.ranking_addr
+        )
     pipeline = FeedPipeline(
         downstreams.retrieval,
         downstreams.features,
@@ -64,14 +66,23 @@ def build_pipeline(settings: GatewaySettings) -> FeedPipeline:
 def _build(
     settings: GatewaySettings, pipeline: FeedPipeline | None
 ) -> tuple[grpc.Server, int, FeedPipeline, HealthServicer]:
+    downstreams = None
     if pipeline is None:
-        pipeline = build_pipeline(settings)
-    servicer = FeedServicer(pipeline)
+        downstreams = Downstreams.connect(
+            settings.retrieval_addr, settings.features_addr, settings.ranking_addr
+        )
+        pipeline = build_pipeline(settings, downstreams)
+    servicer = FeedServicer(pipeline, Admission(settings.admission))
     server, port, health = build_server(
-        settings.server,
+        settings.serving,
         [SERVICE_NAME],
         lambda s: feed_pb2_grpc.add_FeedServiceServicer_to_server(servicer, s),
     )
+    if downstreams is not None:  # readiness follows the real downstreams' health
+        channels = dict(zip(DOWNSTREAMS, downstreams.channels, strict=True))
+        watcher = HopWatcher(channels, health, SERVICE_NAME, settings.hop_check_s)
+        watcher.start()
+        pipeline.add_closer(watcher.close)
     log.info(
         "gateway ready",
         extra={

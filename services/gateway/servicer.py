@@ -15,29 +15,25 @@ from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 from services.common.context import remaining_seconds
 from services.common.errors import (
     INT64_MAX,
-    InvalidArgument,
     check_context,
     check_ids,
     check_range,
+    check_request_id,
     check_surface,
 )
 from services.common.matrix import extend_packed
+from services.gateway.admission import RETRY_AFTER_KEY, Admission, Shed
 from services.gateway.clients import FeedRequest
 from services.gateway.pipeline import FeedPage, FeedPipeline
 
 STAGE_METADATA_KEY = "hf-stage-ms"
 MAX_PAGE_SIZE = 100
 MAX_CART = 100
-MAX_REQUEST_ID = 128
 
 
 def parse_request(request: feed_pb2.GetFeedRequest) -> FeedRequest:
     """The request as the pipeline takes it; InvalidArgument naming the first bad field."""
-    if len(request.request_id) > MAX_REQUEST_ID:
-        raise InvalidArgument(
-            f"request_id must be at most {MAX_REQUEST_ID} characters (empty: one is "
-            f"generated), got {len(request.request_id)}"
-        )
+    check_request_id(request.request_id, " (empty: one is generated)")
     check_range("page_size", request.page_size, 1, MAX_PAGE_SIZE)
     surface = check_surface(request.surface)
     user_id = check_range("user_id", request.user_id, 0, INT64_MAX)
@@ -75,15 +71,34 @@ class FeedServicer(feed_pb2_grpc.FeedServiceServicer):
     """GetFeed: validate, run the pipeline within the caller's deadline, respond with the
     stage times in the ``hf-stage-ms`` trailer."""
 
-    def __init__(self, pipeline: FeedPipeline) -> None:
+    def __init__(self, pipeline: FeedPipeline, admission: Admission | None = None) -> None:
         self.pipeline = pipeline
+        self.admission = admission if admission is not None else Admission()
 
     def GetFeed(
         self, request: feed_pb2.GetFeedRequest, context: grpc.ServicerContext
     ) -> feed_pb2.GetFeedResponse:
         started = time.perf_counter()
+        remaining = remaining_seconds(context)
+        try:
+            self.admission.admit(remaining)
+        except Shed as err:
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(err.retry_after_ms)),))
+            raise
+        try:
+            return self._feed(request, context, started, remaining)
+        finally:
+            self.admission.release()
+
+    def _feed(
+        self,
+        request: feed_pb2.GetFeedRequest,
+        context: grpc.ServicerContext,
+        started: float,
+        remaining: float | None,
+    ) -> feed_pb2.GetFeedResponse:
         feed_request = parse_request(request)
-        page = self.pipeline.run(feed_request, remaining_seconds(context))
+        page = self.pipeline.run(feed_request, remaining)
         response = to_response(page)
         page.times.total = (time.perf_counter() - started) * 1e3
         self.pipeline.timers.record(page.times)

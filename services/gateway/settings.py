@@ -37,13 +37,22 @@ Circuit breakers (``breaker.BreakerConfig``, the same for the three downstreams)
   ``..._BREAKER_SLOW_CALL_MS`` (40), ``..._BREAKER_OPEN_WAIT_S`` (5),
   ``..._BREAKER_HALF_OPEN_CALLS`` (3), ``..._BREAKER_HALF_OPEN_MAX_WAIT_S`` (5).
 
-plus ``HOMEFEED_GATEWAY_{HOST,PORT,MAX_WORKERS,...}`` (``ServerSettings``).
+Load shedding (``admission.AdmissionConfig``) and readiness:
+
+- ``HOMEFEED_GATEWAY_MAX_IN_FLIGHT`` (8): feeds computed at once; one more is refused with
+  RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer. The server gets 4 more threads than
+  this (health checks, refusals) and refuses RPCs beyond them, so nothing queues;
+- ``HOMEFEED_GATEWAY_MIN_BUDGET_MS`` (10): a request with less time left is refused at once;
+- ``HOMEFEED_GATEWAY_HOP_CHECK_S`` (1): how often the downstreams' health is checked
+  (``readiness.HopWatcher``).
+
+plus ``HOMEFEED_GATEWAY_{HOST,PORT,...}`` (``ServerSettings``; ``MAX_WORKERS`` is derived).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -51,11 +60,13 @@ from contract.paths import Paths
 from services.common.bundles import BundleRef
 from services.common.settings import ServerSettings, SettingsError, env_float, env_int
 from services.common.settings import require as require_env
+from services.gateway.admission import AdmissionConfig
 from services.gateway.breaker import BreakerConfig
 from services.gateway.pipeline import PipelineConfig
 from services.gateway.rerank import RerankConfig
 
 SERVICE = "gateway"
+SPARE_THREADS = 4  # beyond max_in_flight: health checks, reflection, refusals
 PREFIX = "HOMEFEED_GATEWAY_"
 
 C = TypeVar("C")
@@ -75,6 +86,19 @@ class GatewaySettings:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    hop_check_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.hop_check_s <= 60:
+            raise SettingsError(f"{PREFIX}HOP_CHECK_S must be 0.05..60, got {self.hop_check_s}")
+
+    @property
+    def serving(self) -> ServerSettings:
+        """The server settings with the thread pool sized by admission: ``max_in_flight``
+        feeds plus spare threads, and no RPC beyond them waiting in grpc's queue."""
+        workers = self.admission.max_in_flight + SPARE_THREADS
+        return replace(self.server, max_workers=workers, max_concurrent_rpcs=workers)
 
     @property
     def source(self) -> BundleRef:
@@ -87,7 +111,7 @@ class GatewaySettings:
         retrieval = require_env("HOMEFEED_RETRIEVAL_ADDR", "host:port of the retrieval service")
         features = require_env("HOMEFEED_FEATURES_ADDR", "host:port of the features service")
         ranking = require_env("HOMEFEED_RANKING_ADDR", "host:port of the ranking service")
-        p, r, b = PipelineConfig(), RerankConfig(), BreakerConfig()
+        p, r, b, a = PipelineConfig(), RerankConfig(), BreakerConfig(), AdmissionConfig()
 
         def ms(name: str, default_s: float) -> float:
             return env_float(PREFIX + name, default_s * 1e3) / 1e3
@@ -170,6 +194,16 @@ class GatewaySettings:
                 ),
             },
         )
+        admission = _build(
+            AdmissionConfig,
+            {
+                "max_in_flight": (
+                    "MAX_IN_FLIGHT",
+                    env_int(PREFIX + "MAX_IN_FLIGHT", a.max_in_flight),
+                ),
+                "min_budget_s": ("MIN_BUDGET_MS", ms("MIN_BUDGET_MS", a.min_budget_s)),
+            },
+        )
         home = Paths.from_env().home
         return cls(
             server=ServerSettings.from_env(SERVICE),
@@ -181,6 +215,8 @@ class GatewaySettings:
             pipeline=pipeline,
             rerank=rerank,
             breaker=breaker,
+            admission=admission,
+            hop_check_s=env_float(PREFIX + "HOP_CHECK_S", 1.0),
         )
 
 

@@ -43,6 +43,7 @@ from services.common.errors import (
     NotFound,
     ServiceError,
     Unavailable,
+    quote,
 )
 
 if TYPE_CHECKING:
@@ -260,8 +261,12 @@ class ModelHolder:
         allow_directories: bool = False,
         served: ServedScore = ServedScore.PURCHASE,
         model_name: str = REGISTERED_MODEL,
+        expected_schema_hash: str | None = None,
     ) -> None:
         self.default_target = default_target
+        # the feature schema the features service builds matrices in: a bundle trained on
+        # another one could only refuse every request, so it is refused at load instead
+        self.expected_schema_hash = expected_schema_hash
         self.cache_dir = Path(cache_dir)
         self.tracking_uri = tracking_uri
         self.allow_directories = allow_directories
@@ -320,7 +325,7 @@ class ModelHolder:
             if not self.allow_directories:
                 raise InvalidArgument(
                     "target must be a registry alias (e.g. champion) or a version number, "
-                    f"got {target!r}; directories are accepted only when the service serves "
+                    f"got {quote(target)}; directories are accepted only when the service serves "
                     "a bundle directory (HOMEFEED_RANKING_BUNDLE_DIR)"
                 )
             bundle_dir, registry_version, verified = Path(target), None, False
@@ -334,12 +339,23 @@ class ModelHolder:
         else:
             raise InvalidArgument(
                 "target must be a registry alias (letters, digits, _ or -) or a version "
-                f"number, got {target!r}"
+                f"number, got {quote(target)}"
             )
+        expected = self.expected_schema_hash
+        if expected is None and self._model is not None:
+            expected = self._model.schema_hash
         try:
             model = LoadedModel.load(
                 bundle_dir, registry_version=registry_version, served=self.served, verified=verified
             )
+        except Exception as err:  # whatever the bundle does wrong, the old model keeps serving
+            raise FailedPrecondition(f"cannot load {what}: {type(err).__name__}: {err}") from err
+        if expected is not None and model.schema_hash != expected:
+            raise FailedPrecondition(
+                f"cannot load {what}: it was built for feature schema {model.schema_hash[:12]}, "
+                f"the features this service is sent are built in schema {expected[:12]}"
+            )
+        try:
             model.warm_up()
         except Exception as err:  # whatever the bundle does wrong, the old model keeps serving
             raise FailedPrecondition(f"cannot load {what}: {type(err).__name__}: {err}") from err

@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1.health import HealthServicer
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
+from contract.features import FEATURE_SCHEMA
 from services.common.errors import ServiceError
 from services.common.server import Started, StartupError, build_server, run_service
 from services.ranking.scorer import ModelHolder
@@ -28,6 +29,7 @@ def load_model(settings: RankingSettings) -> ModelHolder:
         tracking_uri=settings.source.registry_uri,
         allow_directories=settings.source.bundle_dir is not None,
         served=settings.score,
+        expected_schema_hash=FEATURE_SCHEMA.hash,
     )
     try:
         holder.reload()
@@ -39,7 +41,7 @@ def load_model(settings: RankingSettings) -> ModelHolder:
 def _build(settings: RankingSettings) -> tuple[grpc.Server, int, ModelHolder, HealthServicer]:
     holder = load_model(settings)  # before build_server, which reports SERVING
     if settings.admin_token is None:
-        log.warning("HOMEFEED_ADMIN_TOKEN is not set: admin RPCs (Reload) are open to every caller")
+        log.warning("HOMEFEED_ADMIN_TOKEN is not set: admin RPCs (Reload) are refused")
     servicer = RankingServicer(holder, settings.admin_token)
     server, port, health = build_server(
         settings.server,

@@ -12,7 +12,13 @@ import grpc
 import numpy as np
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
-from services.common.errors import InvalidArgument, Unauthenticated, check_ids, check_range
+from services.common.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    check_ids,
+    check_range,
+)
 from services.common.matrix import extend_packed
 from services.ranking.scorer import MAX_ITEMS, ModelHolder
 
@@ -25,7 +31,8 @@ _INT64_MAX = int(np.iinfo(np.int64).max)
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     """Rank scores with the model current when the request arrives; Reload swaps it.
 
-    ``admin_token`` None leaves Reload open (the server warns at start).
+    Admin RPCs fail closed: with ``admin_token`` None every one is refused
+    (PERMISSION_DENIED: there is no token that could authorize it).
     """
 
     def __init__(self, holder: ModelHolder, admin_token: str | None = None) -> None:
@@ -87,9 +94,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         )
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
-        """Unauthenticated unless the metadata carries ``authorization: Bearer <token>``."""
+        """Unauthenticated unless the metadata carries ``authorization: Bearer <token>``;
+        PermissionDenied when the service has no token. The token is never logged or echoed."""
         if self._admin_token is None:
-            return
+            raise PermissionDenied(
+                "admin RPCs are disabled on this service: it was started without an admin "
+                "token (set HOMEFEED_ADMIN_TOKEN to enable them)"
+            )
         given = [v for k, v in context.invocation_metadata() or () if k == AUTHORIZATION_KEY]
         if not given:
             raise Unauthenticated(

@@ -10,7 +10,7 @@
   (``<home>/artifacts/model_cache``): verified local copies of registry versions.
 - ``MLFLOW_TRACKING_URI`` (``sqlite:///<home>/mlruns/mlflow.db``): the model registry.
 - ``HOMEFEED_RANKING_SCORE`` (``purchase``): the served score (``scorer.ServedScore``).
-- ``HOMEFEED_ADMIN_TOKEN`` (unset: admin RPCs open, with a warning at start): the bearer
+- ``HOMEFEED_ADMIN_TOKEN`` (unset: admin RPCs refused, with a warning at start): the bearer
   token ``Reload`` requires.
 
 plus ``HOMEFEED_RANKING_{HOST,PORT,MAX_WORKERS,...}`` (``ServerSettings``).

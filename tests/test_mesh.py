@@ -34,6 +34,7 @@ from tools.mesh import (
     Mesh,
     MeshConfig,
     MeshError,
+    RestartPolicy,
     check_serving,
     pid_alive,
     state_path,
@@ -294,6 +295,31 @@ def test_stop_kills_a_service_that_ignores_sigterm(mesh_home: Path):
     assert 1.0 <= time.monotonic() - start < 8
     assert not pid_alive(gateway)
     assert wait_dead(list(mesh.pids.values()), timeout=1) == []
+
+
+def test_a_supervised_mesh_restarts_a_killed_service_on_its_port(mesh_home: Path):
+    with Mesh.start(config(mesh_home)) as mesh:
+        mesh.supervise(RestartPolicy(second_backoff_s=0.2, poll_s=0.05))
+        before = dict(mesh.services)
+        os.kill(mesh.pids["retrieval"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while mesh.restarts.get("retrieval", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mesh.restarts == {"retrieval": 1}
+        after = mesh.services["retrieval"]
+        assert after.pid != before["retrieval"].pid and pid_alive(after.pid)
+        assert after.address == before["retrieval"].address  # the gateway finds it again
+        check_serving(after.address, timeout=5)
+        assert json.loads(state_path(mesh_home).read_text())["restarts"] == {"retrieval": 1}
+        assert {n: mesh.services[n].pid for n in ("features", "gateway")} == {
+            n: before[n].pid for n in ("features", "gateway")
+        }
+    assert wait_dead(list(mesh.pids.values())) == []  # stopped, and not restarted again
+
+
+def test_restart_backoff_doubles_to_its_cap():
+    policy = RestartPolicy(initial_backoff_s=0.0, second_backoff_s=0.5, max_backoff_s=4.0)
+    assert [policy.backoff(i) for i in range(6)] == [0.0, 0.5, 1.0, 2.0, 4.0, 4.0]
 
 
 def test_pid_alive_checks_the_command():
@@ -560,6 +586,26 @@ def test_up_feed_down_on_the_tiny_model(tiny_trained: dict, tiny_dataset: dict, 
         bad = homefeed("feed", "--user", "1", "--page-size", "500")
         assert bad.returncode == 2
         assert "INVALID_ARGUMENT" in bad.stderr and "page_size" in bad.stderr
+
+        # the detached supervisor restarts a killed backend on its port; feeds are full again
+        os.kill(mesh.pids["ranking"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            again = Mesh.from_state(home.home)
+            if again is not None and again.restarts.get("ranking") == 1:
+                break
+            time.sleep(0.2)
+        assert again is not None and again.restarts == {"ranking": 1}
+        assert again.services["ranking"].address == mesh.services["ranking"].address
+        deadline = time.monotonic() + 10
+        while True:
+            feed = homefeed("feed", "--user", "1", "--json")
+            page = json.loads(feed.stdout)
+            if page["degraded"] == [] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert page["degraded"] == [], page
+        mesh = again
     finally:
         down = homefeed("down")
     assert down.returncode == 0, down.stderr

@@ -113,26 +113,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from tools.mesh import Mesh, MeshConfig, MeshError
+    """Start the mesh under a detached supervisor (``python -m tools.mesh supervise``) that
+    restarts a service that exits, and return once every service answers SERVING."""
+    import subprocess
+
+    from tools.mesh import Mesh, MeshError, pid_alive, run_dir, tail
 
     home = Paths.from_env().home
-    cfg = MeshConfig(
-        home=home,
-        dataset=args.dataset,
-        model=args.model,
-        admin_token=os.environ.get("HOMEFEED_ADMIN_TOKEN") or None,
-        startup_timeout=args.timeout,
-    )
+    try:
+        running = Mesh.from_state(home)
+    except MeshError as err:
+        print(f"homefeed up: {err}", file=sys.stderr)
+        return 1
+    if running is not None:
+        print(
+            f"homefeed up: a mesh is already running under {home}; stop it with `homefeed down`",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"starting the mesh under {home} (dataset {args.dataset}, model {args.model}) ...",
         file=sys.stderr,
         flush=True,
     )
-    try:
-        mesh = Mesh.start(cfg)
-    except MeshError as err:
-        print(f"homefeed up: {err}", file=sys.stderr)
+    log_path = run_dir(home) / "logs" / "supervisor.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "tools.mesh", "supervise", "--home", str(home),
+        "--dataset", args.dataset, "--model", args.model,
+        "--startup-timeout", str(args.timeout),
+    ]  # fmt: skip
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives this command
+        )
+    deadline = time.monotonic() + 2 * args.timeout + 30
+    mesh = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"homefeed up: the mesh did not start:\n{tail(log_path)}", file=sys.stderr)
+            return 1
+        try:
+            mesh = Mesh.from_state(home)
+        except MeshError:
+            mesh = None
+        if mesh is not None and mesh.supervisor_pid == proc.pid and mesh.status == "running":
+            break
+        time.sleep(0.1)
+    else:
+        if pid_alive(proc.pid):
+            proc.terminate()
+        print(f"homefeed up: not running after {args.timeout:g} s; see {log_path}", file=sys.stderr)
         return 1
+    assert mesh is not None
     rows = [("service", "address", "pid", "log")]
     rows += [
         (name, info.address or "-", str(info.pid), str(info.log))

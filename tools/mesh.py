@@ -36,6 +36,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -230,6 +231,11 @@ class Mesh:
         self.status = status
         self.model = model  # the registry version (or bundle directory) every service serves
         self._procs: dict[str, subprocess.Popen[bytes]] = dict(procs or {})
+        self.restarts: dict[str, int] = {}
+        self.supervisor_pid: int | None = None  # a detached supervisor process (homefeed up)
+        self._config: MeshConfig | None = None  # set when started here: restarts need them
+        self._token: str | None = None
+        self._supervisor: Supervisor | None = None
 
     def __repr__(self) -> str:
         return f"Mesh(home={str(self.home)!r}, addresses={self.addresses}, pids={self.pids})"
@@ -304,18 +310,57 @@ class Mesh:
                     log.error("cannot stop a failed start", extra={"reason": str(err)})
                 raise
             mesh.status = "running"
+            mesh._config, mesh._token = cfg, token
             mesh._write_state()
             log.debug("mesh started", extra={"addresses": mesh.addresses, "pids": mesh.pids})
             return mesh
 
-    def _launch(self, cfg: MeshConfig, names: Sequence[str], token: str) -> None:
-        """Spawn ``names`` together, wait for their READY lines, then for SERVING."""
+    # --- supervision ---------------------------------------------------------------------
+
+    def restart(self, name: str) -> None:
+        """Start ``name`` again on the port it had (the gateway knows its backends by
+        address), once its process has exited. Only for a mesh started by this process."""
+        if self._config is None or self._token is None:
+            raise MeshError("only the process that started the mesh can restart its services")
+        if self._alive(name):
+            raise MeshError(f"{name} is still running (pid {self.services[name].pid})")
+        port = self.services[name].port
+        self._procs.pop(name, None)
+        try:
+            self._launch(self._config, (name,), self._token, {name: port} if port else None)
+        except MeshError:
+            if self._alive(name):  # started but never ready: not left half-alive
+                self._signal(name, signal.SIGKILL, group=True)
+                self._wait([name], _KILL_WAIT_S)
+            raise
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        self._write_state()
+
+    def supervise(self, policy: RestartPolicy | None = None) -> Supervisor:
+        """Start a thread that restarts any service that exits (``Supervisor``); ``stop``
+        ends it before stopping the services."""
+        if self._supervisor is None:
+            self._supervisor = Supervisor(self, policy or RestartPolicy())
+            self._supervisor.start()
+        return self._supervisor
+
+    def _launch(
+        self,
+        cfg: MeshConfig,
+        names: Sequence[str],
+        token: str,
+        ports: Mapping[str, int] | None = None,
+    ) -> None:
+        """Spawn ``names`` together (on ``ports`` where given, else on free ones), wait for
+        their READY lines, then for SERVING."""
         watchers: dict[str, _LogWatcher] = {}
         hosts: dict[str, str] = {}
         try:
             for name in names:
                 command = cfg.command(name)
                 env = cfg.env(name, token, self.addresses, self.model)
+                if ports and name in ports:
+                    env[f"HOMEFEED_{name.upper()}_PORT"] = str(ports[name])
                 log_path = run_dir(self.home) / "logs" / f"{name}.log"
                 _rotate(log_path)
                 with open(log_path, "ab") as out:
@@ -412,6 +457,9 @@ class Mesh:
                 status=str(data.get("status", "running")),
                 model=str(data.get("model", "")),
             )
+            mesh.restarts = {str(k): int(v) for k, v in (data.get("restarts") or {}).items()}
+            supervisor = data.get("supervisor_pid")
+            mesh.supervisor_pid = None if supervisor is None else int(supervisor)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise MeshError(
                 f"{path} is not a mesh state file ({err}); remove it once no homefeed service runs"
@@ -430,6 +478,8 @@ class Mesh:
             "started_at": self.started_at,
             "admin_token_file": str(self.admin_token_file),
             "model": self.model,
+            "restarts": self.restarts,
+            "supervisor_pid": self.supervisor_pid,
             "services": {n: s.to_json() for n, s in self.services.items()},
         }
 
@@ -468,7 +518,27 @@ class Mesh:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the gateway and wait up to ``timeout`` s for it to drain, then the same
         for the other services together; SIGKILL whatever is still running after its wait.
-        Removes the state files. Safe to call twice."""
+        Removes the state files. Safe to call twice.
+
+        A supervised mesh stops its supervisor first (so nothing is restarted on the way
+        down); a mesh found on disk whose detached supervisor is alive asks that process to
+        stop it, and waits."""
+        if self._supervisor is not None:
+            self._supervisor.close()
+            self._supervisor = None
+        supervisor = self.supervisor_pid
+        if supervisor is not None and supervisor != os.getpid() and pid_alive(supervisor):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor, signal.SIGTERM)
+            deadline = time.monotonic() + 2 * timeout + _KILL_WAIT_S
+            while pid_alive(supervisor) and time.monotonic() < deadline:
+                time.sleep(_POLL_S)
+            if not pid_alive(supervisor):
+                self.status = "stopped"
+                return
+            log.warning("the supervisor did not stop the mesh; stopping it here")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor, signal.SIGKILL)
         for group in ((GATEWAY,), BACKENDS):
             live = [n for n in group if n in self.services and self._alive(n)]
             for name in live:
@@ -512,6 +582,89 @@ class Mesh:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# --- supervision -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a service that exited is started again: at once the first time, then after a
+    backoff that doubles per failed or repeated restart up to ``max_backoff_s``, and starts
+    again from ``initial_backoff_s`` once the service has run ``stable_after_s``."""
+
+    initial_backoff_s: float = 0.0
+    second_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    stable_after_s: float = 60.0
+    poll_s: float = 0.1
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before restart number ``attempt`` (0-based) in a row."""
+        if attempt == 0:
+            return self.initial_backoff_s
+        return min(self.max_backoff_s, self.second_backoff_s * 2 ** (attempt - 1))
+
+
+class Supervisor:
+    """A thread that restarts the services of ``mesh`` that exit (Kubernetes does this in a
+    cluster). Each restart is logged and counted in ``mesh.json``'s ``restarts``."""
+
+    def __init__(self, mesh: Mesh, policy: RestartPolicy) -> None:
+        self.mesh = mesh
+        self.policy = policy
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mesh-supervisor", daemon=True)
+        self._attempts: dict[str, int] = {}
+        self._due: dict[str, float] = {}
+        self._up_since: dict[str, float] = {name: time.monotonic() for name in mesh.services}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 60.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.policy.poll_s):
+            try:
+                self.tick(time.monotonic())
+            except Exception:  # the supervisor must outlive whatever one restart does
+                log.exception("supervisor tick failed")
+
+    def tick(self, now: float) -> None:
+        for name in list(self.mesh.services):
+            if self._stop.is_set():
+                return
+            if self.mesh._alive(name):
+                if now - self._up_since.get(name, now) >= self.policy.stable_after_s:
+                    self._attempts.pop(name, None)
+                continue
+            if name not in self._due:
+                attempt = self._attempts.get(name, 0)
+                self._due[name] = now + self.policy.backoff(attempt)
+                log.warning(
+                    "service exited; restarting",
+                    extra={
+                        "service": name,
+                        "attempt": attempt + 1,
+                        "backoff_s": self.policy.backoff(attempt),
+                    },
+                )
+            if now < self._due[name]:
+                continue
+            self._attempts[name] = self._attempts.get(name, 0) + 1
+            try:
+                self.mesh.restart(name)
+            except MeshError as err:
+                log.error("restart failed", extra={"service": name, "reason": str(err)})
+                self._due.pop(name, None)  # the next tick schedules it with a longer wait
+                continue
+            del self._due[name]
+            self._up_since[name] = time.monotonic()
+            log.info("service restarted", extra={"service": name, "pid": self.mesh.pids[name]})
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -663,3 +816,50 @@ def _rotate(log_path: Path) -> None:
     """Keep the previous run's log as ``<name>.log.1``: it may explain why it stopped."""
     if log_path.exists() and log_path.stat().st_size > 0:
         os.replace(log_path, log_path.with_name(log_path.name + ".1"))
+
+
+# --- the detached supervisor of ``homefeed up`` ---------------------------------------------
+
+
+def supervise_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tools.mesh supervise``: start the mesh, restart what exits, stop it all
+    on SIGTERM/SIGINT. ``homefeed up`` runs it detached; ``homefeed down`` signals it."""
+    import argparse
+
+    from services.common.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="python -m tools.mesh supervise")
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--dataset", default="sim-small")
+    parser.add_argument("--model", default="champion")
+    parser.add_argument("--startup-timeout", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    configure_logging("supervisor")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    cfg = MeshConfig(
+        home=args.home,
+        dataset=args.dataset,
+        model=args.model,
+        admin_token=os.environ.get("HOMEFEED_ADMIN_TOKEN") or None,
+        startup_timeout=args.startup_timeout,
+    )
+    try:
+        mesh = Mesh.start(cfg)
+    except MeshError as err:
+        sys.stderr.write(f"{err}\n")
+        return 1
+    mesh.supervisor_pid = os.getpid()
+    mesh._write_state()
+    mesh.supervise()
+    stop.wait()
+    mesh.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["supervise"]:
+        sys.stderr.write("usage: python -m tools.mesh supervise --home DIR [options]\n")
+        raise SystemExit(2)
+    raise SystemExit(supervise_main(sys.argv[2:]))

@@ -838,6 +838,22 @@ def test_refusals_and_gateway_bugs_never_open_a_breaker() -> None:
     assert h.pipeline.run(feed_request(), None).degraded == ()
 
 
+def test_probe_now_ends_the_open_wait() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("x", BreakerConfig(window=2, min_calls=2, open_wait_s=5.0), clock)
+    breaker.probe_now()  # closed: nothing to do
+    assert breaker.state is State.CLOSED
+    for _ in range(2):
+        permit = breaker.try_acquire()
+        assert permit is not None
+        breaker.on_failure(permit, 0.001)
+    clock.advance(1.0)
+    assert breaker.try_acquire() is None
+    breaker.probe_now()
+    trial = breaker.try_acquire()
+    assert trial is not None and breaker.state is State.HALF_OPEN
+
+
 def test_released_half_open_trial_is_handed_out_again() -> None:
     clock = FakeClock()
     breaker = CircuitBreaker("x", BreakerConfig(window=2, min_calls=2, half_open_calls=1), clock)
@@ -1423,10 +1439,17 @@ def test_readiness_follows_the_downstreams_health_liveness_does_not() -> None:
             "features": grpc.insecure_channel(dead, options=CHANNEL_OPTIONS),
         }
         gateway_health = HealthServicer()
-        watcher = HopWatcher(channels, gateway_health, SERVICE_NAME, interval_s=60)
+        recovered: list[str] = []
+        watcher = HopWatcher(
+            channels, gateway_health, SERVICE_NAME, interval_s=60, on_recovered=recovered.append
+        )
         try:
             assert watcher.check() is True
             assert watcher.hops == {"retrieval": True, "features": False}
+            backend_health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert watcher.check() is False
+            backend_health.set("", health_pb2.HealthCheckResponse.SERVING)
+            assert watcher.check() is True and recovered == ["retrieval"]
             backend_health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
             assert watcher.check() is False
             status = gateway_health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), None)

@@ -61,16 +61,7 @@ def build_server(
         executor,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         interceptors=[ServiceInterceptor(recorder), *interceptors],
-        options=[
-            ("grpc.max_send_message_length", SEND_LIMIT),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            # two servers must never share a port by accident (a stale one would get traffic)
-            ("grpc.so_reuseport", 0),
-            # the gateway's keepalive pings (every 10 s, also between calls) are welcome
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-            ("grpc.http2.max_pings_without_data", 0),
-        ],
+        options=server_options(settings),
     )
     register(server)
     health_servicer = health.HealthServicer()
@@ -89,6 +80,20 @@ def build_server(
         raise OSError(f"cannot bind {address}: the port is taken or the host is not local")
     _built[server] = (port, executor)
     return server, port, health_servicer
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """The channel arguments of every service's server."""
+    return [
+        ("grpc.max_send_message_length", SEND_LIMIT),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # two servers must never share a port by accident (a stale one would get traffic)
+        ("grpc.so_reuseport", 0),
+        # the gateway's keepalive pings (every 10 s, also between calls) are welcome
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 def serve(

@@ -156,6 +156,14 @@ class CircuitBreaker:
     def on_failure(self, permit: Permit, duration_s: float) -> None:
         self._record(permit, failed=True, duration_s=duration_s)
 
+    def probe_now(self) -> None:
+        """End an OPEN breaker's wait now (the downstream's health check says it is back):
+        the next ``try_acquire`` starts the half-open trials instead of waiting out
+        ``open_wait_s``. Trials still decide whether it closes."""
+        with self._lock:
+            if self._state is State.OPEN:
+                self._since = self._clock() - self.config.open_wait_s
+
     def release(self, permit: Permit) -> None:
         """Give back a permit whose call says nothing about the downstream's health (it
         refused the caller's input, or the call never left this process): no outcome is

@@ -9,13 +9,16 @@ do better.
 
 ``HopWatcher`` asks each downstream's health service over the gateway's own channels
 (the same connections the feeds use, so a check also keeps them warm and reconnecting)
-every ``interval_s``, and sets the readiness status when it changes.
+every ``interval_s``, and sets the readiness status when it changes. A downstream whose
+check turns from failing to SERVING is reported to ``on_recovered`` (the gateway ends its
+breaker's open wait, so full feeds return within a check interval of the downstream's
+readiness rather than after the breaker's whole wait).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,11 +42,13 @@ class HopWatcher:
         service: str,
         interval_s: float = 1.0,
         timeout_s: float = 0.5,
+        on_recovered: Callable[[str], None] | None = None,
     ) -> None:
         self._stubs = {name: health_pb2_grpc.HealthStub(ch) for name, ch in channels.items()}
         self._health = health
         self._service = service
         self._timeout_s = timeout_s
+        self._on_recovered = on_recovered
         self.hops: dict[str, bool] = {}
         self.ready: bool | None = None
         self._periodic = Periodic("hop-watcher", interval_s, self._tick)
@@ -64,7 +69,10 @@ class HopWatcher:
         """Ask every downstream once; returns (and publishes) whether the gateway is ready."""
         hops = {name: self._serving(stub) for name, stub in self._stubs.items()}
         for name, up in hops.items():
-            if self.hops.get(name) != up:
+            was = self.hops.get(name)
+            if up and was is False and self._on_recovered is not None:
+                self._on_recovered(name)
+            if was != up:
                 log.log(
                     logging.INFO if up else logging.WARNING,
                     "downstream %s is %s",

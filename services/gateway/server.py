@@ -80,7 +80,14 @@ def _build(
     )
     if downstreams is not None:  # readiness follows the real downstreams' health
         channels = dict(zip(DOWNSTREAMS, downstreams.channels, strict=True))
-        watcher = HopWatcher(channels, health, SERVICE_NAME, settings.hop_check_s)
+        breakers = pipeline.breakers
+        watcher = HopWatcher(
+            channels,
+            health,
+            SERVICE_NAME,
+            settings.hop_check_s,
+            on_recovered=lambda name: breakers[name].probe_now(),
+        )
         watcher.start()
         pipeline.add_closer(watcher.close)
     log.info(

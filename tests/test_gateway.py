@@ -406,6 +406,34 @@ def test_new_seller_promotion_respects_the_category_cap_when_it_can() -> None:
     assert page.index.tolist()[-1] == 20
 
 
+def test_new_sellers_among_exploration_candidates_only_are_not_promoted() -> None:
+    """Found by make bench: the new-seller target counted the exploration candidates' new
+    sellers, which the deterministic order does not hold, and the promotion then looked for
+    more than there were (argmax of an empty sequence, an INTERNAL error per such feed)."""
+    categories = np.arange(30, dtype=np.int32) % 3
+    new = np.zeros(30, dtype=bool)
+    new[[28, 29]] = True  # both new-seller items are exploration candidates
+    exploration = np.zeros(30, dtype=bool)
+    exploration[[28, 29]] = True
+    cfg = R.RerankConfig(
+        max_per_category=4, diversity_depth=20, new_seller_min_share=0.1, epsilon=0.05
+    )
+    page = R.rerank(
+        30,
+        20,
+        cfg,
+        np.full(30, R.RANKED),
+        scores=np.arange(30.0)[::-1].copy(),
+        categories=categories,
+        new_seller=new,
+        exploration=exploration,
+        pool_size=10,
+        rng=np.random.default_rng(0),
+    )
+    assert len(page.index) == 20
+    assert R.NEW_SELLER not in page.reasons.tolist()
+
+
 def test_epsilon_one_takes_the_exploration_candidates_first_in_retrievals_order() -> None:
     exploration = np.zeros(30, dtype=bool)
     exploration[[17, 5, 29]] = True

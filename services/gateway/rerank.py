@@ -163,8 +163,10 @@ def promote_new_sellers(
     promoted = np.zeros(len(new_seller), dtype=bool)
     displaced = np.zeros(len(new_seller), dtype=bool)
     size = min(page_size, n)
-    target = min(math.ceil(min_share * size - _SHARE_EPS), int(new_seller.sum()))
     is_new = new_seller[order]
+    # only the new sellers in ``order`` can be promoted (``new_seller`` also covers items
+    # outside it, such as the exploration candidates)
+    target = min(math.ceil(min_share * size - _SHARE_EPS), int(is_new.sum()))
     need = target - int(is_new[:size].sum())
     if need <= 0:
         return order, promoted, displaced

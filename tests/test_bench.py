@@ -135,6 +135,17 @@ def test_summarize_level_counts_errors_and_feeds_per_second() -> None:
     assert got["server_cpu_ms_per_full_feed"] == pytest.approx(10_000 / 996)
 
 
+def test_shed_requests_are_counted_apart_from_errors_and_latencies() -> None:
+    run = synthetic_run(16, 20.0, n=100, seconds=1.0)
+    run.latencies_ms += [1.0] * 50
+    run.codes += ["RESOURCE_EXHAUSTED"] * 50
+    got = bench.summarize_level(run, 2)
+    assert (got["requests"], got["ok"], got["shed"], got["errors"]) == (150, 100, 50, 0)
+    assert got["shed_share"] == pytest.approx(1 / 3)
+    assert got["shed_p99_ms"] == pytest.approx(1.0)
+    assert got["p50_ms"] == pytest.approx(20.0, rel=0.1)  # the admitted feeds' latency
+
+
 def config(tmp_path: Path, **overrides: object) -> bench.BenchConfig:
     return bench.BenchConfig(home=tmp_path, **overrides)  # type: ignore[arg-type]
 

@@ -66,6 +66,7 @@ from contract.bundle import ALIAS_CHAMPION
 from contract.paths import REPO_ROOT, Paths
 from services.common.server import READY_LINE
 from services.common.settings import SettingsError, env_float, env_int, env_str
+from services.gateway.admission import RETRY_AFTER_KEY
 
 log = logging.getLogger("tools.bench")
 
@@ -328,15 +329,24 @@ def _degradations(pages: Sequence[tuple[int, ...]]) -> dict[str, int]:
     return out
 
 
+# A request refused at the gateway's door (load shedding): counted as ``shed``, not as an
+# error, and kept out of the latency percentiles (which describe the admitted feeds).
+SHED_CODE = "RESOURCE_EXHAUSTED"
+
+
 def summarize_level(run: LevelRun, cpu_count: int) -> dict[str, Any]:
     """The report's figures of one level. ``qps`` counts every OK feed; ``full_qps`` only
     those no dependency was missing from (``degraded`` empty), and the servers' CPU per
-    full feed divides by those."""
+    full feed divides by those. Latency percentiles cover every answered request but the
+    shed ones (``shed``, ``shed_share``, ``shed_p99_ms``)."""
     codes = Counter(run.codes)
     ok = codes.pop("OK", 0)
+    shed = codes.pop(SHED_CODE, 0)
     errors = sum(codes.values())
-    requests = ok + errors
+    requests = ok + shed + errors
     full = ok - len(run.degraded)
+    shed_mask = np.array([c == SHED_CODE for c in run.codes], dtype=bool)
+    latencies = np.asarray(run.latencies_ms, dtype=np.float64)
     elapsed = max(run.elapsed_s, 1e-9)
     out: dict[str, Any] = {
         "concurrency": run.concurrency,
@@ -345,10 +355,13 @@ def summarize_level(run: LevelRun, cpu_count: int) -> dict[str, Any]:
         "ok": ok,
         "qps": ok / elapsed,
         "requests_per_s": requests / elapsed,
-        **percentiles(run.latencies_ms),
+        **percentiles(latencies[~shed_mask]),
         "errors": errors,
         "error_rate": errors / requests if requests else 0.0,
         "errors_by_code": dict(sorted(codes.items())),
+        "shed": shed,
+        "shed_share": shed / requests if requests else 0.0,
+        "shed_p99_ms": percentiles(latencies[shed_mask])["p99_ms"],
         "degraded_pages": len(run.degraded),
         "degraded_share": len(run.degraded) / ok if ok else 0.0,
         "degraded_by": _degradations(run.degraded),
@@ -662,6 +675,17 @@ def _machine_cpu() -> tuple[float, float]:
     return total - idle, total
 
 
+def _retry_after_s(err: grpc.aio.AioRpcError) -> float:
+    """The gateway's ``retry-after-ms`` hint of a refusal, in seconds (0: none)."""
+    for key, value in err.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(float(value) / 1e3, 0.0)
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
 async def _closed_loop(
     method: grpc.aio.UnaryUnaryMultiCallable,
     payloads: Iterator[bytes],
@@ -687,6 +711,9 @@ async def _closed_loop(
                 if run is not None:
                     run.latencies_ms.append((time.perf_counter() - start) * 1e3)
                     run.codes.append(err.code().name)
+                wait_s = _retry_after_s(err)
+                if wait_s:  # a shed request: back off as told, as a well-behaved client does
+                    await asyncio.sleep(min(wait_s, max(end - time.perf_counter(), 0.0)))
                 continue
             if run is None:
                 continue
@@ -939,8 +966,8 @@ def format_table(report: Mapping[str, Any]) -> str:
         )
     header = (
         f"{'system':<10}{'conc':>5}{'feeds/s':>9}{'full/s':>9}{'p50 ms':>9}{'p95 ms':>9}"
-        f"{'p99 ms':>9}{'max ms':>9}{'errors':>8}{'degr %':>8}{'cpu/feed':>9}{'client':>8}"
-        f"{'other':>7}"
+        f"{'p99 ms':>9}{'max ms':>9}{'errors':>8}{'shed %':>8}{'degr %':>8}{'cpu/feed':>9}"
+        f"{'client':>8}{'other':>7}"
     )
     lines += ["", header, "-" * len(header)]
     for system in ("floor", "homefeed", "reference"):
@@ -950,14 +977,16 @@ def format_table(report: Mapping[str, Any]) -> str:
                 f"{level['full_qps']:>9.1f}"
                 f"{_fmt(level['p50_ms']):>9}{_fmt(level['p95_ms']):>9}"
                 f"{_fmt(level['p99_ms']):>9}{_fmt(level['max_ms'], 1):>9}"
-                f"{level['errors']:>8}{100 * level['degraded_share']:>8.1f}"
+                f"{level['errors']:>8}{100 * level.get('shed_share', 0.0):>8.1f}"
+                f"{100 * level['degraded_share']:>8.1f}"
                 f"{_fmt(level['server_cpu_ms_per_full_feed']):>9}"
                 f"{_fmt(level['client_cpu_s'], 1):>8}{_fmt(level.get('other_cpu_s'), 1):>7}"
             )
     lines.append(
-        "(feeds/s: OK pages; full/s: those with no fallback; degr %: pages served with a "
-        "fallback; cpu/feed: server CPU ms per full page; client/other: CPU seconds over the "
-        "level's window)"
+        "(feeds/s: OK pages; full/s: those with no fallback; shed %: requests refused at the "
+        "door with RESOURCE_EXHAUSTED, not errors, not in the percentiles; degr %: pages "
+        "served with a fallback; cpu/feed: server CPU ms per full page; client/other: CPU "
+        "seconds over the level's window)"
     )
     by_process = {
         f"c{level['concurrency']}": level["cpu_ms_per_feed_by_process"]

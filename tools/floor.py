@@ -41,8 +41,10 @@ from homefeed.ranking.v1 import ranking_pb2
 from homefeed.retrieval.v1 import retrieval_pb2
 
 from contract.features import FEATURE_SCHEMA
-from services.common.server import READY_LINE
+from services.common.interceptors import REQUEST_ID_KEY
+from services.common.server import READY_LINE, build_server, server_options
 from services.common.settings import ServerSettings
+from services.gateway.clients import CHANNEL_OPTIONS
 
 ROLES = ("retrieval", "features", "ranking", "gateway")
 RETRIEVE = "/homefeed.retrieval.v1.RetrievalService/Retrieve"
@@ -134,13 +136,14 @@ def handlers(role: str, messages: dict[str, Any]) -> dict[str, grpc.RpcMethodHan
 
 
 def gateway_handlers(
-    messages: dict[str, Any], addresses: dict[str, str], max_message_bytes: int
+    messages: dict[str, Any],
+    addresses: dict[str, str],
+    metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> dict[str, grpc.RpcMethodHandler]:
-    """GetFeed: three sequential calls with canned requests, each answer parsed."""
-    options = [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    ]
+    """GetFeed: three sequential calls with canned requests, each answer parsed, over
+    channels with the gateway's options; with ``metadata`` (the services send the request
+    id) on every call."""
+    options = CHANNEL_OPTIONS
     calls = []
     for role, method, request, response_type in (
         ("retrieval", RETRIEVE, "retrieve_request", retrieval_pb2.RetrieveResponse),
@@ -158,7 +161,7 @@ def gateway_handlers(
 
     def get_feed(request: feed_pb2.GetFeedRequest, context: grpc.ServicerContext) -> Any:
         for stub, downstream_request in calls:
-            stub(downstream_request, timeout=1.0)
+            stub(downstream_request, timeout=1.0, metadata=metadata)
         return page
 
     return {GET_FEED: _unary(get_feed, feed_pb2.GetFeedRequest)}
@@ -172,7 +175,19 @@ class _Generic(grpc.GenericRpcHandler):
         return self.methods.get(handler_call_details.method)
 
 
-def serve(role: str, candidates: int, width: int) -> int:
+SERVICE_NAMES = {
+    "retrieval": "homefeed.retrieval.v1.RetrievalService",
+    "features": "homefeed.features.v1.FeaturesService",
+    "ranking": "homefeed.ranking.v1.RankingService",
+    "gateway": "homefeed.feed.v1.FeedService",
+}
+
+
+def serve(role: str, candidates: int, width: int, plumbing: bool = False) -> int:
+    """Serve ``role`` until SIGTERM. ``plumbing``: build the server as the services do
+    (``services.common.server.build_server``: their interceptor, health and reflection) and
+    send the request id as metadata on the gateway's calls, so that variant's cost over
+    the bare floor is the services' per-call machinery alone."""
     settings = ServerSettings.from_env(role)  # HOMEFEED_<ROLE>_{HOST,PORT,...}, as the mesh sets
     messages = canned(candidates, width)
     if role == "gateway":
@@ -180,22 +195,30 @@ def serve(role: str, candidates: int, width: int) -> int:
             name: os.environ[f"HOMEFEED_{name.upper()}_ADDR"]
             for name in ("retrieval", "features", "ranking")
         }
-        methods = gateway_handlers(messages, addresses, settings.max_message_bytes)
+        metadata = ((REQUEST_ID_KEY, "r"),) if plumbing else None
+        methods = gateway_handlers(messages, addresses, metadata)
     else:
         methods = handlers(role, messages)
+    if plumbing:
+        server, port, _ = build_server(
+            settings,
+            [SERVICE_NAMES[role]],
+            lambda s: s.add_generic_rpc_handlers((_Generic(methods),)),
+        )
+        return _run(server, port)
     server = grpc.server(
         ThreadPoolExecutor(settings.max_workers),
-        options=[
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
+        options=server_options(settings),
     )
     server.add_generic_rpc_handlers((_Generic(methods),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    return _run(server, port)
+
+
+def _run(server: grpc.Server, port: int) -> int:
     server.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -212,8 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("role", choices=ROLES)
     parser.add_argument("--candidates", type=int, default=500)
     parser.add_argument("--width", type=int, default=len(FEATURE_SCHEMA))
+    parser.add_argument(
+        "--plumbing",
+        action="store_true",
+        help="the services' server build (interceptor, reflection) and request-id metadata",
+    )
     args = parser.parse_args(argv)
-    return serve(args.role, args.candidates, args.width)
+    return serve(args.role, args.candidates, args.width, args.plumbing)
 
 
 if __name__ == "__main__":

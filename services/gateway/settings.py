@@ -39,7 +39,7 @@ Circuit breakers (``breaker.BreakerConfig``, the same for the three downstreams)
 
 Load shedding (``admission.AdmissionConfig``) and readiness:
 
-- ``HOMEFEED_GATEWAY_MAX_IN_FLIGHT`` (8): feeds computed at once; one more is refused with
+- ``HOMEFEED_GATEWAY_MAX_IN_FLIGHT`` (4): feeds computed at once; one more is refused with
   RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer. The server gets 4 more threads than
   this (health checks, refusals) and refuses RPCs beyond them, so nothing queues;
 - ``HOMEFEED_GATEWAY_MIN_BUDGET_MS`` (10): a request with less time left is refused at once;

@@ -16,7 +16,7 @@ PROTO_SRC := $(shell find protos/homefeed -name '*.proto')
 PROTO_GEN := protos/gen
 PROTO_STAMP := $(PROTO_GEN)/.generated
 
-.PHONY: help setup system-deps protos demo bench test test-fast lint format lock clean
+.PHONY: help setup system-deps protos demo bench chaos test test-fast lint format lock clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ demo: setup ## Small preset + Complete Journey: data, features, training, regist
 
 bench: setup ## Closed-loop gRPC load: the mesh vs the bare gRPC floor and the naive reference (after make demo) -> reports/bench.json
 	$(VENV)/bin/python -m tools.bench --preset $(PRESET)
+
+chaos: setup ## Fault scenarios (kill, overload, hostile input, drain, admin) on a real mesh (after make demo) -> reports/chaos.json
+	$(VENV)/bin/python -m tools.chaos --preset $(PRESET)
 
 test: setup ## The import contracts, then the whole test suite (what CI runs)
 	$(VENV)/bin/lint-imports --no-cache

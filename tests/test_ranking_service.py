@@ -38,10 +38,8 @@ from contract.bundle import (
     COMPILED_MODEL,
     PURCHASE_MODEL,
     file_checksums,
-    write_manifest,
 )
-from contract.bundle import FEATURE_SCHEMA as FEATURE_SCHEMA_FILE
-from contract.features import FEATURE_SCHEMA, FeatureSchema, build_matrix
+from contract.features import FEATURE_SCHEMA, build_matrix
 from contract.paths import REPO_ROOT, Paths
 from contract.registry import Registry
 from contract.scorer import CompiledScorer
@@ -52,6 +50,7 @@ from services.common.settings import ServerSettings, SettingsError
 from services.ranking.scorer import LoadedModel, ModelHolder, ServedScore
 from services.ranking.server import SERVICE_NAME, StartupError, create_server
 from services.ranking.settings import RankingSettings
+from tools.chaos import other_schema_bundle
 
 TOKEN = "test-admin-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -563,26 +562,6 @@ def test_start_up_fails_naming_an_unknown_alias(registry_settings: RankingSettin
         ModelHolder(default_target="no-such-alias", cache_dir=settings.source.model_cache).reload()
 
 
-def other_schema_bundle(bundle: Path, dest: Path) -> tuple[Path, str]:
-    """A copy of ``bundle`` that says it was built for another feature schema (one column
-    renamed), consistent in itself: it verifies, it only does not fit this mesh."""
-    copy = copy_bundle(bundle, dest)
-    manifest = json.loads((copy / BUNDLE_MANIFEST).read_text())
-    schema = json.loads((copy / FEATURE_SCHEMA_FILE).read_text())
-    schema["names"][-1] += "_v2"
-    other = FeatureSchema(tuple(schema["names"]), tuple(schema["dtypes"]))
-    (copy / FEATURE_SCHEMA_FILE).write_text(json.dumps(other.to_dict()))
-    (copy / BUNDLE_MANIFEST).unlink()
-    write_manifest(
-        copy,
-        version=manifest["version"] + "-other",
-        data_snapshot=manifest["data_snapshot"],
-        feature_schema_hash=other.hash,
-        metrics=manifest.get("metrics", {}),
-    )
-    return copy, other.hash
-
-
 def reload_error(
     served: Running, request: ranking_pb2.ReloadRequest, metadata: tuple[tuple[str, str], ...]
 ) -> grpc.RpcError:
@@ -617,7 +596,8 @@ def test_a_server_without_admin_token_refuses_reload_and_keeps_serving(
 def test_a_bundle_of_another_feature_schema_is_refused_at_reload_and_at_start(
     tiny_bundle: Path, rows: Rows, model: LoadedModel, tmp_path: Path
 ) -> None:
-    other, other_hash = other_schema_bundle(tiny_bundle, tmp_path / "other")
+    other = other_schema_bundle(tiny_bundle, tmp_path / "other")
+    other_hash = json.loads((other / BUNDLE_MANIFEST).read_text())["feature_schema_hash"]
     settings = RankingSettings(
         server=ServerSettings(port=0, drain_seconds=0, lame_duck_seconds=0),
         home=tmp_path,

@@ -40,8 +40,9 @@ Circuit breakers (``breaker.BreakerConfig``, the same for the three downstreams)
 Load shedding (``admission.AdmissionConfig``) and readiness:
 
 - ``HOMEFEED_GATEWAY_MAX_IN_FLIGHT`` (4): feeds computed at once; one more is refused with
-  RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer. The server gets 4 more threads than
-  this (health checks, refusals) and refuses RPCs beyond them, so nothing queues;
+  RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer;
+- ``HOMEFEED_GATEWAY_SPARE_RPCS`` (2): threads beyond that (health checks, the refusals
+  themselves); the server refuses RPCs beyond them itself, so nothing queues;
 - ``HOMEFEED_GATEWAY_MIN_BUDGET_MS`` (10): a request with less time left is refused at once;
 - ``HOMEFEED_GATEWAY_HOP_CHECK_S`` (1): how often the downstreams' health is checked
   (``readiness.HopWatcher``).
@@ -66,7 +67,7 @@ from services.gateway.pipeline import PipelineConfig
 from services.gateway.rerank import RerankConfig
 
 SERVICE = "gateway"
-SPARE_THREADS = 4  # beyond max_in_flight: health checks, reflection, refusals
+SPARE_RPCS = 2  # beyond max_in_flight: health checks, reflection, refusals
 PREFIX = "HOMEFEED_GATEWAY_"
 
 C = TypeVar("C")
@@ -88,16 +89,19 @@ class GatewaySettings:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     hop_check_s: float = 1.0
+    spare_rpcs: int = SPARE_RPCS
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.hop_check_s <= 60:
             raise SettingsError(f"{PREFIX}HOP_CHECK_S must be 0.05..60, got {self.hop_check_s}")
+        if not 1 <= self.spare_rpcs <= 64:
+            raise SettingsError(f"{PREFIX}SPARE_RPCS must be 1..64, got {self.spare_rpcs}")
 
     @property
     def serving(self) -> ServerSettings:
         """The server settings with the thread pool sized by admission: ``max_in_flight``
         feeds plus spare threads, and no RPC beyond them waiting in grpc's queue."""
-        workers = self.admission.max_in_flight + SPARE_THREADS
+        workers = self.admission.max_in_flight + self.spare_rpcs
         return replace(self.server, max_workers=workers, max_concurrent_rpcs=workers)
 
     @property
@@ -217,6 +221,7 @@ class GatewaySettings:
             breaker=breaker,
             admission=admission,
             hop_check_s=env_float(PREFIX + "HOP_CHECK_S", 1.0),
+            spare_rpcs=env_int(PREFIX + "SPARE_RPCS", SPARE_RPCS),
         )
 
 

@@ -472,6 +472,18 @@ def test_exploration_candidates_never_take_a_deterministic_slot() -> None:
     assert page.propensities.tolist() == [1.0] * 5
 
 
+def test_slot_probabilities_only_depend_on_what_a_page_can_use() -> None:
+    """The cached chain of min(n, size) candidates is the full chain's first columns."""
+    full_before, full_heads = R._chain.__wrapped__(20, 480, 37, 0.05)
+    before, heads = R.slot_probabilities(20, 480, 37, 0.05)
+    assert before.shape == (21, 21) and not before.flags.writeable
+    np.testing.assert_allclose(before, full_before[:, :21], atol=1e-15)
+    reachable = np.tri(20, 21, dtype=bool)  # t <= s: at most s of the slots above explored
+    np.testing.assert_allclose(heads[reachable], full_heads[:, :21][reachable], atol=1e-15)
+    assert (full_before[:, 21:] == 0).all()  # the columns left out are never reached
+    assert R.slot_probabilities(20, 480, 37, 0.05)[0] is before  # computed once
+
+
 def test_slot_probabilities_follow_the_chain() -> None:
     before, heads = R.slot_probabilities(3, 5, 2, 0.25)
     np.testing.assert_allclose(before[0], [1, 0, 0])

@@ -58,6 +58,7 @@ id and the same candidates gets the same page.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -212,7 +213,18 @@ def slot_probabilities(
     ``n_explore`` exploration candidates: ``before[s, t]``, the probability that ``t`` slots
     above slot ``s`` explored, and ``heads[s, t]``, the probability that slot ``s``
     explores given that (1 when the deterministic order is used up, 0 when the exploration
-    candidates are)."""
+    candidates are). Read-only arrays of ``min(n_explore, size) + 1`` columns.
+
+    Only ``min(n_order, size)`` and ``min(n_explore, size)`` can change the chain (a page
+    never uses more than ``size`` of either), so it is computed once per such shape and
+    cached: the loop was a tenth of the gateway's CPU when computed per request."""
+    return _chain(size, min(n_order, size), min(n_explore, size), float(epsilon))
+
+
+@functools.lru_cache(maxsize=1024)
+def _chain(
+    size: int, n_order: int, n_explore: int, epsilon: float
+) -> tuple[np.ndarray, np.ndarray]:
     before = np.zeros((size + 1, n_explore + 1), dtype=np.float64)
     before[0, 0] = 1.0
     heads = np.zeros((size, n_explore + 1), dtype=np.float64)
@@ -224,6 +236,8 @@ def slot_probabilities(
         reach = before[s] * np.where(det_left | exp_left, 1.0, 0.0)
         before[s + 1] += reach * (1.0 - heads[s])
         before[s + 1, 1:] += (reach * heads[s])[:-1]
+    before.flags.writeable = False
+    heads.flags.writeable = False
     return before, heads
 
 

@@ -48,7 +48,12 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.matrix import to_float_matrix
 from services.common.settings import ServerSettings, SettingsError
 from services.ranking.scorer import LoadedModel, ModelHolder, ServedScore
-from services.ranking.server import SERVICE_NAME, StartupError, create_server
+from services.ranking.server import (
+    SERVICE_NAME,
+    StartupError,
+    create_admin_server,
+    create_server,
+)
 from services.ranking.settings import RankingSettings
 from tools.chaos import other_schema_bundle
 
@@ -301,6 +306,7 @@ class Running:
     channel: grpc.Channel
     holder: ModelHolder
     settings: RankingSettings
+    admin: ranking_pb2_grpc.RankingServiceStub  # the admin port (Reload)
 
 
 @pytest.fixture(scope="module")
@@ -317,13 +323,24 @@ def registry_settings(tiny_trained: dict, home: Paths, tmp_path_factory) -> Rank
 
 def start(settings: RankingSettings) -> Generator[Running, None, None]:
     server, port, holder = create_server(settings)
+    admin, admin_port = create_admin_server(settings, holder)
     server.start()
+    admin.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    admin_channel = grpc.insecure_channel(f"127.0.0.1:{admin_port}")
     try:
-        yield Running(ranking_pb2_grpc.RankingServiceStub(channel), channel, holder, settings)
+        yield Running(
+            ranking_pb2_grpc.RankingServiceStub(channel),
+            channel,
+            holder,
+            settings,
+            ranking_pb2_grpc.RankingServiceStub(admin_channel),
+        )
     finally:
         channel.close()
+        admin_channel.close()
         server.stop(None).wait()
+        admin.stop(None).wait()
 
 
 @pytest.fixture(scope="module")
@@ -444,7 +461,7 @@ def test_reload_needs_the_admin_token(
     served: Running, champion: str, metadata: tuple[tuple[str, str], ...]
 ) -> None:
     request = ranking_pb2.ReloadRequest(target=ALIAS_CHAMPION)
-    err = rpc_error(lambda: served.stub.Reload(request, metadata=metadata, timeout=TIMEOUT_S))
+    err = rpc_error(lambda: served.admin.Reload(request, metadata=metadata, timeout=TIMEOUT_S))
     assert err.code() is grpc.StatusCode.UNAUTHENTICATED
     assert "Bearer <admin token>" in (err.details() or "")
     assert served.holder.current().version == champion
@@ -453,7 +470,7 @@ def test_reload_needs_the_admin_token(
 def test_reload_of_the_same_alias_echoes_the_versions(served: Running, champion: str) -> None:
     before = served.holder.current()
     for target in (ALIAS_CHAMPION, "", champion):
-        reply = served.stub.Reload(
+        reply = served.admin.Reload(
             ranking_pb2.ReloadRequest(target=target), metadata=AUTH, timeout=30
         )
         assert (reply.previous_version, reply.model_version) == (champion, champion)
@@ -467,7 +484,7 @@ def test_reload_of_an_unknown_alias_or_version_is_not_found(
     served: Running, champion: str, target: str, named: str
 ) -> None:
     request = ranking_pb2.ReloadRequest(target=target)
-    err = rpc_error(lambda: served.stub.Reload(request, metadata=AUTH, timeout=30))
+    err = rpc_error(lambda: served.admin.Reload(request, metadata=AUTH, timeout=30))
     assert err.code() is grpc.StatusCode.NOT_FOUND, err.details()
     assert named in (err.details() or "")
     assert f"still serving model {champion}" in (err.details() or "")
@@ -492,7 +509,7 @@ def test_a_corrupt_registry_version_is_refused_and_the_old_one_keeps_serving(
     assert not (served.settings.source.model_cache / Registry().name / f"v{version}").exists()
 
     request = ranking_pb2.ReloadRequest(target=str(version))
-    err = rpc_error(lambda: served.stub.Reload(request, metadata=AUTH, timeout=60))
+    err = rpc_error(lambda: served.admin.Reload(request, metadata=AUTH, timeout=60))
     assert err.code() is grpc.StatusCode.FAILED_PRECONDITION, err.details()
     details = err.details() or ""
     assert f"version {version}" in details
@@ -533,7 +550,7 @@ def test_rank_calls_during_a_reload_all_succeed(
         time.sleep(0.005)
     try:
         before = len(seen)
-        reply = fresh.stub.Reload(
+        reply = fresh.admin.Reload(
             ranking_pb2.ReloadRequest(target=str(version)), metadata=AUTH, timeout=60
         )
         during = len(seen) - before
@@ -565,7 +582,18 @@ def test_start_up_fails_naming_an_unknown_alias(registry_settings: RankingSettin
 def reload_error(
     served: Running, request: ranking_pb2.ReloadRequest, metadata: tuple[tuple[str, str], ...]
 ) -> grpc.RpcError:
-    return rpc_error(lambda: served.stub.Reload(request, metadata=metadata, timeout=30))
+    return rpc_error(lambda: served.admin.Reload(request, metadata=metadata, timeout=30))
+
+
+def test_admin_rpcs_are_served_on_the_admin_port_only(served: Running, rows: Rows) -> None:
+    request = ranking_pb2.ReloadRequest(target=ALIAS_CHAMPION)
+    err = rpc_error(lambda: served.stub.Reload(request, metadata=AUTH, timeout=30))
+    assert err.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "admin port" in (err.details() or "")
+    rank = rank_request(rows, served.holder.current().schema_hash, 5)
+    err = rpc_error(lambda: served.admin.Rank(rank, timeout=TIMEOUT_S))
+    assert err.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert len(served.stub.Rank(rank, timeout=TIMEOUT_S).p_purchase) == 5
 
 
 def test_a_server_without_admin_token_refuses_reload_and_keeps_serving(
@@ -608,7 +636,7 @@ def test_a_bundle_of_another_feature_schema_is_refused_at_reload_and_at_start(
     served = next(running)
     try:
         request = ranking_pb2.ReloadRequest(target=str(other))
-        err = rpc_error(lambda: served.stub.Reload(request, metadata=AUTH, timeout=30))
+        err = rpc_error(lambda: served.admin.Reload(request, metadata=AUTH, timeout=30))
         assert err.code() is grpc.StatusCode.FAILED_PRECONDITION, err.details()
         details = err.details() or ""
         assert f"built for feature schema {other_hash[:12]}" in details
@@ -616,7 +644,7 @@ def test_a_bundle_of_another_feature_schema_is_refused_at_reload_and_at_start(
         ranked = served.stub.Rank(rank_request(rows, model.schema_hash, 10), timeout=TIMEOUT_S)
         np.testing.assert_allclose(ranked.p_purchase, rows.expected_p[:10], rtol=0, atol=1e-6)
         copy = copy_bundle(tiny_bundle, tmp_path / "same")  # the same schema still reloads
-        reply = served.stub.Reload(ranking_pb2.ReloadRequest(target=str(copy)), metadata=AUTH)
+        reply = served.admin.Reload(ranking_pb2.ReloadRequest(target=str(copy)), metadata=AUTH)
         assert reply.model_version == model.bundle_version
     finally:
         running.close()
@@ -666,13 +694,21 @@ def test_the_module_serves_until_sigterm(
     )
     try:
         assert proc.stdout is not None
+        admin = proc.stdout.readline()  # the admin port first, then the serving port
+        assert admin.startswith("HOMEFEED_ADMIN port="), proc.stderr.read() if proc.stderr else ""
         ready = proc.stdout.readline()  # the server prints it once listening, or exits
         assert ready.startswith("HOMEFEED_READY port="), proc.stderr.read() if proc.stderr else ""
         port = int(ready.strip().split("=", 1)[1])
+        admin_port = int(admin.strip().split("=", 1)[1])
+        assert admin_port != port
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = ranking_pb2_grpc.RankingServiceStub(channel)
             reply = stub.Rank(rank_request(rows, model.schema_hash, 10), timeout=TIMEOUT_S)
         assert reply.model_version == model.bundle_version
+        with grpc.insecure_channel(f"127.0.0.1:{admin_port}") as channel:
+            admin_stub = ranking_pb2_grpc.RankingServiceStub(channel)
+            reloaded = admin_stub.Reload(ranking_pb2.ReloadRequest(), metadata=AUTH, timeout=60)
+        assert reloaded.model_version == model.bundle_version
         proc.terminate()
         assert proc.wait(timeout=30) == 0
     finally:

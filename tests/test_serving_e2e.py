@@ -37,6 +37,7 @@ class Mesh:
     feed: feed_pb2_grpc.FeedServiceStub
     features: features_pb2_grpc.FeaturesServiceStub
     ranking: ranking_pb2_grpc.RankingServiceStub
+    ranking_admin: ranking_pb2_grpc.RankingServiceStub
     addresses: dict[str, str]
     users: pd.DataFrame
     items: pd.DataFrame
@@ -64,6 +65,7 @@ def mesh(tiny_trained: dict, tiny_dataset: dict, home) -> Iterator[Mesh]:
     from services.features.settings import FeaturesSettings
     from services.gateway.server import create_server as gateway_server
     from services.gateway.settings import GatewaySettings
+    from services.ranking.server import create_admin_server
     from services.ranking.server import create_server as ranking_server
     from services.ranking.settings import RankingSettings
     from services.retrieval.server import create_server as retrieval_server
@@ -95,6 +97,11 @@ def mesh(tiny_trained: dict, tiny_dataset: dict, home) -> Iterator[Mesh]:
             if hasattr(built[2], "close"):
                 closers.append(built[2].close)
             addresses[name] = f"127.0.0.1:{port}"
+            if name == "ranking":
+                admin, admin_port = create_admin_server(RankingSettings.from_env(), built[2])
+                admin.start()
+                servers.append(admin)
+                admin_address = f"127.0.0.1:{admin_port}"
         restore_addrs = _env(
             {f"HOMEFEED_{n.upper()}_ADDR": a for n, a in addresses.items()}
             | {"HOMEFEED_GATEWAY_EPSILON": "0.1"}
@@ -107,13 +114,14 @@ def mesh(tiny_trained: dict, tiny_dataset: dict, home) -> Iterator[Mesh]:
         servers.insert(0, server)
         closers.insert(0, pipeline.close)
         addresses["gateway"] = f"127.0.0.1:{port}"
-        for address in addresses.values():
+        for address in (*addresses.values(), admin_address):
             channels.append(grpc.insecure_channel(address))
         tables = read_tables(home.raw(dataset), [C.USERS, C.ITEMS])
         yield Mesh(
             feed=feed_pb2_grpc.FeedServiceStub(channels[3]),
             features=features_pb2_grpc.FeaturesServiceStub(channels[1]),
             ranking=ranking_pb2_grpc.RankingServiceStub(channels[2]),
+            ranking_admin=ranking_pb2_grpc.RankingServiceStub(channels[4]),
             addresses=addresses,
             users=tables[C.USERS],
             items=tables[C.ITEMS],
@@ -307,10 +315,12 @@ def test_a_refused_reload_keeps_the_serving_model(mesh: Mesh) -> None:
     before = mesh.feed.GetFeed(_request(_known_user(mesh)), timeout=5).model_version
     auth = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
     with pytest.raises(grpc.RpcError) as err:
-        mesh.ranking.Reload(ranking_pb2.ReloadRequest(target="999"), metadata=auth, timeout=30)
+        mesh.ranking_admin.Reload(
+            ranking_pb2.ReloadRequest(target="999"), metadata=auth, timeout=30
+        )
     assert err.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
     with pytest.raises(grpc.RpcError) as err:
-        mesh.ranking.Reload(ranking_pb2.ReloadRequest(target="champion"), timeout=30)
+        mesh.ranking_admin.Reload(ranking_pb2.ReloadRequest(target="champion"), timeout=30)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     page = mesh.feed.GetFeed(_request(_known_user(mesh)), timeout=5)
     assert page.model_version == before and not page.degraded

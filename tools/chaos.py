@@ -351,7 +351,7 @@ class Chaos:
         checks: dict[str, str] = {}
         with self.mesh() as mesh, tempfile.TemporaryDirectory() as tmp:
             ranking = ranking_pb2_grpc.RankingServiceStub(
-                grpc.insecure_channel(mesh.addresses["ranking"])
+                grpc.insecure_channel(mesh.admin_addresses["ranking"])
             )
             token = mesh.admin_token
             request = ranking_pb2.ReloadRequest(target="champion")
@@ -679,7 +679,8 @@ def other_schema_bundle(bundle: Path, dest: Path) -> Path:
 def _service_process(
     name: str, env_extra: dict[str, str], home: Path, dataset: str
 ) -> Iterator[str]:
-    """``python -m services.<name>`` on a free port: yields its address."""
+    """``python -m services.<name>`` on a free port: yields its address (its admin address
+    when it serves admin RPCs apart)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(f"HOMEFEED_{name.upper()}_")}
     env.pop("HOMEFEED_ADMIN_TOKEN", None)
     env.update(
@@ -702,12 +703,16 @@ def _service_process(
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
+        admin = None
+        if line.startswith("HOMEFEED_ADMIN port="):  # ranking: its admin port comes first
+            admin = f"127.0.0.1:{int(line.split('=', 1)[1])}"
+            line = proc.stdout.readline()
         if not line.startswith("HOMEFEED_READY port="):
             log_file.seek(0)
             raise RuntimeError(f"{name} did not start: {log_file.read()[-2000:]!r}")
         address = f"127.0.0.1:{int(line.split('=', 1)[1])}"
         check_serving(address, timeout=10)
-        yield address
+        yield admin or address
     finally:
         proc.terminate()
         try:

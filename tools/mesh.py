@@ -64,6 +64,8 @@ _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 _READY = re.compile(
     "^" + re.escape(READY_LINE).replace(re.escape("{port}"), r"(?P<port>\d+)") + r"\s*$"
 )
+# a service with admin RPCs on a port of their own (ranking) prints this before READY
+_ADMIN = re.compile(r"^HOMEFEED_ADMIN port=(?P<port>\d+)\s*$")
 _POLL_S = 0.05
 _KILL_WAIT_S = 5.0
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
@@ -187,12 +189,14 @@ class ServiceProcess:
     log: Path
     port: int | None = None
     address: str | None = None
+    admin_address: str | None = None  # where its admin RPCs listen, when apart
 
     def to_json(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
             "port": self.port,
             "address": self.address,
+            "admin_address": self.admin_address,
             "command": list(self.command),
             "log": str(self.log),
         }
@@ -207,6 +211,7 @@ class ServiceProcess:
             log=Path(data["log"]),
             port=None if port is None else int(port),
             address=data.get("address"),
+            admin_address=data.get("admin_address"),
         )
 
 
@@ -252,6 +257,11 @@ class Mesh:
     def addresses(self) -> dict[str, str]:
         """``host:port`` of every service that is listening."""
         return {n: s.address for n, s in self.services.items() if s.address is not None}
+
+    @property
+    def admin_addresses(self) -> dict[str, str]:
+        """``host:port`` of the admin RPCs of every service that serves them apart."""
+        return {n: s.admin_address for n, s in self.services.items() if s.admin_address is not None}
 
     @property
     def ports(self) -> dict[str, int]:
@@ -324,10 +334,19 @@ class Mesh:
             raise MeshError("only the process that started the mesh can restart its services")
         if self._alive(name):
             raise MeshError(f"{name} is still running (pid {self.services[name].pid})")
-        port = self.services[name].port
+        info = self.services[name]
         self._procs.pop(name, None)
+        extra = {}
+        if info.admin_address:  # its admin port too stays where callers know it
+            extra[f"HOMEFEED_{name.upper()}_ADMIN_PORT"] = info.admin_address.rsplit(":", 1)[1]
         try:
-            self._launch(self._config, (name,), self._token, {name: port} if port else None)
+            self._launch(
+                self._config,
+                (name,),
+                self._token,
+                {name: info.port} if info.port else None,
+                extra,
+            )
         except MeshError:
             if self._alive(name):  # started but never ready: not left half-alive
                 self._signal(name, signal.SIGKILL, group=True)
@@ -350,6 +369,7 @@ class Mesh:
         names: Sequence[str],
         token: str,
         ports: Mapping[str, int] | None = None,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         """Spawn ``names`` together (on ``ports`` where given, else on free ones), wait for
         their READY lines, then for SERVING."""
@@ -361,6 +381,7 @@ class Mesh:
                 env = cfg.env(name, token, self.addresses, self.model)
                 if ports and name in ports:
                     env[f"HOMEFEED_{name.upper()}_PORT"] = str(ports[name])
+                env.update(extra_env or {})
                 log_path = run_dir(self.home) / "logs" / f"{name}.log"
                 _rotate(log_path)
                 with open(log_path, "ab") as out:
@@ -400,8 +421,15 @@ class Mesh:
                 port = watcher.ready_port()
                 if port is not None:
                     info = self.services[name]
+                    admin = watcher.admin_port
                     self.services[name] = ServiceProcess(
-                        name, info.pid, info.command, info.log, port, f"{hosts[name]}:{port}"
+                        name,
+                        info.pid,
+                        info.command,
+                        info.log,
+                        port,
+                        f"{hosts[name]}:{port}",
+                        None if admin is None else f"{hosts[name]}:{admin}",
                     )
                     del pending[name]
                     continue
@@ -766,6 +794,7 @@ class _LogWatcher:
         self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 (closed by close())
         self._file.seek(0, os.SEEK_END)
         self._partial = b""
+        self.admin_port: int | None = None
 
     def ready_port(self) -> int | None:
         chunk = self._file.read()
@@ -773,7 +802,11 @@ class _LogWatcher:
             return None
         *lines, self._partial = (self._partial + chunk).split(b"\n")
         for line in lines:
-            match = _READY.match(line.decode(errors="replace"))
+            text = line.decode(errors="replace")
+            admin = _ADMIN.match(text)
+            if admin:
+                self.admin_port = int(admin.group("port"))
+            match = _READY.match(text)
             if match:
                 return int(match.group("port"))
         return None

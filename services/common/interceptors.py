@@ -240,3 +240,26 @@ def _parse(deserialize: Callable[[bytes], Any], data: bytes) -> Any:
             f"the request is not a valid {what} message ({len(data)} bytes): "
             f"{type(err).__name__}: {bounded(str(err), 200)}"
         ) from None
+
+
+class MethodFilter(grpc.ServerInterceptor):
+    """Refuses the ``refused`` methods (full names, ``/pkg.Service/Method``) with
+    PERMISSION_DENIED and ``message``: a service whose admin RPCs are on another port keeps
+    them out of its serving port this way, whatever a caller of that port sends."""
+
+    def __init__(self, refused: set[str], message: str) -> None:
+        self.refused = frozenset(refused)
+        self._handler = grpc.unary_unary_rpc_method_handler(self._refuse)
+        self._message = message
+
+    def _refuse(self, request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, self._message)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method in self.refused:
+            return self._handler
+        return continuation(handler_call_details)

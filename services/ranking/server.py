@@ -4,6 +4,7 @@ reflection. ``python -m services.ranking`` runs ``main()``."""
 from __future__ import annotations
 
 import logging
+import sys
 
 import grpc
 from grpc_health.v1.health import HealthServicer
@@ -11,6 +12,7 @@ from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from contract.features import FEATURE_SCHEMA
 from services.common.errors import ServiceError
+from services.common.interceptors import MethodFilter
 from services.common.server import Started, StartupError, build_server, run_service
 from services.ranking.scorer import ModelHolder
 from services.ranking.servicer import RankingServicer
@@ -38,7 +40,14 @@ def load_model(settings: RankingSettings) -> ModelHolder:
     return holder
 
 
-def _build(settings: RankingSettings) -> tuple[grpc.Server, int, ModelHolder, HealthServicer]:
+RANK = f"/{SERVICE_NAME}/Rank"
+RELOAD = f"/{SERVICE_NAME}/Reload"
+ADMIN_LINE = "HOMEFEED_ADMIN port={port}"
+
+
+def _build(
+    settings: RankingSettings,
+) -> tuple[grpc.Server, int, ModelHolder, HealthServicer, RankingServicer]:
     holder = load_model(settings)  # before build_server, which reports SERVING
     if settings.admin_token is None:
         log.warning("HOMEFEED_ADMIN_TOKEN is not set: admin RPCs (Reload) are refused")
@@ -47,6 +56,9 @@ def _build(settings: RankingSettings) -> tuple[grpc.Server, int, ModelHolder, He
         settings.server,
         [SERVICE_NAME],
         lambda s: ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, s),
+        interceptors=[
+            MethodFilter({RELOAD}, "Reload is an admin RPC: it is served on the admin port")
+        ],
     )
     model = holder.current()
     log.info(
@@ -59,19 +71,42 @@ def _build(settings: RankingSettings) -> tuple[grpc.Server, int, ModelHolder, He
             "score": settings.score.value,
         },
     )
-    return server, port, holder, health
+    return server, port, holder, health, servicer
 
 
 def create_server(settings: RankingSettings) -> tuple[grpc.Server, int, ModelHolder]:
-    """A bound, not yet started server with the model loaded, its port (settings' port, a
-    free one for 0) and the model holder. Raises StartupError when the model cannot load."""
-    server, port, holder, _ = _build(settings)
+    """A bound, not yet started serving server (Rank; Reload refused there) with the model
+    loaded, its port (settings' port, a free one for 0) and the model holder. Raises
+    StartupError when the model cannot load."""
+    server, port, holder, _, _ = _build(settings)
     return server, port, holder
 
 
+def create_admin_server(settings: RankingSettings, holder: ModelHolder) -> tuple[grpc.Server, int]:
+    """A bound, not yet started admin server over ``holder``: Reload (and health), on
+    ``settings.admin_port``; Rank is refused there."""
+    servicer = RankingServicer(holder, settings.admin_token)
+    return _admin(settings, servicer)
+
+
+def _admin(settings: RankingSettings, servicer: RankingServicer) -> tuple[grpc.Server, int]:
+    server, port, _ = build_server(
+        settings.admin_server,
+        [SERVICE_NAME],
+        lambda s: ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, s),
+        interceptors=[MethodFilter({RANK}, "the admin port serves admin RPCs only")],
+    )
+    return server, port
+
+
 def _start(settings: RankingSettings) -> Started:
-    server, _, _, health = _build(settings)
-    return server, health, None
+    server, _, _, health, servicer = _build(settings)
+    admin, admin_port = _admin(settings, servicer)
+    admin.start()
+    sys.stdout.write(ADMIN_LINE.format(port=admin_port) + "\n")  # before the READY line
+    sys.stdout.flush()
+    log.info("admin listening", extra={"port": admin_port})
+    return server, health, lambda: admin.stop(None).wait()
 
 
 def main() -> int:

@@ -10,6 +10,8 @@
   (``<home>/artifacts/model_cache``): verified local copies of registry versions.
 - ``MLFLOW_TRACKING_URI`` (``sqlite:///<home>/mlruns/mlflow.db``): the model registry.
 - ``HOMEFEED_RANKING_SCORE`` (``purchase``): the served score (``scorer.ServedScore``).
+- ``HOMEFEED_RANKING_ADMIN_PORT`` (0: a free one), ``HOMEFEED_RANKING_ADMIN_HOST`` (the
+  serving host): where the admin RPCs (Reload) listen; the serving port refuses them;
 - ``HOMEFEED_ADMIN_TOKEN`` (unset: admin RPCs refused, with a warning at start): the bearer
   token ``Reload`` requires.
 
@@ -18,12 +20,12 @@ plus ``HOMEFEED_RANKING_{HOST,PORT,MAX_WORKERS,...}`` (``ServerSettings``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from contract.paths import Paths
 from services.common.bundles import BundleRef
-from services.common.settings import ServerSettings, SettingsError, env_str
+from services.common.settings import ServerSettings, SettingsError, env_int, env_str
 from services.ranking.scorer import ServedScore
 
 SERVICE = "ranking"
@@ -39,6 +41,22 @@ class RankingSettings:
     # directory also lets Reload take directory targets
     score: ServedScore = ServedScore.PURCHASE
     admin_token: str | None = field(default=None, repr=False)
+    # admin RPCs (Reload) listen on a port of their own, so a network policy can keep every
+    # caller of Rank away from them; 0: a free port, reported as HOMEFEED_ADMIN port=<n>
+    admin_port: int = 0
+    admin_host: str | None = None  # None: the serving host
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.admin_port <= 65535:
+            raise SettingsError(
+                f"HOMEFEED_RANKING_ADMIN_PORT must be 0..65535, got {self.admin_port}"
+            )
+
+    @property
+    def admin_server(self) -> ServerSettings:
+        """The admin server's settings: the serving ones on the admin host and port."""
+        host = self.admin_host if self.admin_host is not None else self.server.host
+        return replace(self.server, host=host, port=self.admin_port, max_workers=2)
 
     @property
     def source(self) -> BundleRef:
@@ -66,4 +84,6 @@ class RankingSettings:
             bundle=BundleRef.from_env(SERVICE, home),
             score=served,
             admin_token=env_str("HOMEFEED_ADMIN_TOKEN"),
+            admin_port=env_int("HOMEFEED_RANKING_ADMIN_PORT", 0),
+            admin_host=env_str("HOMEFEED_RANKING_ADMIN_HOST"),
         )

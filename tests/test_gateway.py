@@ -1503,3 +1503,38 @@ def test_readiness_follows_the_downstreams_health_liveness_does_not() -> None:
             for channel in channels.values():
                 channel.close()
             backend.stop(0)
+
+
+class _FlakyRetrieval(retrieval_pb2_grpc.RetrievalServiceServicer):
+    """UNAVAILABLE on every odd call (as a draining server's refused stream), else an answer."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def Retrieve(
+        self, request: retrieval_pb2.RetrieveRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.RetrieveResponse:
+        self.calls += 1
+        if self.calls % 2:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        return retrieval_pb2.RetrieveResponse(
+            item_ids=[1, 2], scores=[0.5, 0.4], sources=[ANN, ANN]
+        )
+
+
+def test_an_unavailable_downstream_call_is_retried_once() -> None:
+    servicer = _FlakyRetrieval()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        clients = Downstreams.connect(*[f"127.0.0.1:{port}"] * 3)
+        try:
+            found = clients.retrieval.retrieve(feed_request(), 10, 5.0)
+        finally:
+            clients.close()
+    finally:
+        server.stop(0)
+    assert found.item_ids.tolist() == [1, 2]
+    assert servicer.calls == 2  # the UNAVAILABLE attempt and its one retry

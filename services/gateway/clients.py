@@ -15,6 +15,7 @@ down fails fast into the fallback.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,11 +35,40 @@ POPULARITY_SOURCE = retrieval_pb2.CANDIDATE_SOURCE_POPULARITY
 CONTENT_SOURCE = retrieval_pb2.CANDIDATE_SOURCE_CONTENT
 
 
+# The three downstream calls are reads without side effects, so one retry is safe: only on
+# UNAVAILABLE (the connection was refused or closed, a server draining sent GOAWAY: the call
+# never ran), within the caller's deadline, and under gRPC's retry throttling, a budget that
+# stops retrying once more than ~10 % of recent calls failed (a token bucket of 10, refilled
+# by 0.1 per success), so retries cannot multiply the load on a downstream that is down.
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "homefeed.retrieval.v1.RetrievalService"},
+                    {"service": "homefeed.features.v1.FeaturesService"},
+                    {"service": "homefeed.ranking.v1.RankingService", "method": "Rank"},
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 2,
+                    "initialBackoff": "0.005s",
+                    "maxBackoff": "0.010s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
+)
+
 # A mesh's channels: a restarted downstream is found again within a second (gRPC's default
 # reconnect backoff grows to 120 s), and a peer that vanished without closing its connection
 # (a killed pod, a dropped network path) is noticed by keepalive pings within ~12 s rather
 # than by the kernel's TCP timeout. The servers permit these pings (services.common.server).
 CHANNEL_OPTIONS = (
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", RETRY_SERVICE_CONFIG),
     ("grpc.max_send_message_length", SEND_LIMIT),
     ("grpc.max_receive_message_length", SEND_LIMIT),
     ("grpc.initial_reconnect_backoff_ms", 100),

@@ -380,7 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("service", choices=list(_SERVICES))
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("up", help="start the local mesh (four services) in the background")
+    p = sub.add_parser(
+        "up",
+        help="start the local mesh (four services) in the background, under a supervisor "
+        "that restarts a service that exits",
+    )
     p.add_argument(
         "--dataset",
         default=os.environ.get("HOMEFEED_DATASET") or "sim-small",

@@ -41,7 +41,13 @@ from services.common.errors import InvalidArgument
 from services.common.matrix import from_float_matrix, to_float_matrix
 from services.common.settings import ServerSettings, SettingsError
 from services.gateway import rerank as R
-from services.gateway.admission import RETRY_AFTER_KEY, Admission, AdmissionConfig, Shed
+from services.gateway.admission import (
+    RETRY_AFTER_KEY,
+    Admission,
+    AdmissionConfig,
+    Shed,
+    retry_after_s,
+)
 from services.gateway.breaker import BreakerConfig, CircuitBreaker, State
 from services.gateway.clients import (
     CHANNEL_OPTIONS,
@@ -1457,6 +1463,8 @@ def test_the_gateway_sheds_at_once_with_a_retry_hint(fake_mesh: FakeMesh) -> Non
     assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "at capacity (1 feeds in flight)" in (shed.value.details() or "")
     assert dict(shed.value.trailing_metadata())[RETRY_AFTER_KEY] == "50"
+    assert retry_after_s(shed.value) == 0.05
+    assert retry_after_s(ValueError("not a call")) == 0.0
     assert took < 1.0
     assert all(
         b.snapshot()["calls"] == 0 or b.state is State.CLOSED for b in h.pipeline.breakers.values()

@@ -66,7 +66,7 @@ from contract.bundle import ALIAS_CHAMPION
 from contract.paths import REPO_ROOT, Paths
 from services.common.server import READY_LINE
 from services.common.settings import SettingsError, env_float, env_int, env_str
-from services.gateway.admission import RETRY_AFTER_KEY
+from services.gateway.admission import retry_after_s
 
 log = logging.getLogger("tools.bench")
 
@@ -675,17 +675,6 @@ def _machine_cpu() -> tuple[float, float]:
     return total - idle, total
 
 
-def _retry_after_s(err: grpc.aio.AioRpcError) -> float:
-    """The gateway's ``retry-after-ms`` hint of a refusal, in seconds (0: none)."""
-    for key, value in err.trailing_metadata() or ():
-        if key == RETRY_AFTER_KEY:
-            try:
-                return max(float(value) / 1e3, 0.0)
-            except ValueError:
-                return 0.0
-    return 0.0
-
-
 async def _closed_loop(
     method: grpc.aio.UnaryUnaryMultiCallable,
     payloads: Iterator[bytes],
@@ -711,7 +700,7 @@ async def _closed_loop(
                 if run is not None:
                     run.latencies_ms.append((time.perf_counter() - start) * 1e3)
                     run.codes.append(err.code().name)
-                wait_s = _retry_after_s(err)
+                wait_s = retry_after_s(err)
                 if wait_s:  # a shed request: back off as told, as a well-behaved client does
                     await asyncio.sleep(min(wait_s, max(end - time.perf_counter(), 0.0)))
                 continue

@@ -58,7 +58,7 @@ from homefeed.feed.v1 import feed_pb2
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from contract.paths import Paths
-from services.gateway.admission import RETRY_AFTER_KEY
+from services.gateway.admission import retry_after_s
 from tools.mesh import BACKENDS, GATEWAY, Mesh, MeshConfig, RestartPolicy, check_serving
 
 log = logging.getLogger(__name__)
@@ -195,12 +195,8 @@ def send(
     try:
         response = call(payload, timeout=timeout_s)
     except grpc.RpcError as err:
-        wait_s = 0.0
-        for key, value in err.trailing_metadata() or ():
-            if key == RETRY_AFTER_KEY:
-                wait_s = float(value) / 1e3
         code = err.code().name
-        return Answer(start, time.time(), code, hostile=hostile), wait_s
+        return Answer(start, time.time(), code, hostile=hostile), retry_after_s(err)
     return Answer(start, time.time(), "OK", tuple(response.degraded), hostile), 0.0
 
 
@@ -254,8 +250,8 @@ class Chaos:
         with self.mesh() as mesh, self.load(mesh) as load:
             time.sleep(t.steady_s)
             killed_at = time.time()
-            os.kill(mesh.pids[name], signal.SIGKILL)
-            ready_at = _await_restart(mesh, name, t.restart_timeout_s)
+            before = _signal(mesh, name, signal.SIGKILL)
+            ready_at = _await_restart(mesh, name, t.restart_timeout_s, before)
             time.sleep(t.after_s)
             answers = load.stop()
             opened = breaker_events(mesh.logs[GATEWAY], killed_at, name)
@@ -438,19 +434,19 @@ class Chaos:
         detail: dict[str, Any] = {}
         failures = total = 0
         with self.mesh() as mesh:
-            lame = float(MeshConfig(home=self.home).lame_duck_seconds)
+            lame = MeshConfig.lame_duck_seconds  # the mesh's default, which it runs with
             # one gateway: what was in flight or arrived in the lame-duck period is answered
             with self.load(mesh) as load:
                 time.sleep(self.timing.steady_s)
                 termed = time.time()
-                os.kill(mesh.pids[GATEWAY], signal.SIGTERM)
+                before = _signal(mesh, GATEWAY, signal.SIGTERM)
                 time.sleep(lame + 1.0)
                 answers = load.stop()
             graced = [a for a in answers if a.start <= termed + lame]
             bad = failed(graced)
             detail["gateway_alone"] = {"in_grace": len(graced), "failed": len(bad)}
             failures, total = failures + len(bad), total + len(graced)
-            _await_restart(mesh, GATEWAY, self.timing.restart_timeout_s, since=termed)
+            _await_restart(mesh, GATEWAY, self.timing.restart_timeout_s, before)
             # two gateways behind the client: nothing fails at all
             with _second_gateway(mesh, self.dataset) as second:
                 target = f"ipv4:{mesh.addresses[GATEWAY]},{second}"
@@ -463,28 +459,26 @@ class Chaos:
                 options = [("grpc.service_config", config), ("grpc.enable_retries", 1)]
                 with Load(target, self.payloads, self.concurrency, options=options) as load:
                     time.sleep(self.timing.steady_s)
-                    termed = time.time()
-                    os.kill(mesh.pids[GATEWAY], signal.SIGTERM)
+                    before = _signal(mesh, GATEWAY, signal.SIGTERM)
                     time.sleep(lame + 2.0)
                     answers = load.stop()
             bad = failed(answers)
             detail["two_gateways"] = {"requests": len(answers), "failed": len(bad),
                                       "codes": _codes(bad)}  # fmt: skip
             failures, total = failures + len(bad), total + len(answers)
-            _await_restart(mesh, GATEWAY, self.timing.restart_timeout_s, since=termed)
+            _await_restart(mesh, GATEWAY, self.timing.restart_timeout_s, before)
             # each backend: the gateway serves its fallback, nothing fails
             for name in BACKENDS:
                 with self.load(mesh) as load:
                     time.sleep(self.timing.steady_s / 2)
-                    termed = time.time()
-                    os.kill(mesh.pids[name], signal.SIGTERM)
+                    before = _signal(mesh, name, signal.SIGTERM)
                     time.sleep(lame + 1.0)
                     answers = load.stop()
                 bad = failed(answers)
                 detail[name] = {"requests": len(answers), "failed": len(bad),
                                 "degraded": sum(1 for a in answers if a.degraded)}  # fmt: skip
                 failures, total = failures + len(bad), total + len(answers)
-                _await_restart(mesh, name, self.timing.restart_timeout_s, since=termed)
+                _await_restart(mesh, name, self.timing.restart_timeout_s, before)
         return Outcome(failures == 0 and total > 0, failures, total, None, None, detail)
 
     def run(self, name: str) -> Outcome:
@@ -522,11 +516,17 @@ def _code(call: Callable[[], object]) -> str:
     return "OK"
 
 
-def _await_restart(
-    mesh: Mesh, name: str, timeout: float, since: float | None = None
-) -> float | None:
-    """Wall time when the supervisor had ``name`` serving again (None: not in time)."""
+def _signal(mesh: Mesh, name: str, signum: int) -> int:
+    """Send ``signum`` to ``name``; returns its restart count before, for ``_await_restart``
+    (read first: a fast restart must not be mistaken for none)."""
     before = mesh.restarts.get(name, 0)
+    os.kill(mesh.pids[name], signum)
+    return before
+
+
+def _await_restart(mesh: Mesh, name: str, timeout: float, before: int) -> float | None:
+    """Wall time when the supervisor had ``name`` serving again after its restart count was
+    ``before`` (None: not in time)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if mesh.restarts.get(name, 0) > before:

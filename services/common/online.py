@@ -140,6 +140,33 @@ class FastPathError(RuntimeError):
     """The SQLite table does not have the layout the fast path reads."""
 
 
+class FallsBack(Protocol):
+    """Something that reads through ``reader`` and keeps ``fallback`` for when it fails."""
+
+    reader: OnlineReader
+    fallback: OnlineReader | None
+
+
+def switch_to_fallback(owner: FallsBack, err: FastPathError, what: str) -> None:
+    """The fast path failed: read through ``owner.fallback`` from now on (for good: a
+    layout that does not match will not start matching), or re-raise ``err`` when there is
+    none. The caller then reads again."""
+    if owner.fallback is None:
+        raise err
+    log.warning(
+        f"{what}: fast path failed; reading through the fallback from now on",
+        extra={"reason": str(err), "fallback": owner.fallback.name},
+    )
+    owner.reader, owner.fallback = owner.fallback, None
+
+
+def close_reader(reader: OnlineReader) -> None:
+    """Close ``reader`` when it holds something to close (the SQLite fast path does)."""
+    close = getattr(reader, "close", None)
+    if close is not None:
+        close()
+
+
 class SqliteReader:
     """SQL over Feast's SQLite online tables, on a read-only connection of its own.
 

@@ -17,7 +17,12 @@ import time
 import numpy as np
 
 from feature_repo import schema as S
-from services.common.online import FastPathError, OnlineReader
+from services.common.online import (
+    FastPathError,
+    OnlineReader,
+    close_reader,
+    switch_to_fallback,
+)
 from services.common.periodic import Periodic
 
 log = logging.getLogger(__name__)
@@ -78,13 +83,7 @@ class StockWatcher:
             try:
                 self.refresh()
             except FastPathError as err:
-                if self.fallback is None:
-                    raise
-                log.warning(
-                    "stock fast path failed; reading through the fallback from now on",
-                    extra={"reason": str(err)},
-                )
-                self.reader, self.fallback = self.fallback, None
+                switch_to_fallback(self, err, "stock")
                 self.refresh(force=True)
         except Exception:  # keep serving the last mask
             self.failures += 1
@@ -97,6 +96,4 @@ class StockWatcher:
 
     def close(self, timeout: float = 10.0) -> None:
         self._refresher.close(timeout)
-        close = getattr(self.reader, "close", None)
-        if close is not None:
-            close()
+        close_reader(self.reader)

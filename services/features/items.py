@@ -32,7 +32,14 @@ import numpy as np
 from contract.catalog import Catalog
 from contract.heuristic import Heuristic
 from feature_repo import schema as S
-from services.common.online import FastPathError, OnlineReader, ViewRows, default_value
+from services.common.online import (
+    FastPathError,
+    OnlineReader,
+    ViewRows,
+    close_reader,
+    default_value,
+    switch_to_fallback,
+)
 from services.common.periodic import Periodic
 
 if TYPE_CHECKING:
@@ -292,13 +299,7 @@ class ItemStore:
                 else:
                     self.refresh_inventory()
             except FastPathError as err:
-                if self.fallback is None:
-                    raise
-                log.warning(
-                    "fast path failed; reading through the fallback from now on",
-                    extra={"reason": str(err), "fallback": self.fallback.name},
-                )
-                self.reader, self.fallback = self.fallback, None
+                switch_to_fallback(self, err, "item table")
                 self.load()
         except Exception as err:  # keep serving the last good table
             self.stats.failures += 1
@@ -313,9 +314,7 @@ class ItemStore:
     def close(self, timeout: float = 10.0) -> None:
         """Stop the refresher and wait for a refresh in progress to end."""
         self._refresher.close(timeout)
-        close = getattr(self.reader, "close", None)
-        if close is not None:
-            close()
+        close_reader(self.reader)
 
 
 class MaterializationWatch:

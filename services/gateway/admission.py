@@ -56,6 +56,19 @@ class Shed(ResourceExhausted):
         self.retry_after_ms = retry_after_ms
 
 
+def retry_after_s(err: object) -> float:
+    """The ``retry-after-ms`` hint a refusal carried, in seconds (0: none or malformed), from
+    a client-side ``grpc.RpcError`` (sync or aio): what a well-behaved caller waits."""
+    trailing = getattr(err, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(float(value) / 1e3, 0.0)
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
 class Admission:
     """``admit(remaining_s)`` / ``release()`` around each feed; thread-safe."""
 

@@ -266,8 +266,8 @@ class FeedPipeline:
         try:
             result = call(timeout_s)
         except (grpc.RpcError, DownstreamError) as err:  # the downstream failed or refused
-            outcome = _outcome(err)
-            if outcome is _REFUSED:  # the request was bad, not the downstream: not counted
+            refused = _is_refusal(err)
+            if refused:  # the request was bad, not the downstream: not counted
                 breaker.release(permit)
             else:
                 breaker.on_failure(permit, self.clock() - started)
@@ -278,7 +278,7 @@ class FeedPipeline:
                     "request_id": request.request_id,
                     "error": bounded(_describe(err), 300),
                     "timeout_ms": round(timeout_s * 1e3, 2),
-                    "counted": outcome is not _REFUSED,
+                    "counted": not refused,
                 },
             )
             return None
@@ -443,21 +443,19 @@ class FeedPipeline:
         return bool(other)
 
 
-_REFUSED = "refused"
-_FAILED = "failed"
 # Statuses that say the request was wrong rather than the downstream unwell. Only
 # INVALID_ARGUMENT: the gateway validates every caller field a downstream checks, so one
 # slipping through must not let a caller open a breaker for everyone.
 _REFUSAL_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
 
 
-def _outcome(err: BaseException) -> str:
+def _is_refusal(err: BaseException) -> bool:
+    """Whether the downstream refused the request (rather than failed)."""
     code = getattr(err, "code", None)
     try:
-        status = code() if callable(code) else None
+        return callable(code) and code() in _REFUSAL_CODES
     except Exception:  # an RpcError that is not a grpc.Call
-        status = None
-    return _REFUSED if status in _REFUSAL_CODES else _FAILED
+        return False
 
 
 def _describe(err: BaseException) -> str:

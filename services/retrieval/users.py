@@ -18,6 +18,7 @@ import numpy as np
 from contract.tower import InputSpec
 from feature_repo import schema as S
 from services.common.errors import FailedPrecondition
+from services.common.online import default_value
 from services.common.users import KIND_OF, USER_VIEWS, ViewRows
 
 
@@ -31,12 +32,8 @@ def check_spec(spec: InputSpec) -> None:
         )
 
 
-def default_value(name: str) -> Any:
-    """What training fills for a missing value of a user feature."""
-    default = S.DEFAULTS.get(name)
-    if default is not None:
-        return default
-    return "unknown" if KIND_OF[name] == "string" else 0
+# what training fills for a missing value of each user feature, worked out once
+_DEFAULTS = {name: default_value(name, kind) for name, kind in KIND_OF.items()}
 
 
 def tower_input(rows: ViewRows, spec: InputSpec) -> dict[str, Any] | None:
@@ -47,7 +44,7 @@ def tower_input(rows: ViewRows, spec: InputSpec) -> dict[str, Any] | None:
     for view in USER_VIEWS:
         values.update({k: v for k, v in (rows.get(view) or {}).items() if v is not None})
     out = {
-        name: values.get(name, default_value(name))
+        name: values.get(name, _DEFAULTS[name])
         for name in (*spec.numeric, *(name for name, _ in spec.categorical))
     }
     vector = values.get(spec.vector)

@@ -36,6 +36,9 @@ def report(tiny_trained: dict, tiny_dataset: dict, home: Paths) -> dict:
                 "drain",
                 "overload",
                 "canary_good",
+                "canary_bad_scores",
+                "no_traffic_holds",
+                "restart_resumes",
             ],
             Timing.quick(),
             load_requests(config),
@@ -80,9 +83,41 @@ def test_overload_sheds_and_fails_nothing_else(report: dict) -> None:
     assert r["detail"]["healthy_after"], r
 
 
-def test_scenarios_not_built_say_so(report: dict) -> None:
+def test_a_good_release_is_promoted_and_undone(report: dict) -> None:
     r = report["canary_good"]
-    assert r["passed"] is False and "not built" in r["detail"]["reason"]
+    d = r["detail"]
+    assert d["phase"] == "PROMOTED", r
+    assert d["alias_after_promotion"] == d["release"], r
+    assert d["stable_serves_after_promotion"] == [d["release"]], r
+    assert d["stable_serves_after_undo"] != [d["release"]], r
+    assert [w["decision"] for w in d["windows"] if w["decision"] != "hold"] == [
+        "advance",
+        "advance",
+        "advance",
+        "promote",
+    ], r
+    assert r["failed_requests"] <= 0.01 * r["total_requests"], r
+
+
+def test_a_canary_that_reorders_everything_is_rolled_back(report: dict) -> None:
+    r = report["canary_bad_scores"]
+    d = r["detail"]
+    assert d["phase"] == "FAILED", r
+    failed_checks = {name for w in d["windows"] for name in w["failed"]}
+    assert "mirror_rank_correlation" in failed_checks, r
+    assert r["failed_requests"] <= 0.01 * r["total_requests"], r
+
+
+def test_a_rollout_without_traffic_holds_and_says_why(report: dict) -> None:
+    assert report["no_traffic_holds"]["passed"], report["no_traffic_holds"]
+
+
+def test_a_rollout_resumes_after_its_controller_and_a_gateway_restart(report: dict) -> None:
+    r = report["restart_resumes"]
+    d = r["detail"]
+    assert d["step_after_restart"] >= d["step_before"] >= 1, r
+    assert d["resumed_events"] >= 1 and d["final_phase"] == "PROMOTED", r
+    assert d["replicas_in_last_window"] == 2, r
 
 
 def test_every_hostile_payload_is_distinct() -> None:

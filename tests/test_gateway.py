@@ -60,7 +60,12 @@ from services.gateway.clients import (
 from services.gateway.pipeline import FeedPipeline, PipelineConfig, StageTimes, make_breakers
 from services.gateway.readiness import HopWatcher
 from services.gateway.server import SERVICE_NAME, StartupError, create_server, load_popularity
-from services.gateway.servicer import STAGE_METADATA_KEY, FeedServicer, parse_request
+from services.gateway.servicer import (
+    STAGE_METADATA_KEY,
+    FeedServicer,
+    parse_request,
+    to_response,
+)
 from services.gateway.settings import GatewaySettings
 
 ANN = retrieval_pb2.CANDIDATE_SOURCE_ANN
@@ -1546,3 +1551,109 @@ def test_an_unavailable_downstream_call_is_retried_once() -> None:
         server.stop(0)
     assert found.item_ids.tolist() == [1, 2]
     assert servicer.calls == 2  # the UNAVAILABLE attempt and its one retry
+
+
+# --- canary releases --------------------------------------------------------------------
+
+
+def canary_harness(weight: int, mirror_share: float = 0.0, error: Exception | None = None):
+    """A pipeline whose router has applied a rollout assignment; the canary is a second
+    FakeRanking that reports version "9"."""
+    from homefeed.rollout.v1 import rollout_pb2
+
+    from services.gateway.canary import CanaryRouter
+
+    h = harness()
+    canary = FakeRanking(h.catalog)
+    canary.error = error
+    original = canary.rank
+
+    def rank(*args, **kwargs):
+        scores = original(*args, **kwargs)
+        return Scores(scores.p_purchase, scores.egmv, "9")
+
+    canary.rank = rank  # type: ignore[method-assign]
+    router = CanaryRouter(
+        "127.0.0.1:1", BreakerConfig(), replica="g1", connect=lambda addr: (canary, lambda: None)
+    )
+    router.apply(
+        rollout_pb2.ReportResponse(
+            rollout_id="r1",
+            canary_weight=weight,
+            salt="s",
+            canary_address="127.0.0.1:2",
+            canary_version="9",
+            mirror_share=mirror_share,
+            report_every_ms=100,
+        )
+    )
+    h.pipeline.router = router
+    return h, canary, router
+
+
+def request_for(user: int) -> FeedRequest:
+    r = feed_request()
+    return FeedRequest(r.request_id, user, r.surface, r.cart_item_ids, r.page_size, r.context)
+
+
+def test_canary_users_are_ranked_by_the_canary_and_counted_per_arm() -> None:
+    from services.common.rollout_stats import arm_of
+
+    h, canary, router = canary_harness(weight=50)
+    pages = {}
+    for user in range(40):
+        page = h.pipeline.run(request_for(user), None)
+        page.times.total = 5.0
+        h.pipeline.observe(page)
+        pages[user] = page
+        assert page.arm == arm_of(user, "s", 50)
+        assert page.model_version == ("9" if page.arm == "canary" else "7")
+        assert not page.version_skew  # ranking's version is not compared
+    n_canary = sum(p.arm == "canary" for p in pages.values())
+    assert 5 < n_canary < 35 and len(canary.calls) == n_canary
+    counters = router._counters
+    assert counters.canary.feeds == n_canary and counters.stable.feeds == 40 - n_canary
+    assert counters.canary.scored == n_canary and counters.canary.egmv.sum() > 0
+    response = to_response(pages[0])
+    assert response.arm == pages[0].arm
+    # a user keeps their arm
+    assert h.pipeline.run(request_for(0), None).arm == pages[0].arm
+
+
+def test_a_failing_canary_degrades_only_its_arm_through_its_own_breaker() -> None:
+    h, _, router = canary_harness(weight=50, error=FakeRpcError(grpc.StatusCode.INTERNAL))
+    for user in range(60):
+        page = h.pipeline.run(request_for(user), None)
+        page.times.total = 5.0
+        h.pipeline.observe(page)
+        if page.arm == "stable":
+            assert page.degraded == ()
+        else:
+            assert page.degraded == (feed_pb2.DEGRADATION_RANKING,)
+    assert router.breaker.state.value == "open"
+    assert h.pipeline.breakers["ranking"].state.value == "closed"
+    assert router._counters.canary.ranking_errors > 0
+    assert router._counters.stable.ranking_errors == 0
+
+
+def test_mirrored_scoring_compares_the_canary_off_the_response_path() -> None:
+    h, _, router = canary_harness(weight=0, mirror_share=1.0)
+    for user in range(5):
+        page = h.pipeline.run(request_for(user), None)
+        assert page.arm == "stable" and page.model_version == "7"
+    router._mirror_pool.shutdown(wait=True)
+    mirror = router._counters.mirror
+    assert mirror.mirrored + mirror.dropped == 5 and mirror.mirrored >= 1
+    assert mirror.rank_correlation_sum / mirror.mirrored == pytest.approx(1.0)
+    assert mirror.top20_overlap_sum / mirror.mirrored == 1.0
+
+
+def test_without_a_rollout_nothing_is_counted_and_everyone_is_stable() -> None:
+    from homefeed.rollout.v1 import rollout_pb2
+
+    h, canary, router = canary_harness(weight=50)
+    router.apply(rollout_pb2.ReportResponse(report_every_ms=100))  # the rollout ended
+    page = h.pipeline.run(request_for(3), None)
+    h.pipeline.observe(page)
+    assert page.arm == "stable" and canary.calls == []
+    assert router._counters.stable.feeds == 0

@@ -78,6 +78,7 @@ def config(home: Path, **overrides: Any) -> MeshConfig:
     commands.update(overrides.pop("commands", {}))
     overrides.setdefault("startup_timeout", 30)
     overrides.setdefault("model", "1")  # a version number: no registry to resolve it in
+    overrides.setdefault("rollout", False)  # no controller unless a test asks for one
     return MeshConfig(home=home, commands=commands, **overrides)
 
 

@@ -835,6 +835,7 @@ def floor_running(
         home=config.paths.home / "run" / "floor",
         model="0",  # no bundle: nothing to resolve
         commands={name: [*command, name, *size] for name in SERVICES},
+        rollout=False,  # the floor is the serving chain only
     )
     return _started(floor_config, "floor")
 

@@ -22,9 +22,16 @@ does something bad to it, and checks what a caller saw:
 - ``drain``: SIGTERM to the gateway and to each backend under load: nothing in flight or
   arriving during the lame-duck period fails; with two gateways behind the client (round
   robin with client-side health checking), no request fails at all.
-- ``canary_errors``, ``canary_slow``, ``canary_bad_scores``, ``canary_good``,
-  ``no_traffic_holds``, ``restart_resumes``: the canary rollout is not built yet; they are
-  reported as not passed, with that reason.
+- ``canary_errors`` (the canary fails 20 % of its calls), ``canary_slow`` (+50 ms),
+  ``canary_bad_scores`` (fast and error-free, but its scores shuffled): a rollout of a
+  release (a copy of the served bundle registered as a new version, served by the canary
+  with ``HOMEFEED_RANKING_FAULTS``) is rolled back within interval x (threshold + 1), with
+  under 1 % of feeds failed.
+- ``canary_good``: the same release without faults is promoted, in no less than interval x
+  steps; the ``champion`` alias moved and stable serves it; then ``undo`` moves it back.
+- ``no_traffic_holds``: a rollout without load holds its first step, saying why.
+- ``restart_resumes``: the controller killed and one of two gateways restarted mid-rollout;
+  the rollout resumes at the step it had and is promoted.
 
 ``reports/chaos.json``: ``scenarios.<name>.{passed, failed_requests, total_requests,
 seconds_to_decision, limit_seconds, detail}``. ``--quick`` shortens every phase (what
@@ -59,15 +66,24 @@ from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from contract.paths import Paths
 from services.gateway.admission import retry_after_s
-from tools.mesh import BACKENDS, GATEWAY, Mesh, MeshConfig, RestartPolicy, check_serving
+from tools.mesh import (
+    BACKENDS,
+    CONTROLLER,
+    GATEWAY,
+    Mesh,
+    MeshConfig,
+    RestartPolicy,
+    check_serving,
+)
+from tools.rollout import RolloutClient, detail
 
 log = logging.getLogger(__name__)
 
 GET_FEED = "/homefeed.feed.v1.FeedService/GetFeed"
 FEED_SERVICE = "homefeed.feed.v1.FeedService"
 SHED = "RESOURCE_EXHAUSTED"
-NOT_BUILT = ("canary_errors", "canary_slow", "canary_bad_scores", "canary_good",
-             "no_traffic_holds", "restart_resumes")  # fmt: skip
+CANARY_SCENARIOS = ("canary_errors", "canary_slow", "canary_bad_scores", "canary_good",
+                    "no_traffic_holds", "restart_resumes")  # fmt: skip
 SCENARIOS = (
     "kill_retrieval",
     "kill_features",
@@ -77,8 +93,13 @@ SCENARIOS = (
     "admin_unauthenticated",
     "breaker_poison",
     "drain",
-    *NOT_BUILT,
+    *CANARY_SCENARIOS,
 )
+CANARY_FAULTS = {
+    "canary_errors": "error_rate=0.2",
+    "canary_slow": "delay_ms=50",
+    "canary_bad_scores": "scores=shuffle",
+}
 
 
 @dataclass(frozen=True)
@@ -91,10 +112,20 @@ class Timing:
     overload_s: float = 30.0
     poison_s: float = 8.0
     restart_timeout_s: float = 120.0
+    canary_interval_s: float = 6.0  # the rollouts' analysis window
+    canary_threshold: int = 2
+    canary_min_feeds: int = 10  # per arm per window (5 % of ~100 feeds/s x 6 s is ~30)
 
     @classmethod
     def quick(cls) -> Timing:
-        return cls(steady_s=1.5, after_s=4.0, capacity_s=3.0, overload_s=6.0, poison_s=3.0)
+        return cls(
+            steady_s=1.5,
+            after_s=4.0,
+            capacity_s=3.0,
+            overload_s=6.0,
+            poison_s=3.0,
+            canary_interval_s=3.0,
+        )
 
 
 @dataclass
@@ -230,16 +261,41 @@ class Chaos:
     concurrency: int = 4
 
     @contextlib.contextmanager
-    def mesh(self) -> Iterator[Mesh]:
-        cfg = MeshConfig(home=self.home, dataset=self.dataset, model=self.model)
-        with Mesh.start(cfg) as mesh:
-            mesh.supervise(RestartPolicy(second_backoff_s=0.5, poll_s=0.05))
-            yield mesh
+    def mesh(self, canary_env: dict[str, str] | None = None) -> Iterator[Mesh]:
+        """A fresh supervised mesh; its rollout state in a scratch file (no rollout left
+        by an earlier scenario resumes), its canary with ``canary_env``."""
+        scratch = tempfile.mkdtemp(prefix="chaos-rollout-")
+        cfg = MeshConfig(
+            home=self.home,
+            dataset=self.dataset,
+            model=self.model,
+            canary_env=canary_env or {},
+            extra_env={"HOMEFEED_ROLLOUT_STATE_FILE": f"{scratch}/state.json"},
+        )
+        try:
+            with Mesh.start(cfg) as mesh:
+                mesh.supervise(RestartPolicy(second_backoff_s=0.5, poll_s=0.05))
+                yield mesh
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def load(self, mesh: Mesh, concurrency: int | None = None, **kwargs: Any) -> Load:
         return Load(
             mesh.addresses[GATEWAY], self.payloads, concurrency or self.concurrency, **kwargs
         )
+
+    def balanced_load(self, mesh: Mesh, second: str) -> Load:
+        """Load over the mesh's gateway and ``second``, round robin with client-side health
+        checking (a draining gateway is left at once)."""
+        target = f"ipv4:{mesh.addresses[GATEWAY]},{second}"
+        config = json.dumps(
+            {
+                "loadBalancingConfig": [{"round_robin": {}}],
+                "healthCheckConfig": {"serviceName": FEED_SERVICE},
+            }
+        )
+        options = [("grpc.service_config", config), ("grpc.enable_retries", 1)]
+        return Load(target, self.payloads, self.concurrency, options=options)
 
     # --- scenarios ---------------------------------------------------------------------------
 
@@ -448,20 +504,14 @@ class Chaos:
             failures, total = failures + len(bad), total + len(graced)
             _await_restart(mesh, GATEWAY, self.timing.restart_timeout_s, before)
             # two gateways behind the client: nothing fails at all
-            with _second_gateway(mesh, self.dataset) as second:
-                target = f"ipv4:{mesh.addresses[GATEWAY]},{second}"
-                config = json.dumps(
-                    {
-                        "loadBalancingConfig": [{"round_robin": {}}],
-                        "healthCheckConfig": {"serviceName": FEED_SERVICE},
-                    }
-                )
-                options = [("grpc.service_config", config), ("grpc.enable_retries", 1)]
-                with Load(target, self.payloads, self.concurrency, options=options) as load:
-                    time.sleep(self.timing.steady_s)
-                    before = _signal(mesh, GATEWAY, signal.SIGTERM)
-                    time.sleep(lame + 2.0)
-                    answers = load.stop()
+            with (
+                _second_gateway(mesh, self.dataset) as second,
+                self.balanced_load(mesh, second) as load,
+            ):
+                time.sleep(self.timing.steady_s)
+                before = _signal(mesh, GATEWAY, signal.SIGTERM)
+                time.sleep(lame + 2.0)
+                answers = load.stop()
             bad = failed(answers)
             detail["two_gateways"] = {"requests": len(answers), "failed": len(bad),
                                       "codes": _codes(bad)}  # fmt: skip
@@ -481,9 +531,214 @@ class Chaos:
                 _await_restart(mesh, name, self.timing.restart_timeout_s, before)
         return Outcome(failures == 0 and total > 0, failures, total, None, None, detail)
 
+    # --- canary releases -------------------------------------------------------------------
+
+    def _release(self, mesh: Mesh) -> str:
+        """A release to roll out: a copy of the served bundle registered as a new version
+        (the same model: a faultless canary of it must pass every check)."""
+        from contract.registry import Registry, default_tracking_uri
+
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = _served_bundle(self.home, mesh.model, Path(tmp))
+            registry = Registry(default_tracking_uri(Paths(self.home)))
+            version = registry.register(bundle, alias=None, params={"purpose": "chaos release"})
+        return str(version)
+
+    def _start_rollout(self, mesh: Mesh, version: str, **overrides: Any) -> RolloutClient:
+        t = self.timing
+        client = RolloutClient(mesh.admin_addresses[CONTROLLER], mesh.admin_token)
+        client.start(
+            version,
+            steps=overrides.get("steps", (5, 25, 50, 100)),
+            interval_s=t.canary_interval_s,
+            threshold=t.canary_threshold,
+            mirror_share=0.2,
+            min_feeds=t.canary_min_feeds,
+        )
+        return client
+
+    def _rollout_timeout(self, steps: int = 4) -> float:
+        t = self.timing
+        return t.restart_timeout_s + (steps + t.canary_threshold + 4) * (t.canary_interval_s + 1)
+
+    def canary(self, name: str) -> Outcome:
+        """A faulty canary under load: rolled back within interval x (threshold + 1)."""
+        t = self.timing
+        with self.mesh({"HOMEFEED_RANKING_FAULTS": CANARY_FAULTS[name]}) as mesh:
+            version = self._release(mesh)
+            with self.load(mesh) as load:
+                time.sleep(t.steady_s)
+                client = self._start_rollout(mesh, version)
+                try:
+                    status = client.wait(("PROMOTED", "FAILED", "ABORTED"), self._rollout_timeout())
+                finally:
+                    client.close()
+                answers = load.stop()
+        rollout = detail(status)
+        decided = _between(rollout, "canary_ready", ("rolled_back", "promoted"))
+        limit = t.canary_interval_s * (t.canary_threshold + 1)
+        bad = failed(answers)
+        share = len(bad) / max(len(answers), 1)
+        passed = (
+            status.phase == "FAILED" and decided is not None and decided <= limit and share < 0.01
+        )
+        return Outcome(
+            passed, len(bad), len(answers), decided, limit, _rollout_detail(rollout, answers)
+        )
+
+    def canary_errors(self) -> Outcome:
+        return self.canary("canary_errors")
+
+    def canary_slow(self) -> Outcome:
+        return self.canary("canary_slow")
+
+    def canary_bad_scores(self) -> Outcome:
+        return self.canary("canary_bad_scores")
+
+    def canary_good(self) -> Outcome:
+        """A good release: promoted (alias moved, stable serves it), then undone."""
+        t = self.timing
+        with self.mesh() as mesh:
+            version = self._release(mesh)
+            with self.load(mesh) as load:
+                time.sleep(t.steady_s)
+                client = self._start_rollout(mesh, version)
+                try:
+                    status = client.wait(("PROMOTED", "FAILED", "ABORTED"), self._rollout_timeout())
+                    promoted_alias = _champion(self.home)
+                    served_after = _served_versions(mesh, self.payloads)
+                    undo_started = time.time()
+                    undone = client.undo("chaos: restore the previous champion")
+                    undo_s = time.time() - undo_started
+                    served_after_undo = _served_versions(mesh, self.payloads)
+                finally:
+                    client.close()
+                answers = load.stop()
+        rollout = detail(status)
+        decided = _between(rollout, "canary_ready", ("promoted", "rolled_back"))
+        minimum = t.canary_interval_s * len(rollout["spec"]["steps"])
+        bad = failed(answers)
+        passed = (
+            status.phase == "PROMOTED"
+            and decided is not None
+            and decided >= minimum
+            and promoted_alias == version
+            and served_after == {version}
+            and undone.phase == "UNDONE"
+            and served_after_undo == {mesh.model}
+            and len(bad) / max(len(answers), 1) < 0.01
+        )
+        extra = {
+            "release": version,
+            "alias_after_promotion": promoted_alias,
+            "stable_serves_after_promotion": sorted(served_after),
+            "undo_s": _round(undo_s),
+            "stable_serves_after_undo": sorted(served_after_undo),
+            "min_promotion_s": minimum,
+        }
+        return Outcome(
+            passed,
+            len(bad),
+            len(answers),
+            decided,
+            minimum,
+            {**_rollout_detail(rollout, answers), **extra},
+        )
+
+    def no_traffic_holds(self) -> Outcome:
+        """No load: the first step holds, the status says why, nothing fails or promotes."""
+        t = self.timing
+        with self.mesh() as mesh:
+            version = self._release(mesh)
+            client = self._start_rollout(mesh, version)
+            try:
+                client.wait(("PROGRESSING", "FAILED"), t.restart_timeout_s)
+                time.sleep(3 * (t.canary_interval_s + 1) + 1)
+                status = client.status()
+                client.abort("chaos: end of no_traffic_holds")
+            finally:
+                client.close()
+        rollout = detail(status)
+        holds = [w for w in rollout.get("windows", []) if w["decision"] == "hold"]
+        passed = (
+            status.phase == "PROGRESSING"
+            and status.weight == rollout["spec"]["steps"][0]
+            and status.failed_checks == 0
+            and len(holds) >= 2
+            and "too little traffic" in status.message
+        )
+        return Outcome(
+            passed,
+            0,
+            0,
+            None,
+            None,
+            {
+                "phase": status.phase,
+                "weight": status.weight,
+                "windows_held": len(holds),
+                "message": status.message,
+            },
+        )
+
+    def restart_resumes(self) -> Outcome:
+        """Mid-rollout, kill -9 the controller and SIGTERM one of two gateways (both report
+        to the controller): the rollout resumes at its step and is promoted."""
+        t = self.timing
+        with self.mesh() as mesh:
+            version = self._release(mesh)
+            with (
+                _second_gateway(mesh, self.dataset) as second,
+                self.balanced_load(mesh, second) as load,
+            ):
+                time.sleep(t.steady_s)
+                client = self._start_rollout(mesh, version)
+                try:
+                    deadline = time.monotonic() + self._rollout_timeout()
+                    while client.status().step < 1 and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    before = client.status()
+                    restarts = _signal(mesh, CONTROLLER, signal.SIGKILL)
+                    gateway_restarts = _signal(mesh, GATEWAY, signal.SIGTERM)
+                    _await_restart(mesh, CONTROLLER, t.restart_timeout_s, restarts)
+                    _await_restart(mesh, GATEWAY, t.restart_timeout_s, gateway_restarts)
+                    client.close()
+                    client = RolloutClient(mesh.admin_addresses[CONTROLLER], mesh.admin_token)
+                    after = client.status()
+                    status = client.wait(("PROMOTED", "FAILED", "ABORTED"), self._rollout_timeout())
+                    client.undo("chaos: restore the previous champion")
+                finally:
+                    client.close()
+                answers = load.stop()
+        rollout = detail(status)
+        resumed = [e for e in rollout["events"] if e["event"] == "controller_resumed"]
+        bad = failed(answers)
+        passed = (
+            after.step >= before.step >= 1
+            and after.phase == "PROGRESSING"
+            and bool(resumed)
+            and status.phase == "PROMOTED"
+            and not bad
+        )
+        return Outcome(
+            passed,
+            len(bad),
+            len(answers),
+            None,
+            None,
+            {
+                "step_before": before.step,
+                "weight_before": before.weight,
+                "step_after_restart": after.step,
+                "weight_after_restart": after.weight,
+                "resumed_events": len(resumed),
+                "final_phase": status.phase,
+                "replicas_in_last_window": (rollout.get("windows") or [{}])[-1].get("replicas"),
+                "failed_codes": _codes(bad),
+            },
+        )
+
     def run(self, name: str) -> Outcome:
-        if name in NOT_BUILT:
-            return Outcome(False, 0, 0, None, None, {"reason": "canary rollout not built yet"})
         if name.startswith("kill_"):
             return self.kill(name.removeprefix("kill_"))
         method: Callable[[], Outcome] = getattr(self, name)
@@ -491,6 +746,67 @@ class Chaos:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _stamp(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def _between(rollout: dict[str, Any], start: str, ends: Sequence[str]) -> float | None:
+    """Seconds from the rollout's first ``start`` event to its first of ``ends``."""
+    events = rollout.get("events", [])
+    t0 = next((_stamp(e["at"]) for e in events if e["event"] == start), None)
+    t1 = next((_stamp(e["at"]) for e in events if e["event"] in ends), None)
+    return None if t0 is None or t1 is None else t1 - t0
+
+
+def _rollout_detail(rollout: dict[str, Any], answers: Sequence[Answer]) -> dict[str, Any]:
+    windows = rollout.get("windows", [])
+    return {
+        "phase": rollout.get("phase"),
+        "reason": str(rollout.get("reason", ""))[:300],
+        "windows": [
+            {
+                "weight": w["weight"],
+                "decision": w["decision"],
+                "failed": [c["name"] for c in w.get("checks", []) if c["passed"] is False],
+                "feeds": [w["arms"]["stable"]["feeds"], w["arms"]["canary"]["feeds"]],
+            }
+            for w in windows
+        ],
+        "degraded_feeds": sum(1 for a in answers if a.degraded),
+    }
+
+
+def _champion(home: Path) -> str:
+    from contract.bundle import ALIAS_CHAMPION
+    from contract.registry import Registry, default_tracking_uri
+
+    return str(Registry(default_tracking_uri(Paths(home))).get_version(ALIAS_CHAMPION))
+
+
+def _served_versions(mesh: Mesh, payloads: Sequence[bytes], n: int = 20) -> set[str]:
+    """The model versions that ranked ``n`` feeds (stable arm: no rollout is in progress)."""
+    seen: set[str] = set()
+    with grpc.insecure_channel(mesh.addresses[GATEWAY]) as channel:
+        call = channel.unary_unary(
+            GET_FEED,
+            request_serializer=None,
+            response_deserializer=feed_pb2.GetFeedResponse.FromString,
+        )
+        for payload in list(payloads)[:n]:
+            for _ in range(50):  # the load around it fills the door: wait as told, retry
+                try:
+                    response = call(payload, timeout=5)
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        break
+                    time.sleep(retry_after_s(err) or 0.05)
+                    continue
+                if response.model_version and not response.degraded:
+                    seen.add(response.model_version)
+                break
+    return seen
 
 
 def _codes(answers: Sequence[Answer]) -> dict[str, int]:
@@ -734,6 +1050,9 @@ def _ranking_process(
 def _second_gateway(mesh: Mesh, dataset: str) -> contextlib.AbstractContextManager[str]:
     extra = {f"HOMEFEED_{b.upper()}_ADDR": mesh.addresses[b] for b in BACKENDS}
     extra["HOMEFEED_MODEL"] = mesh.model
+    if CONTROLLER in mesh.addresses:  # it reports to the controller too: a second replica
+        extra["HOMEFEED_ROLLOUT_ADDR"] = mesh.addresses[CONTROLLER]
+        extra["HOMEFEED_GATEWAY_REPLICA"] = "second-gateway"
     return _service_process(GATEWAY, extra, mesh.home, dataset)
 
 

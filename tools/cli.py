@@ -16,8 +16,8 @@ from tools.pages import print_feed, table
 
 # the stage names, repeated here so `homefeed --help` does not import the training stack
 _STAGES = ("retrieval", "rankers", "compile", "evaluate", "register")
-# likewise the services (tools.mesh.SERVICES), so --help imports no grpc
-_SERVICES = ("retrieval", "features", "ranking", "gateway")
+# likewise the services (tools.mesh.SERVICES and CONTROLLER), so --help imports no grpc
+_SERVICES = ("retrieval", "features", "ranking", "gateway", "rollout")
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
@@ -418,7 +418,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
     p.set_defaults(func=cmd_feed)
+    _rollout_parser(sub)
     return parser
+
+
+def _rollout_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "rollout",
+        help="canary releases of a ranking model: start, status, abort, undo, history, report",
+    )
+    p.add_argument("--addr", help="the controller's admin host:port (default: the local mesh's)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser("start", help="start a canary release of a registry version")
+    a.add_argument("--version", required=True, type=_positive_int, help="registry version")
+    a.add_argument("--steps", help="canary weights in percent, e.g. 5,25,50,100")
+    a.add_argument("--interval", type=_positive_float, help="seconds per analysis window")
+    a.add_argument("--threshold", type=_positive_int, help="failed checks that roll back")
+    a.add_argument("--mirror-share", type=float, help="share of stable requests mirrored (0..1)")
+    a.add_argument("--min-feeds", type=_positive_int, help="feeds per arm for a window to count")
+    a.add_argument("--wait", action="store_true", help="wait until promoted or rolled back")
+    a.add_argument("--wait-timeout", type=_positive_float, default=3600.0)
+    a = actions.add_parser("status", help="the current (or last) rollout")
+    a.add_argument("--json", action="store_true", help="everything, with every window")
+    a = actions.add_parser("abort", help="stop the rollout in progress: weight 0")
+    a.add_argument("--reason", default="")
+    a = actions.add_parser("undo", help="roll back the last promotion (alias back, stable reloads)")
+    a.add_argument("--reason", default="")
+    a = actions.add_parser("history", help="past rollouts, newest first")
+    a.add_argument("--limit", type=int, default=0)
+    a.add_argument("--json", action="store_true")
+    a = actions.add_parser("report", help="write reports/rollout.md and a PNG timeline")
+    a.add_argument("--id", help="rollout id (default: the latest)")
+    a.add_argument("--out", default=str(Paths.from_env().home / "reports"))
+    p.set_defaults(func=cmd_rollout)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from tools.rollout import run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,10 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("retrieval", "features", "ranking")
 GATEWAY = "gateway"
-SERVICES = (*BACKENDS, GATEWAY)
+SERVICES = (*BACKENDS, GATEWAY)  # the serving path
+CONTROLLER = "rollout"  # the rollout controller (MeshConfig.rollout)
+CANARY = "canary"  # a second ranking process, only while a rollout wants one
+CANARY_GRACE_S = 3.0  # a finished rollout's canary keeps serving this long (gateways move off)
 
 STATE_VERSION = 1
 LOG_TAIL_LINES = 20
@@ -105,9 +108,13 @@ class MeshConfig:
     host: str = "127.0.0.1"
     extra_env: Mapping[str, str] = field(default_factory=dict)
     commands: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # the rollout controller runs beside the services (the gateways report to it); a
+    # supervised mesh starts the canary ranking process a rollout asks for, with canary_env
+    rollout: bool = True
+    canary_env: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.commands) - set(SERVICES))
+        unknown = sorted(set(self.commands) - {*SERVICES, CONTROLLER, CANARY})
         if unknown:
             raise ValueError(
                 f"commands has unknown services {unknown}; known: {', '.join(SERVICES)}"
@@ -121,7 +128,14 @@ class MeshConfig:
     def command(self, name: str) -> list[str]:
         if name in self.commands:
             return [str(part) for part in self.commands[name]]
+        if name == CANARY:  # a ranking deployment of another version
+            return self.command("ranking")
         return [self.python, "-m", f"services.{name}"]
+
+    def rollout_state_file(self, home: Path) -> Path:
+        """Where the controller keeps the rollout state (``HOMEFEED_ROLLOUT_STATE_FILE``)."""
+        given = self.extra_env.get("HOMEFEED_ROLLOUT_STATE_FILE")
+        return Path(given) if given else run_dir(home) / "rollout" / "state.json"
 
     def resolve_model(self) -> str:
         """The registry version ``model`` names, resolved once for the whole mesh so that
@@ -142,12 +156,19 @@ class MeshConfig:
             ) from None
 
     def env(
-        self, name: str, admin_token: str, addresses: Mapping[str, str], model: str
+        self,
+        name: str,
+        admin_token: str,
+        addresses: Mapping[str, str],
+        model: str,
+        admin_addresses: Mapping[str, str] | None = None,
+        canary_address: str | None = None,
     ) -> dict[str, str]:
         """The environment of service ``name``: ours on top of the caller's, ``extra_env``
-        on top of that. Every service gets the one resolved ``model``; the gateway also gets
-        the backends' ``HOMEFEED_<SVC>_ADDR``, and only ranking, whose Reload is an admin
-        RPC, gets the admin token."""
+        on top of that. Every service gets the one resolved ``model`` (the canary its
+        release's); the gateway also gets the backends' ``HOMEFEED_<SVC>_ADDR`` and the
+        controller's; only the services with admin RPCs (ranking, its canary, the
+        controller) get the admin token."""
         env = dict(os.environ)
         python_path = env.get("PYTHONPATH")
         env["PYTHONPATH"] = (
@@ -165,16 +186,27 @@ class MeshConfig:
             env["HOMEFEED_BUNDLE_DIR"] = model
         else:
             env["HOMEFEED_MODEL"] = model
-        if name == "ranking":
+        env.pop("HOMEFEED_ROLLOUT_ADDR", None)
+        if name in ("ranking", CANARY, CONTROLLER):
             env["HOMEFEED_ADMIN_TOKEN"] = admin_token
-        prefix = f"HOMEFEED_{name.upper()}_"
+        prefix = f"HOMEFEED_{'ranking' if name == CANARY else name}_".upper()
         env[prefix + "HOST"] = self.host
         env[prefix + "PORT"] = "0"
         env.setdefault(prefix + "LAME_DUCK_SECONDS", str(self.lame_duck_seconds))
         if name == GATEWAY:
             for backend in BACKENDS:
                 env[f"HOMEFEED_{backend.upper()}_ADDR"] = addresses[backend]
+            if CONTROLLER in addresses:
+                env["HOMEFEED_ROLLOUT_ADDR"] = addresses[CONTROLLER]
+        if name == CONTROLLER:
+            env["HOMEFEED_ROLLOUT_CANARY_ADDR"] = canary_address or ""
+            env["HOMEFEED_ROLLOUT_STABLE_ADMIN_ADDR"] = (admin_addresses or {}).get(
+                "ranking", addresses.get("ranking", "")
+            )
         env.update(self.extra_env)
+        if name == CANARY:
+            env["HOMEFEED_RANKING_ADMIN_PORT"] = "0"
+            env.update(self.canary_env)
         return env
 
 
@@ -238,6 +270,8 @@ class Mesh:
         self._procs: dict[str, subprocess.Popen[bytes]] = dict(procs or {})
         self.restarts: dict[str, int] = {}
         self.supervisor_pid: int | None = None  # a detached supervisor process (homefeed up)
+        self.canary_port: int | None = None  # reserved at start for a rollout's canary
+        self.canary_version: str = ""  # what the canary process serves, while it runs
         self._config: MeshConfig | None = None  # set when started here: restarts need them
         self._token: str | None = None
         self._supervisor: Supervisor | None = None
@@ -310,8 +344,12 @@ class Mesh:
                 status="starting",
                 model=model,
             )
+            if cfg.rollout:
+                mesh.canary_port = _free_port(cfg.host)
             try:
                 mesh._launch(cfg, BACKENDS, token)
+                if cfg.rollout:
+                    mesh._launch(cfg, (CONTROLLER,), token)
                 mesh._launch(cfg, (GATEWAY,), token)
             except BaseException:
                 try:
@@ -355,6 +393,51 @@ class Mesh:
         self.restarts[name] = self.restarts.get(name, 0) + 1
         self._write_state()
 
+    @property
+    def canary_address(self) -> str | None:
+        if self.canary_port is None:
+            return None
+        return f"{_connect_host(self._config.host if self._config else None)}:{self.canary_port}"
+
+    def start_canary(self, version: str) -> None:
+        """Start the canary ranking process serving registry ``version`` on the reserved
+        canary port (a rollout's; ``Supervisor`` calls it). Only for a mesh started here."""
+        if self._config is None or self._token is None or self.canary_port is None:
+            raise MeshError("only the process that started the mesh (with rollout) runs a canary")
+        if CANARY in self.services and self._alive(CANARY):
+            raise MeshError(f"a canary is running already (version {self.canary_version})")
+        self._procs.pop(CANARY, None)
+        self.canary_version = version
+        try:
+            self._launch(
+                self._config,
+                (CANARY,),
+                self._token,
+                extra_env={"HOMEFEED_RANKING_PORT": str(self.canary_port)},
+            )
+        except MeshError:
+            if CANARY in self.services and self._alive(CANARY):
+                self._signal(CANARY, signal.SIGKILL, group=True)
+                self._wait([CANARY], _KILL_WAIT_S)
+            self.services.pop(CANARY, None)
+            self.canary_version = ""
+            self._write_state()
+            raise
+
+    def stop_canary(self, timeout: float = 10.0) -> None:
+        """Drain and stop the canary process (SIGTERM: lame duck, then drain)."""
+        if CANARY not in self.services:
+            return
+        if self._alive(CANARY):
+            self._signal(CANARY, signal.SIGTERM)
+            if self._wait([CANARY], timeout):
+                self._signal(CANARY, signal.SIGKILL, group=True)
+                self._wait([CANARY], _KILL_WAIT_S)
+        self.services.pop(CANARY, None)
+        self._procs.pop(CANARY, None)
+        self.canary_version = ""
+        self._write_state()
+
     def supervise(self, policy: RestartPolicy | None = None) -> Supervisor:
         """Start a thread that restarts any service that exits (``Supervisor``); ``stop``
         ends it before stopping the services."""
@@ -378,7 +461,14 @@ class Mesh:
         try:
             for name in names:
                 command = cfg.command(name)
-                env = cfg.env(name, token, self.addresses, self.model)
+                env = cfg.env(
+                    name,
+                    token,
+                    self.addresses,
+                    self.canary_version if name == CANARY else self.model,
+                    self.admin_addresses,
+                    self.canary_address,
+                )
                 if ports and name in ports:
                     env[f"HOMEFEED_{name.upper()}_PORT"] = str(ports[name])
                 env.update(extra_env or {})
@@ -486,6 +576,9 @@ class Mesh:
                 model=str(data.get("model", "")),
             )
             mesh.restarts = {str(k): int(v) for k, v in (data.get("restarts") or {}).items()}
+            canary_port = data.get("canary_port")
+            mesh.canary_port = None if canary_port is None else int(canary_port)
+            mesh.canary_version = str(data.get("canary_version") or "")
             supervisor = data.get("supervisor_pid")
             mesh.supervisor_pid = None if supervisor is None else int(supervisor)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -508,6 +601,8 @@ class Mesh:
             "model": self.model,
             "restarts": self.restarts,
             "supervisor_pid": self.supervisor_pid,
+            "canary_port": self.canary_port,
+            "canary_version": self.canary_version,
             "services": {n: s.to_json() for n, s in self.services.items()},
         }
 
@@ -567,7 +662,8 @@ class Mesh:
             log.warning("the supervisor did not stop the mesh; stopping it here")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(supervisor, signal.SIGKILL)
-        for group in ((GATEWAY,), BACKENDS):
+        others = tuple(n for n in self.services if n != GATEWAY)
+        for group in ((GATEWAY,), others):
             live = [n for n in group if n in self.services and self._alive(n)]
             for name in live:
                 self._signal(name, signal.SIGTERM)
@@ -646,6 +742,7 @@ class Supervisor:
         self._attempts: dict[str, int] = {}
         self._due: dict[str, float] = {}
         self._up_since: dict[str, float] = {name: time.monotonic() for name in mesh.services}
+        self._canary_idle_since: float | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -663,9 +760,12 @@ class Supervisor:
                 log.exception("supervisor tick failed")
 
     def tick(self, now: float) -> None:
+        self._tend_canary(now)
         for name in list(self.mesh.services):
             if self._stop.is_set():
                 return
+            if name == CANARY:  # tended above: it runs only while a rollout wants it
+                continue
             if self.mesh._alive(name):
                 if now - self._up_since.get(name, now) >= self.policy.stable_after_s:
                     self._attempts.pop(name, None)
@@ -693,6 +793,61 @@ class Supervisor:
             del self._due[name]
             self._up_since[name] = time.monotonic()
             log.info("service restarted", extra={"service": name, "pid": self.mesh.pids[name]})
+
+    def _wanted_canary(self) -> str | None:
+        """The version the rollout in progress wants a canary of (None: no canary)."""
+        from services.rollout.state import ACTIVE
+        from services.rollout.store import FileStore, StoreError
+
+        cfg = self.mesh._config
+        if cfg is None or not cfg.rollout:
+            return None
+        try:
+            state = FileStore(cfg.rollout_state_file(self.mesh.home)).load()
+        except StoreError as err:
+            log.warning("cannot read the rollout state", extra={"reason": str(err)})
+            return self.mesh.canary_version or None  # keep whatever runs
+        current = state.current if state is not None else None
+        if current is None or current.phase not in ACTIVE:
+            return None
+        return current.spec.version
+
+    def _tend_canary(self, now: float) -> None:
+        """Start, replace or (after ``CANARY_GRACE_S``) stop the canary as the rollout
+        state asks; a canary that exits is started again with the usual backoff."""
+        wanted = self._wanted_canary()
+        mesh = self.mesh
+        running = CANARY in mesh.services and mesh._alive(CANARY)
+        if wanted is None:
+            if CANARY not in mesh.services:
+                self._canary_idle_since = None
+                return
+            if self._canary_idle_since is None:
+                self._canary_idle_since = now
+            if now - self._canary_idle_since >= CANARY_GRACE_S or not running:
+                log.info("stopping the canary", extra={"version": mesh.canary_version})
+                mesh.stop_canary()
+                self._canary_idle_since = None
+            return
+        self._canary_idle_since = None
+        if running and mesh.canary_version == wanted:
+            return
+        if running:  # another version: the rollout changed
+            mesh.stop_canary()
+        attempt = self._attempts.get(CANARY, 0)
+        due = self._due.setdefault(CANARY, now + self.policy.backoff(attempt))
+        if now < due:
+            return
+        self._attempts[CANARY] = attempt + 1
+        log.info("starting the canary", extra={"version": wanted, "attempt": attempt + 1})
+        try:
+            mesh.start_canary(wanted)
+        except MeshError as err:
+            log.error("canary start failed", extra={"version": wanted, "reason": str(err)})
+            del self._due[CANARY]
+            return
+        del self._due[CANARY]
+        self._attempts.pop(CANARY, None)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -837,6 +992,16 @@ def _write_token(home: Path, token: str) -> Path:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return path
+
+
+def _free_port(host: str) -> int:
+    """A port free on ``host`` now (reserved for a process started later; another process
+    could take it meanwhile, which the later start then reports)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_connect_host(host), 0))
+        return int(sock.getsockname()[1])
 
 
 def _atomic_write(path: Path, text: str) -> None:

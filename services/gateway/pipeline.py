@@ -50,8 +50,10 @@ from homefeed.feed.v1 import feed_pb2
 
 from contract.popular import PopularityLists
 from services.common.interceptors import LatencyRecorder, bounded
+from services.common.rollout_stats import CANARY, STABLE
 from services.gateway import rerank as R
 from services.gateway.breaker import BreakerConfig, CircuitBreaker
+from services.gateway.canary import CanaryRouter
 from services.gateway.clients import (
     CONTENT_SOURCE,
     EXPLORATION_SOURCE,
@@ -62,6 +64,7 @@ from services.gateway.clients import (
     FeedRequest,
     RankingClient,
     RetrievalClient,
+    Scores,
 )
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,8 @@ RANKING = "ranking"
 DOWNSTREAMS = (RETRIEVAL, FEATURES, RANKING)
 STAGES = ("retrieval", "filter", "features", "ranking", "rerank", "total")
 MAX_CANDIDATES = 2000  # RetrieveRequest.n and GetFeaturesRequest.item_ids allow 1..2000
-STABLE_ARM = "stable"
+STABLE_ARM = STABLE
+CANARY_ARM = CANARY
 
 
 @dataclass(frozen=True)
@@ -173,8 +177,10 @@ class FeedPage:
     arm: str
     degraded: tuple[int, ...]  # feed.v1.Degradation
     candidates: int  # retrieved (or popularity) candidates before filtering
-    version_skew: bool = False  # the hops that answered serve different bundle versions
+    version_skew: bool = False  # retrieval or features serve another bundle version
     times: StageTimes = field(default_factory=StageTimes)
+    ranking_ms: float | None = None  # the ranking hop's wall time, when it was called
+    ranked: Scores | None = None  # the ranking hop's answer (canary analysis)
 
 
 def make_breakers(
@@ -217,6 +223,7 @@ class FeedPipeline:
         clock: Callable[[], float] = time.perf_counter,
         on_close: Callable[[], None] | None = None,
         model_version: str = "",
+        router: CanaryRouter | None = None,
     ) -> None:
         self.retrieval = retrieval
         self.features = features
@@ -233,6 +240,9 @@ class FeedPipeline:
         self._skews_logged: set[tuple[str, ...]] = set()
         self.timers = StageTimers()
         self._closers: list[Callable[[], None]] = [on_close] if on_close is not None else []
+        self.router = router  # canary releases; None: every request is stable
+        if router is not None:
+            self._closers.insert(0, router.close)
 
     def add_closer(self, close: Callable[[], None]) -> None:
         """Run ``close`` on ``close()``, before the ones added earlier."""
@@ -249,15 +259,17 @@ class FeedPipeline:
         request: FeedRequest,
         call: Callable[[float], T],
         timeout_s: float,
+        breaker: CircuitBreaker | None = None,
     ) -> T | None:
-        """``call(timeout)`` through ``name``'s breaker; None means "serve the fallback"."""
+        """``call(timeout)`` through ``name``'s breaker (or ``breaker``); None means "serve
+        the fallback"."""
         if timeout_s < self.config.min_hop_s:
             log.debug(
                 "deadline spent before the hop",
                 extra={"downstream": name, "request_id": request.request_id},
             )
             return None
-        breaker = self.breakers[name]
+        breaker = breaker if breaker is not None else self.breakers[name]
         permit = breaker.try_acquire()
         if permit is None:
             log.debug("breaker open", extra={"downstream": name, "request_id": request.request_id})
@@ -314,6 +326,8 @@ class FeedPipeline:
         deadline = t0 + budget
         degraded: list[int] = []
         times = StageTimes()
+        router = self.router
+        arm = router.arm(request.user_id) if router is not None else cfg.arm
 
         n = cfg.candidates
         found = self._call(
@@ -347,7 +361,10 @@ class FeedPipeline:
         times.features = (t3 - t2) * 1e3
 
         ranked = None
+        ranking_ms = None
         categories = new_seller = None
+        # ranking's version is not compared: a canary and a promotion serve another ranking
+        # bundle on purpose, and its feature schema hash is checked on every Rank
         versions = [found.model_version]
         if facts is None:
             order_scores = None
@@ -369,16 +386,22 @@ class FeedPipeline:
             t4 = clock()
             times.filter += (t4 - t3) * 1e3
             if len(ids):
+                ranking, breaker = self.ranking, None
+                if arm == CANARY_ARM and router is not None:
+                    ranking, breaker = router.canary_client() or ranking, router.breaker
                 ranked = self._call(
                     RANKING,
                     request,
-                    lambda t: self.ranking.rank(request, ids, facts.matrix, row_mask, values, t),
+                    lambda t: ranking.rank(request, ids, facts.matrix, row_mask, values, t),
                     self._timeout(deadline, budget, 1.0, cfg.ranking_cap_s),
+                    breaker,
                 )
+                ranking_ms = (clock() - t4) * 1e3
                 if ranked is None:
                     degraded.append(feed_pb2.DEGRADATION_RANKING)
+                elif router is not None and arm == STABLE_ARM and router.active:
+                    router.maybe_mirror(request, ids, facts.matrix, row_mask, values, ranked)
             if ranked is not None:
-                versions.append(ranked.model_version)
                 order_scores = scores = ranked.egmv
                 egmv = ranked.egmv
                 base = np.full(len(ids), R.RANKED, dtype=np.int32)
@@ -416,12 +439,28 @@ class FeedPipeline:
             reasons=page.reasons,
             propensities=page.propensities,
             model_version=ranked.model_version if ranked is not None else "",
-            arm=cfg.arm,
+            arm=arm,
             degraded=tuple(degraded),
             candidates=retrieved,
             version_skew=skew,
             times=times,
+            ranking_ms=ranking_ms,
+            ranked=ranked,
         )
+
+    def observe(self, page: FeedPage) -> None:
+        """Count a finished page (``times.total`` set): stage timers, and the canary
+        analysis' per-arm counters during a rollout."""
+        self.timers.record(page.times)
+        if self.router is not None:
+            self.router.record(
+                page.arm,
+                page.times.total,
+                bool(page.degraded),
+                page.ranking_ms,
+                page.ranking_ms is not None and page.ranked is None,
+                page.ranked,
+            )
 
     def version_skew(self, versions: list[str], request: FeedRequest) -> bool:
         """True when a hop that answered serves another bundle version than the gateway's

@@ -15,6 +15,7 @@ from contract.popular import PopularityLists
 from services.common.bundles import RegistryError, resolve_bundle
 from services.common.server import Started, StartupError, build_server, run_service
 from services.gateway.admission import Admission
+from services.gateway.canary import CanaryRouter
 from services.gateway.clients import Downstreams
 from services.gateway.pipeline import DOWNSTREAMS, FeedPipeline, make_breakers
 from services.gateway.readiness import HopWatcher
@@ -49,6 +50,9 @@ def build_pipeline(
         downstreams = Downstreams.connect(
             settings.retrieval_addr, settings.features_addr, settings.ranking_addr
         )
+    router = None
+    if settings.rollout_addr:
+        router = CanaryRouter(settings.rollout_addr, settings.breaker)
     pipeline = FeedPipeline(
         downstreams.retrieval,
         downstreams.features,
@@ -59,7 +63,10 @@ def build_pipeline(
         make_breakers(settings.breaker),
         on_close=downstreams.close,
         model_version=version,
+        router=router,
     )
+    if router is not None:
+        router.start()
     return pipeline
 
 
@@ -100,6 +107,7 @@ def _build(
             "popularity": settings.source.describe(),
             "candidates": settings.pipeline.candidates,
             "epsilon": settings.rerank.epsilon,
+            "rollout_controller": settings.rollout_addr,
         },
     )
     return server, port, pipeline, health

@@ -101,6 +101,6 @@ class FeedServicer(feed_pb2_grpc.FeedServiceServicer):
         page = self.pipeline.run(feed_request, remaining)
         response = to_response(page)
         page.times.total = (time.perf_counter() - started) * 1e3
-        self.pipeline.timers.record(page.times)
+        self.pipeline.observe(page)
         context.set_trailing_metadata(((STAGE_METADATA_KEY, page.times.format()),))
         return response

@@ -47,6 +47,13 @@ Load shedding (``admission.AdmissionConfig``) and readiness:
 - ``HOMEFEED_GATEWAY_HOP_CHECK_S`` (1): how often the downstreams' health is checked
   (``readiness.HopWatcher``).
 
+Canary releases (``canary.CanaryRouter``):
+
+- ``HOMEFEED_ROLLOUT_ADDR`` (unset: no rollouts, every request is stable): ``host:port`` of
+  the rollout controller, which this replica reports to and takes its weights from;
+- ``HOMEFEED_GATEWAY_REPLICA`` (else ``POD_NAME``, else ``<host>:<pid>``): this replica's
+  name in the reports.
+
 plus ``HOMEFEED_GATEWAY_{HOST,PORT,...}`` (``ServerSettings``; ``MAX_WORKERS`` is derived).
 """
 
@@ -59,7 +66,13 @@ from typing import TypeVar
 
 from contract.paths import Paths
 from services.common.bundles import BundleRef
-from services.common.settings import ServerSettings, SettingsError, env_float, env_int
+from services.common.settings import (
+    ServerSettings,
+    SettingsError,
+    env_float,
+    env_int,
+    env_str,
+)
 from services.common.settings import require as require_env
 from services.gateway.admission import AdmissionConfig
 from services.gateway.breaker import BreakerConfig
@@ -90,6 +103,7 @@ class GatewaySettings:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     hop_check_s: float = 1.0
     spare_rpcs: int = SPARE_RPCS
+    rollout_addr: str | None = None  # the rollout controller; None: no canary releases
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.hop_check_s <= 60:
@@ -222,6 +236,7 @@ class GatewaySettings:
             admission=admission,
             hop_check_s=env_float(PREFIX + "HOP_CHECK_S", 1.0),
             spare_rpcs=env_int(PREFIX + "SPARE_RPCS", SPARE_RPCS),
+            rollout_addr=env_str("HOMEFEED_ROLLOUT_ADDR"),
         )
 
 

@@ -51,7 +51,11 @@ def _build(
     holder = load_model(settings)  # before build_server, which reports SERVING
     if settings.admin_token is None:
         log.warning("HOMEFEED_ADMIN_TOKEN is not set: admin RPCs (Reload) are refused")
-    servicer = RankingServicer(holder, settings.admin_token)
+    if settings.faults is not None:
+        log.warning(
+            "serving with injected faults (a rehearsal)", extra={"faults": str(settings.faults)}
+        )
+    servicer = RankingServicer(holder, settings.admin_token, settings.faults)
     server, port, health = build_server(
         settings.server,
         [SERVICE_NAME],

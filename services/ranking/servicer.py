@@ -5,26 +5,20 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 import grpc
 import numpy as np
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
-from services.common.errors import (
-    InvalidArgument,
-    PermissionDenied,
-    Unauthenticated,
-    check_ids,
-    check_range,
-)
+from services.common.admin import AdminToken
+from services.common.errors import InvalidArgument, check_ids, check_range
 from services.common.matrix import extend_packed
+from services.ranking.faults import Faults
 from services.ranking.scorer import MAX_ITEMS, ModelHolder
 
 log = logging.getLogger(__name__)
 
-AUTHORIZATION_KEY = "authorization"
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
 
@@ -35,9 +29,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     (PERMISSION_DENIED: there is no token that could authorize it).
     """
 
-    def __init__(self, holder: ModelHolder, admin_token: str | None = None) -> None:
+    def __init__(
+        self, holder: ModelHolder, admin_token: str | None = None, faults: Faults | None = None
+    ) -> None:
         self.holder = holder
-        self._admin_token = admin_token.encode() if admin_token else None
+        self._admin = AdminToken(admin_token)
+        self._faults = faults  # rehearsals only (faults.py)
 
     def Rank(
         self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext
@@ -75,7 +72,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             X = X[mask]
         values = np.array(request.values, dtype=np.float32)
         model.check_values(X, values)
+        if self._faults is not None:
+            self._faults.before()
         p, egmv = model.score(X, values)
+        if self._faults is not None:
+            p, egmv = self._faults.scored(p, egmv)
         response = ranking_pb2.RankResponse(
             model_version=model.version, schema_hash=model.schema_hash
         )
@@ -86,31 +87,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def Reload(
         self, request: ranking_pb2.ReloadRequest, context: grpc.ServicerContext
     ) -> ranking_pb2.ReloadResponse:
-        self._authorize(context)
+        self._admin.authorize(context, "Reload")
         swap = self.holder.reload(request.target)
         return ranking_pb2.ReloadResponse(
             previous_version=swap.previous.version if swap.previous else "",
             model_version=swap.current.version,
         )
-
-    def _authorize(self, context: grpc.ServicerContext) -> None:
-        """Unauthenticated unless the metadata carries ``authorization: Bearer <token>``;
-        PermissionDenied when the service has no token. The token is never logged or echoed."""
-        if self._admin_token is None:
-            raise PermissionDenied(
-                "admin RPCs are disabled on this service: it was started without an admin "
-                "token (set HOMEFEED_ADMIN_TOKEN to enable them)"
-            )
-        given = [v for k, v in context.invocation_metadata() or () if k == AUTHORIZATION_KEY]
-        if not given:
-            raise Unauthenticated(
-                "Reload is an admin RPC: send metadata 'authorization: Bearer <admin token>'"
-            )
-        scheme, _, token = str(given[0]).partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self._admin_token
-        ):
-            raise Unauthenticated(
-                "authorization metadata must be 'Bearer <admin token>' with the token the "
-                "service was given (HOMEFEED_ADMIN_TOKEN); the one sent does not match"
-            )

@@ -12,6 +12,7 @@
 - ``HOMEFEED_RANKING_SCORE`` (``purchase``): the served score (``scorer.ServedScore``).
 - ``HOMEFEED_RANKING_ADMIN_PORT`` (0: a free one), ``HOMEFEED_RANKING_ADMIN_HOST`` (the
   serving host): where the admin RPCs (Reload) listen; the serving port refuses them;
+- ``HOMEFEED_RANKING_FAULTS`` (unset): injected faults for rehearsals (``faults.py``);
 - ``HOMEFEED_ADMIN_TOKEN`` (unset: admin RPCs refused, with a warning at start): the bearer
   token ``Reload`` requires.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from contract.paths import Paths
 from services.common.bundles import BundleRef
 from services.common.settings import ServerSettings, SettingsError, env_int, env_str
+from services.ranking.faults import Faults
 from services.ranking.scorer import ServedScore
 
 SERVICE = "ranking"
@@ -45,6 +47,7 @@ class RankingSettings:
     # caller of Rank away from them; 0: a free port, reported as HOMEFEED_ADMIN port=<n>
     admin_port: int = 0
     admin_host: str | None = None  # None: the serving host
+    faults: Faults | None = None  # rehearsals only: errors, delay or bad scores on purpose
 
     def __post_init__(self) -> None:
         if not 0 <= self.admin_port <= 65535:
@@ -78,6 +81,11 @@ class RankingSettings:
         except ValueError as err:
             raise SettingsError(f"HOMEFEED_RANKING_SCORE {err}") from None
         home = Paths.from_env().home
+        faults_text = env_str("HOMEFEED_RANKING_FAULTS")
+        try:
+            faults = Faults.parse(faults_text) if faults_text else None
+        except ValueError as err:
+            raise SettingsError(f"HOMEFEED_RANKING_FAULTS {err}") from None
         return cls(
             server=ServerSettings.from_env(SERVICE),
             home=home,
@@ -86,4 +94,5 @@ class RankingSettings:
             admin_token=env_str("HOMEFEED_ADMIN_TOKEN"),
             admin_port=env_int("HOMEFEED_RANKING_ADMIN_PORT", 0),
             admin_host=env_str("HOMEFEED_RANKING_ADMIN_HOST"),
+            faults=faults,
         )

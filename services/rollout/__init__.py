@@ -1,0 +1,1 @@
+"""The rollout controller: canary releases of the ranking model (``controller.py``)."""

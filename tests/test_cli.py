@@ -101,3 +101,18 @@ def test_cli_stage_names_match_the_trainer():
     from training.train import STAGES
 
     assert _STAGES == STAGES
+
+
+def test_rollout_without_a_mesh_is_a_clear_error(capsys, home):
+    assert main(["rollout", "status"]) == 2
+    assert "no mesh is running" in capsys.readouterr().err
+
+
+def test_rollout_refuses_bad_arguments_before_calling_anyone(capsys):
+    import pytest
+
+    for argv in (["rollout", "start"], ["rollout", "start", "--version", "x"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+    assert "--version" in capsys.readouterr().err

@@ -1632,7 +1632,9 @@ def test_a_failing_canary_degrades_only_its_arm_through_its_own_breaker() -> Non
             assert page.degraded == (feed_pb2.DEGRADATION_RANKING,)
     assert router.breaker.state.value == "open"
     assert h.pipeline.breakers["ranking"].state.value == "closed"
-    assert router._counters.canary.ranking_errors > 0
+    canary = router._counters.canary
+    assert 0 < canary.ranking_errors == canary.ranking_calls  # calls made, all failed...
+    assert canary.ranking_calls < canary.feeds == canary.degraded  # ...the rest skipped
     assert router._counters.stable.ranking_errors == 0
 
 

@@ -561,6 +561,12 @@ class Chaos:
         t = self.timing
         return t.restart_timeout_s + (steps + t.canary_threshold + 4) * (t.canary_interval_s + 1)
 
+    def _report(self, name: str, rollout: dict[str, Any]) -> None:
+        """``reports/rollouts/<scenario>/rollout.md`` and its PNG timeline."""
+        from tools.rollout_report import write_report
+
+        write_report(rollout, Paths(self.home).reports / "rollouts" / name)
+
     def canary(self, name: str) -> Outcome:
         """A faulty canary under load: rolled back within interval x (threshold + 1)."""
         t = self.timing
@@ -575,6 +581,7 @@ class Chaos:
                     client.close()
                 answers = load.stop()
         rollout = detail(status)
+        self._report(name, rollout)
         decided = _between(rollout, "canary_ready", ("rolled_back", "promoted"))
         limit = t.canary_interval_s * (t.canary_threshold + 1)
         bad = failed(answers)
@@ -615,6 +622,7 @@ class Chaos:
                     client.close()
                 answers = load.stop()
         rollout = detail(status)
+        self._report("canary_good", rollout)
         decided = _between(rollout, "canary_ready", ("promoted", "rolled_back"))
         minimum = t.canary_interval_s * len(rollout["spec"]["steps"])
         bad = failed(answers)

@@ -179,7 +179,7 @@ class FeedPage:
     candidates: int  # retrieved (or popularity) candidates before filtering
     version_skew: bool = False  # retrieval or features serve another bundle version
     times: StageTimes = field(default_factory=StageTimes)
-    ranking_ms: float | None = None  # the ranking hop's wall time, when it was called
+    ranking_ms: float | None = None  # the ranking call's wall time (None: not called)
     ranked: Scores | None = None  # the ranking hop's answer (canary analysis)
 
 
@@ -260,20 +260,22 @@ class FeedPipeline:
         call: Callable[[float], T],
         timeout_s: float,
         breaker: CircuitBreaker | None = None,
-    ) -> T | None:
-        """``call(timeout)`` through ``name``'s breaker (or ``breaker``); None means "serve
-        the fallback"."""
+        arm: str = STABLE,
+    ) -> tuple[T | None, bool]:
+        """``call(timeout)`` through ``name``'s breaker (or ``breaker``), and whether the
+        call was made (not skipped for want of time or by an open breaker); a None result
+        means "serve the fallback"."""
         if timeout_s < self.config.min_hop_s:
             log.debug(
                 "deadline spent before the hop",
                 extra={"downstream": name, "request_id": request.request_id},
             )
-            return None
+            return None, False
         breaker = breaker if breaker is not None else self.breakers[name]
         permit = breaker.try_acquire()
         if permit is None:
             log.debug("breaker open", extra={"downstream": name, "request_id": request.request_id})
-            return None
+            return None, False
         started = self.clock()
         try:
             result = call(timeout_s)
@@ -287,22 +289,23 @@ class FeedPipeline:
                 "downstream failed, serving its fallback",
                 extra={
                     "downstream": name,
+                    "arm": arm,
                     "request_id": request.request_id,
                     "error": bounded(_describe(err), 300),
                     "timeout_ms": round(timeout_s * 1e3, 2),
                     "counted": not refused,
                 },
             )
-            return None
+            return None, True
         except Exception:  # the gateway's own bug: said loudly, never held against the hop
             breaker.release(permit)
             log.exception(
                 "gateway error calling a downstream (a bug), serving its fallback",
                 extra={"downstream": name, "request_id": request.request_id},
             )
-            return None
+            return None, True
         breaker.on_success(permit, self.clock() - started)
-        return result
+        return result, True
 
     def _popular(self, request: FeedRequest, n: int) -> Candidates:
         """Retrieval's fallback: the request's (country, device) popularity list."""
@@ -330,7 +333,7 @@ class FeedPipeline:
         arm = router.arm(request.user_id) if router is not None else cfg.arm
 
         n = cfg.candidates
-        found = self._call(
+        found, _ = self._call(
             RETRIEVAL,
             request,
             lambda t: self.retrieval.retrieve(request, n, t),
@@ -349,7 +352,7 @@ class FeedPipeline:
 
         facts = None
         if len(ids):
-            facts = self._call(
+            facts, _ = self._call(
                 FEATURES,
                 request,
                 lambda t: self.features.get_features(request, ids, t, found.user),
@@ -389,14 +392,15 @@ class FeedPipeline:
                 ranking, breaker = self.ranking, None
                 if arm == CANARY_ARM and router is not None:
                     ranking, breaker = router.canary_client() or ranking, router.breaker
-                ranked = self._call(
+                ranked, called = self._call(
                     RANKING,
                     request,
                     lambda t: ranking.rank(request, ids, facts.matrix, row_mask, values, t),
                     self._timeout(deadline, budget, 1.0, cfg.ranking_cap_s),
                     breaker,
+                    arm,
                 )
-                ranking_ms = (clock() - t4) * 1e3
+                ranking_ms = (clock() - t4) * 1e3 if called else None
                 if ranked is None:
                     degraded.append(feed_pb2.DEGRADATION_RANKING)
                 elif router is not None and arm == STABLE_ARM and router.active:

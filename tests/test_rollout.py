@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from homefeed.rollout.v1 import rollout_pb2
 
-from services.common.errors import FailedPrecondition, NotFound
+from services.common.errors import FailedPrecondition, NotFound, Unavailable
 from services.common.rollout_stats import (
     CANARY,
     EGMV_EDGES,
@@ -38,7 +38,7 @@ from services.rollout.state import (
     Rollout,
     RolloutSpec,
 )
-from services.rollout.store import FileLock, FileStore
+from services.rollout.store import FileLock, FileStore, StoreError
 
 # --- arms and figures ---------------------------------------------------------------------
 
@@ -259,7 +259,7 @@ def make(tmp_path: Path, ready: bool = True, **cfg: Any) -> tuple[Controller, Fa
 def report(
     controller: Controller, stable: dict, canary: dict, m: dict, replica: str = "g1"
 ) -> rollout_pb2.ReportResponse:
-    rollout = current(controller)
+    rollout = controller.status()
     request = rollout_pb2.ReportRequest(
         replica=replica, instance="i1", rollout_id=rollout.id if rollout else ""
     )
@@ -382,9 +382,26 @@ def test_only_one_controller_leads(tmp_path: Path) -> None:
     assert not second.leading
     with pytest.raises(FailedPrecondition, match="not the leader"):
         second.start_rollout(RolloutSpec(version="2"))
+    with pytest.raises(Unavailable):  # a stale follower must not reset the gateways' weights
+        report(second, *zero())
     first.close()
     second.tick()
     assert second.leading
+
+
+def test_an_unreadable_state_is_never_led_over(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text("{not json")
+    controller = Controller(
+        FileStore(tmp_path / "state.json"),
+        FileLock(tmp_path / "state.lock"),
+        FakePromoter(),
+        lambda: True,
+        ControllerConfig(canary_address="x:1", defaults=RolloutSpec(version="0")),
+    )
+    with pytest.raises(StoreError, match="does not hold a rollout state"):
+        controller.tick()
+    assert not controller.leading
+    assert (tmp_path / "state.json").read_text() == "{not json"  # nothing overwritten
 
 
 def test_abort_undo_and_refusals(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 from homefeed.rollout.v1 import rollout_pb2
 
-from services.common.errors import FailedPrecondition, NotFound
+from services.common.errors import FailedPrecondition, NotFound, Unavailable
 from services.common.rollout_stats import STABLE
 from services.rollout import analysis as A
 from services.rollout.state import (
@@ -236,10 +236,11 @@ class Controller:
 
     def _lead(self, leading: bool) -> None:
         with self._lock:
-            self.leading = leading
-            if leading:
+            if leading:  # lead only with the state loaded (an unreadable one: retried)
                 loaded = self.store.load()
                 self._state = loaded if loaded is not None else RolloutState()
+            self.leading = leading
+            if leading:
                 current = self._state.current
                 if current is not None and current.active:
                     current.event("controller_resumed", step=current.step, weight=current.weight)
@@ -423,7 +424,11 @@ class Controller:
     # --- gateways ------------------------------------------------------------------------
 
     def report(self, request: rollout_pb2.ReportRequest) -> rollout_pb2.ReportResponse:
-        """Record a replica's counters; the assignment it should apply."""
+        """Record a replica's counters; the assignment it should apply. A controller that
+        does not lead answers UNAVAILABLE (its state may be stale): the replica keeps its
+        weights."""
+        if not self.leading:
+            raise Unavailable("this rollout controller is not the leader")
         self.replicas.record(request)
         with self._lock:
             rollout = self._state.current

@@ -211,6 +211,34 @@ def test_oversized_requests_are_refused_before_the_handler() -> None:
         server.stop(None)
 
 
+def test_a_backend_refuses_rpcs_beyond_its_concurrency_limit_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert ServerSettings.from_env("features").max_concurrent_rpcs == 16
+    assert ServerSettings.from_env("gateway").max_concurrent_rpcs is None  # derived there
+    monkeypatch.setenv("HOMEFEED_RANKING_MAX_CONCURRENT_RPCS", "1")
+    settings = ServerSettings.from_env("ranking")
+    servicer = _Feed()
+    server, port, _ = build_server(
+        settings, [FEED], lambda s: feed_pb2_grpc.add_FeedServiceServicer_to_server(servicer, s)
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = feed_pb2_grpc.FeedServiceStub(channel)
+            slow = stub.GetFeed.future(feed_pb2.GetFeedRequest(page_size=SLOW), timeout=10)
+            assert servicer.entered.wait(5)
+            started = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetFeed(feed_pb2.GetFeedRequest(page_size=1), timeout=5)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.perf_counter() - started < 1.0  # refused, not queued
+            servicer.release.set()
+            assert list(slow.result().item_ids) == [1, 2]
+    finally:
+        server.stop(None)
+
+
 def test_receive_limits_are_per_service() -> None:
     assert ServerSettings.from_env("gateway").max_message_bytes == 64 * 1024
     assert ServerSettings.from_env("ranking").max_message_bytes == 512 * 1024

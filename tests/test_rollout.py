@@ -474,3 +474,12 @@ def test_spec_validation() -> None:
     with pytest.raises(ValueError, match="version"):
         RolloutSpec(version="champion")
     assert STABLE != CANARY
+
+
+def test_promotion_reloads_every_stable_pod_a_name_resolves_to() -> None:
+    from services.rollout.server import stable_pods
+
+    assert stable_pods("10.0.0.7:50064") == ["10.0.0.7:50064"]
+    assert stable_pods("[::1]:50064") == ["[::1]:50064"]
+    assert stable_pods("localhost:50064")[0] in ("127.0.0.1:50064", "[::1]:50064")
+    assert stable_pods("no-such-host.invalid:1") == ["no-such-host.invalid:1"]

@@ -12,8 +12,10 @@ server itself (``""``) stays SERVING while the process is alive.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import socket
 import sys
 
 import grpc
@@ -73,13 +75,16 @@ class RegistryPromoter:
             return ""
 
     def _reload(self, version: str) -> None:
-        with grpc.insecure_channel(self.stable_admin_address) as channel:
-            stub = ranking_pb2_grpc.RankingServiceStub(channel)
-            stub.Reload(
-                ranking_pb2.ReloadRequest(target=version),
-                timeout=RELOAD_TIMEOUT_S,
-                metadata=((AUTHORIZATION_KEY, f"Bearer {self._token or ''}"),),
-            )
+        """Reload ``version`` on every stable ranking pod: each address the admin host
+        resolves to (a headless Service in Kubernetes names every pod; locally one)."""
+        for address in stable_pods(self.stable_admin_address):
+            with grpc.insecure_channel(address) as channel:
+                stub = ranking_pb2_grpc.RankingServiceStub(channel)
+                stub.Reload(
+                    ranking_pb2.ReloadRequest(target=version),
+                    timeout=RELOAD_TIMEOUT_S,
+                    metadata=((AUTHORIZATION_KEY, f"Bearer {self._token or ''}"),),
+                )
 
     def promote(self, version: str) -> str:
         previous = self._current()
@@ -106,6 +111,26 @@ class RegistryPromoter:
                 f"{self.stable_admin_address} did not reload it: {err.code().name}: "
                 f"{err.details()}; retry `homefeed rollout undo` or reload it by hand"
             ) from None
+
+
+def stable_pods(address: str) -> list[str]:
+    """``host:port`` of every pod behind ``address``: an IP literal as it is, a name as each
+    of its IPv4 addresses (else IPv6), deduplicated in resolver order."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return [address]
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError):
+        return [address]  # let the call itself say what is wrong
+    v4 = [info[4][0] for info in found if info[0] == socket.AF_INET]
+    v6 = [f"[{info[4][0]}]" for info in found if info[0] == socket.AF_INET6]
+    ips = list(dict.fromkeys(v4 or v6))
+    return [f"{ip}:{port}" for ip in ips] or [address]
 
 
 class CanaryProbe:

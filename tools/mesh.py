@@ -69,6 +69,7 @@ _READY = re.compile(
 )
 # a service with admin RPCs on a port of their own (ranking) prints this before READY
 _ADMIN = re.compile(r"^HOMEFEED_ADMIN port=(?P<port>\d+)\s*$")
+_METRICS = re.compile(r"^HOMEFEED_METRICS port=(?P<port>\d+)\s*$")
 _POLL_S = 0.05
 _KILL_WAIT_S = 5.0
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
@@ -193,6 +194,7 @@ class MeshConfig:
         env[prefix + "HOST"] = self.host
         env[prefix + "PORT"] = "0"
         env.setdefault(prefix + "LAME_DUCK_SECONDS", str(self.lame_duck_seconds))
+        env.setdefault(prefix + "METRICS_PORT", "0")  # /metrics on a free port, recorded
         if name == GATEWAY:
             for backend in BACKENDS:
                 env[f"HOMEFEED_{backend.upper()}_ADDR"] = addresses[backend]
@@ -222,6 +224,7 @@ class ServiceProcess:
     port: int | None = None
     address: str | None = None
     admin_address: str | None = None  # where its admin RPCs listen, when apart
+    metrics_address: str | None = None  # its Prometheus /metrics endpoint
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -229,6 +232,7 @@ class ServiceProcess:
             "port": self.port,
             "address": self.address,
             "admin_address": self.admin_address,
+            "metrics_address": self.metrics_address,
             "command": list(self.command),
             "log": str(self.log),
         }
@@ -244,6 +248,7 @@ class ServiceProcess:
             port=None if port is None else int(port),
             address=data.get("address"),
             admin_address=data.get("admin_address"),
+            metrics_address=data.get("metrics_address"),
         )
 
 
@@ -296,6 +301,13 @@ class Mesh:
     def admin_addresses(self) -> dict[str, str]:
         """``host:port`` of the admin RPCs of every service that serves them apart."""
         return {n: s.admin_address for n, s in self.services.items() if s.admin_address is not None}
+
+    @property
+    def metrics_addresses(self) -> dict[str, str]:
+        """``host:port`` of every service's Prometheus endpoint."""
+        return {
+            n: s.metrics_address for n, s in self.services.items() if s.metrics_address is not None
+        }
 
     @property
     def ports(self) -> dict[str, int]:
@@ -511,7 +523,7 @@ class Mesh:
                 port = watcher.ready_port()
                 if port is not None:
                     info = self.services[name]
-                    admin = watcher.admin_port
+                    admin, metrics = watcher.admin_port, watcher.metrics_port
                     self.services[name] = ServiceProcess(
                         name,
                         info.pid,
@@ -520,6 +532,7 @@ class Mesh:
                         port,
                         f"{hosts[name]}:{port}",
                         None if admin is None else f"{hosts[name]}:{admin}",
+                        None if metrics is None else f"{hosts[name]}:{metrics}",
                     )
                     del pending[name]
                     continue
@@ -950,6 +963,7 @@ class _LogWatcher:
         self._file.seek(0, os.SEEK_END)
         self._partial = b""
         self.admin_port: int | None = None
+        self.metrics_port: int | None = None
 
     def ready_port(self) -> int | None:
         chunk = self._file.read()
@@ -961,6 +975,9 @@ class _LogWatcher:
             admin = _ADMIN.match(text)
             if admin:
                 self.admin_port = int(admin.group("port"))
+            metrics = _METRICS.match(text)
+            if metrics:
+                self.metrics_port = int(metrics.group("port"))
             match = _READY.match(text)
             if match:
                 return int(match.group("port"))

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from services.common import telemetry
 from services.common.errors import InvalidArgument, ServiceError
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,11 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         behavior = handler.unary_unary
         deserialize = handler.request_deserializer
         stats = self.recorder.stats(rpc)
+        duration = telemetry.current().rpc_duration  # homefeed_rpc_duration_seconds
+
+        def observe(ms: float, code: grpc.StatusCode) -> None:
+            stats.add(ms, code is not _OK)
+            duration.record(ms / 1e3, {"rpc": rpc, "code": code.name})
 
         def failed(
             context: grpc.ServicerContext,
@@ -146,7 +152,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             msg: str,
             level: int = logging.WARNING,
         ) -> None:
-            stats.add(ms, True)
+            observe(ms, code)
             if not log.isEnabledFor(level):
                 return
             log.log(
@@ -177,7 +183,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 if code is not None and code is not _OK:  # the handler aborted: keep its status
                     failed(context, code, ms, f"rpc aborted by the handler: {_details(context)}")
                     raise
-                stats.add(ms, True)
+                observe(ms, _INTERNAL)
                 log.exception(
                     "unexpected error",
                     extra={
@@ -191,7 +197,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             ms = (time.perf_counter() - start) * 1e3
             code = context.code()
             if code is None or code is _OK:
-                stats.add(ms, False)
+                observe(ms, _OK)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
                         "rpc ok",

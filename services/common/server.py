@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import telemetry
 from services.common.interceptors import LatencyRecorder, ServiceInterceptor
 from services.common.logs import configure_logging
 from services.common.settings import SEND_LIMIT, ServerSettings, SettingsError
@@ -60,7 +61,11 @@ def build_server(
     server = grpc.server(
         executor,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        interceptors=[ServiceInterceptor(recorder), *interceptors],
+        interceptors=[
+            *telemetry.current().server_interceptors(),  # tracing, outermost
+            ServiceInterceptor(recorder),
+            *interceptors,
+        ],
         options=server_options(settings),
     )
     register(server)
@@ -224,10 +229,17 @@ def run_service(service: str, load_settings: Callable[[], S], start: Callable[[S
         return 1
     configure_logging(service, settings.server.log_level)
     try:
+        telemetry.configure(service, settings.server.metrics_port, settings.server.host)
+    except OSError as err:  # the metrics port is taken
+        log.error("cannot start", extra={"reason": f"metrics endpoint: {err}"})
+        sys.stderr.write(f"{service}: metrics endpoint: {err}\n")
+        return 1
+    try:
         server, health_servicer, on_stop = start(settings)
     except (StartupError, OSError) as err:
         log.error("cannot start", extra={"reason": str(err)})
         sys.stderr.write(f"{service}: {err}\n")
         return 1
     serve(server, health_servicer, settings.server, on_stop=on_stop)
+    telemetry.current().shutdown()
     return 0

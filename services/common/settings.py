@@ -123,6 +123,7 @@ class ServerSettings:
     lame_duck_seconds: float = 2.0
     drain_seconds: float = 5.0
     log_level: str = "INFO"
+    metrics_port: int | None = None  # Prometheus /metrics (0: a free port); None: not served
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -137,6 +138,8 @@ class ServerSettings:
             raise SettingsError(f"drain_seconds must be >= 0, got {self.drain_seconds}")
         if not 0 <= self.lame_duck_seconds <= 300:
             raise SettingsError(f"lame_duck_seconds must be 0..300, got {self.lame_duck_seconds}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         if self.log_level.upper() not in _LOG_LEVELS:
             raise SettingsError(
                 f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}"
@@ -145,9 +148,10 @@ class ServerSettings:
     @classmethod
     def from_env(cls, service: str) -> ServerSettings:
         """Read ``HOMEFEED_<SERVICE>_{HOST,PORT,MAX_WORKERS,MAX_CONCURRENT_RPCS,
-        MAX_MESSAGE_BYTES,LAME_DUCK_SECONDS,DRAIN_SECONDS,LOG_LEVEL}``; unset ones keep the
-        defaults (the receive limit is the service's ``RECEIVE_LIMITS``, the concurrency
-        limit its ``CONCURRENCY_LIMITS``). An out-of-range value names its variable."""
+        MAX_MESSAGE_BYTES,LAME_DUCK_SECONDS,DRAIN_SECONDS,LOG_LEVEL,METRICS_PORT}``; unset
+        ones keep the defaults (the receive limit is the service's ``RECEIVE_LIMITS``, the
+        concurrency limit its ``CONCURRENCY_LIMITS``). An out-of-range value names its
+        variable."""
         prefix = f"HOMEFEED_{service.upper().replace('-', '_')}_"
         d = cls(max_message_bytes=RECEIVE_LIMITS.get(service, cls.max_message_bytes))
         try:
@@ -162,6 +166,7 @@ class ServerSettings:
                 lame_duck_seconds=env_float(prefix + "LAME_DUCK_SECONDS", d.lame_duck_seconds),
                 drain_seconds=env_float(prefix + "DRAIN_SECONDS", d.drain_seconds),
                 log_level=env_str(prefix + "LOG_LEVEL", d.log_level).upper(),
+                metrics_port=env_int(prefix + "METRICS_PORT"),
             )
         except SettingsError as err:
             message = str(err)

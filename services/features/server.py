@@ -17,6 +17,7 @@ from contract.bundle import BundleError
 from contract.catalog import Catalog
 from contract.feature_store import open_store
 from contract.heuristic import Heuristic
+from services.common import telemetry
 from services.common.bundles import RegistryError, resolve_bundle
 from services.common.online import open_reader
 from services.common.server import Started, StartupError, build_server, run_service
@@ -90,6 +91,17 @@ def _build(
 
     items, users, version = load_item_store(settings)  # before build_server: SERVING
     servicer = FeaturesServicer(Assembler(items, users), model_version=version)
+    tel = telemetry.current()
+    tel.model_info(lambda: version)
+    tel.gauge(
+        "homefeed_feature_age",
+        lambda: [
+            (time.time() - items.snapshot().batch_loaded_at, {"view": "item_batch"}),
+            (time.time() - items.snapshot().inventory_loaded_at, {"view": "inventory"}),
+        ],
+        unit="s",
+        description="since the item features were last loaded from the online store",
+    )
     try:
         server, port, health = build_server(
             settings.server,

@@ -38,6 +38,7 @@ import numpy as np
 from homefeed.common.v1 import common_pb2
 from homefeed.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
+from services.common import telemetry
 from services.common.rollout_stats import (
     CANARY,
     EGMV_EDGES,
@@ -387,4 +388,4 @@ class CanaryRouter:
 
 def _grpc_ranking(address: str) -> tuple[RankingClient, Callable[[], None]]:
     channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    return GrpcRanking(channel), channel.close
+    return GrpcRanking(telemetry.current().intercept_channel(channel)), channel.close

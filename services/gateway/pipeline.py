@@ -41,16 +41,19 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from homefeed.common.v1 import common_pb2
 from homefeed.feed.v1 import feed_pb2
+from opentelemetry import trace
 
 from contract.popular import PopularityLists
+from services.common import telemetry
 from services.common.interceptors import LatencyRecorder, bounded
 from services.common.rollout_stats import CANARY, STABLE
+from services.common.telemetry import attributes
 from services.gateway import rerank as R
 from services.gateway.breaker import BreakerConfig, CircuitBreaker
 from services.gateway.canary import CanaryRouter
@@ -76,6 +79,7 @@ FEATURES = "features"
 RANKING = "ranking"
 DOWNSTREAMS = (RETRIEVAL, FEATURES, RANKING)
 STAGES = ("retrieval", "filter", "features", "ranking", "rerank", "total")
+STAGE_SPANS = {RETRIEVAL: "retrieve", FEATURES: "features", RANKING: "rank"}
 MAX_CANDIDATES = 2000  # RetrieveRequest.n and GetFeaturesRequest.item_ids allow 1..2000
 STABLE_ARM = STABLE
 CANARY_ARM = CANARY
@@ -181,6 +185,7 @@ class FeedPage:
     times: StageTimes = field(default_factory=StageTimes)
     ranking_ms: float | None = None  # the ranking call's wall time (None: not called)
     ranked: Scores | None = None  # the ranking hop's answer (canary analysis)
+    trace: dict[str, Any] = field(default_factory=dict)  # figures for the request's span
 
 
 def make_breakers(
@@ -239,6 +244,15 @@ class FeedPipeline:
         self.model_version = model_version  # the bundle the gateway and the mesh serve
         self._skews_logged: set[tuple[str, ...]] = set()
         self.timers = StageTimers()
+        tel = telemetry.current()
+        self.tracer = tel.tracer
+        self._stage_ms = tel.meter.create_histogram(
+            "homefeed_stage_duration", unit="s", description="feed pipeline stages"
+        )
+        self._feeds = tel.meter.create_counter("homefeed_feeds", description="feeds answered")
+        self._fallbacks = tel.meter.create_counter(
+            "homefeed_fallbacks", description="pages that served a hop's fallback"
+        )
         self._closers: list[Callable[[], None]] = [on_close] if on_close is not None else []
         self.router = router  # canary releases; None: every request is stable
         if router is not None:
@@ -254,6 +268,32 @@ class FeedPipeline:
             close()
 
     def _call(
+        self,
+        name: str,
+        request: FeedRequest,
+        call: Callable[[float], T],
+        timeout_s: float,
+        breaker: CircuitBreaker | None = None,
+        arm: str = STABLE,
+    ) -> tuple[T | None, bool]:
+        """``_attempt`` in the hop's stage span (the call's client span is its child)."""
+        with self.tracer.start_as_current_span(STAGE_SPANS[name]) as span:
+            result, called = self._attempt(name, request, call, timeout_s, breaker, arm)
+            if span.is_recording():
+                used = breaker if breaker is not None else self.breakers[name]
+                span.set_attributes(
+                    attributes(
+                        downstream=used.name,
+                        arm=arm,
+                        called=called,
+                        fallback=result is None,
+                        breaker=str(used.state),
+                        timeout_ms=round(timeout_s * 1e3, 2),
+                    )
+                )
+            return result, called
+
+    def _attempt(
         self,
         name: str,
         request: FeedRequest,
@@ -349,6 +389,7 @@ class FeedPipeline:
         ids, scores, sources = _drop_cart_and_repeats(found, request.cart_item_ids, n)
         t2 = clock()
         times.filter = (t2 - t1) * 1e3
+        after_filter = len(ids)
 
         facts = None
         if len(ids):
@@ -433,8 +474,27 @@ class FeedPipeline:
             rng=rng,
         )
         slots = page.index
-        times.rerank = (clock() - t5) * 1e3
+        t6 = clock()
+        times.rerank = (t6 - t5) * 1e3
         skew = self.version_skew(versions, request)
+        figures: dict[str, Any] = {}
+        if trace.get_current_span().is_recording():
+            reasons = page.reasons
+            figures = {
+                "surface": int(request.surface),
+                "country": request.context.country or None,
+                "device": request.context.device or None,
+                "user_segment": _segment(found),
+                "cart_items": len(request.cart_item_ids),
+                "dropped_cart_or_repeated": retrieved - after_filter,
+                "dropped_unavailable": after_filter - len(ids),
+                "ranked": len(ids) if ranked is not None else 0,
+                "explored": int((reasons == R.EXPLORATION).sum()),
+                "new_seller_promoted": int((reasons == R.NEW_SELLER).sum()),
+                "diversity_moved": int((reasons == R.DIVERSITY).sum()),
+            }
+            self._stage_span("filter", t1, t2, figures, ("dropped_cart_or_repeated",))
+            self._stage_span("rerank", t5, t6, figures, ("explored", "new_seller_promoted"))
         return FeedPage(
             request_id=request.request_id,
             item_ids=ids[slots],
@@ -450,12 +510,43 @@ class FeedPipeline:
             times=times,
             ranking_ms=ranking_ms,
             ranked=ranked,
+            trace=figures,
         )
 
+    def _stage_span(
+        self, name: str, start: float, end: float, figures: dict[str, Any], keys: tuple[str, ...]
+    ) -> None:
+        """A span for a stage that made no call, recorded after the fact (its times
+        converted from the pipeline's clock)."""
+        now_ns, now = time.time_ns(), self.clock()
+        span = self.tracer.start_span(name, start_time=now_ns - int((now - start) * 1e9))
+        span.set_attributes(attributes(**{k: figures[k] for k in keys}))
+        span.end(end_time=now_ns - int((now - end) * 1e9))
+
     def observe(self, page: FeedPage) -> None:
-        """Count a finished page (``times.total`` set): stage timers, and the canary
-        analysis' per-arm counters during a rollout."""
+        """Count a finished page (``times.total`` set): stage timers and metrics, the
+        canary analysis' per-arm counters during a rollout, and the page's figures on the
+        request's span."""
         self.timers.record(page.times)
+        for stage in STAGES:
+            self._stage_ms.record(getattr(page.times, stage) / 1e3, {"stage": stage})
+        self._feeds.add(1, {"arm": page.arm, "degraded": str(bool(page.degraded)).lower()})
+        for hop in page.degraded:
+            self._fallbacks.add(1, {"hop": _HOP_NAMES.get(hop, str(hop))})
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                attributes(
+                    request_id=page.request_id,
+                    arm=page.arm,
+                    model_version=page.model_version,
+                    degraded=[_HOP_NAMES.get(d, str(d)) for d in page.degraded],
+                    candidates_retrieved=page.candidates,
+                    items_served=len(page.item_ids),
+                    version_skew=page.version_skew,
+                    **page.trace,
+                )
+            )
         if self.router is not None:
             self.router.record(
                 page.arm,
@@ -486,10 +577,24 @@ class FeedPipeline:
         return bool(other)
 
 
+_HOP_NAMES = {
+    feed_pb2.DEGRADATION_RETRIEVAL: RETRIEVAL,
+    feed_pb2.DEGRADATION_FEATURES: FEATURES,
+    feed_pb2.DEGRADATION_RANKING: RANKING,
+}
+
+
 # Statuses that say the request was wrong rather than the downstream unwell. Only
 # INVALID_ARGUMENT: the gateway validates every caller field a downstream checks, so one
 # slipping through must not let a caller open a breaker for everyone.
 _REFUSAL_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
+
+
+def _segment(found: Candidates) -> str:
+    """The user as a span may name them: known (has history) or cold, never an id."""
+    if found.user is None:
+        return "unknown"
+    return "known" if found.user.known else "cold"
 
 
 def _is_refusal(err: BaseException) -> bool:

@@ -12,6 +12,7 @@ from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
 from contract.bundle import POPULAR, BundleError
 from contract.popular import PopularityLists
+from services.common import telemetry
 from services.common.bundles import RegistryError, resolve_bundle
 from services.common.server import Started, StartupError, build_server, run_service
 from services.gateway.admission import Admission
@@ -79,7 +80,9 @@ def _build(
             settings.retrieval_addr, settings.features_addr, settings.ranking_addr
         )
         pipeline = build_pipeline(settings, downstreams)
-    servicer = FeedServicer(pipeline, Admission(settings.admission))
+    admission = Admission(settings.admission)
+    servicer = FeedServicer(pipeline, admission)
+    register_metrics(pipeline, admission)
     server, port, health = build_server(
         settings.serving,
         [SERVICE_NAME],
@@ -111,6 +114,38 @@ def _build(
         },
     )
     return server, port, pipeline, health
+
+
+_BREAKER_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+
+
+def register_metrics(pipeline: FeedPipeline, admission: Admission) -> None:
+    """The gateway's scrape-time metrics (``services.common.telemetry``)."""
+    tel = telemetry.current()
+    tel.counter(
+        "homefeed_shed",
+        lambda: [
+            (float(admission.shed_full), {"reason": "at_capacity"}),
+            (float(admission.shed_deadline), {"reason": "deadline"}),
+        ],
+        description="requests refused at the door (RESOURCE_EXHAUSTED)",
+    )
+
+    def breakers() -> list[tuple[float, dict[str, str]]]:
+        out = list(pipeline.breakers.values())
+        if pipeline.router is not None:
+            out.append(pipeline.router.breaker)
+        return [(_BREAKER_STATES.get(str(b.state), -1.0), {"downstream": b.name}) for b in out]
+
+    tel.gauge("homefeed_breaker_state", breakers, description="0 closed, 1 half-open, 2 open")
+    router = pipeline.router
+    if router is not None:
+        tel.gauge(
+            "homefeed_canary_weight",
+            lambda: [(float(router.assignment.weight), {"rollout": router.assignment.rollout_id})],
+            description="percent of users in the canary arm",
+        )
+    tel.model_info(lambda: pipeline.model_version)
 
 
 def create_server(

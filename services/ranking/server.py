@@ -11,6 +11,7 @@ from grpc_health.v1.health import HealthServicer
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 
 from contract.features import FEATURE_SCHEMA
+from services.common import telemetry
 from services.common.errors import ServiceError
 from services.common.interceptors import MethodFilter
 from services.common.server import Started, StartupError, build_server, run_service
@@ -49,6 +50,7 @@ def _build(
     settings: RankingSettings,
 ) -> tuple[grpc.Server, int, ModelHolder, HealthServicer, RankingServicer]:
     holder = load_model(settings)  # before build_server, which reports SERVING
+    telemetry.current().model_info(lambda: holder.current().version)
     if settings.admin_token is None:
         log.warning("HOMEFEED_ADMIN_TOKEN is not set: admin RPCs (Reload) are refused")
     if settings.faults is not None:

@@ -22,6 +22,7 @@ from contract import bundle as B
 from contract.bundle import BundleError
 from contract.catalog import Catalog
 from feature_repo import schema as S
+from services.common import telemetry
 from services.common.bundles import RegistryError, resolve_bundle
 from services.common.errors import ServiceError
 from services.common.online import open_reader
@@ -138,6 +139,7 @@ def _build(
         stock.close()
         raise
     stock.start()
+    telemetry.current().model_info(lambda: index.version)
     log.info("retrieval ready", extra={"port": port, "model_version": index.version})
     return server, port, servicer, health, stock
 

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 from homefeed.rollout.v1 import rollout_pb2
 
+from services.common import telemetry
 from services.common.errors import FailedPrecondition, NotFound, Unavailable
 from services.common.rollout_stats import STABLE
 from services.rollout import analysis as A
@@ -83,6 +84,9 @@ class ControllerConfig:
     analysis: A.AnalysisConfig = field(default_factory=A.AnalysisConfig)
     start_timeout_s: float = 300.0
     tick_s: float = 0.1
+
+
+_DECISIONS = {A.HOLD: "hold", A.FAILED: "failed_check", A.PASS: "pass"}
 
 
 def report_every_s(interval_s: float) -> float:
@@ -196,6 +200,13 @@ class Controller:
         self._window_started_at = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        meter = telemetry.current().meter
+        self._checks = meter.create_counter(
+            "homefeed_rollout_checks", description="canary checks by outcome"
+        )
+        self._decisions = meter.create_counter(
+            "homefeed_rollout_decisions", description="analysis windows by decision"
+        )
 
     # --- loop ----------------------------------------------------------------------------
 
@@ -328,6 +339,9 @@ class Controller:
             baseline=rollout.baseline or None,
             weight=rollout.weight,
         )
+        for check in verdict.checks:
+            outcome = {True: "passed", False: "failed", None: "no_data"}[check["passed"]]
+            self._checks.add(1, {"check": check["name"], "outcome": outcome})
         stable_figures = verdict.figures["arms"][STABLE]
         if stable_figures["feeds"] >= spec.min_feeds:
             rollout.baseline = {"figures": stable_figures, "egmv": stable["egmv"].tolist()}
@@ -341,6 +355,7 @@ class Controller:
             **verdict.figures,
             "checks": verdict.checks,
         }
+        self._decisions.add(1, {"decision": _DECISIONS[verdict.outcome]})
         if verdict.outcome == A.HOLD:
             window["decision"] = "hold"
             rollout.message = verdict.message

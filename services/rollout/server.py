@@ -24,6 +24,7 @@ from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from homefeed.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
 from contract.bundle import ALIAS_CHAMPION
+from services.common import telemetry
 from services.common.admin import AUTHORIZATION_KEY, AdminToken
 from services.common.errors import InvalidArgument, NotFound, Unavailable, quote
 from services.common.server import Started, build_server, run_service
@@ -282,6 +283,16 @@ def build(
         probe,
         config,
         on_leading=on_leading,
+    )
+
+    def weight() -> list[tuple[float, dict[str, str]]]:
+        rollout = controller.status()
+        if rollout is None:
+            return [(0.0, {"rollout": ""})]
+        return [(float(rollout.weight), {"rollout": rollout.id, "phase": rollout.phase})]
+
+    telemetry.current().gauge(
+        "homefeed_canary_weight", weight, description="percent of users in the canary arm"
     )
     if settings.admin_token is None:
         log.warning("HOMEFEED_ADMIN_TOKEN is not set: the rollout admin RPCs are refused")

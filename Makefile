@@ -51,8 +51,9 @@ system-deps: ## Install redis-server (Debian) when it is missing
 demo: setup ## Small preset + Complete Journey: data, features, training, registered bundle, report, then the mesh serving a few feeds
 	$(VENV)/bin/homefeed demo --preset $(PRESET)
 
-bench: setup ## Closed-loop gRPC load: the mesh vs the bare gRPC floor and the naive reference (after make demo) -> reports/bench.json
+bench: setup ## Closed-loop gRPC load: the mesh vs the bare gRPC floor and the naive reference, then tracing's cost (after make demo) -> reports/bench.json, reports/tracing.json
 	$(VENV)/bin/python -m tools.bench --preset $(PRESET)
+	$(VENV)/bin/python -m tools.bench_tracing --preset $(PRESET)
 
 chaos: setup ## Fault scenarios (kill, overload, hostile input, drain, admin) on a real mesh (after make demo) -> reports/chaos.json
 	$(VENV)/bin/python -m tools.chaos --preset $(PRESET)

@@ -32,6 +32,7 @@ from services.common import telemetry
 from services.common.interceptors import LatencyRecorder, ServiceInterceptor
 from services.common.logs import configure_logging
 from services.common.settings import SEND_LIMIT, ServerSettings, SettingsError
+from services.common.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,12 @@ def build_server(
         (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{settings.host}:{settings.port}"
+    files = TlsFiles.from_env()  # mutual TLS when configured (services.common.tls)
     try:
-        port = server.add_insecure_port(address)
+        if files is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, files.server_credentials())
     except RuntimeError as err:
         raise OSError(f"cannot bind {address}: {err}") from err
     if port == 0:
@@ -224,6 +229,7 @@ def run_service(service: str, load_settings: Callable[[], S], start: Callable[[S
     service cannot start (``StartupError``, a port it cannot bind)."""
     try:
         settings = load_settings()
+        TlsFiles.from_env()  # all three files or none, readable
     except SettingsError as err:
         sys.stderr.write(f"{service}: {err}\n")
         return 1

@@ -38,7 +38,7 @@ import numpy as np
 from homefeed.common.v1 import common_pb2
 from homefeed.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
-from services.common import telemetry
+from services.common import telemetry, tls
 from services.common.rollout_stats import (
     CANARY,
     EGMV_EDGES,
@@ -213,7 +213,7 @@ class CanaryRouter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="canary-report", daemon=True)
-        self._channel = grpc.insecure_channel(controller_address, options=CHANNEL_OPTIONS)
+        self._channel = tls.channel(controller_address, CHANNEL_OPTIONS)
         self._stub = rollout_pb2_grpc.RolloutServiceStub(self._channel)
         self._mirror_pool = ThreadPoolExecutor(1, thread_name_prefix="canary-mirror")
         self._mirror_slots = threading.BoundedSemaphore(MIRROR_QUEUE)
@@ -387,5 +387,5 @@ class CanaryRouter:
 
 
 def _grpc_ranking(address: str) -> tuple[RankingClient, Callable[[], None]]:
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    channel = tls.channel(address, CHANNEL_OPTIONS)
     return GrpcRanking(telemetry.current().intercept_channel(channel)), channel.close

@@ -26,7 +26,7 @@ from homefeed.features.v1 import features_pb2, features_pb2_grpc
 from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
-from services.common import telemetry
+from services.common import telemetry, tls
 from services.common.interceptors import REQUEST_ID_KEY
 from services.common.matrix import extend_packed
 from services.common.settings import SEND_LIMIT
@@ -311,7 +311,7 @@ class Downstreams:
         """One insecure channel per address (they connect lazily, on the first call); the
         clients' calls are traced when tracing is on, the channels' own health checks not."""
         channels = tuple(
-            grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+            tls.channel(addr, CHANNEL_OPTIONS)
             for addr in (retrieval_addr, features_addr, ranking_addr)
         )
         traced = [telemetry.current().intercept_channel(c) for c in channels]

@@ -24,7 +24,7 @@ from homefeed.ranking.v1 import ranking_pb2, ranking_pb2_grpc
 from homefeed.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
 from contract.bundle import ALIAS_CHAMPION
-from services.common import telemetry
+from services.common import telemetry, tls
 from services.common.admin import AUTHORIZATION_KEY, AdminToken
 from services.common.errors import InvalidArgument, NotFound, Unavailable, quote
 from services.common.server import Started, build_server, run_service
@@ -79,7 +79,7 @@ class RegistryPromoter:
         """Reload ``version`` on every stable ranking pod: each address the admin host
         resolves to (a headless Service in Kubernetes names every pod; locally one)."""
         for address in stable_pods(self.stable_admin_address):
-            with grpc.insecure_channel(address) as channel:
+            with tls.channel(address) as channel:
                 stub = ranking_pb2_grpc.RankingServiceStub(channel)
                 stub.Reload(
                     ranking_pb2.ReloadRequest(target=version),
@@ -138,7 +138,7 @@ class CanaryProbe:
     """Whether the canary deployment answers SERVING (one channel, kept)."""
 
     def __init__(self, address: str) -> None:
-        self._channel = grpc.insecure_channel(address)
+        self._channel = tls.channel(address)
         self._stub = health_pb2_grpc.HealthStub(self._channel)
 
     def __call__(self) -> bool:

@@ -261,7 +261,9 @@ class Chaos:
     concurrency: int = 4
 
     @contextlib.contextmanager
-    def mesh(self, canary_env: dict[str, str] | None = None) -> Iterator[Mesh]:
+    def mesh(
+        self, canary_env: dict[str, str] | None = None, env: dict[str, str] | None = None
+    ) -> Iterator[Mesh]:
         """A fresh supervised mesh; its rollout state in a scratch file (no rollout left
         by an earlier scenario resumes), its canary with ``canary_env``."""
         scratch = tempfile.mkdtemp(prefix="chaos-rollout-")
@@ -270,7 +272,7 @@ class Chaos:
             dataset=self.dataset,
             model=self.model,
             canary_env=canary_env or {},
-            extra_env={"HOMEFEED_ROLLOUT_STATE_FILE": f"{scratch}/state.json"},
+            extra_env={"HOMEFEED_ROLLOUT_STATE_FILE": f"{scratch}/state.json", **(env or {})},
         )
         try:
             with Mesh.start(cfg) as mesh:
@@ -357,8 +359,15 @@ class Chaos:
             normal_p99 = p99_ms(ok)
             answers = open_loop(mesh.addresses[GATEWAY], self.payloads, 4 * capacity, t.overload_s)
             check_serving(mesh.addresses[GATEWAY], timeout=10)
+            # healthy after: a full feed within 10 s (a breaker opened by the overload's
+            # slow calls waits out its open period, or its hop's recovery, first)
+            after_answers: list[Answer] = []
             with self.load(mesh, concurrency=1) as after:
-                time.sleep(1.0)
+                deadline = time.monotonic() + 10.0
+                while time.monotonic() < deadline and not any(
+                    a.code == "OK" and not a.degraded for a in list(after.answers)
+                ):
+                    time.sleep(0.2)
                 after_answers = after.stop()
         admitted = [a for a in answers if a.code == "OK"]
         shed = [a for a in answers if a.code == SHED]
@@ -615,7 +624,9 @@ class Chaos:
                     promoted_alias = _champion(self.home)
                     served_after = _served_versions(mesh, self.payloads)
                     undo_started = time.time()
-                    undone = client.undo("chaos: restore the previous champion")
+                    undone = ""
+                    if status.phase == "PROMOTED":  # else there is nothing to undo
+                        undone = client.undo("chaos: restore the previous champion").phase
                     undo_s = time.time() - undo_started
                     served_after_undo = _served_versions(mesh, self.payloads)
                 finally:
@@ -632,7 +643,7 @@ class Chaos:
             and decided >= minimum
             and promoted_alias == version
             and served_after == {version}
-            and undone.phase == "UNDONE"
+            and undone == "UNDONE"
             and served_after_undo == {mesh.model}
             and len(bad) / max(len(answers), 1) < 0.01
         )
@@ -693,7 +704,13 @@ class Chaos:
         """Mid-rollout, kill -9 the controller and SIGTERM one of two gateways (both report
         to the controller): the rollout resumes at its step and is promoted."""
         t = self.timing
-        with self.mesh() as mesh:
+        # what is rehearsed is resuming, not the latency checks: with two gateways, a
+        # canary and the load on 2 cores, a p95 can wander past 1.5x + 10 ms by chance
+        lenient = {
+            "HOMEFEED_ROLLOUT_LATENCY_SLACK_MS": "1000",
+            "HOMEFEED_ROLLOUT_FEED_LATENCY_SLACK_MS": "1000",
+        }
+        with self.mesh(env=lenient) as mesh:
             version = self._release(mesh)
             with (
                 _second_gateway(mesh, self.dataset) as second,
@@ -703,7 +720,10 @@ class Chaos:
                 client = self._start_rollout(mesh, version)
                 try:
                     deadline = time.monotonic() + self._rollout_timeout()
-                    while client.status().step < 1 and time.monotonic() < deadline:
+                    while time.monotonic() < deadline:
+                        now = client.status()
+                        if now.step >= 1 or now.phase not in ("STARTING", "PROGRESSING"):
+                            break
                         time.sleep(0.2)
                     before = client.status()
                     restarts = _signal(mesh, CONTROLLER, signal.SIGKILL)
@@ -714,7 +734,8 @@ class Chaos:
                     client = RolloutClient(mesh.admin_addresses[CONTROLLER], mesh.admin_token)
                     after = client.status()
                     status = client.wait(("PROMOTED", "FAILED", "ABORTED"), self._rollout_timeout())
-                    client.undo("chaos: restore the previous champion")
+                    if status.phase == "PROMOTED":
+                        client.undo("chaos: restore the previous champion")
                 finally:
                     client.close()
                 answers = load.stop()

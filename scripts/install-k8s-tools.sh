@@ -37,4 +37,4 @@ for tool in helm kubectl; do
   install -m 0755 "$work/$tool" "$BIN/$tool"
 done
 "$BIN/helm" version --short
-"$BIN/kubectl" version --client | head -1
+"$BIN/kubectl" version --client | sed -n 1p  # sed reads it all: head would SIGPIPE kubectl (pipefail)

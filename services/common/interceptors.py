@@ -166,6 +166,24 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 },
             )
 
+        tel = telemetry.current()
+
+        def traced(request: Any, context: grpc.ServicerContext) -> Any:
+            """``call`` in a SERVER span continuing the caller's trace."""
+            span, token = tel.start_server_span(rpc, context.invocation_metadata())
+            code = "UNKNOWN"
+            try:
+                response = call(request, context)
+                status = context.code()
+                code = "OK" if status is None else status.name
+                return response
+            except Exception:
+                status = context.code()
+                code = "UNKNOWN" if status is None else status.name
+                raise
+            finally:
+                tel.end_server_span(span, token, code)
+
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             try:
@@ -220,7 +238,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         # the request arrives as bytes and is parsed inside ``call``: grpc's own parse failure
         # answers INTERNAL and logs a traceback, where a caller's garbage is INVALID_ARGUMENT
         return grpc.unary_unary_rpc_method_handler(
-            call, request_deserializer=None, response_serializer=handler.response_serializer
+            traced if tel.tracing else call,
+            request_deserializer=None,
+            response_serializer=handler.response_serializer,
         )
 
 

@@ -62,11 +62,7 @@ def build_server(
     server = grpc.server(
         executor,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        interceptors=[
-            *telemetry.current().server_interceptors(),  # tracing, outermost
-            ServiceInterceptor(recorder),
-            *interceptors,
-        ],
+        interceptors=[ServiceInterceptor(recorder), *interceptors],
         options=server_options(settings),
     )
     register(server)

@@ -38,7 +38,7 @@ import numpy as np
 from homefeed.common.v1 import common_pb2
 from homefeed.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
-from services.common import telemetry, tls
+from services.common import tls
 from services.common.rollout_stats import (
     CANARY,
     EGMV_EDGES,
@@ -388,4 +388,4 @@ class CanaryRouter:
 
 def _grpc_ranking(address: str) -> tuple[RankingClient, Callable[[], None]]:
     channel = tls.channel(address, CHANNEL_OPTIONS)
-    return GrpcRanking(telemetry.current().intercept_channel(channel)), channel.close
+    return GrpcRanking(channel), channel.close

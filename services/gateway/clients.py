@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -173,6 +173,27 @@ def _metadata(request: FeedRequest) -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_KEY, request.request_id),)
 
 
+RETRIEVE = "homefeed.retrieval.v1.RetrievalService/Retrieve"
+GET_FEATURES = "homefeed.features.v1.FeaturesService/GetFeatures"
+RANK = "homefeed.ranking.v1.RankingService/Rank"
+
+
+def _invoke(
+    method: grpc.UnaryUnaryMultiCallable,
+    rpc: str,
+    message: Any,
+    timeout_s: float,
+    request: FeedRequest,
+) -> Any:
+    """One blocking call with the request id; in a CLIENT span (``traceparent`` sent along)
+    when tracing is on."""
+    tel = telemetry.current()
+    if not tel.tracing:
+        return method(message, timeout=timeout_s, metadata=_metadata(request))
+    with tel.client_span(rpc) as carried:
+        return method(message, timeout=timeout_s, metadata=(*_metadata(request), *carried))
+
+
 def _check_lengths(what: str, n: int, **arrays: np.ndarray) -> None:
     for name, array in arrays.items():
         if len(array) != n:
@@ -198,7 +219,7 @@ class GrpcRetrieval:
         )
         message.exclude_item_ids.extend(cart)
         message.cart_item_ids.extend(cart)
-        response = self._stub.Retrieve(message, timeout=timeout_s, metadata=_metadata(request))
+        response = _invoke(self._stub.Retrieve, RETRIEVE, message, timeout_s, request)
         ids = np.array(response.item_ids, dtype=np.int64)
         scores = np.array(response.scores, dtype=np.float32)
         sources = np.array(response.sources, dtype=np.int32)
@@ -235,7 +256,7 @@ class GrpcFeatures:
             user=user,
         )
         message.item_ids.extend(item_ids.tolist())
-        response = self._stub.GetFeatures(message, timeout=timeout_s, metadata=_metadata(request))
+        response = _invoke(self._stub.GetFeatures, GET_FEATURES, message, timeout_s, request)
         n = len(item_ids)
         matrix = response.features
         if matrix.rows != n or len(matrix.values) != n * matrix.cols or not matrix.cols:
@@ -290,7 +311,7 @@ class GrpcRanking:
         extend_packed(message, "values", values)
         if row_mask is not None:
             extend_packed(message, "row_mask", row_mask)
-        response = self._stub.Rank(message, timeout=timeout_s, metadata=_metadata(request))
+        response = _invoke(self._stub.Rank, RANK, message, timeout_s, request)
         p = np.array(response.p_purchase, dtype=np.float32)
         egmv = np.array(response.egmv, dtype=np.float32)
         _check_lengths("Rank", len(item_ids), p_purchase=p, egmv=egmv)
@@ -308,17 +329,15 @@ class Downstreams:
 
     @classmethod
     def connect(cls, retrieval_addr: str, features_addr: str, ranking_addr: str) -> Downstreams:
-        """One insecure channel per address (they connect lazily, on the first call); the
-        clients' calls are traced when tracing is on, the channels' own health checks not."""
+        """One channel per address (they connect lazily, on the first call)."""
         channels = tuple(
             tls.channel(addr, CHANNEL_OPTIONS)
             for addr in (retrieval_addr, features_addr, ranking_addr)
         )
-        traced = [telemetry.current().intercept_channel(c) for c in channels]
         return cls(
-            GrpcRetrieval(traced[0]),
-            GrpcFeatures(traced[1]),
-            GrpcRanking(traced[2]),
+            GrpcRetrieval(channels[0]),
+            GrpcFeatures(channels[1]),
+            GrpcRanking(channels[2]),
             channels,
         )
 

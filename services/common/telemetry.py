@@ -63,6 +63,20 @@ def _rpc_attrs(rpc: str) -> dict[str, str]:
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
 
+Reading = Callable[[], Iterable[tuple[float, dict[str, str]]]]
+
+
+def _observe(name: str, read: Reading) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        try:
+            return [Observation(value, attrs) for value, attrs in read()]
+        except Exception:  # a scrape must never fail because one reading did
+            log.debug("metric read failed", extra={"metric": name}, exc_info=True)
+            return []
+
+    return callback
+
+
 def tracing_configured() -> bool:
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return False
@@ -133,33 +147,13 @@ class Telemetry:
                     span.set_status(trace.Status(trace.StatusCode.ERROR, name))
                 raise
 
-    def gauge(
-        self, name: str, read: Callable[[], Iterable[tuple[float, dict[str, str]]]], **kw: Any
-    ) -> None:
+    def gauge(self, name: str, read: Reading, **kw: Any) -> None:
         """An observable gauge whose ``read()`` gives (value, attributes) pairs at scrape."""
+        self.meter.create_observable_gauge(name, callbacks=[_observe(name, read)], **kw)
 
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            try:
-                return [Observation(value, attrs) for value, attrs in read()]
-            except Exception:  # a scrape must never fail because one reading did
-                log.debug("gauge read failed", extra={"gauge": name}, exc_info=True)
-                return []
-
-        self.meter.create_observable_gauge(name, callbacks=[callback], **kw)
-
-    def counter(
-        self, name: str, read: Callable[[], Iterable[tuple[float, dict[str, str]]]], **kw: Any
-    ) -> None:
+    def counter(self, name: str, read: Reading, **kw: Any) -> None:
         """An observable (monotonic) counter whose ``read()`` gives cumulative totals."""
-
-        def callback(options: CallbackOptions) -> Iterable[Observation]:
-            try:
-                return [Observation(value, attrs) for value, attrs in read()]
-            except Exception:  # a scrape must never fail because one reading did
-                log.debug("counter read failed", extra={"counter": name}, exc_info=True)
-                return []
-
-        self.meter.create_observable_counter(name, callbacks=[callback], **kw)
+        self.meter.create_observable_counter(name, callbacks=[_observe(name, read)], **kw)
 
     def model_info(self, version: Callable[[], str]) -> None:
         """``homefeed_model_info{version}`` = 1 for the version served now."""

@@ -309,6 +309,7 @@ def test_a_supervised_mesh_restarts_a_killed_service_on_its_port(mesh_home: Path
         assert mesh.restarts == {"retrieval": 1}
         after = mesh.services["retrieval"]
         assert after.pid != before["retrieval"].pid and pid_alive(after.pid)
+        assert after.address is not None
         assert after.address == before["retrieval"].address  # the gateway finds it again
         check_serving(after.address, timeout=5)
         assert json.loads(state_path(mesh_home).read_text())["restarts"] == {"retrieval": 1}

@@ -238,18 +238,10 @@ def cmd_feed(args: argparse.Namespace) -> int:
 
 
 def _gateway_address() -> str:
-    from tools.mesh import Mesh, MeshError
+    from tools.mesh import running_mesh
 
     home = Paths.from_env().home
-    try:
-        mesh = Mesh.from_state(home)
-    except MeshError as err:
-        raise ValueError(str(err)) from None
-    if mesh is None:
-        raise ValueError(
-            f"no mesh is running under {home}; start one with `homefeed up` "
-            "or pass --addr host:port"
-        )
+    mesh = running_mesh(home, "pass --addr host:port")
     address = mesh.addresses.get("gateway")
     if address is None:
         raise ValueError(f"the mesh under {home} has no listening gateway yet (still starting?)")

@@ -721,6 +721,20 @@ class Mesh:
         self.stop()
 
 
+def running_mesh(home: Path, instead: str) -> Mesh:
+    """The mesh running under ``home``, for a command that talks to it; ValueError saying
+    how to start one, or ``instead`` (what else the command accepts), when none runs."""
+    try:
+        mesh = Mesh.from_state(home)
+    except MeshError as err:
+        raise ValueError(str(err)) from None
+    if mesh is None:
+        raise ValueError(
+            f"no mesh is running under {home}; start one with `homefeed up`, or {instead}"
+        )
+    return mesh
+
+
 # --- supervision -------------------------------------------------------------------------
 
 
@@ -756,6 +770,8 @@ class Supervisor:
         self._due: dict[str, float] = {}
         self._up_since: dict[str, float] = {name: time.monotonic() for name in mesh.services}
         self._canary_idle_since: float | None = None
+        self._state_seen: tuple[int, int, int] | None = None  # the rollout state file read
+        self._wanted: str | None = None  # ... and the canary version it asked for
 
     def start(self) -> None:
         self._thread.start()
@@ -815,15 +831,24 @@ class Supervisor:
         cfg = self.mesh._config
         if cfg is None or not cfg.rollout:
             return None
+        path = cfg.rollout_state_file(self.mesh.home)
+        try:  # parsed again only when the controller has written it since
+            stat = path.stat()
+            seen = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except FileNotFoundError:
+            seen = None
+        if seen == self._state_seen:
+            return self._wanted
         try:
-            state = FileStore(cfg.rollout_state_file(self.mesh.home)).load()
+            state = FileStore(path).load()
         except StoreError as err:
             log.warning("cannot read the rollout state", extra={"reason": str(err)})
-            return self.mesh.canary_version or None  # keep whatever runs
+            return self.mesh.canary_version or None  # keep whatever runs; read it again
         current = state.current if state is not None else None
-        if current is None or current.phase not in ACTIVE:
-            return None
-        return current.spec.version
+        active = current is not None and current.phase in ACTIVE
+        self._state_seen = seen
+        self._wanted = current.spec.version if active and current is not None else None
+        return self._wanted
 
     def _tend_canary(self, now: float) -> None:
         """Start, replace or (after ``CANARY_GRACE_S``) stop the canary as the rollout

@@ -21,7 +21,7 @@ from homefeed.rollout.v1 import rollout_pb2, rollout_pb2_grpc
 
 from contract.paths import Paths
 from services.common.admin import AUTHORIZATION_KEY
-from tools.mesh import CONTROLLER, Mesh, MeshError
+from tools.mesh import CONTROLLER, running_mesh
 
 RPC_TIMEOUT_S = 30.0
 
@@ -38,15 +38,7 @@ class RolloutClient:
     @classmethod
     def from_mesh(cls, home: Path | None = None) -> RolloutClient:
         home = home or Paths.from_env().home
-        try:
-            mesh = Mesh.from_state(home)
-        except MeshError as err:
-            raise ValueError(str(err)) from None
-        if mesh is None:
-            raise ValueError(
-                f"no mesh is running under {home}; start one with `homefeed up`, or pass --addr "
-                "(and set HOMEFEED_ADMIN_TOKEN)"
-            )
+        mesh = running_mesh(home, "pass --addr (and set HOMEFEED_ADMIN_TOKEN)")
         address = mesh.admin_addresses.get(CONTROLLER)
         if address is None:
             raise ValueError(f"the mesh under {home} runs no rollout controller")

@@ -24,13 +24,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.common.rollout_stats import ARMS
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 MD_NAME = "rollout.md"
 PNG_NAME = "rollout.png"
 NONE = "–"  # how a missing figure is written
-ARMS = ("stable", "canary")
 
 DECISION_COLORS = {
     "advance": "tab:green",

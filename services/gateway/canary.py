@@ -31,7 +31,6 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import numpy as np
@@ -94,9 +93,11 @@ class ArmCounters:
         feed_ms: float,
         degraded: bool,
         ranking_ms: float | None,
-        ranking_failed: bool,
         scores: Scores | None,
     ) -> None:
+        """One feed: ``ranking_ms`` None when ranking was not called (an open breaker, no
+        time left), ``scores`` None when it was not answered (a called hop without
+        scores failed)."""
         hist = None
         health = (0, 0, 0)
         if scores is not None and len(scores.egmv):
@@ -112,7 +113,7 @@ class ArmCounters:
             self.feed_ms[bucket(feed_ms, LATENCY_EDGES_MS)] += 1
             if ranking_ms is not None:
                 self.ranking_calls += 1
-                self.ranking_errors += int(ranking_failed)
+                self.ranking_errors += int(scores is None)
                 self.ranking_ms[bucket(ranking_ms, LATENCY_EDGES_MS)] += 1
             if hist is not None:
                 self.scored += 1
@@ -329,14 +330,13 @@ class CanaryRouter:
         feed_ms: float,
         degraded: bool,
         ranking_ms: float | None,
-        ranking_failed: bool,
         scores: Scores | None,
     ) -> None:
         counters = self._counters
         if not counters.rollout_id:
             return
         target = counters.canary if arm == CANARY else counters.stable
-        target.record(feed_ms, degraded, ranking_ms, ranking_failed, scores)
+        target.record(feed_ms, degraded, ranking_ms, scores)
 
     def maybe_mirror(
         self,
@@ -375,15 +375,6 @@ class CanaryRouter:
             self._mirror_pool.submit(mirror)
         except RuntimeError:  # shut down
             self._mirror_slots.release()
-
-    def snapshot(self) -> dict[str, Any]:
-        a = self.assignment
-        return {
-            "rollout_id": a.rollout_id,
-            "weight": a.weight,
-            "canary": a.canary_address,
-            "breaker": self.breaker.snapshot(),
-        }
 
 
 def _grpc_ranking(address: str) -> tuple[RankingClient, Callable[[], None]]:

@@ -553,7 +553,6 @@ class FeedPipeline:
                 page.times.total,
                 bool(page.degraded),
                 page.ranking_ms,
-                page.ranking_ms is not None and page.ranked is None,
                 page.ranked,
             )
 

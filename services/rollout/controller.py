@@ -191,13 +191,13 @@ class Controller:
         self.config = config
         self.clock = clock
         self.replicas = Replicas()
-        self._on_leading = on_leading
+        self.on_leading = on_leading  # told each change of the lead (readiness follows it)
         self._lock = threading.RLock()  # the state, between the loop and the admin RPCs
         self._state = RolloutState()
         self.leading = False
         self._phase_since = clock()
-        self._window_start: float | None = None
-        self._window_started_at = ""
+        self._opens_at: float | None = None  # when the next window opens (after settling)
+        self._window: tuple[float, str] | None = None  # the open window: clock, ISO time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         meter = telemetry.current().meter
@@ -266,8 +266,8 @@ class Controller:
                     self._begin(current)
                     self._save()
             log.info("rollout controller lead", extra={"leading": leading})
-        if self._on_leading is not None:
-            self._on_leading(leading)
+        if self.on_leading is not None:
+            self.on_leading(leading)
 
     def _save(self) -> None:
         try:
@@ -280,8 +280,8 @@ class Controller:
         """A new phase or window starts now (a window after one report period)."""
         now = self.clock()
         self._phase_since = now
-        self._window_start = now + report_every_s(rollout.spec.interval_s)
-        self._window_started_at = ""
+        self._opens_at = now + report_every_s(rollout.spec.interval_s)
+        self._window = None
         self.replicas.new_window(rollout.id)  # reports of this rollout count from here
 
     def _starting(self, rollout: Rollout) -> None:
@@ -312,21 +312,18 @@ class Controller:
 
     def _progressing(self, rollout: Rollout) -> None:
         now = self.clock()
-        if self._window_start is None:
-            self._begin(rollout)
-        assert self._window_start is not None
-        if not self._window_started_at:
-            if now < self._window_start:
+        if self._window is None:
+            if self._opens_at is None:  # no window planned yet (a fresh lead)
+                self._begin(rollout)
                 return
-            self.replicas.new_window(rollout.id)
-            self._window_started_at = datetime.now(UTC).isoformat(timespec="milliseconds")
-            self._window_start = now
+            if now >= self._opens_at:
+                self.replicas.new_window(rollout.id)
+                self._window = (now, datetime.now(UTC).isoformat(timespec="milliseconds"))
             return
-        if now - self._window_start < rollout.spec.interval_s:
-            return
-        self._decide(rollout, now)
+        if now - self._window[0] >= rollout.spec.interval_s:
+            self._decide(rollout, now, *self._window)
 
-    def _decide(self, rollout: Rollout, now: float) -> None:
+    def _decide(self, rollout: Rollout, now: float, opened: float, opened_at: str) -> None:
         spec = rollout.spec
         stable, canary, mirror, replicas = self.replicas.window()
         verdict = A.analyze(
@@ -346,9 +343,9 @@ class Controller:
         if stable_figures["feeds"] >= spec.min_feeds:
             rollout.baseline = {"figures": stable_figures, "egmv": stable["egmv"].tolist()}
         window: dict[str, Any] = {
-            "started_at": self._window_started_at,
+            "started_at": opened_at,
             "ended_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "seconds": round(now - (self._window_start or now), 3),
+            "seconds": round(now - opened, 3),
             "step": rollout.step,
             "weight": rollout.weight,
             "replicas": replicas,
@@ -433,7 +430,7 @@ class Controller:
         log.warning(
             "rollout ended", extra={"rollout": rollout.id, "phase": phase, "reason": reason}
         )
-        self._window_start = None
+        self._opens_at = self._window = None
         self._save()
 
     # --- gateways ------------------------------------------------------------------------

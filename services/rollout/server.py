@@ -266,14 +266,6 @@ def build(
         analysis=settings.analysis,
         start_timeout_s=settings.start_timeout_s,
     )
-    holder: dict[str, object] = {}
-
-    def on_leading(leading: bool) -> None:
-        health = holder.get("health")
-        if health is not None:
-            status = health_pb2.HealthCheckResponse
-            health.set(SERVICE_NAME, status.SERVING if leading else status.NOT_SERVING)  # type: ignore[attr-defined]
-
     controller = Controller(
         store,
         election,
@@ -282,7 +274,6 @@ def build(
         ),
         probe,
         config,
-        on_leading=on_leading,
     )
 
     def weight() -> list[tuple[float, dict[str, str]]]:
@@ -303,8 +294,13 @@ def build(
             RolloutServicer(controller), s
         ),
     )
-    health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)  # until it leads
-    holder["health"] = health
+    serving = health_pb2.HealthCheckResponse
+
+    def on_leading(leading: bool) -> None:  # readiness is the lead
+        health.set(SERVICE_NAME, serving.SERVING if leading else serving.NOT_SERVING)
+
+    on_leading(controller.leading)  # not yet: the first tick runs at start
+    controller.on_leading = on_leading
     admin, admin_port, _ = build_server(
         settings.admin_server,
         [ADMIN_SERVICE_NAME],

@@ -10,8 +10,13 @@ dataset's Feast store as the services do and times, over a pool of realistic req
 - ranking: ``RankingServicer.Rank`` on that matrix, and the compiled predict alone;
 - the packed-field codec against ``extend(a.tolist())``.
 
+``--gap-ms 8`` pauses (untimed) before each call, as a service of the mesh at concurrency 1
+waits ~8 ms for the other hops between two of its own calls; on this project's 2-vCPU
+machines the same call then costs 1.5-2.5x the CPU it costs back to back
+(``docs/serving.md``).
+
 Medians and p99s of process CPU per call go to ``reports/cores.json`` and a table. What the
-mesh adds on top (gRPC, thread hand-offs, caches another process has filled) is what
+mesh adds on top (gRPC, thread hand-offs, the pauses between a hop's calls) is what
 ``make bench`` measures against its floor.
 """
 
@@ -32,12 +37,27 @@ from homefeed.retrieval.v1 import retrieval_pb2
 
 from contract.paths import Paths
 
+GAP_MS = 0.0  # untimed pause before each timed call (``--gap-ms``)
+GAP_SPIN = False  # the pause spent running Python instead of sleeping (``--gap spin``)
+
+
+def _gap() -> None:
+    if GAP_MS <= 0:
+        return
+    if not GAP_SPIN:
+        time.sleep(GAP_MS / 1e3)
+        return
+    until = time.perf_counter() + GAP_MS / 1e3
+    while time.perf_counter() < until:
+        pass
+
 
 def timed(fn: Callable[[int], object], n: int, warmup: int = 50) -> dict[str, float]:
     for i in range(warmup):
         fn(i)
     ms = np.empty(n)
     for i in range(n):
+        _gap()
         start = time.process_time()
         fn(i)
         ms[i] = (time.process_time() - start) * 1e3
@@ -50,7 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="sim-small")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="an untimed pause before each timed call, as a service in the mesh waits for "
+        "the other hops between two of its calls (0: back to back)",
+    )
+    parser.add_argument(
+        "--gap",
+        choices=("sleep", "spin"),
+        default="sleep",
+        help="spend the pause asleep or running a Python loop",
+    )
     args = parser.parse_args(argv)
+    global GAP_MS, GAP_SPIN
+    GAP_MS, GAP_SPIN = args.gap_ms, args.gap == "spin"
     paths = Paths.from_env()
 
     from services.common.matrix import extend_packed
@@ -171,7 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     items.close()
     out = args.out or paths.reports / "cores.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"dataset": args.dataset, "calls": n, "cpu": figures}, indent=2))
+    report = {
+        "dataset": args.dataset,
+        "calls": n,
+        "gap_ms": GAP_MS,
+        "gap": args.gap,
+        "cpu": figures,
+    }
+    out.write_text(json.dumps(report, indent=2))
     print(f"{'process CPU per call':<46}{'p50 ms':>9}{'p99 ms':>9}")
     for name, f in figures.items():
         print(f"{name:<46}{f['p50_ms']:>9.3f}{f['p99_ms']:>9.3f}")

@@ -40,7 +40,7 @@ from services.common.errors import (
 from services.common.interceptors import LatencyRecorder
 from services.common.logs import configure_logging
 from services.common.matrix import from_float_matrix, to_float_matrix
-from services.common.server import build_server, serve
+from services.common.server import WORKER_THREAD_NAME, build_server, serve
 from services.common.settings import (
     ServerSettings,
     SettingsError,
@@ -63,6 +63,7 @@ class _Feed(feed_pb2_grpc.FeedServiceServicer):
         self.entered = threading.Event()
         self.release = threading.Event()
         self.remaining: list[float | None] = []
+        self.thread_names: list[str] = []  # the kernel's name of each handler thread
 
     def GetFeed(  # noqa: N802 (the generated base class names it)
         self, request: feed_pb2.GetFeedRequest, context: grpc.ServicerContext
@@ -79,6 +80,9 @@ class _Feed(feed_pb2_grpc.FeedServiceServicer):
             # ends, so the drain is observed while it is still running, on a busy machine too.
             self.release.wait(timeout=5.0)
         self.remaining.append(remaining_seconds(context))
+        comm = Path(f"/proc/self/task/{threading.get_native_id()}/comm")
+        if comm.exists():
+            self.thread_names.append(comm.read_text().strip())
         return feed_pb2.GetFeedResponse(request_id=request.request_id, item_ids=[1, 2])
 
 
@@ -146,6 +150,13 @@ def _status(s: Served, page_size: int) -> tuple[grpc.StatusCode, str]:
 
 def test_ok_call_returns_the_response(served: Served) -> None:
     assert list(_get_feed(served, 20).item_ids) == [1, 2]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="thread names in /proc are Linux's")
+def test_handlers_run_on_threads_the_kernel_knows_by_name(served: Served) -> None:
+    _get_feed(served, 20)
+    # top -H, /proc/<pid>/task/*/comm and scripts/bench_threads.py tell them from the rest
+    assert served.servicer.thread_names == [WORKER_THREAD_NAME]
 
 
 def test_service_error_becomes_its_status_with_its_message(served: Served) -> None:
@@ -389,7 +400,7 @@ def test_lame_duck_keeps_answering_while_not_serving() -> None:
 
 _SERVE_MAIN = """
 from services.common.logs import configure_logging
-from services.common.server import build_server, serve
+from services.common.server import WORKER_THREAD_NAME, build_server, serve
 from services.common.settings import ServerSettings
 
 configure_logging("probe")

@@ -42,7 +42,7 @@ from homefeed.retrieval.v1 import retrieval_pb2
 
 from contract.features import FEATURE_SCHEMA
 from services.common.interceptors import REQUEST_ID_KEY
-from services.common.server import READY_LINE, build_server, server_options
+from services.common.server import READY_LINE, build_server, name_os_thread, server_options
 from services.common.settings import ServerSettings
 from services.gateway.clients import CHANNEL_OPTIONS
 
@@ -207,7 +207,7 @@ def serve(role: str, candidates: int, width: int, plumbing: bool = False) -> int
         )
         return _run(server, port)
     server = grpc.server(
-        ThreadPoolExecutor(settings.max_workers),
+        ThreadPoolExecutor(settings.max_workers, initializer=name_os_thread),
         options=server_options(settings),
     )
     server.add_generic_rpc_handlers((_Generic(methods),))

@@ -3,7 +3,10 @@ reported with its table, column, rule and row count, and several are reported to
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -50,13 +53,18 @@ from contract.columns import (
     USER_ID,
     USERS,
 )
+from contract.paths import Paths
 from training.validate import (
     ValidationError,
     ValidationReport,
     Violation,
+    parse_quiet_day,
+    parse_weekday,
+    quiet_day_set,
     table_violations,
     validate_table,
     validate_tables,
+    volume_options,
 )
 
 START = pd.Timestamp("2024-03-01", tz="UTC")
@@ -530,7 +538,9 @@ def test_day_with_ten_times_the_previous_is_reported(tables: Tables) -> None:
     assert _found(err) == {(IMPRESSIONS, TS, "volume_anomaly", None)}
     (violation,) = err.value.violations
     assert violation.examples == ("2024-03-06",)  # the day after is back to normal
-    assert "2024-03-06 has 2000 rows vs 200 on 2024-03-05" in str(err.value)
+    assert "2024-03-06 (Wed) has 2,000 rows, expected about 200: 10x the rolling median" in str(
+        err.value
+    )
 
 
 def test_missing_day_is_reported_and_tolerance_is_configurable(tables: Tables) -> None:
@@ -603,3 +613,295 @@ def test_previous_day_counts_extend_a_short_delivery(tables: Tables) -> None:
     with pytest.raises(ValidationError) as err:
         validate_tables(bulk, window=window, previous_day_counts={IMPRESSIONS: previous})
     assert err.value.violations[0].examples == (f"{start:%Y-%m-%d}",)
+
+
+# --- daily volume on a shop calendar -------------------------------------------------------------
+
+CAL_START = pd.Timestamp("2011-11-07", tz="UTC")  # a Monday; 10 weeks run to 2012-01-15
+CAL_WEEKS = 10
+# Rows per weekday, Monday first: the shop is closed on Saturdays.
+CAL_WEEKDAY_ROWS = (500, 480, 460, 450, 420, 0, 250)
+CHRISTMAS = "2011-12-23..2012-01-03"
+OUTAGE_TUESDAY = "2011-11-29"
+
+
+def _calendar_days(
+    partial_last_day: int | None = 30, changed: Mapping[str, int] | None = None
+) -> pd.Series:
+    """Rows per day of a shop's 10-week log: a weekly rhythm with ±15 % noise, every
+    Saturday and the Christmas break empty, ``changed`` days ("YYYY-MM-DD" -> rows) as
+    given, and a last day cut short (``partial_last_day`` rows on the Monday after the 10
+    weeks; None: no such day)."""
+    rng = np.random.default_rng(7)
+    days = pd.date_range(CAL_START, periods=7 * CAL_WEEKS + 1, freq="D")
+    weekly = np.array([CAL_WEEKDAY_ROWS[d.weekday()] for d in days])
+    rows = (weekly * rng.uniform(0.85, 1.15, len(days))).round().astype(int)
+    first, last = (pd.Timestamp(d, tz="UTC") for d in CHRISTMAS.split(".."))
+    rows[(days >= first) & (days <= last)] = 0
+    for day, n in (changed or {}).items():
+        rows[days.get_loc(pd.Timestamp(day, tz="UTC"))] = n
+    if partial_last_day is None:
+        return pd.Series(rows[:-1], index=days[:-1])
+    rows[-1] = partial_last_day
+    return pd.Series(rows, index=days)
+
+
+def _calendar_tables(tables: Tables, per_day: pd.Series) -> Tables:
+    """The valid set with ``per_day`` impressions and its inventory moved into that log."""
+    out = _with_impressions(tables, _bulk_impressions(per_day.tolist(), start=CAL_START))
+    inventory = out[INVENTORY].copy()
+    inventory[TS] = CAL_START + pd.to_timedelta(np.arange(len(inventory)), unit="D")
+    return {**out, INVENTORY: inventory}
+
+
+def _data_window(tables: Tables) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """The window `homefeed ingest` takes from the data."""
+    from training.stages import window_of
+
+    return window_of(tables)
+
+
+def test_shop_calendar_with_declared_closing_days_passes(tables: Tables) -> None:
+    log = _calendar_tables(tables, _calendar_days())
+
+    report = validate_tables(
+        log, window=_data_window(log), quiet_days=[CHRISTMAS], closed_weekdays=["sat"]
+    )
+
+    assert f"{IMPRESSIONS}.{TS}: volume_anomaly" in report.checks_run
+    assert not report.skipped
+
+
+def test_an_always_empty_weekday_is_not_flagged_even_undeclared(tables: Tables) -> None:
+    log = _calendar_tables(tables, _calendar_days())
+
+    validate_tables(log, window=_data_window(log), quiet_days=[CHRISTMAS])
+
+
+def test_undeclared_break_is_flagged_with_a_range_to_declare(tables: Tables) -> None:
+    log = _calendar_tables(tables, _calendar_days())
+
+    with pytest.raises(ValidationError) as err:
+        validate_tables(log, window=_data_window(log), closed_weekdays=["sat"])
+
+    # Every open day of the break, the middle ones too (their days around are empty as well);
+    # the closed Saturdays are not flagged, and do not split the range to declare.
+    break_days = pd.date_range("2011-12-23", "2012-01-03", tz="UTC")
+    open_days = [f"{d:%Y-%m-%d}" for d in break_days if d.weekday() != 5]
+    assert [v.examples[0] for v in err.value.violations] == open_days
+    assert all(f"--quiet-day {CHRISTMAS} if" in v.detail for v in err.value.violations)
+    assert "the rolling median (0, " in str(err.value)  # no excuse for an empty day
+
+
+def test_one_day_outage_on_a_tuesday_is_flagged_with_what_was_expected(tables: Tables) -> None:
+    per_day = _calendar_days(changed={OUTAGE_TUESDAY: 24})  # 5 % of a Tuesday
+    log = _calendar_tables(tables, per_day)
+
+    with pytest.raises(ValidationError) as err:
+        validate_tables(
+            log, window=_data_window(log), quiet_days=[CHRISTMAS], closed_weekdays=["sat"]
+        )
+
+    (violation,) = err.value.violations
+    assert (violation.table, violation.rule, violation.examples) == (
+        IMPRESSIONS,
+        "volume_anomaly",
+        ("2011-11-29",),
+    )
+    # The Tuesdays within 4 weeks, the one inside the declared break left out.
+    tuesdays = ["2011-11-08", "2011-11-15", "2011-11-22", "2011-12-06", "2011-12-13", "2011-12-20"]
+    expected = per_day[pd.DatetimeIndex(tuesdays, tz="UTC")].median()
+    message = str(violation)
+    assert (
+        f"2011-11-29 (Tue) has 24 rows, expected about {expected:,.0f}: "
+        f"{24 / expected:.2g}x the same-weekday median ({expected:,.0f}, 6 other Tuesdays "
+        "within ±4 weeks) and "
+    ) in message
+    assert "the rolling median (" in message and "both outside 1/3x..3x" in message
+    assert "silence with --quiet-day 2011-11-29 if it is explained" in message
+
+
+def test_partial_last_day_is_not_flagged_when_the_window_comes_from_the_data(
+    tables: Tables,
+) -> None:
+    options = volume_options([CHRISTMAS], ["sat"])
+    log = _calendar_tables(tables, _calendar_days(partial_last_day=30))
+    validate_tables(log, window=_data_window(log), **options)
+    validate_tables(log, **options)  # no window at all
+
+    # The same 30 rows one day before the end are an outage...
+    log = _calendar_tables(tables, _calendar_days(480, changed={"2012-01-15": 30}))
+    with pytest.raises(ValidationError) as err:
+        validate_tables(log, window=_data_window(log), **options)
+    assert [v.examples for v in err.value.violations] == [("2012-01-15",)]
+
+    # ...and a last day with far too many rows is still reported.
+    log = _calendar_tables(tables, _calendar_days(partial_last_day=5_000))
+    with pytest.raises(ValidationError) as err:
+        validate_tables(log, window=_data_window(log), **options)
+    assert [v.examples for v in err.value.violations] == [("2012-01-16",)]
+
+
+def test_volume_tolerance_changes_the_verdict(tables: Tables) -> None:
+    per_day = _calendar_days(changed={OUTAGE_TUESDAY: 192})  # 40 % of a Tuesday
+    log = _calendar_tables(tables, per_day)
+    validate_tables(log, window=_data_window(log), **volume_options([CHRISTMAS], ["sat"]))
+
+    with pytest.raises(ValidationError) as err:
+        validate_tables(log, window=_data_window(log), **volume_options([CHRISTMAS], ["sat"], 2))
+    (violation,) = err.value.violations
+    assert violation.examples == ("2011-11-29",)
+    assert "outside 1/2x..2x" in violation.detail
+    assert "or --volume-tolerance 2." in violation.detail
+
+    with pytest.raises(ValueError, match="volume tolerance must be a finite factor > 1"):
+        validate_tables(log, volume_tolerance=1)
+
+
+def test_closed_weekday_that_is_open_is_reported(tables: Tables) -> None:
+    log = _calendar_tables(tables, _calendar_days())
+
+    with pytest.raises(ValidationError) as err:
+        validate_tables(
+            log, window=_data_window(log), quiet_days=[CHRISTMAS], closed_weekdays=["sat", "wed"]
+        )
+
+    (violation,) = err.value.violations
+    assert violation.examples == ("wed",)
+    assert "wed is declared closed (--closed-weekday wed) but the median Wednesday has" in (
+        violation.detail
+    )
+
+
+# --- the volume check's options -----------------------------------------------------------------
+
+
+def test_quiet_days_and_ranges_parse_to_utc_days() -> None:
+    assert parse_quiet_day("2011-12-25") == "2011-12-25"
+    assert parse_quiet_day(" 2011-12-23 .. 2012-01-03 ") == CHRISTMAS
+    assert parse_quiet_day("2011-12-25..2011-12-25") == "2011-12-25"
+    assert parse_quiet_day(pd.Timestamp("2011-12-25 23:00", tz="America/New_York")) == (
+        "2011-12-26"
+    )
+    days = quiet_day_set([CHRISTMAS, "2011-12-25", "2012-02-01"])
+    assert len(days) == 12 + 1
+    assert min(days) == pd.Timestamp("2011-12-23", tz="UTC")
+    assert max(days) == pd.Timestamp("2012-02-01", tz="UTC")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            "2012-01-03..2011-12-23",
+            "quiet-day range '2012-01-03..2011-12-23' ends before it starts; "
+            "write the earlier day first: 2011-12-23..2012-01-03",
+        ),
+        ("12/25/2011", "a quiet day must be a date YYYY-MM-DD or an inclusive range"),
+        ("2011-12-23..", "got '2011-12-23..'"),
+        ("2011-02-30", "got '2011-02-30'"),
+        ("2011-12-01..2011-12-05..2011-12-09", "inclusive range YYYY-MM-DD..YYYY-MM-DD"),
+    ],
+    ids=["reversed", "us-date", "open-end", "no-such-day", "three-parts"],
+)
+def test_bad_quiet_day_is_refused_with_what_would_be_right(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_quiet_day(spec)
+
+
+def test_weekday_names() -> None:
+    assert [parse_weekday(n) for n in ("sat", "Sat", "SATURDAY", " sun ")] == [
+        "sat",
+        "sat",
+        "sat",
+        "sun",
+    ]
+    with pytest.raises(ValueError, match=re.escape("one of mon, tue, wed, thu, fri, sat, sun")):
+        parse_weekday("satu")
+
+
+def test_volume_options_are_canonical() -> None:
+    assert volume_options(["2012-01-05", CHRISTMAS, "2012-01-05"], ["sun", "Sat", "mon"]) == {
+        "quiet_days": [CHRISTMAS, "2012-01-05"],
+        "closed_weekdays": ["mon", "sat", "sun"],
+        "volume_tolerance": 3.0,
+    }
+    assert volume_options(volume_tolerance=4)["volume_tolerance"] == 4.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["validate", "--closed-weekday", "satu"],
+            "argument --closed-weekday: a closed weekday must be one of mon, tue, wed, thu, "
+            "fri, sat, sun (or its full name), got 'satu'",
+        ),
+        (
+            [
+                "ingest",
+                "--source",
+                "generic",
+                "--dataset",
+                "x",
+                "--quiet-day",
+                "2012-01-03..2011-12-23",
+            ],
+            "argument --quiet-day: quiet-day range '2012-01-03..2011-12-23' ends before it starts",
+        ),
+        (
+            ["validate", "--volume-tolerance", "0.5"],
+            "argument --volume-tolerance: volume tolerance must be a finite factor > 1",
+        ),
+        (
+            ["ingest", "--source", "generic", "--dataset", "x", "--volume-tolerance", "three"],
+            "argument --volume-tolerance: expects a factor > 1 such as 3, got 'three'",
+        ),
+    ],
+    ids=["weekday", "reversed-range", "tolerance", "tolerance-not-a-number"],
+)
+def test_cli_refuses_bad_volume_options_before_reading_data(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_volume_options_given_at_ingest_are_stored_for_later_validate_runs(
+    tables: Tables, home: Paths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools.cli import main
+    from training.stages import read_meta
+    from training.tables import write_tables
+
+    write_tables(_calendar_tables(tables, _calendar_days()), tmp_path / "logs")
+    ingest = ["ingest", "--source", "generic", "--path", str(tmp_path / "logs")]
+
+    assert main([*ingest, "--dataset", "shop-undeclared"]) == 2
+    assert "volume_anomaly — 2011-12-23 (Fri)" in capsys.readouterr().err
+
+    declared = ["--quiet-day", CHRISTMAS, "--closed-weekday", "Saturday"]
+    assert main([*ingest, "--dataset", "shop", *declared, "--volume-tolerance", "2.5"]) == 0
+    meta = read_meta(home, "shop")
+    assert (meta["quiet_days"], meta["closed_weekdays"], meta["volume_tolerance"]) == (
+        [CHRISTMAS],
+        ["sat"],
+        2.5,
+    )
+
+    capsys.readouterr()
+    assert main(["validate", "--dataset", "shop"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["volume"] == {
+        "quiet_days": [CHRISTMAS],
+        "closed_weekdays": ["sat"],
+        "volume_tolerance": 2.5,
+    }
+    assert main(["validate", "--dataset", "shop", "--volume-tolerance", "1.05"]) == 2
+    assert "outside 1/1.05x..1.05x" in capsys.readouterr().err
+    assert read_meta(home, "shop")["volume_tolerance"] == 2.5  # validate stores nothing

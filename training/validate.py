@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,6 +50,7 @@ from contract.columns import (
     CONTENT,
     COUNTRY,
     DEVICE,
+    DEVICE_UNKNOWN,
     DEVICES,
     EVENT_TABLES,
     IMPRESSION_ID,
@@ -99,11 +102,19 @@ PANDAS_DTYPES: dict[str, np.dtype | pd.DatetimeTZDtype] = {
 # window [start, end) legitimately holds purchases up to this long after `end`.
 LATE_ARRIVAL: dict[str, pd.Timedelta] = {PURCHASES: pd.Timedelta(days=14)}
 
-# Tables whose daily row count is compared day over day.
+# The daily volume check (`_volume_violations` says the rule): the tables whose rows per
+# UTC day it counts, how much data it needs, and its references.
 VOLUME_TABLES = (IMPRESSIONS,)
 VOLUME_MIN_DAYS = 7
 VOLUME_MIN_ROWS = 1000
 DEFAULT_VOLUME_TOLERANCE = 3.0
+VOLUME_WEEKS = 4  # same-weekday reference: that weekday up to 4 weeks either side
+VOLUME_ROLLING_DAYS = 7  # rolling reference: the days up to 7 days either side
+# A count this share of a typical open day away from its reference is never an anomaly, so
+# a weekday with a handful of rows is not flagged for having 5 where its median is 1.
+VOLUME_NOISE_SHARE = 0.02
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # pandas' weekday 0..6
+_WEEKDAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 # (child table, child column, parent table): every child value must be a parent key.
 FOREIGN_KEYS: tuple[tuple[str, str, str], ...] = (
@@ -280,7 +291,7 @@ _VALUE_CHECKS: dict[str, dict[str, list[pa.Check]]] = {
                 n_failure_cases=N_EXAMPLES,
             )
         ],
-        DEVICE: [_allowed(DEVICES)],
+        DEVICE: [_allowed((*DEVICES, DEVICE_UNKNOWN))],  # unknown: a log without devices
     },
     IMPRESSIONS: {SURFACE: [_allowed(SURFACES)], POLICY: [_allowed(POLICIES)]},
     PURCHASES: {
@@ -602,6 +613,7 @@ def validate_tables(
     volume_tolerance: float = DEFAULT_VOLUME_TOLERANCE,
     previous_day_counts: Mapping[str, pd.Series] | None = None,
     quiet_days: Iterable[str | pd.Timestamp] = (),
+    closed_weekdays: Iterable[str] = (),
 ) -> ValidationReport:
     """Check every table of `columns.ALL_TABLES` and the rules between them.
 
@@ -610,14 +622,20 @@ def validate_tables(
         window: ``[start, end)`` the data covers (tz-aware). Event timestamps must fall
             inside it; purchases may land up to `LATE_ARRIVAL` after ``end``. Days cut by
             either bound are left out of the volume check.
-        volume_tolerance: a day whose row count is above ``previous * volume_tolerance`` or
-            below ``previous / volume_tolerance`` is a volume anomaly.
+        volume_tolerance: the volume check's factor (CLI ``--volume-tolerance``): a day is
+            a volume anomaly when its row count is above ``tolerance`` times or below
+            ``1/tolerance`` of its references (see `_volume_violations`); > 1.
         previous_day_counts: table -> rows per UTC day (index: midnight UTC timestamps)
             from earlier deliveries, e.g. the last report's ``daily_counts``; lets a
             delivery of a few days be compared with the days before it.
         quiet_days: UTC days known to be unusual (a store closed on Christmas Day, an
-            outage already explained); the volume check neither flags them nor uses them
-            as the next day's reference.
+            outage already explained), as dates or inclusive ranges ``"2011-12-23..2012-01-03"``
+            (CLI ``--quiet-day``); the volume check neither flags them nor uses them as a
+            reference for other days.
+        closed_weekdays: weekdays the shop is closed every week, ``"mon"`` .. ``"sun"``
+            (CLI ``--closed-weekday``), UTC like every day here; the volume check skips
+            them as it skips quiet days, and reports a declared weekday whose typical
+            count is that of an open day.
 
     Returns:
         What was checked, when nothing is wrong.
@@ -626,14 +644,9 @@ def validate_tables(
         ValidationError: listing every violation found.
     """
     started = time.perf_counter()
-    quiet = frozenset(
-        pd.Timestamp(d, tz="UTC").floor("D")
-        if pd.Timestamp(d).tzinfo is None
-        else pd.Timestamp(d).tz_convert("UTC").floor("D")
-        for d in quiet_days
-    )
-    if volume_tolerance <= 1:
-        raise ValueError(f"volume_tolerance must be > 1, got {volume_tolerance}")
+    quiet = quiet_day_set(quiet_days)
+    closed = frozenset(WEEKDAYS.index(parse_weekday(name)) for name in closed_weekdays)
+    volume_tolerance = check_volume_tolerance(volume_tolerance)
     if window is not None:
         window = _utc_window(window)
     for extra in sorted(set(tables) - set(ALL_TABLES)):
@@ -671,7 +684,7 @@ def validate_tables(
         daily_counts[table] = counts
         previous = (previous_day_counts or {}).get(table)
         found_volume, skip = _volume_violations(
-            table, counts, window, volume_tolerance, previous, quiet
+            table, counts, window, volume_tolerance, previous, quiet, closed
         )
         violations.extend(found_volume)
         if skip:
@@ -839,6 +852,122 @@ def _ns(ts: pd.Series) -> np.ndarray:
     return ts.to_numpy(dtype="datetime64[ns]").view(np.int64)
 
 
+# --- daily volume ----------------------------------------------------------------------------
+
+
+def volume_options(
+    quiet_days: Iterable[str | pd.Timestamp] = (),
+    closed_weekdays: Iterable[str] = (),
+    volume_tolerance: float | None = None,
+) -> dict[str, Any]:
+    """The volume check's options in canonical form: keyword arguments of `validate_tables`,
+    and what a dataset's ``dataset.json`` stores. Quiet days and ranges sorted without
+    repeats, weekdays in week order, the tolerance (None: the default); a ValueError names
+    the first bad one."""
+    tolerance = DEFAULT_VOLUME_TOLERANCE if volume_tolerance is None else volume_tolerance
+    return {
+        "quiet_days": sorted({parse_quiet_day(d) for d in quiet_days}),
+        "closed_weekdays": sorted({parse_weekday(w) for w in closed_weekdays}, key=WEEKDAYS.index),
+        "volume_tolerance": check_volume_tolerance(tolerance),
+    }
+
+
+def parse_weekday(name: str) -> str:
+    """``"Sat"`` or ``"saturday"`` -> ``"sat"``; a ValueError lists the accepted names."""
+    key = name.strip().lower() if isinstance(name, str) else ""
+    for short, full in zip(WEEKDAYS, _WEEKDAY_NAMES, strict=True):
+        if key in (short, full.lower()):
+            return short
+    raise ValueError(
+        f"a closed weekday must be one of {', '.join(WEEKDAYS)} (or its full name), got {name!r}"
+    )
+
+
+def parse_quiet_day(spec: str | pd.Timestamp) -> str:
+    """A quiet day, ``"2011-12-25"``, or an inclusive range of them,
+    ``"2011-12-23..2012-01-03"``, in that canonical form; a ValueError says what is wrong."""
+    first, last = _quiet_bounds(spec)
+    return f"{first:%Y-%m-%d}" if first == last else f"{first:%Y-%m-%d}..{last:%Y-%m-%d}"
+
+
+def quiet_day_set(specs: Iterable[str | pd.Timestamp]) -> frozenset[pd.Timestamp]:
+    """The UTC midnights of every day the quiet days and ranges ``specs`` cover."""
+    days: set[pd.Timestamp] = set()
+    for spec in specs:
+        first, last = _quiet_bounds(spec)
+        days.update(pd.date_range(first, last, freq="D"))
+    return frozenset(days)
+
+
+def check_volume_tolerance(value: float) -> float:
+    """``value`` as the volume check's factor, or a ValueError when it is not > 1."""
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        factor = np.nan
+    if not (factor > 1 and np.isfinite(factor)):
+        raise ValueError(
+            "volume tolerance must be a finite factor > 1 (3 flags a day at under a third "
+            f"or over three times its references), got {value!r}"
+        )
+    return factor
+
+
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_QUIET_DAY_FORMAT = (
+    "a quiet day must be a date YYYY-MM-DD or an inclusive range YYYY-MM-DD..YYYY-MM-DD"
+)
+
+
+def _quiet_bounds(spec: str | pd.Timestamp) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """First and last UTC midnight of a quiet day or range."""
+    parts = [p.strip() for p in spec.split("..")] if isinstance(spec, str) else [spec]
+    if len(parts) > 2:
+        raise ValueError(f"{_QUIET_DAY_FORMAT}, got {spec!r}")
+    first, last = (_utc_day(part, spec) for part in (parts[0], parts[-1]))
+    if last < first:
+        raise ValueError(
+            f"quiet-day range {spec!r} ends before it starts; "
+            f"write the earlier day first: {last:%Y-%m-%d}..{first:%Y-%m-%d}"
+        )
+    return first, last
+
+
+def _utc_day(value: str | pd.Timestamp, spec: str | pd.Timestamp) -> pd.Timestamp:
+    if isinstance(value, str) and not _DATE.fullmatch(value):
+        raise ValueError(f"{_QUIET_DAY_FORMAT}, got {spec!r}")
+    try:
+        ts = pd.Timestamp(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"{_QUIET_DAY_FORMAT}, got {spec!r}") from None
+    if pd.isna(ts):
+        raise ValueError(f"{_QUIET_DAY_FORMAT}, got {spec!r}")
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    return ts.floor("D")
+
+
+_SAME_WEEKDAY = np.array([7 * k for k in range(-VOLUME_WEEKS, VOLUME_WEEKS + 1) if k])
+_AROUND = np.array([k for k in range(-VOLUME_ROLLING_DAYS, VOLUME_ROLLING_DAYS + 1) if k])
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """One reference of a day: the median ``expected`` count of ``n`` other days."""
+
+    kind: str  # "weekday" or "rolling"
+    expected: float
+    n: int
+
+    def agrees(self, count: float, tolerance: float, slack: float) -> bool:
+        return self.expected / tolerance - slack <= count <= self.expected * tolerance + slack
+
+    def tolerance_needed(self, count: float, slack: float) -> float:
+        """The smallest factor with which this reference would agree with ``count``."""
+        if count > self.expected:
+            return (count - slack) / self.expected if self.expected > 0 else np.inf
+        return self.expected / (count + slack) if count + slack > 0 else np.inf
+
+
 def _volume_violations(
     table: str,
     counts: pd.Series,
@@ -846,27 +975,40 @@ def _volume_violations(
     tolerance: float,
     previous: pd.Series | None,
     quiet: frozenset[pd.Timestamp] = frozenset(),
+    closed: frozenset[int] = frozenset(),
 ) -> tuple[list[Violation], str | None]:
-    """Compare each complete UTC day's row count with the day before it.
+    """Compare each UTC day's row count with its same weekday and with the days around it.
 
-    A day cut by the window (or, without a window, the first and last day of the data,
-    whose completeness is unknown) is left out. Days without rows count as 0. A day that
-    breaks the rule is not used as the next day's reference, so a one-day spike or outage
-    is reported once rather than again on the day things return to normal; the price is
-    that a lasting change of level is reported on every day after it.
+    A day has two references, each the median count of other days: its *same weekday*
+    (that weekday up to `VOLUME_WEEKS` weeks before and after) and its *rolling* median
+    (the days up to `VOLUME_ROLLING_DAYS` before and after). A reference agrees with the
+    day when the count is within ``[expected / tolerance - slack, expected * tolerance +
+    slack]``; ``slack`` is `VOLUME_NOISE_SHARE` of a typical open day (the median of the
+    non-empty reference days). The day is an anomaly when *no* reference agrees: the weekly
+    rhythm is not flagged (a weekday that is always near-empty agrees with its own weekday),
+    nor a change of level within a few weeks (the rolling median follows it), while a
+    one-day outage or spike disagrees with both. One exception: an *empty* day (count <=
+    slack) on a weekday that is open is flagged whatever the rolling median says, so an
+    undeclared break or a log that stopped for a fortnight is reported on every day, not
+    only on the first few. A day with no reference at all is not checked. Medians on both
+    sides make a day's verdict independent of the order the days are looked at.
+    Left out: days cut by the window; quiet days and closed weekdays (neither checked nor
+    references); the first and last day holding rows, which may be partial whatever the
+    window says, are checked only for too *many* rows and are no reference. Days without
+    rows count as 0; ``previous`` days (earlier deliveries) are references only. A declared
+    closed weekday whose median count is that of an open day is reported too.
 
     Returns the violations and, when the check could not apply, why.
     """
+    if not len(counts):
+        return [], f"{table}: no rows"
+    edges = [counts.index[0], counts.index[-1]]
     if window is not None:
         first, last = window[0].ceil("D"), window[1].floor("D") - pd.Timedelta(days=1)
-    elif len(counts):
-        first = counts.index[0] + pd.Timedelta(days=1)
-        last = counts.index[-1] - pd.Timedelta(days=1)
     else:
-        return [], f"{table}: no rows"
-    days = pd.date_range(first, last, freq="D")
-    series = counts.reindex(days, fill_value=0)
-    if previous is not None and len(previous) and len(days):
+        first, last = counts.index[0], counts.index[-1]
+    series = counts.reindex(pd.date_range(first, last, freq="D"), fill_value=0)
+    if previous is not None and len(previous) and len(series):
         earlier = pd.Series(
             previous.to_numpy(np.int64),
             index=pd.to_datetime(previous.index, utc=True).floor("D"),
@@ -877,34 +1019,147 @@ def _volume_violations(
             series = series.reindex(pd.date_range(series.index[0], last, freq="D"), fill_value=0)
     if len(series) < VOLUME_MIN_DAYS or series.sum() < VOLUME_MIN_ROWS:
         return [], (
-            f"{table}: volume check needs >= {VOLUME_MIN_DAYS} complete days and "
+            f"{table}: volume check needs >= {VOLUME_MIN_DAYS} days and "
             f">= {VOLUME_MIN_ROWS} rows, got {len(series)} days and {int(series.sum())} rows"
         )
-    flagged: list[tuple[pd.Timestamp, int, pd.Timestamp, int]] = []
-    reference: tuple[pd.Timestamp, int] | None = None
+    days = pd.DatetimeIndex(series.index)
+    values = series.to_numpy(np.float64)
+    weekday = days.weekday.to_numpy()
+    edge = days.isin(edges)
+    is_quiet = days.isin(list(quiet))
+    excluded = is_quiet | np.isin(weekday, list(closed))
+    is_reference = ~excluded & ~edge
+    open_days = values[is_reference & (values > 0)]
+    typical = float(np.median(open_days)) if len(open_days) else 0.0
+    slack = VOLUME_NOISE_SHARE * typical
+
+    flagged: list[tuple[int, list[_Reference], bool]] = []
     # One iteration per day, not per row.
-    for day, count in zip(pd.DatetimeIndex(series.index), series.to_numpy(), strict=True):
-        if day in quiet:
+    for i in np.flatnonzero((days >= first) & ~excluded):
+        refs = []
+        for kind, offsets in (("weekday", _SAME_WEEKDAY), ("rolling", _AROUND)):
+            others = i + offsets
+            others = others[(others >= 0) & (others < len(values))]
+            others = others[is_reference[others]]
+            if len(others):
+                refs.append(_Reference(kind, float(np.median(values[others])), len(others)))
+        count = values[i]
+        # An empty day is excused by its own weekday only, never by empty days around it.
+        empty = count <= slack and any(r.kind == "weekday" for r in refs)
+        if not refs or any(r.agrees(count, tolerance, slack) for r in _excusing(refs, empty)):
             continue
-        if reference is not None and reference[1] > 0 and day >= first:
-            ref_day, ref_count = reference
-            if count > ref_count * tolerance or count * tolerance < ref_count:
-                flagged.append((day, int(count), ref_day, ref_count))
-                continue
-        reference = (day, int(count))
-    if not flagged:
-        return [], None
-    days_text = "; ".join(
-        f"{day:%Y-%m-%d} has {count} rows vs {ref_count} on {ref_day:%Y-%m-%d} "
-        f"({count / ref_count:.2g}x)"
-        for day, count, ref_day, ref_count in flagged
+        if edge[i] and any(count < r.expected for r in refs):
+            continue  # perhaps only part of the day was delivered
+        flagged.append((int(i), refs, empty))
+
+    violations = []
+    runs = _runs([at for at, *_ in flagged], values <= slack)
+    for at, day_refs, empty in flagged:
+        day, (run_first, run_last) = days[at], runs[at]
+        detail = _volume_detail(
+            day,
+            int(values[at]),
+            day_refs,
+            empty,
+            tolerance,
+            slack,
+            (days[run_first], days[run_last]),
+        )
+        examples = (f"{day:%Y-%m-%d}",)
+        violations.append(
+            Violation(table, TIME_COLUMN[table], "volume_anomaly", None, examples, detail)
+        )
+    for wd in sorted(closed):
+        on = values[(days >= first) & (weekday == wd) & ~edge & ~is_quiet]
+        if len(on) >= 2 and typical > 0 and np.median(on) > typical / tolerance + slack:
+            name = _WEEKDAY_NAMES[wd]
+            detail = (
+                f"{WEEKDAYS[wd]} is declared closed (--closed-weekday {WEEKDAYS[wd]}) but the "
+                f"median {name} has {np.median(on):,.0f} rows, like an open day "
+                f"({typical:,.0f}), so the check would hide an outage on any {name}; "
+                f"drop --closed-weekday {WEEKDAYS[wd]} or name the day the shop closes"
+            )
+            violations.append(
+                Violation(
+                    table, TIME_COLUMN[table], "volume_anomaly", None, (WEEKDAYS[wd],), detail
+                )
+            )
+    return violations, None
+
+
+def _excusing(refs: list[_Reference], empty: bool) -> list[_Reference]:
+    """The references whose agreement clears a day: all of them, or for an empty day only
+    its weekday (a shop does not drift to nothing; it closes, or its log breaks)."""
+    return [r for r in refs if r.kind == "weekday"] if empty else refs
+
+
+def _runs(positions: list[int], empty: np.ndarray) -> dict[int, tuple[int, int]]:
+    """Each flagged position -> the first and last position of its run: flagged positions
+    with nothing but empty days between them (a closed Saturday inside a break)."""
+    out: dict[int, tuple[int, int]] = {}
+    start = 0
+    for k in range(1, len(positions) + 1):
+        if k == len(positions) or not empty[positions[k - 1] + 1 : positions[k]].all():
+            for p in positions[start:k]:
+                out[p] = (positions[start], positions[k - 1])
+            start = k
+    return out
+
+
+def _volume_detail(
+    day: pd.Timestamp,
+    count: int,
+    refs: list[_Reference],
+    empty: bool,
+    tolerance: float,
+    slack: float,
+    run: tuple[pd.Timestamp, pd.Timestamp],
+) -> str:
+    """Which day, its count, what was expected, which references disagree, and the option
+    that would silence it."""
+    weekday = _WEEKDAY_NAMES[day.weekday()]
+    disagree = [r for r in refs if not r.agrees(count, tolerance, slack)]
+    described = []
+    for r in disagree:
+        ratio = f"{_ratio(count / r.expected)}x" if r.expected > 0 else "above"
+        described.append(f"{ratio} the {_describe(r, weekday)}")
+    verdict = f"{'both ' if len(disagree) > 1 else ''}outside 1/{tolerance:g}x..{tolerance:g}x"
+    for r in refs:
+        if r not in disagree:  # only an empty day is flagged with a reference that agrees
+            verdict += (
+                f"; the {_describe(r, weekday)} agrees, but an empty day on a weekday that "
+                "is open is always reported"
+            )
+    no_weekday = all(r.kind != "weekday" for r in refs)
+    if no_weekday:
+        verdict += f" (no other {weekday} within ±{VOLUME_WEEKS} weeks to compare with)"
+    quiet = f"{day:%Y-%m-%d}" if run[0] == run[1] else f"{run[0]:%Y-%m-%d}..{run[1]:%Y-%m-%d}"
+    options = [f"--quiet-day {quiet} if it is explained (a holiday, a known outage)"]
+    if count <= slack and no_weekday:
+        short = WEEKDAYS[day.weekday()]
+        options.append(f"--closed-weekday {short} if the shop closes every {weekday}")
+    needed = min(r.tolerance_needed(count, slack) for r in _excusing(refs, empty))
+    if needed <= 2 * tolerance:
+        options.append(f"--volume-tolerance {np.ceil(needed * 10 + 1e-9) / 10:g}")
+    return (
+        f"{day:%Y-%m-%d} ({weekday[:3]}) has {count:,} rows, expected about "
+        f"{refs[0].expected:,.0f}: {' and '.join(described)}, {verdict}; silence with "
+        + ", or ".join(options)
     )
-    detail = (
-        f"{len(flagged)} day{'s' if len(flagged) != 1 else ''} outside "
-        f"1/{tolerance:g}x..{tolerance:g}x of the previous day: {days_text}"
-    )
-    examples = tuple(f"{day:%Y-%m-%d}" for day, *_ in flagged[:N_EXAMPLES])
-    return [Violation(table, TIME_COLUMN[table], "volume_anomaly", None, examples, detail)], None
+
+
+def _describe(r: _Reference, weekday: str) -> str:
+    if r.kind == "weekday":
+        plural = "s" if r.n != 1 else ""
+        return (
+            f"same-weekday median ({r.expected:,.0f}, {r.n} other {weekday}{plural} "
+            f"within ±{VOLUME_WEEKS} weeks)"
+        )
+    return f"rolling median ({r.expected:,.0f}, {r.n} days within ±{VOLUME_ROLLING_DAYS})"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2g}" if x < 10 else f"{x:.0f}"
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -72,6 +72,12 @@ POLICIES = (POLICY_HEURISTIC, POLICY_RANDOM, POLICY_ORGANIC)
 # organic purchase in purchase-only data (Complete Journey), where nothing unbought was shown.
 POLICY_SAMPLED = "sampled_negative"
 DEVICES = ("ios", "android", "web")
+# users.device of a log that does not record devices. A table value, not one of DEVICES: the
+# feature matrix encodes it like any unknown device (code len(DEVICES)), the simulator never
+# draws it, and a feed request leaves the device empty instead.
+DEVICE_UNKNOWN = "unknown"
+# items.brand of an item without a brand (brand codes are labels; this one is no brand).
+NO_BRAND = -1
 COUNTRIES = ("US", "GB", "DE", "FR", "CA")
 SPLITS = ("train", "valid", "test")
 

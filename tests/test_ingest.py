@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import textwrap
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from contract import columns as C
 from training import ingest as ing
 from training import tables as tb
+from training.validate import validate_tables
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -248,8 +250,9 @@ def test_generic_parquet_source_with_list_vectors(generic_dir: Path) -> None:
 
 
 def test_generic_missing_column_names_table_and_column(generic_dir: Path) -> None:
-    write(generic_dir / "users.csv", "user_id,signup_at,country,cohort\nu_1,2024-01-01,US,a\n")
-    with pytest.raises(ing.IngestError, match=r"users\.csv: table 'users' is missing .*'device'"):
+    write(generic_dir / "users.csv", "user_id,signup_at,device,cohort\nu_1,2024-01-01,ios,a\n")
+    pattern = r"users\.csv: table 'users' is missing required column\(s\) \['country'\]"
+    with pytest.raises(ing.IngestError, match=pattern):
         ing.ingest_generic(generic_dir)
 
 
@@ -317,6 +320,344 @@ def test_ingest_dispatch(generic_dir: Path) -> None:
         ing.ingest("csv", str(generic_dir))
     with pytest.raises(ing.IngestError, match="needs a folder"):
         ing.ingest("generic")
+
+
+# --- generic: optional columns, purchase-only logs, countries, content from text -----------
+
+FIRST_EVENT = pd.Timestamp("2024-01-01 09:00", tz="UTC")
+SHOP_WINDOW = (pd.Timestamp("2024-01-01", tz="UTC"), pd.Timestamp("2024-02-21", tz="UTC"))
+
+
+@pytest.fixture
+def shop_dir(tmp_path: Path) -> Path:
+    """A retailer's invoice log with only the columns nothing can stand in for: no
+    impressions, ratings, margins, brands, stock, devices, signup dates or vectors."""
+    src = tmp_path / "shop"
+    src.mkdir()
+    write(src / "sellers.csv", "seller_id\nshop\nmarket\nidle\n")
+    write(
+        src / "items.csv",
+        """
+        item_id,seller_id,category,price
+        A1,shop,3,2.5
+        A2,shop,3,4.0
+        B1,market,5,10.0
+        C1,shop,7,1.0
+        """,
+    )
+    write(
+        src / "users.csv",
+        """
+        user_id,country
+        17850,United Kingdom
+        13047,GB
+        12583,france
+        """,
+    )
+    write(
+        src / "purchases.csv",
+        """
+        user_id,item_id,ts,price,quantity
+        17850,A2,2024-01-01 09:00,4.0,1
+        17850,A1,2024-01-01 09:00,2.5,6
+        17850,A1,2024-01-01 09:00,2.5,2
+        13047,A1,2024-01-15 10:30,2.5,1
+        12583,B1,2024-02-20 08:00,9.0,3
+        """,
+    )
+    return src
+
+
+def by_source(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    return frame.set_index(column + ing.SOURCE_ID_SUFFIX)
+
+
+def test_purchase_only_log_gets_organic_impressions_and_validates(shop_dir: Path) -> None:
+    tables, report = ing.ingest_generic_with_report(shop_dir)
+    assert_contract(tables)
+    imp, buys = tables[C.IMPRESSIONS], tables[C.PURCHASES]
+    assert len(imp) == len(buys) == report.organic_impressions == 5
+    assert imp[C.IMPRESSION_ID].is_unique
+    assert set(imp[C.POLICY]) == {C.POLICY_ORGANIC} and set(imp[C.SURFACE]) == {"HOME"}
+    assert (imp[C.POSITION] == 0).all() and imp[C.PROPENSITY].isna().all()
+    assert list(buys.columns) == list(C.TABLES[C.PURCHASES])  # user and item moved out
+    line = buys.merge(imp, on=C.IMPRESSION_ID, suffixes=("", "_imp"), validate="one_to_one")
+    assert line[C.USER_ID].tolist() == [17850, 17850, 17850, 13047, 12583]
+    items = {ing.stable_id(text): text for text in ("A1", "A2", "B1")}
+    assert [items[i] for i in line[C.ITEM_ID]] == ["A2", "A1", "A1", "A1", "B1"]
+    assert (line[C.TS] == line[C.TS + "_imp"]).all()
+    # one order = one user at one time; its lines are ranked by item id, then file order
+    request = line[C.REQUEST_ID]
+    assert request[0] == request[1] == request[2] and request.nunique() == 3
+    order = sorted(range(3), key=lambda i: (line[C.ITEM_ID][i], i))
+    rank = {i: r for r, i in enumerate(order)}
+    expected = [ing.stable_id(f"organic|{request[0]}|{rank[i]}") for i in range(3)]
+    assert line[C.IMPRESSION_ID].tolist()[:3] == expected
+    validate_tables(tables, window=SHOP_WINDOW)
+
+
+def test_purchase_only_defaults_are_applied_and_counted(shop_dir: Path) -> None:
+    tables, report = ing.ingest_generic_with_report(shop_dir)
+    items = by_source(tables[C.ITEMS], C.ITEM_ID)
+    assert (items[C.MARGIN] == ing.DEFAULT_MARGIN).all()
+    assert items[C.LIST_PRICE].tolist() == items[C.PRICE].tolist() == [2.5, 4.0, 10.0, 1.0]
+    assert (items[C.BRAND] == C.NO_BRAND).all()
+    assert (items[C.SHIPPING_DAYS] == ing.DEFAULT_SHIPPING_DAYS).all()
+    assert (items[C.STOCK] == ing.UNKNOWN_STOCK).all() and ing.UNKNOWN_STOCK > 0
+    assert items[C.CREATED_AT].to_dict() == {
+        "A1": FIRST_EVENT,
+        "A2": FIRST_EVENT,
+        "B1": pd.Timestamp("2024-02-20 08:00", tz="UTC"),
+        "C1": FIRST_EVENT,  # never sold: the first event of the log
+    }
+    content = tb.vectors_to_matrix(items[C.CONTENT])
+    assert content.shape == (4, ing.CONTENT_DIM)
+    np.testing.assert_allclose(np.linalg.norm(content, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(content[0], content[1])  # one category, no brand
+    assert not np.array_equal(content[0], content[2])
+
+    sellers = by_source(tables[C.SELLERS], C.SELLER_ID)
+    assert (sellers[C.RATING] == ing.DEFAULT_SELLER_RATING).all()  # nobody rated: a constant
+    assert sellers[C.CREATED_AT].to_dict() == {
+        "shop": FIRST_EVENT,
+        "market": pd.Timestamp("2024-02-20 08:00", tz="UTC"),
+        "idle": FIRST_EVENT,  # no items
+    }
+    # new: first seen more than NEW_SELLER_DAYS (30) after the log starts
+    assert sellers[C.IS_NEW].to_dict() == {"shop": False, "market": True, "idle": False}
+
+    users = tables[C.USERS].set_index(C.USER_ID)
+    assert set(users[C.DEVICE]) == {C.DEVICE_UNKNOWN}
+    assert users[C.SIGNUP_AT][13047] == pd.Timestamp("2024-01-15 10:30", tz="UTC")
+    assert users[C.COHORT].to_dict() == {17850: "2024-01", 13047: "2024-01", 12583: "2024-02"}
+
+    rows = {column: d["rows"] for column, d in report.defaults.items()}
+    assert rows == {
+        "users.signup_at": 3,
+        "users.device": 3,
+        "users.cohort": 3,
+        "items.brand": 4,
+        "items.list_price": 4,
+        "items.margin": 4,
+        "items.created_at": 4,
+        "items.shipping_days": 4,
+        "items.stock": 4,
+        "items.content": 4,
+        "sellers.created_at": 3,
+        "sellers.rating": 3,
+        "sellers.is_new": 3,
+    }
+    assert report.defaults["items.margin"]["default"] == ing.DEFAULT_MARGIN
+    assert report.defaults["users.device"]["default"] == C.DEVICE_UNKNOWN
+
+
+def test_empty_cells_get_the_default_and_given_values_stay(generic_dir: Path) -> None:
+    sellers = generic_dir / "sellers.csv"
+    sellers.write_text(sellers.read_text() + "s_c,2024-01-05,,\n")
+    items = generic_dir / "items.csv"
+    text = items.read_text().replace(",20,20,0.1,", ",20,20,,").replace(",0,1.5,0.3,", ",0,,0.3,")
+    items.write_text(text)
+    tables, report = ing.ingest_generic_with_report(generic_dir)
+    got = by_source(tables[C.SELLERS], C.SELLER_ID)
+    assert got[C.RATING].to_dict() == {"s_a": 4.5, "s_b": 3.0, "s_c": 3.75}  # the rated mean
+    assert got[C.IS_NEW].to_dict() == {"s_a": False, "s_b": True, "s_c": False}
+    assert tables[C.ITEMS][C.MARGIN].tolist() == [0.2, ing.DEFAULT_MARGIN, 0.3]
+    assert tables[C.ITEMS][C.LIST_PRICE].tolist() == [12.0, 20.0, 0.0]  # = price
+    assert {column: d["rows"] for column, d in report.defaults.items()} == {
+        "items.list_price": 1,
+        "items.margin": 1,
+        "sellers.rating": 1,
+        "sellers.is_new": 1,
+    }
+    assert report.defaults["sellers.rating"]["default"].startswith("3.75")
+    validate_tables(tables)
+
+
+def test_impressions_without_feed_columns_are_organic(shop_dir: Path) -> None:
+    write(
+        shop_dir / "impressions.csv",
+        """
+        impression_id,user_id,item_id,ts
+        1,17850,A1,2024-01-01 09:00
+        2,17850,A2,2024-01-01 09:00
+        3,13047,A1,2024-01-15 10:30
+        """,
+    )
+    write(
+        shop_dir / "purchases.csv",
+        "impression_id,ts,price,quantity\n1,2024-01-01 09:00,2.5,1\n3,2024-01-15 10:30,2.5,1\n",
+    )
+    tables, report = ing.ingest_generic_with_report(shop_dir)
+    imp = tables[C.IMPRESSIONS]
+    assert imp[C.IMPRESSION_ID].tolist() == [1, 2, 3] and report.organic_impressions == 0
+    assert set(imp[C.POLICY]) == {C.POLICY_ORGANIC} and (imp[C.POSITION] == 0).all()
+    assert imp[C.PROPENSITY].isna().all() and set(imp[C.SURFACE]) == {ing.ORGANIC_SURFACE}
+    request = imp[C.REQUEST_ID]
+    assert request[0] == request[1] != request[2]
+    assert {k: d["rows"] for k, d in report.defaults.items() if k.startswith("impressions")} == {
+        "impressions.policy": 3,
+        "impressions.position": 3,
+        "impressions.propensity": 3,
+        "impressions.surface": 3,
+        "impressions.request_id": 3,
+    }
+    validate_tables(tables, window=SHOP_WINDOW)
+
+
+def test_feed_impressions_must_say_their_position(shop_dir: Path) -> None:
+    write(
+        shop_dir / "impressions.csv",
+        "impression_id,request_id,user_id,item_id,ts,policy,propensity\n"
+        "1,9,17850,A1,2024-01-01 09:00,heuristic,0.5\n"
+        "2,9,17850,A2,2024-01-01 09:00,organic,\n",
+    )
+    write(shop_dir / "purchases.csv", "impression_id,ts,price,quantity\n")
+    pattern = r"column 'position' is missing but 1 row\(s\) have policy \['heuristic'\]"
+    with pytest.raises(ing.IngestError, match=pattern):
+        ing.ingest_generic(shop_dir)
+
+
+def test_purchases_with_impression_ids_need_the_impressions_table(shop_dir: Path) -> None:
+    write(shop_dir / "purchases.csv", "impression_id,ts,price,quantity\n1,2024-01-01,1.0,1\n")
+    with pytest.raises(ing.IngestError, match=r"'impressions' not found.*purchase-only log"):
+        ing.ingest_generic(shop_dir)
+
+
+@pytest.mark.parametrize(
+    ("written", "code"),
+    [
+        ("United Kingdom", "GB"),
+        ("united kingdom", "GB"),
+        ("GBR", "GB"),
+        ("gb", "GB"),
+        ("UK", "GB"),
+        ("EIRE", "IE"),
+        ("The Netherlands", "NL"),
+    ],
+)
+def test_country_names_map_to_iso_codes(shop_dir: Path, written: str, code: str) -> None:
+    path = shop_dir / "users.csv"
+    path.write_text(path.read_text().replace("United Kingdom", written))
+    tables, report = ing.ingest_generic_with_report(shop_dir)
+    assert tables[C.USERS][C.COUNTRY].tolist() == [code, "GB", "FR"]
+    assert report.countries_mapped == {written: code, "france": "FR"}
+    assert report.country_rows_mapped == 2
+
+
+def test_codes_are_kept_and_unknown_countries_refused(shop_dir: Path) -> None:
+    path = shop_dir / "users.csv"
+    path.write_text(path.read_text().replace("United Kingdom", "NA").replace("france", "XK"))
+    tables, report = ing.ingest_generic_with_report(shop_dir)
+    assert tables[C.USERS][C.COUNTRY].tolist() == ["NA", "GB", "XK"]  # Namibia, Kosovo
+    assert report.countries_mapped == {} and report.country_rows_mapped == 0
+    path.write_text(path.read_text().replace("NA", "Atlantis"))
+    pattern = (
+        r"users\.csv: column 'country': 1 value\(s\) .*'Atlantis' \(1 rows\).*"
+        r"ISO 3166-1 alpha-2 code, e\.g\. GB for the United Kingdom"
+    )
+    with pytest.raises(ing.IngestError, match=pattern):
+        ing.ingest_generic(shop_dir)
+
+
+FAMILIES = {
+    "mug": "{colour} ceramic coffee mug {size}",
+    "socks": "{colour} wool hiking socks {size}",
+    "shovel": "stainless steel garden shovel {colour}",
+    "headphones": "wireless bluetooth headphones {colour}",
+}
+COLOURS = ("red", "blue", "green", "black", "white")
+SIZES = ("small", "medium", "large")
+
+
+def titled_items(shop_dir: Path) -> list[tuple[str, str]]:
+    """Rewrite items.csv with 40 distinct titles in four families (more than CONTENT_DIM)
+    and one item without a title; returns (item id, family) in file order."""
+    rows = ["item_id,seller_id,category,price,title"]
+    family_of = []
+    for family, pattern in FAMILIES.items():
+        sizes = SIZES if "{size}" in pattern else ("",)
+        for colour in COLOURS:
+            for size in sizes:
+                item = f"{family}-{colour}-{size}".rstrip("-")
+                rows.append(f"{item},shop,1,5.0,{pattern.format(colour=colour, size=size)}")
+                family_of.append((item, family))
+    rows += ["A1,shop,3,2.5,", "A2,shop,3,4.0,Mug", "B1,market,5,10.0,~~"]
+    (shop_dir / "items.csv").write_text("\n".join(rows) + "\n")
+    return family_of
+
+
+def test_content_from_text_is_deterministic_and_similar_titles_are_closer(shop_dir: Path) -> None:
+    families = titled_items(shop_dir)
+    tables, report = ing.ingest_generic_with_report(shop_dir, content_from_text="title")
+    items = by_source(tables[C.ITEMS], C.ITEM_ID)
+    content = tb.vectors_to_matrix(items[C.CONTENT])
+    assert content.dtype == np.float32 and content.shape == (43, ing.CONTENT_DIM)
+    np.testing.assert_allclose(np.linalg.norm(content, axis=1), 1.0, rtol=1e-5)
+    again = ing.ingest_generic(shop_dir, content_from_text="title")
+    np.testing.assert_array_equal(tb.vectors_to_matrix(again[C.ITEMS][C.CONTENT]), content)
+
+    vectors = {item: items[C.CONTENT][item] for item, _ in families}
+    family = dict(families)
+    same: list[float] = []
+    other: list[float] = []
+    for a, b in itertools.combinations(vectors, 2):
+        (same if family[a] == family[b] else other).append(float(vectors[a] @ vectors[b]))
+    assert np.mean(same) > 0.5 > 0.2 > np.mean(other)
+    for item, vector in vectors.items():  # every title's nearest title is of its family
+        nearest = max((v for v in vectors if v != item), key=lambda v: vector @ vectors[v])
+        assert family[nearest] == family[item], (item, nearest)
+    # words outweigh a shared colour and size
+    mug, socks = vectors["mug-red-small"], vectors["socks-red-small"]
+    assert float(mug @ vectors["mug-blue-large"]) > float(mug @ socks)
+    # an empty title and one without a word fall back to the category; "Mug" is a title
+    assert report.defaults["items.title"] == {
+        "rows": 2,
+        "default": "'category <code>' for an empty text",
+    }
+    assert "items.content" not in report.defaults
+    assert float(items[C.CONTENT]["A2"] @ mug) > float(items[C.CONTENT]["A2"] @ socks)
+
+
+def test_text_content_with_fewer_texts_than_dimensions() -> None:
+    vectors = ing.text_content(pd.Series(["red mug", "blue mug", "red mug"]), dim=8)
+    assert vectors.shape == (3, 8) and vectors.dtype == np.float32
+    np.testing.assert_array_equal(vectors[0], vectors[2])
+    assert (vectors[:, 2:] == 0).all()  # two distinct texts: two components
+
+
+def test_content_from_text_needs_its_column_and_no_given_vectors(
+    shop_dir: Path, generic_dir: Path
+) -> None:
+    with pytest.raises(ing.IngestError, match=r"--content-from-text title: no such column"):
+        ing.ingest_generic(shop_dir, content_from_text="title")
+    with pytest.raises(ing.IngestError, match=r"has a 'content' column .* keep one"):
+        ing.ingest_generic(generic_dir, content_from_text="colour")
+
+
+def test_generic_options(shop_dir: Path) -> None:
+    tables, _ = ing.ingest_with_report("generic", str(shop_dir), default_margin=0.3)
+    assert (tables[C.ITEMS][C.MARGIN] == 0.3).all()
+    unset = ing.ingest_with_report("generic", str(shop_dir), default_margin=None)[0]
+    assert (unset[C.ITEMS][C.MARGIN] == ing.DEFAULT_MARGIN).all()
+    with pytest.raises(ing.IngestError, match=r"default margin must be in \[0, 1\], got 1.5"):
+        ing.ingest_generic(shop_dir, default_margin=1.5)
+    with pytest.raises(ing.IngestError, match="generic source only"):
+        ing.ingest_with_report("completejourney", default_margin=0.3)
+
+
+def test_ingest_stage_reports_the_defaults(shop_dir: Path, tmp_path: Path) -> None:
+    from contract.paths import Paths
+    from training.stages import ingest_stage
+
+    paths = Paths(tmp_path / "home")
+    summary = ingest_stage(paths, "generic", "shop", str(shop_dir))
+    assert summary["ingest"]["defaults"]["items.margin"] == {
+        "rows": 4,
+        "default": ing.DEFAULT_MARGIN,
+    }
+    assert summary["ingest"]["organic_impressions"] == 5
+    assert summary["ingest"]["countries_mapped"] == {"United Kingdom": "GB", "france": "FR"}
+    assert len(tb.read_tables(paths.raw("shop"))[C.IMPRESSIONS]) == 5
 
 
 # --- The Complete Journey ------------------------------------------------------------------

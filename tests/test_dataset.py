@@ -1,9 +1,12 @@
-"""Training sets: split arithmetic, labels, downsampling weights, propensities, and the whole
-stage on the tiny preset through the real Feast store."""
+"""Training sets: split arithmetic (by ratio and by dates), labels and the label choice,
+downsampling weights, propensities, and the whole stage on the tiny preset through the real
+Feast store."""
 
 from __future__ import annotations
 
 import itertools
+import re
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,11 +18,17 @@ from feature_repo import schema as S
 from training.dataset import (
     EXAMINATION,
     IPS_WEIGHT,
+    LABEL,
     DatasetConfig,
+    SingleClassLabelError,
     add_sampled_negatives,
+    assign_split,
+    build_training_sets,
     downsample,
     label_impressions,
     plan_split,
+    require_periods,
+    require_two_classes,
 )
 
 START = pd.Timestamp("2026-01-05", tz="UTC")
@@ -30,8 +39,12 @@ def test_split_follows_the_ratio_and_stops_a_label_window_before_the_end():
     assert (s.train_end - s.train_start).days == 60
     assert (s.valid_end - s.train_end).days == 7 and (s.test_end - s.valid_end).days == 7
     assert s.test_end == START + pd.Timedelta(days=74)
-    with pytest.raises(ValueError, match="leaves 2 labelled days"):
+    with pytest.raises(ValueError, match="leaves 2 labelled days") as err:
         plan_split(START, START + pd.Timedelta(days=9), DatasetConfig())
+    assert "7-day label window of purchase (--label-window-days)" in str(err.value)
+    # a click label's default window is a day: the same 9 days leave 8 labelled days
+    s = plan_split(START, START + pd.Timedelta(days=9), DatasetConfig(label="click"))
+    assert s.test_end == START + pd.Timedelta(days=8)
 
 
 def test_weekly_split_units_fall_on_whole_weeks():
@@ -178,3 +191,239 @@ def test_affinity_for_items_reads_the_candidates_category_and_priors_missing_use
     np.testing.assert_allclose(out, [0.7, 1 / 3, 0.5], rtol=1e-6)
     unknown_category = affinity_for_items(vectors, np.array([-1, 0, 5]), 3)
     np.testing.assert_allclose(unknown_category, [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+
+
+PERIODS = {
+    "train": ("train_start", "train_end"),
+    "valid": ("train_end", "valid_end"),
+    "test": ("valid_end", "test_end"),
+}
+
+
+def day(n: int) -> pd.Timestamp:
+    return START + pd.Timedelta(days=n)
+
+
+def dates(
+    train: int | None, valid: int | None, test: int | None
+) -> tuple[str | None, str | None, str | None]:
+    """``split_dates`` from day numbers."""
+    train_end, valid_end, test_end = (
+        None if d is None else day(d).date().isoformat() for d in (train, valid, test)
+    )
+    return train_end, valid_end, test_end
+
+
+def test_a_date_split_is_honoured_and_the_test_end_defaults_to_the_last_labelled_day():
+    cfg = DatasetConfig(split_dates=dates(40, 50, 60))
+    s = plan_split(START + pd.Timedelta(hours=5), day(81), cfg)
+    assert (s.train_start, s.train_end, s.valid_end, s.test_end) == (
+        day(0),
+        day(40),
+        day(50),
+        day(60),
+    )
+    s = plan_split(START, day(81), DatasetConfig(split_dates=dates(40, 50, None)))
+    assert s.test_end == day(74)  # 81 days, less the 7-day purchase window
+    s = plan_split(START, day(81), DatasetConfig(label="click", split_dates=dates(40, 50, None)))
+    assert s.test_end == day(80)
+
+
+@pytest.mark.parametrize(
+    ("split_days", "message"),
+    [
+        ((50, 40, 60), "split dates must increase, so that no period is left empty"),
+        ((40, 40, 60), "split dates must increase"),  # an empty valid period
+        ((40, 50, 50), "got 2026-02-14, 2026-02-24, 2026-02-24"),
+        ((0, 50, 60), "--train-end 2026-01-05 leaves the train period empty"),
+        ((-3, 50, 60), "leaves the train period empty: the data covers 2026-01-05..2026-03-27"),
+        ((40, 50, 78), "--test-end 2026-03-24 is past the last labelled day"),
+        ((40, 76, None), "--test-end defaults to 2026-03-20"),
+    ],
+)
+def test_a_date_split_that_leaves_a_period_empty_or_leaves_the_data_is_refused(split_days, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan_split(START, day(81), DatasetConfig(split_dates=dates(*split_days)))
+
+
+def test_the_label_and_split_options_are_checked_when_set():
+    with pytest.raises(ValueError, match="label \\(--label\\) must be one of purchase, "):
+        DatasetConfig(label="view")
+    with pytest.raises(ValueError, match="--label-window-days\\) must be at least 1 day, got 0"):
+        DatasetConfig(label_window_days=0)
+    with pytest.raises(ValueError, match=r"by ratio \(--split-ratio\) or by dates .*not both"):
+        DatasetConfig(split_ratio=(8, 1, 1), split_dates=dates(40, 50, 60))
+    with pytest.raises(ValueError, match="--split-ratio\\) must be three positive numbers"):
+        DatasetConfig(split_ratio=(8, 0, 1))
+    with pytest.raises(ValueError, match="--valid-end missing"):
+        DatasetConfig(split_dates=dates(40, None, 60))
+    with pytest.raises(ValueError, match="--train-end expects a UTC date YYYY-MM-DD"):
+        plan_split(START, day(81), DatasetConfig(split_dates=("soon", "2026-02-01", None)))
+    assert DatasetConfig(label="add_to_cart").window_days == 1
+    assert DatasetConfig(label="add_to_cart", label_window_days=3).window_days == 3
+
+
+def test_the_window_bounds_every_outcome(tables):
+    tables[C.CLICKS] = pd.DataFrame(
+        {
+            C.IMPRESSION_ID: [0, 2],
+            C.TS: [ts + pd.Timedelta(days=2) for ts in tables[C.IMPRESSIONS][C.TS][[0, 2]]],
+        }
+    )
+    one_day = label_impressions(tables, 1).set_index(C.IMPRESSION_ID)
+    assert one_day[C.LABEL_CLICK].sum() == 0  # both clicks came two days after the impression
+    assert one_day[C.LABEL_PURCHASE].to_dict() == {0: 0, 1: 0, 2: 1, 3: 0}  # 0.7 days
+    assert label_impressions(tables, 2).set_index(C.IMPRESSION_ID)[C.LABEL_CLICK].sum() == 2
+
+
+def test_a_period_without_impressions_is_refused():
+    imp = pd.DataFrame({C.TS: [day(1), day(2), day(9)]})
+    split = plan_split(START, day(20), DatasetConfig(split_dates=dates(5, 8, 12)))
+    imp[C.SPLIT] = assign_split(imp, split)
+    with pytest.raises(ValueError, match=r"the valid period 2026-01-10\.\.2026-01-13 holds no"):
+        require_periods(imp, split)
+
+
+def test_a_single_class_label_names_label_split_rows_and_the_way_out():
+    frame = pd.DataFrame(
+        {
+            C.LABEL_PURCHASE: np.zeros(1200, np.int8),
+            C.LABEL_CLICK: (np.arange(1200) % 3 == 0).astype(np.int8),
+            C.LABEL_ATC: np.zeros(1200, np.int8),
+        }
+    )
+    with pytest.raises(SingleClassLabelError) as err:
+        require_two_classes(frame, C.LABEL_PURCHASE, "the valid split", "purchase", 7)
+    message = str(err.value)
+    assert message.startswith(
+        "the purchase (within 7 days) label has a single class in the valid split: none of "
+        "its 1,200 rows is positive"
+    )
+    assert (
+        "pick another --label (positive rows of the others there: add_to_cart 0, click 400)"
+        in message
+    )
+    assert "or a longer --label-window-days if purchase comes later than 7 day(s)" in message
+    with pytest.raises(SingleClassLabelError, match="all 1,200 rows are positive"):
+        require_two_classes(frame.assign(x=1), "x", "the train split", "click", 1)
+    require_two_classes(frame, C.LABEL_CLICK, "the train split", "click", 1)  # two classes: passes
+
+
+class NoStore:
+    """A feature store that fails the test when reached: the label check comes before Feast."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the Feast join started (store.{name}) before the label check")
+
+
+def click_only(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The tables as a click log such as the Open Bandit sample: no cart, no purchase."""
+    out = dict(tables)
+    out[C.ADD_TO_CARTS] = tables[C.ADD_TO_CARTS].iloc[0:0]
+    out[C.PURCHASES] = tables[C.PURCHASES].iloc[0:0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_tables(tiny_dataset, home):
+    from training.stages import load_raw
+
+    return load_raw(home, tiny_dataset["dataset"])
+
+
+def test_a_label_without_positives_stops_the_stage_before_the_feast_join(tiny_tables, tmp_path):
+    store: Any = NoStore()
+    with pytest.raises(SingleClassLabelError) as err:
+        build_training_sets(click_only(tiny_tables), store, tmp_path, DatasetConfig())
+    message = str(err.value)
+    assert "the purchase (within 7 days) label has a single class in the log: none of" in message
+    assert (
+        "pick another --label (positive rows of the others there: add_to_cart 0, click " in message
+    )
+
+    # purchases logged only from the valid period on: the train split has none
+    tables = dict(tiny_tables)
+    shown = tables[C.IMPRESSIONS].set_index(C.IMPRESSION_ID)[C.TS]
+    buys = tables[C.PURCHASES]
+    late = shown.reindex(buys[C.IMPRESSION_ID]).to_numpy() >= pd.Timestamp("2026-01-10", tz="UTC")
+    tables[C.PURCHASES] = buys[late]
+    with pytest.raises(SingleClassLabelError, match="single class in the train split: none of"):
+        build_training_sets(tables, store, tmp_path, DatasetConfig())
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_click_label_and_date_split_on_a_click_log(tiny_dataset, tiny_tables, home, tmp_path):
+    from contract.feature_store import open_store
+
+    store = open_store(tiny_dataset["dataset"], paths=home)
+    end = pd.Timestamp(tiny_dataset["sim"]["window_end"])
+    cfg = DatasetConfig(label="click", split_dates=("2026-01-12", "2026-01-15", None))
+    manifest = build_training_sets(click_only(tiny_tables), store, tmp_path, cfg, data_end=end)
+
+    assert manifest["label"] == {
+        "kind": "click",
+        "column": C.LABEL_CLICK,
+        "window_days": 1,
+        "score": "expected clicked value: p(click) x price x margin, not GMV",
+        "positive_rows": manifest["label"]["positive_rows"],
+    }
+    assert manifest["split_by"] == "dates"
+    assert manifest["config"]["split_dates"] == ["2026-01-12", "2026-01-15", None]
+    assert manifest["config"]["split_ratio"] is None
+    assert manifest["split"] == {
+        "train_start": "2026-01-05T00:00:00+00:00",
+        "train_end": "2026-01-12T00:00:00+00:00",
+        "valid_end": "2026-01-15T00:00:00+00:00",
+        "test_end": "2026-01-18T00:00:00+00:00",  # the 14-day log less the 1-day window
+    }
+    for name in C.SPLITS:
+        part = pd.read_parquet(tmp_path / f"{name}.parquet")
+        assert (part[LABEL] == part[C.LABEL_CLICK]).all() and part[C.LABEL_PURCHASE].eq(0).all()
+        assert manifest["label"]["positive_rows"][name] == part[LABEL].sum() > 0
+        assert 0 < part[LABEL].mean() < 1
+        lo, hi = (pd.Timestamp(manifest["split"][k]) for k in PERIODS[name])
+        assert part[C.EVENT_TIMESTAMP].between(lo, hi, inclusive="left").all(), name
+
+
+def test_the_default_manifest_records_purchase_and_the_ratio(tiny_dataset):
+    manifest = tiny_dataset["manifest"]
+    assert manifest["label"]["kind"] == "purchase" and manifest["label"]["window_days"] == 7
+    assert manifest["split_by"] == "ratio" and manifest["config"]["split_ratio"] == [60, 7, 7]
+    assert manifest["config"]["label_window_days"] == 7 and "purchase_7d" in manifest["label_rates"]
+
+
+def test_the_cli_passes_label_and_split_and_refuses_both_splits(monkeypatch, capsys):
+    from tools.cli import main
+
+    seen: dict[str, Any] = {}
+
+    def fake_stage(paths, dataset, **kw):
+        seen.update(kw, dataset=dataset)
+        return {"rows": {}}
+
+    monkeypatch.setattr("training.stages.dataset_stage", fake_stage)
+    argv = ["dataset", "--dataset", "obd", "--label", "click", "--label-window-days", "2"]
+    assert main([*argv, "--train-end", "2019-11-27", "--valid-end", "2019-11-29"]) == 0
+    assert seen == {
+        "dataset": "obd",
+        "label": "click",
+        "label_window_days": 2,
+        "split_dates": ("2019-11-27", "2019-11-29", None),
+    }
+    seen.clear()
+    assert main(["dataset", "--split-ratio", "8,1,1"]) == 0
+    assert seen["split_ratio"] == (8.0, 1.0, 1.0) and seen["label"] == "purchase"
+    assert "label_window_days" not in seen and "split_dates" not in seen
+
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["dataset", "--split-ratio", "8,1,1", "--train-end", "2019-11-27"]) == 2
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["dataset", "--train-end", "27/11/2019"])
+    assert "expects a UTC date YYYY-MM-DD, got '27/11/2019'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["dataset", "--label-window-days", "0"])
+    with pytest.raises(SystemExit):
+        main(["dataset", "--split-ratio", "8,1"])
+    assert "expects three positive numbers train,valid,test" in capsys.readouterr().err

@@ -4,6 +4,7 @@ registered bundle that loads back verified."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -85,3 +86,95 @@ def test_real_data_section_quotes_purchase_recall_and_auc(tmp_path):
     assert (section["recall_at_500"], section["auc"]) == (0.44, 0.69)
     assert section["recall_ratio_vs_popularity"] == pytest.approx(0.44 / 0.30)
     assert real_data_section(paths, "never-ingested") is None
+
+
+def test_registered_bundle_records_its_label(trained, home):
+    registered = trained["register"]
+    manifest = B.read_manifest(home.artifacts / "bundles" / registered["bundle_version"])
+    assert manifest["label"] == {
+        "kind": "purchase",
+        "window_days": 7,
+        "score": "expected GMV: p(purchase) x price x margin",
+    }
+    assert trained["rankers"]["label"] == manifest["label"]
+
+
+def test_bundle_label_entry_round_trips_and_defaults_to_purchase(tmp_path):
+    (tmp_path / "x.txt").write_text("x")
+    label = B.label_entry("click", 1)
+    written = B.write_manifest(
+        tmp_path, version="v", data_snapshot="d", feature_schema_hash="h", metrics={}, label=label
+    )
+    assert B.label_of(B.verify_bundle(tmp_path)) == written["label"] == label
+    assert label["score"] == "expected clicked value: p(click) x price x margin, not GMV"
+    B.write_manifest(tmp_path, version="v", data_snapshot="d", feature_schema_hash="h", metrics={})
+    assert "label" not in B.read_manifest(tmp_path)
+    assert B.label_of(B.read_manifest(tmp_path))["kind"] == "purchase"
+    with pytest.raises(ValueError, match="label must be one of purchase, add_to_cart, click"):
+        B.label_entry("view", 1)
+
+
+def write_training_sets(paths, dataset: str, train_label: list[int], label: dict | None) -> None:
+    """Training sets with label columns only, enough for the label check; ``label`` None
+    writes them as they were before the label was a choice (purchase, no ``label`` column)."""
+    import pandas as pd
+
+    from contract import columns as C
+    from training.dataset import LABEL
+
+    folder = paths.training_sets(dataset)
+    folder.mkdir(parents=True)
+    manifest: dict = {"split": {"train_start": "2026-01-05", "test_end": "2026-01-12"}}
+    if label is not None:
+        manifest["label"] = label
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for split in ("train", "valid", "test"):
+        y = train_label if split == "train" else [0, 1, 0, 1]
+        frame = pd.DataFrame(
+            {
+                C.REQUEST_ID: range(len(y)),
+                C.LABEL_PURCHASE: [0] * len(y) if label else y,
+                C.LABEL_CLICK: y,
+                C.LABEL_ATC: 0,
+                C.WEIGHT: 1.0,
+            }
+        )
+        if label is not None:
+            frame[LABEL] = y
+        frame.to_parquet(folder / f"{split}.parquet")
+
+
+def test_a_single_class_label_stops_train_before_any_study(tmp_path, monkeypatch):
+    import optuna
+
+    from contract.paths import Paths
+    from training.dataset import SingleClassLabelError
+    from training.ranking.train import train_rankers
+    from training.train import train
+
+    studies: list[object] = []
+
+    def create_study(*args: object, **kwargs: object) -> None:
+        studies.append(kwargs)
+        raise AssertionError("an Optuna study started")
+
+    monkeypatch.setattr(optuna, "create_study", create_study)
+    paths = Paths(tmp_path)
+    click = {"kind": "click", "column": "label_click", "window_days": 1}
+    write_training_sets(paths, "clicks", [0, 0, 0, 0, 0], click)
+    expected = (
+        "the click (within 1 day) label has a single class in the train split of "
+        f"{paths.training_sets('clicks')}: none of its 5 rows is positive. No model can learn"
+    )
+    with pytest.raises(SingleClassLabelError, match=re.escape(expected)):
+        train(paths, "clicks")
+    with pytest.raises(SingleClassLabelError, match=re.escape(expected)):
+        train_rankers(tmp_path, "clicks")
+    assert studies == []
+    assert not (paths.artifacts / "staging").exists()  # no stage started
+
+    # training sets from before the choice: their purchase label is the one checked
+    write_training_sets(paths, "old", [1, 1, 1], None)
+    with pytest.raises(SingleClassLabelError, match=r"purchase \(within 7 days\) .* all 3 rows"):
+        train(paths, "old")
+    assert studies == []

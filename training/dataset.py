@@ -1,10 +1,15 @@
 """Training sets: labels, a time split, negative downsampling, position propensities, and
 point-in-time correct features from Feast's historical retrieval.
 
-One row per impression. Labels look forward from the impression (purchase within
-``label_window_days``, click, add-to-cart); features look backward (Feast joins the latest
-feature row stamped at or before the impression). Impressions too close to the end of the
-data to have a complete label window are dropped, never labelled negative.
+One row per impression. Labels look forward from the impression (a purchase, click or
+add-to-cart logged within ``label_window_days``); features look backward (Feast joins the
+latest feature row stamped at or before the impression). Impressions too close to the end of
+the data to have a complete label window are dropped, never labelled negative.
+
+The rankers learn one of those outcomes, the ``label`` (``--label``), copied into the
+``LABEL`` column; the split is a ratio of days or explicit end dates. Both are recorded in
+the manifest, and a label with a single class in any split stops the stage (nothing could
+learn from it, and every figure computed on it would be meaningless).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from contract import bundle as B
 from contract import columns as C
 from contract.features import DAY_OF_WEEK, HOUR
 from contract.timeutil import NS_PER_DAY, to_ns
@@ -34,12 +42,32 @@ log = logging.getLogger(__name__)
 EXAMINATION = "examination_propensity"
 IPS_WEIGHT = "ips_weight"
 MANIFEST = "manifest.json"
+LABEL = "label"  # the chosen label's outcome (0/1): what the rankers learn
+
+LABEL_COLUMNS = {
+    B.LABEL_PURCHASE: C.LABEL_PURCHASE,
+    B.LABEL_ADD_TO_CART: C.LABEL_ATC,
+    B.LABEL_CLICK: C.LABEL_CLICK,
+}
+# default label window by label: a purchase follows a feed by days, a click or an add-to-cart
+# comes within the session
+LABEL_WINDOW_DAYS = {B.LABEL_PURCHASE: 7, B.LABEL_ADD_TO_CART: 1, B.LABEL_CLICK: 1}
+DEFAULT_SPLIT_RATIO = (60, 7, 7)  # train / valid / test days (the seed's)
+SPLIT_END_OPTIONS = ("--train-end", "--valid-end", "--test-end")
+
+
+class SingleClassLabelError(ValueError):
+    """A label with one class in a split: no model can learn from it, no figure means anything."""
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    label_window_days: int = 7
-    split_ratio: tuple[int, int, int] = (60, 7, 7)  # train / valid / test days (the seed's)
+    label: str = B.LABEL_PURCHASE  # the outcome the rankers learn: a LABEL_COLUMNS key
+    label_window_days: int | None = None  # None: the label's LABEL_WINDOW_DAYS
+    # the split, by a ratio of train / valid / test days or by the (exclusive, UTC) end dates
+    # of the three periods, not both; neither: DEFAULT_SPLIT_RATIO
+    split_ratio: tuple[float, float, float] | None = None
+    split_dates: tuple[str | None, str | None, str | None] | None = None
     negative_rate: float = 0.1  # share of all-negative train impressions kept (weight 1/rate)
     eval_negative_rate: float = 1.0  # the same for valid / test; 1 keeps whole feeds
     max_position: int = 20  # slots the examination curve is estimated for
@@ -47,8 +75,63 @@ class DatasetConfig:
     # Purchase-only data (no feed was logged) has no negatives: each organic purchase row gets
     # this many items sampled by train-period purchase popularity as label-0 rows (0: none).
     sampled_negatives: int = 0
-    split_unit_days: int = 1  # split boundaries fall on multiples of this (7: whole weeks)
+    split_unit_days: int = 1  # ratio split boundaries fall on multiples of this (7: weeks)
     seed: int = 11
+
+    def __post_init__(self) -> None:
+        if self.label not in LABEL_COLUMNS:
+            raise ValueError(
+                f"label (--label) must be one of {', '.join(LABEL_COLUMNS)}, got {self.label!r}"
+            )
+        if self.label_window_days is not None and self.label_window_days < 1:
+            raise ValueError(
+                f"label_window_days (--label-window-days) must be at least 1 day, got "
+                f"{self.label_window_days}"
+            )
+        if self.split_ratio is not None and self.split_dates is not None:
+            raise ValueError(
+                "choose the split by ratio (--split-ratio) or by dates (--train-end, "
+                "--valid-end, --test-end), not both"
+            )
+        if self.split_ratio is not None and (
+            len(self.split_ratio) != 3 or not all(r > 0 for r in self.split_ratio)
+        ):
+            raise ValueError(
+                "split_ratio (--split-ratio) must be three positive numbers "
+                f"train,valid,test such as 60,7,7, got {self.split_ratio}"
+            )
+        if self.split_dates is not None:
+            if len(self.split_dates) != 3:
+                raise ValueError(
+                    f"split_dates must be (train_end, valid_end, test_end), got {self.split_dates}"
+                )
+            given = zip(SPLIT_END_OPTIONS[:2], self.split_dates[:2], strict=True)
+            missing = [option for option, date in given if not date]
+            if missing:
+                raise ValueError(
+                    f"a split by dates needs --train-end and --valid-end (--test-end defaults "
+                    f"to the last labelled day); {' and '.join(missing)} missing"
+                )
+
+    @property
+    def window_days(self) -> int:
+        """The label window in days: the one given, else the label's default."""
+        if self.label_window_days is not None:
+            return self.label_window_days
+        return LABEL_WINDOW_DAYS[self.label]
+
+    @property
+    def label_column(self) -> str:
+        return LABEL_COLUMNS[self.label]
+
+    @property
+    def ratio(self) -> tuple[float, float, float]:
+        return self.split_ratio if self.split_ratio is not None else DEFAULT_SPLIT_RATIO
+
+
+def describe_label(kind: str, window_days: int) -> str:
+    """``click (within 1 day)``, for messages."""
+    return f"{kind} (within {window_days} day{'s' if window_days != 1 else ''})"
 
 
 @dataclass(frozen=True)
@@ -63,21 +146,26 @@ class Split:
 
 
 def plan_split(start: pd.Timestamp, end: pd.Timestamp, cfg: DatasetConfig) -> Split:
-    """Whole units of ``split_unit_days`` days, in the ratio ``split_ratio``, ending at least
-    ``label_window_days`` before ``end``."""
+    """The split of the data window [``start``, ``end``): by ``split_dates`` when given, else
+    whole units of ``split_unit_days`` days in the ratio ``split_ratio``. Either way the test
+    period ends at least ``label_window_days`` before ``end``."""
     start = start.floor("D")
+    if cfg.split_dates is not None:
+        return _dated_split(start, end, cfg)
     unit = max(1, cfg.split_unit_days)
-    days = int((end - start) / pd.Timedelta(days=1)) - cfg.label_window_days
+    days = int((end - start) / pd.Timedelta(days=1)) - cfg.window_days
     usable = days // unit
     if usable < 3:
         raise ValueError(
             f"data window {start.date()}..{end.date()} leaves {days} labelled days after the "
-            f"{cfg.label_window_days}-day label window; need at least 3 units of {unit} day(s) "
-            "(train, valid, test)"
+            f"{cfg.window_days}-day label window of {cfg.label} (--label-window-days); need at "
+            f"least 3 units of {unit} day(s) (train, valid, test): shorten the window with "
+            "--label-window-days, or bring a longer log"
         )
-    total = sum(cfg.split_ratio)
-    valid = max(1, round(usable * cfg.split_ratio[1] / total))
-    test = max(1, round(usable * cfg.split_ratio[2] / total))
+    ratio = cfg.ratio
+    total = sum(ratio)
+    valid = max(1, round(usable * ratio[1] / total))
+    test = max(1, round(usable * ratio[2] / total))
     train = usable - valid - test
     day = pd.Timedelta(days=unit)
     return Split(
@@ -88,20 +176,63 @@ def plan_split(start: pd.Timestamp, end: pd.Timestamp, cfg: DatasetConfig) -> Sp
     )
 
 
+def _utc(text: str, option: str) -> pd.Timestamp:
+    try:
+        stamp = pd.Timestamp(text)
+    except ValueError:
+        raise ValueError(f"{option} expects a UTC date YYYY-MM-DD, got {text!r}") from None
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
+def _dated_split(start: pd.Timestamp, end: pd.Timestamp, cfg: DatasetConfig) -> Split:
+    """``split_dates`` checked against the data window: each period non-empty, the test period
+    ending where the label window still fits (its default end)."""
+    assert cfg.split_dates is not None
+    last = (end - pd.Timedelta(days=cfg.window_days)).floor("D")
+    train_text, valid_text, test_text = cfg.split_dates
+    train_end = _utc(str(train_text), "--train-end")
+    valid_end = _utc(str(valid_text), "--valid-end")
+    test_end = _utc(str(test_text), "--test-end") if test_text else last
+    window = (
+        f"the data covers {start.date()}..{end.date()} and the {cfg.window_days}-day label "
+        f"window of {cfg.label} (--label-window-days) labels impressions before {last.date()}"
+    )
+    if train_end <= start:
+        raise ValueError(f"--train-end {train_end.date()} leaves the train period empty: {window}")
+    if not train_end < valid_end < test_end:
+        default = "" if test_text else f" (--test-end defaults to {last.date()}: {window})"
+        raise ValueError(
+            "split dates must increase, so that no period is left empty (--train-end < "
+            f"--valid-end < --test-end), got {train_end.date()}, {valid_end.date()}, "
+            f"{test_end.date()}{default}"
+        )
+    if test_end > last:
+        raise ValueError(
+            f"--test-end {test_end.date()} is past the last labelled day: {window}; end the "
+            f"test period on {last.date()} or earlier"
+        )
+    return Split(start, train_end, valid_end, test_end)
+
+
 def label_impressions(tables: dict[str, pd.DataFrame], label_window_days: int) -> pd.DataFrame:
-    """Impressions with purchase-within-window, click and add-to-cart labels."""
+    """Impressions with their purchase, click and add-to-cart labels: 1 when the outcome was
+    logged within ``label_window_days`` days of the impression."""
     imp = tables[C.IMPRESSIONS].copy()
-    imp[C.LABEL_CLICK] = imp[C.IMPRESSION_ID].isin(tables[C.CLICKS][C.IMPRESSION_ID])
-    imp[C.LABEL_ATC] = imp[C.IMPRESSION_ID].isin(tables[C.ADD_TO_CARTS][C.IMPRESSION_ID])
-    buys = tables[C.PURCHASES]
-    row = pd.Index(imp[C.IMPRESSION_ID]).get_indexer(buys[C.IMPRESSION_ID])
-    ok = row >= 0
-    delay = to_ns(buys[C.TS])[ok] - to_ns(imp[C.TS])[row[ok]]
-    hit = np.zeros(len(imp), dtype=bool)
-    hit[row[ok][delay <= label_window_days * NS_PER_DAY]] = True
-    imp[C.LABEL_PURCHASE] = hit
-    for col in (C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE):
-        imp[col] = imp[col].astype(np.int8)
+    index = pd.Index(imp[C.IMPRESSION_ID])
+    shown = to_ns(imp[C.TS])
+    window = label_window_days * NS_PER_DAY
+    for col, table in (
+        (C.LABEL_CLICK, C.CLICKS),
+        (C.LABEL_ATC, C.ADD_TO_CARTS),
+        (C.LABEL_PURCHASE, C.PURCHASES),
+    ):
+        events = tables[table]
+        row = index.get_indexer(events[C.IMPRESSION_ID])
+        ok = row >= 0
+        delay = to_ns(events[C.TS])[ok] - shown[row[ok]]
+        hit = np.zeros(len(imp), dtype=np.int8)
+        hit[row[ok][delay <= window]] = 1
+        imp[col] = hit
     return imp
 
 
@@ -284,24 +415,111 @@ def historical_features(
     return frame
 
 
+def require_periods(imp: pd.DataFrame, split: Split) -> None:
+    """Every period of the split holds impressions (a gap in the log can empty one)."""
+    counts = imp[C.SPLIT].value_counts()
+    bounds = {
+        "train": (split.train_start, split.train_end),
+        "valid": (split.train_end, split.valid_end),
+        "test": (split.valid_end, split.test_end),
+    }
+    for name, (lo, hi) in bounds.items():
+        if counts.get(name, 0) == 0:
+            raise ValueError(
+                f"the {name} period {lo.date()}..{hi.date()} holds no impressions: move the "
+                "split (--train-end, --valid-end, --test-end or --split-ratio) so that every "
+                "period has data"
+            )
+
+
+def require_two_classes(
+    frame: pd.DataFrame, column: str, where: str, kind: str, window_days: int
+) -> None:
+    """Raise ``SingleClassLabelError`` unless ``frame[column]``, the ``kind`` label, holds both
+    classes; the message names the label, ``where`` (``the train split``), the row counts and
+    what to change."""
+    y = frame[column].to_numpy()
+    positive = int((y > 0).sum())
+    if 0 < positive < len(y):
+        return
+    if positive == 0:
+        others = ", ".join(
+            f"{other} {int((frame[col].to_numpy() > 0).sum()):,}"
+            for other, col in LABEL_COLUMNS.items()
+            if kind != other and col in frame
+        )
+        state = f"none of its {len(y):,} rows is positive"
+        fix = (
+            f"pick another --label (positive rows of the others there: {others}), or a "
+            f"longer --label-window-days if {kind} comes later than {window_days} day(s) after "
+            "the impression"
+        )
+    else:
+        state = f"all {len(y):,} rows are positive"
+        fix = (
+            "the log holds no negatives for it: log the impressions the outcome did not "
+            "follow, or sample negatives (sampled_negatives)"
+        )
+    raise SingleClassLabelError(
+        f"the {describe_label(kind, window_days)} label has a single class in {where}: "
+        f"{state}. No model can learn from it and every figure would be meaningless, "
+        f"so the run stops here; {fix}"
+    )
+
+
+def check_label(folder: Path) -> dict[str, Any]:
+    """The label entry of the training sets in ``folder`` once every split is checked to hold
+    both of its classes (``require_two_classes``): what `homefeed train` runs before it fits
+    anything. Training sets from before the label was a choice are labelled purchase."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no training sets at {path.parent}: run `homefeed dataset` for this dataset first"
+        )
+    manifest = json.loads(path.read_text())
+    days = manifest.get("config", {}).get("label_window_days") or B.DEFAULT_LABEL_WINDOW_DAYS
+    label: dict[str, Any] = manifest.get("label") or {
+        "kind": B.LABEL_PURCHASE,
+        "column": C.LABEL_PURCHASE,
+        "window_days": days,
+    }
+    for split in C.SPLITS:
+        part = Path(folder) / f"{split}.parquet"
+        names = set(pq.read_schema(part).names)
+        columns = [c for c in (LABEL, *LABEL_COLUMNS.values()) if c in names]
+        frame = pd.read_parquet(part, columns=columns)
+        column = LABEL if LABEL in frame else label["column"]
+        where = f"the {split} split of {folder}"
+        require_two_classes(frame, column, where, label["kind"], int(label["window_days"]))
+    return label
+
+
 def build_training_sets(
     tables: dict[str, pd.DataFrame],
     store: FeatureStore,
     out_dir: Path,
     cfg: DatasetConfig | None = None,
     data_end: pd.Timestamp | None = None,
+    before_join: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Write ``train/valid/test.parquet`` and a manifest; returns the manifest."""
+    """Write ``train/valid/test.parquet`` and a manifest; returns the manifest.
+
+    ``before_join(rows, categories)`` runs once the entity rows are known, before the Feast
+    join allocates (the dataset stage's memory check raises there)."""
     cfg = cfg or DatasetConfig()
     started = time.perf_counter()
-    imp = label_impressions(tables, cfg.label_window_days)
+    imp = label_impressions(tables, cfg.window_days)
+    if not imp[cfg.label_column].any():  # a log without the outcome: say so before any split
+        require_two_classes(imp, cfg.label_column, "the log", cfg.label, cfg.window_days)
     start = imp[C.TS].min()
     end = data_end if data_end is not None else imp[C.TS].max().ceil("D")
     split = plan_split(start, end, cfg)
     imp[C.SPLIT] = assign_split(imp, split)
     censored = int(imp[C.SPLIT].isna().sum())
     imp = imp[imp[C.SPLIT].notna()]
+    require_periods(imp, split)
     imp = add_sampled_negatives(imp, tables[C.ITEMS], cfg.sampled_negatives, cfg.seed)
+    imp[LABEL] = imp[cfg.label_column]
 
     # examination propensities from the randomized traffic before the test period
     history = imp[imp[C.TS] < split.valid_end]
@@ -318,9 +536,16 @@ def build_training_sets(
     add_context(imp)
 
     rows = downsample(imp, cfg)
+    positives = {}
+    for name in C.SPLITS:  # before the Feast join, the stage's costly part
+        part = rows[rows[C.SPLIT] == name]
+        require_two_classes(part, LABEL, f"the {name} split", cfg.label, cfg.window_days)
+        positives[name] = int(part[LABEL].sum())
     entity = entity_frame(rows, tables[C.ITEMS])
-    t0 = time.perf_counter()
     n_cat = int(tables[C.ITEMS][C.CATEGORY].max()) + 1
+    if before_join is not None:
+        before_join(len(entity), n_cat)
+    t0 = time.perf_counter()
     joined = fill_defaults(historical_features(store, entity, n_cat))
     join_seconds = time.perf_counter() - t0
     joined = joined.sort_values([C.EVENT_TIMESTAMP, C.IMPRESSION_ID], kind="stable")
@@ -337,14 +562,28 @@ def build_training_sets(
             for lab in (C.LABEL_PURCHASE, C.LABEL_CLICK, C.LABEL_ATC)
         }
     seconds = {"total": time.perf_counter() - started, "feast_join": join_seconds}
+    by_dates = cfg.split_dates is not None
     manifest: dict[str, Any] = {
-        "config": {**asdict(cfg), "split_ratio": list(cfg.split_ratio)},
+        "config": {
+            **asdict(cfg),
+            "label_window_days": cfg.window_days,
+            "split_ratio": None if by_dates else list(cfg.ratio),
+            "split_dates": list(cfg.split_dates) if cfg.split_dates is not None else None,
+        },
+        "label": {
+            "kind": cfg.label,
+            "column": cfg.label_column,
+            "window_days": cfg.window_days,
+            "score": B.score_meaning(cfg.label),
+            "positive_rows": positives,  # after downsampling, as written
+        },
+        "split_by": "dates" if by_dates else "ratio",
         "split": split.to_dict(),
         "rows": counts,
         "impressions_labelled": len(imp),
         "impressions_censored": censored,
         "label_rates": {  # over all labelled impressions, before downsampling
-            "purchase_7d": float(imp[C.LABEL_PURCHASE].mean()),
+            f"purchase_{cfg.window_days}d": float(imp[C.LABEL_PURCHASE].mean()),
             "click": float(imp[C.LABEL_CLICK].mean()),
             "add_to_cart": float(imp[C.LABEL_ATC].mean()),
         },

@@ -31,6 +31,7 @@ from contract.bundle import (
     FEATURE_SCHEMA,
     REGISTERED_MODEL,
     BundleError,
+    label_of,
     read_manifest,
     verify_bundle,
 )
@@ -90,7 +91,9 @@ class LoadedModel:
     ``version`` is what responses report as ``model_version``: the registry version number
     (``"3"``), or the bundle's own version id when it was loaded from a directory rather
     than through the registry. ``bundle_version`` is always the bundle's id
-    (``20261123T194029-sim-small``).
+    (``20261123T194029-sim-small``). ``outcome`` is the bundle's label entry
+    (``contract.bundle.label_of``): what p is the probability of, and so what the served
+    ``egmv`` means (an expected clicked value, not GMV, for a click label).
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class LoadedModel:
         self.bundle_version = str(manifest.get("version", bundle_dir.name))
         self.registry_version = registry_version
         self.version = registry_version if registry_version is not None else self.bundle_version
+        self.outcome = label_of(manifest)
         self.served = served
         if compiled.num_features != self.width:
             raise BundleError(
@@ -313,6 +317,8 @@ class ModelHolder:
                 "target": target,
                 "model_version": model.version,
                 "bundle_version": model.bundle_version,
+                "label": model.outcome["kind"],
+                "score_meaning": model.outcome["score"],
                 "previous_version": previous.version if previous else None,
                 "schema_hash": model.schema_hash,
                 "seconds": round(time.perf_counter() - started, 3),

@@ -75,6 +75,9 @@ def _build(
             "model_version": model.version,
             "bundle_version": model.bundle_version,
             "score": settings.score.value,
+            "label": model.outcome["kind"],
+            "label_window_days": model.outcome["window_days"],
+            "score_meaning": model.outcome["score"],
         },
     )
     return server, port, holder, health, servicer

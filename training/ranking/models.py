@@ -1,9 +1,11 @@
 """The two LightGBM rankers and their Optuna search.
 
-**Purchase model** (``binary`` on ``label_purchase_7d``): trained with ``sample_weight``
-(``1 / negative_rate`` on the downsampled train negatives, so its probabilities are those of
-the full traffic), early-stopped on the validation split's weighted log loss. Serving ranks
-by E[GMV] = calibrated p x price x margin.
+**Purchase model** (``binary`` on the training set's label: ``label_purchase_7d`` unless
+`homefeed dataset --label` chose the click or add-to-cart outcome): trained with
+``sample_weight`` (``1 / negative_rate`` on the downsampled train negatives, so its
+probabilities are those of the full traffic), early-stopped on the validation split's
+weighted log loss. Serving ranks by calibrated p x price x margin: E[GMV] when p is
+p(purchase), an expected clicked (or carted) value otherwise.
 
 **LambdaMART** (``lambdarank``): groups are requests (rows sorted by ``request_id``),
 graded relevance purchase 3 > add-to-cart 2 > click 1 > 0 with LightGBM's default gains
@@ -155,29 +157,36 @@ def group_sizes(request_ids: np.ndarray) -> np.ndarray:
 
 @dataclass
 class RankingData:
-    """One split's matrix and labels, rows sorted by request."""
+    """One split's matrix and labels, rows sorted by request. ``label`` is the binary label
+    the purchase model learns (the training set's chosen outcome)."""
 
     X: np.ndarray
     request_id: np.ndarray
     relevance: np.ndarray
-    purchase: np.ndarray
+    label: np.ndarray
     sample_weight: np.ndarray
     ips_weight: np.ndarray
     feature_names: list[str]
 
     def __post_init__(self) -> None:
         n = len(self.X)
-        for name in ("request_id", "relevance", "purchase", "sample_weight", "ips_weight"):
+        for name in ("request_id", "relevance", "label", "sample_weight", "ips_weight"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} rows, X has {n}")
         self.groups = group_sizes(self.request_id)
+
+    @property
+    def purchase(self) -> np.ndarray:
+        """``label`` under its name from when it was always the purchase label (the
+        evaluation stage still reads it so)."""
+        return self.label
 
     def take(self, rows: np.ndarray) -> RankingData:
         return RankingData(
             self.X[rows],
             self.request_id[rows],
             self.relevance[rows],
-            self.purchase[rows],
+            self.label[rows],
             self.sample_weight[rows],
             self.ips_weight[rows],
             self.feature_names,
@@ -325,7 +334,7 @@ def purchase_datasets(
     dparams = _dataset_params(budget)
     dtrain = lgb.Dataset(
         train.X,
-        train.purchase.astype(np.float64),
+        train.label.astype(np.float64),
         weight=train.sample_weight,
         feature_name=train.feature_names,
         params=dparams,
@@ -333,7 +342,7 @@ def purchase_datasets(
     )
     dvalid = lgb.Dataset(
         valid.X,
-        valid.purchase.astype(np.float64),
+        valid.label.astype(np.float64),
         weight=valid.sample_weight,
         reference=dtrain,
         params=dparams,

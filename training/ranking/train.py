@@ -3,8 +3,11 @@
 ``train_rankers(home, dataset)`` reads ``<home>/data/<dataset>/training/{train,valid,test}``
 and the items table (for margins), tunes the purchase model and LambdaMART on train/valid
 (``models.py``), calibrates the purchase model on valid, fits the logistic baseline, and
-scores everything on valid and test. ``save`` writes the ranker files of a bundle
-(``contract/bundle.py`` layout); ``load`` reads them back.
+scores everything on valid and test. The "purchase" model and its figures are those of the
+training set's label (``metrics["label"]``): with ``homefeed dataset --label click`` they are
+p(click), and ``purchase_egmv`` ranks by expected clicked value, not GMV. A label with a
+single class in any split stops it before anything is fitted. ``save`` writes the ranker
+files of a bundle (``contract/bundle.py`` layout); ``load`` reads them back.
 
 Metrics (``metrics[split][model][name]``; splits ``valid`` and ``test``):
 
@@ -14,7 +17,7 @@ Metrics (``metrics[split][model][name]``; splits ``valid`` and ``test``):
   ``training.metrics.ndcg_at_k``), ``recall@20``. Models: ``lambdamart``, ``purchase_egmv``
   (calibrated p x price x margin), ``logreg_egmv``, ``popularity``, ``heuristic``,
   ``random``.
-- purchase probability (weighted by ``sample_weight``): ``auc``, ``log_loss``, ``pr_auc``,
+- probability of the label (weighted by ``sample_weight``): ``auc``, ``log_loss``, ``pr_auc``,
   ``ece`` (10 equal-mass bins) before and after calibration, for ``purchase`` and
   ``logreg``. The calibrator is fitted on valid, so valid's calibrated figures are in-sample.
 """
@@ -38,7 +41,7 @@ from contract.calibration import Calibrator
 from contract.features import FEATURE_SCHEMA, FeatureSchema, build_matrix
 from contract.paths import Paths
 from training import metrics as M
-from training.dataset import IPS_WEIGHT
+from training.dataset import IPS_WEIGHT, LABEL, check_label
 from training.ranking import baselines as B
 from training.ranking.calibration import fit_isotonic
 from training.ranking.models import (
@@ -72,7 +75,7 @@ class RankerModels:
         return np.asarray(self.purchase.predict(X))
 
     def purchase_probability(self, X: np.ndarray) -> np.ndarray:
-        """Calibrated P(purchase within 7 days | shown)."""
+        """Calibrated P(label | shown): P(purchase within 7 days | shown) by default."""
         return self.calibrator.apply(self.raw_purchase_probability(X))
 
     def rank_score(self, X: np.ndarray) -> np.ndarray:
@@ -115,11 +118,13 @@ def read_split(home: Path, dataset: str, split: str) -> pd.DataFrame:
 
 
 def ranking_data(frame: pd.DataFrame) -> RankingData:
+    """A split's arrays; the binary label is the training set's chosen one (its ``LABEL``
+    column; the purchase label in training sets built before the label was a choice)."""
     return RankingData(
         X=build_matrix(frame),
         request_id=frame[C.REQUEST_ID].to_numpy(np.int64),
         relevance=relevance(frame),
-        purchase=frame[C.LABEL_PURCHASE].to_numpy(np.int64),
+        label=frame[LABEL if LABEL in frame else C.LABEL_PURCHASE].to_numpy(np.int64),
         sample_weight=frame[C.WEIGHT].to_numpy(np.float64),
         ips_weight=frame[IPS_WEIGHT].to_numpy(np.float64),
         feature_names=list(FEATURE_SCHEMA.names),
@@ -168,7 +173,7 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Every model's ranking and probability figures on one split."""
-    y, w = data.purchase, data.sample_weight
+    y, w = data.label, data.sample_weight
     raw = models.raw_purchase_probability(data.X)
     cal = models.calibrator.apply(raw)
     lr = logreg.predict(data.X)
@@ -196,6 +201,7 @@ def train_rankers(
     budget = budget or RankerBudget()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    label = check_label(Paths(Path(home)).training_sets(dataset))
     frames = {s: read_split(home, dataset, s) for s in C.SPLITS}
     data = {s: ranking_data(f) for s, f in frames.items()}
     data["train"] = data["train"].sample_requests(budget.train_fraction, seed)
@@ -214,11 +220,11 @@ def train_rankers(
     t = time.perf_counter()
     valid = data["valid"]
     raw_valid = np.asarray(purchase.best.booster.predict(valid.X))
-    calibrator = fit_isotonic(raw_valid, valid.purchase, valid.sample_weight)
+    calibrator = fit_isotonic(raw_valid, valid.label, valid.sample_weight)
     seconds["calibration"] = time.perf_counter() - t
     t = time.perf_counter()
     train = data["train"]
-    logreg = B.LogisticBaseline.fit(train.X, train.purchase, train.sample_weight)
+    logreg = B.LogisticBaseline.fit(train.X, train.label, train.sample_weight)
     seconds["logreg"] = time.perf_counter() - t
 
     models = RankerModels(purchase.best.booster, ranker.best.booster, calibrator, FEATURE_SCHEMA)
@@ -226,11 +232,16 @@ def train_rankers(
     metrics: dict[str, Any] = {
         s: evaluate(models, logreg, frames[s], data[s], margins[s], seed) for s in EVAL_SPLITS
     }
-    train_auc = M.auc(train.purchase, models.raw_purchase_probability(train.X), train.sample_weight)
+    train_auc = M.auc(train.label, models.raw_purchase_probability(train.X), train.sample_weight)
     metrics["purchase_auc_train"] = train_auc
     metrics["purchase_auc_gap"] = train_auc - metrics["valid"]["purchase"]["auc"]
     seconds["evaluate"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
+    metrics["label"] = {
+        "kind": label["kind"],
+        "window_days": label["window_days"],
+        "score": bundle.score_meaning(label["kind"]),
+    }
     metrics["search"] = {PURCHASE: purchase.summary(), LAMBDAMART: ranker.summary()}
     metrics["best_params"] = {PURCHASE: purchase.best.params, LAMBDAMART: ranker.best.params}
     metrics["rows"] = {s: len(d.X) for s, d in data.items()}

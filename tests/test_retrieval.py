@@ -20,11 +20,19 @@ from contract import bundle
 from contract import columns as C
 from contract.ann import load_index
 from contract.paths import Paths
+from contract.popular import PopularityLists
 from contract.timeutil import to_ns
 from contract.tower import InputSpec, UserTower
 from feature_repo import schema as S
+from training.evaluate import _retrieval_section
 from training.retrieval import ann, popular
-from training.retrieval.evaluate import eval_groups, interleave, recall_at_k, top_items
+from training.retrieval.evaluate import (
+    eval_groups,
+    explain_uncomputable,
+    interleave,
+    recall_at_k,
+    top_items,
+)
 from training.retrieval.features import AffinitySnapshots, user_features, user_input_spec
 from training.retrieval.towers import TowerConfig, export_user_tower, fit, hash_buckets
 from training.retrieval.train import (
@@ -335,15 +343,23 @@ def test_model_retrieves_test_clicks_far_above_chance_and_near_popularity(traine
     assert curve["model"][50] >= 0.9 * curve["popularity"][50]
 
 
-def test_popular_json_has_a_full_list_per_segment(trained, data: RetrievalData):
+def test_popular_json_has_the_datasets_own_segments_with_full_lists(trained, data: RetrievalData):
     out, report = trained
     lists = json.loads((out / POPULAR).read_text())
-    assert lists["k"] == report["k"]
-    assert set(lists["segments"]) == {
-        popular.segment_key(c, d) for c in C.COUNTRIES for d in C.DEVICES
-    }
+    assert lists["k"] == report["k"] and lists["format"] == 2
+    # the segments and countries the dataset's users have, those with enough support
+    users = data.users
+    pairs = zip(users[C.COUNTRY], users[C.DEVICE], strict=True)
+    own = {popular.segment_key(c, d) for c, d in pairs}
+    assert lists["segments"] and set(lists["segments"]) <= own
+    assert lists["countries"] and set(lists["countries"]) <= set(users[C.COUNTRY])
+    for level in ("segments", "countries"):
+        for key, n in lists["support"][level].items():
+            enough = n["users"] >= popular.MIN_USERS and n["events"] >= popular.MIN_EVENTS
+            assert (key in lists[level]) == enough, key
     listed = set(data.catalog.item_ids.tolist())
-    for items in [lists["overall"], *lists["segments"].values()]:
+    every = [lists["overall"], *lists["countries"].values(), *lists["segments"].values()]
+    for items in every:
         assert len(items) == len(set(items)) == min(lists["k"], len(lists["overall"]))
         assert set(items) <= listed
     assert popular.lookup(lists, "unknown", "ios") == lists["overall"]
@@ -351,24 +367,118 @@ def test_popular_json_has_a_full_list_per_segment(trained, data: RetrievalData):
 
 # --- metrics and the fallback on hand-made data ---------------------------------------------------
 
+T = pd.Timestamp("2026-01-10", tz="UTC")
+WINDOW = (T - pd.Timedelta(days=7), T + pd.Timedelta(days=1))
 
-def test_popular_items_counts_the_window_per_segment_and_pads_with_overall():
-    t = pd.Timestamp("2026-01-10", tz="UTC")
-    clicks = pd.DataFrame(
+
+def engagements(rows: list[tuple[int, int, str, int]]) -> pd.DataFrame:
+    """(user, item, what, days before T) -> rows with the label columns of a training split;
+    ``what`` is "click", "cart" or "purchase" (a purchase also clicked and carted)."""
+    depth = {"click": 1, "cart": 2, "purchase": 3}
+    return pd.DataFrame(
         {
-            C.USER_ID: [1, 1, 2, 2, 2, 1],
-            C.ITEM_ID: [10, 10, 20, 20, 30, 99],
-            C.EVENT_TIMESTAMP: [t] * 5 + [t - pd.Timedelta(days=9)],  # the last is too old
+            C.USER_ID: [r[0] for r in rows],
+            C.ITEM_ID: [r[1] for r in rows],
+            C.EVENT_TIMESTAMP: [T - pd.Timedelta(days=r[3]) for r in rows],
+            C.LABEL_CLICK: [int(depth[r[2]] >= 1) for r in rows],
+            C.LABEL_ATC: [int(depth[r[2]] >= 2) for r in rows],
+            C.LABEL_PURCHASE: [int(depth[r[2]] >= 3) for r in rows],
         }
     )
+
+
+def test_popular_items_weighs_the_deepest_engagement_in_the_window_per_segment():
+    events = engagements(
+        [(1, 10, "click", 0), (1, 10, "click", 0), (1, 10, "click", 0),  # 3 x 1
+         (2, 20, "purchase", 0),  # 4, not 1 + 2 + 4
+         (2, 30, "cart", 0), (1, 30, "click", 0),  # 2 + 1
+         (1, 99, "purchase", 9), (1, 98, "click", 9)]  # before the window: padding only
+    )  # fmt: skip
     users = pd.DataFrame({C.USER_ID: [1, 2], C.COUNTRY: ["US", "GB"], C.DEVICE: ["ios", "web"]})
-    out = popular.popular_items(
-        clicks, users, t - pd.Timedelta(days=7), t + pd.Timedelta(days=1), 3
+    out = popular.popular_items(events, users, *WINDOW, k=5, min_users=1, min_events=1)
+    assert out["overall"] == [20, 10, 30, 99, 98]  # 4, 3, 3 (tie: lower id), then the padding
+    assert out["countries"]["GB"] == [20, 30, 10, 99, 98]  # own (4, 2), then the global list
+    assert out["segments"]["US/ios"] == [10, 30, 20, 99, 98]  # own (3, 1), then US's
+    assert out["support"]["segments"]["GB/web"] == {"users": 1, "events": 2}
+    assert out["weights"] == {C.LABEL_CLICK: 1.0, C.LABEL_ATC: 2.0, C.LABEL_PURCHASE: 4.0}
+
+
+def test_a_purchase_only_log_gets_full_lists():
+    rows = [(u, 10 + (u * i) % 7, "purchase", i) for u in range(30) for i in range(5)]
+    events = engagements(rows).drop(columns=[C.LABEL_CLICK, C.LABEL_ATC])  # no click, no cart
+    users = pd.DataFrame({C.USER_ID: range(30), C.COUNTRY: "GB", C.DEVICE: "unknown"})
+    out = popular.popular_items(events, users, *WINDOW, k=5)
+    assert len(out["overall"]) == len(out["countries"]["GB"]) == 5
+    assert out["segments"] == {"GB/unknown": out["countries"]["GB"]}
+    # the same log with its click and cart columns all zero: the same lists
+    zeros = engagements(rows).assign(**{C.LABEL_CLICK: 0, C.LABEL_ATC: 0})
+    assert popular.popular_items(zeros, users, *WINDOW, k=5)["overall"] == out["overall"]
+    with pytest.raises(ValueError, match="at least one engagement label column"):
+        popular.popular_items(events.drop(columns=[C.LABEL_PURCHASE]), users, *WINDOW)
+
+
+def test_segments_are_the_datasets_own_and_fall_back_below_support():
+    """GB/unknown has the support for a list of its own; GB/ios (2 users) falls back to GB;
+    FR (1 user) has no list at all and reads the global one, like a country never seen."""
+    rows = [(u, 10, "purchase", 0) for u in range(3)]  # GB/unknown: 3 x 4
+    rows += [(u, 20, "click", 0) for u in range(3, 6)]  # GB/ios (user 5: no device): 3 x 1
+    rows += [(6, 30, "click", 0)] * 5  # FR/web: 5 x 1
+    users = pd.DataFrame(
+        {
+            C.USER_ID: range(7),
+            C.COUNTRY: ["GB"] * 6 + ["FR"],
+            C.DEVICE: ["unknown"] * 3 + ["ios"] * 2 + [None, "web"],
+        }
     )
-    assert out["overall"] == [10, 20, 30]  # tie 10/20 (2 each): the lower id first
-    assert out["segments"]["US/ios"] == [10, 20, 30]
-    assert out["segments"]["GB/web"] == [20, 30, 10]
-    assert out["segments"]["FR/android"] == out["overall"]
+    out = popular.popular_items(engagements(rows), users, *WINDOW, k=3, min_users=3, min_events=3)
+    assert set(out["segments"]) == {"GB/unknown"} and set(out["countries"]) == {"GB"}
+    assert out["support"]["segments"]["GB/ios"] == {"users": 2, "events": 2}
+    assert out["support"]["countries"] == {
+        "FR": {"users": 1, "events": 5},
+        "GB": {"users": 6, "events": 6},
+    }
+    assert out["overall"] == [10, 30, 20]
+    assert popular.lookup(out, "GB", "unknown") == [10, 20, 30]
+    assert popular.lookup(out, "GB", "ios") == out["countries"]["GB"] == [10, 20, 30]
+    for country, device in (("FR", "web"), ("JP", "ios"), ("", "")):
+        assert popular.lookup(out, country, device) == out["overall"]
+    served = PopularityLists.from_json(json.loads(json.dumps(out)))
+    assert served.resolve("GB", "ios") == ("country", "GB")
+    assert served.lookup("JP", "web").tolist() == out["overall"]
+
+
+def test_an_uncomputable_report_figure_is_null_with_its_reason(tmp_path: Path):
+    report = {
+        "recall_at_500": {"purchase": 0.44, "click": 0.0},
+        "fallback_recall_at_500": {"purchase": 0.0, "click": 0.0},
+        "ann_recall_at_500_vs_exact": 0.99,
+        "recall_curve": {"purchase": {"model": {500: 0.3}, "fallback": {500: 0.0}}, "click": {}},
+        "user_tower_p50_ms": 0.0,
+        "groups": {"purchase": 3011, "click": 0},
+    }
+    out = explain_uncomputable(report, {"overall": [], "segments": {}})
+    assert out["recall_at_500"] == {"purchase": 0.44, "click": None}
+    assert out["fallback_recall_at_500"] == {"purchase": None, "click": None}
+    assert out["recall_curve"]["purchase"] == {"model": {500: 0.3}, "fallback": None}
+    assert out["recall_curve"]["click"] is None
+    assert out["user_tower_p50_ms"] is None and out["ann_recall_at_500_vs_exact"] == 0.99
+    why = out["skipped"]
+    assert "no 'click' group" in why["recall_at_500.click"]
+    assert "popularity lists (popular.json) are empty" in why["fallback_recall_at_500.purchase"]
+    assert "click groups" in why["user_tower_p50_ms"]
+    assert set(why) == {
+        "recall_at_500.click",
+        "fallback_recall_at_500.purchase",
+        "fallback_recall_at_500.click",
+        "recall_curve.purchase.fallback",
+        "recall_curve.click",
+        "user_tower_p50_ms",
+    }
+    # measured figures are left alone; the evaluation stage reads the staged popular.json
+    full = {**report, "groups": {"purchase": 3011, "click": 7445}, "user_tower_p50_ms": 0.03}
+    (tmp_path / bundle.POPULAR).parent.mkdir(parents=True)
+    (tmp_path / bundle.POPULAR).write_text(json.dumps({"overall": [1], "segments": {}}))
+    assert _retrieval_section(full, tmp_path) == full
 
 
 def test_recall_groups_by_user_day_and_queries_the_first_request():

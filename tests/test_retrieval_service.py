@@ -130,14 +130,17 @@ def constant_tower(vector: np.ndarray) -> UserTower:
 
 
 def handmade(
-    pool: list[int] | None = None, cap: int | None = None, **config: Any
+    pool: list[int] | None = None,
+    cap: int | None = None,
+    popular: dict[str, Any] = POPULAR,
+    **config: Any,
 ) -> CandidateIndex:
     return CandidateIndex(
         item_ids=IDS,
         embeddings=EMB,
         searcher=BruteSearcher(EMB, cap),
         tower=constant_tower(USER_Q),
-        popular_lists=PopularityLists.from_json(POPULAR),
+        popular_lists=PopularityLists.from_json(popular),
         pool_ids=np.array(pool or [], dtype=np.int64),
         reorder=4,
         version="7",
@@ -244,6 +247,32 @@ def test_an_unknown_user_gets_the_segment_list_with_rank_scores() -> None:
     assert (found.sources == POP).all()
     other = retrieve(handmade(), user=None, n=3, country="", device="")
     assert other.item_ids.tolist() == POPULAR["overall"][:3]
+
+
+def test_the_popularity_list_is_the_segments_else_the_countrys_else_the_global_one() -> None:
+    index = handmade(popular={**POPULAR, "format": 2, "countries": {"GB": [17, 16, 15]}})
+
+    def unknown_user(country: str, device: str) -> list[int]:
+        return retrieve(index, None, 3, country=country, device=device).item_ids.tolist()
+
+    assert unknown_user("US", "ios") == [13, 12, 11]
+    for device in ("ios", "unknown"):  # GB has no segment of its own: its country's list
+        assert unknown_user("GB", device) == [17, 16, 15]
+    for country, device in (("JP", "ios"), ("US", "web"), ("", "")):  # never seen: global
+        assert unknown_user(country, device) == POPULAR["overall"][:3]
+
+
+def test_popular_json_of_an_old_bundle_loads_and_a_newer_format_is_refused(tmp_path) -> None:
+    # format 1 (before the dataset's own segments): no format, no countries; an empty
+    # segment list (a click-only build of a purchase-only log) reads the global list
+    old = tmp_path / "popular.json"
+    old.write_text(json.dumps({"k": 3, "overall": [5, 6, 7], "segments": {"US/web": []}}))
+    lists = PopularityLists.load(old)
+    assert lists.countries == {} and lists.lookup("US", "web").tolist() == [5, 6, 7]
+    with pytest.raises(ValueError, match=r"format 3; this reader understands formats 1\.\.2"):
+        PopularityLists.from_json({**POPULAR, "format": 3})
+    with pytest.raises(ValueError, match=r"countries\['GB'\] must be a list"):
+        PopularityLists.from_json({**POPULAR, "countries": {"GB": [1, -1]}})
 
 
 def test_checkout_puts_cart_similar_items_first_then_the_user_part() -> None:
@@ -753,9 +782,10 @@ def test_an_unknown_user_gets_the_popularity_of_their_context(
     ranks = np.array([segment.index(i) for i in popular])
     np.testing.assert_allclose(reply.scores[: len(popular)], -np.log1p(ranks), rtol=1e-6)
 
-    anywhere = call(served, request(UNKNOWN_USER, n=50, country="", device=""))
     overall = truth.in_stock(truth.popular["overall"])
-    assert anywhere.of_source(POP) == overall[: 50 - served.settings.exploration]
+    for country, device in (("", ""), ("JP", "ios")):  # no context, a country never seen
+        anywhere = call(served, request(UNKNOWN_USER, n=50, country=country, device=device))
+        assert anywhere.of_source(POP) == overall[: 50 - served.settings.exploration]
 
 
 def cart_of_one_category(truth: Truth, size: int = 3) -> tuple[list[int], int]:

@@ -20,6 +20,7 @@ import pandas as pd
 from contract import bundle as B
 from contract import columns as C
 from contract.paths import Paths
+from training.retrieval.evaluate import explain_uncomputable
 
 if TYPE_CHECKING:
     from training.staging import TrainConfig
@@ -192,6 +193,14 @@ def segments(
     return out
 
 
+def _retrieval_section(retrieval: dict[str, Any], stage: Path) -> dict[str, Any]:
+    """The retrieval stage's report, each figure it could not compute None with the reason
+    in ``skipped`` (``training.retrieval.evaluate.explain_uncomputable``)."""
+    popular_path = stage / B.POPULAR
+    popular = json.loads(popular_path.read_text()) if popular_path.exists() else None
+    return explain_uncomputable(retrieval, popular) if retrieval else {}
+
+
 def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[str, Any]:
     from contract.feature_store import open_store
     from training.report import policy_plot, reliability_plot, write_report
@@ -233,7 +242,7 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
             "ece_after": purchase["ece_calibrated"],
             "reliability": rankers.get("reliability_test", {}),
         }
-    report["retrieval"] = reports.get("retrieval", {})
+    report["retrieval"] = _retrieval_section(reports.get("retrieval", {}), stage)
     compiled = reports.get("compile", {})
     latency = compiled.get("latency_500", {})
     report["compiled"] = {

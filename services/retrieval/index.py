@@ -22,11 +22,13 @@ order, each best first:
    gets the rest.
 2. **ANN** (a known user): the user tower's vector searched in the ScaNN index. Score: the
    inner product ``item_embedding . user_vector``, recomputed exactly for every candidate.
-3. **POPULARITY**: the bundle's list for the request's (country, device), ``overall`` for an
-   unknown segment. It is the user part of an unknown user (no user_profile row), and pads
-   a known user's part when the index returns fewer neighbours than asked. Score:
-   ``-log(1 + rank)``, rank 0-based in the full list (before any exclusion): the
-   log-popularity of a Zipf(1) list up to a constant, 0 for the top item.
+3. **POPULARITY**: the bundle's list for the request's (country, device) segment, else its
+   country's, else the global one (``contract.popular.resolve``: a country or device the
+   bundle never saw gets the global list, never an empty one). It is the user part of an
+   unknown user (no user_profile row), and pads a known user's part when the index returns
+   fewer neighbours than asked. Score: ``-log(1 + rank)``, rank 0-based in the full list
+   (before any exclusion): the log-popularity of a Zipf(1) list up to a constant, 0 for the
+   top item.
 4. **EXPLORATION**: the first ``k = min(m, |eligible|)`` of a uniformly random ordering of
    the *eligible pool* (``m = min(exploration, n // 2)``), in that order: the exploration
    pool (recent items and items of new sellers, ``Catalog.exploration_pool``) minus the
@@ -70,7 +72,7 @@ from contract import columns as C
 from contract.ann import load_index
 from contract.bundle import BundleError, read_manifest, verify_bundle
 from contract.history import History
-from contract.popular import PopularityLists, segment_key
+from contract.popular import PopularityLists
 from contract.tower import UserTower
 
 log = logging.getLogger(__name__)
@@ -252,9 +254,9 @@ class CandidateIndex:
         self.history = history
         self.stock: Callable[[], np.ndarray] | None = None
         self.size = len(item_ids)
+        self.popular_lists = popular_lists
         self._popular = {
-            key: self._popularity_rows(ids)
-            for key, ids in {"": popular_lists.overall, **popular_lists.segments}.items()
+            key: self._popularity_rows(ids) for key, ids in popular_lists.lists().items()
         }
         pool_rows = self.rows_of(np.asarray(pool_ids, dtype=np.int64))
         self.pool_rows = np.unique(pool_rows[pool_rows >= 0])
@@ -314,8 +316,9 @@ class CandidateIndex:
         return _Part(rows[keep], scores[keep], Source.POPULARITY)
 
     def popular_for(self, country: str, device: str) -> _Part:
-        """The popularity list of a (country, device) segment, ``overall`` for any other."""
-        return self._popular.get(segment_key(country, device), self._popular[""])
+        """The popularity list of a (country, device): its segment's, else its country's,
+        else the global one."""
+        return self._popular[self.popular_lists.resolve(country, device)]
 
     @property
     def exploration_pool_size(self) -> int:

@@ -5,12 +5,16 @@ being measured. Its relevant items are the distinct items engaged with that day;
 query is the user's features at their first request of that day (what a retrieval call
 at the start of the visit would have seen, so no engagement of the day leaks into it).
 Recall@K of a group is the share of its relevant items in the K retrieved; the reported
-figure is the mean over groups.
+figure is the mean over groups. A figure that cannot be computed (a group the split has
+none of, an empty fallback list, an untimed tower) is reported as None with its reason
+(:func:`explain_uncomputable`), never as a 0.0 that reads like a measurement.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -113,4 +117,62 @@ def interleave(first: np.ndarray, second: np.ndarray, k: int) -> np.ndarray:
         _, first_seen = np.unique(row, return_index=True)
         keep = row[np.sort(first_seen)][:k]
         out[g, : len(keep)] = keep
+    return out
+
+
+def explain_uncomputable(
+    report: Mapping[str, Any], popular: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The retrieval stage's ``report`` with each figure that could not be computed set to
+    None and its reason in ``skipped`` (field -> why), beside any ``skipped`` it had:
+
+    - a recall (``*recall_at_*`` by group, ``recall_curve``) of a group that has no
+      (user, day) in the test split, e.g. clicks of a purchase-only log;
+    - ``fallback_recall_at_*`` when ``popular`` (the bundle's ``popular.json``) has no items;
+    - ``user_tower_p50_ms`` when no request was timed (None, or 0: a timed call takes > 0 ms).
+    """
+    out = dict(report)
+    groups: Mapping[str, int] = report.get("groups", {})
+    skipped: dict[str, str] = dict(report.get("skipped", {}))
+    missing = {  # group -> why it has no figures
+        name: f"the test split has no '{name}' group (a user-day with such an engagement)"
+        for name, n in groups.items()
+        if n == 0
+    }
+    no_list = (
+        "the bundle's popularity lists (popular.json) are empty: the rows they were built "
+        "from hold no engagement before the end of training"
+        if popular is not None and not popular.get("overall")
+        else None
+    )
+    for key, value in report.items():
+        if (
+            "recall_at_" not in key
+            or not isinstance(value, Mapping)
+            or not set(value) <= set(groups)
+        ):
+            continue
+        out[key] = dict(value)
+        for name in value:
+            why = missing.get(name) or (no_list if key.startswith("fallback_") else None)
+            if why:
+                out[key][name], skipped[f"{key}.{name}"] = None, why
+    curve = report.get("recall_curve")
+    if isinstance(curve, Mapping):
+        out["recall_curve"] = {name: dict(by_retriever) for name, by_retriever in curve.items()}
+        for name in curve:
+            if name in missing:
+                out["recall_curve"][name], skipped[f"recall_curve.{name}"] = None, missing[name]
+            elif no_list and "fallback" in curve[name]:
+                out["recall_curve"][name]["fallback"] = None
+                skipped[f"recall_curve.{name}.fallback"] = no_list
+    if "user_tower_p50_ms" in report and not report["user_tower_p50_ms"]:
+        out["user_tower_p50_ms"] = None
+        skipped["user_tower_p50_ms"] = "no test-split request was timed" + (
+            " (the tower is timed on the click groups' first requests, and there are none)"
+            if "click" in missing
+            else ""
+        )
+    if skipped:
+        out["skipped"] = skipped
     return out

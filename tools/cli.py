@@ -9,15 +9,19 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from contract.paths import Paths
 from tools.pages import print_feed, table
+from training.memory import MemoryEstimateError
 
 # the stage names, repeated here so `homefeed --help` does not import the training stack
 _STAGES = ("retrieval", "rankers", "compile", "evaluate", "register")
 # likewise the services (tools.mesh.SERVICES and CONTROLLER), so --help imports no grpc
 _SERVICES = ("retrieval", "features", "ranking", "gateway", "rollout")
+_T = TypeVar("_T")
+_U = TypeVar("_U")
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
@@ -46,7 +50,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from training.stages import ingest_stage
 
     summary = ingest_stage(
-        Paths.from_env(), args.source, args.dataset, args.path, tuple(args.quiet_day)
+        Paths.from_env(),
+        args.source,
+        args.dataset,
+        args.path,
+        tuple(args.quiet_day),
+        max_categories=args.max_categories,
+        closed_weekdays=tuple(args.closed_weekday),
+        volume_tolerance=args.volume_tolerance,
+        default_margin=args.default_margin,
+        content_from_text=args.content_from_text,
     )
     _print(summary)
     return 0
@@ -56,7 +69,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from training.stages import load_raw, read_meta, validate
 
     paths = Paths.from_env()
-    _print(validate(load_raw(paths, args.dataset), read_meta(paths, args.dataset)))
+    meta = read_meta(paths, args.dataset)
+    summary = validate(
+        load_raw(paths, args.dataset),
+        meta,
+        quiet_days=tuple(args.quiet_day),
+        closed_weekdays=tuple(args.closed_weekday),
+        volume_tolerance=args.volume_tolerance,
+    )
+    _print(summary)
     return 0
 
 
@@ -71,9 +92,16 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_dataset(args: argparse.Namespace) -> int:
     from training.stages import dataset_stage
 
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"label": args.label}
     if args.negative_rate is not None:
         kw["negative_rate"] = args.negative_rate
+    if args.label_window_days is not None:
+        kw["label_window_days"] = args.label_window_days
+    if args.split_ratio is not None:
+        kw["split_ratio"] = args.split_ratio
+    dates = (args.train_end, args.valid_end, args.test_end)
+    if any(dates):
+        kw["split_dates"] = dates
     manifest = dataset_stage(Paths.from_env(), args.dataset, **kw)
     manifest.pop("features", None)
     _print(manifest)
@@ -284,6 +312,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _utc_date(text: str) -> str:
+    """``--train-end 2019-11-28``: a calendar date, kept as text for the manifest."""
+    from datetime import date
+
+    try:
+        return date.fromisoformat(text.strip()).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a UTC date YYYY-MM-DD, got {text!r}") from None
+
+
+def _split_ratio(text: str) -> tuple[float, float, float]:
+    """``--split-ratio 80,10,10`` -> (80.0, 10.0, 10.0)."""
+    try:
+        parts = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or not all(part > 0 for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"expects three positive numbers train,valid,test such as 60,7,7, got {text!r}"
+        )
+    return parts[0], parts[1], parts[2]
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -294,6 +345,69 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _quiet_day(text: str) -> str:
+    from training.validate import parse_quiet_day
+
+    return _checked(parse_quiet_day, text)
+
+
+def _weekday(text: str) -> str:
+    from training.validate import parse_weekday
+
+    return _checked(parse_weekday, text)
+
+
+def _volume_tolerance(text: str) -> float:
+    from training.validate import check_volume_tolerance
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a factor > 1 such as 3, got {text!r}") from None
+    return _checked(check_volume_tolerance, value)
+
+
+def _checked(parse: Callable[[_T], _U], value: _T) -> _U:
+    """``parse(value)``, its ValueError message as argparse's (exit status 2)."""
+    try:
+        return parse(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _volume_arguments(p: argparse.ArgumentParser, ingest: bool) -> None:
+    """The volume check's options (training/validate.py), each checked as it is parsed,
+    before any data is read. ``ingest`` stores them in the dataset; ``validate`` adds to
+    (the tolerance: replaces) the stored ones for one run."""
+    stored = "stored with the dataset" if ingest else "added to those stored at ingest"
+    p.add_argument(
+        "--quiet-day",
+        action="append",
+        default=[],
+        type=_quiet_day,
+        metavar="DAY[..DAY]",
+        help="a UTC day (YYYY-MM-DD) or inclusive range (2011-12-23..2012-01-03) known to be "
+        f"unusual (holiday, explained outage): the volume check skips it; repeatable; {stored}",
+    )
+    p.add_argument(
+        "--closed-weekday",
+        action="append",
+        default=[],
+        type=_weekday,
+        metavar="mon..sun",
+        help="a (UTC) weekday the shop is closed every week: the volume check skips it; "
+        f"repeatable; {stored}",
+    )
+    p.add_argument(
+        "--volume-tolerance",
+        type=_volume_tolerance,
+        metavar="FACTOR",
+        help="flag a day under 1/FACTOR or over FACTOR times both its same-weekday and its "
+        "rolling median (default 3; docs/data-schema.md); "
+        + ("stored with the dataset" if ingest else "replaces the one stored at ingest"),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="homefeed", description="Personalized feed ranking for a two-sided marketplace."
@@ -302,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("simulate", help="simulate a marketplace preset into data/sim-<preset>/")
-    p.add_argument("--preset", default="small", help="tiny | small | medium | position")
+    p.add_argument("--preset", default="small", help="tiny | small | medium | large | position")
     p.add_argument(
         "--set",
         action="append",
@@ -316,18 +430,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, choices=["generic", "completejourney", "open-bandit"])
     p.add_argument("--path", help="folder of <table>.csv|parquet (generic source)")
     p.add_argument("--dataset", required=True, help="name of the folder under data/")
+    _volume_arguments(p, ingest=True)
     p.add_argument(
-        "--quiet-day",
-        action="append",
-        default=[],
-        metavar="YYYY-MM-DD",
-        help="a UTC day known to be unusual (holiday, explained outage): the "
-        "volume check skips it; repeatable",
+        "--max-categories",
+        type=int,
+        metavar="N",
+        help="keep the N-1 most engaged categories and merge the rest into one (memory "
+        "grows with users x categories x days; docs/data-schema.md)",
+    )
+    p.add_argument(
+        "--default-margin",
+        type=float,
+        metavar="FRACTION",
+        help="generic source: the margin of items whose log has none, in [0, 1] (default "
+        "0.15; a margin equal for all items does not change the ranking)",
+    )
+    p.add_argument(
+        "--content-from-text",
+        metavar="COLUMN",
+        help="generic source: build the items' content vectors from this text column of "
+        "items (product titles): tf-idf of hashed word and character n-grams, truncated SVD "
+        "(docs/data-schema.md)",
     )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("validate", help="check a dataset's tables against the declared schemas")
     p.add_argument("--dataset", default="sim-small")
+    _volume_arguments(p, ingest=False)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("features", help="build feature tables, feast apply, materialize")
@@ -340,6 +469,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dataset", help="labelled, point-in-time correct training sets")
     p.add_argument("--dataset", default="sim-small")
     p.add_argument("--negative-rate", type=float, help="share of all-negative impressions kept")
+    p.add_argument(
+        "--label",
+        choices=["purchase", "add_to_cart", "click"],
+        default="purchase",
+        help="the outcome the rankers learn (default purchase); with click or add_to_cart "
+        "the served score is an expected clicked / carted value, not GMV (docs/models.md)",
+    )
+    p.add_argument(
+        "--label-window-days",
+        type=_positive_int,
+        metavar="N",
+        help="days after an impression its outcome may come in; the last N days of the data "
+        "are dropped (default: 7 for purchase, 1 for click and add_to_cart)",
+    )
+    split = p.add_argument_group(
+        "split", "by end dates (exclusive, UTC) or by a ratio of days, not both"
+    )
+    for option, what in (
+        ("--train-end", "first day of the validation period"),
+        ("--valid-end", "first day of the test period"),
+        ("--test-end", "day after the test period (default: the last the label window allows)"),
+    ):
+        split.add_argument(option, type=_utc_date, metavar="YYYY-MM-DD", help=what)
+    split.add_argument(
+        "--split-ratio",
+        type=_split_ratio,
+        metavar="A,B,C",
+        help="train, valid and test days in this ratio (default 60,7,7)",
+    )
     p.set_defaults(func=cmd_dataset)
 
     p = sub.add_parser("train", help="retrieval, rankers, compile, evaluate, register a bundle")
@@ -464,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # bad input: say what, no traceback
         print(f"homefeed {args.command}: {exc}", file=sys.stderr)
         return 2
+    except MemoryEstimateError as exc:  # refused before allocating: the estimate and remedy
+        print(f"homefeed {args.command}: {exc}", file=sys.stderr)
+        return 3
 
 
 def run() -> None:

@@ -129,22 +129,27 @@ def run_demo(
     paths: Paths, preset: str, train_models: bool = True, real_data: bool = True
 ) -> dict[str, Any]:
 
+    from training.memory import StagePeaks
     from training.simulate import Oracle
     from training.stages import dataset_stage, features_stage, simulate_stage
 
     seconds: dict[str, float] = {}
+    peaks = StagePeaks()
     t0 = time.perf_counter()
-    sim = simulate_stage(paths, preset)
+    with peaks.measure("simulate_and_validate"):
+        sim = simulate_stage(paths, preset)
     seconds["simulate_and_validate"] = time.perf_counter() - t0
     seconds["simulate"] = float(sim["stats"]["seconds"])
     seconds["validate"] = float(sim["validate_seconds"])
     dataset = sim["dataset"]
     for step in ("build", "apply", "materialize"):
         t0 = time.perf_counter()
-        features_stage(paths, dataset, (step,))
+        out = features_stage(paths, dataset, (step,))
+        peaks.peaks.update(out["peak_rss_mb"])
         seconds[f"features_{step}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     manifest = dataset_stage(paths, dataset)
+    peaks.peaks.update(manifest["peak_rss_mb"])
     seconds["dataset"] = time.perf_counter() - t0
     seconds["dataset_feast_join"] = manifest["seconds"]["feast_join"]
 
@@ -168,6 +173,7 @@ def run_demo(
             "randomized_impressions_slot1": curve.get("impressions", [0])[0],
         },
         "seconds": seconds,
+        "peak_rss_mb": peaks.peaks,  # by stage, MB (training.memory)
     }
     paths.reports.mkdir(parents=True, exist_ok=True)
     (paths.reports / "data.json").write_text(json.dumps(report, indent=2, default=str))
@@ -184,6 +190,7 @@ def run_demo(
         seconds["train"] = time.perf_counter() - t0
         for stage, stage_report in trained.items():
             seconds[f"train_{stage}"] = float(stage_report["seconds"])
+            peaks.peaks[f"train_{stage}"] = float(stage_report["peak_rss_mb"])
         (paths.reports / "data.json").write_text(json.dumps(report, indent=2, default=str))
         _print_training(trained, paths)
         report["feeds_ms"] = show_feeds(paths, dataset)
@@ -191,9 +198,9 @@ def run_demo(
 
 
 def _print_training(trained: dict[str, Any], paths: Paths) -> None:
-    print("\ntraining stage             seconds")
+    print("\ntraining stage             seconds  peak MB")
     for stage, stage_report in trained.items():
-        print(f"{stage:<26}{stage_report['seconds']:>8.1f}")
+        print(f"{stage:<26}{stage_report['seconds']:>8.1f}{stage_report['peak_rss_mb']:>9.0f}")
     evaluation = json.loads((paths.reports / "eval.json").read_text())
     policies = evaluation.get("policies", {})
     if policies:
@@ -234,4 +241,7 @@ def _print_summary(report: dict[str, Any]) -> None:
     print("\nstep                      seconds")
     for k, v in report["seconds"].items():
         print(f"{k:<26}{v:>8.1f}")
+    print("\nstage                peak resident MB")
+    for k, v in report["peak_rss_mb"].items():
+        print(f"{k:<26}{v:>8.0f}")
     print("\nwrote reports/data.json\n")

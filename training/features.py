@@ -380,6 +380,24 @@ class FeatureBuilder:
         }
 
 
+def build_estimate(tables: dict[str, pd.DataFrame], snapshot_days: int = 1) -> dict[str, float]:
+    """Bytes ``build_feature_tables`` will hold at its peak, by part
+    (``training.memory.features_build_bytes``), from the tables' sizes alone."""
+    from training.memory import features_build_bytes
+
+    cal = Calendar.of(tables, snapshot_days)
+    category = tables[C.ITEMS][C.CATEGORY]
+    return features_build_bytes(
+        users=len(tables[C.USERS]),
+        items=len(tables[C.ITEMS]),
+        sellers=len(tables[C.SELLERS]),
+        categories=int(category.max()) + 1 if len(category) else 1,
+        days=cal.days,
+        snapshots=len(cal.snapshots),
+        events=sum(len(tables[t]) for t in (C.IMPRESSIONS, C.CLICKS, C.ADD_TO_CARTS, C.PURCHASES)),
+    )
+
+
 def build_feature_tables(
     tables: dict[str, pd.DataFrame], out_dir: Path, snapshot_days: int = 1
 ) -> dict[str, int]:

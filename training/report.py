@@ -53,6 +53,8 @@ def policy_plot(policies: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def _fmt(x: Any) -> str:
+    if x is None:  # not computable; the section's ``skipped`` entry says why
+        return "n/a"
     if isinstance(x, float):
         return f"{x:.4g}"
     return str(x)
@@ -92,6 +94,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
         "lightgbm",
         "segments",
         "complete_journey",
+        "peak_rss_mb",
     ):
         block = report.get(section)
         if not isinstance(block, dict) or not block:

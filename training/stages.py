@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +53,34 @@ def load_raw(paths: Paths, dataset: str) -> dict[str, pd.DataFrame]:
     return read_tables(paths.raw(dataset))
 
 
-def validate(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> dict[str, Any]:
-    """Run the declared schemas; raises ``ValidationError`` naming table, column and rows."""
-    from training.validate import validate_tables
+def validate(
+    tables: dict[str, pd.DataFrame],
+    meta: dict[str, Any],
+    quiet_days: tuple[str, ...] = (),
+    closed_weekdays: tuple[str, ...] = (),
+    volume_tolerance: float | None = None,
+) -> dict[str, Any]:
+    """Run the declared schemas; raises ``ValidationError`` naming table, column and rows.
+
+    The volume check takes the options stored in ``meta`` by ``ingest_stage``, plus the
+    ``quiet_days`` and ``closed_weekdays`` given here, and ``volume_tolerance`` instead of
+    the stored one when given; ``meta`` is not changed.
+    """
+    from training.validate import validate_tables, volume_options
 
     window = (pd.Timestamp(meta["window_start"]), pd.Timestamp(meta["window_end"]))
-    report = validate_tables(tables, window=window, quiet_days=meta.get("quiet_days", ()))
+    options = volume_options(
+        (*meta.get("quiet_days", ()), *quiet_days),
+        (*meta.get("closed_weekdays", ()), *closed_weekdays),
+        meta.get("volume_tolerance") if volume_tolerance is None else volume_tolerance,
+    )
+    report = validate_tables(tables, window=window, **options)
     return {
         "rows": dict(report.row_counts),
         "checks_run": len(report.checks_run),
         "skipped": list(report.skipped),
         "seconds": round(report.seconds, 3),
+        "volume": options,
     }
 
 
@@ -99,18 +117,35 @@ def ingest_stage(
     dataset: str,
     path: str | None,
     quiet_days: tuple[str, ...] = (),
+    max_categories: int | None = None,
+    closed_weekdays: tuple[str, ...] = (),
+    volume_tolerance: float | None = None,
     **kw: Any,
 ) -> dict[str, Any]:
     """Read real data through an adapter, validate it, write raw tables.
 
-    ``quiet_days`` (UTC dates) are days known to be unusual, added to the source's own list
-    (``ingest.KNOWN_QUIET_DAYS``); the volume check skips them. Long windows get weekly
+    ``max_categories`` keeps the commonest categories and merges the rest
+    (``training.categories``). ``quiet_days`` (UTC days or inclusive ranges such as
+    "2011-12-23..2012-01-03") are days known to be unusual, added to the source's own list
+    (``ingest.KNOWN_QUIET_DAYS``); the volume check skips them, as it skips the
+    ``closed_weekdays`` ("sat"); ``volume_tolerance`` is its factor (None: the default).
+    The three are checked before the source is read and stored in ``dataset.json``, so
+    later ``validate`` runs of the dataset use them too. Long windows get weekly
     feature snapshots (``snapshot_days``) so the batch views stay a manageable size.
     """
-    from training.ingest import KNOWN_QUIET_DAYS, ingest
+    from training.ingest import KNOWN_QUIET_DAYS, ingest_with_report
     from training.tables import write_tables
+    from training.validate import volume_options
 
-    tables = ingest(source, path, **kw)
+    volume = volume_options(
+        (*KNOWN_QUIET_DAYS.get(source, ()), *quiet_days), closed_weekdays, volume_tolerance
+    )
+    tables, report = ingest_with_report(source, path, **kw)
+    collapsed: dict[str, int] | None = None
+    if max_categories is not None:
+        from training.categories import collapse_categories
+
+        tables, collapsed = collapse_categories(tables, max_categories)
     start, end = window_of(tables)
     days = (end - start).days
     meta = {
@@ -118,13 +153,15 @@ def ingest_stage(
         "source": source,
         "window_start": start.isoformat(),
         "window_end": end.isoformat(),
-        "quiet_days": sorted({*KNOWN_QUIET_DAYS.get(source, ()), *quiet_days}),
+        **volume,
         "snapshot_days": 1 if days <= LONG_WINDOW_DAYS else 7,
     }
+    if collapsed is not None:
+        meta["categories_collapsed"] = collapsed
     validated = validate(tables, meta)
     write_tables(tables, paths.raw(dataset))
     _write_meta(paths.raw(dataset), meta)
-    return {"dataset": dataset, "rows": validated["rows"], **meta}
+    return {"dataset": dataset, "rows": validated["rows"], **meta, "ingest": report.as_dict()}
 
 
 def features_stage(
@@ -135,16 +172,20 @@ def features_stage(
     redis: str | None = None,
 ) -> dict[str, Any]:
     """Build the offline feature tables, `feast apply`, and materialize to the online store."""
-    from training.features import build_feature_tables
+    from training.features import build_estimate, build_feature_tables
+    from training.memory import REDUCE_CATEGORIES, StagePeaks, require_fits
 
     meta = read_meta(paths, dataset)
     out: dict[str, Any] = {"seconds": {}}
+    peaks = StagePeaks()
     if "build" in steps:
         t0 = time.perf_counter()
         stride = int(meta.get("snapshot_days", 1))
-        out["rows"] = build_feature_tables(
-            load_raw(paths, dataset), paths.features(dataset), stride
-        )
+        with peaks.measure("features_build"):
+            tables = load_raw(paths, dataset)
+            require_fits("features build", build_estimate(tables, stride), REDUCE_CATEGORIES)
+            out["rows"] = build_feature_tables(tables, paths.features(dataset), stride)
+            del tables
         out["seconds"]["build"] = time.perf_counter() - t0
     if "apply" in steps or "materialize" in steps:
         from contract.feature_store import open_store
@@ -155,11 +196,14 @@ def features_stage(
         out["seconds"]["open_store"] = time.perf_counter() - t0
         if "apply" in steps:
             t0 = time.perf_counter()
-            out["applied"] = feature_store.apply(store)
+            with peaks.measure("features_apply"):
+                out["applied"] = feature_store.apply(store)
             out["seconds"]["apply"] = time.perf_counter() - t0
         if "materialize" in steps:
             end = pd.Timestamp(meta["window_end"])
-            out["seconds"]["materialize"] = feature_store.materialize(store, end)
+            with peaks.measure("features_materialize"):
+                out["seconds"]["materialize"] = feature_store.materialize(store, end)
+    out.update(peaks.report())
     return out
 
 
@@ -176,20 +220,46 @@ def dataset_defaults(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> d
     return out
 
 
+def _join_fits(paths: Paths, dataset: str) -> Callable[[int, int], None]:
+    """The check ``build_training_sets`` runs before its Feast join, once the entity rows are
+    known: ``training.memory.dataset_join_bytes`` against the memory available."""
+    import pyarrow.parquet as pq
+
+    from feature_repo import schema as S
+    from training.memory import REDUCE_CATEGORIES, dataset_join_bytes, require_fits
+
+    source = paths.features(dataset) / f"{S.USER_CATEGORY_AFFINITY}.parquet"
+    snapshots = pq.ParquetFile(source).metadata.num_rows if source.exists() else 0
+
+    def check(rows: int, categories: int) -> None:
+        parts = dataset_join_bytes(rows, snapshots, categories)
+        require_fits("dataset (the Feast join)", parts, REDUCE_CATEGORIES)
+
+    return check
+
+
 def dataset_stage(paths: Paths, dataset: str, **cfg_overrides: Any) -> dict[str, Any]:
-    """Labels, split, downsampling, propensities, Feast point-in-time join."""
+    """Labels, split, downsampling, propensities, Feast point-in-time join. Stops with a
+    ``ValueError`` on a bad option (before any table loads), a split that leaves a period
+    empty, or a label with a single class in a split (``SingleClassLabelError``)."""
     from contract.feature_store import open_store
     from training.dataset import DatasetConfig, build_training_sets
+    from training.memory import StagePeaks
 
-    meta = read_meta(paths, dataset)
-    tables = load_raw(paths, dataset)
-    overrides = {**dataset_defaults(tables, meta), **cfg_overrides}
-    store = open_store(dataset, paths=paths)
-    cfg = DatasetConfig(**overrides)
-    return build_training_sets(
-        tables,
-        store,
-        paths.training_sets(dataset),
-        cfg,
-        data_end=pd.Timestamp(meta["window_end"]),
-    )
+    DatasetConfig(**cfg_overrides)  # bad options: refused before the tables load
+    peaks = StagePeaks()
+    with peaks.measure("dataset"):
+        meta = read_meta(paths, dataset)
+        tables = load_raw(paths, dataset)
+        overrides = {**dataset_defaults(tables, meta), **cfg_overrides}
+        store = open_store(dataset, paths=paths)
+        cfg = DatasetConfig(**overrides)
+        manifest = build_training_sets(
+            tables,
+            store,
+            paths.training_sets(dataset),
+            cfg,
+            data_end=pd.Timestamp(meta["window_end"]),
+            before_join=_join_fits(paths, dataset),
+        )
+    return {**manifest, **peaks.report()}

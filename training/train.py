@@ -23,6 +23,7 @@ import pandas as pd
 
 from contract import bundle as B
 from contract.paths import Paths
+from training.memory import StagePeaks
 from training.staging import (
     STAGE_REPORT,
     TrainConfig,
@@ -138,12 +139,15 @@ def stage_register(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, An
     reports = read_stage_reports(stage)
     metrics = _flat_metrics(reports.get("evaluate", {}))
     snapshot = f"{dataset}:{manifest['split']['train_start']}..{manifest['split']['test_end']}"
+    label = manifest.get("label") or {"kind": B.LABEL_PURCHASE}  # sets from before the choice
+    window = label.get("window_days", B.DEFAULT_LABEL_WINDOW_DAYS)
     write_manifest(
         target,
         version=version,
         data_snapshot=snapshot,
         feature_schema_hash=schema["hash"],
         metrics=metrics,
+        label=B.label_entry(label["kind"], window),
     )
     registry = Registry()
     number = registry.register(target, metrics=metrics, params={"dataset": dataset, **asdict(cfg)})
@@ -199,17 +203,37 @@ def train(
     """Run ``stages`` in order; returns each stage's report and its seconds."""
     cfg = cfg or TrainConfig()
     _manifest(paths, dataset)  # fail early, with the command to run
+    from training.dataset import check_label
+
+    check_label(paths.training_sets(dataset))  # a single-class label: nothing to learn
     unknown = [s for s in stages if s not in RUNNERS]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     stage = staging_dir(paths, dataset)
     stage.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    peaks = StagePeaks()
     for name in stages:
         t0 = time.perf_counter()
         log.info("train %s: %s", dataset, name)
-        report = RUNNERS[name](paths, dataset, cfg)
-        report = {**report, "seconds": time.perf_counter() - t0}
+        with peaks.measure(name):
+            report = RUNNERS[name](paths, dataset, cfg)
+        report = {**report, "seconds": time.perf_counter() - t0, "peak_rss_mb": peaks.peaks[name]}
         save_stage_report(stage, name, report)
         results[name] = report
+    if "evaluate" in stages:
+        _record_peaks(paths, dataset, peaks)
     return results
+
+
+def _record_peaks(paths: Paths, dataset: str, peaks: StagePeaks) -> None:
+    """Add the training stages' peak resident memory to the published eval.json/eval.md."""
+    from training.evaluate import reports_dir
+    from training.report import write_report
+
+    simulated = paths.ground_truth(dataset).joinpath("ground_truth.npz").exists()
+    path = reports_dir(paths, dataset, simulated) / "eval.json"
+    if path.exists():
+        report = json.loads(path.read_text())
+        report.update(peaks.report())
+        write_report(report, path.parent)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from contract import bundle
@@ -37,6 +38,7 @@ from contract.timeutil import NS_PER_DAY, to_ns
 from contract.tower import InputSpec, UserTower
 from feature_repo import schema as S
 from training.dataset import MANIFEST
+from training.memory import REDUCE_CATEGORIES, require_fits
 from training.retrieval import ann, popular
 from training.retrieval.evaluate import (
     EvalGroups,
@@ -95,6 +97,11 @@ class RetrievalData:
         training_dir = paths.training_sets(dataset)
         manifest = json.loads((training_dir / MANIFEST).read_text())
         affinity_path = paths.features(dataset) / f"{S.USER_CATEGORY_AFFINITY}.parquet"
+        require_fits(
+            "retrieval training",
+            retrieval_estimate(affinity_path, training_dir, catalog.n_categories),
+            REDUCE_CATEGORIES,
+        )
         return cls(
             catalog=catalog,
             users=tables[C.USERS],
@@ -106,6 +113,24 @@ class RetrievalData:
 
     def encode(self, rows: pd.DataFrame) -> np.ndarray:
         return self.spec.encode(user_features(rows, self.spec, self.affinity))
+
+
+def retrieval_estimate(
+    affinity_path: Path, training_dir: Path, n_categories: int
+) -> dict[str, float]:
+    """Bytes the retrieval stage holds for the category affinity, from file metadata: the
+    snapshots as float32 (read, converted, reordered: ~4 copies), and every train/valid row's
+    dense vector through ``user_features`` and ``InputSpec.encode`` (~4 copies)."""
+    snapshots = pq.ParquetFile(affinity_path).metadata.num_rows
+    rows = sum(
+        pq.ParquetFile(training_dir / f"{split}.parquet").metadata.num_rows
+        for split in ("train", "valid")
+    )
+    width = n_categories * 4
+    return {
+        "affinity snapshots (user snapshots x categories)": snapshots * width * 4,
+        "encoded training rows (rows x categories)": rows * width * 4,
+    }
 
 
 def normalisation(x: np.ndarray, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +301,9 @@ def train_retrieval(
         f"ann_recall_at_{k}_vs_exact": ann_recall,
         "query_p50_ms": float(np.percentile(ms, 50)),
         "query_p99_ms": float(np.percentile(ms, 99)),
-        "user_tower_p50_ms": _tower_latency_ms(tower, data, groups["click"]),
+        "user_tower_p50_ms": _tower_latency_ms(
+            tower, data, groups["click"] if len(groups["click"]) else groups["purchase"]
+        ),
         "sweep": sweep,
         "train_seconds": fitted.seconds,
         "prepare_seconds": prepare_seconds,
@@ -394,9 +421,9 @@ def _write_popular(data: RetrievalData, out_dir: Path, k: int) -> dict[str, Any]
     train = data.splits["train"]
     end = data.split_times["train_end"]
     start = max(end - pd.Timedelta(days=FALLBACK_WINDOW_DAYS), data.split_times["train_start"])
-    fallback = popular.popular_items(
-        train[train[C.LABEL_CLICK].to_numpy() > 0], data.users, start, end, k
-    )
+    # every engagement the split has (popular.WEIGHTS), not only clicks: a purchase-only
+    # log has none
+    fallback = popular.popular_items(train, data.users, start, end, k)
     popular.save_popular(fallback, out_dir / POPULAR)
     return fallback
 
@@ -419,8 +446,9 @@ def _test_groups(
     return groups, queries
 
 
-def _tower_latency_ms(tower: UserTower, data: RetrievalData, groups: EvalGroups) -> float:
-    """p50 of one user's numpy-tower call from the feature dict (what serving does)."""
+def _tower_latency_ms(tower: UserTower, data: RetrievalData, groups: EvalGroups) -> float | None:
+    """p50 of one user's numpy-tower call from the feature dict (what serving does); None
+    when ``groups`` has no query to time."""
     test = data.splits["test"].iloc[groups.query_row[:200]]
     features = user_features(test, data.spec, data.affinity)
     ms = []
@@ -429,7 +457,7 @@ def _tower_latency_ms(tower: UserTower, data: RetrievalData, groups: EvalGroups)
         t0 = time.perf_counter_ns()
         tower.embed(one)
         ms.append((time.perf_counter_ns() - t0) / 1e6)
-    return float(np.percentile(ms, 50)) if ms else 0.0
+    return float(np.percentile(ms, 50)) if ms else None
 
 
 def _recall_curve(

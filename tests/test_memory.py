@@ -1,0 +1,185 @@
+"""Peak memory per stage and the estimate that stops a stage before it allocates."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from contract import columns as C
+from contract.paths import Paths
+from training import memory
+from training.memory import MemoryEstimateError, StagePeaks, require_fits
+
+linux = pytest.mark.skipif(sys.platform != "linux", reason="VmHWM and clear_refs are Linux's")
+
+
+@linux
+def test_each_stage_reports_its_own_peak_not_the_process_peak_so_far() -> None:
+    peaks = StagePeaks()
+    with peaks.measure("big"):
+        block = np.ones(300 * memory.MB // 8)  # 300 MB, touched
+        del block
+    with peaks.measure("small"):
+        np.ones(10 * memory.MB // 8)
+    assert peaks.peaks["big"] >= peaks.peaks["small"] + 250
+    assert not peaks.process_wide  # the high-water mark was reset for each stage
+    assert peaks.report() == {"peak_rss_mb": peaks.peaks}
+
+
+def test_a_stage_that_raises_still_reports_its_peak() -> None:
+    peaks = StagePeaks()
+    with pytest.raises(RuntimeError), peaks.measure("failing"):
+        raise RuntimeError("boom")
+    assert peaks.peaks["failing"] > 0
+
+
+def test_an_estimate_beyond_the_machine_stops_with_the_figures_and_the_remedy() -> None:
+    parts = {"category affinity": 30e9, "item views": 2e9, "events": 1e9}
+    with pytest.raises(MemoryEstimateError) as info:
+        require_fits("features build", parts, "Use --max-categories.", available=16_000)
+    message = str(info.value)
+    assert "features build needs an estimated 31,471 MB" in message
+    assert "category affinity 28,610 MB" in message  # the biggest part first
+    assert "16,000 MB are available" in message
+    assert message.endswith("Use --max-categories.")
+    assert require_fits("features build", {"x": 1e9}, "", available=16_000) == pytest.approx(
+        953.7, abs=0.1
+    )
+
+
+def test_the_limit_can_be_set_for_a_container(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(memory.LIMIT_ENV, "512")
+    assert memory.available_mb() == 512
+    monkeypatch.setenv(memory.LIMIT_ENV, "lots")
+    with pytest.raises(ValueError, match="HOMEFEED_MEMORY_LIMIT_MB must be a number"):
+        memory.available_mb()
+
+
+def test_stages_report_their_peaks(tiny_dataset: dict) -> None:
+    assert tiny_dataset["features"]["peak_rss_mb"]["features_build"] > 0
+    assert tiny_dataset["manifest"]["peak_rss_mb"]["dataset"] > 0
+
+
+def test_the_affinity_estimate_grows_with_users_times_categories_times_days() -> None:
+    small = memory.features_build_bytes(1000, 3000, 100, 10, 14, 15, 100_000)
+    wide = memory.features_build_bytes(1000, 3000, 100, 1000, 14, 15, 100_000)
+    key = "category affinity (users x categories x days)"
+    assert wide[key] == pytest.approx(100 * small[key])
+    assert wide["item views (items x days)"] == small["item views (items x days)"]
+
+
+@linux
+def test_features_stop_before_allocating_when_the_estimate_exceeds_the_limit(
+    tiny_dataset: dict, home: Paths, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from training.features import build_estimate
+    from training.stages import features_stage, load_raw
+
+    paths, dataset = home, tiny_dataset["dataset"]
+    estimate_mb = sum(build_estimate(load_raw(paths, dataset)).values()) / memory.MB
+    monkeypatch.setenv(memory.LIMIT_ENV, str(estimate_mb / 2))
+    out = tmp_path / "features"
+    monkeypatch.setattr(type(paths), "features", lambda self, name: out)
+    with pytest.raises(MemoryEstimateError, match="--max-categories"):
+        features_stage(paths, dataset, ("build",))
+    assert not out.exists()  # nothing written
+
+
+@linux
+def test_the_features_estimate_covers_the_measured_peak(
+    tiny_dataset: dict, home: Paths, tmp_path: Path
+) -> None:
+    """The estimate is of what the build adds to the process; on tiny it must not undershoot
+    the measured increase by more than a third (it is what refuses a run), nor exceed it
+    tenfold (it would refuse runs that fit)."""
+    from training.features import build_estimate, build_feature_tables
+    from training.stages import load_raw
+
+    tables = load_raw(home, tiny_dataset["dataset"])
+    estimate_mb = sum(build_estimate(tables).values()) / memory.MB
+    peaks = StagePeaks()
+    before = memory.rss_mb()
+    with peaks.measure("build"):
+        build_feature_tables(tables, tmp_path / "features")
+    added = peaks.peaks["build"] - before
+    assert added > 0
+    assert estimate_mb >= added / 1.5, (estimate_mb, added)
+    assert estimate_mb <= 10 * max(added, 20), (estimate_mb, added)
+
+
+# --- collapsing a long-tailed taxonomy (homefeed ingest --max-categories) -----------------
+
+
+def _catalogue() -> dict[str, pd.DataFrame]:
+    """Six items in categories 10..15; category 15's item was bought three times, 12's
+    clicked once; nobody engaged with the others."""
+    items = pd.DataFrame({C.ITEM_ID: np.arange(6), C.CATEGORY: np.arange(10, 16)})
+    impressions = pd.DataFrame({C.IMPRESSION_ID: [1, 2, 3, 4], C.ITEM_ID: [5, 5, 5, 2]})
+    return {
+        C.ITEMS: items,
+        C.IMPRESSIONS: impressions,
+        C.PURCHASES: pd.DataFrame({C.IMPRESSION_ID: [1, 2, 3]}),
+        C.CLICKS: pd.DataFrame({C.IMPRESSION_ID: [4]}),
+        C.ADD_TO_CARTS: pd.DataFrame({C.IMPRESSION_ID: pd.Series([], dtype=np.int64)}),
+    }
+
+
+def test_the_most_engaged_categories_are_kept_and_the_rest_merged() -> None:
+    from training.categories import SOURCE_COLUMN, collapse_categories
+
+    tables, summary = collapse_categories(_catalogue(), 3)
+    items = tables[C.ITEMS]
+    # 15 (three purchases) -> 0, 12 (one click) -> 1, everything else -> "other" (2)
+    assert items[C.CATEGORY].tolist() == [2, 2, 1, 2, 2, 0]
+    assert items[SOURCE_COLUMN].tolist() == [10, 11, 12, 13, 14, 15]
+    assert summary == {"categories": 6, "kept": 3, "items_moved": 4}
+    assert _catalogue()[C.ITEMS][C.CATEGORY].tolist() == list(range(10, 16))  # input untouched
+
+
+def test_a_taxonomy_within_the_limit_is_left_alone_and_a_limit_below_two_refused() -> None:
+    from training.categories import collapse_categories
+
+    tables, summary = collapse_categories(_catalogue(), 6)
+    assert tables[C.ITEMS][C.CATEGORY].tolist() == list(range(10, 16))
+    assert summary["items_moved"] == 0
+    with pytest.raises(ValueError, match="--max-categories must be at least 2"):
+        collapse_categories(_catalogue(), 1)
+
+
+def test_the_cli_prints_the_refusal_without_a_traceback(
+    tiny_dataset: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools.cli import main
+
+    monkeypatch.setenv(memory.LIMIT_ENV, "1")
+    code = main(["features", "build", "--dataset", tiny_dataset["dataset"]])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert err.startswith("homefeed features: features build needs an estimated")
+    assert "Traceback" not in err
+
+
+@linux
+def test_the_dataset_stage_stops_before_its_feast_join_when_it_would_not_fit(
+    tiny_dataset: dict, home: Paths, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from training.stages import dataset_stage
+
+    out = tmp_path / "training"
+    monkeypatch.setattr(type(home), "training_sets", lambda self, name: out)
+    monkeypatch.setenv(memory.LIMIT_ENV, "100")  # the join's fixed part alone is ~300 MB
+    with pytest.raises(MemoryEstimateError, match=r"dataset \(the Feast join\) needs"):
+        dataset_stage(home, tiny_dataset["dataset"])
+    assert not out.exists()
+
+
+def test_the_join_estimate_grows_with_rows_times_categories() -> None:
+    narrow = memory.dataset_join_bytes(1000, 100, 10)
+    wide = memory.dataset_join_bytes(1000, 100, 1000)
+    key = "joined rows x categories"
+    assert wide[key] == pytest.approx(100 * narrow[key])
+    assert wide["Feast and DuckDB"] == narrow["Feast and DuckDB"]

@@ -1,0 +1,210 @@
+"""Memory per stage: what a stage used at its peak, and whether the next one will fit.
+
+Two halves:
+
+- ``StagePeak`` measures a stage's peak resident memory in this process. Linux keeps the
+  process's high-water mark (``VmHWM`` in ``/proc/self/status``); writing ``5`` to
+  ``/proc/self/clear_refs`` resets it to the current resident size, so the mark read at the
+  end of the stage is that stage's own peak even when several stages run in one process
+  (``homefeed demo``). Where the reset is not allowed the mark is the process's peak so
+  far, and the figure says so (``peak_is_process_wide``).
+- ``require_fits`` stops a stage before it allocates when its estimate exceeds the memory
+  the machine has available (``MemAvailable``; an estimate is of what the stage adds to the
+  process), with the estimate, what it is made of and the option that reduces it.
+  The estimates (``features_build_bytes``...) follow the arrays the stage builds; they are
+  checked against measured peaks in ``tests/test_memory.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MB = 2**20
+# A stage may use this share of the available memory; the rest is for the estimate's error,
+# the page cache and whatever else runs on the machine.
+HEADROOM = 0.85
+# HOMEFEED_MEMORY_LIMIT_MB overrides what the machine reports (a container's limit the
+# kernel does not show in /proc/meminfo, or a test)
+LIMIT_ENV = "HOMEFEED_MEMORY_LIMIT_MB"
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_MEMINFO = Path("/proc/meminfo")
+
+
+class MemoryEstimateError(MemoryError):
+    """A stage would need more memory than the machine has; raised before it allocates."""
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, MB."""
+    kb = _status_kb("VmRSS")
+    return kb / 1024 if kb is not None else 0.0
+
+
+def _reset_peak() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_mb() -> float:
+    kb = _status_kb("VmHWM")
+    if kb is None:  # not Linux: the process's peak as getrusage reports it (KB on Linux)
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024
+
+
+@dataclass
+class StagePeaks:
+    """Peak resident MB by stage name, in the order the stages ran."""
+
+    peaks: dict[str, float] = field(default_factory=dict)
+    process_wide: set[str] = field(default_factory=set)
+
+    @contextmanager
+    def measure(self, stage: str) -> Iterator[None]:
+        """Record ``stage``'s peak resident memory (also when it raises)."""
+        reset = _reset_peak()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            peak = round(_peak_mb(), 1)
+            self.peaks[stage] = peak
+            if not reset:
+                self.process_wide.add(stage)
+            log.info(
+                "%s: peak resident memory %.0f MB (%.1f s)",
+                stage,
+                peak,
+                time.perf_counter() - start,
+            )
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.peaks)
+
+    def report(self) -> dict[str, object]:
+        """``{"peak_rss_mb": {...}}`` plus which figures are process-wide, for a report."""
+        out: dict[str, object] = {"peak_rss_mb": self.as_dict()}
+        if self.process_wide:
+            out["peak_is_process_wide"] = sorted(self.process_wide)
+        return out
+
+
+def available_mb() -> float:
+    """What a stage may add to this process: ``HOMEFEED_MEMORY_LIMIT_MB`` when set, else
+    the kernel's ``MemAvailable`` (the estimates are of what a stage adds to what the
+    process already holds)."""
+    override = os.environ.get(LIMIT_ENV)
+    if override:
+        try:
+            return float(override)
+        except ValueError:
+            raise ValueError(f"{LIMIT_ENV} must be a number of MB, got {override!r}") from None
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")  # unknown: do not refuse
+
+
+def require_fits(
+    stage: str, parts: Mapping[str, float], reduce_with: str, available: float | None = None
+) -> float:
+    """Raise ``MemoryEstimateError`` when the estimate (``parts``: bytes by what they hold)
+    exceeds ``HEADROOM`` of the available memory; returns the estimate in MB."""
+    total_mb = sum(parts.values()) / MB
+    limit = available_mb() if available is None else available
+    if total_mb > HEADROOM * limit:
+        biggest = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
+        detail = ", ".join(f"{name} {b / MB:,.0f} MB" for name, b in biggest)
+        raise MemoryEstimateError(
+            f"{stage} needs an estimated {total_mb:,.0f} MB ({detail}) but "
+            f"{limit:,.0f} MB are available (a stage may use {HEADROOM:.0%} of it); "
+            f"stopped before allocating. {reduce_with}"
+        )
+    log.info("%s: estimated %.0f MB of %.0f MB available", stage, total_mb, limit)
+    return total_mb
+
+
+# --- estimates ---------------------------------------------------------------------------
+
+F64 = 8
+F32 = 4
+
+
+def features_build_bytes(
+    users: int,
+    items: int,
+    sellers: int,
+    categories: int,
+    days: int,
+    snapshots: int,
+    events: int,
+) -> dict[str, float]:
+    """What ``training.features.FeatureBuilder.build_all`` holds at once, by part.
+
+    The category affinity is dense: a float64 prefix sum of users x categories x (days + 1),
+    its 30-day window and the smoothed affinities over users x categories x snapshots, and
+    the float32 vectors it keeps per (user, snapshot). The other views hold a few float64
+    prefix sums of entities x (days + 1) and their output columns over entities x snapshots
+    twice (the frame, then Arrow's copy as it is written); the events are read with their
+    day, entity indices and timestamps. Checked against measured peaks: sim-tiny with 12 and
+    1,000 categories, sim-small (``tests/test_memory.py``, ``docs/data-schema.md``).
+    """
+    per_user_cat = users * categories
+    return {
+        "category affinity (users x categories x days)": per_user_cat
+        * (F64 * (days + 1) + 3 * F64 * snapshots + 2 * F32 * snapshots),
+        "item views (items x days)": items * (4 * F64 * (days + 1) + 2 * 15 * F64 * snapshots),
+        "user views (users x days)": users * (4 * F64 * (days + 1) + 2 * 24 * F64 * snapshots),
+        "seller views": sellers * 2 * 4 * F64 * snapshots,
+        "events and their indices": events * 128,
+    }
+
+
+def dataset_join_bytes(rows: int, affinity_snapshots: int, categories: int) -> dict[str, float]:
+    """What the dataset stage's Feast point-in-time join adds to the process, for ``rows``
+    entity rows: the affinity vector of every joined row (in DuckDB's result, in Arrow, and
+    on the way to the one entry a row keeps: ~6.5 float32 copies), the other columns (~4 KB
+    a row across the same copies), the offline source's vectors (~4 copies) and a fixed
+    ~300 MB for Feast and DuckDB. Fitted to measured peaks: sim-tiny with 12 and 1,000
+    categories (42.6 k rows: 250 and 1,370 MB added) and a 333 k-line purchase-only log
+    with 200 categories (976 k rows: 8.1 GB added); the estimate errs high (1.2-2x)."""
+    return {
+        "joined rows x categories": rows * categories * 26,
+        "joined rows' other columns": rows * 4096,
+        "affinity source (user snapshots x categories)": affinity_snapshots * categories * F32 * 4,
+        "Feast and DuckDB": 300 * MB,
+    }
+
+
+REDUCE_CATEGORIES = (
+    "The category affinity grows with users x categories x days: collapse the rarest "
+    "categories at ingest (`homefeed ingest --max-categories N`, e.g. 200), or use weekly "
+    "snapshots for long windows."
+)

@@ -176,6 +176,35 @@ def test_training_features_match_an_independent_point_in_time_lookup(tiny_datase
     assert (to_ns(sample[C.EVENT_TIMESTAMP]) > 0).all()
 
 
+def test_the_affinity_join_gives_what_feasts_point_in_time_join_gives(tiny_dataset, home):
+    """historical_features joins the affinity view itself (to keep rows x categories out of
+    memory); on every training row it must equal Feast's own join of that view, reduced to
+    the item's category, including rows with no snapshot in the TTL (the uniform prior)."""
+    from contract.feature_store import open_store
+    from training.dataset import affinity_for_items, historical_features
+    from training.stages import load_raw
+
+    dataset = tiny_dataset["dataset"]
+    store = open_store(dataset, paths=home)
+    rows = pd.concat(
+        pd.read_parquet(home.training_sets(dataset) / f"{name}.parquet") for name in C.SPLITS
+    )
+    entity = rows[[C.USER_ID, C.ITEM_ID, C.SELLER_ID, C.EVENT_TIMESTAMP]].reset_index(drop=True)
+    entity[C.EVENT_TIMESTAMP] = entity[C.EVENT_TIMESTAMP].dt.as_unit("us")
+    entity["row"] = np.arange(len(entity))
+    n_cat = int(load_raw(home, dataset)[C.ITEMS][C.CATEGORY].max()) + 1
+    ours = historical_features(store, entity, n_cat).sort_values("row")
+    feast = store.get_historical_features(
+        entity_df=entity,
+        features=[f"{S.USER_CATEGORY_AFFINITY}:{S.AFFINITY_VECTOR}", f"{S.ITEM_STATS}:category"],
+    ).to_arrow()
+    order = np.argsort(feast.column("row").to_numpy())
+    category = feast.column("category").to_pandas().fillna(-1).to_numpy(np.int64)
+    expected = affinity_for_items(feast.column(S.AFFINITY_VECTOR), category, n_cat)[order]
+    assert (expected == 1.0 / n_cat).any() and (expected != 1.0 / n_cat).any()
+    np.testing.assert_array_equal(ours[S.AFFINITY_FOR_ITEM].to_numpy(), expected)
+
+
 def test_affinity_for_items_reads_the_candidates_category_and_priors_missing_users():
     import pyarrow as pa
 

@@ -177,9 +177,11 @@ def test_the_dataset_stage_stops_before_its_feast_join_when_it_would_not_fit(
     assert not out.exists()
 
 
-def test_the_join_estimate_grows_with_rows_times_categories() -> None:
+def test_the_join_estimate_grows_with_snapshots_times_categories_not_rows() -> None:
     narrow = memory.dataset_join_bytes(1000, 100, 10)
     wide = memory.dataset_join_bytes(1000, 100, 1000)
-    key = "joined rows x categories"
+    key = "affinity snapshots (user snapshots x categories)"
     assert wide[key] == pytest.approx(100 * narrow[key])
-    assert wide["Feast and DuckDB"] == narrow["Feast and DuckDB"]
+    assert (
+        wide["joined rows (Feast, DuckDB, Arrow)"] == narrow["joined rows (Feast, DuckDB, Arrow)"]
+    )

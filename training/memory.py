@@ -2,12 +2,14 @@
 
 Two halves:
 
-- ``StagePeak`` measures a stage's peak resident memory in this process. Linux keeps the
-  process's high-water mark (``VmHWM`` in ``/proc/self/status``); writing ``5`` to
+- ``StagePeaks`` measures the process's peak resident memory during a stage. Linux keeps
+  the process's high-water mark (``VmHWM`` in ``/proc/self/status``); writing ``5`` to
   ``/proc/self/clear_refs`` resets it to the current resident size, so the mark read at the
-  end of the stage is that stage's own peak even when several stages run in one process
-  (``homefeed demo``). Where the reset is not allowed the mark is the process's peak so
-  far, and the figure says so (``peak_is_process_wide``).
+  end of the stage is the peak during that stage, not an earlier stage's, when several run
+  in one process (``homefeed demo``). It includes what the process still holds from before
+  the stage (an earlier stage's freed memory the allocator kept): run a stage alone
+  (``homefeed features build``...) for its figure alone. Where the reset is not allowed the
+  mark is the process's peak so far, and the figure says so (``peak_is_process_wide``).
 - ``require_fits`` stops a stage before it allocates when its estimate exceeds the memory
   the machine has available (``MemAvailable``; an estimate is of what the stage adds to the
   process), with the estimate, what it is made of and the option that reduces it.
@@ -188,17 +190,20 @@ def features_build_bytes(
 
 
 def dataset_join_bytes(rows: int, affinity_snapshots: int, categories: int) -> dict[str, float]:
-    """What the dataset stage's Feast point-in-time join adds to the process, for ``rows``
-    entity rows: the affinity vector of every joined row (in DuckDB's result, in Arrow, and
-    on the way to the one entry a row keeps: ~6.5 float32 copies), the other columns (~4 KB
-    a row across the same copies), the offline source's vectors (~4 copies) and a fixed
-    ~300 MB for Feast and DuckDB. Fitted to measured peaks: sim-tiny with 12 and 1,000
-    categories (42.6 k rows: 250 and 1,370 MB added) and a 333 k-line purchase-only log
-    with 200 categories (976 k rows: 8.1 GB added); the estimate errs high (1.2-2x)."""
+    """What the dataset stage's point-in-time join adds to the process for ``rows`` entity
+    rows: Feast's join of every view but the affinity (~4.8 KB a row across DuckDB, Arrow
+    and pandas, the seller lists included), the affinity view's snapshots read once as
+    float32 (~3 copies; ``training.dataset.historical_features`` reduces them to each row's
+    category without a rows x categories matrix) and ~300 MB for Feast and DuckDB. Fitted to
+    measured peaks: sim-tiny with 12 and 1,000 categories (42.6 k rows: ~300 and ~680 MB
+    added), a 333 k-line purchase-only log with 200 categories (976 k rows: ~4.6 GB added);
+    it errs high."""
     return {
-        "joined rows x categories": rows * categories * 26,
-        "joined rows' other columns": rows * 4096,
-        "affinity source (user snapshots x categories)": affinity_snapshots * categories * F32 * 4,
+        "joined rows (Feast, DuckDB, Arrow)": rows * 4800,
+        "affinity snapshots (user snapshots x categories)": affinity_snapshots
+        * categories
+        * F32
+        * 3,
         "Feast and DuckDB": 300 * MB,
     }
 

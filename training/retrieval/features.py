@@ -82,6 +82,32 @@ class AffinitySnapshots:
                 f"affinity vectors have {self.vectors.shape[1]} entries, the catalog has "
                 f"{n_categories} categories"
             )
+        snapshot = self.snapshot_of(user_id, ts_ns)
+        found = snapshot >= 0
+        out[found] = self.vectors[snapshot[found]]
+        return out
+
+    def at_categories(
+        self, user_id: np.ndarray, ts_ns: np.ndarray, category: np.ndarray, n_categories: int
+    ) -> np.ndarray:
+        """Each row's entry of its user's vector as of ``ts_ns`` at ``category`` (the
+        item's): ``at(...)[i, category[i]]`` without building the rows x categories matrix.
+        No snapshot, or a category outside the vector: the uniform 1 / n_categories."""
+        out = np.full(len(user_id), 1.0 / n_categories, dtype=np.float32)
+        if len(user_id) == 0 or len(self.user_id) == 0:
+            return out
+        snapshot = self.snapshot_of(user_id, ts_ns)
+        cat = np.asarray(category, dtype=np.int64)
+        ok = (snapshot >= 0) & (cat >= 0) & (cat < self.vectors.shape[1])
+        out[ok] = self.vectors[snapshot[ok], cat[ok]]
+        return out
+
+    def snapshot_of(self, user_id: np.ndarray, ts_ns: np.ndarray) -> np.ndarray:
+        """Each row's snapshot index (``-1``: none) by Feast's rule for a batch view: the
+        user's latest snapshot stamped at or before ``ts_ns``, no older than the view's TTL."""
+        out = np.full(len(user_id), -1, dtype=np.int64)
+        if len(user_id) == 0 or len(self.user_id) == 0:
+            return out
         left = pd.DataFrame(
             {C.USER_ID: user_id, S.EVENT_TIMESTAMP: ts_ns, _ROW: np.arange(len(ts_ns))}
         )
@@ -102,7 +128,7 @@ class AffinitySnapshots:
         )
         found = joined[_SNAPSHOT].notna().to_numpy()
         rows = joined[_ROW].to_numpy()[found]
-        out[rows] = self.vectors[joined[_SNAPSHOT].to_numpy()[found].astype(np.int64)]
+        out[rows] = joined[_SNAPSHOT].to_numpy()[found].astype(np.int64)
         return out
 
 

@@ -32,6 +32,7 @@ from contract import columns as C
 from contract.features import DAY_OF_WEEK, HOUR
 from contract.timeutil import NS_PER_DAY, to_ns
 from feature_repo import schema as S
+from training.affinity import AffinitySnapshots
 from training.propensity import PositionCurve, estimate_position_curve
 
 if TYPE_CHECKING:
@@ -404,8 +405,6 @@ def historical_features(
     categories floats, several copies in DuckDB and Arrow: 8.7 GB for a 333 k-line log with
     200 categories), here only the view's own snapshots are read once.
     ``tests/test_dataset.py`` checks the two joins agree."""
-    from training.retrieval.features import AffinitySnapshots
-
     service = store.get_feature_service(S.RANKER_SERVICE)
     refs = [
         f"{projection.name_to_use()}:{field.name}"

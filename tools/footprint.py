@@ -25,19 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from contract.paths import Paths
+from training.memory import status_kb
 
 SERVICES = ("retrieval", "features", "ranking", "gateway")
 _READY = re.compile(r"HOMEFEED_READY port=(\d+)")
-
-
-def _status_kb(pid: int, field: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def measure(service: str, home: Path, dataset: str, model: str, timeout: float) -> dict[str, Any]:
@@ -75,8 +66,8 @@ def measure(service: str, home: Path, dataset: str, model: str, timeout: float) 
             raise RuntimeError(f"{service} exited with status {proc.wait()} before it was ready")
         start_s = time.perf_counter() - started
         time.sleep(1.0)  # let start-up threads settle
-        rss = _status_kb(proc.pid, "VmRSS")
-        peak = _status_kb(proc.pid, "VmHWM")
+        rss = status_kb("VmRSS", proc.pid)
+        peak = status_kb("VmHWM", proc.pid)
     finally:
         proc.terminate()
         try:

@@ -332,7 +332,10 @@ def fill_defaults(frame: pd.DataFrame) -> pd.DataFrame:
 def affinity_for_items(
     vectors: pa.ChunkedArray, category: np.ndarray, n_categories: int
 ) -> np.ndarray:
-    """Each row's affinity to its own item's category, read straight from Arrow.
+    """Each row's affinity to its own item's category, read straight from Arrow, from the
+    whole vectors a Feast join of the affinity view returns. The training sets no longer join
+    the view through Feast (``historical_features``); this stays as the reference that
+    ``tests/test_dataset.py`` checks that join against.
 
     A missing vector (a user with no profile yet) is the uniform prior 1 / n_categories.
     Going through Arrow keeps the (rows x categories) floats out of Python lists, which is

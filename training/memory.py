@@ -38,7 +38,6 @@ HEADROOM = 0.85
 # kernel does not show in /proc/meminfo, or a test)
 LIMIT_ENV = "HOMEFEED_MEMORY_LIMIT_MB"
 
-_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _MEMINFO = Path("/proc/meminfo")
 
@@ -47,10 +46,11 @@ class MemoryEstimateError(MemoryError):
     """A stage would need more memory than the machine has; raised before it allocates."""
 
 
-def _status_kb(key: str) -> int | None:
+def status_kb(field: str, pid: int | str = "self") -> int | None:
+    """A ``/proc/<pid>/status`` figure in KB (``VmRSS``, ``VmHWM``); None where there is none."""
     try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(key + ":"):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -59,7 +59,7 @@ def _status_kb(key: str) -> int | None:
 
 def rss_mb() -> float:
     """This process's resident memory now, MB."""
-    kb = _status_kb("VmRSS")
+    kb = status_kb("VmRSS")
     return kb / 1024 if kb is not None else 0.0
 
 
@@ -72,7 +72,7 @@ def _reset_peak() -> bool:
 
 
 def _peak_mb() -> float:
-    kb = _status_kb("VmHWM")
+    kb = status_kb("VmHWM")
     if kb is None:  # not Linux: the process's peak as getrusage reports it (KB on Linux)
         kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024
@@ -104,12 +104,9 @@ class StagePeaks:
                 time.perf_counter() - start,
             )
 
-    def as_dict(self) -> dict[str, float]:
-        return dict(self.peaks)
-
     def report(self) -> dict[str, object]:
         """``{"peak_rss_mb": {...}}`` plus which figures are process-wide, for a report."""
-        out: dict[str, object] = {"peak_rss_mb": self.as_dict()}
+        out: dict[str, object] = {"peak_rss_mb": dict(self.peaks)}
         if self.process_wide:
             out["peak_is_process_wide"] = sorted(self.process_wide)
         return out
@@ -210,6 +207,5 @@ def dataset_join_bytes(rows: int, affinity_snapshots: int, categories: int) -> d
 
 REDUCE_CATEGORIES = (
     "The category affinity grows with users x categories x days: collapse the rarest "
-    "categories at ingest (`homefeed ingest --max-categories N`, e.g. 200), or use weekly "
-    "snapshots for long windows."
+    "categories at ingest (`homefeed ingest --max-categories N`, e.g. 200)."
 )

@@ -45,7 +45,7 @@ class Catalog:
 
     @property
     def n_categories(self) -> int:
-        """Width of the affinity vector as training sets it: max category + 1."""
+        """The category ids the affinity covers as training sets them: max category + 1."""
         return int(self.categories.max()) + 1 if len(self.categories) else 1
 
     @property

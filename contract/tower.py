@@ -12,7 +12,9 @@ Encoding, column by column (``InputSpec.input_names`` gives the order):
   non-negative and heavy-tailed);
 - every categorical feature: a one-hot over its vocabulary plus a last ``other`` column
   for any value outside it (``unknown`` included);
-- the category-affinity vector: ``log(max(a, 1e-6))``, one column per category.
+- the category-affinity input (``contract.affinity.buckets``: the user's engagement
+  weights summed into at most 256 buckets, smoothed toward uniform):
+  ``log(max(a, 1e-6))``, one column per bucket.
 
 The encoded matrix is then standardised with the training rows' mean and standard
 deviation (stored in the file) and fed through ``Linear → ReLU → … → Linear``.
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: the affinity input is bucketed sparse lists, not a dense vector
 AFFINITY_FLOOR = 1e-6
 OTHER = "other"
 

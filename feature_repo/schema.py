@@ -41,8 +41,14 @@ FEATURES: dict[str, dict[str, str]] = {
         "spend_band": "int64",  # 0 none, 1 < 25, 2 < 75, 3 < 200, 4 >= 200 (currency units)
         "avg_price_paid_30d": "float32",  # 0 when no purchase
     },
+    # The categories the user engaged with in the 30 days before the snapshot (a click
+    # weighs 1, a purchase 3), heaviest first, at most contract.affinity.TOP_K, their weights
+    # (aligned; both empty without engagement) and the window's total weight over all
+    # categories. contract.affinity turns them into the ranker's and the tower's inputs.
     USER_CATEGORY_AFFINITY: {
-        "category_affinity": "float32[]",  # smoothed share of 30-day clicks per category
+        "affinity_categories": "int64[]",
+        "affinity_weights": "float32[]",
+        "affinity_total": "float32",
     },
     # The sellers the user clicked or bought from in the 30 days before the snapshot, most
     # recent first, at most 50, and the days from the last such click / purchase to the
@@ -65,6 +71,9 @@ FEATURES: dict[str, dict[str, str]] = {
         "purchase_rate_7d": "float32",  # purchases per impression, Beta-smoothed
         "purchase_rate_30d": "float32",
         "popularity_7d": "float32",  # log1p(clicks_7d)
+        # the item's category's share of everyone's engagement in the 30 days before the
+        # snapshot, Laplace-smoothed: the prior of category_affinity_for_item
+        "category_share": "float32",
     },
     SELLER_STATS: {
         "seller_rating": "float32",
@@ -83,8 +92,8 @@ FEATURES: dict[str, dict[str, str]] = {
 
 # The value a feature takes when Feast has no row for the entity (a user who signed up today,
 # no activity in 24 h, an item never seen in the inventory log). Training sets and serving
-# fill the same values; anything not listed is 0 (numbers) or "unknown" (strings), a
-# missing category_affinity is the uniform vector and missing seller lists are empty.
+# fill the same values; anything not listed is 0 (numbers) or "unknown" (strings) and
+# missing lists (affinity, sellers) are empty.
 DEFAULTS: dict[str, float | int | str] = {
     "country": "unknown",
     "device": "unknown",
@@ -101,14 +110,17 @@ SNAPSHOT_TTL_DAYS = 8
 
 # Per-user lists are read once per user; a training row (and serving, per candidate) keeps
 # only the scalar they reduce to with the candidate: user x item features.
-AFFINITY_VECTOR = "category_affinity"
-AFFINITY_FOR_ITEM = "category_affinity_for_item"  # the entry of the item's category
+AFFINITY_CATEGORIES = "affinity_categories"
+AFFINITY_WEIGHTS = "affinity_weights"
+AFFINITY_TOTAL = "affinity_total"
+AFFINITY_FOR_ITEM = "category_affinity_for_item"  # contract.affinity.for_items
 RECENT_SELLERS = "recent_sellers"
 RECENT_SELLER_DAYS = "recent_seller_days"
 SELLER_DAYS_SINCE_ENGAGED = "seller_days_since_engaged"  # the days entry of the item's seller
 # list feature -> the float32 scalar a training row holds in its place
 REDUCED_FOR_ITEM: dict[str, str] = {
-    AFFINITY_VECTOR: AFFINITY_FOR_ITEM,
+    AFFINITY_CATEGORIES: AFFINITY_FOR_ITEM,
+    AFFINITY_WEIGHTS: AFFINITY_FOR_ITEM,
     RECENT_SELLERS: SELLER_DAYS_SINCE_ENGAGED,
     RECENT_SELLER_DAYS: SELLER_DAYS_SINCE_ENGAGED,
 }

@@ -49,8 +49,9 @@ user_category_affinity = FeatureView(
     ttl=SNAPSHOT_TTL,
     schema=_fields(S.USER_CATEGORY_AFFINITY),
     source=user_category_affinity_source,
-    description="One vector per user (not a user x category entity): the ranker indexes it "
-    "with the candidate's category, so 500 candidates cost one read.",
+    description="The user's engaged categories as two short lists and a total (not a user x "
+    "category entity): the ranker looks up the candidate's category, so 500 candidates cost "
+    "one read, and the row's size follows the user's engagement, not the taxonomy.",
 )
 
 user_seller_recency = FeatureView(

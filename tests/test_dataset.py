@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from contract import affinity
 from contract import columns as C
 from contract.timeutil import to_ns
 from feature_repo import schema as S
@@ -142,8 +143,8 @@ def test_tiny_training_sets(tiny_dataset, home):
     train = parts["train"]
     for column in S.training_columns():
         assert column in train and not train[column].isna().any(), column
-    affinity = train[S.AFFINITY_FOR_ITEM]
-    assert affinity.between(0, 1).all() and affinity.nunique() > 10
+    for_item = train[S.AFFINITY_FOR_ITEM]
+    assert for_item.between(0, 1).all() and for_item.nunique() > 10
     assert {EXAMINATION, IPS_WEIGHT, C.POSITION, C.PROPENSITY, C.WEIGHT} <= set(train.columns)
     assert (train[IPS_WEIGHT] >= 1.0).all() and (train[IPS_WEIGHT] <= 20.0).all()
     # labels agree with the raw logs
@@ -177,11 +178,12 @@ def test_training_features_match_an_independent_point_in_time_lookup(tiny_datase
 
 
 def test_the_affinity_join_gives_what_feasts_point_in_time_join_gives(tiny_dataset, home):
-    """historical_features joins the affinity view itself (to keep rows x categories out of
+    """historical_features joins the affinity view itself (to keep per-row lists out of
     memory); on every training row it must equal Feast's own join of that view, reduced to
-    the item's category, including rows with no snapshot in the TTL (the uniform prior)."""
+    the item's category by contract.affinity.for_items one row at a time, including rows
+    with no snapshot in the TTL (no engagement) and the total."""
     from contract.feature_store import open_store
-    from training.dataset import affinity_for_items, historical_features
+    from training.dataset import historical_features
     from training.stages import load_raw
 
     dataset = tiny_dataset["dataset"]
@@ -194,32 +196,48 @@ def test_the_affinity_join_gives_what_feasts_point_in_time_join_gives(tiny_datas
     entity["row"] = np.arange(len(entity))
     n_cat = int(load_raw(home, dataset)[C.ITEMS][C.CATEGORY].max()) + 1
     ours = historical_features(store, entity, n_cat).sort_values("row")
-    feast = store.get_historical_features(
-        entity_df=entity,
-        features=[f"{S.USER_CATEGORY_AFFINITY}:{S.AFFINITY_VECTOR}", f"{S.ITEM_STATS}:category"],
-    ).to_arrow()
-    order = np.argsort(feast.column("row").to_numpy())
-    category = feast.column("category").to_pandas().fillna(-1).to_numpy(np.int64)
-    expected = affinity_for_items(feast.column(S.AFFINITY_VECTOR), category, n_cat)[order]
-    assert (expected == 1.0 / n_cat).any() and (expected != 1.0 / n_cat).any()
-    np.testing.assert_array_equal(ours[S.AFFINITY_FOR_ITEM].to_numpy(), expected)
-
-
-def test_affinity_for_items_reads_the_candidates_category_and_priors_missing_users():
-    import pyarrow as pa
-
-    from training.dataset import affinity_for_items
-
-    vectors = pa.chunked_array(
-        [
-            pa.array([[0.1, 0.2, 0.7], None], pa.list_(pa.float32())),
-            pa.array([[0.5, 0.25, 0.25]], pa.list_(pa.float32())),
-        ]
+    view = S.USER_CATEGORY_AFFINITY
+    feast = (
+        store.get_historical_features(
+            entity_df=entity,
+            features=[
+                f"{view}:{S.AFFINITY_CATEGORIES}",
+                f"{view}:{S.AFFINITY_WEIGHTS}",
+                f"{view}:{S.AFFINITY_TOTAL}",
+                f"{S.ITEM_STATS}:category",
+                f"{S.ITEM_STATS}:category_share",
+            ],
+        )
+        .to_df()
+        .sort_values("row")
     )
-    out = affinity_for_items(vectors, np.array([2, 1, 0]), 3)
-    np.testing.assert_allclose(out, [0.7, 1 / 3, 0.5], rtol=1e-6)
-    unknown_category = affinity_for_items(vectors, np.array([-1, 0, 5]), 3)
-    np.testing.assert_allclose(unknown_category, [1 / 3, 1 / 3, 1 / 3], rtol=1e-6)
+    expected = np.array(
+        [
+            affinity.for_items(
+                None if not isinstance(cats, np.ndarray | list) else np.asarray(cats),
+                None if not isinstance(weights, np.ndarray | list) else np.asarray(weights),
+                0.0 if pd.isna(total) else total,
+                np.array([-1 if pd.isna(cat) else int(cat)]),
+                np.array([0.0 if pd.isna(share) else share]),
+                n_cat,
+            )[0]
+            for cats, weights, total, cat, share in zip(
+                feast[S.AFFINITY_CATEGORIES],
+                feast[S.AFFINITY_WEIGHTS],
+                feast[S.AFFINITY_TOTAL],
+                feast["category"],
+                feast["category_share"],
+                strict=True,
+            )
+        ],
+        dtype=np.float32,
+    )
+    engaged = feast[S.AFFINITY_TOTAL].fillna(0).to_numpy() > 0
+    assert engaged.any() and (~engaged).any()
+    np.testing.assert_allclose(ours[S.AFFINITY_FOR_ITEM].to_numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        ours[S.AFFINITY_TOTAL].to_numpy(), feast[S.AFFINITY_TOTAL].fillna(0).to_numpy()
+    )
 
 
 PERIODS = {
@@ -456,3 +474,24 @@ def test_the_cli_passes_label_and_split_and_refuses_both_splits(monkeypatch, cap
     with pytest.raises(SystemExit):
         main(["dataset", "--split-ratio", "8,1"])
     assert "expects three positive numbers train,valid,test" in capsys.readouterr().err
+
+
+def test_joining_in_chunks_gives_the_same_rows_as_one_join(tiny_dataset, home):
+    """The dataset stage joins at most join_chunk_rows entity rows at a time (its memory's
+    bound); every joined value must be what one whole join gives."""
+    from contract.feature_store import open_store
+    from training.dataset import join_in_chunks
+    from training.stages import load_raw
+
+    dataset = tiny_dataset["dataset"]
+    store = open_store(dataset, paths=home)
+    rows = pd.read_parquet(home.training_sets(dataset) / "valid.parquet").head(3000)
+    entity = rows[[C.USER_ID, C.ITEM_ID, C.SELLER_ID, C.EVENT_TIMESTAMP]].reset_index(drop=True)
+    entity[C.EVENT_TIMESTAMP] = entity[C.EVENT_TIMESTAMP].dt.as_unit("us")
+    entity["row"] = np.arange(len(entity))
+    n_cat = int(load_raw(home, dataset)[C.ITEMS][C.CATEGORY].max()) + 1
+    whole = join_in_chunks(store, entity, n_cat, chunk_rows=len(entity))
+    chunked = join_in_chunks(store, entity, n_cat, chunk_rows=700)
+    whole, chunked = (f.sort_values("row").reset_index(drop=True) for f in (whole, chunked))
+    assert len(chunked) == len(entity)
+    pd.testing.assert_frame_equal(chunked[whole.columns], whole)

@@ -7,9 +7,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from contract import affinity
 from contract import columns as C
+from contract.timeutil import from_ns
 from feature_repo import schema as S
 from tests.handmade import ts as _ts
 from training.dataset import seller_days_for_items
@@ -51,11 +54,121 @@ def test_user_profile_recency_frequency_spend(tables):
     assert day1["purchases_30d"] == 0 and day1["recency_days"] == pytest.approx(0.49, abs=1e-3)
 
 
-def test_category_affinity_is_a_smoothed_distribution(tables):
-    aff = FeatureBuilder(tables).user_category_affinity()
-    vec = _row(aff, C.USER_ID, 0, _ts(2))["category_affinity"]
-    assert vec.dtype == np.float32 and len(vec) == 2
-    assert vec.sum() == pytest.approx(1.0, abs=1e-6) and vec[0] > vec[1]
+def test_category_affinity_lists_the_engaged_categories_heaviest_first(tables):
+    b = FeatureBuilder(tables)
+    aff = b.user_category_affinity()
+    assert aff[S.AFFINITY_CATEGORIES].dtype == pd.ArrowDtype(pa.list_(pa.int64()))
+    assert aff[S.AFFINITY_WEIGHTS].dtype == pd.ArrowDtype(pa.list_(pa.float32()))
+    # user 0: clicks at days 0.11 and 0.51 and a purchase at 1.2 (weight 3), all category 0
+    day2 = _row(aff, C.USER_ID, 0, _ts(2))
+    assert list(day2[S.AFFINITY_CATEGORIES]) == [0]
+    assert list(day2[S.AFFINITY_WEIGHTS]) == pytest.approx([2 + affinity.PURCHASE_WEIGHT])
+    assert day2[S.AFFINITY_TOTAL] == pytest.approx(2 + affinity.PURCHASE_WEIGHT)
+    day0 = _row(aff, C.USER_ID, 0, _ts(0))
+    assert list(day0[S.AFFINITY_CATEGORIES]) == [] and day0[S.AFFINITY_TOTAL] == 0.0
+    share = b.category_share()
+    np.testing.assert_allclose(share.sum(axis=0), 1.0)
+    stats = b.item_stats()
+    assert stats["category_share"].dtype == np.float32
+    row = _row(stats, C.ITEM_ID, 0, _ts(2))
+    assert row["category_share"] == pytest.approx(share[row["category"], 2])
+
+
+def _dense_affinity(b: FeatureBuilder) -> tuple[np.ndarray, np.ndarray]:
+    """The dense (users, categories, snapshots) window sums the view used to hold, and the
+    category shares, by the old arithmetic: the reference the sparse build must equal."""
+    user, cat, day, weight = b._engagements()
+    n_users, n_cat = len(b.user_ids), b.n_categories
+    counts = np.zeros((n_users, n_cat, b.cal.days + 1))
+    np.add.at(counts, (user, cat, day + 1), weight)
+    prefix = np.cumsum(counts, axis=2)
+    snaps = b.snaps
+    per = prefix[:, :, snaps] - prefix[:, :, np.maximum(snaps - 30, 0)]
+    prior = per.sum(axis=0) + 1.0
+    return per, prior / prior.sum(axis=0, keepdims=True)
+
+
+def _random_engagement(tables, rng, n_users=30, n_cat=50, n_clicks=3000, days=70):
+    out = {k: v.copy() for k, v in tables.items()}
+    users = _copies(out[C.USERS], n_users, {C.USER_ID: list(range(100, 100 + n_users))})
+    users[C.SIGNUP_AT] = _ts(-5)
+    out[C.USERS] = pd.concat([out[C.USERS], users], ignore_index=True)
+    first_item = int(out[C.ITEMS][C.ITEM_ID].max()) + 1
+    items = _copies(out[C.ITEMS], n_cat, {C.ITEM_ID: list(range(first_item, first_item + n_cat))})
+    items[C.CATEGORY] = np.arange(n_cat)
+    out[C.ITEMS] = pd.concat([out[C.ITEMS], items], ignore_index=True)
+    first_imp = int(out[C.IMPRESSIONS][C.IMPRESSION_ID].max()) + 1
+    imp_ids = np.arange(first_imp, first_imp + n_clicks)
+    # a few heavy users spread over many categories (more than TOP_K), most over a few
+    heavy = rng.random(n_clicks) < 0.3
+    user = np.where(heavy, rng.integers(0, 3, n_clicks), rng.integers(3, n_users, n_clicks))
+    cat = np.where(heavy, rng.integers(0, n_cat, n_clicks), rng.integers(0, 4, n_clicks))
+    when = [_ts(d) for d in rng.uniform(0, days, n_clicks)]
+    imps = _copies(
+        out[C.IMPRESSIONS],
+        n_clicks,
+        {
+            C.IMPRESSION_ID: imp_ids,
+            C.REQUEST_ID: imp_ids,
+            C.ITEM_ID: first_item + cat,
+            C.USER_ID: 100 + user,
+            C.TS: when,
+        },
+    )
+    out[C.IMPRESSIONS] = pd.concat([out[C.IMPRESSIONS], imps], ignore_index=True)
+    clicked = rng.random(n_clicks) < 0.9
+    out[C.CLICKS] = pd.concat(
+        [
+            out[C.CLICKS],
+            pd.DataFrame({C.IMPRESSION_ID: imp_ids[clicked], C.TS: np.array(when)[clicked]}),
+        ],
+        ignore_index=True,
+    )
+    return out
+
+
+@pytest.mark.parametrize(("stride", "chunk"), [(1, 10**9), (1, 500), (7, 300)])
+def test_sparse_affinity_equals_the_dense_windows(tables, stride, chunk):
+    """Chunked or not, daily or weekly snapshots: the view's lists and totals are the dense
+    window sums' nonzero entries (heaviest TOP_K), and the ranker's per-item value is the
+    dense smoothed vector's entry for every user with at most TOP_K categories."""
+    rng = np.random.default_rng(7)
+    b = FeatureBuilder(_random_engagement(tables, rng), snapshot_days=stride)
+    per, share = _dense_affinity(b)
+    np.testing.assert_allclose(b.category_share(), share, rtol=1e-12)
+    aff = b.user_category_affinity(max_entries=chunk)
+    index = pd.Index(b.user_ids)
+    snap_of = {t: k for k, t in enumerate(from_ns(b.snap_ns))}
+    truncated = 0
+    for row in aff.itertuples(index=False):
+        u = index.get_loc(getattr(row, C.USER_ID))
+        k = snap_of[getattr(row, S.EVENT_TIMESTAMP)]
+        dense = per[u, :, k]
+        cats = np.asarray(getattr(row, S.AFFINITY_CATEGORIES), np.int64)
+        weights = np.asarray(getattr(row, S.AFFINITY_WEIGHTS), np.float64)
+        assert getattr(row, S.AFFINITY_TOTAL) == pytest.approx(dense.sum(), rel=1e-5)
+        nonzero = np.flatnonzero(dense > 1e-9)
+        assert len(cats) == min(len(nonzero), affinity.TOP_K)
+        np.testing.assert_allclose(weights, dense[cats], rtol=1e-5)
+        assert (np.diff(weights) <= 0).all()
+        if len(nonzero) > affinity.TOP_K:
+            truncated += 1
+            assert weights[-1] >= np.sort(dense)[-affinity.TOP_K] - 1e-6
+            continue
+        assert set(cats) == set(nonzero)
+        smoothed = (dense + affinity.PRIOR_STRENGTH * share[:, k]) / (
+            dense.sum() + affinity.PRIOR_STRENGTH
+        )
+        got = affinity.for_items(
+            cats,
+            weights,
+            getattr(row, S.AFFINITY_TOTAL),
+            np.arange(b.n_categories),
+            share[:, k],
+            b.n_categories,
+        )
+        np.testing.assert_allclose(got, smoothed, rtol=1e-5)
+    assert truncated > 0  # the heavy users do pass TOP_K: the cut is exercised
 
 
 def test_recent_activity_counts_the_last_24_hours(tables):
@@ -69,7 +182,7 @@ def test_inventory_rows_follow_the_log(tables):
     assert list(inv["stock"]) == [5, 3] and list(inv["in_stock"]) == [1, 1]
 
 
-def _copies(frame: pd.DataFrame, n: int, columns: dict[str, list[Any]]) -> pd.DataFrame:
+def _copies(frame: pd.DataFrame, n: int, columns: dict[str, Any]) -> pd.DataFrame:
     """``n`` copies of ``frame``'s first row with ``columns`` set."""
     out = frame.iloc[[0] * n].reset_index(drop=True)
     for name, values in columns.items():
@@ -113,9 +226,9 @@ def _clicked(tables: dict[str, pd.DataFrame], clicks: list[tuple[int, pd.Timesta
 
 def _recency(frame: pd.DataFrame, user: int, day: float) -> tuple[list[int], np.ndarray]:
     row = _row(frame, C.USER_ID, user, _ts(day))
+    assert frame[S.RECENT_SELLER_DAYS].dtype == pd.ArrowDtype(pa.list_(pa.float32()))
     assert len(row[S.RECENT_SELLERS]) == len(row[S.RECENT_SELLER_DAYS])
-    assert row[S.RECENT_SELLER_DAYS].dtype == np.float32
-    return list(row[S.RECENT_SELLERS]), row[S.RECENT_SELLER_DAYS]
+    return list(row[S.RECENT_SELLERS]), np.asarray(row[S.RECENT_SELLER_DAYS], np.float32)
 
 
 def test_seller_recency_uses_only_events_before_the_snapshot_within_30_days(tables):
@@ -133,7 +246,7 @@ def test_seller_recency_uses_only_events_before_the_snapshot_within_30_days(tabl
     # no row before signup (day 2.5), then empty lists: a row, so Feast never reuses an older
     assert frame[frame[C.USER_ID] == 1][S.EVENT_TIMESTAMP].min() == _ts(3)
     assert _recency(frame, 1, 3) == ([], pytest.approx([]))
-    assert frame[S.RECENT_SELLERS].map(lambda a: a.dtype == np.int64).all()
+    assert frame[S.RECENT_SELLERS].dtype == pd.ArrowDtype(pa.list_(pa.int64()))
 
 
 def test_seller_recency_keeps_the_50_most_recent_sellers_most_recent_first(tables):
@@ -145,6 +258,14 @@ def test_seller_recency_keeps_the_50_most_recent_sellers_most_recent_first(table
     assert (np.diff(days) > 0).all()
     sellers, _ = _recency(frame, 0, 2)
     assert sellers == [0]  # none of the 60 clicks is before the day-2 snapshot
+
+
+def test_seller_recency_in_chunks_is_the_whole_build(tables):
+    clicks = [(100 + j, _ts(2.0 + 0.37 * j)) for j in range(60)]
+    b = FeatureBuilder(_clicked(tables, clicks))
+    whole = b.user_seller_recency()
+    for budget in (1, 40):
+        pd.testing.assert_frame_equal(b.user_seller_recency(max_entries=budget), whole)
 
 
 def test_seller_days_for_items_at_the_limits():
@@ -170,3 +291,15 @@ def test_seller_days_for_items_at_the_limits():
     np.testing.assert_array_equal(got, np.array([365, 2.0, 2.0, 365, 365, 365, 0.25], np.float32))
     with pytest.raises(ValueError, match="aligned lists"):
         seller_days_for_items(sellers, days[::-1], np.zeros(5, np.int64))
+
+
+def test_tables_written_in_slices_read_back_whole(tables, tmp_path):
+    from training.features import _write_parquet
+
+    frame = FeatureBuilder(tables).user_seller_recency()
+    _write_parquet(frame, tmp_path / "t.parquet", slice_rows=3)
+    back = pq.read_table(tmp_path / "t.parquet")
+    assert len(frame) > 6 and back.num_rows == len(frame)
+    whole = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+    assert back.equals(whole)
+    assert len(pd.read_parquet(tmp_path / "t.parquet")) == len(frame)  # pandas reads it

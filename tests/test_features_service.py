@@ -3,8 +3,8 @@ a real server on port 0 over the ``tiny_dataset`` Feast store (SQLite, materiali
 
 The served matrix is checked against the training path run on the same online values:
 ``store.get_online_features`` for every view -> ``training.dataset.fill_defaults``,
-``affinity_for_items`` and ``seller_days_for_items`` -> context columns computed by hand ->
-``build_matrix``.
+``contract.affinity.for_items`` (the rule training's rows are made with) and
+``seller_days_for_items`` -> context columns computed by hand -> ``build_matrix``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from homefeed.common.v1 import common_pb2
 from homefeed.features.v1 import features_pb2, features_pb2_grpc
 
+from contract import affinity
 from contract import columns as C
 from contract.catalog import Catalog
 from contract.feature_store import open_store
@@ -48,14 +49,12 @@ from services.features.assembler import (
     Assembler,
     RequestContext,
     UserFeatures,
-    affinity_for_items,
     first_duplicate,
     seller_days_for_items,
 )
 from services.features.items import ITEM_VIEWS, ItemIndex, ItemStore
 from services.features.server import SERVICE_NAME, create_server
 from services.features.settings import FeaturesSettings
-from training.dataset import affinity_for_items as training_affinity
 from training.dataset import fill_defaults
 from training.dataset import seller_days_for_items as training_seller_days
 from training.stages import read_meta
@@ -93,13 +92,6 @@ def test_first_duplicate_names_the_earliest_repeat_in_request_order() -> None:
     assert first_duplicate(np.array([5, 5])) == (5, 0, 1)
 
 
-def test_affinity_for_items_is_the_users_entry_or_uniform() -> None:
-    vector = f32([0.5, 0.25, 0.25])
-    got = affinity_for_items(vector, np.array([1, -1, 0, 7]), n_categories=4)
-    np.testing.assert_array_equal(got, f32([0.25, 0.25, 0.5, 0.25]))
-    assert (affinity_for_items(None, np.array([0, 2]), 4) == np.float32(0.25)).all()
-
-
 def test_seller_days_for_items_is_the_users_entry_or_365() -> None:
     recent, days = np.array([9, 4, 6], dtype=np.int64), f32([0.5, 2.0, 29.0])
     sellers = np.array([4, 5, 9, -1, 6], dtype=np.int64)  # -1: the unknown item's seller
@@ -112,24 +104,43 @@ def test_seller_days_for_items_is_the_users_entry_or_365() -> None:
 
 def test_unknown_user_gets_schema_defaults() -> None:
     user = UserFeatures.from_rows({S.USER_PROFILE: None, S.USER_RECENT_ACTIVITY: None})
-    assert not user.known and user.affinity is None
+    assert not user.known
+    assert len(user.affinity_categories) == 0 and len(user.affinity_weights) == 0
+    assert user.affinity_total == 0.0 and user.values[S.AFFINITY_TOTAL] == 0.0
     assert user.values["country"] == "unknown" and user.values["recency_days"] == 365.0
     assert user.values["clicks_30d"] == 0 and user.values["views_24h"] == 0
     assert len(user.recent_sellers) == 0 and len(user.recent_seller_days) == 0
-    assert S.RECENT_SELLERS not in user.values and S.AFFINITY_VECTOR not in user.values
+    for name in (S.RECENT_SELLERS, S.AFFINITY_CATEGORIES, S.AFFINITY_WEIGHTS):
+        assert name not in user.values  # lists are reduced per item, not user scalars
     # Redis's answer for a user it does not hold: a row whose every value is null
     nulls = {name: None for name in S.FEATURES[S.USER_PROFILE]}
     assert not UserFeatures.from_rows({S.USER_PROFILE: nulls}).known
     known = UserFeatures.from_rows(
         {
             S.USER_PROFILE: {"country": "DE", "clicks_30d": 4, "recency_days": None},
-            S.USER_CATEGORY_AFFINITY: {S.AFFINITY_VECTOR: [0.1, 0.9]},
+            S.USER_CATEGORY_AFFINITY: {
+                S.AFFINITY_CATEGORIES: [5, 2],
+                S.AFFINITY_WEIGHTS: [4.0, 1.0],
+                S.AFFINITY_TOTAL: 6.0,
+            },
             S.USER_SELLER_RECENCY: {S.RECENT_SELLERS: [3, 1], S.RECENT_SELLER_DAYS: [0.5, 2.0]},
         }
     )
     assert known.known and known.values["country"] == "DE" and known.values["clicks_30d"] == 4
     assert known.values["recency_days"] == 365.0  # a null value takes the default too
-    np.testing.assert_array_equal(known.affinity, f32([0.1, 0.9]))
+    assert known.affinity_categories.dtype == np.int64
+    assert known.affinity_categories.tolist() == [5, 2]
+    np.testing.assert_array_equal(known.affinity_weights, f32([4.0, 1.0]))
+    assert known.affinity_total == 6.0 and known.values[S.AFFINITY_TOTAL] == 6.0
+    # a row of nulls (Redis) or a row without lists: no engagement, the total's default
+    empty = UserFeatures.from_rows(
+        {S.USER_CATEGORY_AFFINITY: dict.fromkeys(S.FEATURES[S.USER_CATEGORY_AFFINITY])}
+    )
+    assert len(empty.affinity_categories) == 0 and empty.affinity_total == 0.0
+    with pytest.raises(ValueError, match="aligned"):
+        UserFeatures.from_rows(
+            {S.USER_CATEGORY_AFFINITY: {S.AFFINITY_CATEGORIES: [1, 2], S.AFFINITY_WEIGHTS: [1.0]}}
+        )
     assert known.recent_sellers.dtype == np.int64 and known.recent_sellers.tolist() == [3, 1]
     np.testing.assert_array_equal(known.recent_seller_days, f32([0.5, 2.0]))
     with pytest.raises(ValueError, match="aligned"):
@@ -193,8 +204,20 @@ def _fake_store(**kwargs: Any) -> tuple[ItemStore, FakeReader, list[int]]:
     reader = FakeReader(
         {
             S.ITEM_STATS: {
-                10: {"category": 0, "price": 20.0, "clicks_7d": 3, "age_days": 6.0},
-                30: {"category": 2, "price": 10.0, "clicks_7d": 0, "age_days": 60.0},
+                10: {
+                    "category": 0,
+                    "price": 20.0,
+                    "clicks_7d": 3,
+                    "age_days": 6.0,
+                    "category_share": 0.5,
+                },
+                30: {
+                    "category": 2,
+                    "price": 10.0,
+                    "clicks_7d": 0,
+                    "age_days": 60.0,
+                    "category_share": 0.125,
+                },
             },
             S.SELLER_STATS: {1: {"seller_rating": 4.5, "seller_is_new": 1}},
             S.ITEM_INVENTORY: {10: {"stock": 5, "in_stock": 1}, 20: {"stock": 0, "in_stock": 0}},
@@ -217,6 +240,8 @@ def test_item_table_joins_sellers_fills_defaults_and_scores_the_heuristic() -> N
     np.testing.assert_array_equal(f["in_stock"][rows], [1, 0, 1, 1])
     np.testing.assert_array_equal(snap.known[rows], [True, True, True, False])
     np.testing.assert_array_equal(snap.affinity_category[rows], [0, -1, 2, -1])
+    # an item feature like any other: no row reads the default, 0
+    np.testing.assert_array_equal(f["category_share"][rows], f32([0.5, 0, 0.125, 0]))
     np.testing.assert_array_equal(snap.values[rows], f32([2.0, 10.0, 5.0, 0.0]))
     np.testing.assert_array_equal(snap.categories[rows], [0, 1, 2, -1])
     expected = heuristic_score(np.array([3.0, 0.0, 0.0]), np.array([6.0, 0.0, 60.0]), 60.0)
@@ -228,23 +253,34 @@ def test_assembler_matrix_is_build_matrix_of_the_same_columns() -> None:
     user = UserFeatures.from_rows(
         {
             S.USER_PROFILE: {"country": "GB", "device": "web", "avg_price_paid_30d": 25.0},
-            S.USER_CATEGORY_AFFINITY: {S.AFFINITY_VECTOR: [0.7, 0.2, 0.1]},
+            # category 2 (item 30's) is not in the user's lists: it reads its prior alone
+            S.USER_CATEGORY_AFFINITY: {
+                S.AFFINITY_CATEGORIES: [1, 0],
+                S.AFFINITY_WEIGHTS: [5.0, 3.0],
+                S.AFFINITY_TOTAL: 10.0,
+            },
             S.USER_SELLER_RECENCY: {S.RECENT_SELLERS: [2, 1], S.RECENT_SELLER_DAYS: [1.5, 3.0]},
         }
     )
     assembler = Assembler(store, FakeUsers({7: user}))
-    ids = np.array([20, 99, 10], dtype=np.int64)
+    ids = np.array([20, 99, 10, 30], dtype=np.int64)
     out = assembler.assemble(user, ids, RequestContext.at(WHEN, "HOME"))
-    assert out.known_user and out.matrix.shape == (3, len(FEATURE_SCHEMA))
-    np.testing.assert_array_equal(out.available, [False, False, True])
-    np.testing.assert_array_equal(out.new_seller, [True, False, True])
+    assert out.known_user and out.matrix.shape == (4, len(FEATURE_SCHEMA))
+    np.testing.assert_array_equal(out.available, [False, False, True, True])
+    np.testing.assert_array_equal(out.new_seller, [True, False, True, False])
     X = out.matrix
-    # item 20 has no item_stats row and 99 is unknown: the uniform 1 / 3, as in training
-    np.testing.assert_array_equal(X[:, COL[S.AFFINITY_FOR_ITEM]], f32([1 / 3, 1 / 3, 0.7]))
-    # items 20 and 10 are seller 1's; 99 is unknown (no seller)
-    np.testing.assert_array_equal(X[:, COL[S.SELLER_DAYS_SINCE_ENGAGED]], f32([3.0, 365, 3.0]))
-    np.testing.assert_array_equal(X[:, COL["price"]], f32([0, 0, 20]))
-    np.testing.assert_array_equal(X[:, COL["price_to_avg_paid"]], f32([0, 0, 0.8]))
+    # item 20 has no item_stats row and 99 is unknown: the uniform 1 / 3 (categories 0..2);
+    # item 10 (category 0): (3 + s x 0.5) / (10 + s); item 30 (category 2, not listed):
+    # (0 + s x 0.125) / (10 + s), with s = PRIOR_STRENGTH
+    s = affinity.PRIOR_STRENGTH
+    want = [1 / 3, 1 / 3, (3 + s * 0.5) / (10 + s), s * 0.125 / (10 + s)]
+    np.testing.assert_allclose(X[:, COL[S.AFFINITY_FOR_ITEM]], f32(want), rtol=1e-6)
+    assert (X[:, COL[S.AFFINITY_TOTAL]] == 10).all()  # a user feature of every row
+    np.testing.assert_array_equal(X[:, COL["category_share"]], f32([0, 0, 0.5, 0.125]))
+    # items 20 and 10 are seller 1's; 99 is unknown (no seller); 30 is seller 2's
+    np.testing.assert_array_equal(X[:, COL[S.SELLER_DAYS_SINCE_ENGAGED]], f32([3.0, 365, 3.0, 1.5]))
+    np.testing.assert_array_equal(X[:, COL["price"]], f32([0, 0, 20, 10]))
+    np.testing.assert_array_equal(X[:, COL["price_to_avg_paid"]], f32([0, 0, 0.8, 0.4]))
     assert (X[:, COL[HOUR]] == 21).all() and (X[:, COL[DAY_OF_WEEK]] == 2).all()
     assert (X[:, COL["country_code"]] == C.COUNTRIES.index("GB")).all()
     assert (X[:, COL["surface_code"]] == C.SURFACES.index("HOME")).all()
@@ -253,6 +289,65 @@ def test_assembler_matrix_is_build_matrix_of_the_same_columns() -> None:
     assert (stranger.matrix[:, COL["country_code"]] == len(C.COUNTRIES)).all()
     assert (stranger.matrix[:, COL["recency_days"]] == 365).all()
     assert (stranger.matrix[:, COL[S.SELLER_DAYS_SINCE_ENGAGED]] == 365).all()
+    assert (stranger.matrix[:, COL[S.AFFINITY_TOTAL]] == 0).all()
+    # no engagement: each item's category share (item 30's is 0.125); no row: uniform
+    want = [1 / 3, 1 / 3, 0.5, 0.125]
+    np.testing.assert_allclose(stranger.matrix[:, COL[S.AFFINITY_FOR_ITEM]], want, rtol=1e-6)
+
+
+def test_category_affinity_for_item_is_contract_for_items_of_the_users_lists() -> None:
+    """500 candidates over many categories, a user with 32 of them: the assembler's column
+    is ``contract.affinity.for_items`` of the user's lists and the items' category and share."""
+    rng = np.random.default_rng(5)
+    n, n_categories = 600, 90
+    categories = rng.integers(0, n_categories, n)
+    shares = rng.uniform(0.001, 0.05, n_categories).astype(np.float32)
+    catalog = Catalog.from_columns(
+        item_ids=np.arange(n),
+        seller_ids=np.zeros(n, np.int64),
+        categories=categories,
+        prices=np.ones(n),
+        margins=np.ones(n),
+    )
+    stats = {
+        i: {"category": int(categories[i]), "category_share": float(shares[categories[i]])}
+        for i in range(0, n, 2)  # odd items have no item_stats row
+    }
+    store = ItemStore(FakeReader({S.ITEM_STATS: stats}), catalog, Heuristic())
+    store.load()
+    listed = rng.choice(n_categories, affinity.TOP_K, replace=False)
+    weights = np.sort(rng.integers(1, 20, affinity.TOP_K).astype(np.float32))[::-1]
+    total = float(weights.sum() + 7)  # the lighter categories beyond the top 32
+    user = UserFeatures.from_rows(
+        {
+            S.USER_PROFILE: {"country": "US"},
+            S.USER_CATEGORY_AFFINITY: {
+                S.AFFINITY_CATEGORIES: listed.tolist(),
+                S.AFFINITY_WEIGHTS: weights.tolist(),
+                S.AFFINITY_TOTAL: total,
+            },
+        }
+    )
+    ids = rng.choice(n + 10, 500, replace=False).astype(np.int64)  # some unknown ids
+    X = Assembler(store, FakeUsers({})).assemble(user, ids, RequestContext.at(WHEN, "HOME")).matrix
+    item_category = np.array(
+        [categories[i] if i < n and i % 2 == 0 else -1 for i in ids], dtype=np.int64
+    )
+    share = np.where(item_category >= 0, shares[np.maximum(item_category, 0)], 0)
+    want = affinity.for_items(listed, weights, total, item_category, share, n_categories)
+    np.testing.assert_array_equal(X[:, COL[S.AFFINITY_FOR_ITEM]], want)
+    # by hand for a few: a listed category, an unlisted one, an item without a row
+    weight_of = dict(zip(listed.tolist(), weights.tolist(), strict=True))
+    s = affinity.PRIOR_STRENGTH
+    for j in range(40):
+        c = item_category[j]
+        by_hand = (
+            1 / n_categories
+            if c < 0
+            else (weight_of.get(int(c), 0.0) + s * shares[c]) / (total + s)
+        )
+        assert X[j, COL[S.AFFINITY_FOR_ITEM]] == pytest.approx(by_hand, rel=1e-5)
+    assert (item_category[:40] < 0).any() and np.isin(item_category[:40], listed).any()
 
 
 def test_refresh_swaps_inventory_and_skips_when_the_store_did_not_change() -> None:
@@ -434,13 +529,19 @@ def _expected(
         {C.USER_ID: user_id, C.ITEM_ID: i, C.SELLER_ID: int(seller.get(i, -1))} for i in item_ids
     ]
     got = served.store.get_online_features(features=S.feature_refs(), entity_rows=rows).to_dict()
-    vectors = pa.chunked_array([got.pop(S.AFFINITY_VECTOR)], type=pa.list_(pa.float32()))
+    # every row carries the same user's lists
+    affinity_categories = got.pop(S.AFFINITY_CATEGORIES)[0]
+    affinity_weights = got.pop(S.AFFINITY_WEIGHTS)[0]
     sellers = pa.array(got.pop(S.RECENT_SELLERS), type=pa.list_(pa.int64()))
     days = pa.array(got.pop(S.RECENT_SELLER_DAYS), type=pa.list_(pa.float32()))
     frame = pd.DataFrame(got)
     category = frame["category"].fillna(-1).to_numpy(np.int64)
+    share = frame["category_share"].fillna(0).to_numpy(np.float64)
+    total = frame[S.AFFINITY_TOTAL].fillna(0).to_numpy(np.float64)
     n_categories = int(served.catalog[C.CATEGORY].max()) + 1
-    frame[S.AFFINITY_FOR_ITEM] = training_affinity(vectors, category, n_categories)
+    frame[S.AFFINITY_FOR_ITEM] = affinity.for_items(
+        affinity_categories, affinity_weights, total[0], category, share, n_categories
+    )
     item_seller = np.array([row[C.SELLER_ID] for row in rows], dtype=np.int64)
     frame[S.SELLER_DAYS_SINCE_ENGAGED] = training_seller_days(sellers, days, item_seller)
     frame = fill_defaults(frame)
@@ -458,7 +559,7 @@ def _assert_same_columns(served_X: np.ndarray, expected_X: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def known_user(served: Served, tiny_dataset: dict, home: Paths) -> int:
-    """A user with a profile, an affinity vector and recent activity online."""
+    """A user with a profile, category affinity lists and recent activity online."""
     features = home.features(tiny_dataset["dataset"])
     active = pd.read_parquet(features / f"{S.USER_RECENT_ACTIVITY}.parquet")
     candidates = active.loc[active["views_24h"] > 0, C.USER_ID].unique()[:200].tolist()
@@ -536,8 +637,22 @@ def test_known_user_matrix_equals_training_path_on_online_values(
     assert frame["views_24h"].iloc[0] > 0 and (frame["clicks_30d"] > 0).all()
     assert X[0, COL["country_code"]] == C.COUNTRIES.index(frame["country"].iloc[0])
     assert (X[:, COL["surface_code"]] == C.SURFACES.index("CHECKOUT")).all()
-    affinity = X[:, COL[S.AFFINITY_FOR_ITEM]]
-    assert len(np.unique(affinity[:-2])) > 1  # the user's own vector, not the uniform prior
+    for_item = X[:, COL[S.AFFINITY_FOR_ITEM]]
+    assert len(np.unique(for_item[:-2])) > 1  # the user's own shares, not the uniform prior
+    assert frame[S.AFFINITY_TOTAL].iloc[0] > 0  # the known user engaged in 30 days
+    listed = served.store.get_online_features(
+        features=[f"{S.USER_CATEGORY_AFFINITY}:{S.AFFINITY_CATEGORIES}"],
+        entity_rows=[{C.USER_ID: known_user}],
+    ).to_dict()[S.AFFINITY_CATEGORIES][0]
+    assert listed, "the known user has affinity lists online"
+    in_listed = np.isin(frame["category"].fillna(-1).to_numpy(np.int64), listed)
+    # a listed category's share is above its prior alone: the user's weight counts
+    prior = (
+        affinity.PRIOR_STRENGTH
+        * frame["category_share"].to_numpy()
+        / (frame[S.AFFINITY_TOTAL].to_numpy() + affinity.PRIOR_STRENGTH)
+    )
+    assert in_listed.any() and (for_item[in_listed] > prior[in_listed]).all()
     seller_days = X[:, COL[S.SELLER_DAYS_SINCE_ENGAGED]]
     np.testing.assert_allclose(seller_days[: len(listed)], recent_days[: len(listed)], rtol=1e-6)
     assert (seller_days[len(listed) :] == 365).any()  # sellers the user did not engage
@@ -570,8 +685,13 @@ def test_unknown_user_gets_defaults_and_unknown_items_are_unavailable(served: Se
     assert not response.known_user and len(response.available) == len(item_ids)
     assert not response.available[0] and response.categories[0] == -1
     assert response.values[0] == 0 and response.heuristic_scores[0] == 0
+    # no affinity row: each item reads its category's share of everyone's engagement, the
+    # unknown item (no item_stats row) the uniform 1 / n_categories
     n_categories = int(served.catalog[C.CATEGORY].max()) + 1
-    np.testing.assert_array_equal(X[:, COL[S.AFFINITY_FOR_ITEM]], np.float32(1 / n_categories))
+    for_item = X[:, COL[S.AFFINITY_FOR_ITEM]]
+    assert for_item[0] == np.float32(1 / n_categories)
+    np.testing.assert_allclose(for_item[1:], X[1:, COL["category_share"]], rtol=1e-6)
+    assert (X[:, COL[S.AFFINITY_TOTAL]] == 0).all()
     assert (X[:, COL["country_code"]] == len(C.COUNTRIES)).all()
     assert (X[:, COL["recency_days"]] == 365).all()
 

@@ -153,6 +153,22 @@ def test_read_tables_optional_and_required_files(tmp_path: Path, generic_dir: Pa
     assert set(tb.read_tables(tmp_path, [C.USERS])) == {C.USERS}
 
 
+def test_read_tables_reads_only_the_columns_asked_for(tmp_path: Path, generic_dir: Path) -> None:
+    tables = ing.ingest_generic(generic_dir)
+    del tables[C.INVENTORY]
+    tb.write_tables(tables, tmp_path)
+    wanted = {C.IMPRESSIONS: [C.IMPRESSION_ID, C.TS, C.POLICY], C.INVENTORY: [C.ITEM_ID]}
+    back = tb.read_tables(tmp_path, [C.IMPRESSIONS, C.INVENTORY, C.USERS], columns=wanted)
+    assert list(back[C.IMPRESSIONS].columns) == wanted[C.IMPRESSIONS]
+    pd.testing.assert_frame_equal(
+        back[C.IMPRESSIONS], tables[C.IMPRESSIONS][wanted[C.IMPRESSIONS]].reset_index(drop=True)
+    )
+    assert list(back[C.INVENTORY].columns) == [C.ITEM_ID] and len(back[C.INVENTORY]) == 0
+    assert_tables_equal({C.USERS: tables[C.USERS]}, {C.USERS: back[C.USERS]})  # not named: all
+    with pytest.raises(tb.TableSchemaError, match=r"'impressions' has no column\(s\) \['colour'\]"):
+        tb.read_tables(tmp_path, [C.IMPRESSIONS], columns={C.IMPRESSIONS: ["colour"]})
+
+
 def test_conform_casts_losslessly_and_names_bad_rows() -> None:
     inventory = pd.DataFrame(
         {

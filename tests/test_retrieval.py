@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from contract import bundle
+from contract import affinity, bundle
 from contract import columns as C
 from contract.ann import load_index
 from contract.paths import Paths
@@ -179,32 +179,70 @@ def test_user_tower_survives_save_and_load(fitted, data: RetrievalData, tmp_path
 def test_affinity_join_agrees_with_feasts_training_rows(
     data: RetrievalData, tiny_dataset: dict, home: Paths
 ):
-    """Our point-in-time vector, read at the row's item category, is the training set's
-    category_affinity_for_item (Feast's join of the same view)."""
+    """Our point-in-time lists, reduced at the row's item category with the row's
+    category_share, are the training set's category_affinity_for_item, and their total is
+    its affinity_total."""
     rows = pd.read_parquet(
         home.training_sets(tiny_dataset["dataset"]) / "train.parquet",
-        columns=[C.USER_ID, C.EVENT_TIMESTAMP, C.ITEM_ID, S.AFFINITY_FOR_ITEM],
+        columns=[
+            C.USER_ID, C.EVENT_TIMESTAMP, C.ITEM_ID, "category", "category_share",
+            S.AFFINITY_FOR_ITEM, S.AFFINITY_TOTAL,
+        ],
+    )  # fmt: skip
+    users, when = rows[C.USER_ID].to_numpy(), to_ns(rows[C.EVENT_TIMESTAMP])
+    ours = data.affinity.at_categories(
+        users,
+        when,
+        rows["category"].to_numpy(),
+        rows["category_share"].to_numpy(),
+        data.catalog.n_categories,
     )
-    vectors = data.affinity.at(
-        rows[C.USER_ID].to_numpy(), to_ns(rows[C.EVENT_TIMESTAMP]), data.catalog.n_categories
-    )
-    category = data.catalog.category[data.catalog.rows_of(rows[C.ITEM_ID].to_numpy())]
-    ours = vectors[np.arange(len(rows)), category]
     np.testing.assert_allclose(ours, rows[S.AFFINITY_FOR_ITEM].to_numpy(), rtol=1e-6)
+    totals = data.affinity.totals_at(users, when)
+    np.testing.assert_allclose(totals, rows[S.AFFINITY_TOTAL].to_numpy())
+    assert (totals > 0).any() and (totals == 0).any()
+
+
+def _snapshots(day: int) -> AffinitySnapshots:
+    """User 1: category 0 (weight 2) at day 0; categories 1 and 3 (weights 3, 1) at day 2."""
+    return AffinitySnapshots(
+        user_id=np.array([1, 1]),
+        ts_ns=np.array([0, 2 * day]),
+        offsets=np.array([0, 1, 3]),
+        categories=np.array([0, 1, 3]),
+        weights=np.array([2.0, 3.0, 1.0], dtype=np.float32),
+        totals=np.array([2.0, 4.0]),
+    )
 
 
 def test_affinity_lookup_is_point_in_time_with_a_ttl():
     day = 86_400 * 10**9
-    snaps = AffinitySnapshots(
-        user_id=np.array([1, 1]),
-        ts_ns=np.array([0, 2 * day]),
-        vectors=np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32),
+    snaps = _snapshots(day)
+    users = np.array([1, 1, 1, 1, 2])
+    when = np.array([0, day, 2 * day, 11 * day, day])  # stale after 8 days: no engagement
+    np.testing.assert_array_equal(snaps.totals_at(users, when), [2, 2, 4, 0, 0])
+    s = affinity.PRIOR_STRENGTH
+    got = snaps.at_categories(users, when, np.array([0, 1, 1, 1, 1]), np.full(5, 0.25), 4)
+    np.testing.assert_allclose(
+        got, [(2 + s / 4) / (2 + s), (s / 4) / (2 + s), (3 + s / 4) / (4 + s), 0.25, 0.25]
     )
-    got = snaps.at(np.array([1, 1, 1, 1, 2]), np.array([0, day, 2 * day, 11 * day, day]), 2)
-    np.testing.assert_array_equal(
-        got,
-        [[1, 0], [1, 0], [0, 1], [0.5, 0.5], [0.5, 0.5]],  # stale after 8 days: prior
+    # an item without an item_stats row (category -1) reads uniform whatever the user
+    assert snaps.at_categories(users[:1], when[:1], np.array([-1]), np.ones(1), 4)[0] == 0.25
+    # the tower's buckets: 2 buckets over 4 categories (c % 2): {0, 2} and {1, 3}
+    buckets = snaps.buckets_at(users, when, 2)
+    np.testing.assert_allclose(
+        buckets,
+        [
+            [(2 + s / 2) / (2 + s), (s / 2) / (2 + s)],
+            [(2 + s / 2) / (2 + s), (s / 2) / (2 + s)],
+            [(s / 2) / (4 + s), (4 + s / 2) / (4 + s)],
+            [0.5, 0.5],
+            [0.5, 0.5],
+        ],
+        rtol=1e-6,
     )
+    one = affinity.buckets_one(np.array([1, 3]), np.array([3.0, 1.0]), 4.0, 2)
+    np.testing.assert_allclose(one, buckets[2], rtol=1e-6)
 
 
 def test_user_input_spec_covers_the_user_views():
@@ -212,9 +250,12 @@ def test_user_input_spec_covers_the_user_views():
     assert set(spec.feature_names) == {
         *S.FEATURES[S.USER_PROFILE],
         *S.FEATURES[S.USER_RECENT_ACTIVITY],
-        S.AFFINITY_VECTOR,
+        S.AFFINITY_TOTAL,
+        affinity.BUCKETS,
     }
-    assert len(spec.input_names) == 9 + 6 + 4 + 24
+    assert len(spec.input_names) == 10 + 6 + 4 + 24
+    # the input stays bounded however many categories the catalog has
+    assert user_input_spec(5000).vector_dim == affinity.MAX_BUCKETS
 
 
 # --- item tower ------------------------------------------------------------------------------

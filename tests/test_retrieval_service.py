@@ -4,8 +4,9 @@ the core and a real server on port 0 over the bundle ``tiny_trained`` registered
 
 Expected candidates are computed here without ``services/``: the user's features from
 ``store.get_online_features`` with ``feature_repo.schema.DEFAULTS`` filled by hand, the
-bundle's numpy tower, and brute-force inner products (ANN) or cosines (CONTENT) over the
-bundle's ``item_embeddings.npy``.
+affinity lists bucketed by ``contract.affinity.buckets_one``, the bundle's numpy tower,
+and brute-force inner products (ANN) or cosines (CONTENT) over the bundle's
+``item_embeddings.npy``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from homefeed.common.v1 import common_pb2
 from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
+from contract import affinity
 from contract import bundle as B
 from contract import columns as C
 from contract.features import NEW_SELLER_DAYS
@@ -97,8 +99,8 @@ POPULAR: dict[str, Any] = {
     "overall": [21, 20, 19, 18],
     "segments": {"US/ios": [13, 99, 12, 13, 11, 10]},  # 99: not in the bundle; 13 repeated
 }
-SPEC = InputSpec(("clicks_30d",), (("country", ("US", "DE")),), S.AFFINITY_VECTOR, 2)
-USER = {"clicks_30d": 3, "country": "US", S.AFFINITY_VECTOR: np.array([0.5, 0.5])}
+SPEC = InputSpec(("clicks_30d",), (("country", ("US", "DE")),), affinity.BUCKETS, 2)
+USER = {"clicks_30d": 3, "country": "US", affinity.BUCKETS: np.array([0.5, 0.5])}
 NONE = np.empty(0, dtype=np.int64)
 
 
@@ -394,6 +396,8 @@ def test_id_rows_maps_dense_and_sparse_ids() -> None:
 
 def test_tower_input_fills_training_defaults_and_knows_unknown_users() -> None:
     spec = user_input_spec(3)
+    check_spec(spec, n_categories=3)  # training's spec is what serving takes
+    assert spec.vector == affinity.BUCKETS and S.AFFINITY_TOTAL in spec.numeric
     assert (
         tower_input({S.USER_PROFILE: None, S.USER_RECENT_ACTIVITY: {"views_24h": 2}}, spec) is None
     )
@@ -406,17 +410,70 @@ def test_tower_input_fills_training_defaults_and_knows_unknown_users() -> None:
         spec,
     )
     assert got is not None
+    assert set(got) == set(spec.feature_names)
     assert (got["country"], got["device"], got["clicks_30d"]) == ("DE", "unknown", 4)
     assert got["recency_days"] == 365.0 and got["views_24h"] == 0
-    np.testing.assert_allclose(got[S.AFFINITY_VECTOR], [1 / 3] * 3)
+    assert got[S.AFFINITY_TOTAL] == 0  # no affinity row: no engagement
+    np.testing.assert_allclose(got[affinity.BUCKETS], [1 / 3] * 3, rtol=1e-6)
+    spec.encode_one(got)  # the tower takes it
+
+
+def test_tower_input_buckets_the_users_affinity_lists() -> None:
+    s = affinity.PRIOR_STRENGTH
     rows: dict[str, dict[str, Any] | None] = {
         S.USER_PROFILE: {"country": "US"},
-        S.USER_CATEGORY_AFFINITY: {S.AFFINITY_VECTOR: [1.0]},
+        S.USER_CATEGORY_AFFINITY: {
+            S.AFFINITY_CATEGORIES: [2, 0],
+            S.AFFINITY_WEIGHTS: [5.0, 1.0],
+            S.AFFINITY_TOTAL: 8.0,  # 2 more on categories beyond the lists
+        },
     }
-    with pytest.raises(FailedPrecondition, match=r"category_affinity has 1 entries, .* takes 3"):
-        tower_input(rows, spec)
+    got = tower_input(rows, user_input_spec(3))
+    assert got is not None and got[S.AFFINITY_TOTAL] == 8.0
+    want = [(1 + s / 3) / (8 + s), (s / 3) / (8 + s), (5 + s / 3) / (8 + s)]
+    np.testing.assert_allclose(got[affinity.BUCKETS], want, rtol=1e-6)
+    # a catalog wider than MAX_BUCKETS: category c goes to bucket c % MAX_BUCKETS
+    wide = user_input_spec(affinity.MAX_BUCKETS + 10)
+    assert wide.vector_dim == affinity.MAX_BUCKETS
+    rows[S.USER_CATEGORY_AFFINITY] = {
+        S.AFFINITY_CATEGORIES: [affinity.MAX_BUCKETS + 3, 3, 7],
+        S.AFFINITY_WEIGHTS: [2.0, 1.0, 4.0],
+        S.AFFINITY_TOTAL: 7.0,
+    }
+    got = tower_input(rows, wide)
+    assert got is not None and got[affinity.BUCKETS].shape == (affinity.MAX_BUCKETS,)
+    prior = s / affinity.MAX_BUCKETS
+    assert got[affinity.BUCKETS][3] == pytest.approx((3 + prior) / (7 + s), rel=1e-6)
+    assert got[affinity.BUCKETS][7] == pytest.approx((4 + prior) / (7 + s), rel=1e-6)
+    assert got[affinity.BUCKETS][0] == pytest.approx(prior / (7 + s), rel=1e-6)
+    # lists with nulls for a total (Redis's row of nulls) read as no engagement
+    rows[S.USER_CATEGORY_AFFINITY] = dict.fromkeys(S.FEATURES[S.USER_CATEGORY_AFFINITY])
+    got = tower_input(rows, user_input_spec(3))
+    assert got is not None
+    np.testing.assert_allclose(got[affinity.BUCKETS], [1 / 3] * 3, rtol=1e-6)
+    rows[S.USER_CATEGORY_AFFINITY] = {S.AFFINITY_CATEGORIES: [1, 2], S.AFFINITY_WEIGHTS: [1.0]}
+    with pytest.raises(FailedPrecondition, match=r"not aligned: 2 categories, 1 weights"):
+        tower_input(rows, user_input_spec(3))
+
+
+def test_check_spec_refuses_unknown_features_and_a_dense_affinity_bundle() -> None:
+    spec = user_input_spec(3)
     with pytest.raises(FailedPrecondition, match=r"reads \['shoe_size'\]"):
         check_spec(replace(spec, numeric=(*spec.numeric, "shoe_size")))
+    # a list is no scalar input
+    with pytest.raises(FailedPrecondition, match=r"reads \['affinity_weights'\]"):
+        check_spec(replace(spec, numeric=(*spec.numeric, S.AFFINITY_WEIGHTS)))
+    # a bundle trained on the dense vector (one entry per category)
+    old = replace(spec, vector="category_affinity")
+    with pytest.raises(FailedPrecondition, match=r"reads the vector 'category_affinity'.*retrain"):
+        check_spec(old)
+    with pytest.raises(FailedPrecondition, match=r"reads the vector 'affinity_total'"):
+        check_spec(replace(spec, vector=S.AFFINITY_TOTAL))
+    with pytest.raises(FailedPrecondition, match=r"has 3 entries, expected 5"):
+        check_spec(spec, n_categories=5)
+    with pytest.raises(FailedPrecondition, match=r"has 300 entries, expected 1\.\.256"):
+        check_spec(replace(spec, vector_dim=300))
+    check_spec(user_input_spec(1000), n_categories=1000)  # 256 buckets
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -490,9 +547,13 @@ class Truth:
         for name, _ in spec.categorical:
             value = got[name][0]
             features[name] = S.DEFAULTS.get(name, "unknown") if value is None else value
-        vector = got[spec.vector][0]
-        features[spec.vector] = (
-            np.full(spec.vector_dim, 1 / spec.vector_dim) if vector is None else np.asarray(vector)
+        assert spec.vector == affinity.BUCKETS
+        total = got[S.AFFINITY_TOTAL][0]
+        features[spec.vector] = affinity.buckets_one(
+            got[S.AFFINITY_CATEGORIES][0],
+            got[S.AFFINITY_WEIGHTS][0],
+            0.0 if total is None else total,
+            spec.vector_dim,
         )
         return self.tower.embed(features)[0]
 

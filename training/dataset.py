@@ -61,6 +61,9 @@ class SingleClassLabelError(ValueError):
     """A label with one class in a split: no model can learn from it, no figure means anything."""
 
 
+JOIN_CHUNK_ROWS = 500_000
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     label: str = B.LABEL_PURCHASE  # the outcome the rankers learn: a LABEL_COLUMNS key
@@ -78,12 +81,15 @@ class DatasetConfig:
     sampled_negatives: int = 0
     split_unit_days: int = 1  # ratio split boundaries fall on multiples of this (7: weeks)
     seed: int = 11
+    join_chunk_rows: int = JOIN_CHUNK_ROWS  # entity rows per Feast join (its memory's bound)
 
     def __post_init__(self) -> None:
         if self.label not in LABEL_COLUMNS:
             raise ValueError(
                 f"label (--label) must be one of {', '.join(LABEL_COLUMNS)}, got {self.label!r}"
             )
+        if self.join_chunk_rows < 1:
+            raise ValueError(f"join_chunk_rows must be at least 1, got {self.join_chunk_rows}")
         if self.label_window_days is not None and self.label_window_days < 1:
             raise ValueError(
                 f"label_window_days (--label-window-days) must be at least 1 day, got "
@@ -329,34 +335,6 @@ def fill_defaults(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def affinity_for_items(
-    vectors: pa.ChunkedArray, category: np.ndarray, n_categories: int
-) -> np.ndarray:
-    """Each row's affinity to its own item's category, read straight from Arrow, from the
-    whole vectors a Feast join of the affinity view returns. The training sets no longer join
-    the view through Feast (``historical_features``); this stays as the reference that
-    ``tests/test_dataset.py`` checks that join against.
-
-    A missing vector (a user with no profile yet) is the uniform prior 1 / n_categories.
-    Going through Arrow keeps the (rows x categories) floats out of Python lists, which is
-    what ``to_df()`` would build (13 GB for Complete Journey's 307 categories).
-    """
-    out = np.full(len(category), 1.0 / n_categories, dtype=np.float32)
-    if len(category) == 0:
-        return out
-    lists = vectors.combine_chunks()
-    valid = lists.is_valid().to_numpy(zero_copy_only=False)
-    if valid.any():
-        flat = lists.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        width = len(flat) // int(valid.sum())
-        matrix = flat.reshape(-1, width)
-        rows = np.flatnonzero(valid)
-        cat = category[rows]
-        inside = (cat >= 0) & (cat < width)
-        out[rows[inside]] = matrix[np.flatnonzero(inside), cat[inside]]
-    return out
-
-
 def _list_layout(lists: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """(list array, offsets into its child values, lengths with 0 for a null list)."""
     array = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
@@ -396,18 +374,21 @@ def seller_days_for_items(
 
 
 def historical_features(
-    store: FeatureStore, entity_df: pd.DataFrame, n_categories: int
+    store: FeatureStore,
+    entity_df: pd.DataFrame,
+    n_categories: int,
+    snapshots: AffinitySnapshots | None = None,
 ) -> pd.DataFrame:
     """Feast's point-in-time join of the ranker's feature service, with the seller lists
     reduced to the item's seller, and the user's category affinity reduced to the item's
-    category.
+    category (``contract.affinity.for_rows``, with the row's ``category_share``).
 
     The affinity view is joined here rather than by Feast, by the same rule
     (``AffinitySnapshots.snapshot_of``: the latest snapshot at or before the row, within the
-    view's TTL): through Feast every joined row would carry the user's whole vector (rows x
-    categories floats, several copies in DuckDB and Arrow: 8.7 GB for a 333 k-line log with
-    200 categories), here only the view's own snapshots are read once.
-    ``tests/test_dataset.py`` checks the two joins agree."""
+    view's TTL): through Feast every joined row would carry the user's lists (several
+    copies in DuckDB and Arrow), here only the view's own snapshots are read once.
+    ``tests/test_dataset.py`` checks the two joins agree. ``snapshots``: the view already
+    read (a caller joining in chunks reads it once)."""
     service = store.get_feature_service(S.RANKER_SERVICE)
     refs = [
         f"{projection.name_to_use()}:{field.name}"
@@ -424,18 +405,42 @@ def historical_features(
     lists = [S.RECENT_SELLERS, S.RECENT_SELLER_DAYS]
     frame = table.drop_columns(lists).to_pandas()
     category = frame["category"].fillna(-1).to_numpy(np.int64)
-    snapshots = AffinitySnapshots.read(_source_path(store, S.USER_CATEGORY_AFFINITY))
+    if snapshots is None:
+        snapshots = read_affinity(store)
+    users, when = frame[C.USER_ID].to_numpy(np.int64), to_ns(frame[C.EVENT_TIMESTAMP])
     frame[S.AFFINITY_FOR_ITEM] = snapshots.at_categories(
-        frame[C.USER_ID].to_numpy(np.int64),
-        to_ns(frame[C.EVENT_TIMESTAMP]),
-        category,
-        n_categories,
+        users, when, category, frame["category_share"].to_numpy(np.float64), n_categories
     )
+    frame[S.AFFINITY_TOTAL] = snapshots.totals_at(users, when)
     seller = frame[C.SELLER_ID].fillna(-1).to_numpy(np.int64)
     frame[S.SELLER_DAYS_SINCE_ENGAGED] = seller_days_for_items(
         table.column(S.RECENT_SELLERS), table.column(S.RECENT_SELLER_DAYS), seller
     )
     return frame
+
+
+def read_affinity(store: FeatureStore) -> AffinitySnapshots:
+    """The affinity view's offline snapshots (``training.affinity``)."""
+    return AffinitySnapshots.read(_source_path(store, S.USER_CATEGORY_AFFINITY))
+
+
+def join_in_chunks(
+    store: FeatureStore, entity: pd.DataFrame, n_categories: int, chunk_rows: int
+) -> pd.DataFrame:
+    """``fill_defaults(historical_features(...))`` of ``entity`` in time-ordered chunks of
+    at most ``chunk_rows`` rows: Feast's join costs ~4.8 KB a row while it runs (DuckDB,
+    Arrow, pandas), the joined columns a tenth of that, so the transient part is bounded by
+    the chunk and only the result grows with the rows."""
+    if len(entity) <= chunk_rows:
+        return fill_defaults(historical_features(store, entity, n_categories))
+    snapshots = read_affinity(store)
+    order = np.argsort(to_ns(entity[C.EVENT_TIMESTAMP]), kind="stable")
+    parts = []
+    for lo in range(0, len(entity), chunk_rows):
+        chunk = entity.iloc[order[lo : lo + chunk_rows]]
+        parts.append(fill_defaults(historical_features(store, chunk, n_categories, snapshots)))
+        log.info("joined %d of %d entity rows", min(lo + chunk_rows, len(entity)), len(entity))
+    return pd.concat(parts, ignore_index=True)
 
 
 def _source_path(store: FeatureStore, view: str) -> Path:
@@ -538,7 +543,7 @@ def build_training_sets(
 ) -> dict[str, Any]:
     """Write ``train/valid/test.parquet`` and a manifest; returns the manifest.
 
-    ``before_join(rows, categories)`` runs once the entity rows are known, before the Feast
+    ``before_join(rows, chunk_rows)`` runs once the entity rows are known, before the Feast
     join allocates (the dataset stage's memory check raises there)."""
     cfg = cfg or DatasetConfig()
     started = time.perf_counter()
@@ -578,9 +583,9 @@ def build_training_sets(
     entity = entity_frame(rows, tables[C.ITEMS])
     n_cat = int(tables[C.ITEMS][C.CATEGORY].max()) + 1
     if before_join is not None:
-        before_join(len(entity), n_cat)
+        before_join(len(entity), cfg.join_chunk_rows)
     t0 = time.perf_counter()
-    joined = fill_defaults(historical_features(store, entity, n_cat))
+    joined = join_in_chunks(store, entity, n_cat, cfg.join_chunk_rows)
     join_seconds = time.perf_counter() - t0
     joined = joined.sort_values([C.EVENT_TIMESTAMP, C.IMPRESSION_ID], kind="stable")
 

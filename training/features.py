@@ -14,26 +14,45 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from contract import affinity
 from contract import columns as C
 from contract.features import NEW_SELLER_DAYS, SPEND_BANDS
 from contract.timeutil import NS_PER_DAY, NS_PER_S, from_ns, to_ns
 from feature_repo import schema as S
+from training.memory import LIST_CHUNK_CELLS, features_build_bytes
 
 log = logging.getLogger(__name__)
 
 CTR_PRIOR_STRENGTH = 50.0  # pseudo-impressions pulling an item's CTR to the catalog's
 PURCHASE_PRIOR_STRENGTH = 500.0
-AFFINITY_PRIOR_STRENGTH = 2.0  # pseudo-engagements pulling affinities to the global mix
-PURCHASE_ENGAGEMENT_WEIGHT = 3.0  # a purchase counts as this many clicks for affinity
 NO_ACTIVITY_RECENCY_DAYS = 365.0
 RECENT_SELLERS_DAYS = 30  # window of user_seller_recency
 RECENT_SELLERS_MAX = 50  # sellers kept per user and snapshot, the most recent
+
+
+# The columns of each event table the build reads (``read_tables(columns=...)``): the large
+# preset's impressions hold 55 M rows, and the build needs 5 of their columns.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    C.IMPRESSIONS: (C.IMPRESSION_ID, C.USER_ID, C.ITEM_ID, C.TS, C.POLICY),
+    C.CLICKS: (C.IMPRESSION_ID, C.TS),
+    C.ADD_TO_CARTS: (C.IMPRESSION_ID, C.TS),
+    C.PURCHASES: (C.IMPRESSION_ID, C.TS, C.PRICE, C.QUANTITY),
+    C.ITEMS: (
+        C.ITEM_ID, C.SELLER_ID, C.CATEGORY, C.BRAND, C.PRICE, C.LIST_PRICE, C.SHIPPING_DAYS,
+        C.CREATED_AT,
+    ),
+    C.USERS: (C.USER_ID, C.COUNTRY, C.DEVICE, C.SIGNUP_AT),
+    C.SELLERS: (C.SELLER_ID, C.RATING, C.CREATED_AT),
+    C.INVENTORY: (C.ITEM_ID, C.TS, C.STOCK),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,19 +102,55 @@ def _window(prefix: np.ndarray, snaps: np.ndarray, days: int) -> np.ndarray:
 
 
 def _snapshot_frame(
-    key: str, ids: np.ndarray, alive: np.ndarray, snap_ns: np.ndarray, cols: dict[str, np.ndarray]
+    key: str,
+    ids: np.ndarray,
+    alive: np.ndarray,
+    snap_ns: np.ndarray,
+    cols: dict[str, np.ndarray],
+    view: str,
 ) -> pd.DataFrame:
-    """Long frame of the (entity, snapshot) cells where ``alive`` holds."""
-    e, s = np.nonzero(alive)
+    """Long frame of the (entity, snapshot) cells where ``alive`` holds, snapshot by
+    snapshot (the order ``_finish`` keeps). Each column is cast to the view's dtype as it is
+    gathered and its (entities x snapshots) source dropped from ``cols`` once gathered, so
+    the float64 grids and the frame do not all sit in memory at once."""
+    s, e = np.nonzero(alive.T)
     frame = pd.DataFrame({key: ids[e], S.EVENT_TIMESTAMP: from_ns(snap_ns[s])})
-    for name, values in cols.items():
-        frame[name] = values[e, s] if values.ndim == 2 else values[e]
+    kinds = S.FEATURES[view]
+    for name in list(cols):
+        values = cols.pop(name)
+        column = values[e, s] if values.ndim == 2 else values[e]
+        del values
+        if kinds.get(name) == "float32":
+            column = column.astype(np.float32, copy=False)
+        frame[name] = column
     return frame
 
 
-def _lists(offsets: np.ndarray, values: np.ndarray) -> list[np.ndarray]:
-    """``values[offsets[i]:offsets[i + 1]]`` for each i: numpy views, typed even when empty."""
-    return np.split(values, offsets[1:-1]) if len(offsets) > 1 else []
+def _arrow_lists(offsets: np.ndarray, values: np.ndarray) -> pd.arrays.ArrowExtensionArray:
+    """``values[offsets[i]:offsets[i + 1]]`` for each i as one Arrow list column: two flat
+    buffers, not an object per row (tens of millions of rows on a large catalog)."""
+    if len(values) >= 2**31:
+        raise ValueError(f"{len(values)} list entries: more than an Arrow list column holds")
+    return pd.arrays.ArrowExtensionArray(
+        pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values))
+    )
+
+
+def _chunks(owner: np.ndarray, count: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges of rows whose ``count`` sums to at most ``budget`` (or one row),
+    never splitting rows of the same ``owner`` (sorted) between two ranges."""
+    if len(owner) == 0:
+        return []
+    starts = np.flatnonzero(np.append(True, owner[1:] != owner[:-1]))
+    before = np.append(0, np.cumsum(count))[starts]  # entries before each owner's first row
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < len(starts):
+        j = int(np.searchsorted(before, before[i] + budget, side="right"))
+        j = max(j, i + 1)
+        out.append((int(starts[i]), int(starts[j]) if j < len(starts) else len(owner)))
+        i = j
+    return out
 
 
 class FeatureBuilder:
@@ -112,21 +167,48 @@ class FeatureBuilder:
         self.user_ids = tables[C.USERS][C.USER_ID].to_numpy()
         self.item_index = pd.Index(self.item_ids)
         self.user_index = pd.Index(self.user_ids)
-        # impression attributes every outcome table joins to
-        self.imp_index = pd.Index(imp[C.IMPRESSION_ID].to_numpy())
+        # impression attributes every outcome table joins to, found by binary search (a hash
+        # index of 55 M impression ids costs gigabytes; a sort order, 8 bytes an impression)
+        self._imp_ids = imp[C.IMPRESSION_ID].to_numpy(np.int64)
+        self._imp_order: np.ndarray | None = None
+        if not (np.diff(self._imp_ids) > 0).all():
+            self._imp_order = np.argsort(self._imp_ids, kind="stable")
+            self._imp_ids = self._imp_ids[self._imp_order]
+        self._outcomes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]] = {}
         self.imp_item = self.item_index.get_indexer(pd.Index(imp[C.ITEM_ID]))
         self.imp_user = self.user_index.get_indexer(pd.Index(imp[C.USER_ID]))
         self.imp_day = self.cal.day_of(to_ns(imp[C.TS]))
         self.organic = (imp[C.POLICY] == C.POLICY_ORGANIC).to_numpy()
+        category = items[C.CATEGORY]
+        self.n_categories = int(category.max()) + 1 if len(category) else 1
+        self._category_window: np.ndarray | None = None
+
+    def _impression_rows(self, impression_ids: np.ndarray) -> np.ndarray:
+        """Each id's row in the impressions table (-1: not there)."""
+        ids = self._imp_ids
+        if len(ids) == 0:
+            return np.full(len(impression_ids), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(ids, impression_ids), len(ids) - 1)
+        found = ids[pos] == impression_ids
+        rows = pos if self._imp_order is None else self._imp_order[pos]
+        return np.where(found, rows, -1)
 
     def _outcome(self, table: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
-        """(item index, user index, day) of an outcome table's rows, via their impression."""
-        df = self.t[table]
-        row = self.imp_index.get_indexer(pd.Index(df[C.IMPRESSION_ID]))
-        ok = row >= 0
-        df = df[ok]
-        row = row[ok]
-        return self.imp_item[row], self.imp_user[row], self.cal.day_of(to_ns(df[C.TS])), df
+        """(item index, user index, day) of an outcome table's rows, via their impression;
+        worked out once per table (every view reads clicks and purchases)."""
+        if table not in self._outcomes:
+            df = self.t[table]
+            row = self._impression_rows(df[C.IMPRESSION_ID].to_numpy(np.int64))
+            ok = row >= 0
+            df = df[ok]
+            row = row[ok]
+            self._outcomes[table] = (
+                self.imp_item[row],
+                self.imp_user[row],
+                self.cal.day_of(to_ns(df[C.TS])),
+                df,
+            )
+        return self._outcomes[table]
 
     # --- items ---------------------------------------------------------------------------
     def item_stats(self) -> pd.DataFrame:
@@ -162,10 +244,12 @@ class FeatureBuilder:
         cols["price"] = price
         cols["discount"] = 1.0 - price / np.maximum(items[C.LIST_PRICE].to_numpy(), 1e-9)
         cols["category"] = items[C.CATEGORY].to_numpy()
+        cols["category_share"] = self.category_share()[items[C.CATEGORY].to_numpy(np.int64)]
         cols["brand"] = items[C.BRAND].to_numpy()
         cols["shipping_days"] = items[C.SHIPPING_DAYS].to_numpy()
         return self._finish(
-            S.ITEM_STATS, _snapshot_frame(C.ITEM_ID, self.item_ids, age >= 0, self.snap_ns, cols)
+            S.ITEM_STATS,
+            _snapshot_frame(C.ITEM_ID, self.item_ids, age >= 0, self.snap_ns, cols, S.ITEM_STATS),
         )
 
     def seller_stats(self) -> pd.DataFrame:
@@ -179,7 +263,8 @@ class FeatureBuilder:
         }
         ids = sellers[C.SELLER_ID].to_numpy()
         return self._finish(
-            S.SELLER_STATS, _snapshot_frame(C.SELLER_ID, ids, age >= 0, self.snap_ns, cols)
+            S.SELLER_STATS,
+            _snapshot_frame(C.SELLER_ID, ids, age >= 0, self.snap_ns, cols, S.SELLER_STATS),
         )
 
     # --- users ---------------------------------------------------------------------------
@@ -220,50 +305,118 @@ class FeatureBuilder:
                 spend_30, buys_30, out=np.zeros_like(spend_30), where=buys_30 > 0
             ),
         }
-        frame = _snapshot_frame(C.USER_ID, self.user_ids, since >= 0, self.snap_ns, cols)
+        frame = _snapshot_frame(
+            C.USER_ID, self.user_ids, since >= 0, self.snap_ns, cols, S.USER_PROFILE
+        )
         return self._finish(S.USER_PROFILE, frame)
 
-    def user_category_affinity(self) -> pd.DataFrame:
+    def _engagements(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(user index, category, day, weight) of every click and purchase in the window."""
         c_item, c_user, c_day, _ = self._outcome(C.CLICKS)
         p_item, p_user, p_day, _ = self._outcome(C.PURCHASES)
-        cal, snaps, n_users = self.cal, self.snaps, len(self.user_ids)
-        category = self.t[C.ITEMS][C.CATEGORY].to_numpy()
-        n_cat = int(category.max()) + 1 if len(category) else 1
-        users = np.concatenate([c_user, p_user])
-        cats = category[np.concatenate([c_item, p_item])]
-        days = np.concatenate([c_day, p_day])
+        category = self.t[C.ITEMS][C.CATEGORY].to_numpy(np.int64)
+        item = np.concatenate([c_item, p_item])
+        user = np.concatenate([c_user, p_user]).astype(np.int64)
+        day = np.concatenate([c_day, p_day]).astype(np.int64)
         weight = np.concatenate(
-            [np.ones(len(c_user)), np.full(len(p_user), PURCHASE_ENGAGEMENT_WEIGHT)]
+            [np.ones(len(c_user)), np.full(len(p_user), affinity.PURCHASE_WEIGHT)]
         )
-        prefix = _daily(users * n_cat + cats, days, n_users * n_cat, cal.days, weights=weight)
-        per = _window(prefix, snaps, 30).reshape(n_users, n_cat, len(snaps))
-        total = per.sum(axis=1)  # (users, snaps)
-        prior = per.sum(axis=0)  # (cats, snaps)
-        prior = (prior + 1.0) / (prior + 1.0).sum(axis=0, keepdims=True)
-        aff = (per + AFFINITY_PRIOR_STRENGTH * prior[None]) / (
-            total[:, None, :] + AFFINITY_PRIOR_STRENGTH
-        )
+        ok = (item >= 0) & (user >= 0) & (day >= 0) & (day < self.cal.days)
+        return user[ok], category[item[ok]], day[ok], weight[ok]
+
+    def category_window(self) -> np.ndarray:
+        """(categories, snapshots): everyone's engagement weight per category in the 30
+        days before each snapshot (categories x days: small whatever the user count)."""
+        if self._category_window is None:
+            _, cat, day, weight = self._engagements()
+            prefix = _daily(cat, day, self.n_categories, self.cal.days, weights=weight)
+            self._category_window = _window(prefix, self.snaps, 30)
+        return self._category_window
+
+    def category_share(self) -> np.ndarray:
+        """(categories, snapshots): each category's Laplace-smoothed share of engagement."""
+        window = self.category_window() + 1.0
+        return window / window.sum(axis=0, keepdims=True)
+
+    def user_category_affinity(self, max_entries: int = LIST_CHUNK_CELLS) -> pd.DataFrame:
+        """Per user and snapshot s: the categories engaged with in [s - 30 days, s), heaviest
+        first (at most ``contract.affinity.TOP_K``), their weights and the window's total.
+
+        Sparse throughout, never users x categories: engagements are summed per (user,
+        category, day); each such group is the pair's latest before the snapshots from the
+        next day until the pair's next engagement day or 30 days on; the pair's window sum
+        at those snapshots is a difference of the groups' running sum. Users are taken in
+        chunks of at most ``max_entries`` (pair, snapshot) cells, so the peak is bounded
+        by the chunk, not the data.
+        """
+        snaps, n_snaps, n_users = self.snaps, len(self.snaps), len(self.user_ids)
+        user, cat, day, weight = self._engagements()
+        stride = np.int64(self.cal.days + 1)
+        key = (user * np.int64(self.n_categories) + cat) * stride + day
+        key, inverse = np.unique(key, return_inverse=True)
+        group_weight = np.bincount(inverse, weights=weight, minlength=len(key))
+        del user, cat, day, weight, inverse
+        pair, day = key // stride, key % stride
+        running = np.concatenate([[0.0], np.cumsum(group_weight)])
+        pair_goes_on = np.zeros(len(pair), dtype=bool)
+        pair_goes_on[:-1] = pair[1:] == pair[:-1]
+        until = day + 30
+        until = np.where(pair_goes_on, np.minimum(np.append(day[1:], 0), until), until)
+        k_lo = np.searchsorted(snaps, day + 1, side="left")
+        count = np.maximum(np.searchsorted(snaps, until, side="right") - k_lo, 0)
+        group_user = pair // self.n_categories
         signup = to_ns(self.t[C.USERS][C.SIGNUP_AT])
         alive = self.snap_ns[None, :] >= signup[:, None]
-        e, s = np.nonzero(alive)
-        vectors = aff[e, :, s].astype(np.float32)
+        totals = np.zeros(n_users * n_snaps, dtype=np.float64)
+        kept_cell: list[np.ndarray] = []
+        kept_cat: list[np.ndarray] = []
+        kept_weight: list[np.ndarray] = []
+        for lo, hi in _chunks(group_user, count, max_entries):
+            c = count[lo:hi]
+            group = np.repeat(np.arange(lo, hi), c)
+            k = k_lo[group] + np.arange(len(group)) - np.repeat(np.cumsum(c) - c, c)
+            s = snaps[k]
+            first = np.searchsorted(key, pair[group] * stride + np.maximum(s - 30, 0), "left")
+            value = running[group + 1] - running[first]
+            cell = group_user[group] * n_snaps + k
+            live = alive.ravel()[cell]
+            cell, value, group = cell[live], value[live], group[live]
+            totals += np.bincount(cell, weights=value, minlength=len(totals))
+            entry_cat = pair[group] % self.n_categories
+            order = np.lexsort((entry_cat, -value, cell))
+            cell, value, entry_cat = cell[order], value[order], entry_cat[order]
+            rank = np.arange(len(cell)) - np.searchsorted(cell, cell, side="left")
+            top = rank < affinity.TOP_K
+            kept_cell.append(cell[top])
+            kept_cat.append(entry_cat[top])
+            kept_weight.append(value[top].astype(np.float32))
+        cell = np.concatenate([np.zeros(0, np.int64), *kept_cell])
+        e, s_idx = np.nonzero(alive)
+        offsets = np.append(0, np.searchsorted(cell, e * n_snaps + s_idx, side="right"))
         frame = pd.DataFrame(
             {
                 C.USER_ID: self.user_ids[e],
-                S.EVENT_TIMESTAMP: from_ns(self.snap_ns[s]),
-                "category_affinity": list(vectors),
+                S.EVENT_TIMESTAMP: from_ns(self.snap_ns[s_idx]),
+                S.AFFINITY_CATEGORIES: _arrow_lists(
+                    offsets, np.concatenate([np.zeros(0, np.int64), *kept_cat])
+                ),
+                S.AFFINITY_WEIGHTS: _arrow_lists(
+                    offsets, np.concatenate([np.zeros(0, np.float32), *kept_weight])
+                ),
+                S.AFFINITY_TOTAL: totals.reshape(n_users, n_snaps)[e, s_idx],
             }
         )
         return self._finish(S.USER_CATEGORY_AFFINITY, frame)
 
-    def user_seller_recency(self) -> pd.DataFrame:
+    def user_seller_recency(self, max_entries: int = LIST_CHUNK_CELLS) -> pd.DataFrame:
         """Per user and snapshot s: the sellers of the items the user clicked or bought with
         ts in [s - 30 days, s), most recent first, at most 50, with (s - last ts) in days.
 
         No dense (user x seller x day) grid (sim-small: 20k x 2k x 30): each (user, seller,
         day) group's last event is the pair's latest for the snapshots from the next day
         until the pair's next engagement day or 30 days on, whichever comes first; the
-        groups are expanded to those snapshots and ranked within each (user, snapshot).
+        groups are expanded to those snapshots and ranked within each (user, snapshot), users
+        taken in chunks of at most ``max_entries`` cells.
         """
         c_item, c_user, c_day, c_df = self._outcome(C.CLICKS)
         p_item, p_user, p_day, p_df = self._outcome(C.PURCHASES)
@@ -288,19 +441,25 @@ class FeatureBuilder:
         until = day + RECENT_SELLERS_DAYS
         until = np.where(pair_goes_on, np.minimum(np.append(day[1:], 0), until), until)
         k_lo = np.searchsorted(snaps, day + 1, side="left")
-        count = np.searchsorted(snaps, until, side="right") - k_lo
-        group = np.repeat(np.arange(len(day)), count)
-        k = k_lo[group] + np.arange(len(group)) - np.repeat(np.cumsum(count) - count, count)
-        cell = user[group] * n_snaps + k  # (user, snapshot), row-major
+        count = np.maximum(np.searchsorted(snaps, until, side="right") - k_lo, 0)
         # the cells of users signed up by the snapshot, in _snapshot_frame's order
         signup = to_ns(self.t[C.USERS][C.SIGNUP_AT])
         alive = self.snap_ns[None, :] >= signup[:, None]
-        keep = alive.ravel()[cell]
-        cell, group = cell[keep], group[keep]
-        order = np.lexsort((seller[group], -ts[group], cell))  # most recent first
-        cell, group = cell[order], group[order]
-        rank = np.arange(len(cell)) - np.searchsorted(cell, cell, side="left")
-        cell, group = cell[rank < RECENT_SELLERS_MAX], group[rank < RECENT_SELLERS_MAX]
+        kept_cell: list[np.ndarray] = [np.zeros(0, np.int64)]
+        kept_group: list[np.ndarray] = [np.zeros(0, np.int64)]
+        for lo, hi in _chunks(user, count, max_entries):  # users whole, cells bounded
+            c = count[lo:hi]
+            group = np.repeat(np.arange(lo, hi), c)
+            k = k_lo[group] + np.arange(len(group)) - np.repeat(np.cumsum(c) - c, c)
+            cell = user[group] * n_snaps + k  # (user, snapshot), row-major
+            keep = alive.ravel()[cell]
+            cell, group = cell[keep], group[keep]
+            order = np.lexsort((seller[group], -ts[group], cell))  # most recent first
+            cell, group = cell[order], group[order]
+            rank = np.arange(len(cell)) - np.searchsorted(cell, cell, side="left")
+            kept_cell.append(cell[rank < RECENT_SELLERS_MAX])
+            kept_group.append(group[rank < RECENT_SELLERS_MAX])
+        cell, group = np.concatenate(kept_cell), np.concatenate(kept_group)
         days = ((self.snap_ns[cell % n_snaps] - ts[group]) / NS_PER_DAY).astype(np.float32)
         e, s = np.nonzero(alive)
         offsets = np.append(0, np.searchsorted(cell, e * n_snaps + s, side="right"))
@@ -308,8 +467,8 @@ class FeatureBuilder:
             {
                 C.USER_ID: self.user_ids[e],
                 S.EVENT_TIMESTAMP: from_ns(self.snap_ns[s]),
-                S.RECENT_SELLERS: _lists(offsets, seller[group]),
-                S.RECENT_SELLER_DAYS: _lists(offsets, days),
+                S.RECENT_SELLERS: _arrow_lists(offsets, seller[group].astype(np.int64)),
+                S.RECENT_SELLER_DAYS: _arrow_lists(offsets, days),
             }
         )
         return self._finish(S.USER_SELLER_RECENCY, frame)
@@ -358,33 +517,38 @@ class FeatureBuilder:
     def _finish(self, view: str, frame: pd.DataFrame) -> pd.DataFrame:
         for name, kind in S.FEATURES[view].items():
             if kind == "float32":
-                frame[name] = frame[name].astype(np.float32)
+                frame[name] = frame[name].astype(np.float32, copy=False)
             elif kind == "int64":
-                frame[name] = frame[name].astype(np.int64)
+                frame[name] = frame[name].astype(np.int64, copy=False)
         # microseconds: DuckDB (the offline store's engine) cannot cast tz-aware ns stamps
         frame[S.EVENT_TIMESTAMP] = frame[S.EVENT_TIMESTAMP].dt.as_unit("us")
         frame[S.CREATED] = frame[S.EVENT_TIMESTAMP]
         key = S.ENTITY_OF_VIEW[view]
-        frame[key] = frame[key].astype(np.int64)
+        frame[key] = frame[key].astype(np.int64, copy=False)
+        ts = to_ns(frame[S.EVENT_TIMESTAMP])
+        ids = frame[key].to_numpy()
+        ordered = (ts[1:] > ts[:-1]) | ((ts[1:] == ts[:-1]) & (ids[1:] >= ids[:-1]))
+        if ordered.all():  # built in order already: no sorted copy of a large table
+            return frame.reset_index(drop=True)
         return frame.sort_values([S.EVENT_TIMESTAMP, key], kind="stable").reset_index(drop=True)
 
-    def build_all(self) -> dict[str, pd.DataFrame]:
+    def builders(self) -> dict[str, Callable[[], pd.DataFrame]]:
+        """Each view's build, to run one at a time (``build_feature_tables`` writes and frees
+        each table before the next is built)."""
         return {
-            S.USER_PROFILE: self.user_profile(),
-            S.USER_CATEGORY_AFFINITY: self.user_category_affinity(),
-            S.USER_SELLER_RECENCY: self.user_seller_recency(),
-            S.ITEM_STATS: self.item_stats(),
-            S.SELLER_STATS: self.seller_stats(),
-            S.USER_RECENT_ACTIVITY: self.user_recent_activity(),
-            S.ITEM_INVENTORY: self.item_inventory(),
+            S.USER_PROFILE: self.user_profile,
+            S.USER_CATEGORY_AFFINITY: self.user_category_affinity,
+            S.USER_SELLER_RECENCY: self.user_seller_recency,
+            S.ITEM_STATS: self.item_stats,
+            S.SELLER_STATS: self.seller_stats,
+            S.USER_RECENT_ACTIVITY: self.user_recent_activity,
+            S.ITEM_INVENTORY: self.item_inventory,
         }
 
 
 def build_estimate(tables: dict[str, pd.DataFrame], snapshot_days: int = 1) -> dict[str, float]:
     """Bytes ``build_feature_tables`` will hold at its peak, by part
     (``training.memory.features_build_bytes``), from the tables' sizes alone."""
-    from training.memory import features_build_bytes
-
     cal = Calendar.of(tables, snapshot_days)
     category = tables[C.ITEMS][C.CATEGORY]
     return features_build_bytes(
@@ -395,7 +559,29 @@ def build_estimate(tables: dict[str, pd.DataFrame], snapshot_days: int = 1) -> d
         days=cal.days,
         snapshots=len(cal.snapshots),
         events=sum(len(tables[t]) for t in (C.IMPRESSIONS, C.CLICKS, C.ADD_TO_CARTS, C.PURCHASES)),
+        engagements=len(tables[C.CLICKS]) + len(tables[C.PURCHASES]),
     )
+
+
+WRITE_SLICE_ROWS = 2_000_000
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path, slice_rows: int = WRITE_SLICE_ROWS) -> None:
+    """``frame`` to Parquet a slice of rows at a time, so Arrow's copy of a 14 M-row table
+    (the large preset's item_stats) is one slice, not the whole table."""
+    import pyarrow.parquet as pq
+
+    # without pandas' metadata: it would name Arrow list dtypes pandas cannot read back
+    first = pa.Table.from_pandas(frame.iloc[:slice_rows], preserve_index=False)
+    first = first.replace_schema_metadata(None)
+    with pq.ParquetWriter(path, first.schema) as writer:
+        writer.write_table(first)
+        del first
+        for lo in range(slice_rows, len(frame), slice_rows):
+            part = frame.iloc[lo : lo + slice_rows]
+            writer.write_table(
+                pa.Table.from_pandas(part, schema=writer.schema, preserve_index=False)
+            )
 
 
 def build_feature_tables(
@@ -403,11 +589,15 @@ def build_feature_tables(
 ) -> dict[str, int]:
     """Compute every view's table and write ``<view>.parquet`` under ``out_dir``."""
     started = time.perf_counter()
-    views = FeatureBuilder(tables, snapshot_days).build_all()
+    builder = FeatureBuilder(tables, snapshot_days)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = {}
-    for view, frame in views.items():
-        frame.to_parquet(out_dir / f"{view}.parquet", index=False)
+    for view, build in builder.builders().items():
+        frame = build()
+        _write_parquet(frame, out_dir / f"{view}.parquet.partial")
         rows[view] = len(frame)
+        del frame  # one view's table in memory at a time
+    for view in rows:  # all or nothing: a failed build leaves the previous tables
+        (out_dir / f"{view}.parquet.partial").replace(out_dir / f"{view}.parquet")
     log.info("feature tables %s in %.1fs", rows, time.perf_counter() - started)
     return rows

@@ -27,10 +27,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from contract.affinity import TOP_K
 
 log = logging.getLogger(__name__)
 
 MB = 2**20
+# (user, category or seller, snapshot) cells the per-user list views hold at once while built
+LIST_CHUNK_CELLS = 20_000_000
 # A stage may use this share of the available memory; the rest is for the estimate's error,
 # the page cache and whatever else runs on the machine.
 HEADROOM = 0.85
@@ -164,48 +169,70 @@ def features_build_bytes(
     days: int,
     snapshots: int,
     events: int,
+    engagements: int,
 ) -> dict[str, float]:
-    """What ``training.features.FeatureBuilder.build_all`` holds at once, by part.
+    """What ``training.features.build_feature_tables`` holds at once, by part.
 
-    The category affinity is dense: a float64 prefix sum of users x categories x (days + 1),
-    its 30-day window and the smoothed affinities over users x categories x snapshots, and
-    the float32 vectors it keeps per (user, snapshot). The other views hold a few float64
-    prefix sums of entities x (days + 1) and their output columns over entities x snapshots
-    twice (the frame, then Arrow's copy as it is written); the events are read with their
-    day, entity indices and timestamps. Checked against measured peaks: sim-tiny with 12 and
-    1,000 categories, sim-small (``tests/test_memory.py``, ``docs/data-schema.md``).
+    The category affinity is sparse (``FeatureBuilder.user_category_affinity``): its
+    working set is at most one chunk of (user, category, snapshot) cells, each engagement
+    reaching the snapshots of the next 30 days, and it keeps at most ``TOP_K`` categories
+    per (user, snapshot) plus a total; the categories themselves cost only categories x
+    days. The other views hold a few float64 prefix sums of entities x (days + 1) and their
+    output columns over entities x snapshots twice (the frame, then Arrow's copy as it is
+    written); the events are read with their day, entity indices and timestamps. Checked
+    against measured peaks: sim-tiny with 12 and 1,000 categories, sim-small
+    (``tests/test_memory.py``, ``docs/data-schema.md``).
     """
-    per_user_cat = users * categories
+    stride = max(days / max(snapshots - 1, 1), 1.0)
+    cells = min(engagements * (30 / stride + 1), users * snapshots * TOP_K)
     return {
-        "category affinity (users x categories x days)": per_user_cat
-        * (F64 * (days + 1) + 3 * F64 * snapshots + 2 * F32 * snapshots),
-        "item views (items x days)": items * (4 * F64 * (days + 1) + 2 * 15 * F64 * snapshots),
+        "category affinity (engaged user x category x snapshot cells)": min(cells, LIST_CHUNK_CELLS)
+        * 120
+        + cells * 3 * (F64 + F64 + F32)
+        + users * snapshots * 6 * F64,
+        "categories (categories x days)": categories * (days + 1 + 3 * snapshots) * F64,
+        "item views (items x days)": items * (4 * F64 * (days + 1) + 2 * 16 * F64 * snapshots),
         "user views (users x days)": users * (4 * F64 * (days + 1) + 2 * 24 * F64 * snapshots),
         "seller views": sellers * 2 * 4 * F64 * snapshots,
         "events and their indices": events * 128,
     }
 
 
-def dataset_join_bytes(rows: int, affinity_snapshots: int, categories: int) -> dict[str, float]:
+def dataset_join_bytes(
+    rows: int, affinity_snapshots: int, affinity_entries: int, chunk_rows: int | None = None
+) -> dict[str, float]:
     """What the dataset stage's point-in-time join adds to the process for ``rows`` entity
-    rows: Feast's join of every view but the affinity (~4.8 KB a row across DuckDB, Arrow
-    and pandas, the seller lists included), the affinity view's snapshots read once as
-    float32 (~3 copies; ``training.dataset.historical_features`` reduces them to each row's
-    category without a rows x categories matrix) and ~300 MB for Feast and DuckDB. Fitted to
-    measured peaks: sim-tiny with 12 and 1,000 categories (42.6 k rows: ~300 and ~680 MB
-    added), a 333 k-line purchase-only log with 200 categories (976 k rows: ~4.6 GB added);
-    it errs high."""
+    rows joined ``chunk_rows`` at a time (None: at once): Feast's join of every view but
+    the affinity (~4.8 KB a row of the chunk across DuckDB, Arrow and pandas, the seller
+    lists included), the joined columns kept (~600 bytes a row, twice while the chunks are
+    concatenated), the affinity view's snapshots read once as flat
+    lists (~40 bytes a snapshot and 12 an engaged category, twice while read;
+    ``training.dataset.historical_features`` reduces them to each row's category) and
+    ~300 MB for Feast and DuckDB. Fitted to measured peaks: sim-tiny (42.6 k rows: ~300 MB
+    added), a 333 k-line purchase-only log (976 k rows: ~4.6 GB added); it errs high."""
+    chunk = rows if chunk_rows is None else min(rows, chunk_rows)
     return {
-        "joined rows (Feast, DuckDB, Arrow)": rows * 4800,
-        "affinity snapshots (user snapshots x categories)": affinity_snapshots
-        * categories
-        * F32
-        * 3,
+        "joined rows (Feast, DuckDB, Arrow)": chunk * 4800
+        + (0 if chunk == rows else rows * 600 * 2),
+        "affinity snapshots (flat lists)": 2 * (affinity_snapshots * 40 + affinity_entries * 12),
         "Feast and DuckDB": 300 * MB,
     }
 
 
+def list_entries(meta: Any, column: str) -> int:
+    """Values of a list column over a Parquet file's row groups (``pyarrow.parquet
+    .FileMetaData``; its leaf's value count): what reading it will hold, before reading."""
+    total = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            chunk = group.column(c)
+            if chunk.path_in_schema.split(".")[0] == column:
+                total += chunk.num_values
+    return total
+
+
 REDUCE_CATEGORIES = (
-    "The category affinity grows with users x categories x days: collapse the rarest "
-    "categories at ingest (`homefeed ingest --max-categories N`, e.g. 200)."
+    "Fewer users, days or categories shrink it: collapse the rarest categories at ingest "
+    "(`homefeed ingest --max-categories N`, e.g. 200) or ingest a shorter window."
 )

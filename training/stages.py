@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,13 @@ def window_of(tables: dict[str, pd.DataFrame]) -> tuple[pd.Timestamp, pd.Timesta
     return ts.min().floor("D"), ts.max().floor("D") + pd.Timedelta(days=1)
 
 
-def load_raw(paths: Paths, dataset: str) -> dict[str, pd.DataFrame]:
+def load_raw(
+    paths: Paths, dataset: str, columns: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, pd.DataFrame]:
+    """The dataset's raw tables; ``columns``: only those of the tables it names."""
     from training.tables import read_tables
 
-    return read_tables(paths.raw(dataset))
+    return read_tables(paths.raw(dataset), columns=columns)
 
 
 def validate(
@@ -172,7 +175,7 @@ def features_stage(
     redis: str | None = None,
 ) -> dict[str, Any]:
     """Build the offline feature tables, `feast apply`, and materialize to the online store."""
-    from training.features import build_estimate, build_feature_tables
+    from training.features import COLUMNS, build_estimate, build_feature_tables
     from training.memory import REDUCE_CATEGORIES, StagePeaks, require_fits
 
     meta = read_meta(paths, dataset)
@@ -182,7 +185,7 @@ def features_stage(
         t0 = time.perf_counter()
         stride = int(meta.get("snapshot_days", 1))
         with peaks.measure("features_build"):
-            tables = load_raw(paths, dataset)
+            tables = load_raw(paths, dataset, COLUMNS)
             require_fits("features build", build_estimate(tables, stride), REDUCE_CATEGORIES)
             out["rows"] = build_feature_tables(tables, paths.features(dataset), stride)
             del tables
@@ -226,13 +229,20 @@ def _join_fits(paths: Paths, dataset: str) -> Callable[[int, int], None]:
     import pyarrow.parquet as pq
 
     from feature_repo import schema as S
-    from training.memory import REDUCE_CATEGORIES, dataset_join_bytes, require_fits
+    from training.memory import (
+        REDUCE_CATEGORIES,
+        dataset_join_bytes,
+        list_entries,
+        require_fits,
+    )
 
     source = paths.features(dataset) / f"{S.USER_CATEGORY_AFFINITY}.parquet"
-    snapshots = pq.ParquetFile(source).metadata.num_rows if source.exists() else 0
+    meta = pq.ParquetFile(source).metadata if source.exists() else None
+    snapshots = meta.num_rows if meta else 0
+    entries = list_entries(meta, S.AFFINITY_CATEGORIES) if meta else 0
 
-    def check(rows: int, categories: int) -> None:
-        parts = dataset_join_bytes(rows, snapshots, categories)
+    def check(rows: int, chunk_rows: int) -> None:
+        parts = dataset_join_bytes(rows, snapshots, entries, chunk_rows)
         require_fits("dataset (the Feast join)", parts, REDUCE_CATEGORIES)
 
     return check

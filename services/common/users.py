@@ -50,9 +50,15 @@ USER_VIEWS = (
 VIEW_OF: dict[str, str] = {name: view for view in USER_VIEWS for name in S.FEATURES[view]}
 KIND_OF: dict[str, str] = {name: S.FEATURES[VIEW_OF[name]][name] for name in VIEW_OF}
 SCALARS = tuple(name for name, kind in KIND_OF.items() if not kind.endswith("[]"))
-LISTS = (S.AFFINITY_VECTOR, S.RECENT_SELLERS, S.RECENT_SELLER_DAYS)
+LISTS = (S.AFFINITY_CATEGORIES, S.AFFINITY_WEIGHTS, S.RECENT_SELLERS, S.RECENT_SELLER_DAYS)
 if set(LISTS) != {name for name, kind in KIND_OF.items() if kind.endswith("[]")}:
     raise ImportError("the user views' list features changed: update services/common/users.py")
+if VIEW_OF.get(S.AFFINITY_TOTAL) != S.USER_CATEGORY_AFFINITY or S.AFFINITY_TOTAL not in SCALARS:
+    raise ImportError(f"{S.AFFINITY_TOTAL} moved: update services/common/users.py")
+# the views whose scalars travel as number / string features
+SCALAR_VIEWS = (S.USER_PROFILE, S.USER_CATEGORY_AFFINITY, S.USER_RECENT_ACTIVITY)
+if {VIEW_OF[name] for name in SCALARS} - set(SCALAR_VIEWS):
+    raise ImportError("a user view gained a scalar feature: update services/common/users.py")
 MAX_LIST = 100_000  # entries of a list feature a request may carry
 _VERIFY_SAMPLE = 32
 
@@ -182,9 +188,9 @@ def to_proto(rows: ViewRows) -> common_pb2.UserFeatures:
     msg = common_pb2.UserFeatures(known=bool(rows.get(S.USER_PROFILE)))
     numbers: list[tuple[str, Any]] = []
     strings: list[tuple[str, Any]] = []
-    for view in (S.USER_PROFILE, S.USER_RECENT_ACTIVITY):
+    for view in SCALAR_VIEWS:
         for name, value in (rows.get(view) or {}).items():
-            if value is None or name not in KIND_OF:
+            if value is None or name not in SCALARS:
                 continue
             (strings if KIND_OF[name] == "string" else numbers).append((name, value))
     if numbers:
@@ -193,26 +199,47 @@ def to_proto(rows: ViewRows) -> common_pb2.UserFeatures:
     if strings:
         msg.string_names.extend(n for n, _ in strings)
         msg.string_values.extend(str(v) for _, v in strings)
-    affinity = (rows.get(S.USER_CATEGORY_AFFINITY) or {}).get(S.AFFINITY_VECTOR)
-    if affinity:
-        msg.category_affinity.extend(affinity)
-    recency = rows.get(S.USER_SELLER_RECENCY) or {}
-    if recency.get(S.RECENT_SELLERS):
-        msg.recent_sellers.extend(recency[S.RECENT_SELLERS])
-        msg.recent_seller_days.extend(recency.get(S.RECENT_SELLER_DAYS) or ())
+    _extend_pair(
+        rows.get(S.USER_CATEGORY_AFFINITY) or {},
+        (S.AFFINITY_CATEGORIES, msg.affinity_categories),
+        (S.AFFINITY_WEIGHTS, msg.affinity_weights),
+    )
+    _extend_pair(
+        rows.get(S.USER_SELLER_RECENCY) or {},
+        (S.RECENT_SELLERS, msg.recent_sellers),
+        (S.RECENT_SELLER_DAYS, msg.recent_seller_days),
+    )
     return msg
+
+
+def _extend_pair(row: Mapping[str, Any], keys: tuple[str, Any], values: tuple[str, Any]) -> None:
+    """Copy a view's two aligned lists (ids: int64, then float32 values) into the message's
+    repeated fields; nothing when the id list is absent or empty."""
+    ids = row.get(keys[0])
+    if ids is None or not len(ids):
+        return
+    keys[1].extend(np.asarray(ids, dtype=np.int64).tolist())
+    aligned = row.get(values[0])
+    if aligned is not None:
+        values[1].extend(np.asarray(aligned, dtype=np.float32).tolist())
 
 
 def from_proto(msg: common_pb2.UserFeatures, field: str = "user") -> ViewRows:
     """The rows ``msg`` carries; InvalidArgument naming the field for a feature name the user
-    views do not have, a repeated or non-finite value, or lists that do not line up."""
+    views do not have, a repeated or non-finite value, lists that do not line up or are too
+    long, a negative category or a negative affinity weight or total."""
     numbers = _named(msg.number_names, msg.number_values, field, "number")
     strings = _named(msg.string_names, msg.string_values, field, "string")
     bad = [v for v in numbers.values() if not math.isfinite(v)]
     if bad:
         raise InvalidArgument(f"{field}.number_values must be finite, got {bad[0]}")
+    total = numbers.get(S.AFFINITY_TOTAL)
+    if total is not None and total < 0:
+        raise InvalidArgument(
+            f"{field}.number_values: {S.AFFINITY_TOTAL} must be >= 0, got {total}"
+        )
     rows: dict[str, dict[str, Any] | None] = {}
-    for view in (S.USER_PROFILE, S.USER_RECENT_ACTIVITY):
+    for view in SCALAR_VIEWS:
         values = {
             name: (int(numbers[name]) if KIND_OF[name] == "int64" else numbers[name])
             for name in S.FEATURES[view]
@@ -222,30 +249,55 @@ def from_proto(msg: common_pb2.UserFeatures, field: str = "user") -> ViewRows:
         rows[view] = values or None
     if not msg.known:  # the store has no profile row: the user is unknown
         rows[S.USER_PROFILE] = None
-    for name, values in (
-        ("category_affinity", msg.category_affinity),
-        ("recent_sellers", msg.recent_sellers),
-    ):
-        if len(values) > MAX_LIST:
-            raise InvalidArgument(f"{field}.{name} must have at most {MAX_LIST} entries")
-    if len(msg.recent_sellers) != len(msg.recent_seller_days):
-        raise InvalidArgument(
-            f"{field}.recent_seller_days must align with recent_sellers, got "
-            f"{len(msg.recent_seller_days)} days for {len(msg.recent_sellers)} sellers"
-        )
-    affinity = np.array(msg.category_affinity, dtype=np.float32)
-    if not np.isfinite(affinity).all():
-        raise InvalidArgument(f"{field}.category_affinity must be finite")
-    rows[S.USER_CATEGORY_AFFINITY] = {S.AFFINITY_VECTOR: affinity} if len(affinity) else None
-    rows[S.USER_SELLER_RECENCY] = (
-        {
-            S.RECENT_SELLERS: np.array(msg.recent_sellers, dtype=np.int64),
-            S.RECENT_SELLER_DAYS: np.array(msg.recent_seller_days, dtype=np.float32),
+    categories, weights = _aligned(
+        msg.affinity_categories,
+        msg.affinity_weights,
+        field,
+        "affinity_categories",
+        "affinity_weights",
+    )
+    if len(categories):
+        _check_values(categories >= 0, categories, field, "affinity_categories", "non-negative")
+        ok = np.isfinite(weights) & (weights >= 0)
+        _check_values(ok, weights, field, "affinity_weights", "finite and non-negative")
+        rows[S.USER_CATEGORY_AFFINITY] = {
+            **(rows[S.USER_CATEGORY_AFFINITY] or {}),
+            S.AFFINITY_CATEGORIES: categories,
+            S.AFFINITY_WEIGHTS: weights,
         }
-        if len(msg.recent_sellers)
-        else None
+    sellers, days = _aligned(
+        msg.recent_sellers, msg.recent_seller_days, field, "recent_sellers", "recent_seller_days"
+    )
+    if len(sellers):
+        _check_values(np.isfinite(days), days, field, "recent_seller_days", "finite")
+    rows[S.USER_SELLER_RECENCY] = (
+        {S.RECENT_SELLERS: sellers, S.RECENT_SELLER_DAYS: days} if len(sellers) else None
     )
     return rows
+
+
+def _aligned(
+    ids: Any, values: Any, field: str, ids_name: str, values_name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two repeated fields that must be aligned, as int64 ids and float32 values; their
+    lengths are checked before anything is copied."""
+    for name, got in ((ids_name, ids), (values_name, values)):
+        if len(got) > MAX_LIST:
+            raise InvalidArgument(
+                f"{field}.{name} must have at most {MAX_LIST} entries, got {len(got)}"
+            )
+    if len(ids) != len(values):
+        raise InvalidArgument(
+            f"{field}.{values_name} must align with {field}.{ids_name}, got {len(values)} "
+            f"entries for {len(ids)}"
+        )
+    return np.array(ids, dtype=np.int64), np.array(values, dtype=np.float32)
+
+
+def _check_values(ok: np.ndarray, values: np.ndarray, field: str, name: str, must: str) -> None:
+    if not ok.all():
+        at = int(np.flatnonzero(~ok)[0])
+        raise InvalidArgument(f"{field}.{name} must be {must}, got {values[at]} at position {at}")
 
 
 def _named(names: Any, values: Any, field: str, kind: str) -> dict[str, Any]:

@@ -8,9 +8,13 @@ Every column is defined as in a training row (``training.dataset``):
   (``services.common.users``), else read here once; a missing row or value takes
   ``feature_repo.schema.DEFAULTS`` (else 0 / "unknown"), as ``fill_defaults`` does. The user
   is *known* when a user_profile row exists.
-- ``category_affinity_for_item``: the user's affinity vector at the item's item_stats
-  category; the uniform 1 / n_categories when the user has no vector or the item has no
-  item_stats row (category -1 in training's ``affinity_for_items``).
+- ``category_affinity_for_item``: ``contract.affinity.for_items`` of the user's sparse
+  affinity (``affinity_categories``, ``affinity_weights``, ``affinity_total``; empty lists and
+  a total of 0 without a row) and each item's item_stats ``category`` and
+  ``category_share``: the user's smoothed share of engagement in the item's category; the
+  uniform 1 / n_categories for an item without an item_stats row (category -1). The same
+  function makes the training rows' column. ``affinity_total`` is also an ordinary user
+  feature and ``category_share`` an ordinary item feature.
 - ``seller_days_since_engaged``: the user's ``recent_seller_days`` at the position of the
   item's catalog seller in ``recent_sellers`` (training's ``seller_days_for_items``, which
   joins the same items table's seller); 365 when the seller is not listed, the user has no
@@ -36,13 +40,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from contract import affinity
 from contract import columns as C
 from contract.features import DAY_OF_WEEK, FEATURE_SCHEMA, HOUR, INPUT_COLUMNS, build_matrix
 from feature_repo import schema as S
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.online import default_value
 from services.common.users import USER_VIEWS, UserReader
-from services.features.items import IN_STOCK, ITEM_FEATURES, SELLER_IS_NEW, ItemSnapshot
+from services.features.items import (
+    CATEGORY_SHARE,
+    IN_STOCK,
+    ITEM_FEATURES,
+    SELLER_IS_NEW,
+    ItemSnapshot,
+)
 
 MAX_ITEMS = 2000
 # the user's scalar features: every user-view feature but the lists reduced per item
@@ -55,6 +66,10 @@ USER_FEATURES: dict[str, str] = {
 USER_DEFAULTS: dict[str, Any] = {
     name: default_value(name, kind) for name, kind in USER_FEATURES.items()
 }
+if S.AFFINITY_TOTAL not in USER_FEATURES:
+    raise ImportError(
+        f"{S.AFFINITY_TOTAL} is no user scalar: update services/features/assembler.py"
+    )
 _CONTEXT = (HOUR, DAY_OF_WEEK, C.SURFACE)
 _COVERED = set(ITEM_FEATURES) | set(USER_FEATURES) | {*S.REDUCED_FOR_ITEM.values(), *_CONTEXT}
 if set(INPUT_COLUMNS) - _COVERED:
@@ -69,13 +84,22 @@ class UserFeatures:
     """One user's features, defaults filled in."""
 
     known: bool  # a user_profile row exists
-    values: Mapping[str, Any]  # USER_FEATURES -> scalar
-    affinity: np.ndarray | None  # float32 vector by category; None: no row (uniform)
+    values: Mapping[str, Any]  # USER_FEATURES -> scalar (affinity_total among them)
+    # int64 categories, heaviest first (empty: no engagement or no row), and the float32
+    # weights aligned with them
+    affinity_categories: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    affinity_weights: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
     # int64, most recent first (empty: no row), and the float32 days aligned with it
     recent_sellers: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     recent_seller_days: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
 
     def __post_init__(self) -> None:
+        if len(self.affinity_categories) != len(self.affinity_weights):
+            raise ValueError(
+                f"{S.AFFINITY_CATEGORIES} and {S.AFFINITY_WEIGHTS} must be aligned, got "
+                f"{len(self.affinity_categories)} categories and "
+                f"{len(self.affinity_weights)} weights"
+            )
         if len(self.recent_sellers) != len(self.recent_seller_days):
             raise ValueError(
                 f"{S.RECENT_SELLERS} and {S.RECENT_SELLER_DAYS} must be aligned, got "
@@ -84,21 +108,24 @@ class UserFeatures:
 
     @classmethod
     def unknown(cls) -> UserFeatures:
-        return cls(False, dict(USER_DEFAULTS), None)
+        return cls(False, dict(USER_DEFAULTS))
+
+    @property
+    def affinity_total(self) -> float:
+        return float(self.values[S.AFFINITY_TOTAL])
 
     @classmethod
     def from_rows(cls, rows: Mapping[str, Mapping[str, Any] | None]) -> UserFeatures:
         """From each user view's decoded values (None: no row; a None value: default). A user
         is known when their user_profile row holds a value."""
         values = dict(USER_DEFAULTS)
-        for view in (S.USER_PROFILE, S.USER_RECENT_ACTIVITY):
+        for view in USER_VIEWS:  # the lists are not in values: reduced per item
             for name, value in (rows.get(view) or {}).items():
                 if name in values and value is not None:
                     values[name] = value
-        vector = (rows.get(S.USER_CATEGORY_AFFINITY) or {}).get(S.AFFINITY_VECTOR)
-        affinity = (
-            np.asarray(vector, dtype=np.float32) if vector is not None and len(vector) else None
-        )
+        affinity_row = rows.get(S.USER_CATEGORY_AFFINITY) or {}
+        categories = affinity_row.get(S.AFFINITY_CATEGORIES)
+        weights = affinity_row.get(S.AFFINITY_WEIGHTS)
         recency = rows.get(S.USER_SELLER_RECENCY) or {}
         sellers, days = recency.get(S.RECENT_SELLERS), recency.get(S.RECENT_SELLER_DAYS)
         # Redis answers a user it does not hold with a row of nulls, SQLite with no row
@@ -106,7 +133,8 @@ class UserFeatures:
         return cls(
             any(value is not None for value in profile.values()),
             values,
-            affinity,
+            np.asarray(categories if categories is not None else (), dtype=np.int64),
+            np.asarray(weights if weights is not None else (), dtype=np.float32),
             np.asarray(sellers if sellers is not None else (), dtype=np.int64),
             np.asarray(days if days is not None else (), dtype=np.float32),
         )
@@ -147,17 +175,6 @@ class Features:
     new_seller: np.ndarray  # bool
     heuristic_scores: np.ndarray  # float32
     known_user: bool
-
-
-def affinity_for_items(
-    affinity: np.ndarray | None, categories: np.ndarray, n_categories: int
-) -> np.ndarray:
-    """Each item's entry of the user's affinity vector (training's ``affinity_for_items``)."""
-    out = np.full(len(categories), 1.0 / n_categories, dtype=np.float32)
-    if affinity is not None and len(affinity):
-        inside = (categories >= 0) & (categories < len(affinity))
-        out[inside] = affinity[categories[inside]]
-    return out
 
 
 def seller_days_for_items(
@@ -230,8 +247,13 @@ class Assembler:
         """The named columns ``build_matrix`` reads: item arrays, user and context scalars."""
         columns: dict[str, Any] = {name: snap.features[name][rows] for name in ITEM_FEATURES}
         columns.update(user.values)
-        columns[S.AFFINITY_FOR_ITEM] = affinity_for_items(
-            user.affinity, snap.affinity_category[rows], snap.n_categories
+        columns[S.AFFINITY_FOR_ITEM] = affinity.for_items(
+            user.affinity_categories,
+            user.affinity_weights,
+            user.affinity_total,
+            snap.affinity_category[rows],
+            snap.features[CATEGORY_SHARE][rows],
+            snap.n_categories,
         )
         columns[S.SELLER_DAYS_SINCE_ENGAGED] = seller_days_for_items(
             user.recent_sellers, user.recent_seller_days, snap.sellers[rows]

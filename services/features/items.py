@@ -52,12 +52,14 @@ ITEM_VIEWS = (*ITEM_BATCH_VIEWS, S.ITEM_INVENTORY)
 # every item-side column of the ranker's matrix (seller_stats joined through the seller)
 ITEM_FEATURES: tuple[str, ...] = tuple(name for view in ITEM_VIEWS for name in S.FEATURES[view])
 CATEGORY = "category"
+CATEGORY_SHARE = "category_share"  # the prior of category_affinity_for_item
 CLICKS_7D = "clicks_7d"
 AGE_DAYS = "age_days"
 IN_STOCK = "in_stock"
 SELLER_IS_NEW = "seller_is_new"
 for _name, _view in (
     (CATEGORY, S.ITEM_STATS),
+    (CATEGORY_SHARE, S.ITEM_STATS),
     (CLICKS_7D, S.ITEM_STATS),
     (AGE_DAYS, S.ITEM_STATS),
     (SELLER_IS_NEW, S.SELLER_STATS),
@@ -116,7 +118,9 @@ class ItemSnapshot:
     values: np.ndarray  # float32, catalog price x margin
     categories: np.ndarray  # int32, catalog category (-1 on the default row)
     sellers: np.ndarray  # int64, catalog seller (-1 on the default row: in no user's list)
-    affinity_category: np.ndarray  # int64: item_stats category, -1 without a row (uniform)
+    # int64: item_stats category, -1 without a row (category_affinity_for_item reads the
+    # uniform 1 / n_categories); the item's share of engagement is features[CATEGORY_SHARE]
+    affinity_category: np.ndarray
     heuristic: np.ndarray  # float32, the logging policy's score (0 on the default row)
     features: Mapping[str, np.ndarray]  # ITEM_FEATURES, the schema's dtypes
     n_categories: int

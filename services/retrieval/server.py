@@ -54,7 +54,7 @@ def load_index(settings: RetrievalSettings) -> CandidateIndex:
             verified=True,
             config=settings.config,
         )
-        check_spec(index.tower.spec)
+        check_spec(index.tower.spec, catalog.n_categories)
     except (BundleError, RegistryError, ServiceError, ValueError, OSError) as err:
         raise StartupError(f"cannot load {source.describe()}: {err}") from err
     trained_on = json.loads((resolved.path / B.RETRIEVAL_CONFIG).read_text()).get("dataset")

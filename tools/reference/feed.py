@@ -35,10 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from contract import affinity
 from contract import bundle as B
 from contract import columns as C
 from contract.bundle import verify_bundle
 from contract.calibration import Calibrator
+from contract.catalog import Catalog
 from contract.features import DAY_OF_WEEK, HOUR, FeatureSchema, build_matrix, feature_schema
 from contract.paths import Paths
 from contract.tower import UserTower
@@ -54,8 +56,10 @@ log = logging.getLogger(__name__)
 DEFAULT_CANDIDATES = 500
 USER_VIEWS = (S.USER_PROFILE, S.USER_CATEGORY_AFFINITY, S.USER_RECENT_ACTIVITY)
 IN_STOCK = "in_stock"
-if IN_STOCK not in S.FEATURES[S.ITEM_INVENTORY]:
-    raise ImportError(f"{S.ITEM_INVENTORY} lost {IN_STOCK}: update the reference feed")
+CATEGORY_SHARE = "category_share"
+for _name, _view in ((IN_STOCK, S.ITEM_INVENTORY), (CATEGORY_SHARE, S.ITEM_STATS)):
+    if _name not in S.FEATURES[_view]:
+        raise ImportError(f"{_view} lost {_name}: update the reference feed")
 # the per-item reductions of per-user lists that candidate_columns computes
 _REDUCED = {S.AFFINITY_FOR_ITEM, S.SELLER_DAYS_SINCE_ENGAGED}
 if set(S.REDUCED_FOR_ITEM.values()) != _REDUCED:
@@ -127,6 +131,13 @@ class ReferenceFeed:
         self.candidates = candidates
         self.store = store
         self.tower = UserTower.load(bundle_dir / B.USER_TOWER)
+        if self.tower.spec.vector != affinity.BUCKETS:
+            raise ValueError(
+                f"bundle {bundle_dir}'s user tower reads {self.tower.spec.vector!r}, not "
+                f"{affinity.BUCKETS!r}: it was trained before the sparse category affinity"
+            )
+        # category_affinity_for_item's uniform prior, as the features service has it
+        self.n_categories = Catalog.load(bundle_dir / B.CATALOG).n_categories
         self.item_ids = np.load(bundle_dir / B.ITEM_IDS).astype(np.int64)
         self.item_embeddings = np.load(bundle_dir / B.ITEM_EMBEDDINGS).astype(np.float32)
         self.booster: lightgbm.Booster = lightgbm.Booster(
@@ -175,11 +186,12 @@ class ReferenceFeed:
             features[name] = _filled(got[name], name).astype(np.float64)
         for name, _ in spec.categorical:
             features[name] = _filled_str(got[name], name)
-        vector = got[spec.vector][0]
-        features[spec.vector] = (
-            np.full(spec.vector_dim, 1.0 / spec.vector_dim)
-            if vector is None
-            else np.asarray(vector, dtype=np.float64)
+        # no row: empty lists and a total of 0, which read as the uniform vector
+        features[spec.vector] = affinity.buckets_one(
+            got[S.AFFINITY_CATEGORIES][0],
+            got[S.AFFINITY_WEIGHTS][0],
+            got[S.AFFINITY_TOTAL][0] or 0.0,
+            spec.vector_dim,
         )
         return self.tower.embed(features)[0], features
 
@@ -213,13 +225,16 @@ class ReferenceFeed:
                     columns[name] = _filled_str(got[name], name)
                 elif not kind.endswith("[]"):
                     columns[name] = _filled(got[name], name).astype(np.float64)
-        n_cat = self.tower.spec.vector_dim
-        category = np.clip(columns[C.CATEGORY].astype(np.int64), 0, n_cat - 1)
-        columns[S.AFFINITY_FOR_ITEM] = np.array(
-            [
-                1.0 / n_cat if vec is None else vec[c]
-                for vec, c in zip(got[S.AFFINITY_VECTOR], category, strict=True)
-            ]
+        # every row carries the same user's affinity lists; an item without an item_stats
+        # row (no category) reads the uniform prior
+        item_category = np.array([-1 if c is None else c for c in got[C.CATEGORY]], np.int64)
+        columns[S.AFFINITY_FOR_ITEM] = affinity.for_items(
+            got[S.AFFINITY_CATEGORIES][0],
+            got[S.AFFINITY_WEIGHTS][0],
+            got[S.AFFINITY_TOTAL][0] or 0.0,
+            item_category,
+            columns[CATEGORY_SHARE],
+            self.n_categories,
         )
         # every row carries the same user's lists; most recent first, so the first entry of
         # a seller wins

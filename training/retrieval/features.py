@@ -1,11 +1,12 @@
 """The retrieval model's inputs: user features at request time and the item catalog.
 
 User features come from the training rows (Feast's point-in-time join already put the
-user_profile and user_recent_activity values on every impression), except the
-category-affinity vector: the training set keeps only the candidate's entry of it, so the
-whole vector is joined here from the feature view's offline source (``training.affinity``)
-by the rule Feast applies (the latest snapshot stamped at or before the request, no older
-than the view's TTL; none: the uniform vector, ``feature_repo.schema.DEFAULTS``).
+user_profile and user_recent_activity values, and the affinity's total, on every
+impression), except the category-affinity input: the training set keeps only the
+candidate's value, so the user's lists are joined here from the feature view's offline
+source (``training.affinity``) by the rule Feast applies (the latest snapshot stamped at or
+before the request, no older than the view's TTL; none: no engagement) and summed into the
+tower's ``contract.affinity.bucket_count`` buckets, one batch of rows at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from contract import affinity
 from contract import columns as C
 from contract.timeutil import to_ns
 from contract.tower import InputSpec
@@ -32,7 +34,8 @@ LABELS = (C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE)
 
 
 def user_input_spec(n_categories: int) -> InputSpec:
-    """Every scalar of the user views (numeric: log1p; string: one-hot) + the affinity."""
+    """Every scalar of the user views (numeric: log1p; string: one-hot), the affinity's
+    total and its bucketed lists (``contract.affinity``)."""
     numeric: list[str] = []
     categorical: list[tuple[str, tuple[str, ...]]] = []
     for view in USER_VIEWS:
@@ -43,17 +46,23 @@ def user_input_spec(n_categories: int) -> InputSpec:
                 categorical.append((name, VOCABULARIES[name]))
             else:
                 numeric.append(name)
-    return InputSpec(tuple(numeric), tuple(categorical), S.AFFINITY_VECTOR, n_categories)
+    numeric.append(S.AFFINITY_TOTAL)
+    return InputSpec(
+        tuple(numeric),
+        tuple(categorical),
+        affinity.BUCKETS,
+        affinity.bucket_count(n_categories),
+    )
 
 
 def user_features(
-    rows: pd.DataFrame, spec: InputSpec, affinity: AffinitySnapshots
+    rows: pd.DataFrame, spec: InputSpec, snapshots: AffinitySnapshots
 ) -> dict[str, np.ndarray]:
     """The feature dict :meth:`InputSpec.encode` takes, one entry per row of ``rows``."""
     out: dict[str, np.ndarray] = {name: rows[name].to_numpy() for name in spec.numeric}
     for name, _ in spec.categorical:
         out[name] = rows[name].to_numpy()
-    out[spec.vector] = affinity.at(
+    out[spec.vector] = snapshots.buckets_at(
         rows[C.USER_ID].to_numpy(), to_ns(rows[C.EVENT_TIMESTAMP]), spec.vector_dim
     )
     return out

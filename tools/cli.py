@@ -95,6 +95,8 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {"label": args.label}
     if args.negative_rate is not None:
         kw["negative_rate"] = args.negative_rate
+    if args.join_chunk_rows is not None:
+        kw["join_chunk_rows"] = args.join_chunk_rows
     if args.label_window_days is not None:
         kw["label_window_days"] = args.label_window_days
     if args.split_ratio is not None:
@@ -469,6 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dataset", help="labelled, point-in-time correct training sets")
     p.add_argument("--dataset", default="sim-small")
     p.add_argument("--negative-rate", type=float, help="share of all-negative impressions kept")
+    p.add_argument(
+        "--join-chunk-rows",
+        type=int,
+        metavar="N",
+        help="entity rows per Feast point-in-time join (default 250,000; ~4.8 KB each while "
+        "joined): fewer to fit a smaller machine, at more joins",
+    )
     p.add_argument(
         "--label",
         choices=["purchase", "add_to_cart", "click"],

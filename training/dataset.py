@@ -61,7 +61,7 @@ class SingleClassLabelError(ValueError):
     """A label with one class in a split: no model can learn from it, no figure means anything."""
 
 
-JOIN_CHUNK_ROWS = 500_000
+JOIN_CHUNK_ROWS = 250_000  # ~1.2 GB of Feast join at a time
 
 
 @dataclass(frozen=True)

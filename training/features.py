@@ -229,22 +229,24 @@ class FeatureBuilder:
             total_i = np.maximum(i_w.sum(axis=0), 1.0)
             ctr0 = c_w.sum(axis=0) / total_i
             pr0 = b_w.sum(axis=0) / total_i
-            cols[f"ctr_{w}d"] = (c_w + CTR_PRIOR_STRENGTH * ctr0) / (i_w + CTR_PRIOR_STRENGTH)
-            cols[f"purchase_rate_{w}d"] = (b_w + PURCHASE_PRIOR_STRENGTH * pr0) / (
-                i_w + PURCHASE_PRIOR_STRENGTH
-            )
+            ctr = (c_w + CTR_PRIOR_STRENGTH * ctr0) / (i_w + CTR_PRIOR_STRENGTH)
+            rate = (b_w + PURCHASE_PRIOR_STRENGTH * pr0) / (i_w + PURCHASE_PRIOR_STRENGTH)
+            # float32 now, not in _finish: items x snapshots grids are the view's bulk
+            cols[f"ctr_{w}d"] = ctr.astype(np.float32)
+            cols[f"purchase_rate_{w}d"] = rate.astype(np.float32)
             if w == 7:
                 cols["impressions_7d"] = i_w.astype(np.int64)
                 cols["clicks_7d"] = c_w.astype(np.int64)
-                cols["popularity_7d"] = np.log1p(c_w)
+                cols["popularity_7d"] = np.log1p(c_w).astype(np.float32)
         created = to_ns(items[C.CREATED_AT])
         age = (self.snap_ns[None, :] - created[:, None]) / NS_PER_DAY
-        cols["age_days"] = age
+        cols["age_days"] = age.astype(np.float32)
         price = items[C.PRICE].to_numpy()
         cols["price"] = price
         cols["discount"] = 1.0 - price / np.maximum(items[C.LIST_PRICE].to_numpy(), 1e-9)
         cols["category"] = items[C.CATEGORY].to_numpy()
-        cols["category_share"] = self.category_share()[items[C.CATEGORY].to_numpy(np.int64)]
+        share = self.category_share().astype(np.float32)
+        cols["category_share"] = share[items[C.CATEGORY].to_numpy(np.int64)]
         cols["brand"] = items[C.BRAND].to_numpy()
         cols["shipping_days"] = items[C.SHIPPING_DAYS].to_numpy()
         return self._finish(
@@ -560,6 +562,7 @@ def build_estimate(tables: dict[str, pd.DataFrame], snapshot_days: int = 1) -> d
         snapshots=len(cal.snapshots),
         events=sum(len(tables[t]) for t in (C.IMPRESSIONS, C.CLICKS, C.ADD_TO_CARTS, C.PURCHASES)),
         engagements=len(tables[C.CLICKS]) + len(tables[C.PURCHASES]),
+        impressions=len(tables[C.IMPRESSIONS]),
     )
 
 

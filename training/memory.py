@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 MB = 2**20
 # (user, category or seller, snapshot) cells the per-user list views hold at once while built
-LIST_CHUNK_CELLS = 20_000_000
+LIST_CHUNK_CELLS = 8_000_000
 # A stage may use this share of the available memory; the rest is for the estimate's error,
 # the page cache and whatever else runs on the machine.
 HEADROOM = 0.85
@@ -170,31 +170,47 @@ def features_build_bytes(
     snapshots: int,
     events: int,
     engagements: int,
+    impressions: int | None = None,
 ) -> dict[str, float]:
-    """What ``training.features.build_feature_tables`` holds at once, by part.
+    """What ``training.features.build_feature_tables`` adds to a process that holds the
+    tables it reads, by part: the builder's per-impression and per-engagement indices, and
+    the largest single view (views are built, written and freed one at a time).
 
-    The category affinity is sparse (``FeatureBuilder.user_category_affinity``): its
-    working set is at most one chunk of (user, category, snapshot) cells, each engagement
-    reaching the snapshots of the next 30 days, and it keeps at most ``TOP_K`` categories
-    per (user, snapshot) plus a total; the categories themselves cost only categories x
-    days. The other views hold a few float64 prefix sums of entities x (days + 1) and their
-    output columns over entities x snapshots twice (the frame, then Arrow's copy as it is
-    written); the events are read with their day, entity indices and timestamps. Checked
-    against measured peaks: sim-tiny with 12 and 1,000 categories, sim-small
-    (``tests/test_memory.py``, ``docs/data-schema.md``).
+    Per cell, fitted to the large preset's measured views (200k users, 500k items, 31
+    snapshots, 55 M impressions, 4.3 M engagements; ``docs/data-schema.md``): an item or
+    user snapshot costs ~400 bytes while its view is gathered and written; a per-user list
+    view ~28 bytes per (user, category or seller, snapshot) cell, each engagement reaching
+    the snapshots of the next 30 days (sparse: a category costs nothing until engaged with,
+    ``contract.affinity``); the categories themselves only categories x days.
     """
     stride = max(days / max(snapshots - 1, 1), 1.0)
-    cells = min(engagements * (30 / stride + 1), users * snapshots * TOP_K)
-    return {
-        "category affinity (engaged user x category x snapshot cells)": min(cells, LIST_CHUNK_CELLS)
-        * 120
-        + cells * 3 * (F64 + F64 + F32)
+    cells = engagements * (30 / stride + 1)
+    views = {
+        "item views (items x snapshots)": items * snapshots * 400.0,
+        "user views (users x snapshots)": users * snapshots * 350.0,
+        "per-user lists (engaged user x category or seller x snapshot cells)": cells * 28.0
+        + min(cells, LIST_CHUNK_CELLS) * 64.0
         + users * snapshots * 6 * F64,
+        "seller views (sellers x snapshots)": sellers * snapshots * 400.0,
+    }
+    largest = max(views, key=lambda k: views[k])
+    n_imp = events if impressions is None else impressions
+    return {
+        "event indices (impressions and engagements)": n_imp * 25.0 + engagements * 64.0,
+        f"the largest view, {largest}": views[largest],
         "categories (categories x days)": categories * (days + 1 + 3 * snapshots) * F64,
-        "item views (items x days)": items * (4 * F64 * (days + 1) + 2 * 16 * F64 * snapshots),
-        "user views (users x days)": users * (4 * F64 * (days + 1) + 2 * 24 * F64 * snapshots),
-        "seller views": sellers * 2 * 4 * F64 * snapshots,
-        "events and their indices": events * 128,
+    }
+
+
+def dataset_prepare_bytes(impressions: int, outcomes: int) -> dict[str, float]:
+    """What the dataset stage holds before its join: the raw tables read whole, the
+    impressions labelled, split, given propensities and context, downsampled (several
+    pandas copies of every impression row). Fitted to measured pre-join peaks: sim-small
+    (5.6 M impressions: 2.3 GB), the large preset (55 M: past 18 GB when stopped)."""
+    return {
+        "impressions labelled and split (impressions x ~380 bytes)": impressions * 380.0,
+        "outcome tables (clicks, add-to-carts, purchases)": outcomes * 120.0,
+        "libraries (Feast, DuckDB, pandas)": 300 * MB,
     }
 
 
@@ -232,7 +248,12 @@ def list_entries(meta: Any, column: str) -> int:
     return total
 
 
-REDUCE_CATEGORIES = (
-    "Fewer users, days or categories shrink it: collapse the rarest categories at ingest "
-    "(`homefeed ingest --max-categories N`, e.g. 200) or ingest a shorter window."
+REDUCE_DATA = (
+    "It follows the data's rows (impressions, items and users x snapshots, engagements), not its "
+    "taxonomy: give the stage more memory (HOMEFEED_MEMORY_LIMIT_MB sets the limit a "
+    "container's kernel does not report) or ingest a shorter window of the logs."
+)
+REDUCE_JOIN = (
+    "The Feast join's part follows its chunk: `homefeed dataset --join-chunk-rows N` "
+    "(default 250,000) joins fewer rows at a time."
 )

@@ -176,7 +176,7 @@ def features_stage(
 ) -> dict[str, Any]:
     """Build the offline feature tables, `feast apply`, and materialize to the online store."""
     from training.features import COLUMNS, build_estimate, build_feature_tables
-    from training.memory import REDUCE_CATEGORIES, StagePeaks, require_fits
+    from training.memory import REDUCE_DATA, StagePeaks, require_fits
 
     meta = read_meta(paths, dataset)
     out: dict[str, Any] = {"seconds": {}}
@@ -186,7 +186,7 @@ def features_stage(
         stride = int(meta.get("snapshot_days", 1))
         with peaks.measure("features_build"):
             tables = load_raw(paths, dataset, COLUMNS)
-            require_fits("features build", build_estimate(tables, stride), REDUCE_CATEGORIES)
+            require_fits("features build", build_estimate(tables, stride), REDUCE_DATA)
             out["rows"] = build_feature_tables(tables, paths.features(dataset), stride)
             del tables
         out["seconds"]["build"] = time.perf_counter() - t0
@@ -223,6 +223,23 @@ def dataset_defaults(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> d
     return out
 
 
+def _prepare_fits(paths: Paths, dataset: str) -> None:
+    """The dataset stage's first check, from the raw tables' row counts (Parquet metadata):
+    ``training.memory.dataset_prepare_bytes`` against the memory available."""
+    import pyarrow.parquet as pq
+
+    from training.memory import REDUCE_DATA, dataset_prepare_bytes, require_fits
+    from training.tables import table_path
+
+    def rows(table: str) -> int:
+        path = table_path(paths.raw(dataset), table)
+        return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
+
+    outcomes = sum(rows(t) for t in (C.CLICKS, C.ADD_TO_CARTS, C.PURCHASES))
+    parts = dataset_prepare_bytes(rows(C.IMPRESSIONS), outcomes)
+    require_fits("dataset (labels and split)", parts, REDUCE_DATA)
+
+
 def _join_fits(paths: Paths, dataset: str) -> Callable[[int, int], None]:
     """The check ``build_training_sets`` runs before its Feast join, once the entity rows are
     known: ``training.memory.dataset_join_bytes`` against the memory available."""
@@ -230,7 +247,7 @@ def _join_fits(paths: Paths, dataset: str) -> Callable[[int, int], None]:
 
     from feature_repo import schema as S
     from training.memory import (
-        REDUCE_CATEGORIES,
+        REDUCE_JOIN,
         dataset_join_bytes,
         list_entries,
         require_fits,
@@ -243,7 +260,7 @@ def _join_fits(paths: Paths, dataset: str) -> Callable[[int, int], None]:
 
     def check(rows: int, chunk_rows: int) -> None:
         parts = dataset_join_bytes(rows, snapshots, entries, chunk_rows)
-        require_fits("dataset (the Feast join)", parts, REDUCE_CATEGORIES)
+        require_fits("dataset (the Feast join)", parts, REDUCE_JOIN)
 
     return check
 
@@ -257,6 +274,7 @@ def dataset_stage(paths: Paths, dataset: str, **cfg_overrides: Any) -> dict[str,
     from training.memory import StagePeaks
 
     DatasetConfig(**cfg_overrides)  # bad options: refused before the tables load
+    _prepare_fits(paths, dataset)  # and a stage that would not fit, before they load
     peaks = StagePeaks()
     with peaks.measure("dataset"):
         meta = read_meta(paths, dataset)

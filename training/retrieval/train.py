@@ -38,7 +38,7 @@ from contract.timeutil import NS_PER_DAY, to_ns
 from contract.tower import InputSpec, UserTower
 from feature_repo import schema as S
 from training.dataset import MANIFEST
-from training.memory import REDUCE_CATEGORIES, list_entries, require_fits
+from training.memory import REDUCE_DATA, list_entries, require_fits
 from training.retrieval import ann, popular
 from training.retrieval.evaluate import (
     EvalGroups,
@@ -48,6 +48,7 @@ from training.retrieval.evaluate import (
     top_items,
 )
 from training.retrieval.features import (
+    LABELS,
     AffinitySnapshots,
     Catalog,
     positive,
@@ -100,7 +101,7 @@ class RetrievalData:
         require_fits(
             "retrieval training",
             retrieval_estimate(affinity_path, training_dir, catalog.n_categories),
-            REDUCE_CATEGORIES,
+            REDUCE_DATA,
         )
         return cls(
             catalog=catalog,
@@ -120,36 +121,59 @@ def retrieval_estimate(
 ) -> dict[str, float]:
     """Bytes the retrieval stage holds for the category affinity, from file metadata: the
     snapshots as flat arrays (~40 bytes a snapshot and 12 an engaged category, about twice
-    while read), and every train/valid row's encoded input, bounded by the tower's bucket
-    count whatever the taxonomy, through ``user_features``, ``InputSpec.encode``, the
-    normalisation and the examples (~6 float32 copies)."""
+    while read), and the encoded inputs, bounded by the tower's bucket count whatever the
+    taxonomy, through ``user_features``, ``InputSpec.encode`` and the examples (~6 float32
+    copies) of the train rows that are encoded: the engaged ones and each request's first
+    (``EncodedRows``; validation encodes only its sampled groups' queries)."""
     meta = pq.ParquetFile(affinity_path).metadata
     snapshots = meta.num_rows
     entries = list_entries(meta, S.AFFINITY_CATEGORIES)
-    rows = sum(
-        pq.ParquetFile(training_dir / f"{split}.parquet").metadata.num_rows
-        for split in ("train", "valid")
-    )
+    train = pd.read_parquet(training_dir / "train.parquet", columns=[C.REQUEST_ID, *LABELS])
+    encoded = int((first_of_request(train) | positive(train)).sum())
     width = affinity.bucket_count(n_categories) + 32  # the buckets and the scalar inputs
     return {
         "affinity snapshots (flat lists)": 2 * (snapshots * 40 + entries * 12),
-        "encoded training rows (rows x tower inputs)": rows * width * 4 * 6,
+        "encoded training rows (engaged rows x tower inputs)": encoded * width * 4 * 6,
     }
 
 
-def normalisation(x: np.ndarray, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation of the encoded inputs over the requests of ``rows``
-    (one row per request: the serving distribution, not the engaged users'). A constant
-    column gets std 1."""
-    first = ~rows[C.REQUEST_ID].duplicated().to_numpy()
-    sample = x[first].astype(np.float64)
+@dataclass(frozen=True)
+class EncodedRows:
+    """The encoded user inputs of only the rows of a split that training reads: each
+    request's first row (the normalisation) and the engaged rows (the examples). The
+    unengaged rows, most of a split, are never encoded: memory follows the positives."""
+
+    x: np.ndarray  # (encoded rows, inputs) float32
+    index: np.ndarray  # split row -> row of x; -1: not encoded
+
+    @classmethod
+    def of(cls, data: RetrievalData, rows: pd.DataFrame, needed: np.ndarray) -> EncodedRows:
+        index = np.where(needed, np.cumsum(needed) - 1, -1)
+        return cls(data.encode(rows[needed]), index)
+
+    def take(self, mask: np.ndarray) -> np.ndarray:
+        at = self.index[mask]
+        if (at < 0).any():
+            raise ValueError(f"{int((at < 0).sum())} of the rows asked for were not encoded")
+        return self.x[at]
+
+
+def first_of_request(rows: pd.DataFrame) -> np.ndarray:
+    return ~rows[C.REQUEST_ID].duplicated().to_numpy()
+
+
+def normalisation(first_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of the encoded inputs of each request's first row (one
+    row per request: the serving distribution, not the engaged users'). A constant column
+    gets std 1."""
+    sample = first_rows.astype(np.float64)
     std = sample.std(axis=0)
     return sample.mean(axis=0).astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
 
 def build_examples(
     rows: pd.DataFrame,
-    user_x: np.ndarray,
+    user_x: EncodedRows,
     catalog_rows: np.ndarray,
     cfg: TowerConfig,
     end: pd.Timestamp,
@@ -180,7 +204,7 @@ def build_examples(
         age = (end.value - to_ns(rows[C.EVENT_TIMESTAMP])[pos]) / NS_PER_DAY
         weight = weight * 0.5 ** (np.maximum(age, 0.0) / cfg.recency_half_life_days)
     return Examples(
-        user_x=np.ascontiguousarray(user_x[pos]),
+        user_x=np.ascontiguousarray(user_x.take(pos)),
         item_row=catalog_rows[pos],
         weight=weight.astype(np.float32),
         neg_start=np.where(at_ok, start[safe] if len(uniq) else 0, 0).astype(np.int64),
@@ -209,8 +233,9 @@ def prepare(data: RetrievalData, cfg: TowerConfig, seed: int = 0) -> Prepared:
     catalog = data.catalog
     train = data.splits["train"]
     train_rows = catalog.rows_of(train[C.ITEM_ID].to_numpy())
-    train_x = data.encode(train)
-    mean, std = normalisation(train_x, train)
+    first = first_of_request(train)
+    train_x = EncodedRows.of(data, train, first | positive(train))
+    mean, std = normalisation(train_x.take(first))
     known = np.zeros(len(catalog), dtype=bool)
     known[train_rows[train_rows >= 0]] = True
     encoder = ItemEncoder.fit(catalog, cfg)
@@ -228,7 +253,7 @@ def prepare(data: RetrievalData, cfg: TowerConfig, seed: int = 0) -> Prepared:
         std=std,
         known=known,
         valid=Validation(valid_groups, data.encode(valid_rows.iloc[valid_groups.query_row])),
-        parity_x=train_x[:PARITY_ROWS],
+        parity_x=train_x.x[:PARITY_ROWS],
     )
 
 

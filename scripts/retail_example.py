@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-
 CATEGORY_LEVELS = {"category": "product_category", "type": "product_type"}
 
 

@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contract.affinity import TOP_K
-
 log = logging.getLogger(__name__)
 
 MB = 2**20

@@ -198,10 +198,12 @@ def test_the_cli_prints_the_refusal_without_a_traceback(
 def test_the_dataset_stage_stops_before_its_feast_join_when_it_would_not_fit(
     tiny_dataset: dict, home: Paths, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    from training import stages
     from training.stages import dataset_stage
 
     out = tmp_path / "training"
     monkeypatch.setattr(type(home), "training_sets", lambda self, name: out)
+    monkeypatch.setattr(stages, "_prepare_fits", lambda *a: None)  # the first check passes
     monkeypatch.setenv(memory.LIMIT_ENV, "100")  # the join's fixed part alone is ~300 MB
     with pytest.raises(MemoryEstimateError, match=r"dataset \(the Feast join\) needs") as info:
         dataset_stage(home, tiny_dataset["dataset"])

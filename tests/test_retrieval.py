@@ -33,7 +33,12 @@ from training.retrieval.evaluate import (
     recall_at_k,
     top_items,
 )
-from training.retrieval.features import AffinitySnapshots, user_features, user_input_spec
+from training.retrieval.features import (
+    AffinitySnapshots,
+    positive,
+    user_features,
+    user_input_spec,
+)
 from training.retrieval.towers import TowerConfig, export_user_tower, fit, hash_buckets
 from training.retrieval.train import (
     POPULAR,
@@ -571,3 +576,16 @@ def test_history_round_trips(tmp_path):
     h.save(tmp_path / "h.npz")
     loaded = History.load(tmp_path / "h.npz")
     assert [loaded.items_of(u).tolist() for u in (1, 2)] == [[5], [7, 6]]
+
+
+def test_encoded_rows_in_batches_are_the_whole_encoding(data: RetrievalData):
+    from training.retrieval.train import EncodedRows, first_of_request
+
+    rows = data.splits["train"].head(500)
+    needed = first_of_request(rows) | positive(rows)
+    whole = data.encode(rows[needed])
+    batched = EncodedRows.of(data, rows, needed, batch=7)
+    np.testing.assert_array_equal(batched.x, whole)
+    np.testing.assert_array_equal(batched.take(needed), whole)
+    with pytest.raises(ValueError, match="were not encoded"):
+        batched.take(~needed)

@@ -540,8 +540,13 @@ def build_training_sets(
     cfg: DatasetConfig | None = None,
     data_end: pd.Timestamp | None = None,
     before_join: Callable[[int, int], None] | None = None,
+    consume_tables: bool = False,
 ) -> dict[str, Any]:
     """Write ``train/valid/test.parquet`` and a manifest; returns the manifest.
+
+    ``consume_tables``: the event tables are removed from ``tables`` once the entity rows
+    are known, so the caller's dict does not keep them alive through the join (the stage's
+    peak is then the join's, not the join's plus every impression).
 
     ``before_join(rows, chunk_rows)`` runs once the entity rows are known, before the Feast
     join allocates (the dataset stage's memory check raises there)."""
@@ -575,6 +580,16 @@ def build_training_sets(
     add_context(imp)
 
     rows = downsample(imp, cfg)
+    n_labelled = len(imp)
+    label_rates = {  # over all labelled impressions, before downsampling
+        f"purchase_{cfg.window_days}d": float(imp[C.LABEL_PURCHASE].mean()),
+        "click": float(imp[C.LABEL_CLICK].mean()),
+        "add_to_cart": float(imp[C.LABEL_ATC].mean()),
+    }
+    del imp, history  # every impression: the join needs only the rows kept
+    if consume_tables:
+        for name in (C.IMPRESSIONS, C.CLICKS, C.ADD_TO_CARTS, C.PURCHASES, C.INVENTORY):
+            tables.pop(name, None)
     positives = {}
     for name in C.SPLITS:  # before the Feast join, the stage's costly part
         part = rows[rows[C.SPLIT] == name]
@@ -619,13 +634,9 @@ def build_training_sets(
         "split_by": "dates" if by_dates else "ratio",
         "split": split.to_dict(),
         "rows": counts,
-        "impressions_labelled": len(imp),
+        "impressions_labelled": n_labelled,
         "impressions_censored": censored,
-        "label_rates": {  # over all labelled impressions, before downsampling
-            f"purchase_{cfg.window_days}d": float(imp[C.LABEL_PURCHASE].mean()),
-            "click": float(imp[C.LABEL_CLICK].mean()),
-            "add_to_cart": float(imp[C.LABEL_ATC].mean()),
-        },
+        "label_rates": label_rates,
         "label_rates_by_split_weighted": rates,
         "feature_service": S.RANKER_SERVICE,
         "features": S.feature_refs(),

@@ -179,7 +179,8 @@ def features_build_bytes(
     user snapshot costs ~400 bytes while its view is gathered and written; a per-user list
     view ~28 bytes per (user, category or seller, snapshot) cell, each engagement reaching
     the snapshots of the next 30 days (sparse: a category costs nothing until engaged with,
-    ``contract.affinity``); the categories themselves only categories x days.
+    ``contract.affinity``); the categories themselves only categories x days; and ~64 MB
+    whatever the size (sim-tiny's build adds 30-60 MB).
     """
     stride = max(days / max(snapshots - 1, 1), 1.0)
     cells = engagements * (30 / stride + 1)
@@ -197,6 +198,7 @@ def features_build_bytes(
         "event indices (impressions and engagements)": n_imp * 25.0 + engagements * 64.0,
         f"the largest view, {largest}": views[largest],
         "categories (categories x days)": categories * (days + 1 + 3 * snapshots) * F64,
+        "fixed (Arrow writer, pandas buffers)": 64 * MB,
     }
 
 

@@ -289,5 +289,7 @@ def dataset_stage(paths: Paths, dataset: str, **cfg_overrides: Any) -> dict[str,
             cfg,
             data_end=pd.Timestamp(meta["window_end"]),
             before_join=_join_fits(paths, dataset),
+            consume_tables=True,
         )
+        del tables
     return {**manifest, **peaks.report()}

@@ -122,9 +122,10 @@ def retrieval_estimate(
     """Bytes the retrieval stage holds for the category affinity, from file metadata: the
     snapshots as flat arrays (~40 bytes a snapshot and 12 an engaged category, about twice
     while read), and the encoded inputs, bounded by the tower's bucket count whatever the
-    taxonomy, through ``user_features``, ``InputSpec.encode`` and the examples (~6 float32
-    copies) of the train rows that are encoded: the engaged ones and each request's first
-    (``EncodedRows``; validation encodes only its sampled groups' queries)."""
+    taxonomy: ~3 float32 copies (the encoded rows, the examples, torch's batches) of the
+    train rows that are encoded, the engaged ones and each request's first, plus one
+    batch's float64 intermediates (``EncodedRows``; validation encodes only its sampled
+    groups' queries)."""
     meta = pq.ParquetFile(affinity_path).metadata
     snapshots = meta.num_rows
     entries = list_entries(meta, S.AFFINITY_CATEGORIES)
@@ -133,7 +134,8 @@ def retrieval_estimate(
     width = affinity.bucket_count(n_categories) + 32  # the buckets and the scalar inputs
     return {
         "affinity snapshots (flat lists)": 2 * (snapshots * 40 + entries * 12),
-        "encoded training rows (engaged rows x tower inputs)": encoded * width * 4 * 6,
+        "encoded training rows (engaged rows x tower inputs)": encoded * width * 4 * 3,
+        "one batch's encoding (float64)": min(encoded, 100_000) * width * 8 * 4,
     }
 
 
@@ -147,9 +149,17 @@ class EncodedRows:
     index: np.ndarray  # split row -> row of x; -1: not encoded
 
     @classmethod
-    def of(cls, data: RetrievalData, rows: pd.DataFrame, needed: np.ndarray) -> EncodedRows:
+    def of(
+        cls, data: RetrievalData, rows: pd.DataFrame, needed: np.ndarray, batch: int = 100_000
+    ) -> EncodedRows:
+        """Encoded ``batch`` rows at a time into one float32 array: the encoder's float64
+        intermediates and the affinity buckets are one batch's, not the split's."""
         index = np.where(needed, np.cumsum(needed) - 1, -1)
-        return cls(data.encode(rows[needed]), index)
+        picked = rows[needed]
+        x = np.empty((len(picked), len(data.spec.input_names)), dtype=np.float32)
+        for lo in range(0, len(picked), batch):
+            x[lo : lo + batch] = data.encode(picked.iloc[lo : lo + batch])
+        return cls(x, index)
 
     def take(self, mask: np.ndarray) -> np.ndarray:
         at = self.index[mask]

@@ -328,7 +328,7 @@ def test_a_period_without_impressions_is_refused():
     split = plan_split(START, day(20), DatasetConfig(split_dates=dates(5, 8, 12)))
     imp[C.SPLIT] = assign_split(imp, split)
     with pytest.raises(ValueError, match=r"the valid period 2026-01-10\.\.2026-01-13 holds no"):
-        require_periods(imp, split)
+        require_periods(imp[C.SPLIT].value_counts().to_dict(), split)
 
 
 def test_a_single_class_label_names_label_split_rows_and_the_way_out():
@@ -458,8 +458,9 @@ def test_the_cli_passes_label_and_split_and_refuses_both_splits(monkeypatch, cap
         "split_dates": ("2019-11-27", "2019-11-29", None),
     }
     seen.clear()
-    assert main(["dataset", "--split-ratio", "8,1,1"]) == 0
+    assert main(["dataset", "--split-ratio", "8,1,1", "--eval-max-rows", "5000"]) == 0
     assert seen["split_ratio"] == (8.0, 1.0, 1.0) and seen["label"] == "purchase"
+    assert seen["eval_max_rows"] == 5000
     assert "label_window_days" not in seen and "split_dates" not in seen
 
     monkeypatch.undo()
@@ -495,3 +496,61 @@ def test_joining_in_chunks_gives_the_same_rows_as_one_join(tiny_dataset, home):
     whole, chunked = (f.sort_values("row").reset_index(drop=True) for f in (whole, chunked))
     assert len(chunked) == len(entity)
     pd.testing.assert_frame_equal(chunked[whole.columns], whole)
+
+
+def test_chunked_preparation_and_joins_write_what_one_pass_writes(tiny_dataset, tiny_tables, home):
+    """Impressions are labelled, split and downsampled prepare_chunk_rows at a time and the
+    join's chunks are appended to the files as they come: the training sets must be the ones
+    a single pass writes, row for row and in order."""
+    from contract.feature_store import open_store
+
+    store = open_store(tiny_dataset["dataset"], paths=home)
+    end = pd.Timestamp(tiny_dataset["sim"]["window_end"])
+    n = len(tiny_tables[C.IMPRESSIONS])
+    out = {}
+    for name, cfg in {
+        "one": DatasetConfig(prepare_chunk_rows=n, join_chunk_rows=10**9),
+        "chunked": DatasetConfig(prepare_chunk_rows=n // 7 + 3, join_chunk_rows=5_000),
+    }.items():
+        folder = home.home / "chunked-test" / name
+        manifest = build_training_sets(dict(tiny_tables), store, folder, cfg, data_end=end)
+        out[name] = (manifest, {s: pd.read_parquet(folder / f"{s}.parquet") for s in C.SPLITS})
+    (one, one_sets), (chunked, chunked_sets) = out["one"], out["chunked"]
+    for split in C.SPLITS:
+        a, b = one_sets[split], chunked_sets[split]
+        assert len(a) > 1000
+        pd.testing.assert_frame_equal(a, b)
+        keys = list(zip(a[C.EVENT_TIMESTAMP], a[C.IMPRESSION_ID], strict=True))
+        assert keys == sorted(keys)
+    for key in ("rows", "label_rates", "impressions_labelled", "impressions_censored"):
+        assert one[key] == chunked[key], key
+    for split, rates in one["label_rates_by_split_weighted"].items():
+        assert rates == pytest.approx(chunked["label_rates_by_split_weighted"][split])
+    assert one["eval_request_share"] == {"valid": 1.0, "test": 1.0}
+
+
+def test_large_eval_splits_keep_a_sample_of_whole_requests(tiny_dataset, tiny_tables, home):
+    """Past eval_max_rows, valid and test keep a uniform sample of their requests, each one
+    whole (per-request ranking metrics stay unbiased); train is untouched."""
+    from contract.feature_store import open_store
+
+    dataset = tiny_dataset["dataset"]
+    store = open_store(dataset, paths=home)
+    end = pd.Timestamp(tiny_dataset["sim"]["window_end"])
+    full = {s: pd.read_parquet(home.training_sets(dataset) / f"{s}.parquet") for s in C.SPLITS}
+    cap = len(full["valid"]) // 3
+    folder = home.home / "eval-sample-test"
+    manifest = build_training_sets(
+        dict(tiny_tables), store, folder, DatasetConfig(eval_max_rows=cap), data_end=end
+    )
+    sampled = {s: pd.read_parquet(folder / f"{s}.parquet") for s in C.SPLITS}
+    pd.testing.assert_frame_equal(sampled["train"], full["train"])
+    for split in ("valid", "test"):
+        share = manifest["eval_request_share"][split]
+        assert 0.2 < share < 0.5
+        assert 0.5 * cap < len(sampled[split]) < 1.5 * cap
+        per_request = full[split].groupby(C.REQUEST_ID).size()
+        kept = sampled[split].groupby(C.REQUEST_ID).size()
+        assert kept.equals(per_request.reindex(kept.index))  # whole requests
+        assert len(kept) < 0.6 * len(per_request)
+    assert manifest["config"]["eval_max_rows"] == cap

@@ -686,3 +686,25 @@ def test_child_timeout_takes_a_share_of_the_callers_deadline() -> None:
     assert remaining_seconds(_Deadline(1e12)) is None
     with pytest.raises(ValueError, match="fraction must be in"):
         child_timeout(None, 0.0, cap_s=1.0)
+
+
+def test_a_stop_that_hangs_dumps_every_stack_and_exits() -> None:
+    """A stop stuck past its deadline (a lock, a thread that never returns) must not wait
+    for the orchestrator's SIGKILL in silence: the stacks go to stderr, the status is 1."""
+    script = (
+        "import threading, time\n"
+        "from services.common.server import _arm_stop_deadline\n"
+        "_arm_stop_deadline(0.5)\n"
+        "threading.Event().wait(30)  # stuck\n"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert time.perf_counter() - t0 < 20
+    assert "most recent call first" in proc.stderr and "<string>" in proc.stderr

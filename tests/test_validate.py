@@ -905,3 +905,21 @@ def test_volume_options_given_at_ingest_are_stored_for_later_validate_runs(
     assert main(["validate", "--dataset", "shop", "--volume-tolerance", "1.05"]) == 2
     assert "outside 1/1.05x..1.05x" in capsys.readouterr().err
     assert read_meta(home, "shop")["volume_tolerance"] == 2.5  # validate stores nothing
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_rows_by_id_finds_every_logged_id_and_only_those(shuffled: bool) -> None:
+    """The impressions lookup every stage joins its events through: a binary search, over a
+    sort order when the log is not in id order, never a hash table of every impression."""
+    from training.tables import RowsById
+
+    rng = np.random.default_rng(3)
+    ids = np.unique(rng.integers(0, 10**12, size=5000))
+    if shuffled:
+        ids = rng.permutation(ids)
+    wanted = np.concatenate([rng.choice(ids, 300), [-1, 10**12 + 5], ids[:1]])
+    rows = RowsById(ids)(wanted)
+    found = rows >= 0
+    assert found.tolist() == [True] * 300 + [False, False, True]
+    assert np.array_equal(ids[rows[found]], wanted[found])
+    assert RowsById(np.array([], dtype=np.int64))(wanted).tolist() == [-1] * len(wanted)

@@ -97,6 +97,8 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         kw["negative_rate"] = args.negative_rate
     if args.join_chunk_rows is not None:
         kw["join_chunk_rows"] = args.join_chunk_rows
+    if args.eval_max_rows is not None:
+        kw["eval_max_rows"] = args.eval_max_rows
     if args.label_window_days is not None:
         kw["label_window_days"] = args.label_window_days
     if args.split_ratio is not None:
@@ -477,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="entity rows per Feast point-in-time join (default 250,000; ~4.8 KB each while "
         "joined): fewer to fit a smaller machine, at more joins",
+    )
+    p.add_argument(
+        "--eval-max-rows",
+        type=int,
+        metavar="N",
+        help="valid and test keep every feed up to N rows each (default 2,000,000); past it, "
+        "a uniform sample of whole requests (the share kept is in the manifest)",
     )
     p.add_argument(
         "--label",

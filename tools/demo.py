@@ -58,9 +58,9 @@ def run_real_data(paths: Paths, households: int = CJ_HOUSEHOLDS) -> dict[str, An
 FEED_PAGE = 10
 
 
-def show_feeds(paths: Paths, dataset: str) -> dict[str, float]:
-    """Start the local mesh on the registered champion, print three pages (a returning user,
-    a new user, a checkout) and stop it; returns the round trips in ms."""
+def show_feeds(paths: Paths, dataset: str, model: str = "champion") -> dict[str, float]:
+    """Start the local mesh on `model` (a registry alias or version), print three pages (a
+    returning user, a new user, a checkout) and stop it; returns the round trips in ms."""
     import grpc
     from homefeed.common.v1 import common_pb2
     from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
@@ -77,9 +77,9 @@ def show_feeds(paths: Paths, dataset: str) -> dict[str, float]:
     context = common_pb2.RequestContext(country=profile[C.COUNTRY], device=profile[C.DEVICE])
     newcomer = int(users.index.max()) + 1
     timings: dict[str, float] = {}
-    print("\nstarting the serving mesh (homefeed up) ...")
+    print(f"\nstarting the serving mesh on registry model {model} (homefeed up) ...")
     t0 = time.perf_counter()
-    with Mesh.start(MeshConfig(home=paths.home, dataset=dataset)) as mesh:
+    with Mesh.start(MeshConfig(home=paths.home, dataset=dataset, model=model)) as mesh:
         timings["mesh_start_s"] = time.perf_counter() - t0
         with grpc.insecure_channel(mesh.addresses["gateway"]) as channel:
             stub = feed_pb2_grpc.FeedServiceStub(channel)
@@ -193,7 +193,9 @@ def run_demo(
             peaks.peaks[f"train_{stage}"] = float(stage_report["peak_rss_mb"])
         (paths.reports / "data.json").write_text(json.dumps(report, indent=2, default=str))
         _print_training(trained, paths)
-        report["feeds_ms"] = show_feeds(paths, dataset)
+        # Serve what this run trained: an older champion may predate this code's formats.
+        version = trained.get("register", {}).get("registry_version")
+        report["feeds_ms"] = show_feeds(paths, dataset, str(version) if version else "champion")
     return report
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ from contract.timeutil import NS_PER_DAY, to_ns
 from feature_repo import schema as S
 from training.affinity import AffinitySnapshots
 from training.propensity import PositionCurve, estimate_position_curve
+from training.tables import RowsById
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -62,6 +63,11 @@ class SingleClassLabelError(ValueError):
 
 
 JOIN_CHUNK_ROWS = 250_000  # ~1.2 GB of Feast join at a time
+PREPARE_CHUNK_ROWS = 2_000_000  # impressions labelled, split and downsampled at a time
+# Valid and test keep whole feeds (eval_negative_rate 1): past this many rows a split keeps a
+# uniform sample of its requests instead, so evaluation's cost stops growing with the log.
+EVAL_MAX_ROWS = 2_000_000
+RATE_LABELS = (C.LABEL_PURCHASE, C.LABEL_CLICK, C.LABEL_ATC)
 
 
 @dataclass(frozen=True)
@@ -82,14 +88,17 @@ class DatasetConfig:
     split_unit_days: int = 1  # ratio split boundaries fall on multiples of this (7: weeks)
     seed: int = 11
     join_chunk_rows: int = JOIN_CHUNK_ROWS  # entity rows per Feast join (its memory's bound)
+    eval_max_rows: int = EVAL_MAX_ROWS  # valid / test past this: a sample of whole requests
+    prepare_chunk_rows: int = PREPARE_CHUNK_ROWS  # impressions labelled at a time
 
     def __post_init__(self) -> None:
         if self.label not in LABEL_COLUMNS:
             raise ValueError(
                 f"label (--label) must be one of {', '.join(LABEL_COLUMNS)}, got {self.label!r}"
             )
-        if self.join_chunk_rows < 1:
-            raise ValueError(f"join_chunk_rows must be at least 1, got {self.join_chunk_rows}")
+        for name in ("join_chunk_rows", "eval_max_rows", "prepare_chunk_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.label_window_days is not None and self.label_window_days < 1:
             raise ValueError(
                 f"label_window_days (--label-window-days) must be at least 1 day, got "
@@ -221,34 +230,60 @@ def _dated_split(start: pd.Timestamp, end: pd.Timestamp, cfg: DatasetConfig) -> 
     return Split(start, train_end, valid_end, test_end)
 
 
-def label_impressions(tables: dict[str, pd.DataFrame], label_window_days: int) -> pd.DataFrame:
-    """Impressions with their purchase, click and add-to-cart labels: 1 when the outcome was
-    logged within ``label_window_days`` days of the impression."""
-    imp = tables[C.IMPRESSIONS].copy()
-    index = pd.Index(imp[C.IMPRESSION_ID])
+def label_hits(tables: dict[str, pd.DataFrame], label_window_days: int) -> dict[str, np.ndarray]:
+    """Per label column, the (sorted, unique) rows of the impressions table whose outcome was
+    logged within ``label_window_days`` days of the impression: the labels of every
+    impression, held as the few positive rows rather than as columns."""
+    imp = tables[C.IMPRESSIONS]
+    rows_of = RowsById(imp[C.IMPRESSION_ID].to_numpy(np.int64))
     shown = to_ns(imp[C.TS])
     window = label_window_days * NS_PER_DAY
+    hits = {}
     for col, table in (
         (C.LABEL_CLICK, C.CLICKS),
         (C.LABEL_ATC, C.ADD_TO_CARTS),
         (C.LABEL_PURCHASE, C.PURCHASES),
     ):
         events = tables[table]
-        row = index.get_indexer(events[C.IMPRESSION_ID])
+        row = rows_of(events[C.IMPRESSION_ID].to_numpy(np.int64))
         ok = row >= 0
         delay = to_ns(events[C.TS])[ok] - shown[row[ok]]
+        hits[col] = np.unique(row[ok][delay <= window])
+    return hits
+
+
+def _label_chunk(imp: pd.DataFrame, hits: dict[str, np.ndarray], lo: int) -> pd.DataFrame:
+    """``imp`` (the impressions' rows ``lo`` onwards) with its label columns."""
+    for col, rows in hits.items():
+        within = rows[(rows >= lo) & (rows < lo + len(imp))] - lo
         hit = np.zeros(len(imp), dtype=np.int8)
-        hit[row[ok][delay <= window]] = 1
+        hit[within] = 1
         imp[col] = hit
     return imp
+
+
+def label_impressions(tables: dict[str, pd.DataFrame], label_window_days: int) -> pd.DataFrame:
+    """Impressions with their purchase, click and add-to-cart labels: 1 when the outcome was
+    logged within ``label_window_days`` days of the impression."""
+    hits = label_hits(tables, label_window_days)
+    return _label_chunk(tables[C.IMPRESSIONS].copy(), hits, 0)
 
 
 def add_sampled_negatives(
     imp: pd.DataFrame, items: pd.DataFrame, k: int, seed: int
 ) -> pd.DataFrame:
-    """``imp`` plus ``k`` label-0 rows per organic purchase row: the same request, user and
+    """``imp`` plus ``k`` label-0 rows per organic purchase row (``sampled_negatives``)."""
+    rows = sampled_negatives(imp, items, k, seed, int(imp[C.IMPRESSION_ID].max()) + 1)
+    return imp if rows.empty else pd.concat([imp, rows], ignore_index=True)
+
+
+def sampled_negatives(
+    imp: pd.DataFrame, items: pd.DataFrame, k: int, seed: int, first_id: int
+) -> pd.DataFrame:
+    """``k`` label-0 rows per organic purchase row of ``imp``: the same request, user and
     time with an item drawn by train-split purchase popularity (add-one smoothed over the
-    catalogue), never an item of the same request. Policy ``POLICY_SAMPLED``, weight 1.
+    catalogue), never an item of the same request. Policy ``POLICY_SAMPLED``, impression ids
+    from ``first_id`` on (past every logged one).
 
     Popularity sampling makes the negatives plausible purchases, so the model must learn who
     buys what rather than what sells; the train split alone sets the distribution so the test
@@ -256,7 +291,7 @@ def add_sampled_negatives(
     """
     organic = imp[(imp[C.POLICY] == C.POLICY_ORGANIC) & (imp[C.LABEL_PURCHASE] > 0)]
     if k <= 0 or organic.empty:
-        return imp
+        return imp.iloc[:0]
     rng = np.random.default_rng(seed)
     catalogue = items[C.ITEM_ID].to_numpy(np.int64)
     bought = organic.loc[organic[C.SPLIT] == "train", C.ITEM_ID].to_numpy(np.int64)
@@ -269,18 +304,19 @@ def add_sampled_negatives(
     # an item the request bought is not a negative of that request
     key = pd.MultiIndex.from_arrays([organic[C.REQUEST_ID].to_numpy(), organic[C.ITEM_ID]])
     clash = pd.MultiIndex.from_arrays([rows[C.REQUEST_ID].to_numpy(), drawn]).isin(key)
-    rows = rows[~clash]
+    rows = rows[~clash].copy()
     rows[C.POLICY] = C.POLICY_SAMPLED
-    for col in (C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE):
-        rows[col] = np.int8(0)
-    rows[C.IMPRESSION_ID] = imp[C.IMPRESSION_ID].max() + 1 + np.arange(len(rows), dtype=np.int64)
+    for col in (C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE, LABEL):
+        if col in rows:
+            rows[col] = np.int8(0)
+    rows[C.IMPRESSION_ID] = first_id + np.arange(len(rows), dtype=np.int64)
     log.info(
         "sampled %d negatives for %d organic purchases (%d drawn items were the request's own)",
         len(rows),
         len(organic),
         int(clash.sum()),
     )
-    return pd.concat([imp, rows], ignore_index=True)
+    return rows
 
 
 def assign_split(imp: pd.DataFrame, split: Split) -> pd.Series:
@@ -292,9 +328,12 @@ def assign_split(imp: pd.DataFrame, split: Split) -> pd.Series:
     return out
 
 
-def downsample(imp: pd.DataFrame, cfg: DatasetConfig) -> pd.DataFrame:
-    """Keep every impression with a positive label, a ``rate`` share of the rest (weight 1/rate)."""
-    rng = np.random.default_rng(cfg.seed)
+def downsample(
+    imp: pd.DataFrame, cfg: DatasetConfig, rng: np.random.Generator | None = None
+) -> pd.DataFrame:
+    """Keep every impression with a positive label, a ``rate`` share of the rest (weight
+    1/rate). ``rng``: one generator across the chunks of a log (default: from the seed)."""
+    rng = rng if rng is not None else np.random.default_rng(cfg.seed)
     labels = imp[[C.LABEL_CLICK, C.LABEL_ATC, C.LABEL_PURCHASE]].to_numpy()
     positive = np.asarray((labels > 0).any(axis=1), dtype=bool)
     rate = np.where(imp[C.SPLIT].to_numpy() == "train", cfg.negative_rate, cfg.eval_negative_rate)
@@ -314,7 +353,7 @@ def add_context(rows: pd.DataFrame) -> pd.DataFrame:
 def entity_frame(rows: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
     """Feast's entity dataframe: join keys + event_timestamp (microseconds, UTC) + payload."""
     seller = pd.Series(items[C.SELLER_ID].to_numpy(), index=items[C.ITEM_ID].to_numpy())
-    out = rows.rename(columns={C.TS: C.EVENT_TIMESTAMP})
+    out = rows.rename(columns={C.TS: C.EVENT_TIMESTAMP}, copy=False)
     out[C.EVENT_TIMESTAMP] = out[C.EVENT_TIMESTAMP].dt.as_unit("us")
     out[C.SELLER_ID] = seller.reindex(out[C.ITEM_ID].to_numpy()).to_numpy()
     return out
@@ -428,19 +467,81 @@ def join_in_chunks(
     store: FeatureStore, entity: pd.DataFrame, n_categories: int, chunk_rows: int
 ) -> pd.DataFrame:
     """``fill_defaults(historical_features(...))`` of ``entity`` in time-ordered chunks of
-    at most ``chunk_rows`` rows: Feast's join costs ~4.8 KB a row while it runs (DuckDB,
-    Arrow, pandas), the joined columns a tenth of that, so the transient part is bounded by
-    the chunk and only the result grows with the rows."""
+    at most ``chunk_rows`` rows, concatenated (``iter_joined``)."""
+    return pd.concat(list(iter_joined(store, entity, n_categories, chunk_rows)), ignore_index=True)
+
+
+def iter_joined(
+    store: FeatureStore, entity: pd.DataFrame, n_categories: int, chunk_rows: int
+) -> Iterator[pd.DataFrame]:
+    """``fill_defaults(historical_features(...))`` of ``entity``, ``chunk_rows`` rows at a time
+    in time order: Feast's join costs ~4.8 KB a row while it runs (DuckDB, Arrow, pandas), so
+    its transient part is bounded by the chunk; a caller that writes each chunk out holds no
+    more than one."""
     if len(entity) <= chunk_rows:
-        return fill_defaults(historical_features(store, entity, n_categories))
+        yield fill_defaults(historical_features(store, entity, n_categories))
+        return
     snapshots = read_affinity(store)
     order = np.argsort(to_ns(entity[C.EVENT_TIMESTAMP]), kind="stable")
-    parts = []
     for lo in range(0, len(entity), chunk_rows):
         chunk = entity.iloc[order[lo : lo + chunk_rows]]
-        parts.append(fill_defaults(historical_features(store, chunk, n_categories, snapshots)))
+        yield fill_defaults(historical_features(store, chunk, n_categories, snapshots))
         log.info("joined %d of %d entity rows", min(lo + chunk_rows, len(entity)), len(entity))
-    return pd.concat(parts, ignore_index=True)
+
+
+class SplitWriter:
+    """Joined rows appended to ``train/valid/test.parquet`` as they come (written as
+    ``.partial`` and renamed on ``close``), with each split's row count and weighted label
+    rates. Chunks must come in (event time, impression id) order for the files to be."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.schema: pa.Schema | None = None
+        self.counts = {name: 0 for name in C.SPLITS}
+        self.weight = {name: 0.0 for name in C.SPLITS}
+        self.weighted = {name: dict.fromkeys(RATE_LABELS, 0.0) for name in C.SPLITS}
+
+    def _partial(self, name: str) -> Path:
+        return self.out_dir / f"{name}.parquet.partial"
+
+    def write(self, joined: pd.DataFrame) -> None:
+        joined = joined.sort_values([C.EVENT_TIMESTAMP, C.IMPRESSION_ID], kind="stable")
+        for name in C.SPLITS:
+            part = joined[joined[C.SPLIT] == name].drop(columns=[C.SPLIT])
+            if part.empty:
+                continue
+            table = pa.Table.from_pandas(part, preserve_index=False)
+            if self.schema is None:
+                self.schema = table.schema
+            elif not table.schema.equals(self.schema, check_metadata=False):
+                table = table.cast(self.schema)
+            if name not in self.writers:
+                self.writers[name] = pq.ParquetWriter(self._partial(name), self.schema)
+            self.writers[name].write_table(table.replace_schema_metadata(self.schema.metadata))
+            w = part[C.WEIGHT].to_numpy(np.float64)
+            self.counts[name] += len(part)
+            self.weight[name] += float(w.sum())
+            for lab in RATE_LABELS:
+                self.weighted[name][lab] += float(w @ part[lab].to_numpy(np.float64))
+
+    def close(self) -> None:
+        for name in C.SPLITS:
+            if name not in self.writers and self.schema is not None:  # no row: an empty file
+                self.writers[name] = pq.ParquetWriter(self._partial(name), self.schema)
+            if name in self.writers:
+                self.writers[name].close()
+                self._partial(name).replace(self.out_dir / f"{name}.parquet")
+        self.writers = {}
+
+    def rates(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {
+                lab: self.weighted[name][lab] / self.weight[name] if self.weight[name] else 0.0
+                for lab in RATE_LABELS
+            }
+            for name in C.SPLITS
+        }
 
 
 def _source_path(store: FeatureStore, view: str) -> Path:
@@ -454,9 +555,9 @@ def _source_path(store: FeatureStore, view: str) -> Path:
     return path if path.is_absolute() else Path(store.repo_path) / path
 
 
-def require_periods(imp: pd.DataFrame, split: Split) -> None:
-    """Every period of the split holds impressions (a gap in the log can empty one)."""
-    counts = imp[C.SPLIT].value_counts()
+def require_periods(counts: dict[str, int], split: Split) -> None:
+    """Every period of the split holds impressions (``counts``: labelled impressions per
+    period; a gap in the log can empty one)."""
     bounds = {
         "train": (split.train_start, split.train_end),
         "valid": (split.train_end, split.valid_end),
@@ -477,24 +578,32 @@ def require_two_classes(
     """Raise ``SingleClassLabelError`` unless ``frame[column]``, the ``kind`` label, holds both
     classes; the message names the label, ``where`` (``the train split``), the row counts and
     what to change."""
-    y = frame[column].to_numpy()
-    positive = int((y > 0).sum())
-    if 0 < positive < len(y):
+    positive = int((frame[column].to_numpy() > 0).sum())
+    others = {
+        other: int((frame[col].to_numpy() > 0).sum())
+        for other, col in LABEL_COLUMNS.items()
+        if kind != other and col in frame
+    }
+    require_two_classes_counted(len(frame), positive, others, where, kind, window_days)
+
+
+def require_two_classes_counted(
+    rows: int, positive: int, others: dict[str, int], where: str, kind: str, window_days: int
+) -> None:
+    """``require_two_classes`` from counts: ``rows`` rows of which ``positive`` are positive
+    for the ``kind`` label, ``others`` the positive rows of the other labels."""
+    if 0 < positive < rows:
         return
     if positive == 0:
-        others = ", ".join(
-            f"{other} {int((frame[col].to_numpy() > 0).sum()):,}"
-            for other, col in LABEL_COLUMNS.items()
-            if kind != other and col in frame
-        )
-        state = f"none of its {len(y):,} rows is positive"
+        named = ", ".join(f"{other} {n:,}" for other, n in others.items())
+        state = f"none of its {rows:,} rows is positive"
         fix = (
-            f"pick another --label (positive rows of the others there: {others}), or a "
+            f"pick another --label (positive rows of the others there: {named}), or a "
             f"longer --label-window-days if {kind} comes later than {window_days} day(s) after "
             "the impression"
         )
     else:
-        state = f"all {len(y):,} rows are positive"
+        state = f"all {rows:,} rows are positive"
         fix = (
             "the log holds no negatives for it: log the impressions the outcome did not "
             "follow, or sample negatives (sampled_negatives)"
@@ -533,6 +642,104 @@ def check_label(folder: Path) -> dict[str, Any]:
     return label
 
 
+def request_share(request_ids: np.ndarray, share: float) -> np.ndarray:
+    """Whether each request is in a uniform ``share`` of requests: a hash of its id, so a
+    request's rows agree across the chunks of a log and across runs."""
+    if share >= 1.0:
+        return np.ones(len(request_ids), dtype=bool)
+    mixed = request_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    mixed ^= mixed >> np.uint64(29)
+    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
+
+
+def eval_shares(ts_ns: np.ndarray, split: Split, cfg: DatasetConfig) -> dict[str, float]:
+    """The share of requests valid and test keep: all of them unless the split's impressions
+    (kept at ``eval_negative_rate``) would pass ``eval_max_rows``."""
+    out = {"train": 1.0}
+    for name, lo, hi in (
+        ("valid", split.train_end, split.valid_end),
+        ("test", split.valid_end, split.test_end),
+    ):
+        n = int(((ts_ns >= lo.value) & (ts_ns < hi.value)).sum()) * cfg.eval_negative_rate
+        out[name] = min(1.0, cfg.eval_max_rows / n) if n > 0 else 1.0
+    return out
+
+
+def prepare_rows(
+    tables: dict[str, pd.DataFrame],
+    cfg: DatasetConfig,
+    split: Split,
+    curve: PositionCurve | None,
+    hits: dict[str, np.ndarray],
+    shares: dict[str, float],
+    consume_tables: bool = False,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The rows the join needs, ``cfg.prepare_chunk_rows`` impressions at a time: labelled,
+    split (censored rows dropped), valid / test sampled by request (``shares``), given
+    their examination propensity, IPS weight and context, then downsampled. Returns them and
+    the tally of every labelled impression (rows per period, positives per label).
+    ``consume_tables``: the event tables leave ``tables`` before the kept chunks are
+    concatenated (``build_training_sets``)."""
+    impressions = tables[C.IMPRESSIONS]
+    rng = np.random.default_rng(cfg.seed)
+    kept: list[pd.DataFrame] = []
+    tally: dict[str, Any] = {
+        "labelled": 0,
+        "censored": 0,
+        "periods": dict.fromkeys(C.SPLITS, 0),
+        "positives": dict.fromkeys(RATE_LABELS, 0),
+    }
+    for lo in range(0, len(impressions), cfg.prepare_chunk_rows):
+        imp = _label_chunk(impressions.iloc[lo : lo + cfg.prepare_chunk_rows].copy(), hits, lo)
+        imp[C.SPLIT] = assign_split(imp, split)
+        labelled = imp[C.SPLIT].notna().to_numpy()
+        tally["censored"] += int((~labelled).sum())
+        imp = imp[labelled]
+        for name, n in imp[C.SPLIT].value_counts().items():
+            tally["periods"][name] += int(n)
+        tally["labelled"] += len(imp)
+        for col in RATE_LABELS:
+            tally["positives"][col] += int(imp[col].sum())
+        sampled = np.ones(len(imp), dtype=bool)
+        for name in ("valid", "test"):
+            if shares[name] < 1.0:
+                in_split = (imp[C.SPLIT] == name).to_numpy()
+                keep = request_share(imp[C.REQUEST_ID].to_numpy(np.int64), shares[name])
+                sampled &= ~in_split | keep
+        imp = imp[sampled]
+        _propensities(imp, cfg, curve)
+        kept.append(downsample(imp, cfg, rng))
+    first_id = int(impressions[C.IMPRESSION_ID].max()) + 1 if len(impressions) else 0
+    empty = impressions.iloc[:0]
+    del impressions
+    if consume_tables:  # every impression: from here on only the rows kept are needed
+        for name in (C.IMPRESSIONS, C.CLICKS, C.ADD_TO_CARTS, C.PURCHASES, C.INVENTORY):
+            tables.pop(name, None)
+    rows = pd.concat(kept, ignore_index=True) if kept else empty
+    del kept
+    if cfg.sampled_negatives > 0:
+        negatives = sampled_negatives(
+            rows, tables[C.ITEMS], cfg.sampled_negatives, cfg.seed, first_id
+        )
+        if not negatives.empty:
+            tally["labelled"] += len(negatives)
+            for name, n in negatives[C.SPLIT].value_counts().items():
+                tally["periods"][name] += int(n)
+            negatives = downsample(negatives, cfg, rng)
+            rows = pd.concat([rows, negatives], ignore_index=True)
+    return rows, tally
+
+
+def _propensities(imp: pd.DataFrame, cfg: DatasetConfig, curve: PositionCurve | None) -> None:
+    """The label, examination propensity, IPS weight and context columns, in place."""
+    imp[LABEL] = imp[cfg.label_column]
+    exam = curve.propensity(imp[C.POSITION].to_numpy()) if curve is not None else np.ones(len(imp))
+    organic = imp[C.POLICY].isin([C.POLICY_ORGANIC, C.POLICY_SAMPLED]).to_numpy()
+    imp[EXAMINATION] = np.where(organic, 1.0, exam)
+    imp[IPS_WEIGHT] = 1.0 / np.maximum(imp[EXAMINATION].to_numpy(), cfg.min_propensity)
+    add_context(imp)
+
+
 def build_training_sets(
     tables: dict[str, pd.DataFrame],
     store: FeatureStore,
@@ -544,77 +751,77 @@ def build_training_sets(
 ) -> dict[str, Any]:
     """Write ``train/valid/test.parquet`` and a manifest; returns the manifest.
 
+    Memory follows the rows kept, not the log: impressions are labelled, split and
+    downsampled ``cfg.prepare_chunk_rows`` at a time (``prepare_rows``), valid and test keep a
+    sample of whole requests past ``cfg.eval_max_rows``, and the Feast join's chunks are
+    written out as they come (``SplitWriter``).
+
     ``consume_tables``: the event tables are removed from ``tables`` once the entity rows
-    are known, so the caller's dict does not keep them alive through the join (the stage's
-    peak is then the join's, not the join's plus every impression).
+    are known, so the caller's dict does not keep them alive through the join.
 
     ``before_join(rows, chunk_rows)`` runs once the entity rows are known, before the Feast
     join allocates (the dataset stage's memory check raises there)."""
     cfg = cfg or DatasetConfig()
     started = time.perf_counter()
-    imp = label_impressions(tables, cfg.window_days)
-    if not imp[cfg.label_column].any():  # a log without the outcome: say so before any split
-        require_two_classes(imp, cfg.label_column, "the log", cfg.label, cfg.window_days)
-    start = imp[C.TS].min()
-    end = data_end if data_end is not None else imp[C.TS].max().ceil("D")
+    impressions = tables[C.IMPRESSIONS]
+    hits = label_hits(tables, cfg.window_days)
+    if len(hits[cfg.label_column]) == 0:  # a log without the outcome: say so before any split
+        others = {k: len(hits[col]) for k, col in LABEL_COLUMNS.items() if k != cfg.label}
+        require_two_classes_counted(
+            len(impressions), 0, others, "the log", cfg.label, cfg.window_days
+        )
+    ts_ns = to_ns(impressions[C.TS])
+    start = pd.Timestamp(int(ts_ns.min()), tz="UTC")
+    end = data_end if data_end is not None else pd.Timestamp(int(ts_ns.max()), tz="UTC").ceil("D")
     split = plan_split(start, end, cfg)
-    imp[C.SPLIT] = assign_split(imp, split)
-    censored = int(imp[C.SPLIT].isna().sum())
-    imp = imp[imp[C.SPLIT].notna()]
-    require_periods(imp, split)
-    imp = add_sampled_negatives(imp, tables[C.ITEMS], cfg.sampled_negatives, cfg.seed)
-    imp[LABEL] = imp[cfg.label_column]
+    shares = eval_shares(ts_ns, split, cfg)
 
     # examination propensities from the randomized traffic before the test period
-    history = imp[imp[C.TS] < split.valid_end]
+    history = (
+        (ts_ns >= split.train_start.value)
+        & (ts_ns < split.valid_end.value)
+        & (impressions[C.POLICY] == C.POLICY_RANDOM).to_numpy()
+    )
+    del ts_ns
     curve: PositionCurve | None = None
-    if (history[C.POLICY] == C.POLICY_RANDOM).any():
-        curve = estimate_position_curve(history, tables[C.CLICKS], cfg.max_position)
-        exam = curve.propensity(imp[C.POSITION].to_numpy())
+    if history.any():
+        curve = estimate_position_curve(
+            impressions.loc[history, [C.IMPRESSION_ID, C.POLICY, C.POSITION]],
+            tables[C.CLICKS],
+            cfg.max_position,
+        )
     else:
         log.warning("no randomized traffic: examination propensities set to 1 (no IPS)")
-        exam = np.ones(len(imp))
-    organic = imp[C.POLICY].isin([C.POLICY_ORGANIC, C.POLICY_SAMPLED]).to_numpy()
-    imp[EXAMINATION] = np.where(organic, 1.0, exam)
-    imp[IPS_WEIGHT] = 1.0 / np.maximum(imp[EXAMINATION].to_numpy(), cfg.min_propensity)
-    add_context(imp)
-
-    rows = downsample(imp, cfg)
-    n_labelled = len(imp)
+    del history
+    del impressions
+    rows, tally = prepare_rows(tables, cfg, split, curve, hits, shares, consume_tables)
+    del hits
+    require_periods(tally["periods"], split)
     label_rates = {  # over all labelled impressions, before downsampling
-        f"purchase_{cfg.window_days}d": float(imp[C.LABEL_PURCHASE].mean()),
-        "click": float(imp[C.LABEL_CLICK].mean()),
-        "add_to_cart": float(imp[C.LABEL_ATC].mean()),
+        f"purchase_{cfg.window_days}d": tally["positives"][C.LABEL_PURCHASE] / tally["labelled"],
+        "click": tally["positives"][C.LABEL_CLICK] / tally["labelled"],
+        "add_to_cart": tally["positives"][C.LABEL_ATC] / tally["labelled"],
     }
-    del imp, history  # every impression: the join needs only the rows kept
-    if consume_tables:
-        for name in (C.IMPRESSIONS, C.CLICKS, C.ADD_TO_CARTS, C.PURCHASES, C.INVENTORY):
-            tables.pop(name, None)
     positives = {}
     for name in C.SPLITS:  # before the Feast join, the stage's costly part
         part = rows[rows[C.SPLIT] == name]
         require_two_classes(part, LABEL, f"the {name} split", cfg.label, cfg.window_days)
         positives[name] = int(part[LABEL].sum())
-    entity = entity_frame(rows, tables[C.ITEMS])
+    # chunks in (time, id) order: the files come out sorted
+    rows = rows.iloc[np.lexsort((rows[C.IMPRESSION_ID].to_numpy(), to_ns(rows[C.TS])))]
+    entity = entity_frame(rows.reset_index(drop=True), tables[C.ITEMS])
+    del rows
     n_cat = int(tables[C.ITEMS][C.CATEGORY].max()) + 1
     if before_join is not None:
         before_join(len(entity), cfg.join_chunk_rows)
     t0 = time.perf_counter()
-    joined = join_in_chunks(store, entity, n_cat, cfg.join_chunk_rows)
-    join_seconds = time.perf_counter() - t0
-    joined = joined.sort_values([C.EVENT_TIMESTAMP, C.IMPRESSION_ID], kind="stable")
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts, rates = {}, {}
-    for name in C.SPLITS:
-        part = joined[joined[C.SPLIT] == name].drop(columns=[C.SPLIT])
-        part.to_parquet(out_dir / f"{name}.parquet", index=False)
-        counts[name] = len(part)
-        w = part[C.WEIGHT].to_numpy()
-        rates[name] = {
-            lab: float(np.average(part[lab], weights=w)) if len(part) else 0.0
-            for lab in (C.LABEL_PURCHASE, C.LABEL_CLICK, C.LABEL_ATC)
-        }
+    writer = SplitWriter(out_dir)
+    for joined in iter_joined(store, entity, n_cat, cfg.join_chunk_rows):
+        writer.write(joined)
+    writer.close()
+    join_seconds = time.perf_counter() - t0
+    counts, rates = writer.counts, writer.rates()
     seconds = {"total": time.perf_counter() - started, "feast_join": join_seconds}
     by_dates = cfg.split_dates is not None
     manifest: dict[str, Any] = {
@@ -634,8 +841,10 @@ def build_training_sets(
         "split_by": "dates" if by_dates else "ratio",
         "split": split.to_dict(),
         "rows": counts,
-        "impressions_labelled": n_labelled,
-        "impressions_censored": censored,
+        "impressions_labelled": tally["labelled"],
+        "impressions_censored": tally["censored"],
+        # valid / test: the share of requests kept (1: every feed; eval_max_rows)
+        "eval_request_share": {k: shares[k] for k in ("valid", "test")},
         "label_rates": label_rates,
         "label_rates_by_split_weighted": rates,
         "feature_service": S.RANKER_SERVICE,

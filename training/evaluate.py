@@ -21,6 +21,7 @@ from contract import bundle as B
 from contract import columns as C
 from contract.paths import Paths
 from training.retrieval.evaluate import explain_uncomputable
+from training.tables import RowsById
 
 if TYPE_CHECKING:
     from training.staging import TrainConfig
@@ -169,10 +170,12 @@ def segments(
     users = tables[C.USERS].set_index(C.USER_ID)
     signup = users.loc[requests[C.USER_ID], C.SIGNUP_AT].to_numpy()
     new_user = (requests[C.TS].to_numpy() - signup) < np.timedelta64(30, "D")
-    clicks = tables[C.CLICKS].merge(
-        tables[C.IMPRESSIONS][[C.IMPRESSION_ID, C.USER_ID]], on=C.IMPRESSION_ID
+    imp = tables[C.IMPRESSIONS]
+    rows = RowsById(imp[C.IMPRESSION_ID].to_numpy(np.int64))(
+        tables[C.CLICKS][C.IMPRESSION_ID].to_numpy(np.int64)
     )
-    per_user = clicks.groupby(C.USER_ID).size()
+    clicker = imp[C.USER_ID].to_numpy(np.int64)[rows[rows >= 0]]
+    per_user = pd.Series(clicker).value_counts()
     heavy = per_user.reindex(requests[C.USER_ID]).fillna(0).to_numpy() >= HEAVY_USER_CLICKS_30D
     masks = {
         "new_users": new_user,
@@ -199,6 +202,9 @@ def _retrieval_section(retrieval: dict[str, Any], stage: Path) -> dict[str, Any]
     popular_path = stage / B.POPULAR
     popular = json.loads(popular_path.read_text()) if popular_path.exists() else None
     return explain_uncomputable(retrieval, popular) if retrieval else {}
+
+
+EVAL_IMPRESSION_COLUMNS = (C.IMPRESSION_ID, C.REQUEST_ID, C.USER_ID, C.ITEM_ID, C.TS, C.SURFACE)
 
 
 def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[str, Any]:
@@ -270,7 +276,8 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
         from training.simulate import Oracle
         from training.tables import read_tables
 
-        tables = read_tables(paths.raw(dataset))
+        # what the policies' replay reads of every impression (not its position or policy)
+        tables = read_tables(paths.raw(dataset), columns={C.IMPRESSIONS: EVAL_IMPRESSION_COLUMNS})
         carts_path = paths.raw(dataset) / "checkout_carts.parquet"
         carts = pd.read_parquet(carts_path) if carts_path.exists() else None
         oracle = Oracle.load(truth_dir)

@@ -28,6 +28,7 @@ from contract.features import NEW_SELLER_DAYS, SPEND_BANDS
 from contract.timeutil import NS_PER_DAY, NS_PER_S, from_ns, to_ns
 from feature_repo import schema as S
 from training.memory import LIST_CHUNK_CELLS, features_build_bytes
+from training.tables import RowsById
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +168,8 @@ class FeatureBuilder:
         self.user_ids = tables[C.USERS][C.USER_ID].to_numpy()
         self.item_index = pd.Index(self.item_ids)
         self.user_index = pd.Index(self.user_ids)
-        # impression attributes every outcome table joins to, found by binary search (a hash
-        # index of 55 M impression ids costs gigabytes; a sort order, 8 bytes an impression)
-        self._imp_ids = imp[C.IMPRESSION_ID].to_numpy(np.int64)
-        self._imp_order: np.ndarray | None = None
-        if not (np.diff(self._imp_ids) > 0).all():
-            self._imp_order = np.argsort(self._imp_ids, kind="stable")
-            self._imp_ids = self._imp_ids[self._imp_order]
+        # impression attributes every outcome table joins to, found by binary search
+        self._impression_rows = RowsById(imp[C.IMPRESSION_ID].to_numpy(np.int64))
         self._outcomes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]] = {}
         self.imp_item = self.item_index.get_indexer(pd.Index(imp[C.ITEM_ID]))
         self.imp_user = self.user_index.get_indexer(pd.Index(imp[C.USER_ID]))
@@ -182,16 +178,6 @@ class FeatureBuilder:
         category = items[C.CATEGORY]
         self.n_categories = int(category.max()) + 1 if len(category) else 1
         self._category_window: np.ndarray | None = None
-
-    def _impression_rows(self, impression_ids: np.ndarray) -> np.ndarray:
-        """Each id's row in the impressions table (-1: not there)."""
-        ids = self._imp_ids
-        if len(ids) == 0:
-            return np.full(len(impression_ids), -1, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(ids, impression_ids), len(ids) - 1)
-        found = ids[pos] == impression_ids
-        rows = pos if self._imp_order is None else self._imp_order[pos]
-        return np.where(found, rows, -1)
 
     def _outcome(self, table: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
         """(item index, user index, day) of an outcome table's rows, via their impression;

@@ -202,13 +202,19 @@ def features_build_bytes(
     }
 
 
-def dataset_prepare_bytes(impressions: int, outcomes: int) -> dict[str, float]:
-    """What the dataset stage holds before its join: the raw tables read whole, the
-    impressions labelled, split, given propensities and context, downsampled (several
-    pandas copies of every impression row). Fitted to measured pre-join peaks: sim-small
-    (5.6 M impressions: 2.3 GB), the large preset (55 M: past 18 GB when stopped)."""
+def dataset_prepare_bytes(
+    impressions: int, outcomes: int, chunk_rows: int = 2_000_000
+) -> dict[str, float]:
+    """What the dataset stage holds before its join: the raw tables read whole, one chunk of
+    ``chunk_rows`` impressions labelled, split, given propensities and context (several
+    pandas copies of its rows), and the rows kept for the join (the train split's positives
+    and downsampled negatives, valid and test capped by ``eval_max_rows``: about a fifth of
+    the log). Fitted to measured pre-join peaks: sim-small (5.6 M impressions), the large
+    preset (55 M: 8.3 GB; before the labelling was chunked it passed 18 GB)."""
     return {
-        "impressions labelled and split (impressions x ~380 bytes)": impressions * 380.0,
+        "impressions read (impressions x ~95 bytes)": impressions * 95.0,
+        "rows kept for the join (impressions x ~40 bytes)": impressions * 40.0,
+        "one chunk labelled and split (chunk x ~380 bytes)": min(impressions, chunk_rows) * 380.0,
         "outcome tables (clicks, add-to-carts, purchases)": outcomes * 120.0,
         "libraries (Feast, DuckDB, pandas)": 300 * MB,
     }
@@ -220,16 +226,17 @@ def dataset_join_bytes(
     """What the dataset stage's point-in-time join adds to the process for ``rows`` entity
     rows joined ``chunk_rows`` at a time (None: at once): Feast's join of every view but
     the affinity (~4.8 KB a row of the chunk across DuckDB, Arrow and pandas, the seller
-    lists included), the joined columns kept (~600 bytes a row, twice while the chunks are
-    concatenated), the affinity view's snapshots read once as flat
-    lists (~40 bytes a snapshot and 12 an engaged category, twice while read;
+    lists included; each chunk's result is written out before the next), the entity rows
+    themselves (~260 bytes a row), the affinity view's snapshots read once as flat lists
+    (~40 bytes a snapshot and 12 an engaged category, twice while read;
     ``training.dataset.historical_features`` reduces them to each row's category) and
     ~300 MB for Feast and DuckDB. Fitted to measured peaks: sim-tiny (42.6 k rows: ~300 MB
-    added), a 333 k-line purchase-only log (976 k rows: ~4.6 GB added); it errs high."""
+    added), a 333 k-line purchase-only log (976 k rows: ~4.6 GB added), the large preset
+    (9.5 M rows: 4.4 GB in all); it errs high."""
     chunk = rows if chunk_rows is None else min(rows, chunk_rows)
     return {
-        "joined rows (Feast, DuckDB, Arrow)": chunk * 4800
-        + (0 if chunk == rows else rows * 600 * 2),
+        "joined rows (Feast, DuckDB, Arrow)": chunk * 4800.0,
+        "entity rows (rows x ~260 bytes)": rows * 260.0,
         "affinity snapshots (flat lists)": 2 * (affinity_snapshots * 40 + affinity_entries * 12),
         "Feast and DuckDB": 300 * MB,
     }

@@ -32,6 +32,7 @@ from contract.heuristic import RECENCY_DAYS, heuristic_score
 from contract.timeutil import NS_PER_DAY, to_ns
 from training.simulate.groundtruth import Oracle
 from training.simulate.world import COUNTRY_PRICE_CAP
+from training.tables import RowsById
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +97,16 @@ class Marketplace:
         country = pd.Index(C.COUNTRIES).get_indexer(pd.Index(users[C.COUNTRY]))
         self.user_cap = np.where(country >= 0, COUNTRY_PRICE_CAP[np.maximum(country, 0)], 150.0)
         imp = tables[C.IMPRESSIONS]
-        self._imp_item = pd.Series(imp[C.ITEM_ID].to_numpy(), index=imp[C.IMPRESSION_ID])
-        self._imp_user = pd.Series(imp[C.USER_ID].to_numpy(), index=imp[C.IMPRESSION_ID])
+        impression_rows = RowsById(imp[C.IMPRESSION_ID].to_numpy(np.int64))
         clicks = tables[C.CLICKS]
         self._click_ts = to_ns(clicks[C.TS])
         self._click_item = self.item_index.get_indexer(
-            pd.Index(self._imp_item.reindex(clicks[C.IMPRESSION_ID]).to_numpy())
+            pd.Index(_via(impression_rows, clicks[C.IMPRESSION_ID], imp[C.ITEM_ID]))
         )
         buys = tables[C.PURCHASES]
         self._buy_ts = to_ns(buys[C.TS])
         self._buy_user = self.user_index.get_indexer(
-            pd.Index(self._imp_user.reindex(buys[C.IMPRESSION_ID]).to_numpy())
+            pd.Index(_via(impression_rows, buys[C.IMPRESSION_ID], imp[C.USER_ID]))
         )
         self._buy_price = buys[C.PRICE].to_numpy()
         inv = tables[C.INVENTORY].sort_values(C.TS, kind="stable")
@@ -194,6 +194,12 @@ class Marketplace:
         k = min(k, finite)
         top = np.argpartition(-score, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
         return self.item_ids[top[np.argsort(-score[top], kind="stable")]]
+
+
+def _via(rows_of: RowsById, impression_ids: pd.Series, column: pd.Series) -> np.ndarray:
+    """``column``'s value at each impression id's row (-1 where the id is not logged)."""
+    rows = rows_of(impression_ids.to_numpy(np.int64))
+    return np.where(rows >= 0, column.to_numpy(np.int64)[np.maximum(rows, 0)], -1)
 
 
 def sample_requests(

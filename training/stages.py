@@ -223,7 +223,7 @@ def dataset_defaults(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> d
     return out
 
 
-def _prepare_fits(paths: Paths, dataset: str) -> None:
+def _prepare_fits(paths: Paths, dataset: str, chunk_rows: int) -> None:
     """The dataset stage's first check, from the raw tables' row counts (Parquet metadata):
     ``training.memory.dataset_prepare_bytes`` against the memory available."""
     import pyarrow.parquet as pq
@@ -236,7 +236,7 @@ def _prepare_fits(paths: Paths, dataset: str) -> None:
         return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
 
     outcomes = sum(rows(t) for t in (C.CLICKS, C.ADD_TO_CARTS, C.PURCHASES))
-    parts = dataset_prepare_bytes(rows(C.IMPRESSIONS), outcomes)
+    parts = dataset_prepare_bytes(rows(C.IMPRESSIONS), outcomes, chunk_rows)
     require_fits("dataset (labels and split)", parts, REDUCE_DATA)
 
 
@@ -273,8 +273,8 @@ def dataset_stage(paths: Paths, dataset: str, **cfg_overrides: Any) -> dict[str,
     from training.dataset import DatasetConfig, build_training_sets
     from training.memory import StagePeaks
 
-    DatasetConfig(**cfg_overrides)  # bad options: refused before the tables load
-    _prepare_fits(paths, dataset)  # and a stage that would not fit, before they load
+    checked = DatasetConfig(**cfg_overrides)  # bad options: refused before the tables load
+    _prepare_fits(paths, dataset, checked.prepare_chunk_rows)  # and a stage that would not fit
     peaks = StagePeaks()
     with peaks.measure("dataset"):
         meta = read_meta(paths, dataset)

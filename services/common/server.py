@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import gc
 import logging
 import os
@@ -39,6 +40,9 @@ from services.common.tls import TlsFiles
 log = logging.getLogger(__name__)
 
 READY_LINE = "HOMEFEED_READY port={port}"
+# A stop still running this long after its lame-duck and drain periods is stuck: the stacks
+# are dumped and the process exits (status 1) rather than waiting for a SIGKILL.
+STOP_OVERDUE_SECONDS = 15.0
 
 # What build_server made for each server: the bound port, so serve() can report it when
 # settings.port is 0, and the worker pool, so serve() can release its threads at the end.
@@ -152,6 +156,12 @@ def serve(
         sys.stdout.write(READY_LINE.format(port=port) + "\n")
         sys.stdout.flush()
         stop.wait()
+        # A stop that hangs (a stuck thread, a lock) must not outlive the pod's grace period
+        # silently: past the drain's own budget, every thread's stack goes to stderr and the
+        # process exits with status 1.
+        _arm_stop_deadline(
+            settings.lame_duck_seconds + settings.drain_seconds + STOP_OVERDUE_SECONDS
+        )
         log.info(
             "lame duck: not serving, still answering",
             extra={"port": port, "lame_duck_seconds": settings.lame_duck_seconds},
@@ -171,8 +181,23 @@ def serve(
             executor.shutdown(wait=False)
         log.info("stopped", extra={"port": port})
     finally:
+        faulthandler.cancel_dump_traceback_later()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _arm_stop_deadline(seconds: float) -> None:
+    """Past ``seconds`` from now, dump every thread's stack to stderr and exit (status 1),
+    unless ``faulthandler.cancel_dump_traceback_later`` runs first. Without a real stderr
+    file (a test capturing it) there is no deadline."""
+    for stream in (sys.stderr, sys.__stderr__):
+        if stream is None:
+            continue
+        try:
+            faulthandler.dump_traceback_later(seconds, exit=True, file=stream)
+            return
+        except (AttributeError, OSError, ValueError):  # no fileno(): try the next one
+            continue
 
 
 def _freeze_start_up_heap() -> None:
@@ -262,5 +287,7 @@ def run_service(service: str, load_settings: Callable[[], S], start: Callable[[S
         sys.stderr.write(f"{service}: {err}\n")
         return 1
     serve(server, health_servicer, settings.server, on_stop=on_stop)
+    _arm_stop_deadline(STOP_OVERDUE_SECONDS)  # as in ``serve``
     telemetry.current().shutdown()
+    faulthandler.cancel_dump_traceback_later()
     return 0

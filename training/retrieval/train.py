@@ -321,7 +321,7 @@ def train_retrieval(
     tower, item_emb, parity = _export(fitted, data, prep, out_dir)
     fallback = _write_popular(data, out_dir, k)
     history = _write_history(data, out_dir)
-    groups, queries = _test_groups(data, tower)
+    groups, queries = _test_groups(data, tower, cfg.test_groups, seed)
     rng = np.random.default_rng(seed)
     pool = np.concatenate([queries[n] for n in HEADLINE])
     sweep = ann.sweep(item_emb, pool[rng.permutation(len(pool))[:sweep_queries]], k)
@@ -468,9 +468,10 @@ def _write_popular(data: RetrievalData, out_dir: Path, k: int) -> dict[str, Any]
 
 
 def _test_groups(
-    data: RetrievalData, tower: UserTower
+    data: RetrievalData, tower: UserTower, max_groups: int, seed: int
 ) -> tuple[dict[str, EvalGroups], dict[str, np.ndarray]]:
-    """The test split's evaluation groups and their query embeddings (numpy tower)."""
+    """The test split's evaluation groups (at most ``max_groups`` of each kind, a uniform
+    sample) and their query embeddings (numpy tower)."""
     test = data.splits["test"]
     rows = data.catalog.rows_of(test[C.ITEM_ID].to_numpy())
     click = test[C.LABEL_CLICK].to_numpy() > 0
@@ -481,6 +482,7 @@ def _test_groups(
         # clicks on randomized traffic: exposure uniform over the pool, not by popularity
         "click_randomized": eval_groups(test, click & randomized, rows),
     }
+    groups = {n: g.subsample(max_groups, seed) for n, g in groups.items()}
     queries = {n: tower.embed(data.encode(test.iloc[g.query_row])) for n, g in groups.items()}
     return groups, queries
 

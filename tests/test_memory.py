@@ -279,3 +279,24 @@ def test_the_dataset_stage_refuses_before_loading_when_its_labels_would_not_fit(
     # the labelling is chunked: ten times the impressions cost less than ten times the memory
     small = sum(memory.dataset_prepare_bytes(5_512_093, 400_000).values()) / memory.MB
     assert large < 7 * small
+
+
+def test_the_rankers_stage_refuses_before_reading_a_split_that_would_not_fit(
+    tiny_dataset: dict, home: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Estimated from the splits' Parquet metadata; the message names the dataset options
+    that shrink the training sets."""
+    from training import train as train_module
+    from training.staging import TrainConfig
+
+    read = []
+    monkeypatch.setattr("training.ranking.train.read_split", lambda *a: read.append(a))
+    monkeypatch.setenv(memory.LIMIT_ENV, "300")  # the libraries alone are ~400 MB
+    with pytest.raises(MemoryEstimateError, match=r"^rankers needs an estimated") as info:
+        train_module.stage_rankers(home, tiny_dataset["dataset"], TrainConfig())
+    assert "--negative-rate" in str(info.value) and "--eval-max-rows" in str(info.value)
+    assert not read
+    # the large preset's 9.5 M rows of 52 columns: more than sim-small's 1.26 M, under 16 GB
+    large = sum(memory.rankers_bytes(9_545_997, 52, 39).values()) / memory.MB
+    small = sum(memory.rankers_bytes(1_257_544, 52, 39).values()) / memory.MB
+    assert small < 2_500 and large < 16_000 * memory.HEADROOM

@@ -242,6 +242,19 @@ def dataset_join_bytes(
     }
 
 
+def rankers_bytes(rows: int, columns: int, features: int) -> dict[str, float]:
+    """What the rankers stage holds: the three training splits read whole (``rows`` rows of
+    ``columns`` columns, ~8 bytes a cell, twice while each is sorted by request), their
+    feature matrices (float32) with LightGBM's binned copy of the train and valid ones, and
+    ~400 MB of libraries. Fitted to measured peaks: sim-small (1.26 M rows), the large
+    preset (9.5 M rows)."""
+    return {
+        "training sets (rows x columns x ~8 bytes, twice while sorted)": rows * columns * 8.0 * 2,
+        "feature matrices and LightGBM's bins (rows x features x ~6 bytes)": rows * features * 6.0,
+        "libraries (LightGBM, Optuna, pandas)": 400 * MB,
+    }
+
+
 def list_entries(meta: Any, column: str) -> int:
     """Values of a list column over a Parquet file's row groups (``pyarrow.parquet
     .FileMetaData``; its leaf's value count): what reading it will hold, before reading."""
@@ -259,6 +272,10 @@ REDUCE_DATA = (
     "It follows the data's rows (impressions, items and users x snapshots, engagements), not its "
     "taxonomy: give the stage more memory (HOMEFEED_MEMORY_LIMIT_MB sets the limit a "
     "container's kernel does not report) or ingest a shorter window of the logs."
+)
+REDUCE_RANKERS = (
+    "It follows the training sets' rows: `homefeed dataset --negative-rate R` keeps fewer "
+    "of the train split's negatives, `--eval-max-rows N` caps the valid and test splits."
 )
 REDUCE_JOIN = (
     "The Feast join's part follows its chunk: `homefeed dataset --join-chunk-rows N` "

@@ -83,6 +83,7 @@ def stage_rankers(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any
     from training.ranking.models import RankerBudget
     from training.ranking.train import ranking_data, read_split, save, train_rankers
 
+    _rankers_fit(paths, dataset)
     budget = RankerBudget(trials=cfg.ranker_trials, seconds=cfg.ranker_seconds)
     result = train_rankers(paths.home, dataset, seed=cfg.seed, budget=budget)
     save(result, staging_dir(paths, dataset))
@@ -99,6 +100,26 @@ def stage_rankers(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any
         }
     metrics["reliability_test"] = curves
     return metrics
+
+
+def _rankers_fit(paths: Paths, dataset: str) -> None:
+    """The rankers stage's check before it reads a split: ``training.memory.rankers_bytes``
+    from the splits' Parquet metadata against the memory available."""
+    import pyarrow.parquet as pq
+
+    from contract import columns as C
+    from contract.features import FEATURE_SCHEMA
+    from training.memory import REDUCE_RANKERS, rankers_bytes, require_fits
+
+    folder = paths.training_sets(dataset)
+    files = [folder / f"{split}.parquet" for split in C.SPLITS]
+    if not all(f.exists() for f in files):
+        return  # train_rankers says which split is missing
+    metas = [pq.ParquetFile(f).metadata for f in files]
+    rows = sum(m.num_rows for m in metas)
+    columns = max(m.num_columns for m in metas)
+    parts = rankers_bytes(rows, columns, len(FEATURE_SCHEMA.names))
+    require_fits("rankers", parts, REDUCE_RANKERS)
 
 
 def stage_compile(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:

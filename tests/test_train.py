@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import re
 
+import pandas as pd
 import pytest
 
 from contract import bundle as B
+from contract import columns as C
 from training.train import STAGES
 
 CONTRACT = {
@@ -178,3 +180,18 @@ def test_a_single_class_label_stops_train_before_any_study(tmp_path, monkeypatch
     with pytest.raises(SingleClassLabelError, match=r"purchase \(within 7 days\) .* all 3 rows"):
         train(paths, "old")
     assert studies == []
+
+
+def test_a_split_sample_is_uniform_sorted_by_request_and_bounded(tiny_dataset, home) -> None:
+    """What evaluate's logistic baseline fits on: the whole split when it is small enough,
+    otherwise about max_rows rows of it, in read_split's order, never the split at once."""
+    from training.ranking.train import read_split, read_split_sample
+
+    dataset, root = tiny_dataset["dataset"], home.home
+    whole = read_split(root, dataset, "train")
+    pd.testing.assert_frame_equal(read_split_sample(root, dataset, "train", len(whole)), whole)
+    sample = read_split_sample(root, dataset, "train", len(whole) // 4, seed=3)
+    assert 0.15 * len(whole) < len(sample) < 0.35 * len(whole)
+    assert sample[C.REQUEST_ID].is_monotonic_increasing
+    assert set(sample[C.IMPRESSION_ID]) <= set(whole[C.IMPRESSION_ID])
+    assert list(sample.columns) == list(whole.columns)

@@ -33,6 +33,7 @@ from contract.features import DAY_OF_WEEK, HOUR
 from contract.timeutil import NS_PER_DAY, to_ns
 from feature_repo import schema as S
 from training.affinity import AffinitySnapshots
+from training.memory import release_freed_memory
 from training.propensity import PositionCurve, estimate_position_curve
 from training.tables import RowsById
 
@@ -819,6 +820,8 @@ def build_training_sets(
     writer = SplitWriter(out_dir)
     for joined in iter_joined(store, entity, n_cat, cfg.join_chunk_rows):
         writer.write(joined)
+        del joined
+        release_freed_memory()  # the chunk's Arrow and DuckDB buffers, before the next
     writer.close()
     join_seconds = time.perf_counter() - t0
     counts, rates = writer.counts, writer.rates()

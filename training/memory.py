@@ -69,10 +69,16 @@ def rss_mb() -> float:
 
 
 def release_freed_memory() -> None:
-    """Hand what earlier stages freed back to the kernel (``gc.collect`` then glibc's
-    ``malloc_trim``), so a stage's resident memory, and its peak, is its own and not the
-    heap an earlier stage in the same process left behind. A no-op off glibc."""
+    """Hand what has been freed back to the kernel: Arrow's memory pool (mimalloc keeps
+    freed buffers: reading sim-small's impressions left 450 MB resident beside a 383 MB
+    frame), then the cyclic garbage and glibc's heap (``malloc_trim``). Called at each
+    stage's start, so a stage's resident memory, and its peak, is its own, and by the
+    stages between big Arrow reads."""
     gc.collect()
+    with suppress(ImportError):
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
     with suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

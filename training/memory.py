@@ -228,7 +228,7 @@ def dataset_prepare_bytes(
     pandas copies of its rows), and the rows kept for the join (the train split's positives
     and downsampled negatives, valid and test capped by ``eval_max_rows``: about a fifth of
     the log). Fitted to measured pre-join peaks: sim-small (5.6 M impressions), the large
-    preset (55 M: 8.3 GB; before the labelling was chunked it passed 18 GB)."""
+    preset (55 M: 7.8 GB; before the labelling was chunked it passed 18 GB); it errs high."""
     return {
         "impressions read (impressions x ~95 bytes)": impressions * 95.0,
         "rows kept for the join (impressions x ~40 bytes)": impressions * 40.0,

@@ -145,15 +145,23 @@ def conform(name: str, frame: pd.DataFrame, partial: bool = False) -> pd.DataFra
         dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
         raise TableSchemaError(f"table {name!r}: duplicated column name(s) {dupes}")
     out: dict[str, pd.Series] = {}
+    # a frame already on 0..n-1 lends its columns as they are: re-indexing copies each one,
+    # which doubled the read of 55 M impressions (3.8 GB frame, 9.6 GB peak)
+    index = frame.index
+    renumber = not (isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1)
+
+    def column_of(name: str) -> pd.Series:
+        return frame[name].reset_index(drop=True) if renumber else frame[name]
+
     for column, logical in layout.items():
-        series = frame[column].reset_index(drop=True)
+        series = column_of(column)
         try:
             out[column] = _CASTERS[logical](series)
         except _BadValuesError as bad:
             raise TableSchemaError(_describe(name, column, logical, series, bad)) from None
     for column in frame.columns:
         if column not in layout:
-            extra = frame[column].reset_index(drop=True)
+            extra = column_of(column)
             if extra.dtype == object and pd.api.types.infer_dtype(extra, skipna=True) in _TEXTUAL:
                 extra = _cast_str(extra)  # a missing text is None, as Parquet reads it back
             out[column] = extra

@@ -16,7 +16,7 @@ PROTO_SRC := $(shell find protos/homefeed -name '*.proto')
 PROTO_GEN := protos/gen
 PROTO_STAMP := $(PROTO_GEN)/.generated
 
-.PHONY: help setup system-deps k8s-tools protos demo bench chaos chart test test-fast lint format lock clean
+.PHONY: help setup system-deps k8s-tools protos demo online bench chaos chart test test-fast lint format lock clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ system-deps: ## Install redis-server (Debian) when it is missing
 
 demo: setup ## Small preset + Complete Journey: data, features, training, registered bundle, report, then the mesh serving a few feeds
 	$(VENV)/bin/homefeed demo --preset $(PRESET)
+
+online: setup ## The online loop (after make demo): ranker vs heuristic A/B through the mesh with simulated buyers -> reports/experiment.json
+	$(VENV)/bin/homefeed online --dataset sim-$(PRESET)
 
 bench: setup ## Closed-loop gRPC load: the mesh vs the bare gRPC floor and the naive reference, then tracing's cost (after make demo) -> reports/bench.json, reports/tracing.json
 	$(VENV)/bin/python -m tools.bench --preset $(PRESET)

@@ -42,6 +42,10 @@ class Paths:
         """The simulator's hidden parameters: never read by a feature or training stage."""
         return self.data / dataset / "ground_truth"
 
+    def eventlog(self, dataset: str) -> Path:
+        """The served feeds and the events the frontends sent back (``LogEvents``)."""
+        return self.data / dataset / "eventlog"
+
     def feast(self, dataset: str) -> Path:
         """Feast's file registry and SQLite online store of one dataset."""
         return self.data / dataset / "feast"

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from contract.paths import Paths
@@ -587,7 +588,153 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the response as JSON")
     p.set_defaults(func=cmd_feed)
     _rollout_parser(sub)
+    _online_parsers(sub)
     return parser
+
+
+def _online_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "traffic",
+        help="simulated buyers through the running gateway for N simulated days (events back "
+        "through LogEvents) -> reports/traffic.json",
+    )
+    p.add_argument("--dataset", default="sim-small", help="a simulated dataset")
+    p.add_argument("--days", type=_positive_float, default=1.0, help="simulated days to play")
+    p.add_argument("--users", type=_positive_int, help="play this many sampled users (all)")
+    p.add_argument("--threads", type=_positive_int, default=4, help="sessions at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--addr", help="gateway host:port (default: the running mesh's)")
+    p.add_argument("--events-addr", help="LogEvents host:port (default: the mesh's features)")
+    p.set_defaults(func=cmd_traffic)
+
+    p = sub.add_parser("experiment", help="A/B experiments on the event log")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = actions.add_parser(
+        "analyze",
+        help="lifts with and without CUPED, SRM, A/A, power, guardrails -> "
+        "reports/experiment.{json,md,png}",
+    )
+    a.add_argument("--dataset", default="sim-small")
+    a.add_argument("--log", help="event log directory or redis:// URL (default: the online loop's)")
+    a.add_argument(
+        "--experiment",
+        help="the experiment's JSON/YAML file (default: the one `homefeed online` ran)",
+    )
+    a.add_argument("--aa-splits", type=_positive_int, default=400)
+    a.add_argument("--pre-days", type=_positive_float, default=14.0)
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser(
+        "online",
+        help="the online loop: the mesh with a ranker-vs-heuristic experiment, simulated "
+        "traffic, analysis -> reports/experiment.json",
+    )
+    p.add_argument("--dataset", default="sim-small")
+    p.add_argument("--days", type=_positive_float, default=3.0)
+    p.add_argument("--users", type=_positive_int, help="play this many sampled users (all)")
+    p.add_argument("--threads", type=_positive_int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="registry version to serve (default: the dataset's newest)")
+    p.set_defaults(func=cmd_online)
+
+
+def cmd_traffic(args: argparse.Namespace) -> int:
+    from tools.traffic import TrafficConfig, iter_rows, run_traffic
+
+    paths = Paths.from_env()
+    gateway = args.addr or _gateway_address()
+    events = args.events_addr or _mesh_address("features")
+    cfg = TrafficConfig(days=args.days, threads=args.threads, seed=args.seed, users=args.users)
+    summary = run_traffic(paths, args.dataset, gateway, events, cfg)
+    print(table(list(iter_rows(summary)), align="<>>>>>>"))
+    print(
+        f"\n{summary['feeds']} feeds in {summary['seconds']:.1f} s: "
+        f"{summary['feeds_per_s']:.1f} feeds/s, "
+        f"{summary['simulated_days_per_minute']:.2f} simulated days/min; "
+        f"{summary['events_sent']} events sent, {summary['feed_errors']} feed errors"
+    )
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from tools.online import analyze, serving_version
+
+    paths = Paths.from_env()
+    location = args.log or str(paths.data / args.dataset / "online" / "eventlog")
+    exp_file = Path(args.experiment) if args.experiment else paths.home / "run" / "experiment.json"
+    if not exp_file.exists():
+        raise FileNotFoundError(f"no experiment file at {exp_file}: pass --experiment")
+    import yaml
+
+    experiment = yaml.safe_load(exp_file.read_text())
+    traffic_file = paths.reports / "traffic.json"
+    traffic = json.loads(traffic_file.read_text()) if traffic_file.exists() else None
+    try:
+        _, eval_report = serving_version(paths, args.dataset)
+    except Exception:  # no registry: the offline comparison is left out
+        eval_report = None
+    result = analyze(
+        paths,
+        args.dataset,
+        location,
+        experiment,
+        eval_report=eval_report,
+        traffic=traffic,
+        pre_days=args.pre_days,
+        aa_splits=args.aa_splits,
+    )
+    _print_experiment(result)
+    return 0
+
+
+def cmd_online(args: argparse.Namespace) -> int:
+    from tools.online import OnlineConfig, run_online
+
+    cfg = OnlineConfig(
+        dataset=args.dataset,
+        days=args.days,
+        threads=args.threads,
+        seed=args.seed,
+        users=args.users,
+        model=args.model,
+    )
+    result = run_online(Paths.from_env(), cfg)
+    _print_experiment(result)
+    return 0
+
+
+def _print_experiment(result: dict[str, Any]) -> None:
+    lift = result["lift"]["gmv_per_user"]
+    rows = [("arm", "users", "sessions", "GMV/user", "conversion")]
+    for arm, s in result["arms"].items():
+        rows.append(
+            (arm, str(s["users"]), str(s["sessions"]), f"{s['gmv_per_user']:.3f}",
+             f"{s['conversion']:.4f}")
+        )  # fmt: skip
+    print(table(rows, align="<>>>>"))
+    print(
+        f"\nGMV/user lift {lift['estimate']:+.3f} [{lift['ci_low']:+.3f}, {lift['ci_high']:+.3f}]"
+        f", CUPED {lift.get('cuped_estimate', float('nan')):+.3f} "
+        f"[{lift.get('cuped_ci_low', float('nan')):+.3f}, "
+        f"{lift.get('cuped_ci_high', float('nan')):+.3f}]; "
+        f"SRM p = {result['srm_p_value']:.3g}; "
+        f"A/A false positives {result['aa']['false_positive_rate']:.3f}"
+    )
+    for key in ("offline_expected_lift", "oracle_true_lift"):
+        value = result.get(key)
+        print(f"{key}: {'-' if value is None else f'{value:+.1%}'}")
+    print("report: reports/experiment.md")
+
+
+def _mesh_address(name: str) -> str:
+    from tools.mesh import running_mesh
+
+    home = Paths.from_env().home
+    mesh = running_mesh(home, f"pass the {name} address")
+    address = mesh.addresses.get(name)
+    if address is None:
+        raise ValueError(f"the mesh under {home} has no listening {name} yet (still starting?)")
+    return address
 
 
 def _rollout_parser(sub: Any) -> None:

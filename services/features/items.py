@@ -233,6 +233,7 @@ class ItemStore:
         self._marker: Hashable = None
         self._changes: Hashable = None
         self._snapshot: ItemSnapshot | None = None
+        self._closers: list[Callable[[], None]] = []
 
     def snapshot(self) -> ItemSnapshot:
         snap = self._snapshot
@@ -289,6 +290,27 @@ class ItemStore:
             self.stats.last_inventory_ms = (time.perf_counter() - started) * 1e3
             return True
 
+    def apply_inventory(self, item_ids: np.ndarray, stock: np.ndarray) -> int:
+        """Set the stock of ``item_ids`` now (an inventory event just ingested), ahead of the
+        online store's next refresh; items outside the catalogue are ignored. Returns the
+        items changed. The table is copied, never edited in place: a request being served
+        keeps the snapshot it took."""
+        with self._write:
+            snap = self.snapshot()
+            rows = snap.index.rows(np.asarray(item_ids, dtype=np.int64))
+            known = rows < snap.n_items
+            if not known.any():
+                return 0
+            rows = rows[known]
+            stock = np.asarray(stock, dtype=np.int64)[known]
+            features = dict(snap.features)
+            for name, values in (("stock", stock), (IN_STOCK, (stock > 0).astype(np.int64))):
+                column = features[name].copy()
+                column[rows] = values
+                features[name] = column
+            self._snapshot = dataclasses.replace(snap, features=features)
+            return int(known.sum())
+
     def batch_due(self) -> bool:
         if time.time() - self.snapshot().batch_loaded_at >= self.batch_refresh_s:
             return True
@@ -319,6 +341,12 @@ class ItemStore:
         """Stop the refresher and wait for a refresh in progress to end."""
         self._refresher.close(timeout)
         close_reader(self.reader)
+        for close in self._closers:
+            close()
+
+    def add_closer(self, close: Callable[[], None]) -> None:
+        """Run ``close`` after the refresher stops (the event log the service appends to)."""
+        self._closers.append(close)
 
 
 class MaterializationWatch:

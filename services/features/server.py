@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 from grpc_health.v1.health import HealthServicer
+from homefeed.events.v1 import events_pb2, events_pb2_grpc
 from homefeed.features.v1 import features_pb2, features_pb2_grpc
 
 from contract import bundle as B
+from contract import events as E
 from contract.bundle import BundleError
 from contract.catalog import Catalog
+from contract.eventlog import EventLogError, RedisStreamLog, SegmentLog, is_redis_url
 from contract.feature_store import open_store
 from contract.heuristic import Heuristic
 from services.common import telemetry
@@ -23,17 +28,25 @@ from services.common.online import open_reader
 from services.common.server import Started, StartupError, build_server, run_service
 from services.common.users import UserReader, open_user_reader
 from services.features.assembler import Assembler
+from services.features.events import EventIngestor
 from services.features.items import ITEM_VIEWS, ItemStore, MaterializationWatch
 from services.features.settings import SERVICE, FeaturesSettings
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name
+EVENTS_SERVICE_NAME: str = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 
 
-def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, UserReader, str]:
-    """The loaded item table (refresher not started), the user reader and the version of the
-    bundle whose catalogue it serves; StartupError naming what is missing otherwise."""
+def load_item_store(
+    settings: FeaturesSettings,
+) -> tuple[ItemStore, UserReader, str, FeatureStore]:
+    """The loaded item table (refresher not started), the user reader, the version of the
+    bundle whose catalogue it serves and the store; StartupError naming what is missing
+    otherwise."""
     paths = settings.paths
     registry = paths.feast(settings.dataset) / "registry.db"
     if not registry.exists():
@@ -81,16 +94,64 @@ def load_item_store(settings: FeaturesSettings) -> tuple[ItemStore, UserReader, 
             "recency_days": heuristic.recency_days,
         },
     )
-    return items, open_user_reader(store, np.arange(64)), resolved.version
+    return items, open_user_reader(store, np.arange(64)), resolved.version, store
+
+
+def open_ingestor(
+    settings: FeaturesSettings, items: ItemStore, store: FeatureStore
+) -> tuple[EventIngestor, Callable[[], None]]:
+    """The event log opened (a torn tail recovered), the ingestor that pushes to ``store``
+    and updates ``items``, its windows replayed from the log; and how to close the log."""
+    from feast.data_source import PushMode
+
+    location = settings.event_log_location
+    started = time.perf_counter()
+    try:
+        event_log: SegmentLog | RedisStreamLog = (
+            RedisStreamLog.open(location)
+            if is_redis_url(location)
+            else SegmentLog.open(location, fsync=settings.event_log_fsync)
+        )
+    except (OSError, ValueError, EventLogError) as err:
+        raise StartupError(f"cannot open the event log {location}: {err}") from err
+
+    def push(source: str, frame: Any) -> None:
+        store.push(source, frame, to=PushMode.ONLINE)
+
+    ingestor = EventIngestor(event_log, push=push, apply_inventory=items.apply_inventory)
+    replayed = ingestor.replay(E.decode(payload) for _, _, payload in event_log.read())
+    log.info(
+        "event log open",
+        extra={
+            "event_log": location,
+            "replayed_events": replayed,
+            **{k: v for k, v in event_log.stats().items() if isinstance(v, int | float)},
+            "ms": round((time.perf_counter() - started) * 1e3, 1),
+        },
+    )
+    return ingestor, event_log.close
 
 
 def _build(
     settings: FeaturesSettings,
 ) -> tuple[grpc.Server, int, ItemStore, HealthServicer]:
-    from services.features.servicer import FeaturesServicer
+    from services.features.servicer import EventsServicer, FeaturesServicer
 
-    items, users, version = load_item_store(settings)  # before build_server: SERVING
-    servicer = FeaturesServicer(Assembler(items, users), model_version=version)
+    items, users, version, store = load_item_store(settings)  # before build_server: SERVING
+    try:
+        ingestor, close_log = open_ingestor(settings, items, store)
+    except BaseException:
+        items.close()
+        raise
+    servicer = FeaturesServicer(
+        Assembler(items, users), model_version=version, purchases=ingestor.purchases
+    )
+    events = EventsServicer(ingestor)
+
+    def register(server: grpc.Server) -> None:
+        features_pb2_grpc.add_FeaturesServiceServicer_to_server(servicer, server)
+        events_pb2_grpc.add_EventsServiceServicer_to_server(events, server)
+
     tel = telemetry.current()
     tel.model_info(lambda: version)
     tel.gauge(
@@ -105,12 +166,14 @@ def _build(
     try:
         server, port, health = build_server(
             settings.server,
-            [SERVICE_NAME],
-            lambda s: features_pb2_grpc.add_FeaturesServiceServicer_to_server(servicer, s),
+            [SERVICE_NAME, EVENTS_SERVICE_NAME],
+            register,
         )
     except OSError:
         items.close()
+        close_log()
         raise
+    items.add_closer(close_log)
     items.start()
     return server, port, items, health
 

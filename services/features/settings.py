@@ -13,6 +13,11 @@
 - ``HOMEFEED_FEATURES_BATCH_REFRESH_S`` (3600): seconds between full reloads of the batch
   item views when nothing was materialized (a new materialization reloads them at the next
   inventory tick; a full reload takes about a second of CPU, so it is not done for nothing).
+- ``HOMEFEED_EVENT_LOG`` (``<home>/data/<dataset>/eventlog``): where ``LogEvents`` appends:
+  a directory of local segment files (fsync per batch), or ``redis://host:port/db`` for a
+  Redis Stream (``contract.eventlog``);
+- ``HOMEFEED_EVENT_LOG_FSYNC`` (true): fsync each batch before acknowledging it (off only
+  for throwaway benchmarks);
 - ``HOMEFEED_FEATURES_SQLITE_FAST_PATH`` (true): read the SQLite online tables with SQL
   (checked against Feast's own read at start) instead of ``online_read``.
 
@@ -52,6 +57,8 @@ class FeaturesSettings:
     batch_refresh_s: float = 3600.0
     sqlite_fast_path: bool = True
     bundle: BundleRef | None = None  # None: the registry's champion under home
+    event_log: str = ""  # "": <home>/data/<dataset>/eventlog
+    event_log_fsync: bool = True
 
     def __post_init__(self) -> None:
         if self.online_store not in ONLINE_STORES:
@@ -79,6 +86,11 @@ class FeaturesSettings:
         return Paths(self.home)
 
     @property
+    def event_log_location(self) -> str:
+        """The event log: a directory path, or a ``redis://`` URL."""
+        return self.event_log or str(self.paths.eventlog(self.dataset))
+
+    @property
     def source(self) -> BundleRef:
         return self.bundle if self.bundle is not None else BundleRef(self.home, service=SERVICE)
 
@@ -103,4 +115,6 @@ class FeaturesSettings:
             batch_refresh_s=env_float("HOMEFEED_FEATURES_BATCH_REFRESH_S", d.batch_refresh_s),
             sqlite_fast_path=env_bool("HOMEFEED_FEATURES_SQLITE_FAST_PATH", d.sqlite_fast_path),
             bundle=BundleRef.from_env(SERVICE, home),
+            event_log=env_str("HOMEFEED_EVENT_LOG", d.event_log) or "",
+            event_log_fsync=env_bool("HOMEFEED_EVENT_LOG_FSYNC", d.event_log_fsync),
         )

@@ -16,7 +16,7 @@ down fails fast into the fallback.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -96,6 +96,8 @@ class FeedRequest:
     cart_item_ids: np.ndarray  # int64, <= 100, non-negative
     page_size: int
     context: common_pb2.RequestContext  # forwarded as is; country/device pick popularity
+    # int64, <= 1000: already shown this session; excluded like the cart, never served
+    seen_item_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,8 @@ class GrpcRetrieval:
             include_user_features=True,
         )
         message.exclude_item_ids.extend(cart)
+        if len(request.seen_item_ids):
+            message.exclude_item_ids.extend(request.seen_item_ids.tolist())
         message.cart_item_ids.extend(cart)
         response = _invoke(self._stub.Retrieve, RETRIEVE, message, timeout_s, request)
         ids = np.array(response.item_ids, dtype=np.int64)

@@ -11,8 +11,9 @@ Per request (``FeedPipeline.run``):
 2. **Retrieve** ``candidates`` items excluding the cart, and the user's online features as
    retrieval read them. Fallback (failure, timeout, open breaker): the bundle's popularity
    list of the request's (country, device), flag DEGRADATION_RETRIEVAL.
-3. **Filter** the cart's items and repeated ids out (retrieval was asked to exclude the
-   cart, and the popularity list was not).
+3. **Filter** the cart's items, the items the frontend has already shown this session
+   (``seen_item_ids``) and repeated ids out (retrieval was asked to exclude the cart and
+   the seen items, and the popularity list was not).
 4. **Features** of the remaining candidates (with the user's features, so the service does
    not read them again), then drop every row that is not ``available`` (out of stock,
    delisted, unknown): such an item is never served. Fallback: no item facts,
@@ -26,6 +27,12 @@ Per request (``FeedPipeline.run``):
 6. **Re-rank** (``rerank.py``): category cap, new-seller share, exploration over retrieval's
    exploration draw with exact propensities, the coins seeded by the request id.
 
+An experiment (``experiment.py``) may put the user in an arm whose policy is the heuristic:
+ranking is then not called and the page is ordered as the ranking fallback orders it,
+without a degradation flag. A user the canary holds is in no experiment arm.
+
+Once answered, the page goes to the impression log (``feedlog.py``) off the request path.
+
 Every hop reports the bundle version it serves; a page whose hops disagree with the
 gateway's version is flagged (``version_skew``) and logged.
 
@@ -37,6 +44,7 @@ Every array of item ids is int64 end to end; no Python loop runs over the candid
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -69,6 +77,8 @@ from services.gateway.clients import (
     RetrievalClient,
     Scores,
 )
+from services.gateway.experiment import HEURISTIC, Experiment
+from services.gateway.feedlog import FeedLogger, LogInfo
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +196,9 @@ class FeedPage:
     ranking_ms: float | None = None  # the ranking call's wall time (None: not called)
     ranked: Scores | None = None  # the ranking hop's answer (canary analysis)
     trace: dict[str, Any] = field(default_factory=dict)  # figures for the request's span
+    experiment: str = ""  # the experiment and arm the user is in ("" when none)
+    experiment_arm: str = ""
+    log: LogInfo | None = None  # for the impression log; None when nothing logs
 
 
 def make_breakers(
@@ -197,8 +210,8 @@ def make_breakers(
 def _drop_cart_and_repeats(
     found: Candidates, cart: np.ndarray, n: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ids, scores and sources of the candidates without the cart's items and repeated ids
-    (the first occurrence stays), at most ``n``."""
+    """Ids, scores and sources of the candidates without the cart's (and seen) items and
+    repeated ids (the first occurrence stays), at most ``n``."""
     ids, scores, sources = found.item_ids, found.scores, found.sources
     ordered = np.sort(ids)
     if (ordered[1:] == ordered[:-1]).any():
@@ -229,6 +242,8 @@ class FeedPipeline:
         on_close: Callable[[], None] | None = None,
         model_version: str = "",
         router: CanaryRouter | None = None,
+        experiment: Experiment | None = None,
+        feed_logger: FeedLogger | None = None,
     ) -> None:
         self.retrieval = retrieval
         self.features = features
@@ -257,6 +272,10 @@ class FeedPipeline:
         self.router = router  # canary releases; None: every request is stable
         if router is not None:
             self._closers.insert(0, router.close)
+        self.experiment = experiment  # None: no experiment runs
+        self.feed_logger = feed_logger  # None: served feeds are not logged
+        if feed_logger is not None:
+            self._closers.insert(0, feed_logger.close)
 
     def add_closer(self, close: Callable[[], None]) -> None:
         """Run ``close`` on ``close()``, before the ones added earlier."""
@@ -371,6 +390,10 @@ class FeedPipeline:
         times = StageTimes()
         router = self.router
         arm = router.arm(request.user_id) if router is not None else cfg.arm
+        exp_arm = None
+        if self.experiment is not None and arm != CANARY_ARM:
+            exp_arm = self.experiment.arm_of(request.user_id)
+        skip_ranking = exp_arm is not None and exp_arm.policy == HEURISTIC
 
         n = cfg.candidates
         found, _ = self._call(
@@ -386,7 +409,10 @@ class FeedPipeline:
         t1 = clock()
         times.retrieval = (t1 - t0) * 1e3
 
-        ids, scores, sources = _drop_cart_and_repeats(found, request.cart_item_ids, n)
+        excluded = request.cart_item_ids
+        if len(request.seen_item_ids):
+            excluded = np.concatenate([excluded, request.seen_item_ids])
+        ids, scores, sources = _drop_cart_and_repeats(found, excluded, n)
         t2 = clock()
         times.filter = (t2 - t1) * 1e3
         after_filter = len(ids)
@@ -406,6 +432,7 @@ class FeedPipeline:
 
         ranked = None
         ranking_ms = None
+        matrix_rows: np.ndarray | None = None
         categories = new_seller = None
         # ranking's version is not compared: a canary and a promotion serve another ranking
         # bundle on purpose, and its feature schema hash is checked on every Rank
@@ -422,14 +449,16 @@ class FeedPipeline:
             values, heuristic = facts.values, facts.heuristic_scores
             categories, new_seller = facts.categories, facts.new_seller
             row_mask = None
+            matrix_rows = np.arange(len(ids))
             if not available.all():  # ranking gets the whole matrix and this mask
                 row_mask = available
+                matrix_rows = matrix_rows[available]
                 ids, scores, sources = ids[available], scores[available], sources[available]
                 values, heuristic = values[available], heuristic[available]
                 categories, new_seller = categories[available], new_seller[available]
             t4 = clock()
             times.filter += (t4 - t3) * 1e3
-            if len(ids):
+            if len(ids) and not skip_ranking:
                 ranking, breaker = self.ranking, None
                 if arm == CANARY_ARM and router is not None:
                     ranking, breaker = router.canary_client() or ranking, router.breaker
@@ -474,6 +503,18 @@ class FeedPipeline:
             rng=rng,
         )
         slots = page.index
+        log_info = None
+        if self.feed_logger is not None:
+            log_info = self._log_info(
+                request,
+                retrieved - after_filter,
+                facts,
+                slots,
+                categories,
+                new_seller,
+                None if facts is None else facts.prices[matrix_rows],
+                matrix_rows,
+            )
         t6 = clock()
         times.rerank = (t6 - t5) * 1e3
         skew = self.version_skew(versions, request)
@@ -511,6 +552,45 @@ class FeedPipeline:
             ranking_ms=ranking_ms,
             ranked=ranked,
             trace=figures,
+            experiment=self.experiment.name if exp_arm is not None and self.experiment else "",
+            experiment_arm=exp_arm.name if exp_arm is not None else "",
+            log=log_info,
+        )
+
+    def _log_info(
+        self,
+        request: FeedRequest,
+        filtered: int,
+        facts: Any,
+        slots: np.ndarray,
+        categories: np.ndarray | None,
+        new_seller: np.ndarray | None,
+        prices: np.ndarray | None,
+        matrix_rows: np.ndarray | None,
+    ) -> LogInfo:
+        ctx = request.context
+        ts_ns = ctx.time.ToNanoseconds() if ctx.HasField("time") else time.time_ns()
+        seen = request.seen_item_ids
+        info = LogInfo(
+            user_id=request.user_id,
+            surface=request.surface,
+            ts_ns=ts_ns,
+            country=ctx.country,
+            device=ctx.device,
+            seen_filtered=filtered if len(seen) else 0,
+            seen_items=len(seen),
+        )
+        if facts is None or categories is None or new_seller is None or prices is None:
+            return info
+        logger = self.feed_logger
+        sample = logger is not None and logger.wants_features(request.request_id)
+        return dataclasses.replace(
+            info,
+            categories=categories[slots],
+            new_seller=new_seller[slots],
+            prices=prices[slots],
+            matrix=facts.matrix if sample else None,
+            matrix_rows=matrix_rows[slots] if sample and matrix_rows is not None else None,
         )
 
     def _stage_span(
@@ -547,6 +627,8 @@ class FeedPipeline:
                     **page.trace,
                 )
             )
+        if self.feed_logger is not None and page.log is not None:
+            self.feed_logger.offer(page)
         if self.router is not None:
             self.router.record(
                 page.arm,

@@ -8,16 +8,19 @@ import logging
 
 import grpc
 from grpc_health.v1.health import HealthServicer
+from homefeed.events.v1 import events_pb2, events_pb2_grpc
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
 from contract.bundle import POPULAR, BundleError
 from contract.popular import PopularityLists
-from services.common import telemetry
+from services.common import telemetry, tls
 from services.common.bundles import RegistryError, resolve_bundle
 from services.common.server import Started, StartupError, build_server, run_service
 from services.gateway.admission import Admission
 from services.gateway.canary import CanaryRouter
-from services.gateway.clients import Downstreams
+from services.gateway.clients import CHANNEL_OPTIONS, Downstreams
+from services.gateway.experiment import ExperimentError
+from services.gateway.feedlog import FeedLogger
 from services.gateway.pipeline import DOWNSTREAMS, FeedPipeline, make_breakers
 from services.gateway.readiness import HopWatcher
 from services.gateway.servicer import FeedServicer
@@ -54,6 +57,17 @@ def build_pipeline(
     router = None
     if settings.rollout_addr:
         router = CanaryRouter(settings.rollout_addr, settings.breaker)
+    experiment = settings.experiment
+    if experiment is not None:
+        try:
+            experiment.check_versions(version)
+        except ExperimentError as err:
+            raise StartupError(str(err)) from None
+    feed_logger = None
+    if settings.log_feeds:
+        feed_logger = connect_feed_logger(
+            settings.events_addr or settings.features_addr, settings.log_features_rate
+        )
     pipeline = FeedPipeline(
         downstreams.retrieval,
         downstreams.features,
@@ -65,10 +79,28 @@ def build_pipeline(
         on_close=downstreams.close,
         model_version=version,
         router=router,
+        experiment=experiment,
+        feed_logger=feed_logger,
     )
     if router is not None:
         router.start()
+    if feed_logger is not None:
+        feed_logger.start()
+    if experiment is not None:
+        log.info("experiment running", extra={"experiment": experiment.to_json()})
     return pipeline
+
+
+def connect_feed_logger(address: str, features_rate: float) -> FeedLogger:
+    """The impression logger over a channel of its own to the events service."""
+    channel = tls.channel(address, CHANNEL_OPTIONS)
+    stub = events_pb2_grpc.EventsServiceStub(channel)
+
+    def send(request: events_pb2.LogEventsRequest, timeout: float) -> events_pb2.LogEventsResponse:
+        response: events_pb2.LogEventsResponse = stub.LogEvents(request, timeout=timeout)
+        return response
+
+    return FeedLogger(send, features_rate=features_rate, on_close=channel.close)
 
 
 def _build(
@@ -146,6 +178,18 @@ def register_metrics(pipeline: FeedPipeline, admission: Admission) -> None:
             description="percent of users in the canary arm",
         )
     tel.model_info(lambda: pipeline.model_version)
+    logger = pipeline.feed_logger
+    if logger is not None:
+        tel.counter(
+            "homefeed_feed_log",
+            lambda: [
+                (float(logger.stats.sent), {"outcome": "sent"}),
+                (float(logger.stats.dropped_full), {"outcome": "dropped_queue_full"}),
+                (float(logger.stats.dropped_failed), {"outcome": "dropped_send_failed"}),
+                (float(logger.stats.rejected), {"outcome": "rejected"}),
+            ],
+            description="served feeds sent to the event log, and those lost",
+        )
 
 
 def create_server(

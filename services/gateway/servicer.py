@@ -29,6 +29,7 @@ from services.gateway.pipeline import FeedPage, FeedPipeline
 STAGE_METADATA_KEY = "hf-stage-ms"
 MAX_PAGE_SIZE = 100
 MAX_CART = 100
+MAX_SEEN = 1000
 
 
 def parse_request(request: feed_pb2.GetFeedRequest) -> FeedRequest:
@@ -38,6 +39,7 @@ def parse_request(request: feed_pb2.GetFeedRequest) -> FeedRequest:
     surface = check_surface(request.surface)
     user_id = check_range("user_id", request.user_id, 0, INT64_MAX)
     cart = check_ids("cart_item_ids", request.cart_item_ids, max_len=MAX_CART)
+    seen = check_ids("seen_item_ids", request.seen_item_ids, max_len=MAX_SEEN)
     check_context(request.context)
     return FeedRequest(
         request_id=request.request_id or uuid.uuid4().hex,
@@ -46,6 +48,7 @@ def parse_request(request: feed_pb2.GetFeedRequest) -> FeedRequest:
         cart_item_ids=cart,
         page_size=request.page_size,
         context=request.context,
+        seen_item_ids=seen,
     )
 
 
@@ -56,6 +59,8 @@ def to_response(page: FeedPage) -> feed_pb2.GetFeedResponse:
         arm=page.arm,
         candidates=page.candidates,
         version_skew=page.version_skew,
+        experiment=page.experiment,
+        experiment_arm=page.experiment_arm,
     )
     response.item_ids.extend(page.item_ids.tolist())
     extend_packed(response, "positions", np.arange(1, len(page.item_ids) + 1))

@@ -54,6 +54,16 @@ Canary releases (``canary.CanaryRouter``):
 - ``HOMEFEED_GATEWAY_REPLICA`` (else ``POD_NAME``, else ``<host>:<pid>``): this replica's
   name in the reports.
 
+Experiments and the impression log:
+
+- ``HOMEFEED_GATEWAY_EXPERIMENT`` (unset: none): a YAML/JSON file with the experiment's
+  name, salt and arms (``experiment.Experiment``);
+- ``HOMEFEED_GATEWAY_LOG_FEEDS`` (true): send every served feed to the event log;
+- ``HOMEFEED_EVENTS_ADDR`` (else ``HOMEFEED_FEATURES_ADDR``: the features process serves
+  ``LogEvents``): ``host:port`` of the events service;
+- ``HOMEFEED_GATEWAY_LOG_FEATURES_RATE`` (0.05): share of logged feeds that carry the
+  feature rows they were ranked with (skew checks).
+
 plus ``HOMEFEED_GATEWAY_{HOST,PORT,...}`` (``ServerSettings``; ``MAX_WORKERS`` is derived).
 """
 
@@ -69,6 +79,7 @@ from services.common.bundles import BundleRef
 from services.common.settings import (
     ServerSettings,
     SettingsError,
+    env_bool,
     env_float,
     env_int,
     env_str,
@@ -76,6 +87,7 @@ from services.common.settings import (
 from services.common.settings import require as require_env
 from services.gateway.admission import AdmissionConfig
 from services.gateway.breaker import BreakerConfig
+from services.gateway.experiment import Experiment, ExperimentError
 from services.gateway.pipeline import PipelineConfig
 from services.gateway.rerank import RerankConfig
 
@@ -104,12 +116,20 @@ class GatewaySettings:
     hop_check_s: float = 1.0
     spare_rpcs: int = SPARE_RPCS
     rollout_addr: str | None = None  # the rollout controller; None: no canary releases
+    experiment: Experiment | None = None
+    log_feeds: bool = True
+    events_addr: str = ""  # "": features_addr
+    log_features_rate: float = 0.05
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.hop_check_s <= 60:
             raise SettingsError(f"{PREFIX}HOP_CHECK_S must be 0.05..60, got {self.hop_check_s}")
         if not 1 <= self.spare_rpcs <= 64:
             raise SettingsError(f"{PREFIX}SPARE_RPCS must be 1..64, got {self.spare_rpcs}")
+        if not 0.0 <= self.log_features_rate <= 1.0:
+            raise SettingsError(
+                f"{PREFIX}LOG_FEATURES_RATE must be in [0, 1], got {self.log_features_rate}"
+            )
 
     @property
     def serving(self) -> ServerSettings:
@@ -237,7 +257,20 @@ class GatewaySettings:
             hop_check_s=env_float(PREFIX + "HOP_CHECK_S", 1.0),
             spare_rpcs=env_int(PREFIX + "SPARE_RPCS", SPARE_RPCS),
             rollout_addr=env_str("HOMEFEED_ROLLOUT_ADDR"),
+            experiment=_experiment(env_str(PREFIX + "EXPERIMENT")),
+            log_feeds=env_bool(PREFIX + "LOG_FEEDS", True),
+            events_addr=env_str("HOMEFEED_EVENTS_ADDR", "") or features,
+            log_features_rate=env_float(PREFIX + "LOG_FEATURES_RATE", 0.05),
         )
+
+
+def _experiment(path: str | None) -> Experiment | None:
+    if not path:
+        return None
+    try:
+        return Experiment.load(path)
+    except ExperimentError as err:
+        raise SettingsError(f"{PREFIX}EXPERIMENT: {err}") from None
 
 
 def _build(factory: Callable[..., C], fields: dict[str, tuple[str, object]]) -> C:

@@ -52,7 +52,7 @@ demo: setup ## Small preset + Complete Journey: data, features, training, regist
 	$(VENV)/bin/homefeed demo --preset $(PRESET)
 
 online: setup ## The online loop (after make demo): ranker vs heuristic A/B through the mesh with simulated buyers -> reports/experiment.json
-	$(VENV)/bin/homefeed online --dataset sim-$(PRESET)
+	$(VENV)/bin/homefeed online --dataset sim-$(PRESET) --days 2
 
 bench: setup ## Closed-loop gRPC load: the mesh vs the bare gRPC floor and the naive reference, then tracing's cost (after make demo) -> reports/bench.json, reports/tracing.json
 	$(VENV)/bin/python -m tools.bench --preset $(PRESET)

@@ -621,8 +621,17 @@ def _online_parsers(sub: Any) -> None:
         help="the experiment's JSON/YAML file (default: the one `homefeed online` ran)",
     )
     a.add_argument("--aa-splits", type=_positive_int, default=400)
-    a.add_argument("--pre-days", type=_positive_float, default=14.0)
+    a.add_argument("--pre-days", type=_positive_float, default=30.0)
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser(
+        "monitor",
+        help="drift, score drift, freshness and calibration of the serving window in the "
+        "event log -> reports/monitor.{json,md,png}",
+    )
+    p.add_argument("--dataset", default="sim-small")
+    p.add_argument("--log", help="event log directory or redis:// URL (the online loop's)")
+    p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser(
         "online",
@@ -636,6 +645,22 @@ def _online_parsers(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="registry version to serve (default: the dataset's newest)")
     p.set_defaults(func=cmd_online)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from tools.monitor import run_monitor
+    from tools.online import serving_version
+
+    paths = Paths.from_env()
+    location = args.log or str(paths.data / args.dataset / "online" / "eventlog")
+    _, eval_report = serving_version(paths, args.dataset)
+    result = run_monitor(paths, args.dataset, location, eval_report.parent.parent)
+    flags = result["flags"]
+    print(f"{len(flags)} flag(s)" + (":" if flags else ""))
+    for flag in flags:
+        print(f"  {flag['kind']:<12} {flag['name']:<28} {flag['value']} > {flag['threshold']}")
+    print("report: reports/monitor.md")
+    return 0
 
 
 def cmd_traffic(args: argparse.Namespace) -> int:

@@ -58,7 +58,7 @@ class OnlineError(RuntimeError):
 class OnlineConfig:
     dataset: str = "sim-small"
     days: float = 3.0
-    pre_days: float = 14.0
+    pre_days: float = 30.0
     threads: int = 4
     seed: int = 0
     users: int | None = None
@@ -150,7 +150,7 @@ def analyze(
     *,
     eval_report: Path | None = None,
     traffic: dict[str, Any] | None = None,
-    pre_days: float = 14.0,
+    pre_days: float = 30.0,
     aa_splits: int = 400,
     out_dir: Path | None = None,
 ) -> dict[str, Any]:

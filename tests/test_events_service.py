@@ -107,8 +107,10 @@ def test_recent_activity_counts_the_24_hours_before_the_latest_event_as_training
     assert activity.counts(7)[:2] == (2, 1)
     activity.add(7, T0 + HOUR + WINDOW_NS, False)  # T0 and T0 + 1 h fall out: (t - 24 h, t]
     assert activity.counts(7)[:2] == (2, 0)
-    activity.add(7, T0 + 30 * 60 * 10**9, True)  # late, out of order: still counted
+    activity.add(7, T0 + 30 * 60 * 10**9, True)  # late and before the window: not counted
     assert activity.counts(7)[:2] == (2, 0)
+    activity.add(7, T0 + 3 * HOUR, True)  # late but inside the window: counted
+    assert activity.counts(7)[:2] == (2, 1)
     assert activity.counts(8) == (0, 0, 0)
 
 

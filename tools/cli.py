@@ -653,8 +653,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
     paths = Paths.from_env()
     location = args.log or str(paths.data / args.dataset / "online" / "eventlog")
-    _, eval_report = serving_version(paths, args.dataset)
-    result = run_monitor(paths, args.dataset, location, eval_report.parent.parent)
+    _, bundle = serving_version(paths, args.dataset)
+    result = run_monitor(paths, args.dataset, location, bundle)
     flags = result["flags"]
     print(f"{len(flags)} flag(s)" + (":" if flags else ""))
     for flag in flags:
@@ -682,7 +682,7 @@ def cmd_traffic(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from tools.online import analyze, serving_version
+    from tools.online import analyze, eval_report_of, serving_version
 
     paths = Paths.from_env()
     location = args.log or str(paths.data / args.dataset / "online" / "eventlog")
@@ -695,7 +695,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     traffic_file = paths.reports / "traffic.json"
     traffic = json.loads(traffic_file.read_text()) if traffic_file.exists() else None
     try:
-        _, eval_report = serving_version(paths, args.dataset)
+        eval_report = eval_report_of(serving_version(paths, args.dataset)[1])
     except Exception:  # no registry: the offline comparison is left out
         eval_report = None
     result = analyze(

@@ -30,11 +30,12 @@ import numpy as np
 import pandas as pd
 
 from contract import columns as C
+from contract.bundle import EVAL_DIR
 from contract.paths import Paths
 from contract.timeutil import NS_PER_DAY, to_ns
 from training import experiment as X
 from training.eventlogs import read_log, user_outcomes
-from training.tables import read_tables
+from training.tables import RowsById, read_tables
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class OnlineConfig:
 
 def serving_version(paths: Paths, dataset: str) -> tuple[str, Path]:
     """The newest registry version trained on ``dataset`` with the code's feature schema,
-    and its bundle's evaluation report; OnlineError when there is none."""
+    and its bundle directory; OnlineError when there is none."""
     from contract.features import feature_schema
     from contract.registry import Registry, default_tracking_uri
 
@@ -90,8 +91,12 @@ def serving_version(paths: Paths, dataset: str) -> tuple[str, Path]:
             f"run `make demo` first (HOMEFEED_HOME={paths.home})"
         )
     best = max(fitting, key=lambda v: int(v.version))
-    bundle = paths.artifacts / "bundles" / best.tags["bundle_version"]
-    return str(best.version), bundle / "eval" / "eval.json"
+    return str(best.version), paths.artifacts / "bundles" / best.tags["bundle_version"]
+
+
+def eval_report_of(bundle: Path) -> Path:
+    """A bundle's evaluation report (``contract.bundle.EVAL_DIR``)."""
+    return bundle / EVAL_DIR / "eval.json"
 
 
 def pre_period_gmv(paths: Paths, dataset: str, days: float) -> pd.DataFrame:
@@ -111,8 +116,9 @@ def pre_period_gmv(paths: Paths, dataset: str, days: float) -> pd.DataFrame:
     recent = imp[to_ns(imp[C.TS]) >= start]
     sessions = recent.groupby(C.USER_ID)[C.REQUEST_ID].nunique().rename("pre_sessions")
     buys = buys[to_ns(buys[C.TS]) >= start]
-    owner = imp.set_index(C.IMPRESSION_ID)[C.USER_ID]
-    users = owner.reindex(buys[C.IMPRESSION_ID].to_numpy()).to_numpy()
+    rows = RowsById(imp[C.IMPRESSION_ID].to_numpy())(buys[C.IMPRESSION_ID].to_numpy())
+    buys = buys[rows >= 0]  # validated tables: every purchase has its impression
+    users = imp[C.USER_ID].to_numpy()[rows[rows >= 0]]
     spend = (
         pd.Series(buys[C.PRICE].to_numpy() * buys[C.QUANTITY].to_numpy(), index=users)
         .groupby(level=0)
@@ -153,9 +159,10 @@ def analyze(
     pre_days: float = 30.0,
     aa_splits: int = 400,
     out_dir: Path | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The experiment's report (module docstring, step 5); written to ``out_dir``
-    (default ``reports/``) as experiment.json, .md and .png."""
+    """The experiment's report (module docstring, step 5), with ``extra``'s keys; written
+    to ``out_dir`` (default ``reports/``) as experiment.json, .md and .png."""
     started = time.perf_counter()
     feeds, events = read_log(log_location)
     if feeds.empty:
@@ -168,7 +175,8 @@ def analyze(
     users = users.merge(pre, on=C.USER_ID, how="left").fillna({"pre_gmv": 0.0, "pre_sessions": 0})
     arms = [a["name"] for a in experiment["arms"]]
     control, treatment = (CONTROL, TREATMENT) if set(arms) >= {CONTROL, TREATMENT} else arms[:2]
-    extra: dict[str, Any] = {
+    extra = {
+        **(extra or {}),
         "experiment": experiment,
         "event_log": {
             "location": str(log_location),
@@ -246,7 +254,8 @@ def run_online(paths: Paths, cfg: OnlineConfig) -> dict[str, Any]:
     if cfg.model is not None:
         version, eval_report = cfg.model, None
     else:
-        version, eval_report = serving_version(paths, cfg.dataset)
+        version, bundle = serving_version(paths, cfg.dataset)
+        eval_report = eval_report_of(bundle)
     experiment = DEFAULT_EXPERIMENT
     experiment_file = write_experiment(paths, experiment)
     location = prepare_log(paths, cfg.dataset)
@@ -272,7 +281,15 @@ def run_online(paths: Paths, cfg: OnlineConfig) -> dict[str, Any]:
             mesh.addresses["features"],
             TrafficConfig(days=cfg.days, threads=cfg.threads, seed=cfg.seed, users=cfg.users),
         )
-    result = analyze(
+    summary = {
+        k: traffic[k]
+        for k in (
+            "seconds", "sessions", "feeds", "feeds_per_s", "simulated_days_per_minute",
+            "events_sent", "events_rejected", "event_errors", "feed_errors",
+            "seen_items_served_again",
+        )
+    }  # fmt: skip
+    return analyze(
         paths,
         cfg.dataset,
         location,
@@ -281,15 +298,5 @@ def run_online(paths: Paths, cfg: OnlineConfig) -> dict[str, Any]:
         traffic=traffic,
         pre_days=cfg.pre_days,
         aa_splits=cfg.aa_splits,
+        extra={"traffic": summary, "model_version": version},
     )
-    result["traffic"] = {
-        k: traffic[k]
-        for k in (
-            "seconds", "sessions", "feeds", "feeds_per_s", "simulated_days_per_minute",
-            "events_sent", "events_rejected", "event_errors", "feed_errors",
-            "seen_items_served_again",
-        )
-    }  # fmt: skip
-    result["model_version"] = version
-    (paths.reports / "experiment.json").write_text(json.dumps(result, indent=2))
-    return result

@@ -211,25 +211,23 @@ class Driver:
         self.feed_errors = 0
         self.seen_repeats = 0  # a page item the session had already seen (must stay 0)
         self.quantity_extra = float(market.oracle.truth.params["quantity_extra_mean"])
+        self.rows = np.arange(len(market.user_ids))  # the users played (rows of user_ids)
+        if cfg.users is not None and cfg.users < len(self.rows):
+            chosen = np.random.default_rng(cfg.seed).choice(self.rows, cfg.users, replace=False)
+            self.rows = np.sort(chosen)
 
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
 
     def sessions(self, day: int, rng: np.random.Generator) -> pd.DataFrame:
-        m, cfg = self.market, self.cfg
-        users = m.user_ids
-        if cfg.users is not None and cfg.users < len(users):
-            users = np.sort(np.random.default_rng(cfg.seed).choice(users, cfg.users, replace=False))
-        rate = m.rate[np.searchsorted(m.user_ids, users)] * cfg.activity_scale
-        n = rng.poisson(rate)
-        who = np.repeat(np.arange(len(users)), n)
+        m = self.market
+        n = rng.poisson(m.rate[self.rows] * self.cfg.activity_scale)
+        rows = np.repeat(self.rows, n)
         start = m.end_ns + day * NS_PER_DAY
-        ts = start + (rng.random(len(who)) * NS_PER_DAY).astype(np.int64)
+        ts = start + (rng.random(len(rows)) * NS_PER_DAY).astype(np.int64)
         order = np.argsort(ts, kind="stable")
-        return pd.DataFrame(
-            {"row": np.searchsorted(m.user_ids, users[who[order]]), "ts": ts[order]}
-        )
+        return pd.DataFrame({"row": rows[order], "ts": ts[order]})
 
     def run_session(self, row: int, ts_ns: int, seed: int) -> None:
         m, cfg = self.market, self.cfg
@@ -311,14 +309,10 @@ class Driver:
         out["oracle_purchases"] = float(exam @ buy)
         out["oracle_gmv"] = float(exam @ np.where(known, values["gmv"], 0.0))
         out["oracle_margin"] = float(exam @ np.where(known, values["margin"], 0.0))
-        users = np.full(len(items), user, dtype=np.int64)
-        p_click, p_cart, p_buy = m.oracle.truth.probabilities(
-            users, np.where(known, items, 0), ts_ns
-        )
         examined = rng.random(len(items)) < exam
-        clicked = known & examined & (rng.random(len(items)) < p_click)
-        carted = clicked & (rng.random(len(items)) < p_cart)
-        bought = carted & (rng.random(len(items)) < p_buy)
+        clicked = known & examined & (rng.random(len(items)) < pc)
+        carted = clicked & (rng.random(len(items)) < values["cart"])
+        bought = carted & (rng.random(len(items)) < values["buy"])
         for k in np.flatnonzero(clicked).tolist():
             item, pos = int(items[k]), k + 1
             t_click = ts_ns + int((2.0 * pos + rng.exponential(20.0)) * NS_PER_S)
@@ -344,8 +338,7 @@ class Driver:
             purchase.price, purchase.quantity = price, quantity
             events.append(purchase)
             stock = _event(events_pb2.EVENT_KIND_INVENTORY, f"{request_id}:{item}:s",
-                           t_buy, -1, item)  # fmt: skip
-            stock.user_id = 0
+                           t_buy, 0, item)  # fmt: skip
             stock.stock = left
             events.append(stock)
             out["purchases"] += 1

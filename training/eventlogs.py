@@ -4,11 +4,11 @@ experiment analysis, monitoring and the training sets read.
 - ``feeds``: one row per served feed (``contract.events`` feed records), list columns kept
   as Python lists;
 - ``events``: one row per click, add-to-cart, purchase, impression or inventory event;
-- ``to_tables``: the impressions, clicks, add-to-carts, purchases and inventory of the
-  event tables (``docs/data-schema.md``) that a served model's own traffic adds to a
-  dataset: every served item is an impression (policy ``heuristic`` when the page was
-  ordered without the ranker, ``random`` for an exploration slot, else ``model``... see
-  :func:`to_tables`), with its logged propensity.
+- per served item (``served_items``), the logged feature rows of the sampled feeds
+  (``served_feature_rows``) and per-user outcomes (``user_outcomes``).
+
+Turning the log into the event tables of ``docs/data-schema.md`` (a dataset built from a
+served model's own traffic) is not written yet.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def served_items(feeds: pd.DataFrame) -> pd.DataFrame:
     features were up."""
     if feeds.empty:
         return pd.DataFrame(
-            columns=["request_id", "user_id", "ts", "arm", "experiment_arm", "item_id",
-                     "position", "score", "egmv", "propensity", "reason"]
+            columns=["request_id", "user_id", "ts", "arm", "experiment_arm", "model_version",
+                     "item_id", "position", "score", "egmv", "propensity", "reason"]
         )  # fmt: skip
     n = feeds["items"].map(len).to_numpy()
     out = pd.DataFrame(

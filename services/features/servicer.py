@@ -108,10 +108,6 @@ _KIND_OF = {
 }
 
 
-def _time_ns(message: Any) -> int:
-    return int(message.seconds) * 1_000_000_000 + int(message.nanos)
-
-
 def event_record(event: events_pb2.Event) -> dict[str, Any]:
     """An Event as its log record (contract.events); validated by the ingestor."""
     kind = _KIND_OF.get(event.kind, str(event.kind))
@@ -119,7 +115,7 @@ def event_record(event: events_pb2.Event) -> dict[str, Any]:
         "type": E.EVENT,
         "kind": kind,
         "event_id": event.event_id,
-        "ts": _time_ns(event.time) if event.HasField("time") else 0,
+        "ts": event.time.ToNanoseconds() if event.HasField("time") else 0,
         "user_id": event.user_id if kind != E.INVENTORY else -1,
         "item_id": event.item_id,
         "request_id": event.request_id,
@@ -140,7 +136,7 @@ def feed_record(feed: events_pb2.ServedFeed) -> dict[str, Any]:
         "type": E.FEED,
         "request_id": feed.request_id,
         "user_id": feed.user_id,
-        "ts": _time_ns(feed.time) if feed.HasField("time") else 0,
+        "ts": feed.time.ToNanoseconds() if feed.HasField("time") else 0,
         "surface": _SURFACE_OF.get(feed.surface, "?"),
         "items": list(feed.item_ids),
         "positions": list(feed.positions),

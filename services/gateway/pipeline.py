@@ -73,6 +73,7 @@ from services.gateway.clients import (
     DownstreamError,
     FeaturesClient,
     FeedRequest,
+    ItemFeatures,
     RankingClient,
     RetrievalClient,
     Scores,
@@ -207,19 +208,19 @@ def make_breakers(
     return {name: CircuitBreaker(name, config, clock) for name in DOWNSTREAMS}
 
 
-def _drop_cart_and_repeats(
-    found: Candidates, cart: np.ndarray, n: int
+def _drop_excluded_and_repeats(
+    found: Candidates, excluded: np.ndarray, n: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ids, scores and sources of the candidates without the cart's (and seen) items and
-    repeated ids (the first occurrence stays), at most ``n``."""
+    """Ids, scores and sources of the candidates without the ``excluded`` items (the cart's
+    and the seen ones) and repeated ids (the first occurrence stays), at most ``n``."""
     ids, scores, sources = found.item_ids, found.scores, found.sources
     ordered = np.sort(ids)
     if (ordered[1:] == ordered[:-1]).any():
         _, first = np.unique(ids, return_index=True)
         keep = np.sort(first)
         ids, scores, sources = ids[keep], scores[keep], sources[keep]
-    if len(cart):
-        mask = ~np.isin(ids, cart)
+    if len(excluded):
+        mask = ~np.isin(ids, excluded)
         if not mask.all():
             ids, scores, sources = ids[mask], scores[mask], sources[mask]
     return ids[:n], scores[:n], sources[:n]
@@ -412,7 +413,7 @@ class FeedPipeline:
         excluded = request.cart_item_ids
         if len(request.seen_item_ids):
             excluded = np.concatenate([excluded, request.seen_item_ids])
-        ids, scores, sources = _drop_cart_and_repeats(found, excluded, n)
+        ids, scores, sources = _drop_excluded_and_repeats(found, excluded, n)
         t2 = clock()
         times.filter = (t2 - t1) * 1e3
         after_filter = len(ids)
@@ -503,20 +504,12 @@ class FeedPipeline:
             rng=rng,
         )
         slots = page.index
-        log_info = None
-        if self.feed_logger is not None:
-            log_info = self._log_info(
-                request,
-                retrieved - after_filter,
-                facts,
-                slots,
-                categories,
-                new_seller,
-                None if facts is None else facts.prices[matrix_rows],
-                matrix_rows,
-            )
         t6 = clock()
         times.rerank = (t6 - t5) * 1e3
+        log_info = None
+        if self.feed_logger is not None:
+            served_rows = None if matrix_rows is None else matrix_rows[slots]
+            log_info = self._log_info(request, found.item_ids, facts, served_rows)
         skew = self.version_skew(versions, request)
         figures: dict[str, Any] = {}
         if trace.get_current_span().is_recording():
@@ -552,7 +545,7 @@ class FeedPipeline:
             ranking_ms=ranking_ms,
             ranked=ranked,
             trace=figures,
-            experiment=self.experiment.name if exp_arm is not None and self.experiment else "",
+            experiment=self.experiment.name if self.experiment and exp_arm else "",
             experiment_arm=exp_arm.name if exp_arm is not None else "",
             log=log_info,
         )
@@ -560,37 +553,34 @@ class FeedPipeline:
     def _log_info(
         self,
         request: FeedRequest,
-        filtered: int,
-        facts: Any,
-        slots: np.ndarray,
-        categories: np.ndarray | None,
-        new_seller: np.ndarray | None,
-        prices: np.ndarray | None,
-        matrix_rows: np.ndarray | None,
+        retrieved: np.ndarray,
+        facts: ItemFeatures | None,
+        served_rows: np.ndarray | None,
     ) -> LogInfo:
+        """What the impression log needs beyond the response; ``served_rows``: the rows of
+        ``facts`` the page shows, in slot order (None when features failed)."""
         ctx = request.context
-        ts_ns = ctx.time.ToNanoseconds() if ctx.HasField("time") else time.time_ns()
         seen = request.seen_item_ids
         info = LogInfo(
             user_id=request.user_id,
             surface=request.surface,
-            ts_ns=ts_ns,
+            ts_ns=ctx.time.ToNanoseconds() if ctx.HasField("time") else time.time_ns(),
             country=ctx.country,
             device=ctx.device,
-            seen_filtered=filtered if len(seen) else 0,
+            seen_filtered=int(np.isin(retrieved, seen).sum()) if len(seen) else 0,
             seen_items=len(seen),
         )
-        if facts is None or categories is None or new_seller is None or prices is None:
+        if facts is None or served_rows is None:
             return info
         logger = self.feed_logger
         sample = logger is not None and logger.wants_features(request.request_id)
         return dataclasses.replace(
             info,
-            categories=categories[slots],
-            new_seller=new_seller[slots],
-            prices=prices[slots],
+            categories=facts.categories[served_rows],
+            new_seller=facts.new_seller[served_rows],
+            prices=facts.prices[served_rows],
             matrix=facts.matrix if sample else None,
-            matrix_rows=matrix_rows[slots] if sample and matrix_rows is not None else None,
+            matrix_rows=served_rows if sample else None,
         )
 
     def _stage_span(

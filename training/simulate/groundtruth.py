@@ -198,7 +198,8 @@ class Oracle:
         at: pd.Timestamp | None = None,
         cart_item_ids: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
-        """Per examined item: expected click, purchase, GMV and margin."""
+        """Per examined item: expected click, purchase, GMV and margin, and the response
+        model's conditional steps ``cart`` = P(cart | click), ``buy`` = P(purchase | cart)."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
         users = np.full(len(item_ids), user_id, dtype=np.int64)
         cart_match = self._cart_match(item_ids, cart_item_ids)
@@ -207,6 +208,8 @@ class Oracle:
         gmv = buy * self.truth.item_price[item_ids] * self.mean_quantity
         return {
             "click": pc,
+            "cart": pa,
+            "buy": pb,
             "purchase": buy,
             "gmv": gmv,
             "margin": gmv * self.truth.item_margin[item_ids],

@@ -197,3 +197,15 @@ def check_context(context: common_pb2.RequestContext) -> datetime | None:
     check_range("context.time.seconds", context.time.seconds, _MIN_SECONDS, _MAX_SECONDS)
     check_range("context.time.nanos", context.time.nanos, 0, 999_999_999)
     return context.time.ToDatetime(tzinfo=UTC)
+
+
+def describe_error(err: BaseException) -> str:
+    """``DEADLINE_EXCEEDED: Deadline Exceeded`` for a grpc error, ``Type: message`` else."""
+    code = getattr(err, "code", None)
+    details = getattr(err, "details", None)
+    if callable(code) and callable(details):
+        try:
+            return f"{code().name}: {details()}"
+        except Exception:  # not a grpc.Call after all
+            pass
+    return f"{type(err).__name__}: {err}"

@@ -29,6 +29,7 @@ import numpy as np
 from homefeed.common.v1 import common_pb2
 from homefeed.events.v1 import events_pb2
 
+from services.common.errors import describe_error
 from services.common.matrix import extend_packed
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ class FeedLogger:
                     self.stats.dropped_failed += len(request.feeds)
                     log.warning(
                         "event log unavailable, served feeds lost",
-                        extra={"feeds": len(request.feeds), "error": _describe(err)},
+                        extra={"feeds": len(request.feeds), "error": describe_error(err)},
                     )
                 continue
             self.stats.batches += 1
@@ -270,8 +271,3 @@ class FeedLogger:
                     extra={"first": response.rejected[0].reason, "count": len(response.rejected)},
                 )
             return
-
-
-def _describe(err: Any) -> str:
-    code = getattr(err, "code", None)
-    return str(code().name) if callable(code) else type(err).__name__

@@ -59,6 +59,7 @@ from opentelemetry import trace
 
 from contract.popular import PopularityLists
 from services.common import telemetry
+from services.common.errors import describe_error
 from services.common.interceptors import LatencyRecorder, bounded
 from services.common.rollout_stats import CANARY, STABLE
 from services.common.telemetry import attributes
@@ -351,7 +352,7 @@ class FeedPipeline:
                     "downstream": name,
                     "arm": arm,
                     "request_id": request.request_id,
-                    "error": bounded(_describe(err), 300),
+                    "error": bounded(describe_error(err), 300),
                     "timeout_ms": round(timeout_s * 1e3, 2),
                     "counted": not refused,
                 },
@@ -675,15 +676,3 @@ def _is_refusal(err: BaseException) -> bool:
         return callable(code) and code() in _REFUSAL_CODES
     except Exception:  # an RpcError that is not a grpc.Call
         return False
-
-
-def _describe(err: BaseException) -> str:
-    """``DEADLINE_EXCEEDED: Deadline Exceeded`` for a grpc error, ``Type: message`` else."""
-    code = getattr(err, "code", None)
-    details = getattr(err, "details", None)
-    if callable(code) and callable(details):
-        try:
-            return f"{code().name}: {details()}"
-        except Exception:  # not a grpc.Call after all
-            pass
-    return f"{type(err).__name__}: {err}"

@@ -1,6 +1,7 @@
 """The Helm chart (helm/homefeed), rendered offline with the real helm for each values variant
 in helm/homefeed/ci/ and checked for what the cluster would enforce or rely on: probes,
-hardening, NetworkPolicies (evaluated as the API defines them), the canary, RBAC, the admin
+hardening, NetworkPolicies (evaluated as the API defines them), the canary, the online loop's
+event log and experiment (read back with the services' own settings), RBAC, the admin
 token's reach, the values schema, that every value is read, and the helm test pods' scripts
 (run here against real gRPC servers). No cluster: nothing is applied."""
 
@@ -324,7 +325,7 @@ def test_network_policies_admit_exactly_the_mesh_paths(rendered: dict[str, list[
     expected: dict[tuple[str, int], set[str]] = {
         ("gateway", 50051): {"frontend"},
         ("retrieval", 50052): {"gateway"},
-        ("features", 50053): {"gateway"},
+        ("features", 50053): {"gateway", "frontend"},  # frontend: LogEvents
         ("ranking", 50054): {"gateway"},
         ("ranking-canary", 50054): {"gateway", "rollout"},  # rollout: its health check
         ("ranking", 50064): {"rollout"},
@@ -373,6 +374,7 @@ def test_selectors_from_other_namespaces(rendered: dict[str, list[Doc]]) -> None
     pods = release_pods(docs)
     for labels, namespace, target, port in [
         ({"homefeed.io/frontend": "true"}, "storefront", "gateway", 50051),
+        ({"homefeed.io/frontend": "true"}, "storefront", "features", 50053),
         ({"homefeed.io/operator": "true"}, "ops", "rollout", 50065),
         ({"app.kubernetes.io/name": "prometheus"}, "monitoring", "ranking", METRICS_PORT),
     ]:
@@ -660,6 +662,203 @@ def test_jobs_run_the_cli_on_the_training_image(rendered: dict[str, list[Doc]]) 
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
 
 
+# ---- the online loop: the event log, the impression log, the experiment ------------------
+
+EVENTS_ADDR = f"{FULLNAME}-features:{SERVING_PORTS['features']}"  # LogEvents: the features port
+
+
+def set_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, Any]) -> None:
+    """A rendered container's plain variables in this process (valueFrom ones left out)."""
+    for name, value in env.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+
+
+def test_events_go_to_a_redis_stream_by_default(
+    rendered: dict[str, list[Doc]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from contract.eventlog import is_redis_url
+    from services.features.settings import FeaturesSettings
+    from services.gateway.settings import GatewaySettings
+
+    for variant, url in [
+        ("default", f"redis://{FULLNAME}-redis:6379/1"),
+        ("canary", f"redis://{FULLNAME}-redis:6379/1"),
+        ("mtls", f"redis://{FULLNAME}-redis:6379/1"),
+        ("external-services", "redis://redis.data.svc.cluster.local:6379/1"),
+    ]:
+        docs = rendered[variant]
+        deployments = serving(docs)
+        features = env_of(docs, container(deployments["features"]))
+        assert features["HOMEFEED_EVENT_LOG"] == url, variant
+        assert "HOMEFEED_EVENT_LOG_FSYNC" not in features  # a directory log's setting
+        gateway = env_of(docs, container(deployments["gateway"]))
+        assert gateway["HOMEFEED_EVENTS_ADDR"] == EVENTS_ADDR
+        assert gateway["HOMEFEED_GATEWAY_LOG_FEEDS"] == "true"
+        assert gateway["HOMEFEED_GATEWAY_LOG_FEATURES_RATE"] == "0.05"
+        assert "HOMEFEED_GATEWAY_EXPERIMENT" not in gateway
+        for name, deployment in deployments.items():  # the features process is the one writer
+            if name != "features":
+                assert "HOMEFEED_EVENT_LOG" not in env_of(docs, container(deployment)), name
+        names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        assert ("ConfigMap", f"{FULLNAME}-experiment") not in names
+        assert ("PersistentVolumeClaim", f"{FULLNAME}-eventlog") not in names
+        # several features replicas share the stream; a rolling update is fine
+        assert "strategy" not in named(docs, "Deployment", f"{FULLNAME}-features")["spec"]
+    # the release's Redis keeps the stream across restarts: append-only file on its claim
+    docs = rendered["default"]
+    args = container(named(docs, "Deployment", f"{FULLNAME}-redis"))["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "everysec"
+    # and the services read the rendered variables as meant
+    set_env(monkeypatch, env_of(docs, container(serving(docs)["features"])))
+    features_settings = FeaturesSettings.from_env()
+    assert features_settings.event_log_location == f"redis://{FULLNAME}-redis:6379/1"
+    assert is_redis_url(features_settings.event_log_location)
+    set_env(monkeypatch, env_of(docs, container(serving(docs)["gateway"])))
+    gateway_settings = GatewaySettings.from_env()
+    assert gateway_settings.events_addr == EVENTS_ADDR
+    assert gateway_settings.log_feeds is True
+    assert gateway_settings.log_features_rate == 0.05
+    assert gateway_settings.experiment is None
+
+
+def test_directory_event_log_has_one_writer_on_its_claim(
+    rendered: dict[str, list[Doc]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.features.settings import FeaturesSettings
+
+    docs = rendered["online"]  # events.log: directory, features.replicas: 1
+    features = named(docs, "Deployment", f"{FULLNAME}-features")
+    assert features["spec"]["replicas"] == 1
+    # the old pod releases the log's lock (and the ReadWriteOnce volume) before the new starts
+    assert features["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [d for d in kind(docs, "PodDisruptionBudget") if component(d) == "features"]
+    c = container(features)
+    env = env_of(docs, c)
+    assert env["HOMEFEED_EVENT_LOG"] == "/var/lib/homefeed/eventlog/sim-small"
+    assert env["HOMEFEED_EVENT_LOG_FSYNC"] == "true"
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    mount = mounts["/var/lib/homefeed/eventlog"]
+    assert not mount.get("readOnly")
+    volumes = {v["name"]: v for v in features["spec"]["template"]["spec"]["volumes"]}
+    claim_name = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim_name == f"{FULLNAME}-eventlog"
+    claim = named(docs, "PersistentVolumeClaim", claim_name)
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # no other pod mounts the claim
+    users = [
+        owner["metadata"]["name"]
+        for owner, pod in pod_templates(docs)
+        for v in pod["spec"].get("volumes") or []
+        if (v.get("persistentVolumeClaim") or {}).get("claimName") == claim_name
+    ]
+    assert users == [f"{FULLNAME}-features"]
+    set_env(monkeypatch, env)
+    settings = FeaturesSettings.from_env()
+    assert settings.event_log_location == "/var/lib/homefeed/eventlog/sim-small"
+    assert settings.event_log_fsync is True
+    # an existing claim is used as is
+    docs = chart.render(
+        [chart.CI_VALUES / "online-values.yaml"],
+        extra=["--set", "events.directory.persistence.existingClaim=eventlog-archive"],
+    )
+    claims = {d["metadata"]["name"] for d in kind(docs, "PersistentVolumeClaim")}
+    assert f"{FULLNAME}-eventlog" not in claims
+    features = named(docs, "Deployment", f"{FULLNAME}-features")
+    volumes = {v["name"]: v for v in features["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "eventlog-archive"
+
+
+def test_directory_event_log_with_several_replicas_fails_the_render(tmp_path: Path) -> None:
+    for replicas in (2, 3):
+        values = with_token({"events": {"log": "directory"}, "features": {"replicas": replicas}})
+        done = chart.helm_template([write_values(tmp_path, f"replicas-{replicas}", values)])
+        assert done.returncode != 0
+        assert (
+            "events.log=directory: a directory event log has exactly one writer (it holds a "
+            f"lock), so it needs features.replicas=1, got {replicas}"
+        ) in done.stderr
+
+
+def test_experiment_is_a_mounted_configmap_the_gateway_loads(
+    rendered: dict[str, list[Doc]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.gateway.experiment import Arm, Experiment
+    from services.gateway.settings import GatewaySettings
+
+    docs = rendered["online"]
+    configmap = named(docs, "ConfigMap", f"{FULLNAME}-experiment")
+    gateway = named(docs, "Deployment", f"{FULLNAME}-gateway")
+    c = container(gateway)
+    env = env_of(docs, c)
+    path = Path(env["HOMEFEED_GATEWAY_EXPERIMENT"])
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(path.parent))
+    assert mount["readOnly"] is True
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mount["name"]]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert set(configmap["data"]) == {path.name}
+    # the file parses with the gateway's own loader, as the values gave it
+    local = tmp_path / path.name
+    local.write_text(configmap["data"][path.name])
+    experiment = Experiment.load(local)
+    assert experiment == Experiment(
+        name="champion-vs-heuristic",
+        salt="exp-2026-12",
+        arms=(
+            Arm(name="champion", share=0.45, policy="model", model_version="7"),
+            Arm(name="heuristic", share=0.45, policy="heuristic"),
+        ),
+    )
+    set_env(monkeypatch, env)
+    monkeypatch.setenv("HOMEFEED_GATEWAY_EXPERIMENT", str(local))
+    settings = GatewaySettings.from_env()
+    assert settings.experiment == experiment
+    assert settings.log_features_rate == 0.1
+    # only the experiment's pods carry its checksum, and a change rolls the gateways only
+    checksums = {
+        component(owner): (pod["metadata"].get("annotations") or {}).get("checksum/experiment")
+        for owner, pod in pod_templates(docs)
+        if owner["kind"] == "Deployment"
+    }
+    assert checksums.pop("gateway")
+    assert set(checksums.values()) == {None}
+    salted = write_values(tmp_path, "salt", {"experiment": {"salt": "exp-2027-01"}})
+    changed = chart.render([chart.CI_VALUES / "online-values.yaml", salted])
+    assert experiment_checksum(changed) != experiment_checksum(docs)
+    for name in ("features", "retrieval", "ranking", "rollout"):
+        deployment = f"{FULLNAME}-{name}"
+        assert named(changed, "Deployment", deployment) == named(docs, "Deployment", deployment)
+    # a --set share (a string) still renders a number
+    docs = chart.render(
+        [chart.CI_VALUES / "online-values.yaml"],
+        extra=["--set", "experiment.arms[1].share=0.55"],
+    )
+    data = yaml.safe_load(named(docs, "ConfigMap", f"{FULLNAME}-experiment")["data"][path.name])
+    assert data["arms"][1]["share"] == 0.55
+
+
+def experiment_checksum(docs: list[Doc]) -> str:
+    gateway = named(docs, "Deployment", f"{FULLNAME}-gateway")
+    return str(gateway["spec"]["template"]["metadata"]["annotations"]["checksum/experiment"])
+
+
+def test_frontends_reach_log_events_on_the_features_port(rendered: dict[str, list[Doc]]) -> None:
+    for variant, namespace in [("default", chart.NAMESPACE), ("external-services", "storefront")]:
+        docs = rendered[variant]
+        policies = [p for p in kind(docs, "NetworkPolicy") if not is_hook(p)]
+        pods = release_pods(docs)
+        frontend = Pod("frontend", {"homefeed.io/frontend": "true"}, namespace)
+        features = pods["features"]
+        assert admits(policies, frontend, features, SERVING_PORTS["features"]), variant
+        assert admits(policies, pods["gateway"], features, SERVING_PORTS["features"]), variant
+        assert not admits(policies, Pod("stranger", {}, namespace), features, 50053), variant
+        assert not admits(policies, frontend, features, METRICS_PORT), variant
+        for name in ("retrieval", "ranking", "rollout"):
+            assert not admits(policies, frontend, pods[name], SERVING_PORTS[name]), (variant, name)
+
+
 # ---- the values: schema, and every key read -----------------------------------------------
 
 
@@ -674,6 +873,20 @@ def test_invalid_values_are_refused_by_the_schema() -> None:
         "/ranking/canary/modelVersion",
     ]:
         assert complaint in done.stderr, complaint
+
+
+def experiment_values(first_arm: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An experiment's values: arms a (0.5, model) and b (0.5, heuristic), the first arm
+    changed by ``first_arm``."""
+    return {
+        "enabled": True,
+        "name": "ab",
+        "salt": "s1",
+        "arms": [
+            {"name": "a", "share": 0.5, "policy": "model", **(first_arm or {})},
+            {"name": "b", "share": 0.5, "policy": "heuristic"},
+        ],
+    }
 
 
 @pytest.mark.parametrize(
@@ -693,6 +906,33 @@ def test_invalid_values_are_refused_by_the_schema() -> None:
         (
             with_token({"gateway": {"env": {"HOMEFEED_GATEWAY_PORT": "1"}}}),
             "gateway.env.HOMEFEED_GATEWAY_PORT: the chart sets",
+        ),
+        (
+            with_token({"features": {"env": {"HOMEFEED_EVENT_LOG": "/tmp/log"}}}),
+            "features.env.HOMEFEED_EVENT_LOG: the chart sets",
+        ),
+        (
+            with_token({"events": {"log": "directory"}}),
+            "events.log=directory: a directory event log has exactly one writer",
+        ),
+        (
+            with_token({"redis": {"persistence": {"enabled": False}}}),
+            "events.log=redis keeps the event log in the release's Redis",
+        ),
+        (with_token({"events": {"logFeaturesRate": 1.5}}), "/events/logFeaturesRate"),
+        (with_token({"events": {"log": "kafka"}}), "/events/log"),
+        (with_token({"experiment": {"enabled": True}}), "/experiment/arms"),
+        (
+            with_token({"experiment": experiment_values({"policy": "random"})}),
+            "/experiment/arms/0/policy",
+        ),
+        (
+            with_token({"experiment": experiment_values({"share": 0.7})}),
+            "experiment.arms: the shares sum to 1.2",
+        ),
+        (
+            with_token({"experiment": experiment_values({"name": "b"})}),
+            'experiment.arms: the arm name "b" is used twice',
         ),
     ],
 )
@@ -758,7 +998,15 @@ def changes(value: Any, node: dict[str, Any]) -> list[Any]:
     if isinstance(value, list):
         if not value:
             return [["x"], [{"name": "x"}]]
-        first = scalar_changes(value[0], node.get("items") or {})
+        items = node.get("items") or {}
+        if isinstance(value[0], dict):  # a list of objects: change one field of the first
+            fields = items.get("properties") or {}
+            return [
+                [{**value[0], key: c}, *value[1:]]
+                for key, v in value[0].items()
+                for c in scalar_changes(v, fields.get(key) or {})
+            ]
+        first = scalar_changes(value[0], items)
         return [[c, *value[1:]] for c in first]
     if isinstance(value, dict):
         return [
@@ -793,12 +1041,14 @@ def lookup(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 
 # The configurations in which each value can matter: every optional part on (autoscaling off,
-# so replicas count), the autoscalers on, mTLS on, and the external services.
+# so replicas count), the autoscalers on, mTLS on, the directory event log, and the external
+# services.
 ALL_ON: dict[str, Any] = with_token(
     {
         "ranking": {"canary": {"enabled": True, "modelVersion": 7}},
         "retrain": {"enabled": True},
         "grafana": {"dashboard": {"enabled": True}},
+        "experiment": experiment_values({"model_version": 7}),
     }
 )
 BASES: dict[str, dict[str, Any]] = {
@@ -811,6 +1061,8 @@ BASES: dict[str, dict[str, Any]] = {
         },
     ),
     "mtls": merged(ALL_ON, {"mtls": {"enabled": True, "secretName": "tls"}}),
+    # the event log in segment files on a claim (one features replica)
+    "directory-log": merged(ALL_ON, {"events": {"log": "directory"}, "features": {"replicas": 1}}),
     "external": yaml.safe_load((chart.CI_VALUES / "external-services-values.yaml").read_text()),
 }
 

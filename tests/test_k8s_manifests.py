@@ -418,7 +418,7 @@ def test_network_policies_admit_only_the_meshs_paths(render: Render) -> None:
     expected = {
         ("gateway", 50051): {"frontend"},
         ("retrieval", 50052): {"gateway"},
-        ("features", 50053): {"gateway"},
+        ("features", 50053): {"gateway", "frontend"},  # frontends send LogEvents
         ("ranking", 50054): {"gateway"},
         ("ranking", 50064): {"rollout"},
         ("canary", 50054): {"gateway", "rollout"},  # the controller checks its health

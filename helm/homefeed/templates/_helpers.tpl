@@ -121,6 +121,34 @@ jaegerAdmin: 14269
 {{- end }}
 {{- end }}
 
+{{/* ---- the online loop's event log ---- */}}
+
+{{/* Where the event log's directory claim is mounted in the features pod. */}}
+{{- define "homefeed.eventLogMount" -}}/var/lib/homefeed/eventlog{{- end }}
+
+{{/* HOMEFEED_EVENT_LOG: redis://<the chart's Redis>/<events.redisDb> (a Redis Stream), or
+the dataset's directory on the event-log claim. Fails when the log would not be durable or
+would have several writers. */}}
+{{- define "homefeed.eventLog" -}}
+{{- $events := .Values.events }}
+{{- if eq $events.log "redis" }}
+{{- if and .Values.redis.enabled (not .Values.redis.persistence.enabled) }}
+{{- fail "events.log=redis keeps the event log in the release's Redis, which loses it on every restart with redis.persistence.enabled=false: enable redis.persistence, or set events.log=directory (with features.replicas=1)" }}
+{{- end }}
+{{- printf "redis://%s/%d" (include "homefeed.redisAddress" .) (int $events.redisDb) }}
+{{- else }}
+{{- if ne (int .Values.features.replicas) 1 }}
+{{- fail (printf "events.log=directory: a directory event log has exactly one writer (it holds a lock), so it needs features.replicas=1, got %d; set features.replicas=1, or events.log=redis to run several features replicas" (int .Values.features.replicas)) }}
+{{- end }}
+{{- printf "%s/%s" (include "homefeed.eventLogMount" .) .Values.dataset }}
+{{- end }}
+{{- end }}
+
+{{/* The claim of a directory event log. */}}
+{{- define "homefeed.eventLogClaim" -}}
+{{- .Values.events.directory.persistence.existingClaim | default (printf "%s-eventlog" (include "homefeed.fullname" .)) }}
+{{- end }}
+
 {{- define "homefeed.adminSecretName" -}}
 {{- if .Values.admin.token }}
 {{- printf "%s-admin" (include "homefeed.fullname" .) }}
@@ -340,7 +368,9 @@ livenessProbe:
 {{/* ---- the serving Deployment, shared by the five gRPC services ----
 (dict "root" $ "component" "ranking" "module" "ranking" "prefix" "RANKING" "values" .Values.ranking
       "replicas" 2 "track" "stable" "adminPort" 50064 "readinessService" "" "admin" true
-      "env" "<yaml list>" "serviceAccount" "" "strategy" "") */}}
+      "env" "<yaml list>" "serviceAccount" "" "strategy" ""
+      "annotations" "<yaml map: more pod annotations>" "extraVolumes" "<yaml list>"
+      "extraMounts" "<yaml list>") */}}
 {{- define "homefeed.deployment" -}}
 {{- $root := .root }}
 {{- $port := include "homefeed.port" (dict "root" $root "name" .component) | int }}
@@ -384,6 +414,7 @@ spec:
         {{- end }}
       annotations:
         {{- include "homefeed.podAnnotations" (dict "root" $root "metrics" true) | trim | nindent 8 }}
+        {{- with .annotations }}{{ . | trim | nindent 8 }}{{ end }}
     spec:
       {{- if .serviceAccount }}
       serviceAccountName: {{ .serviceAccount }}
@@ -428,8 +459,10 @@ spec:
             {{- include "homefeed.containerSecurityContext" $root | nindent 12 }}
           volumeMounts:
             {{- include "homefeed.volumeMounts" (dict "root" $root "serving" true) | nindent 12 }}
+            {{- with .extraMounts }}{{ . | trim | nindent 12 }}{{ end }}
       volumes:
         {{- include "homefeed.volumes" (dict "root" $root "serving" true) | nindent 8 }}
+        {{- with .extraVolumes }}{{ . | trim | nindent 8 }}{{ end }}
 {{- end }}
 
 {{/* The ClusterIP Service of a serving component: (dict "root" $ "component" "gateway" "track" "") */}}

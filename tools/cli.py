@@ -48,19 +48,38 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from training.stages import ingest_stage
+    from training.stages import ingest_stage, read_meta
 
+    paths = Paths.from_env()
+    quiet_days, closed = tuple(args.quiet_day), tuple(args.closed_weekday)
+    tolerance = args.volume_tolerance
+    if args.base is not None:
+        if args.source != "eventlog":
+            raise ValueError(f"--base applies to the eventlog source only, not {args.source!r}")
+        if args.base == args.dataset:
+            raise ValueError(
+                f"--base and --dataset are both {args.base!r}: the log's rows go to a new "
+                "dataset and the base stays as it is; name another --dataset"
+            )
+        # the base's rows are validated again with the log's: its declared quiet days,
+        # closed weekdays and tolerance still hold for them
+        base = read_meta(paths, args.base)
+        quiet_days = (*base.get("quiet_days", ()), *quiet_days)
+        closed = (*base.get("closed_weekdays", ()), *closed)
+        if tolerance is None:
+            tolerance = base.get("volume_tolerance")
     summary = ingest_stage(
-        Paths.from_env(),
+        paths,
         args.source,
         args.dataset,
         args.path,
-        tuple(args.quiet_day),
+        quiet_days,
         max_categories=args.max_categories,
-        closed_weekdays=tuple(args.closed_weekday),
-        volume_tolerance=args.volume_tolerance,
+        closed_weekdays=closed,
+        volume_tolerance=tolerance,
         default_margin=args.default_margin,
         content_from_text=args.content_from_text,
+        base=args.base,
     )
     _print(summary)
     return 0
@@ -432,9 +451,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("ingest", help="bring real event logs in (docs/data-schema.md)")
-    p.add_argument("--source", required=True, choices=["generic", "completejourney", "open-bandit"])
-    p.add_argument("--path", help="folder of <table>.csv|parquet (generic source)")
+    p.add_argument(
+        "--source",
+        required=True,
+        choices=["generic", "completejourney", "open-bandit", "eventlog"],
+    )
+    p.add_argument(
+        "--path",
+        help="folder of <table>.csv|parquet (generic source); event log directory or redis:// "
+        "URL (eventlog source; default data/<base>/eventlog)",
+    )
     p.add_argument("--dataset", required=True, help="name of the folder under data/")
+    p.add_argument(
+        "--base",
+        metavar="DATASET",
+        help="eventlog source: the dataset whose sellers, items and users the log refers to "
+        "and whose events are kept; the log's rows are appended (docs/data-schema.md)",
+    )
     _volume_arguments(p, ingest=True)
     p.add_argument(
         "--max-categories",

@@ -7,8 +7,8 @@ experiment analysis, monitoring and the training sets read.
 - per served item (``served_items``), the logged feature rows of the sampled feeds
   (``served_feature_rows``) and per-user outcomes (``user_outcomes``).
 
-Turning the log into the event tables of ``docs/data-schema.md`` (a dataset built from a
-served model's own traffic) is not written yet.
+The log becomes the event tables of ``docs/data-schema.md`` (a dataset built from a served
+model's own traffic) through ``homefeed ingest --source eventlog`` (``training.ingest``).
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def _flat(column: pd.Series, dtype: Any) -> np.ndarray:
 
 def served_feature_rows(feeds: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     """The logged feature rows of the sampled feeds (one row per served item, ``names`` as
-    columns, plus request_id, user_id, ts, item_id): the serving side of the skew check."""
+    columns, plus request_id, user_id, ts, surface, item_id): the serving side of the skew
+    check."""
     parts = []
     for feed in feeds.to_dict("records"):
         features: dict[str, Any] | None = feed["features"]
@@ -121,12 +122,13 @@ def served_feature_rows(feeds: pd.DataFrame, names: list[str]) -> pd.DataFrame:
             )
         part = pd.DataFrame(values, columns=names)
         part.insert(0, "item_id", np.asarray(feed["items"], dtype=np.int64))
+        part.insert(0, "surface", feed["surface"])
         part.insert(0, "ts", feed["ts"])
         part.insert(0, "user_id", feed["user_id"])
         part.insert(0, "request_id", feed["request_id"])
         parts.append(part)
     if not parts:
-        return pd.DataFrame(columns=["request_id", "user_id", "ts", "item_id", *names])
+        return pd.DataFrame(columns=["request_id", "user_id", "ts", "surface", "item_id", *names])
     return pd.concat(parts, ignore_index=True)
 
 

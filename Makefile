@@ -51,8 +51,9 @@ system-deps: ## Install redis-server (Debian) when it is missing
 demo: setup ## Small preset + Complete Journey: data, features, training, registered bundle, report, then the mesh serving a few feeds
 	$(VENV)/bin/homefeed demo --preset $(PRESET)
 
-online: setup ## The online loop (after make demo): ranker vs heuristic A/B through the mesh with simulated buyers -> reports/experiment.json
+online: setup ## The online loop (after make demo): ranker vs heuristic A/B through the mesh with simulated buyers, then monitoring -> reports/experiment.json, reports/monitor.json
 	$(VENV)/bin/homefeed online --dataset sim-$(PRESET) --days 2
+	$(VENV)/bin/homefeed monitor --dataset sim-$(PRESET)
 
 bench: setup ## Closed-loop gRPC load: the mesh vs the bare gRPC floor and the naive reference, then tracing's cost (after make demo) -> reports/bench.json, reports/tracing.json
 	$(VENV)/bin/python -m tools.bench --preset $(PRESET)

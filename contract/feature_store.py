@@ -22,13 +22,17 @@ if TYPE_CHECKING:
 
 FEATURE_REPO = REPO_ROOT / "feature_repo"
 ONLINE_STORES = ("sqlite", "redis")
+ONLINE_DB_ENV = "HOMEFEED_ONLINE_DB"
 
 
 def store_env(paths: Paths, dataset: str, online: str, redis: str | None) -> dict[str, str]:
     """The variables feature_store*.yaml reads, for one dataset."""
     env = {
         "HOMEFEED_FEAST_REGISTRY": str(paths.feast(dataset) / "registry.db"),
-        "HOMEFEED_FEAST_ONLINE_PATH": str(paths.feast(dataset) / "online.db"),
+        # HOMEFEED_ONLINE_DB: another SQLite online store to serve and push to (the online
+        # loop runs on a copy, so simulated traffic never changes the dataset's own store)
+        "HOMEFEED_FEAST_ONLINE_PATH": os.environ.get(ONLINE_DB_ENV)
+        or str(paths.feast(dataset) / "online.db"),
     }
     if online == "redis":
         if not redis:

@@ -128,6 +128,41 @@ REDUCED_FOR_ITEM: dict[str, str] = {
 BATCH_VIEWS = (USER_PROFILE, USER_CATEGORY_AFFINITY, USER_SELLER_RECENCY, ITEM_STATS, SELLER_STATS)
 STREAM_VIEWS = (USER_RECENT_ACTIVITY, ITEM_INVENTORY)
 
+# Each view's time to live in seconds (0: none). Training's point-in-time join reads a row
+# only while ``row time >= impression time - TTL``; Feast's online read returns the latest
+# row whatever its age, so serving applies the same rule itself against the request's time
+# (``services.common.users``, ``services.features.items``): a row the join would not have
+# found is served as missing (DEFAULTS), as training saw it. feature_repo/views.py declares
+# these TTLs to Feast.
+TTL_SECONDS: dict[str, int] = {
+    USER_PROFILE: SNAPSHOT_TTL_DAYS * 86_400,
+    USER_CATEGORY_AFFINITY: SNAPSHOT_TTL_DAYS * 86_400,
+    USER_SELLER_RECENCY: SNAPSHOT_TTL_DAYS * 86_400,
+    ITEM_STATS: SNAPSHOT_TTL_DAYS * 86_400,
+    SELLER_STATS: SNAPSHOT_TTL_DAYS * 86_400,
+    USER_RECENT_ACTIVITY: 86_400,  # a count older than its own window is no longer true
+    ITEM_INVENTORY: 0,  # rows are written on change only: the last one stays true
+}
+
+
+def expired(view: str, row_s: int, at_s: float) -> bool:
+    """Whether a ``view`` row stamped ``row_s`` (seconds since 1970, UTC) is past its TTL at
+    ``at_s``: the point-in-time join would not find it."""
+    ttl = TTL_SECONDS[view]
+    return ttl > 0 and row_s < at_s - ttl
+
+
+# The stream views' state at the end of the batch data, handed from `homefeed features` to
+# the features service (``<features dir>/STREAM_STATE``): the clicks and add-to-carts of the
+# last 24 h and the purchases of the last 30 days, as (kind, user_id, item_id, ts in ns). The
+# service seeds its per-user windows with them before replaying the event log, so the first
+# events after the data's end count the window training counts (without it, a user who
+# clicked an hour before the end would start again from zero).
+STREAM_STATE = "stream_state.parquet"
+STREAM_STATE_ACTIVITY_S = 86_400
+STREAM_STATE_PURCHASE_S = 30 * 86_400
+
+
 # The feature service each ranker version reads; the bundle records which one it used.
 RANKER_SERVICE = "ranker_v1"
 RANKER_VIEWS = BATCH_VIEWS + STREAM_VIEWS

@@ -32,12 +32,15 @@ def _fields(view: str) -> list[Field]:
     return [Field(name=name, dtype=_TYPES[kind]) for name, kind in S.FEATURES[view].items()]
 
 
-SNAPSHOT_TTL = timedelta(days=S.SNAPSHOT_TTL_DAYS)  # see schema.SNAPSHOT_TTL_DAYS
+def _ttl(view: str) -> timedelta:
+    """The view's TTL (schema.TTL_SECONDS: serving applies the same one)."""
+    return timedelta(seconds=S.TTL_SECONDS[view])
+
 
 user_profile = FeatureView(
     name=S.USER_PROFILE,
     entities=[user],
-    ttl=SNAPSHOT_TTL,
+    ttl=_ttl(S.USER_PROFILE),
     schema=_fields(S.USER_PROFILE),
     source=user_profile_source,
     description="Who the buyer is and their recency / frequency / spend band over 30 days.",
@@ -46,7 +49,7 @@ user_profile = FeatureView(
 user_category_affinity = FeatureView(
     name=S.USER_CATEGORY_AFFINITY,
     entities=[user],
-    ttl=SNAPSHOT_TTL,
+    ttl=_ttl(S.USER_CATEGORY_AFFINITY),
     schema=_fields(S.USER_CATEGORY_AFFINITY),
     source=user_category_affinity_source,
     description="The user's engaged categories as two short lists and a total (not a user x "
@@ -57,7 +60,7 @@ user_category_affinity = FeatureView(
 user_seller_recency = FeatureView(
     name=S.USER_SELLER_RECENCY,
     entities=[user],
-    ttl=SNAPSHOT_TTL,
+    ttl=_ttl(S.USER_SELLER_RECENCY),
     schema=_fields(S.USER_SELLER_RECENCY),
     source=user_seller_recency_source,
     description="The user's last 30 days of sellers as two aligned lists (not a user x seller "
@@ -67,7 +70,7 @@ user_seller_recency = FeatureView(
 item_stats = FeatureView(
     name=S.ITEM_STATS,
     entities=[item],
-    ttl=SNAPSHOT_TTL,
+    ttl=_ttl(S.ITEM_STATS),
     schema=_fields(S.ITEM_STATS),
     source=item_stats_source,
     description="Catalog attributes and smoothed engagement rates; the features service "
@@ -77,7 +80,7 @@ item_stats = FeatureView(
 seller_stats = FeatureView(
     name=S.SELLER_STATS,
     entities=[seller],
-    ttl=SNAPSHOT_TTL,
+    ttl=_ttl(S.SELLER_STATS),
     schema=_fields(S.SELLER_STATS),
     source=seller_stats_source,
     description="Seller reputation and age; new sellers get guaranteed exposure downstream.",
@@ -86,7 +89,7 @@ seller_stats = FeatureView(
 user_recent_activity = FeatureView(
     name=S.USER_RECENT_ACTIVITY,
     entities=[user],
-    ttl=timedelta(hours=24),  # a count older than its own window is no longer true
+    ttl=_ttl(S.USER_RECENT_ACTIVITY),
     schema=_fields(S.USER_RECENT_ACTIVITY),
     source=user_recent_activity_push,
     description="Views and carts in the last 24 h, pushed as events arrive.",
@@ -95,7 +98,7 @@ user_recent_activity = FeatureView(
 item_inventory = FeatureView(
     name=S.ITEM_INVENTORY,
     entities=[item],
-    ttl=timedelta(0),  # rows are written on change only: the last one stays true
+    ttl=_ttl(S.ITEM_INVENTORY),
     schema=_fields(S.ITEM_INVENTORY),
     source=item_inventory_push,
     description="Stock level, pushed on every inventory change.",

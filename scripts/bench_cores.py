@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     users, stock = open_online(retrieval_settings, index)
     index.stock = stock.in_stock
     retrieval = RetrievalServicer(index, users)
-    items, feature_users, version = load_item_store(
+    items, feature_users, version, _store = load_item_store(
         FeaturesSettings(server=server, home=paths.home, dataset=args.dataset)
     )
     features = FeaturesServicer(Assembler(items, feature_users), version)

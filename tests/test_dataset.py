@@ -328,7 +328,7 @@ def test_a_period_without_impressions_is_refused():
     split = plan_split(START, day(20), DatasetConfig(split_dates=dates(5, 8, 12)))
     imp[C.SPLIT] = assign_split(imp, split)
     with pytest.raises(ValueError, match=r"the valid period 2026-01-10\.\.2026-01-13 holds no"):
-        require_periods(imp[C.SPLIT].value_counts().to_dict(), split)
+        require_periods({str(k): int(v) for k, v in imp[C.SPLIT].value_counts().items()}, split)
 
 
 def test_a_single_class_label_names_label_split_rows_and_the_way_out():

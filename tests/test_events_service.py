@@ -29,7 +29,7 @@ from contract.feature_store import open_store
 from contract.paths import REPO_ROOT, Paths
 from services.common.settings import ServerSettings
 from services.features.events import (
-    WINDOW_NS,
+    WINDOW_S,
     EventIngestor,
     RecentActivity,
     RecentPurchases,
@@ -105,13 +105,50 @@ def test_recent_activity_counts_the_24_hours_before_the_latest_event_as_training
     for ts, cart in ((T0, False), (T0 + HOUR, True), (T0 + 2 * HOUR, False)):
         activity.add(7, ts, cart)
     assert activity.counts(7)[:2] == (2, 1)
-    activity.add(7, T0 + HOUR + WINDOW_NS, False)  # T0 and T0 + 1 h fall out: (t - 24 h, t]
+    activity.add(7, T0 + HOUR + WINDOW_S * 10**9, False)  # T0 and T0 + 1 h fall out: (t - 24 h, t]
     assert activity.counts(7)[:2] == (2, 0)
     activity.add(7, T0 + 30 * 60 * 10**9, True)  # late and before the window: not counted
     assert activity.counts(7)[:2] == (2, 0)
     activity.add(7, T0 + 3 * HOUR, True)  # late but inside the window: counted
     assert activity.counts(7)[:2] == (2, 1)
     assert activity.counts(8) == (0, 0, 0)
+
+
+def test_recent_activity_is_training_recent_activity_rows_event_by_event() -> None:
+    """The service's windows and the builder's table agree on every event, including events
+    24 h apart to the second and within one second of that boundary."""
+    from training.features import recent_activity_rows
+
+    rng = np.random.default_rng(3)
+    n = 400
+    users = rng.integers(0, 3, n)
+    ts = T0 + np.sort(rng.integers(0, 3 * 86_400 * 10**9, n))
+    ts[50:60] = ts[40:50] + WINDOW_S * 10**9 + rng.integers(-(10**9), 10**9, 10)
+    order = np.argsort(ts, kind="stable")
+    users, ts = users[order], ts[order]
+    carts = rng.random(n) < 0.3
+    activity = RecentActivity()
+    served = []
+    for user, t, cart in zip(users.tolist(), ts.tolist(), carts.tolist(), strict=True):
+        activity.add(user, t, cart)
+        views, n_carts, at = activity.counts(user)
+        served.append((user, at, views, n_carts))
+    table = recent_activity_rows(users, ts, carts)
+    expected = {
+        (int(u), int(t)): (int(v), int(c))
+        for u, t, v, c in zip(
+            table["user_id"],
+            table["event_timestamp"].astype("int64"),
+            table["views_24h"],
+            table["carts_24h"],
+            strict=True,
+        )
+    }
+    assert len(expected) == len(served)  # no two events of a user in one nanosecond
+    assert [expected[(user, at)] for user, at, _, _ in served] == [
+        (views, n_carts) for _, _, views, n_carts in served
+    ]
+    assert max(views for _, _, views, _ in served) > 5  # windows that hold something
 
 
 def test_recent_purchases_expire_and_replay_rebuilds_them(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ from services.common.online import (
     verify_reader,
 )
 from services.common.settings import ServerSettings, SettingsError
+from services.common.users import USER_VIEWS
 from services.features.assembler import (
     Assembler,
     RequestContext,
@@ -155,13 +156,21 @@ def test_request_context_is_utc_hour_and_monday_based_weekday() -> None:
         RequestContext.at(WHEN, "SEARCH")
 
 
+FRESH_S = 2**62  # a row stamped far in the future never expires
+
+
 class FakeReader:
     """An online store in memory: view -> entity id -> feature -> value."""
 
     name = "fake"
 
-    def __init__(self, data: dict[str, dict[int, dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        data: dict[str, dict[int, dict[str, Any]]],
+        stamps: dict[str, dict[int, int]] | None = None,
+    ) -> None:
         self.data = data
+        self.stamps = stamps or {}  # view -> entity -> event second (absent: FRESH_S)
         self.version = 0
         self.reads: list[str] = []
         self.fail = False
@@ -175,6 +184,7 @@ class FakeReader:
             row = self.data.get(view, {}).get(entity)
             if row is not None:
                 out.found[j] = True
+                out.event_s[j] = self.stamps.get(view, {}).get(entity, FRESH_S)
                 for name, value in row.items():
                     out.columns[name][j] = value
         return out
@@ -189,7 +199,7 @@ class FakeUsers:
     def __init__(self, users: dict[int, UserFeatures]) -> None:
         self.users = users
 
-    def read(self, user_id: int) -> Any:
+    def read(self, user_id: int, at_s: float | None = None) -> Any:
         raise AssertionError("the assembler reads no user: the servicer gives it one")
 
 
@@ -246,6 +256,36 @@ def test_item_table_joins_sellers_fills_defaults_and_scores_the_heuristic() -> N
     np.testing.assert_array_equal(snap.categories[rows], [0, 1, 2, -1])
     expected = heuristic_score(np.array([3.0, 0.0, 0.0]), np.array([6.0, 0.0, 60.0]), 60.0)
     np.testing.assert_allclose(snap.heuristic[rows], [*expected, 0.0], rtol=1e-6)
+
+
+def test_item_rows_past_their_ttl_are_served_as_training_joined_them() -> None:
+    """An item_stats row older than the view's TTL at the request's time is no row, as in
+    training's point-in-time join: the item gets the view's defaults, the others keep
+    theirs; a request without a time (and HOMEFEED_TTL_CLOCK=request) checks nothing."""
+    store, reader, _ = _fake_store()
+    at = int(WHEN.timestamp())
+    ttl = S.TTL_SECONDS[S.ITEM_STATS]
+    reader.stamps = {
+        S.ITEM_STATS: {10: at - ttl - 60, 30: at - 3600},
+        S.SELLER_STATS: {1: at - 3600},
+    }
+    store.load()
+    assembler = Assembler(store, FakeUsers({}))
+    ids = np.array([10, 20, 30], dtype=np.int64)  # 20 has no item_stats row at all
+    user = UserFeatures.unknown()
+    stale = assembler.assemble(user, ids, RequestContext.at(WHEN, "HOME")).matrix
+    fresh = assembler.assemble(user, ids, RequestContext.at(None, "HOME")).matrix
+    item_stats = [COL[n] for n in S.FEATURES[S.ITEM_STATS] if n in COL]
+    assert item_stats, "item_stats features are ranker inputs"
+    np.testing.assert_array_equal(stale[0, item_stats], stale[1, item_stats])  # = no row
+    assert not np.array_equal(fresh[0, item_stats], fresh[1, item_stats])
+    np.testing.assert_array_equal(
+        stale[2, item_stats], fresh[2, item_stats]
+    )  # item 30's row is within its TTL
+    # one second inside the TTL: the row is read
+    inside = datetime.fromtimestamp(at - 61 + 1, tz=UTC)
+    kept = assembler.assemble(user, ids, RequestContext.at(inside, "HOME")).matrix
+    np.testing.assert_array_equal(kept[0, item_stats], fresh[0, item_stats])
 
 
 def test_assembler_matrix_is_build_matrix_of_the_same_columns() -> None:
@@ -528,7 +568,17 @@ def _expected(
     rows = [
         {C.USER_ID: user_id, C.ITEM_ID: i, C.SELLER_ID: int(seller.get(i, -1))} for i in item_ids
     ]
-    got = served.store.get_online_features(features=S.feature_refs(), entity_rows=rows).to_dict()
+    got = served.store.get_online_features(features=S.feature_refs(), entity_rows=rows).to_dict(
+        include_event_timestamps=True
+    )
+    # training's join finds a row only within its view's TTL of the request (WHEN)
+    for view, features in S.FEATURES.items():
+        for name in features:
+            stamps = got.pop(name + "__ts")
+            got[name] = [
+                None if S.expired(view, stamp, WHEN.timestamp()) else value
+                for value, stamp in zip(got[name], stamps, strict=True)
+            ]
     # every row carries the same user's lists
     affinity_categories = got.pop(S.AFFINITY_CATEGORIES)[0]
     affinity_weights = got.pop(S.AFFINITY_WEIGHTS)[0]
@@ -562,15 +612,18 @@ def known_user(served: Served, tiny_dataset: dict, home: Paths) -> int:
     """A user with a profile, category affinity lists and recent activity online."""
     features = home.features(tiny_dataset["dataset"])
     active = pd.read_parquet(features / f"{S.USER_RECENT_ACTIVITY}.parquet")
-    candidates = active.loc[active["views_24h"] > 0, C.USER_ID].unique()[:200].tolist()
+    candidates = active.loc[active["views_24h"] > 0, C.USER_ID].unique()[:2000].tolist()
     got = served.store.get_online_features(
         features=["user_profile:clicks_30d", "user_recent_activity:views_24h"],
         entity_rows=[{C.USER_ID: int(u)} for u in candidates],
-    ).to_dict()
-    for user, clicks, views in zip(candidates, got["clicks_30d"], got["views_24h"], strict=True):
-        if clicks and views:
+    ).to_dict(include_event_timestamps=True)
+    at = WHEN.timestamp()
+    for user, clicks, views, stamp in zip(
+        candidates, got["clicks_30d"], got["views_24h"], got["views_24h__ts"], strict=True
+    ):  # recent views still within the view's 24 h TTL at the requests' time
+        if clicks and views and not S.expired(S.USER_RECENT_ACTIVITY, stamp, at):
             return int(user)
-    raise AssertionError("no user of sim-tiny has clicks and recent views online")
+    raise AssertionError("no user of sim-tiny has clicks and recent views online at WHEN")
 
 
 def _recent_sellers(served: Served, user_id: int) -> tuple[list[int], list[float]]:
@@ -599,7 +652,8 @@ def test_user_features_in_the_request_replace_the_stores_read(
 
     items = _some_items(served, 30, seed=4)
     read_here, X = _get(served, _request(items, user_id=known_user))
-    rows = ProviderUserReader(served.store).read(known_user)
+    # the rows as of the request's time: a view row past its TTL then reads as no row
+    rows = ProviderUserReader(served.store).read(known_user, WHEN.timestamp())
     # another user id: the features come from the request, not from a read of that id
     passed, Y = _get(served, _request(items, user_id=10**15, user=to_proto(rows)))
     assert read_here.known_user and passed.known_user
@@ -819,3 +873,123 @@ def test_unset_time_means_now(served: Served) -> None:
     after = datetime.now(UTC)
     assert X[0, COL[HOUR]] in {before.hour, after.hour}
     assert X[0, COL[DAY_OF_WEEK]] in {before.weekday(), after.weekday()}
+
+
+# --- training-serving skew: the served rows against training's recomputation ----------------
+
+
+def _untouched(served: Served, view: str, key: str, ids: np.ndarray, offline: pd.DataFrame) -> list:
+    """Of ``ids``, those whose online row is the one materialized from ``offline`` (other
+    tests push to the shared store; a pushed row is not the offline table's)."""
+    last = offline.sort_values(S.EVENT_TIMESTAMP).drop_duplicates(key, keep="last")
+    seconds = [int(t.timestamp()) for t in last[S.EVENT_TIMESTAMP]]
+    stamp = dict(zip(last[key], seconds, strict=True))
+    first = next(iter(S.FEATURES[view]))
+    got = served.store.get_online_features(
+        features=[f"{view}:{first}"], entity_rows=[{key: int(i)} for i in ids]
+    ).to_dict(include_event_timestamps=True)
+    return [
+        int(i)
+        for i, ts in zip(ids, got[first + "__ts"], strict=True)
+        if int(i) in stamp and ts == stamp[int(i)]
+    ]
+
+
+def _served_rows(
+    served: Served, users: list[int], items: list[int], when: datetime, rows_of: Any = None
+) -> pd.DataFrame:
+    """GetFeatures for each user at ``when``, logged as the gateway logs a sampled feed:
+    request id, user, time, surface, item and the matrix's columns. ``rows_of(user)``: user
+    rows to pass in the request instead of the service's own read."""
+    frames = []
+    for user in users:
+        request = _request(items, user_id=user)
+        request.context.time.FromDatetime(when)
+        if rows_of is not None:
+            from services.common.users import to_proto
+
+            request.user.CopyFrom(to_proto(rows_of(user)))
+        _, X = _get(served, request)
+        frame = pd.DataFrame(X, columns=list(FEATURE_SCHEMA.names))
+        frame.insert(0, "item_id", items)
+        frame.insert(0, "surface", "HOME")
+        frame.insert(0, "ts", pd.Timestamp(when))
+        frame.insert(0, "user_id", user)
+        frame.insert(0, "request_id", f"r{user}")
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_the_skew_check_proves_serving_matches_training_and_flags_what_does_not(
+    served: Served, tiny_dataset: dict, home: Paths
+) -> None:
+    """Rows the service serves at the data's "now", recomputed by training's path
+    (``training.skew``: Feast's point-in-time join, the stream views from the events): every
+    feature agrees. 9 days later the batch views are past their TTL: serving reads them as
+    missing, as the join does, and they still agree; served as Feast's online read returns
+    them (no TTL), the user views are flagged. A feature computed differently online is
+    flagged alone."""
+    from services.common.users import ProviderUserReader
+    from training.monitor import MonitorThresholds, training_serving_skew
+    from training.skew import KEYS, recompute_rows
+
+    dataset = tiny_dataset["dataset"]
+    tables = read_tables(home.raw(dataset))
+    features = home.features(dataset)
+    profile = pd.read_parquet(features / f"{S.USER_PROFILE}.parquet", columns=[S.EVENT_TIMESTAMP])
+    now = (profile[S.EVENT_TIMESTAMP].max() + pd.Timedelta(hours=1)).to_pydatetime()
+    activity = pd.read_parquet(features / f"{S.USER_RECENT_ACTIVITY}.parquet")
+    fresh = activity[activity[S.EVENT_TIMESTAMP] > pd.Timestamp(now) - pd.Timedelta(hours=20)]
+    active = _untouched(
+        served, S.USER_RECENT_ACTIVITY, C.USER_ID, fresh[C.USER_ID].unique(), activity
+    )[:3]
+    assert active, "sim-tiny has users with clicks in the last 20 h of its data"
+    rng = np.random.default_rng(11)
+    others = rng.choice(tables[C.USERS][C.USER_ID].to_numpy(), 3, replace=False).tolist()
+    inventory = pd.read_parquet(features / f"{S.ITEM_INVENTORY}.parquet")
+    items = _untouched(
+        served,
+        S.ITEM_INVENTORY,
+        C.ITEM_ID,
+        rng.choice(served.catalog[C.ITEM_ID].to_numpy(), 60, replace=False),
+        inventory,
+    )[:40]
+    users = [*active, *[u for u in others if u not in active], 10**12]  # and an unknown user
+    no_events = pd.DataFrame(
+        {"kind": [], "user_id": [], "item_id": [], "ts": pd.to_datetime([], utc=True), "stock": []}
+    )
+    names = list(FEATURE_SCHEMA.names)
+    thresholds = MonitorThresholds()
+
+    def skew(rows: pd.DataFrame) -> tuple[list[str], dict[str, Any]]:
+        recomputed = recompute_rows(served.store, tables, rows, no_events)
+        _, coverage, flags = training_serving_skew(rows, recomputed, KEYS, names, thresholds)
+        return sorted(f["name"] for f in flags), coverage
+
+    rows = _served_rows(served, users, items, now)
+    assert (rows["views_24h"] > 0).any() and (rows[S.AFFINITY_FOR_ITEM] > 0).any()
+    flagged, coverage = skew(rows)
+    assert flagged == [] and coverage["coverage"] == 1.0
+
+    planted = rows.copy()
+    planted["price"] = planted["price"] * 1.1  # one feature computed differently online
+    assert skew(planted)[0] == ["price"]
+
+    later = now + pd.Timedelta(days=S.SNAPSHOT_TTL_DAYS + 1)
+    expired = _served_rows(served, users, items, later)
+    assert (expired["clicks_30d"] == 0).all()  # the profile is past its TTL: no row
+    assert skew(expired)[0] == []
+    reader = ProviderUserReader(served.store)
+    stale = _served_rows(served, users, items, later, rows_of=reader.read)  # no TTL applied
+    flagged = skew(stale)[0]
+    assert "clicks_30d" in flagged
+    user_features = {n for v in USER_VIEWS for n in S.FEATURES[v]} | {
+        S.AFFINITY_FOR_ITEM,
+        S.SELLER_DAYS_SINCE_ENGAGED,
+        "country_code",
+        "device_code",
+        "price_to_avg_paid",
+        "price_to_spend_band",
+        "spend_band_code",
+    }
+    assert set(flagged) <= user_features, set(flagged) - user_features

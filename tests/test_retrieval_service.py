@@ -622,7 +622,7 @@ class OnlineFeaturesReader:
     def __init__(self, store: Any) -> None:
         self.store = store
 
-    def read(self, user_id: int) -> ViewRows:
+    def read(self, user_id: int, at_s: float | None = None) -> ViewRows:
         got = self.store.get_online_features(
             features=S.feature_refs(USER_VIEWS), entity_rows=[{"user_id": user_id}]
         ).to_dict()
@@ -652,6 +652,35 @@ def test_user_readers_match_get_online_features(truth: Truth, real_index: Candid
         for name in a:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
         np.testing.assert_allclose(real_index.user_vector(a), truth.query(user), rtol=1e-5)
+
+
+def test_user_readers_expire_rows_past_their_ttl(truth: Truth) -> None:
+    """A row past its view's TTL at the request's time reads as no row, as training's
+    point-in-time join reads it; both readers agree, and a time within the TTL changes
+    nothing."""
+    import sqlite3
+
+    fast = open_user_reader(truth.store, truth.known_users)
+    assert isinstance(fast, SqliteUserReader)
+    provider = ProviderUserReader(truth.store)
+    online = truth.store.config.online_store
+    with sqlite3.connect(online.path) as con:
+        snapshot_s = con.execute(
+            f'SELECT max(event_ts) FROM "{truth.store.project}_{S.USER_PROFILE}"'
+        ).fetchone()[0]
+    ttl = S.TTL_SECONDS[S.USER_PROFILE]
+    for user in truth.known_users[:5]:
+        now = fast.read(user)
+        assert now[S.USER_PROFILE] is not None
+        within = snapshot_s + ttl - 1
+        assert fast.read(user, within) == provider.read(user, within)
+        assert fast.read(user, within)[S.USER_PROFILE] == now[S.USER_PROFILE]
+        late = snapshot_s + ttl + 1
+        for reader in (fast, provider):
+            rows = reader.read(user, late)
+            assert rows[S.USER_PROFILE] is None
+            assert rows[S.USER_RECENT_ACTIVITY] is None  # 24 h TTL, long past
+    assert S.expired(S.ITEM_INVENTORY, 0, 1e12) is False  # no TTL: the last row stays true
 
 
 @pytest.mark.redis

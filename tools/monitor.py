@@ -14,8 +14,10 @@ the statistics and thresholds).
 - **Calibration**: p(purchase) = E[GMV] / (price x margin) of every ranked item served,
   against whether the buyer bought it from that feed (the purchase events of the log).
 
-Not here yet: training-serving skew against a point-in-time recomputation of the logged
-rows (``training.monitor.training_serving_skew`` is ready; the recomputation is not wired).
+- **Training-serving skew**: the same logged rows against training's recomputation of them
+  for the same user, item and time (``training.skew``: Feast's point-in-time join of the
+  batch views, the stream views from the dataset's and the log's events), compared feature
+  by feature (``training.monitor.training_serving_skew``).
 """
 
 from __future__ import annotations
@@ -27,28 +29,51 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from contract import columns as C
 from contract import events as E
 from contract.catalog import Catalog
-from contract.features import build_matrix, feature_schema
+from contract.features import DAY_OF_WEEK, build_matrix, feature_schema
 from contract.paths import Paths
 from feature_repo import schema as S
 from training import monitor as M
 from training.eventlogs import read_log, served_feature_rows, served_items
 
 REFERENCE_ROWS = 200_000
+MIN_DRIFT_ROWS = 500  # served rows below which the drift check uses every policy's feeds
 
 
-def _reference_rows(paths: Paths, dataset: str, names: list[str]) -> pd.DataFrame:
-    """The first REFERENCE_ROWS rows of the train split as the matrix serving builds."""
-    table = pq.ParquetFile(paths.training_sets(dataset) / "train.parquet")
-    frames, rows = [], 0
-    for batch in table.iter_batches(batch_size=50_000):
-        frames.append(batch.to_pandas())
-        rows += batch.num_rows
-        if rows >= REFERENCE_ROWS:
-            break
-    train = pd.concat(frames, ignore_index=True)
-    return pd.DataFrame(build_matrix(train), columns=names)
+def _reference_rows(
+    paths: Paths, dataset: str, names: list[str], surfaces: list[str]
+) -> tuple[pd.DataFrame, str]:
+    """Up to REFERENCE_ROWS feed impressions of the logging policy on ``surfaces`` (the
+    serving window's: another surface's requests are another population, and its share is
+    the traffic mix, not a feature's drift) from the newest split of the dataset's training
+    sets (test, else valid, else train: the data nearest the serving window), drawn in
+    proportion to their sample weight (undoing negative downsampling), as the matrix
+    serving builds; and which split they came from."""
+    root = paths.training_sets(dataset)
+    split = next(s for s in ("test", "valid", "train") if (root / f"{s}.parquet").exists())
+    table = pq.read_table(root / f"{split}.parquet")
+    frame = table.to_pandas()
+    del table
+    policy = frame[C.POLICY].isin([C.POLICY_HEURISTIC, C.POLICY_RANDOM])
+    frame = frame[policy & frame[C.SURFACE].isin(surfaces)]
+    weight = frame[C.WEIGHT].to_numpy(np.float64) if C.WEIGHT in frame else np.ones(len(frame))
+    rng = np.random.default_rng(0)
+    if len(weight) and not np.allclose(weight, weight[0]):  # downsampled: draw by weight
+        take = rng.choice(len(frame), size=REFERENCE_ROWS, p=weight / weight.sum())
+        frame = frame.iloc[np.sort(take)]
+    elif len(frame) > REFERENCE_ROWS:
+        frame = frame.iloc[np.sort(rng.choice(len(frame), REFERENCE_ROWS, replace=False))]
+    return pd.DataFrame(build_matrix(frame), columns=names), split
+
+
+def _logging_policy_feeds(feeds: pd.DataFrame) -> pd.DataFrame:
+    """The feeds the logging policy chose (no ranked item: the heuristic arm, the fallback):
+    the population the reference's impressions are a sample of. Another policy's pages
+    differ from the logs by design (it chooses other items), which is not drift."""
+    ranked = feeds["reasons"].map(lambda r: E.REASON_RANKED in r)
+    return feeds[~ranked.to_numpy(bool)]
 
 
 def _view_latest(paths: Paths, dataset: str, events: pd.DataFrame) -> dict[str, Any]:
@@ -72,6 +97,26 @@ def _view_latest(paths: Paths, dataset: str, events: pd.DataFrame) -> dict[str, 
     return latest
 
 
+def _skew(
+    paths: Paths,
+    dataset: str,
+    served_rows: pd.DataFrame,
+    events: pd.DataFrame,
+    names: list[str],
+    thresholds: M.MonitorThresholds,
+) -> tuple[pd.DataFrame, dict[str, Any], list[M.Flag]]:
+    """The logged rows against training's recomputation of them (``training.skew``)."""
+    from contract.feature_store import open_store
+    from training.skew import KEYS, recompute_rows
+    from training.tables import read_tables
+
+    served = served_rows.drop_duplicates(KEYS)  # a page never repeats an item; be safe
+    recomputed = recompute_rows(
+        open_store(dataset, paths=paths), read_tables(paths.raw(dataset)), served, events
+    )
+    return M.training_serving_skew(served, recomputed, KEYS, names, thresholds)
+
+
 def run_monitor(
     paths: Paths,
     dataset: str,
@@ -87,9 +132,30 @@ def run_monitor(
     names = list(feature_schema().names)
     sections: dict[str, Any] = {}
     served_rows = served_feature_rows(feeds, names)
+    drift_info: dict[str, Any] = {}
     if len(served_rows):
-        reference = _reference_rows(paths, dataset, names)
-        sections["drift"] = M.feature_drift(reference, served_rows, names, thresholds)
+        sections["skew"] = _skew(paths, dataset, served_rows, events, names, thresholds)
+        logged = served_feature_rows(_logging_policy_feeds(feeds), names)
+        population = "logging-policy feeds"
+        if len(logged) < MIN_DRIFT_ROWS:  # no heuristic arm: every served row, and say so
+            logged, population = served_rows, "all served feeds (too few logging-policy ones)"
+        surfaces = sorted(set(feeds["surface"]))
+        reference, split = _reference_rows(paths, dataset, names, surfaces)
+        span_days = (feeds["ts"].max() - feeds["ts"].min()) / pd.Timedelta(days=1)
+        checked = [n for n in names if not (n == DAY_OF_WEEK and span_days < 7)]
+        sections["drift"] = M.feature_drift(reference, logged, checked, thresholds)
+        drift_info = {
+            "population": population,
+            "served_rows": len(logged),
+            "reference": f"{split} split, feed impressions of the logging policy on the "
+            f"served surfaces ({', '.join(surfaces)})",
+            "reference_rows": len(reference),
+            "not_checked": {
+                n: f"the window spans {span_days:.1f} days; a weekday mix needs 7"
+                for n in names
+                if n not in checked
+            },
+        }
     items = served_items(feeds)
     ranked = items[items["reason"].isin([E.REASON_RANKED]) & (items["egmv"] > 0)]
     if len(ranked) >= 20:
@@ -114,6 +180,8 @@ def run_monitor(
     now = feeds["ts"].max()
     sections["fresh"] = M.freshness(_view_latest(paths, dataset, events), now, thresholds)
     result = M.monitor_report(thresholds=thresholds, **sections)
+    if result.get("drift") is not None:
+        result["drift"].update(drift_info)
     result["window"] = {
         "feeds": len(feeds),
         "sampled_feeds": int(feeds["features"].notna().sum()),

@@ -31,6 +31,7 @@ import pandas as pd
 
 from contract import columns as C
 from contract.bundle import EVAL_DIR
+from contract.feature_store import ONLINE_DB_ENV
 from contract.paths import Paths
 from contract.timeutil import NS_PER_DAY, to_ns
 from training import experiment as X
@@ -233,6 +234,20 @@ def prepare_log(paths: Paths, dataset: str) -> Path:
     return location
 
 
+def prepare_online_store(paths: Paths, dataset: str) -> Path:
+    """A fresh copy of the dataset's SQLite online store for one run of the loop: the run's
+    pushes (stock, recent activity) change the copy, never the store ``homefeed features``
+    materialized, so every run starts from the same state and other users of the store
+    (``make demo``'s mesh, the tests) never see simulated traffic."""
+    source = paths.feast(dataset) / "online.db"
+    if not source.exists():
+        raise OnlineError(f"{source} does not exist: run `homefeed features all` first")
+    copy = paths.data / dataset / "online" / "online.db"
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, copy)
+    return copy
+
+
 def write_experiment(paths: Paths, experiment: dict[str, Any]) -> Path:
     path = paths.home / "run" / "experiment.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,9 +274,11 @@ def run_online(paths: Paths, cfg: OnlineConfig) -> dict[str, Any]:
     experiment = DEFAULT_EXPERIMENT
     experiment_file = write_experiment(paths, experiment)
     location = prepare_log(paths, cfg.dataset)
+    online_db = prepare_online_store(paths, cfg.dataset)
     env = {
         "HOMEFEED_GATEWAY_EXPERIMENT": str(experiment_file),
         "HOMEFEED_EVENT_LOG": str(location),
+        ONLINE_DB_ENV: str(online_db),
         # every traffic session calls the gateway once per page and LogEvents once
         "HOMEFEED_GATEWAY_MAX_IN_FLIGHT": str(max(4, cfg.threads)),
     }

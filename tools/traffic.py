@@ -2,18 +2,21 @@
 
 For each simulated day after the dataset's last one, every user of the simulated
 marketplace opens the home feed a Poisson number of times (their rate in the dataset's
-logs). A session asks the gateway for a page (``GetFeed``, the simulated time in the
-request's context); with probability ``next_page`` the buyer scrolls on and the next page
-request carries the items already shown (``seen_item_ids``). The simulator's ground truth
-(the Oracle, never a feature) decides what happens to each served item, with position bias:
+logs), at hours of the day drawn from the logs' own request curve. A session asks the
+gateway for a page (``GetFeed``, the simulated time in the request's context); with
+probability ``next_page`` the buyer scrolls on and the next page request carries the items
+already shown (``seen_item_ids``). The simulator's ground truth (the Oracle, never a
+feature) decides what happens to each served item, with position bias:
 
     examined ~ Bernoulli(e(position)); click | examined; add-to-cart | click;
     purchase | add-to-cart, only while the item is in stock
 
 and the session's clicks, add-to-carts, purchases and stock changes go back through
-``LogEvents``, one batch per session, so the features service updates the streaming
-views and the next feed sees them. Stock follows the purchases (an item that sells out is
-pushed out of stock and restocked at the next day's start, as the simulator restocks).
+``LogEvents``: before each next page, the events stamped before it (a frontend streams
+them), the rest at the session's end; so the features service updates the streaming views
+and the next feed sees what happened before it, and nothing after. Stock follows the
+purchases (an item that sells out is pushed out of stock and restocked at the next day's
+start, as the simulator restocks).
 Purchases happen within the session (the simulator delays some by days; the traffic
 driver does not, so an experiment's short window sees them).
 
@@ -25,6 +28,8 @@ outcomes. Writes ``reports/traffic.json``.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import threading
@@ -52,6 +57,8 @@ from training.tables import read_tables
 log = logging.getLogger(__name__)
 
 MIN_SESSIONS_PER_DAY = 0.02  # a user the logs never saw still comes by now and then
+SEND_BATCH = 500  # events per LogEvents call (the service takes up to 1,000)
+_STOCK = events_pb2.EVENT_KIND_INVENTORY
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,10 @@ class Marketplace:
         requests = imp.drop_duplicates(C.REQUEST_ID)[C.USER_ID].to_numpy(np.int64)
         counts = np.bincount(requests, minlength=int(self.user_ids.max()) + 1)
         self.rate = np.maximum(counts[self.user_ids] / days, MIN_SESSIONS_PER_DAY)
+        # when in the day (UTC) the logs' feed requests come: sessions follow the same curve
+        first = imp.drop_duplicates(C.REQUEST_ID)[C.TS]
+        hours = np.bincount(first.dt.hour.to_numpy(), minlength=24).astype(np.float64) + 1.0
+        self.hour_share = hours / hours.sum()
         items = tables[C.ITEMS]
         self.n_items = len(truth.item_price)
         self.item_price = truth.item_price
@@ -210,6 +221,13 @@ class Driver:
         self.event_errors = 0
         self.feed_errors = 0
         self.seen_repeats = 0  # a page item the session had already seen (must stay 0)
+        # events wait here, by time, until no request still to come is earlier than them
+        # (``_release``): a page never sees another session's later event early
+        self._pending: list[tuple[int, int, events_pb2.Event]] = []
+        self._serial = itertools.count()
+        self._send_lock = threading.Lock()
+        self._clock: dict[int, int] = {}  # in-flight session -> the time of its next request
+        self._dispatched = 0  # the latest start time handed out (sessions start in order)
         self.quantity_extra = float(market.oracle.truth.params["quantity_extra_mean"])
         self.rows = np.arange(len(market.user_ids))  # the users played (rows of user_ids)
         if cfg.users is not None and cfg.users < len(self.rows):
@@ -225,9 +243,19 @@ class Driver:
         n = rng.poisson(m.rate[self.rows] * self.cfg.activity_scale)
         rows = np.repeat(self.rows, n)
         start = m.end_ns + day * NS_PER_DAY
-        ts = start + (rng.random(len(rows)) * NS_PER_DAY).astype(np.int64)
+        hour = rng.choice(24, size=len(rows), p=m.hour_share)
+        ts = start + ((hour + rng.random(len(rows))) * (NS_PER_DAY // 24)).astype(np.int64)
         order = np.argsort(ts, kind="stable")
         return pd.DataFrame({"row": rows[order], "ts": ts[order]})
+
+    def play(self, session: tuple[int, int, int]) -> None:
+        """``run_session`` of (row, start, seed), called in start order by the pool."""
+        row, ts_ns, seed = session
+        self.start(seed, ts_ns)
+        try:
+            self.run_session(row, ts_ns, seed)
+        finally:  # a session that failed holds no event back
+            self._release(seed, None, [])
 
     def run_session(self, row: int, ts_ns: int, seed: int) -> None:
         m, cfg = self.market, self.cfg
@@ -237,6 +265,15 @@ class Driver:
         events: list[events_pb2.Event] = []
         tally_rows: list[tuple[str, dict[str, Any]]] = []
         for page_no in range(cfg.max_pages):
+            # what happened before this page is delivered before it is asked for, as
+            # frontends stream their events, and nothing later: the buyer's own clicks,
+            # carts and purchases (they change only this buyer's features) at once; stock
+            # changes (every buyer's) once no request still to come is earlier
+            own = [e for e in events if e.kind != _STOCK and e.time.ToNanoseconds() <= ts_ns]
+            if own:
+                self._send(sorted(own, key=lambda e: e.time.ToNanoseconds()))
+            self._release(seed, ts_ns, [e for e in events if e.kind == _STOCK])
+            events = [e for e in events if e.kind != _STOCK and e.time.ToNanoseconds() > ts_ns]
             request_id = f"t{seed:x}p{page_no}"
             request = feed_pb2.GetFeedRequest(
                 request_id=request_id,
@@ -266,8 +303,7 @@ class Driver:
             ts_ns += 60 * NS_PER_S
             if rng.random() >= cfg.next_page or not len(items):
                 break
-        if events:
-            self._send(events)
+        self._release(seed, None, events)
         with self.lock:
             for i, (arm, outcome) in enumerate(tally_rows):
                 t = self.arms[arm]
@@ -345,6 +381,40 @@ class Driver:
             out["gmv"] += price * quantity
         return out
 
+    def start(self, session: int, ts_ns: int) -> None:
+        """Session ``session`` starts at ``ts_ns`` (sessions start in time order)."""
+        with self.lock:
+            self._dispatched = max(self._dispatched, ts_ns)
+            self._clock[session] = ts_ns
+
+    def _release(self, session: int, next_ns: int | None, new: list[events_pb2.Event]) -> None:
+        """Queue ``new`` events; record the session's next request time (None: it is over);
+        then send every queued event no request still to come can precede: those at or
+        before the earliest next request of the sessions in flight and the latest session
+        start handed out (sessions are handed out in time order)."""
+        with self._send_lock:  # released batches reach the server in time order
+            with self.lock:
+                for ev in new:
+                    heapq.heappush(self._pending, (ev.time.ToNanoseconds(), next(self._serial), ev))
+                if next_ns is None:
+                    self._clock.pop(session, None)
+                else:
+                    self._clock[session] = next_ns
+                horizon = min([*self._clock.values(), self._dispatched])
+                due = []
+                while self._pending and self._pending[0][0] <= horizon:
+                    due.append(heapq.heappop(self._pending)[2])
+            for lo in range(0, len(due), SEND_BATCH):
+                self._send(due[lo : lo + SEND_BATCH])
+
+    def flush(self) -> None:
+        """Send every event still queued (the traffic is over)."""
+        with self._send_lock:
+            with self.lock:
+                due = [heapq.heappop(self._pending)[2] for _ in range(len(self._pending))]
+            for lo in range(0, len(due), SEND_BATCH):
+                self._send(due[lo : lo + SEND_BATCH])
+
     def _send(self, events: list[events_pb2.Event]) -> None:
         request = events_pb2.LogEventsRequest(events=events)
         for attempt in (1, 2):
@@ -374,8 +444,9 @@ class Driver:
                 ev = _event(events_pb2.EVENT_KIND_INVENTORY, f"restock:{day}:{item}", ts, 0, item)
                 ev.stock = int(self.market.full_stock[item])
                 events.append(ev)
-            if events:
-                self._send(events)
+            with self.lock:  # in time order with the purchases still queued before it
+                for ev in events:
+                    heapq.heappush(self._pending, (ts, next(self._serial), ev))
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -410,13 +481,14 @@ def run_traffic(
                 seeds = rng.integers(0, 2**62, len(plan))
                 bar = _progress(len(plan), f"traffic day {day + 1}/{whole_days}")
                 for done in pool.map(
-                    lambda a: driver.run_session(*a),
+                    driver.play,
                     zip(plan["row"].tolist(), plan["ts"].tolist(), seeds.tolist(), strict=True),
                 ):
                     del done
                     bar.update(1)
                 bar.close()
                 sessions_done += len(plan)
+        driver.flush()
     finally:
         driver.close()
     seconds = time.perf_counter() - started

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from contract import affinity
 from contract import columns as C
+from contract import events as E
 from contract.features import NEW_SELLER_DAYS, SPEND_BANDS
 from contract.timeutil import NS_PER_DAY, NS_PER_S, from_ns, to_ns
 from feature_repo import schema as S
@@ -152,6 +153,38 @@ def _chunks(owner: np.ndarray, count: np.ndarray, budget: int) -> list[tuple[int
         out.append((int(starts[i]), int(starts[j]) if j < len(starts) else len(owner)))
         i = j
     return out
+
+
+def recent_activity_rows(
+    user_ids: np.ndarray, ts_ns: np.ndarray, is_cart: np.ndarray
+) -> pd.DataFrame:
+    """The user_recent_activity view's rows: one per engagement event (click or add-to-cart
+    of ``user_ids[k]`` at ``ts_ns[k]``), holding the user's ``views_24h`` / ``carts_24h`` over
+    the window (t - 24 h, t] at whole-second resolution, as the features service's
+    ``RecentActivity`` pushes them. Also what ``training.skew`` recomputes logged rows
+    with."""
+    codes, uniques = pd.factorize(pd.Series(np.asarray(user_ids, dtype=np.int64)), sort=False)
+    user = codes.astype(np.int64)
+    ts = np.asarray(ts_ns, dtype=np.int64)
+    is_cart = np.asarray(is_cart, dtype=bool)
+    order = np.lexsort((ts, user))
+    user, ts, is_cart = user[order], ts[order], is_cart[order]
+    secs = ts // NS_PER_S
+    key = user * (1 << 33) + secs  # dense user codes < 2**30
+    lo = np.searchsorted(key, key - 86_400, side="right")
+    cum_cart = np.concatenate([[0], np.cumsum(is_cart)])
+    cum_view = np.concatenate([[0], np.cumsum(~is_cart)])
+    hi = np.arange(1, len(key) + 1)
+    frame = pd.DataFrame(
+        {
+            C.USER_ID: np.asarray(uniques, dtype=np.int64)[user],
+            S.EVENT_TIMESTAMP: from_ns(ts),
+            "views_24h": (cum_view[hi] - cum_view[lo]).astype(np.int64),
+            "carts_24h": (cum_cart[hi] - cum_cart[lo]).astype(np.int64),
+        }
+    )
+    # several events in the same nanosecond: keep the last (the complete count)
+    return frame.drop_duplicates([C.USER_ID, S.EVENT_TIMESTAMP], keep="last")
 
 
 class FeatureBuilder:
@@ -465,27 +498,11 @@ class FeatureBuilder:
     def user_recent_activity(self) -> pd.DataFrame:
         _, c_user, _, c_df = self._outcome(C.CLICKS)
         _, a_user, _, a_df = self._outcome(C.ADD_TO_CARTS)
-        user = np.concatenate([c_user, a_user])
-        ts = np.concatenate([to_ns(c_df[C.TS]), to_ns(a_df[C.TS])])
-        is_cart = np.concatenate([np.zeros(len(c_user), bool), np.ones(len(a_user), bool)])
-        order = np.lexsort((ts, user))
-        user, ts, is_cart = user[order], ts[order], is_cart[order]
-        secs = ts // NS_PER_S
-        key = user.astype(np.int64) * (1 << 33) + secs  # users are dense indices < 2**30
-        lo = np.searchsorted(key, key - 86_400, side="right")
-        cum_cart = np.concatenate([[0], np.cumsum(is_cart)])
-        cum_view = np.concatenate([[0], np.cumsum(~is_cart)])
-        hi = np.arange(1, len(key) + 1)
-        frame = pd.DataFrame(
-            {
-                C.USER_ID: self.user_ids[user],
-                S.EVENT_TIMESTAMP: from_ns(ts),
-                "views_24h": (cum_view[hi] - cum_view[lo]).astype(np.int64),
-                "carts_24h": (cum_cart[hi] - cum_cart[lo]).astype(np.int64),
-            }
+        frame = recent_activity_rows(
+            np.concatenate([self.user_ids[c_user], self.user_ids[a_user]]),
+            np.concatenate([to_ns(c_df[C.TS]), to_ns(a_df[C.TS])]),
+            np.concatenate([np.zeros(len(c_user), bool), np.ones(len(a_user), bool)]),
         )
-        # several events in the same nanosecond: keep the last (the complete count)
-        frame = frame.drop_duplicates([C.USER_ID, S.EVENT_TIMESTAMP], keep="last")
         return self._finish(S.USER_RECENT_ACTIVITY, frame)
 
     def item_inventory(self) -> pd.DataFrame:
@@ -573,6 +590,41 @@ def _write_parquet(frame: pd.DataFrame, path: Path, slice_rows: int = WRITE_SLIC
             )
 
 
+def stream_state(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The events the features service seeds its stream windows with (``S.STREAM_STATE``):
+    kind ("click" / "add_to_cart" / "purchase", ``contract.events``' kinds), user_id,
+    item_id, ts (ns): clicks and add-to-carts of the last ``STREAM_STATE_ACTIVITY_S`` and
+    purchases of the last ``STREAM_STATE_PURCHASE_S`` before the newest impression."""
+    imp = tables[C.IMPRESSIONS]
+    if not len(imp):
+        return pd.DataFrame({"kind": [], "user_id": [], "item_id": [], "ts": []})
+    end = int(to_ns(imp[C.TS]).max())
+    rows = RowsById(imp[C.IMPRESSION_ID].to_numpy(np.int64))
+    users, items = imp[C.USER_ID].to_numpy(np.int64), imp[C.ITEM_ID].to_numpy(np.int64)
+    parts = []
+    for table, kind, window_s in (
+        (C.CLICKS, E.CLICK, S.STREAM_STATE_ACTIVITY_S),
+        (C.ADD_TO_CARTS, E.ADD_TO_CART, S.STREAM_STATE_ACTIVITY_S),
+        (C.PURCHASES, E.PURCHASE, S.STREAM_STATE_PURCHASE_S),
+    ):
+        frame = tables[table]
+        ts = to_ns(frame[C.TS])
+        keep = ts > end - window_s * NS_PER_S
+        at = rows(frame[C.IMPRESSION_ID].to_numpy(np.int64)[keep])
+        ok = at >= 0
+        parts.append(
+            pd.DataFrame(
+                {
+                    "kind": kind,
+                    "user_id": users[at[ok]],
+                    "item_id": items[at[ok]],
+                    "ts": ts[keep][ok],
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True).sort_values("ts", kind="stable")
+
+
 def build_feature_tables(
     tables: dict[str, pd.DataFrame], out_dir: Path, snapshot_days: int = 1
 ) -> dict[str, int]:
@@ -586,7 +638,11 @@ def build_feature_tables(
         _write_parquet(frame, out_dir / f"{view}.parquet.partial")
         rows[view] = len(frame)
         del frame  # one view's table in memory at a time
+    state = stream_state(tables)
+    state.to_parquet(out_dir / f"{S.STREAM_STATE}.partial", index=False)
+    rows[S.STREAM_STATE] = len(state)
     for view in rows:  # all or nothing: a failed build leaves the previous tables
-        (out_dir / f"{view}.parquet.partial").replace(out_dir / f"{view}.parquet")
+        name = view if view == S.STREAM_STATE else f"{view}.parquet"
+        (out_dir / f"{name}.partial").replace(out_dir / name)
     log.info("feature tables %s in %.1fs", rows, time.perf_counter() - started)
     return rows

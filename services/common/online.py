@@ -22,8 +22,10 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -54,6 +56,36 @@ _HEX_COLUMN: dict[str, tuple[str, str, str]] = {
 _KEYED_MAX = 900  # ids read by key rather than by scanning (SQLite's parameter limit: 999+)
 
 
+TTL_CLOCK_ENV = "HOMEFEED_TTL_CLOCK"
+TTL_CLOCKS = ("request", "wall")
+
+
+def ttl_time(when: datetime | None) -> float | None:
+    """The time a request's feature rows must be fresh at (seconds since 1970), or None for
+    no TTL check: the request's own time when it carries one; else the wall clock when
+    ``HOMEFEED_TTL_CLOCK=wall`` (the chart's setting: live traffic), and no check under the
+    default ``request`` (a local mesh serving a past dataset, whose rows the wall clock
+    would expire all at once)."""
+    if when is not None:
+        return when.timestamp()
+    clock = os.environ.get(TTL_CLOCK_ENV, "request")
+    if clock not in TTL_CLOCKS:
+        raise ValueError(f"{TTL_CLOCK_ENV} must be one of {', '.join(TTL_CLOCKS)}, got {clock!r}")
+    return time.time() if clock == "wall" else None
+
+
+def event_seconds(stamp: Any) -> int:
+    """A row's event time in whole seconds since 1970: SQLite's online tables hold an
+    integer, Feast's ``online_read`` a datetime (naive = UTC)."""
+    if isinstance(stamp, int | float | np.integer):
+        return int(stamp)
+    if isinstance(stamp, datetime):
+        return int((stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp())
+    if isinstance(stamp, str):
+        return event_seconds(datetime.fromisoformat(stamp))
+    raise ValueError(f"cannot read an event time from {stamp!r}")
+
+
 def default_value(name: str, kind: str) -> float | int | str:
     """What a feature is when Feast has no row (training's ``fill_defaults``)."""
     default = S.DEFAULTS.get(name)
@@ -72,6 +104,12 @@ class ViewRows:
 
     found: np.ndarray  # bool: the entity has a row in the view
     columns: dict[str, np.ndarray]  # feature -> values (the schema's dtype)
+    # int64: the row's event time in whole seconds since 1970 (the TTL's clock); NO_ROW_S
+    # where the entity has no row
+    event_s: np.ndarray
+
+
+NO_ROW_S = np.iinfo(np.int64).max  # a missing row never expires (it is the default already)
 
 
 def empty_rows(view: str, n: int) -> ViewRows:
@@ -79,7 +117,7 @@ def empty_rows(view: str, n: int) -> ViewRows:
         name: np.full(n, default_value(name, kind), dtype=numpy_dtype(kind))
         for name, kind in S.FEATURES[view].items()
     }
-    return ViewRows(np.zeros(n, dtype=bool), columns)
+    return ViewRows(np.zeros(n, dtype=bool), columns, np.full(n, NO_ROW_S, dtype=np.int64))
 
 
 class OnlineReader(Protocol):
@@ -120,10 +158,12 @@ class ProviderReader:
             rows = self._provider.online_read(
                 config=self.store.config, table=table, entity_keys=keys, requested_features=names
             )
-            for j, (_, values) in enumerate(rows, start=lo):
+            for j, (stamp, values) in enumerate(rows, start=lo):
                 if not values:
                     continue
                 out.found[j] = True
+                if stamp is not None:
+                    out.event_s[j] = event_seconds(stamp)
                 for name in names:
                     proto = values.get(name)
                     decoded = None if proto is None else decode_value(proto)
@@ -222,32 +262,67 @@ class SqliteReader:
                 if kind not in _HEX_COLUMN:
                     raise FastPathError(f"{view}.{name} is {kind}; the fast path reads numbers")
                 encode, well_formed, dtype = _HEX_COLUMN[kind]
-                query = (
-                    f"SELECT group_concat(hex(substr(entity_key, -8)), ''), "
-                    f"group_concat({encode}, ''), count(*), total({well_formed}) "
-                    f'FROM "{self.table(view)}" WHERE {where}'
-                )
-                try:
-                    id_hex, value_hex, n, good = self._con.execute(
-                        query, (name, len(prefix) + 8, len(prefix), prefix, *keys)
-                    ).fetchone()
-                except sqlite3.OperationalError as err:
-                    raise FastPathError(f"cannot read {self.table(view)}: {err}") from err
-                if not n:
+                got = self._column(view, name, encode, well_formed, where, prefix, keys)
+                if got is None:
                     continue
-                if good != n:
-                    raise FastPathError(
-                        f"{self.table(view)}.{name}: {n - int(good)} of {n} values are not "
-                        f"in the layout the fast path decodes"
-                    )
-                found = np.frombuffer(bytes.fromhex(id_hex), dtype="<i8")
+                found, value_hex = got
                 values = np.frombuffer(bytes.fromhex(value_hex), dtype=dtype)
                 pos = np.minimum(np.searchsorted(sorted_ids, found), len(sorted_ids) - 1)
                 hit = sorted_ids[pos] == found
                 target = order[pos[hit]]
                 out.columns[name][target] = values[hit]
                 out.found[target] = True
+            # each row's event_ts (integer seconds in Feast's SQLite tables), read with the
+            # view's first feature: a view's row is written whole, with one stamp
+            got = self._column(
+                view,
+                next(iter(S.FEATURES[view])),
+                "printf('%016x', event_ts)",  # big-endian hex
+                "typeof(event_ts) = 'integer'",
+                where,
+                prefix,
+                keys,
+            )
+            if got is not None:
+                found, ts_hex = got
+                stamps = np.frombuffer(bytes.fromhex(ts_hex), dtype=">i8").astype(np.int64)
+                pos = np.minimum(np.searchsorted(sorted_ids, found), len(sorted_ids) - 1)
+                hit = sorted_ids[pos] == found
+                out.event_s[order[pos[hit]]] = stamps[hit]
         return out
+
+    def _column(
+        self,
+        view: str,
+        name: str,
+        encode: str,
+        well_formed: str,
+        where: str,
+        prefix: bytes,
+        keys: list[bytes],
+    ) -> tuple[np.ndarray, str] | None:
+        """(entity ids, their values as one hex string of fixed-width cells) of one feature
+        of ``view``'s rows matching ``where``; None when there are none. FastPathError when
+        the table cannot be read or a value is not in the layout ``well_formed`` tests."""
+        query = (
+            f"SELECT group_concat(hex(substr(entity_key, -8)), ''), "
+            f"group_concat({encode}, ''), count(*), total({well_formed}) "
+            f'FROM "{self.table(view)}" WHERE {where}'
+        )
+        try:
+            id_hex, value_hex, n, good = self._con.execute(
+                query, (name, len(prefix) + 8, len(prefix), prefix, *keys)
+            ).fetchone()
+        except sqlite3.OperationalError as err:
+            raise FastPathError(f"cannot read {self.table(view)}: {err}") from err
+        if not n:
+            return None
+        if good != n:
+            raise FastPathError(
+                f"{self.table(view)}.{name}: {n - int(good)} of {n} values are not "
+                f"in the layout the fast path decodes"
+            )
+        return np.frombuffer(bytes.fromhex(id_hex), dtype="<i8"), value_hex
 
     def changes(self) -> Hashable:
         with self._lock:
@@ -266,6 +341,8 @@ def verify_reader(
         a, b = fast.read_view(view, ids), reference.read_view(view, ids)
         if not np.array_equal(a.found, b.found):
             return f"{view}: rows found differ"
+        if not np.array_equal(a.event_s, b.event_s):
+            return f"{view}: event times differ"
         for name in S.FEATURES[view]:
             if not np.array_equal(a.columns[name], b.columns[name]):
                 return f"{view}.{name}: values differ"

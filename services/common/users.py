@@ -9,6 +9,10 @@ The rows are kept as the store holds them (``ViewRows``: view -> feature -> valu
 a value the store does not hold, and None for a view without a row); each consumer applies
 the training-time defaults itself, as it did when it read the store directly.
 
+A view's row past its TTL at the request's time (``feature_repo.schema.TTL_SECONDS``) is
+read as no row: training's point-in-time join would not have found it, so the ranker learned
+the defaults for it (Feast's online read itself returns the latest row whatever its age).
+
 Two readers, the same answer (``open_user_reader`` checks it at start on a sample of users):
 
 - :class:`ProviderUserReader`: Feast's provider ``online_read``, one call per view; every
@@ -34,6 +38,7 @@ from homefeed.common.v1 import common_pb2
 from feature_repo import schema as S
 from services.common.errors import InvalidArgument
 from services.common.feast_values import decode_value
+from services.common.online import event_seconds
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -69,7 +74,10 @@ ViewRows = Mapping[str, Mapping[str, Any] | None]
 class UserReader(Protocol):
     name: str
 
-    def read(self, user_id: int) -> ViewRows: ...
+    def read(self, user_id: int, at_s: float | None = None) -> ViewRows:
+        """The user's rows; with ``at_s`` (the request's time, seconds since 1970), a row
+        past its view's TTL at that time reads as no row."""
+        ...
 
 
 class ProviderUserReader:
@@ -86,18 +94,21 @@ class ProviderUserReader:
             (view, store.get_feature_view(view, allow_registry_cache=True)) for view in USER_VIEWS
         ]
 
-    def read(self, user_id: int) -> ViewRows:
+    def read(self, user_id: int, at_s: float | None = None) -> ViewRows:
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
 
         key = [EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=user_id)])]
         rows: dict[str, dict[str, Any] | None] = {}
         for view, table in self._tables:
-            ((_, values),) = self._provider.online_read(
+            ((stamp, values),) = self._provider.online_read(
                 config=self.store.config, table=table, entity_keys=key
             )
             decoded = {n: decode_value(v) for n, v in (values or {}).items()}
-            rows[view] = decoded if any(v is not None for v in decoded.values()) else None
+            live = any(v is not None for v in decoded.values())
+            if live and at_s is not None and stamp is not None:
+                live = not S.expired(view, event_seconds(stamp), at_s)
+            rows[view] = decoded if live else None
         return rows
 
 
@@ -125,24 +136,30 @@ class SqliteUserReader:
         )
         self._lock = threading.Lock()
         self._sql = " UNION ALL ".join(
-            f"SELECT '{view}', feature_name, value FROM \"{project}_{view}\" WHERE entity_key = ?"
+            f"SELECT '{view}', feature_name, value, event_ts "
+            f'FROM "{project}_{view}" WHERE entity_key = ?'
             for view in USER_VIEWS
         )
 
-    def read(self, user_id: int) -> ViewRows:
+    def read(self, user_id: int, at_s: float | None = None) -> ViewRows:
         key = self._prefix + struct.pack("<q", user_id)
         with self._lock:
             found = self._con.execute(self._sql, (key,) * len(USER_VIEWS)).fetchall()
         rows: dict[str, dict[str, Any] | None] = dict.fromkeys(USER_VIEWS)
+        stale: set[str] = set()
         parse = self._value.FromString
-        for view, name, value in found:
+        for view, name, value, stamp in found:
+            if at_s is not None and S.expired(view, event_seconds(stamp), at_s):
+                stale.add(view)  # a view's row is written whole: one stamp for its values
+                continue
             decoded = decode_value(parse(value))
             values = rows[view]
             if values is None:
                 values = rows[view] = {}
             values[name] = decoded
         return {
-            v: r if r and any(x is not None for x in r.values()) else None for v, r in rows.items()
+            v: r if v not in stale and r and any(x is not None for x in r.values()) else None
+            for v, r in rows.items()
         }
 
     def close(self) -> None:

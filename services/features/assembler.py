@@ -27,8 +27,10 @@ Every column is defined as in a training row (``training.dataset``):
   "unknown" as a profile-less training row did. The request context's country and device
   are not features: a new user with a known country never occurred in training.
 
-Feast's online read returns the latest row whatever its age (the views' TTLs apply to the
-offline point-in-time join only), so that is what is served.
+Feast's online read returns the latest row whatever its age, while training's point-in-time
+join finds a row only within its view's TTL (``feature_repo.schema.TTL_SECONDS``). Training
+is what the ranker learned from, so serving follows it: a user row (``UserReader``) or item
+row (``ItemSnapshot``) past its TTL at the request's time is served as missing.
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ from contract import columns as C
 from contract.features import DAY_OF_WEEK, FEATURE_SCHEMA, HOUR, INPUT_COLUMNS, build_matrix
 from feature_repo import schema as S
 from services.common.errors import FailedPrecondition, Unavailable
-from services.common.online import default_value
+from services.common.online import default_value, ttl_time
 from services.common.users import USER_VIEWS, UserReader
 from services.features.items import (
     CATEGORY_SHARE,
     IN_STOCK,
+    ITEM_BATCH_VIEWS,
     ITEM_FEATURES,
+    ITEM_VIEWS,
     SELLER_IS_NEW,
     ItemSnapshot,
 )
@@ -153,14 +157,16 @@ class RequestContext:
     surface: str  # one of contract.columns.SURFACES
     hour_of_day: int  # UTC
     day_of_week: int  # Monday = 0
+    at_s: float | None = None  # the TTLs' clock (services.common.online.ttl_time)
 
     @classmethod
     def at(cls, when: datetime | None, surface: str) -> RequestContext:
         """Context of a request at ``when`` (timezone-aware; None: now)."""
         if surface not in C.SURFACES:
             raise ValueError(f"surface must be one of {C.SURFACES}, got {surface!r}")
+        at_s = ttl_time(when)
         when = datetime.now(UTC) if when is None else when.astimezone(UTC)
-        return cls(surface, when.hour, when.weekday())
+        return cls(surface, when.hour, when.weekday(), at_s)
 
 
 @dataclass(frozen=True)
@@ -214,11 +220,12 @@ class Assembler:
         self.items = items
         self.users = users
 
-    def read_user(self, user_id: int) -> UserFeatures:
-        """The user's features from the online store (when the request did not carry them);
+    def read_user(self, user_id: int, when: datetime | None = None) -> UserFeatures:
+        """The user's features from the online store (when the request did not carry them)
+        as of ``when`` (the request's time): rows past their TTL read as missing (``ttl_time``).
         Unavailable when the store cannot be read."""
         try:
-            return UserFeatures.from_rows(self.users.read(user_id))
+            return UserFeatures.from_rows(self.users.read(user_id, ttl_time(when)))
         except Exception as err:
             raise Unavailable(
                 f"the online store failed to read user {user_id}: {type(err).__name__}: {err}"
@@ -244,15 +251,27 @@ class Assembler:
     def columns(
         self, snap: ItemSnapshot, rows: np.ndarray, user: UserFeatures, context: RequestContext
     ) -> dict[str, Any]:
-        """The named columns ``build_matrix`` reads: item arrays, user and context scalars."""
-        columns: dict[str, Any] = {name: snap.features[name][rows] for name in ITEM_FEATURES}
+        """The named columns ``build_matrix`` reads: item arrays, user and context scalars.
+        An item whose item_stats or seller_stats row is past the view's TTL at the request's
+        time gets that view's defaults (the default row), as training's join gave it."""
+        view_rows = {view: rows for view in ITEM_VIEWS}
+        for view in ITEM_BATCH_VIEWS:
+            stale = snap.expired_rows(view, rows, context.at_s)
+            if stale is not None and stale.any():
+                view_rows[view] = np.where(stale, snap.index.n, rows)
+        columns: dict[str, Any] = {
+            name: snap.features[name][view_rows[view]]
+            for view in ITEM_VIEWS
+            for name in S.FEATURES[view]
+        }
         columns.update(user.values)
+        stats_rows = view_rows[S.ITEM_STATS]
         columns[S.AFFINITY_FOR_ITEM] = affinity.for_items(
             user.affinity_categories,
             user.affinity_weights,
             user.affinity_total,
-            snap.affinity_category[rows],
-            snap.features[CATEGORY_SHARE][rows],
+            snap.affinity_category[stats_rows],
+            snap.features[CATEGORY_SHARE][stats_rows],
             snap.n_categories,
         )
         columns[S.SELLER_DAYS_SINCE_ENGAGED] = seller_days_for_items(

@@ -53,7 +53,7 @@ MAX_STOCK = 10**9
 MAX_PRICE = 1e9
 MIN_TS_NS = 946_684_800 * 10**9  # 2000-01-01
 MAX_TS_NS = 4_102_444_800 * 10**9  # 2100-01-01
-WINDOW_NS = 86_400 * 10**9  # views_24h / carts_24h
+WINDOW_S = 86_400  # views_24h / carts_24h, counted in whole seconds as training counts
 PURCHASE_MEMORY_DAYS = 30.0  # a bought item stays hidden from its buyer this long
 MAX_USERS_TRACKED = 200_000  # least recently active users beyond this are forgotten
 MAX_BOUGHT_PER_USER = 200
@@ -197,19 +197,26 @@ class RecentActivity:
         events.append((ts_ns, is_cart))
         if len(events) > 1 and events[-2][0] > ts_ns:  # out of order: keep it sorted
             events = self._events[user_id] = deque(sorted(events))
-        while events and events[0][0] <= events[-1][0] - WINDOW_NS:
+        floor = _second(events[-1][0]) - WINDOW_S
+        while events and _second(events[0][0]) <= floor:
             events.popleft()
 
     def counts(self, user_id: int) -> tuple[int, int, int]:
         """(views_24h, carts_24h, as of ns) at the user's latest event: events in
-        (latest - 24 h, latest], as training counts them."""
+        (latest - 24 h, latest] in whole seconds, as training counts them
+        (``training.features.recent_activity_rows``)."""
         events = self._events.get(user_id)
         if not events:
             return 0, 0, 0
         latest = events[-1][0]
-        carts = sum(1 for ts, cart in events if cart and ts > latest - WINDOW_NS)
-        views = sum(1 for ts, cart in events if not cart and ts > latest - WINDOW_NS)
+        floor = _second(latest) - WINDOW_S
+        carts = sum(1 for ts, cart in events if cart and _second(ts) > floor)
+        views = sum(1 for ts, cart in events if not cart and _second(ts) > floor)
         return views, carts, latest
+
+
+def _second(ts_ns: int) -> int:
+    return ts_ns // 1_000_000_000
 
 
 class RecentPurchases:

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from contract.catalog import Catalog
 from contract.heuristic import Heuristic
 from feature_repo import schema as S
 from services.common.online import (
+    NO_ROW_S,
     FastPathError,
     OnlineReader,
     ViewRows,
@@ -126,6 +127,19 @@ class ItemSnapshot:
     n_categories: int
     batch_loaded_at: float  # time.time() of the batch views' read
     inventory_loaded_at: float
+    # view with a TTL -> int64 event second of each row (NO_ROW_S where none, and on the
+    # default row), for the assembler to serve a row past its TTL as missing
+    event_s: Mapping[str, np.ndarray] = field(default_factory=dict)
+    # view -> the oldest row's event second: nothing can expire before oldest + TTL
+    oldest_s: Mapping[str, int] = field(default_factory=dict)
+
+    def expired_rows(self, view: str, rows: np.ndarray, at_s: float | None) -> np.ndarray | None:
+        """Which of ``rows`` hold a ``view`` row past its TTL at ``at_s`` (None: none can,
+        or no check)."""
+        ttl = S.TTL_SECONDS[view]
+        if at_s is None or not ttl or view not in self.event_s or self.oldest_s[view] >= at_s - ttl:
+            return None
+        return self.event_s[view][rows] < at_s - ttl
 
     @property
     def n_items(self) -> int:
@@ -160,6 +174,10 @@ def build_snapshot(
     the policy does not use) and age = ``age_days`` as of the item_stats snapshot.
     """
     now = time.time()
+    event_s = {
+        S.ITEM_STATS: _with_default_row(item_stats.event_s, NO_ROW_S),
+        S.SELLER_STATS: _with_default_row(seller_stats.event_s[seller_of_item], NO_ROW_S),
+    }
     features: dict[str, np.ndarray] = {}
     for name, kind in S.FEATURES[S.ITEM_STATS].items():
         features[name] = _with_default_row(item_stats.columns[name], default_value(name, kind))
@@ -184,6 +202,8 @@ def build_snapshot(
         n_categories=catalog.n_categories,
         batch_loaded_at=now,
         inventory_loaded_at=now,
+        event_s=event_s,
+        oldest_s={view: int(stamps.min()) for view, stamps in event_s.items()},
     )
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -22,6 +23,7 @@ from contract.catalog import Catalog
 from contract.eventlog import EventLogError, RedisStreamLog, SegmentLog, is_redis_url
 from contract.feature_store import open_store
 from contract.heuristic import Heuristic
+from feature_repo import schema as S
 from services.common import telemetry
 from services.common.bundles import RegistryError, resolve_bundle
 from services.common.online import open_reader
@@ -97,6 +99,26 @@ def load_item_store(
     return items, open_user_reader(store, np.arange(64)), resolved.version, store
 
 
+def stream_state(features_dir: Path) -> Iterator[dict[str, Any]]:
+    """The batch data's last engagement and purchase events (``feature_repo.schema.
+    STREAM_STATE``, written by ``homefeed features``) as event records, oldest first: the
+    per-user windows start from them, then the event log replays on top. A dataset built
+    before the file existed has none: the windows start empty (and say so)."""
+    import pyarrow.parquet as pq
+
+    path = features_dir / S.STREAM_STATE
+    if not path.exists():
+        log.warning(
+            "no stream state: recent-activity windows start empty", extra={"path": str(path)}
+        )
+        return
+    table = pq.read_table(path, columns=["kind", "user_id", "item_id", "ts"])
+    for kind, user, item, ts in zip(
+        *(table.column(c).to_pylist() for c in ("kind", "user_id", "item_id", "ts")), strict=True
+    ):
+        yield {"type": E.EVENT, "kind": kind, "user_id": user, "item_id": item, "ts": ts}
+
+
 def open_ingestor(
     settings: FeaturesSettings, items: ItemStore, store: FeatureStore
 ) -> tuple[EventIngestor, Callable[[], None]]:
@@ -119,11 +141,13 @@ def open_ingestor(
         store.push(source, frame, to=PushMode.ONLINE)
 
     ingestor = EventIngestor(event_log, push=push, apply_inventory=items.apply_inventory)
+    seeded = ingestor.replay(stream_state(settings.paths.features(settings.dataset)))
     replayed = ingestor.replay(E.decode(payload) for _, _, payload in event_log.read())
     log.info(
         "event log open",
         extra={
             "event_log": location,
+            "seeded_events": seeded,
             "replayed_events": replayed,
             **{k: v for k, v in event_log.stats().items() if isinstance(v, int | float)},
             "ms": round((time.perf_counter() - started) * 1e3, 1),

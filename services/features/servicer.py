@@ -69,7 +69,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         user = (
             UserFeatures.from_rows(from_proto(request.user))
             if request.HasField("user")
-            else self.assembler.read_user(user_id)
+            else self.assembler.read_user(user_id, when)
         )
 
         out = self.assembler.assemble(user, item_ids, RequestContext.at(when, surface))

@@ -25,6 +25,7 @@ from services.common.errors import (
     check_surface,
 )
 from services.common.matrix import extend_packed
+from services.common.online import ttl_time
 from services.common.users import UserReader, ViewRows, to_proto
 from services.retrieval.index import (
     CHECKOUT,
@@ -67,11 +68,15 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             return np.random.default_rng([self.seed, 1, int.from_bytes(digest, "little")])
         return np.random.default_rng([self.seed, 0, next(self._anonymous)])
 
-    def read_user(self, user_id: int) -> tuple[ViewRows, dict[str, Any] | None]:
-        """The user's online rows and the tower's input (None for an unknown user);
-        Unavailable when the online store cannot be read."""
+    def read_user(
+        self, user_id: int, at_s: float | None = None
+    ) -> tuple[ViewRows, dict[str, Any] | None]:
+        """The user's online rows as of ``at_s`` (the request's time, seconds since 1970;
+        None: no TTL check; rows past their view's TTL read as missing, as training's join
+        reads them) and the tower's input (None for an unknown user); Unavailable when the online
+        store cannot be read."""
         try:
-            rows = self.users.read(user_id)
+            rows = self.users.read(user_id, at_s)
         except Exception as err:
             raise Unavailable(
                 f"the online store failed to read user {user_id}: {type(err).__name__}: {err}"
@@ -95,9 +100,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         exclude = check_ids("exclude_item_ids", request.exclude_item_ids, max_len=MAX_EXCLUDE)
         cart = check_ids("cart_item_ids", request.cart_item_ids, max_len=MAX_CART)
         surface = _SURFACE_NAME[check_surface(request.surface)]
-        check_context(request.context)
+        when = check_context(request.context)
 
-        rows, user = self.read_user(user_id)
+        rows, user = self.read_user(user_id, ttl_time(when))
         found = self.index.retrieve(
             user,
             n,

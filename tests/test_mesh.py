@@ -533,6 +533,36 @@ def test_print_feed_of_an_empty_page(capsys: pytest.CaptureFixture):
     assert "(empty page)" in out
 
 
+def test_a_page_shows_why_it_is_the_buyers(tiny_dataset: dict, home, capsys) -> None:
+    """Each item's category (with the buyer's share of it), price, seller and new-seller
+    flag, and the buyer's top categories, from the dataset's own tables."""
+    import pandas as pd
+
+    from tools.pages import page_facts
+
+    dataset = tiny_dataset["dataset"]
+    affinity = pd.read_parquet(home.features(dataset) / "user_category_affinity.parquet")
+    user = int(affinity.loc[affinity["affinity_total"] > 0, "user_id"].iloc[-1])
+    items = pd.read_parquet(home.raw(dataset) / "items.parquet").head(3)
+    ids = [*items["item_id"].tolist(), 10**12]  # and an item the dataset does not hold
+    facts = page_facts(home.raw(dataset), home.features(dataset), user, ids)
+    assert facts is not None and facts.top_categories
+    assert 0 < sum(share for _, share in facts.top_categories) <= 1.0 + 1e-9
+    first = items.iloc[0]
+    assert facts.items[int(first["item_id"])][:3] == (
+        int(first["category"]),
+        float(first["price"]),
+        int(first["seller_id"]),
+    )
+    page = feed_pb2.GetFeedResponse(request_id="r", item_ids=ids, positions=[1, 2, 3, 4])
+    print_feed(page, facts=facts)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("the buyer's top categories: ")
+    assert "buyer's share" in out[2] and "new seller" in out[2]
+    assert out[3].split()[6] == str(int(first["category"]))
+    assert page_facts(home.raw("nope"), home.features("nope"), user, ids) is None
+
+
 # --- the real mesh ------------------------------------------------------------------------
 
 

@@ -66,3 +66,20 @@ def test_checkout_lists_never_contain_the_cart(setup):
     ):
         for row, items in zip(requests.itertuples(index=False), lists, strict=True):
             assert not np.isin(items, market.cart_of(row.request_id)).any()
+
+
+def test_personalisation_is_one_minus_the_mean_pairwise_jaccard_of_users_pages():
+    from training.policy_eval import personalisation
+
+    same = [np.array([1, 2, 3])] * 4
+    assert personalisation(same, np.arange(4))["personalisation"] == 0.0
+    assert personalisation(same, np.arange(4))["top_item_page_share"] == 1.0
+    apart = [np.array([1, 2]), np.array([3, 4]), np.array([5, 6])]
+    assert personalisation(apart, np.arange(3))["personalisation"] == 1.0
+    # {1,2,3} vs {2,3,4}: 2 / 4; {1,2,3} vs {7}: 0; {2,3,4} vs {7}: 0 -> mean 1/6
+    mixed = [np.array([1, 2, 3]), np.array([2, 3, 4]), np.array([7]), np.array([9, 9])]
+    users = np.array([0, 1, 2, 0])  # user 0's second page is not counted
+    got = personalisation(mixed, users)
+    assert got["personalisation"] == pytest.approx(1 - 1 / 6)
+    assert got["top_item_page_share"] == pytest.approx(2 / 3)
+    assert got["personalisation_users"] == 3

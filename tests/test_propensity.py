@@ -48,6 +48,46 @@ def test_recovers_a_known_curve_from_enough_randomized_clicks():
     assert np.all(np.diff(curve.examination) <= 0)
     assert np.all(curve.stderr[1:] > 0)
     assert curve.propensity(np.array([1, 10, 99]))[2] == curve.examination[-1]
+    assert curve.applied and "differ from slot 1" in curve.reason
+    inside = (curve.ci_low <= truth) & (truth <= curve.ci_high)
+    assert inside.mean() >= 0.8  # 95 % intervals: most slots hold the truth
+    assert np.all(curve.ci_low <= curve.examination + 1e-12)
+
+
+def test_the_curve_ends_at_the_last_slot_the_data_had_and_never_reads_zero():
+    """Three slots of data asked for 20: the curve has 3 slots, later positions take the
+    last one's value (never 0, which would clip to a weight of 1 / min_propensity)."""
+    truth = np.array([1.0, 0.7, 0.5])
+    imp, clicks = _synthetic(truth, 30_000)
+    curve = estimate_position_curve(imp, clicks, max_position=20)
+    assert list(curve.positions) == [1, 2, 3] and len(curve.to_frame()) == 3
+    assert curve.propensity(np.array([4, 20]))[0] == curve.examination[2] > 0.3
+    # a gap inside the curve takes the slot above it
+    gap = imp[C.POSITION] != 2
+    holed = estimate_position_curve(
+        imp[gap], clicks[clicks[C.IMPRESSION_ID].isin(imp[gap][C.IMPRESSION_ID])]
+    )
+    assert holed.impressions[1] == 0 and np.isnan(holed.raw[1])
+    assert holed.examination[1] == holed.examination[0] == 1.0
+
+
+def test_a_grid_layout_keeps_its_raw_ratios_and_an_undecided_curve_applies_no_correction():
+    """Open Bandit's carousel: the centre slot is examined more than the left one. The
+    monotone fit would pull it down to 1; ``monotone=False`` keeps the ratio. With few
+    clicks no slot is distinguishable from slot 1: no correction, and it says so."""
+    truth = np.array([1.0, 2.0, 0.8])
+    imp, clicks = _synthetic(truth * 0.4, 20_000)
+    grid = estimate_position_curve(imp, clicks, max_position=3, monotone=False)
+    assert grid.examination[1] == pytest.approx(2.0, rel=0.1) and not grid.monotone
+    assert grid.ci_low[1] > 1.0 and grid.applied
+    forced = estimate_position_curve(imp, clicks, max_position=3)
+    assert forced.examination[1] == 1.0  # what the monotone fit does to a grid
+
+    few, few_clicks = _synthetic(np.array([1.0, 0.9, 0.95]) * 0.2, 40, seed=3)
+    undecided = estimate_position_curve(few, few_clicks, max_position=3, monotone=False)
+    assert not undecided.applied and "no position correction" in undecided.reason
+    np.testing.assert_array_equal(undecided.propensity(np.array([1, 2, 3])), [1.0, 1.0, 1.0])
+    assert undecided.to_dict()["applied"] is False
 
 
 def test_heuristic_traffic_is_never_used():
@@ -66,7 +106,7 @@ def test_simulated_position_curve_within_ten_percent_of_the_truth():
 
     result = simulate(load_config("position"))
     t = result.tables
-    curve = estimate_position_curve(t[C.IMPRESSIONS], t[C.CLICKS])
+    curve = estimate_position_curve(t[C.IMPRESSIONS], t[C.CLICKS], max_position=20)
     true = np.array(result.oracle.position_curve(10))
     relative = np.abs(curve.examination[:10] / true - 1)
     assert relative.max() <= 0.10, relative.round(3)

@@ -24,6 +24,7 @@ from training.ranking.models import (
     lambdamart_weights,
     purchase_datasets,
     relevance,
+    tune,
 )
 from training.ranking.train import (
     RankerResult,
@@ -159,6 +160,30 @@ def test_a_passed_deadline_stops_training_with_the_best_round(tiny_data):
         dtrain, dvalid, {"num_leaves": 7}, SMALL_BUDGET, deadline=time.monotonic() - 1
     )
     assert fit.best_iteration == 1 and fit.booster.num_trees() == 1
+
+
+def test_the_same_seed_gives_the_same_model_however_slow_the_machine(tiny_data, caplog):
+    """The budget is trials: a search slowed down (each fit sleeps) ends with the same best
+    trial and the same trees. The wall-clock safety net, when it fires, is reported."""
+    dtrain, dvalid = purchase_datasets(tiny_data["train"], tiny_data["valid"], SMALL_BUDGET)
+
+    def search(pause_s: float, budget: RankerBudget = SMALL_BUDGET):
+        def fit(params, trial, deadline):
+            time.sleep(pause_s)
+            return fit_purchase(dtrain, dvalid, params, budget, 0, trial, deadline)
+
+        return tune("purchase", fit, "minimize", budget, seed=0)
+
+    quick, slow = search(0.0), search(0.5)
+    assert quick.trials_run == slow.trials_run == SMALL_BUDGET.trials
+    assert not quick.hit_deadline and not slow.hit_deadline
+    assert quick.values == slow.values and quick.best.params == slow.best.params
+    assert quick.best.booster.model_to_string() == slow.best.booster.model_to_string()
+    with caplog.at_level("WARNING"):
+        capped = search(0.3, replace(SMALL_BUDGET, seconds=0.2))
+    assert capped.hit_deadline and capped.trials_run < SMALL_BUDGET.trials
+    assert capped.summary()["deadline_reached"] is True
+    assert "safety net stopped the search" in caplog.text
 
 
 @pytest.fixture(scope="module")

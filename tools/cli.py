@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from contract.paths import Paths
-from tools.pages import print_feed, table
+from tools.pages import page_facts, print_feed, table
 from training.memory import MemoryEstimateError
 
 # the stage names, repeated here so `homefeed --help` does not import the training stack
@@ -285,7 +285,13 @@ def cmd_feed(args: argparse.Namespace) -> int:
         )
         _print({**page, "round_trip_ms": round(round_trip_ms, 3)})
     else:
-        print_feed(response, round_trip_ms)
+        paths = Paths.from_env()
+        facts = page_facts(
+            paths.raw(args.dataset), paths.features(args.dataset), args.user, response.item_ids
+        )
+        print_feed(response, round_trip_ms, facts=facts)
+        if facts is None:
+            print(f"(no tables of dataset {args.dataset!r} here: item facts not shown)")
     return 0
 
 
@@ -562,7 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trials", type=int, default=8, help="Optuna trials per ranker")
-    p.add_argument("--seconds", type=float, default=120.0, help="Optuna budget per ranker (s)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=1800.0,
+        help="wall-clock safety net per ranker's search (s): the budget is --trials, so the "
+        "same seed gives the same model on any machine; reported when it fires",
+    )
     p.add_argument(
         "--eval-requests", type=int, default=1000, help="test-period requests the Oracle scores"
     )
@@ -619,6 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--addr", help="gateway host:port (default: the running mesh's)")
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument(
+        "--dataset",
+        default=os.environ.get("HOMEFEED_DATASET", "sim-small"),
+        help="the dataset whose tables give each item's category, price and seller and the "
+        "buyer's top categories (default $HOMEFEED_DATASET or sim-small)",
+    )
     p.set_defaults(func=cmd_feed)
     _rollout_parser(sub)
     _online_parsers(sub)

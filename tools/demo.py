@@ -41,7 +41,7 @@ def run_real_data(paths: Paths, households: int = CJ_HOUSEHOLDS) -> dict[str, An
     dataset_stage(paths, CJ_DATASET)
     seconds["dataset"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cfg = TrainConfig(ranker_trials=4, ranker_seconds=45)
+    cfg = TrainConfig(ranker_trials=4)
     trained = train(paths, CJ_DATASET, ("retrieval", "rankers", "evaluate"), cfg)
     seconds["train"] = time.perf_counter() - t0
     retrieval = trained["retrieval"]
@@ -67,7 +67,7 @@ def show_feeds(paths: Paths, dataset: str, model: str = "champion") -> dict[str,
 
     from contract import columns as C
     from tools.mesh import Mesh, MeshConfig
-    from tools.pages import print_feed
+    from tools.pages import page_facts, print_feed
     from training.tables import read_tables
 
     tables = read_tables(paths.raw(dataset), [C.USERS, C.IMPRESSIONS])
@@ -90,7 +90,10 @@ def show_feeds(paths: Paths, dataset: str, model: str = "champion") -> dict[str,
                 ms = (time.perf_counter() - t) * 1e3
                 timings[title] = ms
                 print(f"\n== {title}")
-                print_feed(page, round_trip_ms=ms)
+                facts = page_facts(
+                    paths.raw(dataset), paths.features(dataset), request.user_id, page.item_ids
+                )
+                print_feed(page, round_trip_ms=ms, facts=facts)
                 return page
 
             home = feed_pb2.GetFeedRequest(
@@ -155,7 +158,9 @@ def run_demo(
 
     curve = manifest["position_curve"] or {"examination": [float("nan")] * POSITIONS}
     estimated = [float(x) for x in curve["examination"][:POSITIONS]]
-    true = Oracle.load(paths.ground_truth(dataset)).position_curve(POSITIONS)
+    oracle = Oracle.load(paths.ground_truth(dataset))
+    true = oracle.position_curve(POSITIONS)
+    slots = len(curve.get("position", []))
     report = {
         "preset": preset,
         "dataset": dataset,
@@ -171,6 +176,17 @@ def run_demo(
             "true": true,
             "max_relative_error": float(np.max(np.abs(np.array(estimated) / np.array(true) - 1))),
             "randomized_impressions_slot1": curve.get("impressions", [0])[0],
+            # every slot the randomized traffic had, with its 95 % interval
+            "all_slots": {
+                "positions": curve.get("position", []),
+                "estimated": curve.get("examination", []),
+                "ci_low": curve.get("ci_low", []),
+                "ci_high": curve.get("ci_high", []),
+                "true": oracle.position_curve(slots) if slots else [],
+                "impressions": curve.get("impressions", []),
+                "applied": curve.get("applied"),
+                "reason": curve.get("reason"),
+            },
         },
         "seconds": seconds,
         "peak_rss_mb": peaks.peaks,  # by stage, MB (training.memory)

@@ -81,7 +81,10 @@ class DatasetConfig:
     split_dates: tuple[str | None, str | None, str | None] | None = None
     negative_rate: float = 0.1  # share of all-negative train impressions kept (weight 1/rate)
     eval_negative_rate: float = 1.0  # the same for valid / test; 1 keeps whole feeds
-    max_position: int = 20  # slots the examination curve is estimated for
+    max_position: int = 50  # slots the examination curve is estimated for (at most)
+    # the examination curve is non-increasing down the page; off for a grid or carousel
+    # layout, whose slots have no such order (Open Bandit's left / centre / right)
+    monotone_positions: bool = True
     min_propensity: float = 0.05  # IPS weights are clipped at 1 / min_propensity
     # Purchase-only data (no feed was logged) has no negatives: each organic purchase row gets
     # this many items sampled by train-period purchase popularity as label-0 rows (0: none).
@@ -790,7 +793,10 @@ def build_training_sets(
             impressions.loc[history, [C.IMPRESSION_ID, C.POLICY, C.POSITION]],
             tables[C.CLICKS],
             cfg.max_position,
+            monotone=cfg.monotone_positions,
+            seed=cfg.seed,
         )
+        log.info("position curve over %d slots: %s", len(curve.positions), curve.reason)
     else:
         log.warning("no randomized traffic: examination propensities set to 1 (no IPS)")
     del history
@@ -853,7 +859,7 @@ def build_training_sets(
         "feature_service": S.RANKER_SERVICE,
         "features": S.feature_refs(),
         "feature_columns": S.training_columns(),
-        "position_curve": None if curve is None else curve.to_frame().to_dict(orient="list"),
+        "position_curve": None if curve is None else curve.to_dict(),
         "seconds": seconds,
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))

@@ -260,6 +260,41 @@ def value_lists(
     )
 
 
+def personalisation(pages: list[np.ndarray], users: np.ndarray) -> dict[str, float]:
+    """How much the top-k pages differ across users: ``personalisation`` = 1 - the mean
+    pairwise Jaccard overlap of the users' pages (one page per user, the first; 0 = every
+    user sees the same page, 1 = no two share an item), and ``top_item_page_share`` = the
+    share of those pages holding the most common item."""
+    first: dict[int, np.ndarray] = {}
+    for user, items in zip(users.tolist(), pages, strict=True):
+        if len(items) and user not in first:
+            first[user] = np.unique(items)
+    n = len(first)
+    if n < 2:
+        return {
+            "personalisation": float("nan"),
+            "top_item_page_share": float("nan"),
+            "personalisation_users": n,
+        }
+    from scipy import sparse
+
+    rows = np.concatenate([np.full(len(v), i) for i, v in enumerate(first.values())])
+    cols_raw = np.concatenate(list(first.values()))
+    _, cols = np.unique(cols_raw, return_inverse=True)
+    incidence = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)))
+    inter = (incidence @ incidence.T).toarray()
+    sizes = np.diag(inter)
+    union = sizes[:, None] + sizes[None, :] - inter
+    upper = np.triu_indices(n, k=1)
+    jaccard = inter[upper] / union[upper]
+    per_item = np.asarray(incidence.sum(axis=0)).ravel()
+    return {
+        "personalisation": float(1.0 - jaccard.mean()),
+        "top_item_page_share": float(per_item.max() / n),
+        "personalisation_users": n,
+    }
+
+
 def evaluate_policies(
     tables: dict[str, pd.DataFrame],
     oracle: Oracle,
@@ -292,4 +327,8 @@ def evaluate_policies(
         order += list(group.index)
     requests = requests.loc[order].reset_index(drop=True)
     values = {name: value_lists(market, oracle, requests, ls) for name, ls in lists.items()}
-    return {name: v.summary(k) for name, v in values.items()}, values, requests
+    users = requests[C.USER_ID].to_numpy(np.int64)
+    summary = {
+        name: {**v.summary(k), **personalisation(lists[name], users)} for name, v in values.items()
+    }
+    return summary, values, requests

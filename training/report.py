@@ -75,15 +75,23 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
             "## Policies (Oracle, test days, top 20)",
             "",
             "| policy | E[GMV]/1k | GMV/1k | purchases/1k | clicks/1k | new-seller share "
-            "| categories in top 20 |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| categories in top 20 | personalisation | top item's page share |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, p in policies.items():
             lines.append(
                 f"| {name} | {p['oracle_egmv_per_1k']:.1f} | {p['oracle_gmv_per_1k']:.1f} | "
                 f"{p['oracle_purchases_per_1k']:.2f} | {p['oracle_clicks_per_1k']:.1f} | "
-                f"{p['new_seller_share']:.3f} | {p['categories_in_top']:.2f} |"
+                f"{p['new_seller_share']:.3f} | {p['categories_in_top']:.2f} | "
+                f"{p.get('personalisation', float('nan')):.3f} | "
+                f"{p.get('top_item_page_share', float('nan')):.2f} |"
             )
+        lines += [
+            "",
+            "Personalisation: 1 - the mean pairwise Jaccard overlap of the users' top-20 pages "
+            "(one page per sampled user); top item's page share: the share of those pages "
+            "holding the most common item.",
+        ]
         lines.append("")
     for section in (
         "targets",

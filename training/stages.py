@@ -214,9 +214,12 @@ PURCHASE_ONLY_NEGATIVES = 2  # sampled negatives per purchase when no feed was l
 
 
 def dataset_defaults(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> dict[str, Any]:
-    """Training-set settings the data calls for: weekly split units for weekly snapshots, and
-    for purchase-only data (every impression organic, no clicks) sampled negatives, all kept."""
+    """Training-set settings the data calls for: weekly split units for weekly snapshots, no
+    monotone examination curve for Open Bandit's three-slot carousel, and for purchase-only
+    data (every impression organic, no clicks) sampled negatives, all kept."""
     out: dict[str, Any] = {"split_unit_days": int(meta.get("snapshot_days", 1))}
+    if meta.get("source") == "open-bandit":  # left / centre / right: no order to fit
+        out["monotone_positions"] = False
     imp = tables[C.IMPRESSIONS]
     if len(imp) and tables[C.CLICKS].empty and (imp[C.POLICY] == C.POLICY_ORGANIC).all():
         out.update(sampled_negatives=PURCHASE_ONLY_NEGATIVES, negative_rate=1.0)

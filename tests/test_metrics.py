@@ -133,3 +133,19 @@ def test_bad_inputs_are_refused_with_a_reason():
         M.auc(np.array([0, 1]), np.array([0.1, 0.2]), np.array([1.0, -1.0]))
     with pytest.raises(ValueError, match="strategy"):
         M.reliability_curve(np.array([0, 1]), np.array([0.1, 0.2]), strategy="quantile")  # type: ignore[arg-type]
+
+
+def test_auc_interval_covers_the_auc_and_widens_when_requests_are_clustered():
+    rng = np.random.default_rng(0)
+    n = 4000
+    y = (rng.random(n) < 0.2).astype(float)
+    scores = y * 0.5 + rng.random(n)
+    point = M.auc(y, scores)
+    low, high = M.auc_interval(y, scores, np.arange(n), seed=1)
+    assert low < point < high and high - low < 0.1
+    # the same rows as 40 requests of 100 identical copies: far fewer independent draws
+    clustered = np.repeat(np.arange(40), 100)
+    same = np.repeat(y[:40], 100), np.repeat(scores[:40], 100)
+    c_low, c_high = M.auc_interval(same[0], same[1], clustered, seed=1)
+    r_low, r_high = M.auc_interval(same[0], same[1], np.arange(n), seed=1)
+    assert c_high - c_low > 3 * (r_high - r_low)

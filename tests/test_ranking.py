@@ -229,6 +229,8 @@ def test_the_search_stays_within_its_budget_and_reports_every_figure(tiny_result
         for key in ("auc", "log_loss", "pr_auc", "ece", "ece_calibrated"):
             assert np.isfinite(purchase[key]), (split, key)
         assert 0.5 < purchase["auc"] <= 1.0
+        low, high = purchase["auc_calibrated_ci_low"], purchase["auc_calibrated_ci_high"]
+        assert low < purchase["auc_calibrated"] < high and high - low < 0.5
     assert m["features"] == list(F.feature_schema().names)
     assert np.isfinite(m["purchase_auc_gap"])
 

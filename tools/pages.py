@@ -113,7 +113,7 @@ def print_feed(
             f"{_at(response.scores, k, float('nan')):.4f}",
             f"{_at(response.egmv, k, float('nan')):.4f}",
             _reason(feed_pb2, _at(response.reasons, k, 0)),
-            f"{_at(response.propensities, k, float('nan')):.3f}",
+            f"{_at(response.propensities, k, float('nan')):.3g}",  # exploration: ~1e-4
         )
         if facts is not None:
             known = facts.items.get(int(item))

@@ -61,6 +61,8 @@ def real_data_section(paths: Paths, dataset: str) -> dict[str, Any] | None:
         "recall_ratio_vs_popularity": recall / popular if recall and popular else None,
         "recall_ratio_target": TARGET_REAL_RECALL_RATIO,
         "auc": ranking.get("auc"),
+        "auc_ci_low": ranking.get("auc_ci_low"),
+        "auc_ci_high": ranking.get("auc_ci_high"),
         "logloss": ranking.get("logloss"),
         "auc_negatives": "sampled by train-period purchase popularity",
         "test_rows": real.get("test_rows"),
@@ -236,6 +238,8 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
             "served_egmv_ndcg_at_20_ips": served["ndcg@20_ips"],
             # the purchase model, calibrated
             "auc": purchase["auc_calibrated"],
+            "auc_ci_low": purchase.get("auc_calibrated_ci_low"),
+            "auc_ci_high": purchase.get("auc_calibrated_ci_high"),
             "logloss": purchase["log_loss_calibrated"],
             "pr_auc": purchase["pr_auc_calibrated"],
             "train_valid_auc_gap": rankers.get("purchase_auc_gap"),

@@ -167,6 +167,36 @@ def auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = Non
     return float(np.sum(pos_b * (neg_below + 0.5 * neg_b)) / (total_pos * total_neg))
 
 
+def auc_interval(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    weights: np.ndarray | None = None,
+    draws: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A ``confidence`` interval of the weighted AUC by a clustered Poisson bootstrap: each
+    group (a request: its rows are not independent) gets one Poisson(1) weight per draw."""
+    y = _binary(labels)
+    s = np.asarray(scores, dtype=np.float64)
+    n = _check_same_length(labels=y, scores=s)
+    w = _weights(weights, n)
+    _, group = np.unique(np.asarray(groups), return_inverse=True)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        boot = rng.poisson(1.0, group.max() + 1)[group] * w
+        value = auc(y, s, boot)
+        if np.isfinite(value):
+            values.append(value)
+    if not values:
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def log_loss(
     labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None, eps: float = 1e-15
 ) -> float:

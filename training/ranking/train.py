@@ -206,10 +206,14 @@ def evaluate(
     lr = logreg.predict(data.X)
     price = frame[C.PRICE].to_numpy(np.float64)
     rng = np.random.default_rng(seed)
+    low, high = M.auc_interval(y, cal, data.request_id, w, seed=seed)
     return {
         "purchase": {
             **probability_metrics(y, raw, w),
             **probability_metrics(y, cal, w, "_calibrated"),
+            # 95 %, a bootstrap over requests (rows of a request are not independent)
+            "auc_calibrated_ci_low": low,
+            "auc_calibrated_ci_high": high,
         },
         "logreg": probability_metrics(y, lr, w),
         LAMBDAMART: ranking_metrics(data, models.rank_score(data.X)),

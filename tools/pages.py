@@ -113,7 +113,7 @@ def print_feed(
             f"{_at(response.scores, k, float('nan')):.4f}",
             f"{_at(response.egmv, k, float('nan')):.4f}",
             _reason(feed_pb2, _at(response.reasons, k, 0)),
-            f"{_at(response.propensities, k, float('nan')):.3g}",  # exploration: ~1e-4
+            _propensity(_at(response.propensities, k, float("nan"))),
         )
         if facts is not None:
             known = facts.items.get(int(item))
@@ -138,6 +138,11 @@ def print_feed(
 def _at(values: Any, k: int, default: Any) -> Any:
     """Entry k of a parallel repeated field, or ``default`` when the server sent fewer."""
     return values[k] if k < len(values) else default
+
+
+def _propensity(p: float) -> str:
+    """Three decimals; an exploration slot's (about 1e-4) in scientific notation."""
+    return f"{p:.1e}" if 0 < p < 0.001 else f"{p:.3f}"
 
 
 def _reason(feed_pb2: Any, value: int) -> str:

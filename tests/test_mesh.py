@@ -490,6 +490,8 @@ def test_feed_prints_the_page(fake_gateway, capsys: pytest.CaptureFixture):
         "DE",
         "--device",
         "web",
+        "--dataset",
+        "no-such-dataset",  # the page alone: the item facts are tested below
     ]
     assert main(argv) == 0
     sent = servicer.requests[-1]
@@ -510,6 +512,7 @@ def test_feed_prints_the_page(fake_gateway, capsys: pytest.CaptureFixture):
     assert lines[1].split() == ["pos", "item", "score", "E[GMV]", "reason", "propensity"]
     assert lines[2].split() == ["1", "501", "3.2500", "3.2500", "ranked", "1.000"]
     assert lines[3].split() == ["2", "77", "1.5000", "1.5000", "exploration", "0.050"]
+    assert lines[4] == "(no tables of dataset 'no-such-dataset' here: item facts not shown)"
 
     assert main(["feed", "--addr", address, "--user", "42", "--json"]) == 0
     page = json.loads(capsys.readouterr().out)

@@ -90,12 +90,17 @@ def test_a_good_release_is_promoted_and_undone(report: dict) -> None:
     assert d["alias_after_promotion"] == d["release"], r
     assert d["stable_serves_after_promotion"] == [d["release"]], r
     assert d["stable_serves_after_undo"] != [d["release"]], r
-    assert [w["decision"] for w in d["windows"] if w["decision"] != "hold"] == [
+    decisions = [w["decision"] for w in d["windows"]]
+    # every step taken in order; a window the noisy 2-core machine failed is held and
+    # counted, as designed, and fewer than the threshold of them never roll a good release
+    # back (one in the first window was seen in a fresh-clone run: the canary pod just up)
+    assert [x for x in decisions if x not in ("hold", "failed_check")] == [
         "advance",
         "advance",
         "advance",
         "promote",
     ], r
+    assert decisions.count("failed_check") < Timing.quick().canary_threshold, r
     assert r["failed_requests"] <= 0.01 * r["total_requests"], r
 
 

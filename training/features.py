@@ -590,6 +590,31 @@ def _write_parquet(frame: pd.DataFrame, path: Path, slice_rows: int = WRITE_SLIC
             )
 
 
+def outcome_events(
+    tables: dict[str, pd.DataFrame],
+    table: str,
+    after_ns: int,
+    rows: RowsById | None = None,
+) -> pd.DataFrame:
+    """user_id, item_id, ts (ns) of an outcome table's rows later than ``after_ns``, through
+    their impression (``rows``: the impressions' id index, when the caller has one)."""
+    imp = tables[C.IMPRESSIONS]
+    if rows is None:
+        rows = RowsById(imp[C.IMPRESSION_ID].to_numpy(np.int64))
+    frame = tables[table]
+    ts = to_ns(frame[C.TS])
+    keep = ts > after_ns
+    at = rows(frame[C.IMPRESSION_ID].to_numpy(np.int64)[keep])
+    ok = at >= 0
+    return pd.DataFrame(
+        {
+            "user_id": imp[C.USER_ID].to_numpy(np.int64)[at[ok]],
+            "item_id": imp[C.ITEM_ID].to_numpy(np.int64)[at[ok]],
+            "ts": ts[keep][ok],
+        }
+    )
+
+
 def stream_state(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The events the features service seeds its stream windows with (``S.STREAM_STATE``):
     kind ("click" / "add_to_cart" / "purchase", ``contract.events``' kinds), user_id,
@@ -600,28 +625,15 @@ def stream_state(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         return pd.DataFrame({"kind": [], "user_id": [], "item_id": [], "ts": []})
     end = int(to_ns(imp[C.TS]).max())
     rows = RowsById(imp[C.IMPRESSION_ID].to_numpy(np.int64))
-    users, items = imp[C.USER_ID].to_numpy(np.int64), imp[C.ITEM_ID].to_numpy(np.int64)
     parts = []
     for table, kind, window_s in (
         (C.CLICKS, E.CLICK, S.STREAM_STATE_ACTIVITY_S),
         (C.ADD_TO_CARTS, E.ADD_TO_CART, S.STREAM_STATE_ACTIVITY_S),
         (C.PURCHASES, E.PURCHASE, S.STREAM_STATE_PURCHASE_S),
     ):
-        frame = tables[table]
-        ts = to_ns(frame[C.TS])
-        keep = ts > end - window_s * NS_PER_S
-        at = rows(frame[C.IMPRESSION_ID].to_numpy(np.int64)[keep])
-        ok = at >= 0
-        parts.append(
-            pd.DataFrame(
-                {
-                    "kind": kind,
-                    "user_id": users[at[ok]],
-                    "item_id": items[at[ok]],
-                    "ts": ts[keep][ok],
-                }
-            )
-        )
+        frame = outcome_events(tables, table, end - window_s * NS_PER_S, rows)
+        frame.insert(0, "kind", kind)
+        parts.append(frame)
     return pd.concat(parts, ignore_index=True).sort_values("ts", kind="stable")
 
 

@@ -33,7 +33,7 @@ from contract.features import build_matrix, feature_schema
 from contract.timeutil import NS_PER_S, to_ns
 from feature_repo import schema as S
 from training.dataset import add_context, entity_frame, fill_defaults, historical_features
-from training.features import recent_activity_rows
+from training.features import outcome_events, recent_activity_rows
 from training.tables import RowsById
 
 if TYPE_CHECKING:
@@ -49,18 +49,12 @@ INVENTORY = list(S.FEATURES[S.ITEM_INVENTORY])
 def _base_engagements(tables: dict[str, pd.DataFrame], since_ns: int) -> pd.DataFrame:
     """(user_id, ts_ns, is_cart) of the dataset's clicks and add-to-carts at or after
     ``since_ns`` (earlier ones count in no row a logged row can be joined to)."""
-    imp = tables[C.IMPRESSIONS]
-    rows = RowsById(imp[C.IMPRESSION_ID].to_numpy(np.int64))
-    users = imp[C.USER_ID].to_numpy(np.int64)
+    rows = RowsById(tables[C.IMPRESSIONS][C.IMPRESSION_ID].to_numpy(np.int64))
     parts = []
     for table, is_cart in ((C.CLICKS, False), (C.ADD_TO_CARTS, True)):
-        frame = tables[table]
-        ts = to_ns(frame[C.TS])
-        keep = ts >= since_ns
-        at = rows(frame[C.IMPRESSION_ID].to_numpy(np.int64)[keep])
-        ok = at >= 0
+        frame = outcome_events(tables, table, since_ns - 1, rows)
         parts.append(
-            pd.DataFrame({"user_id": users[at[ok]], "ts_ns": ts[keep][ok], "is_cart": is_cart})
+            pd.DataFrame({"user_id": frame["user_id"], "ts_ns": frame["ts"], "is_cart": is_cart})
         )
     return pd.concat(parts, ignore_index=True)
 

@@ -175,8 +175,16 @@ def run_demo(
             "estimated": estimated,
             "true": true,
             "max_relative_error": float(np.max(np.abs(np.array(estimated) / np.array(true) - 1))),
-            "randomized_impressions_slot1": curve.get("impressions", [0])[0],
-            # every slot the randomized traffic had, with its 95 % interval
+            # which estimate is applied: "harvested" (all logged traffic, validated against
+            # the randomized slots) or "randomized" (training.propensity)
+            "method": curve.get("method"),
+            "impressions_slot1": curve.get("impressions", [0])[0],
+            "randomized_impressions_slot1": (curve.get("randomized") or curve).get(
+                "impressions", [0]
+            )[0],
+            "randomized_max_relative_error_1_10": _max_error(curve.get("randomized"), true),
+            "agreement": (curve.get("agreement") or {}).get("agrees"),
+            # every slot the applied estimate had, with its 95 % interval
             "all_slots": {
                 "positions": curve.get("position", []),
                 "estimated": curve.get("examination", []),
@@ -253,8 +261,10 @@ def _print_summary(report: dict[str, Any]) -> None:
     for k, e, t in zip(pc["positions"], pc["estimated"], pc["true"], strict=True):
         print(f"{k:>8}  {e:>9.3f}  {t:.3f}")
     print(
-        f"max relative error {pc['max_relative_error']:.1%} "
-        f"({pc['randomized_impressions_slot1']:.0f} randomized impressions per slot)"
+        f"max relative error {pc['max_relative_error']:.1%} ({pc['method']} estimate, "
+        f"{pc['impressions_slot1']:.0f} impressions in slot 1; the randomized slots alone: "
+        f"{pc['randomized_max_relative_error_1_10']:.1%} from "
+        f"{pc['randomized_impressions_slot1']:.0f})"
     )
     print("\nstep                      seconds")
     for k, v in report["seconds"].items():
@@ -263,3 +273,11 @@ def _print_summary(report: dict[str, Any]) -> None:
     for k, v in report["peak_rss_mb"].items():
         print(f"{k:<26}{v:>8.0f}")
     print("\nwrote reports/data.json\n")
+
+
+def _max_error(curve: dict[str, Any] | None, true: list[float]) -> float:
+    """Largest relative error of a manifest curve's first ``len(true)`` slots (NaN: none)."""
+    if not curve or not curve.get("examination"):
+        return float("nan")
+    est = np.array(curve["examination"][: len(true)], dtype=np.float64)
+    return float(np.max(np.abs(est / np.array(true[: len(est)]) - 1)))

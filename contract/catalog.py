@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from contract import columns as C
+from contract.content import content_matrix
 from contract.features import NEW_SELLER_DAYS
 from contract.timeutil import NS_PER_DAY, to_ns
 
@@ -39,6 +40,7 @@ class Catalog:
     margins: np.ndarray  # float64
     created_ns: np.ndarray  # int64: the item's listing time
     seller_created_ns: np.ndarray  # int64: its seller's join time (MISSING_NS: unknown)
+    content: np.ndarray  # float32 (items, dim): the items table's content (dim 0: none)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -66,13 +68,15 @@ class Catalog:
         margins: Sequence[float] | np.ndarray,
         created_ns: Sequence[int] | np.ndarray | None = None,
         seller_created_ns: Sequence[int] | np.ndarray | None = None,
+        content: np.ndarray | None = None,
     ) -> Catalog:
         """Sorted by item id; ValueError on repeated ids or columns of different lengths.
-        Missing times are ``MISSING_NS`` (never recent, never new)."""
+        Missing times are ``MISSING_NS`` (never recent, never new); missing content is
+        ``(n, 0)`` (no content profile can score the items)."""
         ids = np.asarray(item_ids, dtype=np.int64)
         n = len(ids)
         missing = np.full(n, MISSING_NS, dtype=np.int64)
-        columns = {
+        columns: dict[str, np.ndarray] = {
             "seller_ids": np.asarray(seller_ids, dtype=np.int64),
             "categories": np.asarray(categories, dtype=np.int64),
             "prices": np.asarray(prices, dtype=np.float64),
@@ -81,6 +85,7 @@ class Catalog:
             "seller_created_ns": (
                 missing if seller_created_ns is None else np.asarray(seller_created_ns, np.int64)
             ),
+            "content": _content(content, n),
         }
         wrong = {k: len(v) for k, v in columns.items() if len(v) != n}
         if wrong:
@@ -111,6 +116,7 @@ class Catalog:
             items[C.MARGIN].to_numpy(),
             to_ns(items[C.CREATED_AT]) if len(items) else np.empty(0, np.int64),
             joined,
+            content_matrix(items[C.CONTENT] if C.CONTENT in items.columns else (), len(items)),
         )
 
     def exploration_pool(
@@ -137,11 +143,21 @@ class Catalog:
     def load(cls, path: Path) -> Catalog:
         """ValueError naming the file when a column is missing or the ids repeat."""
         with np.load(path, allow_pickle=False) as z:
-            missing = [f.name for f in fields(cls) if f.name not in z.files]
+            missing = [f.name for f in fields(cls) if f.name not in z.files and f.name != "content"]
             if missing:
                 raise ValueError(f"{path} lacks the catalog columns {missing}")
-            arrays = {f.name: z[f.name] for f in fields(cls)}
+            arrays = {f.name: z[f.name] for f in fields(cls) if f.name in z.files}
         try:
             return cls.from_columns(**arrays)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+
+
+def _content(content: np.ndarray | None, n: int) -> np.ndarray:
+    """(n, dim) float32; (n, 0) without content. A flat array is one vector per item."""
+    if content is None:
+        return np.zeros((n, 0), np.float32)
+    x = np.asarray(content, np.float32)
+    if x.ndim == 1:
+        x = x.reshape(n, -1) if n else np.zeros((0, 0), np.float32)
+    return x

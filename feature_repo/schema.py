@@ -11,6 +11,7 @@ from __future__ import annotations
 USER_PROFILE = "user_profile"
 USER_CATEGORY_AFFINITY = "user_category_affinity"
 USER_SELLER_RECENCY = "user_seller_recency"
+USER_CONTENT_PROFILE = "user_content_profile"
 ITEM_STATS = "item_stats"
 SELLER_STATS = "seller_stats"
 USER_RECENT_ACTIVITY = "user_recent_activity"
@@ -23,6 +24,7 @@ ENTITY_OF_VIEW = {
     USER_PROFILE: "user_id",
     USER_CATEGORY_AFFINITY: "user_id",
     USER_SELLER_RECENCY: "user_id",
+    USER_CONTENT_PROFILE: "user_id",
     ITEM_STATS: "item_id",
     SELLER_STATS: "seller_id",
     USER_RECENT_ACTIVITY: "user_id",
@@ -56,6 +58,13 @@ FEATURES: dict[str, dict[str, str]] = {
     USER_SELLER_RECENCY: {
         "recent_sellers": "int64[]",
         "recent_seller_days": "float32[]",
+    },
+    # The user's taste in content space: the unit-length engagement-weighted sum of the unit
+    # content vectors of the items clicked (1) or bought (3) in the 30 days before the
+    # snapshot (empty without engagement). contract.content turns it into the ranker's
+    # content_affinity_for_item and retrieval's PROFILE source.
+    USER_CONTENT_PROFILE: {
+        "content_profile": "float32[]",
     },
     ITEM_STATS: {
         "category": "int64",
@@ -117,15 +126,25 @@ AFFINITY_FOR_ITEM = "category_affinity_for_item"  # contract.affinity.for_items
 RECENT_SELLERS = "recent_sellers"
 RECENT_SELLER_DAYS = "recent_seller_days"
 SELLER_DAYS_SINCE_ENGAGED = "seller_days_since_engaged"  # the days entry of the item's seller
+CONTENT_PROFILE = "content_profile"
+CONTENT_AFFINITY_FOR_ITEM = "content_affinity_for_item"  # contract.content.similarity
 # list feature -> the float32 scalar a training row holds in its place
 REDUCED_FOR_ITEM: dict[str, str] = {
     AFFINITY_CATEGORIES: AFFINITY_FOR_ITEM,
     AFFINITY_WEIGHTS: AFFINITY_FOR_ITEM,
     RECENT_SELLERS: SELLER_DAYS_SINCE_ENGAGED,
     RECENT_SELLER_DAYS: SELLER_DAYS_SINCE_ENGAGED,
+    CONTENT_PROFILE: CONTENT_AFFINITY_FOR_ITEM,
 }
 
-BATCH_VIEWS = (USER_PROFILE, USER_CATEGORY_AFFINITY, USER_SELLER_RECENCY, ITEM_STATS, SELLER_STATS)
+BATCH_VIEWS = (
+    USER_PROFILE,
+    USER_CATEGORY_AFFINITY,
+    USER_SELLER_RECENCY,
+    USER_CONTENT_PROFILE,
+    ITEM_STATS,
+    SELLER_STATS,
+)
 STREAM_VIEWS = (USER_RECENT_ACTIVITY, ITEM_INVENTORY)
 
 # Each view's time to live in seconds (0: none). Training's point-in-time join reads a row
@@ -138,6 +157,7 @@ TTL_SECONDS: dict[str, int] = {
     USER_PROFILE: SNAPSHOT_TTL_DAYS * 86_400,
     USER_CATEGORY_AFFINITY: SNAPSHOT_TTL_DAYS * 86_400,
     USER_SELLER_RECENCY: SNAPSHOT_TTL_DAYS * 86_400,
+    USER_CONTENT_PROFILE: SNAPSHOT_TTL_DAYS * 86_400,
     ITEM_STATS: SNAPSHOT_TTL_DAYS * 86_400,
     SELLER_STATS: SNAPSHOT_TTL_DAYS * 86_400,
     USER_RECENT_ACTIVITY: 86_400,  # a count older than its own window is no longer true
@@ -164,7 +184,7 @@ STREAM_STATE_PURCHASE_S = 30 * 86_400
 
 
 # The feature service each ranker version reads; the bundle records which one it used.
-RANKER_SERVICE = "ranker_v1"
+RANKER_SERVICE = "ranker_v2"  # v2: + user_content_profile
 RANKER_VIEWS = BATCH_VIEWS + STREAM_VIEWS
 
 

@@ -8,21 +8,24 @@ from feature_repo.views import (
     item_stats,
     seller_stats,
     user_category_affinity,
+    user_content_profile,
     user_profile,
     user_recent_activity,
     user_seller_recency,
 )
 
-ranker_v1 = FeatureService(
+ranker_v2 = FeatureService(
     name=S.RANKER_SERVICE,
     features=[
         user_profile,
         user_category_affinity,
         user_seller_recency,
+        user_content_profile,
         item_stats,
         seller_stats,
         user_recent_activity,
         item_inventory,
     ],
-    description="Features of the first GBDT ranker (purchase model and LambdaMART).",
+    description="Features of the GBDT rankers (purchase model and LambdaMART); v2 adds the "
+    "user's content profile (content_affinity_for_item).",
 )

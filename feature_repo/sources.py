@@ -26,6 +26,7 @@ def _parquet(view: str) -> FileSource:
 user_profile_source = _parquet(S.USER_PROFILE)
 user_category_affinity_source = _parquet(S.USER_CATEGORY_AFFINITY)
 user_seller_recency_source = _parquet(S.USER_SELLER_RECENCY)
+user_content_profile_source = _parquet(S.USER_CONTENT_PROFILE)
 item_stats_source = _parquet(S.ITEM_STATS)
 seller_stats_source = _parquet(S.SELLER_STATS)
 

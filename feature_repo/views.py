@@ -14,6 +14,7 @@ from feature_repo.sources import (
     item_stats_source,
     seller_stats_source,
     user_category_affinity_source,
+    user_content_profile_source,
     user_profile_source,
     user_recent_activity_push,
     user_seller_recency_source,
@@ -65,6 +66,16 @@ user_seller_recency = FeatureView(
     source=user_seller_recency_source,
     description="The user's last 30 days of sellers as two aligned lists (not a user x seller "
     "entity): the ranker looks up the candidate's seller, so 500 candidates cost one read.",
+)
+
+user_content_profile = FeatureView(
+    name=S.USER_CONTENT_PROFILE,
+    entities=[user],
+    ttl=_ttl(S.USER_CONTENT_PROFILE),
+    schema=_fields(S.USER_CONTENT_PROFILE),
+    source=user_content_profile_source,
+    description="The user's taste in content space (one short vector): the ranker takes its "
+    "cosine with each candidate's content, retrieval searches the catalogue with it.",
 )
 
 item_stats = FeatureView(

@@ -53,7 +53,7 @@ def tiny_trained(tiny_dataset: dict, home: Paths) -> dict:
     (``@challenger``; the first registration is also ``@champion``) and the stage reports."""
     from training.train import STAGES, TrainConfig, train
 
-    cfg = TrainConfig(ranker_trials=2, eval_requests=120)
+    cfg = TrainConfig(ranker_trials=2, eval_requests=120, ope_requests=120)
     return train(home, tiny_dataset["dataset"], STAGES, cfg)
 
 

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import json
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,11 @@ import pytest
 from homefeed.common.v1 import common_pb2
 from homefeed.feed.v1 import feed_pb2, feed_pb2_grpc
 
+from contract import bundle as B
+from contract import content
+from contract.catalog import Catalog
 from contract.paths import Paths
+from feature_repo import schema as S
 from services.common.errors import InvalidArgument
 from services.common.settings import SettingsError
 from tools import bench
@@ -422,3 +427,28 @@ def test_reference_core_ranks_a_page_on_the_tiny_fixtures(
         assert page.candidates == 60
         assert set(page.stage_ms) == {"retrieval", "features", "ranking", "total"}
         assert page.model_version
+
+
+def test_reference_content_affinity_is_the_cosine_with_the_users_profile(
+    tiny_dataset: dict, tiny_bundle: Path, home: Paths
+) -> None:
+    """The reference's obvious cosine agrees with ``contract.content.similarity`` over the
+    bundle's catalogue content; 0 for a user without a profile."""
+    feed = ReferenceFeed.open(home.home, tiny_dataset["dataset"], tiny_bundle, candidates=60)
+    users = list(range(60))
+    got = feed.store.get_online_features(
+        features=[f"{S.USER_CONTENT_PROFILE}:{S.CONTENT_PROFILE}"],
+        entity_rows=[{"user_id": u} for u in users],
+    ).to_dict()[S.CONTENT_PROFILE]
+    user, profile = next((u, p) for u, p in zip(users, got, strict=True) if p)
+    catalog = Catalog.load(tiny_bundle / B.CATALOG)
+    assert catalog.content.shape[1] == len(profile) > 0
+    items = feed.item_ids[:50]
+    unit = content.unit_rows(catalog.content)[np.searchsorted(catalog.item_ids, items)]
+    when = datetime(2026, 1, 14, tzinfo=UTC)
+    columns = feed.candidate_columns(FeedRequest(user, "HOME", 10), items, when)
+    cosine = np.asarray(columns[S.CONTENT_AFFINITY_FOR_ITEM])
+    np.testing.assert_allclose(cosine, content.similarity(profile, unit), rtol=1e-5, atol=1e-6)
+    assert np.abs(cosine).max() > 0.1
+    stranger = feed.candidate_columns(FeedRequest(10**12, "HOME", 10), items, when)
+    assert (np.asarray(stranger[S.CONTENT_AFFINITY_FOR_ITEM]) == 0).all()

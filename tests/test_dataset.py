@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from contract import affinity
+from contract import affinity, content
 from contract import columns as C
 from contract.timeutil import to_ns
 from feature_repo import schema as S
@@ -183,7 +183,7 @@ def test_the_affinity_join_gives_what_feasts_point_in_time_join_gives(tiny_datas
     the item's category by contract.affinity.for_items one row at a time, including rows
     with no snapshot in the TTL (no engagement) and the total."""
     from contract.feature_store import open_store
-    from training.dataset import historical_features
+    from training.dataset import ItemContent, historical_features
     from training.stages import load_raw
 
     dataset = tiny_dataset["dataset"]
@@ -194,8 +194,9 @@ def test_the_affinity_join_gives_what_feasts_point_in_time_join_gives(tiny_datas
     entity = rows[[C.USER_ID, C.ITEM_ID, C.SELLER_ID, C.EVENT_TIMESTAMP]].reset_index(drop=True)
     entity[C.EVENT_TIMESTAMP] = entity[C.EVENT_TIMESTAMP].dt.as_unit("us")
     entity["row"] = np.arange(len(entity))
-    n_cat = int(load_raw(home, dataset)[C.ITEMS][C.CATEGORY].max()) + 1
-    ours = historical_features(store, entity, n_cat).sort_values("row")
+    items = load_raw(home, dataset)[C.ITEMS]
+    n_cat = int(items[C.CATEGORY].max()) + 1
+    ours = historical_features(store, entity, n_cat, ItemContent(items)).sort_values("row")
     view = S.USER_CATEGORY_AFFINITY
     feast = (
         store.get_historical_features(
@@ -206,6 +207,7 @@ def test_the_affinity_join_gives_what_feasts_point_in_time_join_gives(tiny_datas
                 f"{view}:{S.AFFINITY_TOTAL}",
                 f"{S.ITEM_STATS}:category",
                 f"{S.ITEM_STATS}:category_share",
+                f"{S.USER_CONTENT_PROFILE}:{S.CONTENT_PROFILE}",
             ],
         )
         .to_df()
@@ -238,6 +240,22 @@ def test_the_affinity_join_gives_what_feasts_point_in_time_join_gives(tiny_datas
     np.testing.assert_allclose(
         ours[S.AFFINITY_TOTAL].to_numpy(), feast[S.AFFINITY_TOTAL].fillna(0).to_numpy()
     )
+    # the content profile, reduced one row at a time by the rule serving uses
+    unit = content.unit_rows(np.stack(list(items[C.CONTENT])))
+    row_of = pd.Index(items[C.ITEM_ID])
+    profile = [
+        p if isinstance(p, np.ndarray | list) and len(p) else None for p in feast[S.CONTENT_PROFILE]
+    ]
+    cosine = np.array(
+        [
+            content.similarity(p, unit[[row_of.get_loc(int(i))]])[0]
+            for p, i in zip(profile, feast[C.ITEM_ID], strict=True)
+        ],
+        dtype=np.float32,
+    )
+    has = np.array([p is not None for p in profile])
+    assert has.any() and (~has).any() and (cosine[has] != 0).all()
+    np.testing.assert_array_equal(ours[S.CONTENT_AFFINITY_FOR_ITEM].to_numpy(), cosine)
 
 
 PERIODS = {
@@ -481,7 +499,7 @@ def test_joining_in_chunks_gives_the_same_rows_as_one_join(tiny_dataset, home):
     """The dataset stage joins at most join_chunk_rows entity rows at a time (its memory's
     bound); every joined value must be what one whole join gives."""
     from contract.feature_store import open_store
-    from training.dataset import join_in_chunks
+    from training.dataset import ItemContent, join_in_chunks
     from training.stages import load_raw
 
     dataset = tiny_dataset["dataset"]
@@ -490,9 +508,10 @@ def test_joining_in_chunks_gives_the_same_rows_as_one_join(tiny_dataset, home):
     entity = rows[[C.USER_ID, C.ITEM_ID, C.SELLER_ID, C.EVENT_TIMESTAMP]].reset_index(drop=True)
     entity[C.EVENT_TIMESTAMP] = entity[C.EVENT_TIMESTAMP].dt.as_unit("us")
     entity["row"] = np.arange(len(entity))
-    n_cat = int(load_raw(home, dataset)[C.ITEMS][C.CATEGORY].max()) + 1
-    whole = join_in_chunks(store, entity, n_cat, chunk_rows=len(entity))
-    chunked = join_in_chunks(store, entity, n_cat, chunk_rows=700)
+    items = load_raw(home, dataset)[C.ITEMS]
+    n_cat, item_content = int(items[C.CATEGORY].max()) + 1, ItemContent(items)
+    whole = join_in_chunks(store, entity, n_cat, item_content, chunk_rows=len(entity))
+    chunked = join_in_chunks(store, entity, n_cat, item_content, chunk_rows=700)
     whole, chunked = (f.sort_values("row").reset_index(drop=True) for f in (whole, chunked))
     assert len(chunked) == len(entity)
     pd.testing.assert_frame_equal(chunked[whole.columns], whole)

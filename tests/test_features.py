@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from contract import affinity
+from contract import affinity, content
 from contract import columns as C
-from contract.timeutil import from_ns
+from contract.timeutil import from_ns, to_ns
 from feature_repo import schema as S
 from tests.handmade import ts as _ts
 from training.dataset import seller_days_for_items
@@ -303,3 +303,57 @@ def test_tables_written_in_slices_read_back_whole(tables, tmp_path):
     whole = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
     assert back.equals(whole)
     assert len(pd.read_parquet(tmp_path / "t.parquet")) == len(frame)  # pandas reads it
+
+
+@pytest.mark.parametrize(("stride", "chunk"), [(1, 10**9), (1, 400), (7, 300)])
+def test_content_profile_is_the_weighted_window_of_unit_contents(tables, stride, chunk):
+    """Chunked or not, daily or weekly snapshots: each (user, snapshot) row's profile is the
+    unit-length sum of the unit contents of the items clicked (1) and bought (3) on the days
+    in [s - 30, s), recomputed here event by event; empty without such engagement."""
+    rng = np.random.default_rng(11)
+    t = _random_engagement(tables, rng)
+    t[C.ITEMS][C.CONTENT] = list(rng.normal(size=(len(t[C.ITEMS]), 6)).astype(np.float32))
+    bought = t[C.CLICKS].sample(frac=0.2, random_state=3)
+    t[C.PURCHASES] = pd.concat(
+        [
+            t[C.PURCHASES],
+            pd.DataFrame(
+                {
+                    C.IMPRESSION_ID: bought[C.IMPRESSION_ID].to_numpy(),
+                    C.TS: bought[C.TS].to_numpy(),
+                    C.PRICE: 1.0,
+                    C.QUANTITY: 1,
+                }
+            ),
+        ],
+        ignore_index=True,
+    )
+    b = FeatureBuilder(t, snapshot_days=stride)
+    frame = b.user_content_profile(max_entries=chunk)
+    unit = content.unit_rows(np.stack(t[C.ITEMS][C.CONTENT].to_numpy()))
+    item_row = pd.Index(t[C.ITEMS][C.ITEM_ID])
+    imp = t[C.IMPRESSIONS].set_index(C.IMPRESSION_ID)
+    events = pd.concat(
+        [
+            t[table][[C.IMPRESSION_ID, C.TS]].assign(w=w)
+            for table, w in ((C.CLICKS, 1.0), (C.PURCHASES, affinity.PURCHASE_WEIGHT))
+        ]
+    ).join(imp[[C.USER_ID, C.ITEM_ID]], on=C.IMPRESSION_ID)
+    events["day"] = b.cal.day_of(to_ns(events[C.TS]))
+    snap_of = {ts: k for k, ts in enumerate(from_ns(b.snap_ns))}
+    engaged = 0
+    for row in frame.itertuples(index=False):
+        s = int(b.snaps[snap_of[getattr(row, S.EVENT_TIMESTAMP)]])
+        mine = events[
+            (events[C.USER_ID] == getattr(row, C.USER_ID))
+            & (events["day"] >= s - content.WINDOW_DAYS)
+            & (events["day"] < s)
+        ]
+        got = np.asarray(getattr(row, S.CONTENT_PROFILE), np.float32)
+        if mine.empty:
+            assert len(got) == 0
+            continue
+        engaged += 1
+        want = content.profile_of(unit[item_row.get_indexer(mine[C.ITEM_ID])], mine["w"].to_numpy())
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert engaged > 50

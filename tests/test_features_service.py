@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from homefeed.common.v1 import common_pb2
 from homefeed.features.v1 import features_pb2, features_pb2_grpc
 
-from contract import affinity
+from contract import affinity, content
 from contract import columns as C
 from contract.catalog import Catalog
 from contract.feature_store import open_store
@@ -111,7 +111,8 @@ def test_unknown_user_gets_schema_defaults() -> None:
     assert user.values["country"] == "unknown" and user.values["recency_days"] == 365.0
     assert user.values["clicks_30d"] == 0 and user.values["views_24h"] == 0
     assert len(user.recent_sellers) == 0 and len(user.recent_seller_days) == 0
-    for name in (S.RECENT_SELLERS, S.AFFINITY_CATEGORIES, S.AFFINITY_WEIGHTS):
+    assert user.content_profile.dtype == np.float32 and len(user.content_profile) == 0
+    for name in (S.RECENT_SELLERS, S.AFFINITY_CATEGORIES, S.AFFINITY_WEIGHTS, S.CONTENT_PROFILE):
         assert name not in user.values  # lists are reduced per item, not user scalars
     # Redis's answer for a user it does not hold: a row whose every value is null
     nulls = {name: None for name in S.FEATURES[S.USER_PROFILE]}
@@ -390,6 +391,63 @@ def test_category_affinity_for_item_is_contract_for_items_of_the_users_lists() -
     assert (item_category[:40] < 0).any() and np.isin(item_category[:40], listed).any()
 
 
+def test_content_affinity_for_item_is_contract_similarity_of_the_users_profile() -> None:
+    """500 candidates of a catalogue with 16-d content: the assembler's column is
+    ``contract.content.similarity`` of the user's profile and the items' unit content; 0 for
+    an item without content, an unknown item (the default row), a user without a profile
+    (or one of another width) and a catalogue without content."""
+    rng = np.random.default_rng(8)
+    n, dim = 700, 16
+    raw = (rng.normal(size=(n, dim)) * rng.uniform(0.1, 5, (n, 1))).astype(np.float32)
+    raw[3] = 0  # an item whose content is zero
+    columns: dict[str, Any] = {
+        "item_ids": np.arange(n),
+        "seller_ids": np.zeros(n, np.int64),
+        "categories": np.zeros(n, np.int64),
+        "prices": np.ones(n),
+        "margins": np.ones(n),
+    }
+    store = ItemStore(FakeReader({}), Catalog.from_columns(**columns, content=raw), Heuristic())
+    store.load()
+    assert store.snapshot().unit_content.shape == (n + 1, dim)
+    profile = content.unit_rows(rng.normal(size=(1, dim)))[0]
+    user = UserFeatures.from_rows(
+        {
+            S.USER_PROFILE: {"country": "US"},
+            S.USER_CONTENT_PROFILE: {S.CONTENT_PROFILE: profile.tolist()},
+        }
+    )
+    ids = np.array([*rng.choice(n, 498, replace=False), 3, n + 5], dtype=np.int64)
+    ctx = RequestContext.at(WHEN, "HOME")
+    assembler = Assembler(store, FakeUsers({}))
+    got = assembler.assemble(user, ids, ctx).matrix[:, COL[S.CONTENT_AFFINITY_FOR_ITEM]]
+    unit = content.unit_rows(raw)[ids[:-1]]
+    np.testing.assert_allclose(got[:-1], content.similarity(profile, unit), rtol=1e-6, atol=1e-7)
+    # to the bit as training's rows compute it, one (user, item) row at a time
+    one = np.zeros(1, np.int64), np.full(1, dim)
+    rowwise = [content.similarity_rows(*one, profile, unit[j : j + 1])[0] for j in range(len(unit))]
+    np.testing.assert_array_equal(got[:-1], np.array(rowwise, np.float32))
+    assert got[-2] == 0 and got[-1] == 0  # zero content; unknown item
+    # by hand: the cosine of the raw vectors
+    for j in range(20):
+        c = raw[ids[j]]
+        by_hand = float(c @ profile / np.linalg.norm(c) / np.linalg.norm(profile))
+        assert got[j] == pytest.approx(by_hand, abs=1e-5)
+    assert np.abs(got).max() > 0.4 and (got < 0).any()
+    row: dict[str, Any] | None
+    for row in (None, {S.CONTENT_PROFILE: []}, {S.CONTENT_PROFILE: [0.25] * (dim + 1)}):
+        other = UserFeatures.from_rows(
+            {S.USER_PROFILE: {"country": "US"}, S.USER_CONTENT_PROFILE: row}
+        )
+        X = assembler.assemble(other, ids, ctx).matrix
+        assert (X[:, COL[S.CONTENT_AFFINITY_FOR_ITEM]] == 0).all(), row
+    plain = ItemStore(FakeReader({}), Catalog.from_columns(**columns), Heuristic())
+    plain.load()  # a catalog.npz from before content: (n, 0)
+    assert plain.snapshot().unit_content.shape == (n + 1, 0)
+    X = Assembler(plain, FakeUsers({})).assemble(user, ids, ctx).matrix
+    assert (X[:, COL[S.CONTENT_AFFINITY_FOR_ITEM]] == 0).all()
+
+
 def test_refresh_swaps_inventory_and_skips_when_the_store_did_not_change() -> None:
     store, reader, marker = _fake_store()
     before = store.snapshot()
@@ -584,6 +642,7 @@ def _expected(
     affinity_weights = got.pop(S.AFFINITY_WEIGHTS)[0]
     sellers = pa.array(got.pop(S.RECENT_SELLERS), type=pa.list_(pa.int64()))
     days = pa.array(got.pop(S.RECENT_SELLER_DAYS), type=pa.list_(pa.float32()))
+    profile = got.pop(S.CONTENT_PROFILE)[0]
     frame = pd.DataFrame(got)
     category = frame["category"].fillna(-1).to_numpy(np.int64)
     share = frame["category_share"].fillna(0).to_numpy(np.float64)
@@ -594,11 +653,28 @@ def _expected(
     )
     item_seller = np.array([row[C.SELLER_ID] for row in rows], dtype=np.int64)
     frame[S.SELLER_DAYS_SINCE_ENGAGED] = training_seller_days(sellers, days, item_seller)
+    frame[S.CONTENT_AFFINITY_FOR_ITEM] = _content_affinity(served, profile, item_ids)
     frame = fill_defaults(frame)
     frame[HOUR] = 21  # WHEN, by hand
     frame[DAY_OF_WEEK] = 2
     frame[C.SURFACE] = surface
     return build_matrix(frame), frame
+
+
+def _content_affinity(served: Served, profile: list[float] | None, item_ids: list[int]) -> Any:
+    """Training's rule on the items table's content: ``similarity_rows`` of the profile and
+    each item's unit content (an item the table does not list has none)."""
+    items = served.catalog
+    raw = (
+        np.stack([np.asarray(v, np.float32) for v in items[C.CONTENT]])
+        if C.CONTENT in items.columns
+        else np.zeros((len(items), 0), np.float32)
+    )
+    pos = pd.Index(items[C.ITEM_ID]).get_indexer(pd.Index(item_ids))
+    unit = np.where((pos >= 0)[:, None], content.unit_rows(raw)[pos], np.float32(0))
+    values = np.asarray(profile if profile is not None else [], np.float32)
+    n = len(item_ids)
+    return content.similarity_rows(np.zeros(n, np.int64), np.full(n, len(values)), values, unit)
 
 
 def _assert_same_columns(served_X: np.ndarray, expected_X: np.ndarray) -> None:
@@ -694,6 +770,9 @@ def test_known_user_matrix_equals_training_path_on_online_values(
     for_item = X[:, COL[S.AFFINITY_FOR_ITEM]]
     assert len(np.unique(for_item[:-2])) > 1  # the user's own shares, not the uniform prior
     assert frame[S.AFFINITY_TOTAL].iloc[0] > 0  # the known user engaged in 30 days
+    # ... so they have a content profile: real cosines, 0 for the unknown items
+    by_content = X[:, COL[S.CONTENT_AFFINITY_FOR_ITEM]]
+    assert (by_content[:-2] != 0).all() and (by_content[-2:] == 0).all()
     listed = served.store.get_online_features(
         features=[f"{S.USER_CATEGORY_AFFINITY}:{S.AFFINITY_CATEGORIES}"],
         entity_rows=[{C.USER_ID: known_user}],
@@ -746,6 +825,7 @@ def test_unknown_user_gets_defaults_and_unknown_items_are_unavailable(served: Se
     assert for_item[0] == np.float32(1 / n_categories)
     np.testing.assert_allclose(for_item[1:], X[1:, COL["category_share"]], rtol=1e-6)
     assert (X[:, COL[S.AFFINITY_TOTAL]] == 0).all()
+    assert (X[:, COL[S.CONTENT_AFFINITY_FOR_ITEM]] == 0).all()  # no profile
     assert (X[:, COL["country_code"]] == len(C.COUNTRIES)).all()
     assert (X[:, COL["recency_days"]] == 365).all()
 
@@ -986,6 +1066,7 @@ def test_the_skew_check_proves_serving_matches_training_and_flags_what_does_not(
     user_features = {n for v in USER_VIEWS for n in S.FEATURES[v]} | {
         S.AFFINITY_FOR_ITEM,
         S.SELLER_DAYS_SINCE_ENGAGED,
+        S.CONTENT_AFFINITY_FOR_ITEM,
         "country_code",
         "device_code",
         "price_to_avg_paid",

@@ -80,6 +80,14 @@ def test_the_features_estimate_grows_with_engagement_not_users_times_categories(
     many_items = estimate(10, 20_000, items=10**6)
     assert "the largest view, item views (items x snapshots)" in many_items
     assert lists not in many_items
+    # the content profile: one short vector per (user, snapshot), whatever the categories
+    profiles = "the largest view, content profiles (users x snapshots x content width)"
+    narrow, wide_content = (
+        memory.features_build_bytes(10_000, 300, 100, 10, 14, 15, 10**6, 20_000, content_dim=d)
+        for d in (16, 64)
+    )
+    assert profiles in narrow and profiles in wide_content
+    assert wide_content[profiles] > 2 * narrow[profiles]
 
 
 @linux

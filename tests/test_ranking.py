@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -16,7 +17,8 @@ from contract import bundle
 from contract import columns as C
 from contract import features as F
 from contract.calibration import Calibrator
-from contract.features import DAY_OF_WEEK, HOUR
+from contract.features import DAY_OF_WEEK, FEATURE_SCHEMA, HOUR
+from feature_repo import schema as S
 from training.ranking.calibration import fit_isotonic
 from training.ranking.models import (
     RankerBudget,
@@ -244,3 +246,57 @@ def test_a_schema_mismatch_is_caught_on_load(tiny_result, tmp_path: Path):
     save(shorter, tmp_path)
     with pytest.raises(ValueError, match="features"):
         load(tmp_path)
+
+
+def test_the_purchase_model_never_rises_with_price(tiny_data):
+    """With the monotone constraint (the default), raising an item's price and log price,
+    all else held, never raises p; without it the same data gives a model that does."""
+    from training.ranking.models import MONOTONE_DECREASING, monotone_constraints
+
+    names = list(FEATURE_SCHEMA.names)
+    assert [n for n, m in zip(names, monotone_constraints(names), strict=True) if m] == list(
+        MONOTONE_DECREASING
+    )
+    train, valid = tiny_data["train"], tiny_data["valid"]
+    X = valid.X[:200].copy()
+    price, log_price = FEATURE_SCHEMA.index("price"), FEATURE_SCHEMA.index("log_price")
+    params = {"num_leaves": 15, "min_data_in_leaf": 5, "learning_rate": 0.2}
+
+    def rises(budget: RankerBudget) -> float:
+        dtrain, dvalid = purchase_datasets(train, valid, budget)
+        booster = fit_purchase(dtrain, dvalid, params, budget).booster
+        preds = []
+        for p in np.geomspace(1.0, 5000.0, 25):
+            X[:, price], X[:, log_price] = p, np.log(p)
+            preds.append(booster.predict(X))
+        return float(np.diff(np.stack(preds), axis=0).max())
+
+    assert rises(replace(SMALL_BUDGET, monotone_price=True)) <= 1e-12
+    assert rises(replace(SMALL_BUDGET, monotone_price=False)) > 0  # the check can fail
+
+
+def test_ablations_refit_without_their_lever_and_round_trip(tiny_data, tmp_path: Path):
+    from training.ranking import ablation
+
+    train, valid = tiny_data["train"], tiny_data["valid"]
+    params = {"num_leaves": 15, "min_data_in_leaf": 5, "learning_rate": 0.2}
+    lever: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+        "no_category_affinity": ((S.AFFINITY_FOR_ITEM,), {}),
+        "free_price": ((), {}),
+    }
+    models = ablation.train_ablations(train, valid, params, SMALL_BUDGET, 0, lever)
+    gain = dict(
+        zip(
+            models["no_category_affinity"].booster.feature_name(),
+            models["no_category_affinity"].booster.feature_importance("gain"),
+            strict=True,
+        )
+    )
+    assert gain[S.AFFINITY_FOR_ITEM] == 0 and sum(gain.values()) > 0
+    ablation.save(models, tmp_path)
+    loaded = ablation.load(tmp_path)
+    assert set(loaded) == set(lever)
+    for name, model in models.items():
+        np.testing.assert_array_equal(
+            loaded[name].egmv_probability(valid.X), model.egmv_probability(valid.X)
+        )

@@ -35,6 +35,7 @@ from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 from contract import affinity
 from contract import bundle as B
 from contract import columns as C
+from contract.catalog import Catalog
 from contract.features import NEW_SELLER_DAYS
 from contract.paths import REPO_ROOT, Paths
 from contract.popular import PopularityLists
@@ -74,7 +75,7 @@ pytestmark = pytest.mark.timeout(180)
 
 TIMEOUT_S = 10.0
 UNKNOWN_USER = 10**9
-ANN, POP, CONTENT, EXPLORE, HIST = (int(s) for s in Source)
+ANN, POP, CONTENT, EXPLORE, HIST, PROF = (int(s) for s in Source)
 
 
 # --- the core on a hand-made index ----------------------------------------------------------
@@ -131,10 +132,41 @@ def constant_tower(vector: np.ndarray) -> UserTower:
     )
 
 
+# The PROFILE source's catalogue: content in 2-d at these angles (degrees) for ids 10..21 and
+# prices (margins 1); id 12 is not in the catalogue. Along the profile (0, 1) the scores
+# 4 cos + log(price x margin) rank 15 (6.46: 4 cos 30 + 3), 10 (4.0), 21 (3.998), 11, 18, 20,
+# 17, 14, 19, 16, 13; 12 would be second.
+PROFILE_ANGLES = [90, 80, 85, 0, 30, 60, 10, 45, 70, 20, 50, 88]
+PROFILE_PRICES = [1.0] * 5 + [math.e**3] + [1.0] * 6
+PROFILE = np.array([0.0, 1.0], dtype=np.float32)
+BY_PROFILE = [15, 10, 21, 11, 18, 20, 17, 14, 19, 16, 13]
+
+
+def profile_catalog(content: bool = True) -> Catalog:
+    listed = [i for i in range(len(IDS)) if IDS[i] != 12]
+    rad = np.radians(np.array(PROFILE_ANGLES, dtype=np.float64))
+    vectors = np.stack([np.cos(rad), np.sin(rad)], axis=1) * (1 + np.arange(len(IDS)))[:, None]
+    return Catalog.from_columns(
+        item_ids=IDS[listed],
+        seller_ids=np.zeros(len(listed), np.int64),
+        categories=np.zeros(len(listed), np.int64),
+        prices=np.array(PROFILE_PRICES)[listed],
+        margins=np.ones(len(listed)),
+        content=vectors[listed].astype(np.float32) if content else None,
+    )
+
+
+def profile_scores(ids: list[int]) -> np.ndarray:
+    """Each item's PROFILE score along PROFILE, by hand in float64."""
+    rad = np.radians(np.array(PROFILE_ANGLES, dtype=np.float64))[np.array(ids) - 10]
+    return 4 * np.sin(rad) + np.log(np.array(PROFILE_PRICES)[np.array(ids) - 10])
+
+
 def handmade(
     pool: list[int] | None = None,
     cap: int | None = None,
     popular: dict[str, Any] = POPULAR,
+    catalog: Catalog | None = None,
     **config: Any,
 ) -> CandidateIndex:
     return CandidateIndex(
@@ -147,7 +179,9 @@ def handmade(
         reorder=4,
         version="7",
         bundle_version="handmade",
-        config=RetrievalConfig(**{"exploration": 0, **config}),
+        # the PROFILE source is off by default in serving; these tests exercise it at 0.5
+        config=RetrievalConfig(**{"exploration": 0, "profile_share": 0.5, **config}),
+        catalog=catalog,
     )
 
 
@@ -161,6 +195,8 @@ def retrieve(
     country: str = "US",
     device: str = "ios",
     seed: int = 0,
+    profile: Any = None,
+    user_id: int | None = None,
 ) -> Candidates:
     return index.retrieve(
         user,
@@ -171,6 +207,8 @@ def retrieve(
         country,
         device,
         np.random.default_rng(seed),
+        user_id=user_id,
+        profile=profile,
     )
 
 
@@ -231,6 +269,73 @@ def test_history_comes_first_capped_by_its_share_then_the_tower_fills() -> None:
     )  # fmt: skip
     assert stranger.item_ids[0] == 12 and stranger.sources[0] == HIST and stranger.scores[0] == 0
     assert_well_formed(found, 5, {16})
+
+
+def test_profile_candidates_follow_the_history_by_their_profile_score_then_the_tower() -> None:
+    index = handmade(catalog=profile_catalog())
+    assert index.profile is not None and index.profile.dim == 2
+    found = retrieve(index, n=6, profile=PROFILE)
+    # ceil(0.5 x 6) = 3 best by 4 cos + log value (never 12: the catalogue does not list it)
+    assert found.item_ids.tolist() == [
+        *BY_PROFILE[:3],
+        *[i for i in BY_DOT if i not in BY_PROFILE[:3]][:3],
+    ]
+    assert found.sources.tolist() == [PROF] * 3 + [ANN] * 3
+    np.testing.assert_allclose(found.scores[:3], profile_scores(BY_PROFILE[:3]), rtol=1e-5)
+    assert (found.propensities == 0).all()
+    assert_well_formed(found, 6, set())
+    # the share: ceil(0.2 x 6) = 2; 0 turns the source off; 1 takes every slot it can
+    catalog = profile_catalog()
+    shared = retrieve(handmade(catalog=catalog, profile_share=0.2), n=6, profile=PROFILE)
+    assert shared.sources.tolist() == [PROF] * 2 + [ANN] * 4
+    off = retrieve(handmade(catalog=catalog, profile_share=0.0), n=6, profile=PROFILE)
+    assert off.item_ids.tolist() == BY_DOT[:6]
+    every = retrieve(handmade(catalog=catalog, profile_share=1.0), n=20, profile=PROFILE)
+    assert every.item_ids.tolist() == [*BY_PROFILE, 12]  # all 11 listed, then the tower's 12
+    assert every.sources.tolist() == [PROF] * 11 + [ANN]
+
+
+def test_profile_candidates_skip_excluded_cart_out_of_stock_and_history_items() -> None:
+    from training.retrieval.history import build_history
+
+    index = handmade(catalog=profile_catalog(), history_share=0.4)
+    in_stock = np.ones(index.size, dtype=bool)
+    in_stock[index.rows_of(np.array([11]))] = False
+    index.stock = lambda: in_stock
+    index.history = build_history(np.array([7, 7]), np.array([18, 16]), np.array([2, 1]))
+    found = retrieve(index, n=10, exclude=[15], cart=[10], profile=PROFILE, user_id=7)
+    # history: 18, 16 (ceil(0.4 x 10) = 4 at most); profile: ceil(0.5 x 10) = 5 of
+    # BY_PROFILE minus 15 (excluded), 10 (cart), 11 (out of stock), 18 (history)
+    assert found.item_ids.tolist() == [18, 16, 21, 20, 17, 14, 19, 12, 13]  # 9 not blocked
+    assert found.sources.tolist() == [HIST, HIST] + [PROF] * 5 + [ANN] * 2
+    assert not {15, 10, 11} & set(found.item_ids.tolist())
+    assert_well_formed(found, 10, {15, 10, 11})
+    # history and profile together never take more than the slots there are: min(n - m -
+    # placed, ceil(share x (n - m))); exploration's m slots stay free
+    tight = retrieve(index, n=3, profile=PROFILE, user_id=7)  # 2 history, then 1 (not 2)
+    assert tight.item_ids.tolist() == [18, 16, 15] and tight.sources.tolist() == [HIST, HIST, PROF]
+    explore = handmade(catalog=profile_catalog(), pool=[17, 19], exploration=2)
+    drawn = retrieve(explore, n=8, profile=PROFILE)  # ceil(0.5 x 6) = 3, then ANN to 6
+    assert drawn.sources.tolist() == [PROF] * 3 + [ANN] * 3 + [EXPLORE] * 2
+    assert drawn.item_ids[:6].tolist() == [*BY_PROFILE[:3], 11, 12, 13]
+    assert set(drawn.item_ids[6:].tolist()) == {17, 19}
+
+
+def test_no_profile_candidates_without_a_usable_profile_or_catalogue_content() -> None:
+    with_content = handmade(catalog=profile_catalog())
+    for unusable in (None, np.zeros(0, np.float32), np.zeros(2), np.ones(3), [np.nan, 1.0]):
+        found = retrieve(with_content, n=6, profile=unusable)
+        assert found.item_ids.tolist() == BY_DOT[:6] and PROF not in found.sources, unusable
+    for index in (handmade(), handmade(catalog=profile_catalog(content=False))):
+        assert index.profile is None
+        found = retrieve(index, n=6, profile=PROFILE)
+        assert found.item_ids.tolist() == BY_DOT[:6] and PROF not in found.sources
+    # an unknown user with a profile: the profile's items, then their context's popularity
+    stranger = retrieve(with_content, user=None, n=5, profile=PROFILE)
+    assert stranger.sources.tolist() == [PROF] * 3 + [POP] * 2
+    assert stranger.item_ids.tolist() == [*BY_PROFILE[:3], 13, 12]  # US/ios list minus 10
+    with pytest.raises(ValueError, match=r"profile_share must be in \[0, 1\], got 1.5"):
+        RetrievalConfig(profile_share=1.5)
 
 
 def test_a_short_index_answer_is_padded_with_popularity() -> None:
@@ -497,18 +602,22 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         None,
     )
     assert (s.exploration, s.checkout_content_share, s.seed) == (10, 0.5, 0)
+    assert (s.config.history_share, s.config.profile_share) == (0.4, 0.0)  # profile: off
     assert s.source.model_cache == tmp_path.resolve() / "artifacts" / "model_cache"
     assert "HOMEFEED_RETRIEVAL_MODEL" in s.source.describe()
 
     monkeypatch.setenv("HOMEFEED_RETRIEVAL_BUNDLE_DIR", str(tmp_path / "b"))
     monkeypatch.setenv("HOMEFEED_RETRIEVAL_EXPLORATION", "0")
+    monkeypatch.setenv("HOMEFEED_RETRIEVAL_PROFILE_SHARE", "0.25")
     s = RetrievalSettings.from_env()
     assert s.source.bundle_dir == (tmp_path / "b").resolve() and s.config.exploration == 0
+    assert s.config.profile_share == 0.25
 
     for name, value, message in [
         ("HOMEFEED_RETRIEVAL_EXPLORATION", "-1", "HOMEFEED_RETRIEVAL_EXPLORATION must be 0..1000"),
         ("HOMEFEED_RETRIEVAL_EXPLORATION", "ten", "HOMEFEED_RETRIEVAL_EXPLORATION must be an int"),
         ("HOMEFEED_RETRIEVAL_CHECKOUT_CONTENT_SHARE", "1.5", "CHECKOUT_CONTENT_SHARE must be in"),
+        ("HOMEFEED_RETRIEVAL_PROFILE_SHARE", "-0.1", "PROFILE_SHARE must be in \\[0, 1\\]"),
         ("HOMEFEED_ONLINE_STORE", "redis", "HOMEFEED_REDIS is required"),
         ("HOMEFEED_ONLINE_STORE", "dynamo", "HOMEFEED_ONLINE_STORE must be one of sqlite, redis"),
     ]:
@@ -679,6 +788,7 @@ def test_user_readers_expire_rows_past_their_ttl(truth: Truth) -> None:
         for reader in (fast, provider):
             rows = reader.read(user, late)
             assert rows[S.USER_PROFILE] is None
+            assert rows[S.USER_CONTENT_PROFILE] is None  # the same snapshot TTL
             assert rows[S.USER_RECENT_ACTIVITY] is None  # 24 h TTL, long past
     assert S.expired(S.ITEM_INVENTORY, 0, 1e12) is False  # no TTL: the last row stays true
 
@@ -755,6 +865,7 @@ def settings(
             service="retrieval",
         ),
         history_share=0.0,  # the assertions below are about the tower; history has its own
+        profile_share=0.0,  # and so has the profile (set per test)
     )
 
 
@@ -854,6 +965,50 @@ def test_a_known_user_gets_the_exact_nearest_items(served: Running, truth: Truth
         np.testing.assert_allclose(reply.scores[: len(ann)], inner, rtol=1e-4, atol=1e-4)
         assert (np.diff(reply.scores[: len(ann)]) <= 1e-4).all(), "best first"
     assert np.mean(shares) >= 0.9 and min(shares) >= 0.8, shares
+
+
+def test_a_user_with_a_content_profile_gets_the_best_items_by_profile_score(
+    served: Running, truth: Truth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's online ``content_profile`` against the items table's content, prices and
+    margins, by hand: ceil(0.5 x (n - m)) PROFILE candidates, best first, before the tower's."""
+    monkeypatch.setattr(served.index, "config", replace(served.index.config, profile_share=0.5))
+    got = truth.store.get_online_features(
+        features=[f"{S.USER_CONTENT_PROFILE}:{S.CONTENT_PROFILE}"],
+        entity_rows=[{"user_id": u} for u in truth.known_users],
+    ).to_dict()[S.CONTENT_PROFILE]
+    users = [(u, np.array(p)) for u, p in zip(truth.known_users, got, strict=True) if p]
+    assert len(users) >= 3, "most known users of sim-tiny engaged in 30 days"
+    items = truth.items.reindex(truth.item_ids)
+    listed = items[C.PRICE].notna().to_numpy()
+    assert listed.any() and C.CONTENT in items.columns
+    dim = len(users[0][1])
+    raw = np.stack(
+        [
+            np.asarray(v, np.float64) if ok else np.zeros(dim)
+            for v, ok in zip(items[C.CONTENT], listed, strict=True)
+        ]
+    )
+    norms = np.linalg.norm(raw, axis=1, keepdims=True)
+    unit = np.divide(raw, norms, out=np.zeros_like(raw), where=norms > 0)
+    value = (items[C.PRICE] * items[C.MARGIN]).fillna(0).to_numpy(np.float64)
+    log_value = np.log(np.maximum(value, 1e-3))
+    out_of_stock = ~np.isin(truth.item_ids, truth.in_stock(truth.item_ids.tolist()))
+    n = 200
+    cap = math.ceil(0.5 * (n - served.settings.exploration))
+    for user, profile in users[:5]:
+        scores = 4 * unit @ profile + log_value
+        scores[~listed | out_of_stock] = -np.inf
+        best = truth.item_ids[np.argsort(-scores, kind="stable")]
+        exclude = best[:3].tolist()  # the user's three best: never returned
+        reply = call(served, request(user, n=n, exclude=exclude))
+        chosen = reply.of_source(PROF)
+        assert reply.sources[:cap].tolist() == [PROF] * cap and len(chosen) == cap
+        assert reply.of_source(ANN), "the tower fills the rest"
+        assert overlap(chosen, best[3 : 3 + cap].tolist()) >= 0.97
+        by_hand = scores[rows_of(truth.item_ids, chosen)]
+        np.testing.assert_allclose(reply.scores[:cap], by_hand, rtol=1e-4, atol=1e-4)
+        assert (np.diff(reply.scores[:cap]) <= 1e-5).all(), "best first"
 
 
 def test_an_unknown_user_gets_the_popularity_of_their_context(

@@ -20,6 +20,8 @@ CONTRACT = {
     "retrieval": ["recall_at_500", "popularity_recall_at_500", "ann_recall_at_500_vs_exact"],
     "compiled": ["max_abs_diff", "p99_ms_500"],
     "lightgbm": ["p99_ms_500"],
+    "ope": ["ips", "snips", "dr", "oracle", "diagnostics"],
+    "targets": ["ope_dr_relative_error", "ope_dr_covers"],
 }
 
 

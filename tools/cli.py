@@ -138,6 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         seed=args.seed,
         eval_requests=args.eval_requests,
+        ope_requests=args.ope_requests,
         ranker_trials=args.trials,
         ranker_seconds=args.seconds,
     )
@@ -577,6 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--eval-requests", type=int, default=1000, help="test-period requests the Oracle scores"
+    )
+    p.add_argument(
+        "--ope-requests",
+        type=int,
+        default=2000,
+        help="heuristic-logged test requests the ranker's off-policy estimates read (0: none)",
     )
     p.set_defaults(func=cmd_train)
 

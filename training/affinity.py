@@ -119,33 +119,69 @@ class AffinitySnapshots:
         )
 
     def snapshot_of(self, user_id: np.ndarray, ts_ns: np.ndarray) -> np.ndarray:
-        """Each row's snapshot index (``-1``: none) by Feast's rule for a batch view: the
-        user's latest snapshot stamped at or before ``ts_ns``, no older than the view's TTL."""
-        out = np.full(len(user_id), -1, dtype=np.int64)
-        if len(user_id) == 0 or len(self.user_id) == 0:
-            return out
-        left = pd.DataFrame(
-            {C.USER_ID: user_id, S.EVENT_TIMESTAMP: ts_ns, _ROW: np.arange(len(ts_ns))}
+        """Each row's snapshot index (``-1``: none) by Feast's rule (:func:`latest_snapshot`)."""
+        return latest_snapshot(self.user_id, self.ts_ns, user_id, ts_ns)
+
+
+@dataclass(frozen=True)
+class ProfileSnapshots:
+    """The user_content_profile offline source as flat arrays (file order): snapshot ``j``'s
+    profile is ``values[offsets[j]:offsets[j + 1]]`` (empty: no engagement)."""
+
+    user_id: np.ndarray
+    ts_ns: np.ndarray
+    offsets: np.ndarray  # int64, snapshots + 1
+    values: np.ndarray  # float32
+
+    @classmethod
+    def read(cls, path: Path) -> ProfileSnapshots:
+        table = pq.read_table(path, columns=[C.USER_ID, S.EVENT_TIMESTAMP, S.CONTENT_PROFILE])
+        values, offsets = _flat(table, S.CONTENT_PROFILE, path)
+        return cls(
+            user_id=table.column(C.USER_ID).to_numpy(),
+            ts_ns=to_ns(table.column(S.EVENT_TIMESTAMP).to_pandas()),
+            offsets=offsets,
+            values=values.astype(np.float32),
         )
-        right = pd.DataFrame(
-            {
-                C.USER_ID: self.user_id,
-                S.EVENT_TIMESTAMP: self.ts_ns,
-                _SNAPSHOT: np.arange(len(self.ts_ns)),
-            }
-        ).sort_values(S.EVENT_TIMESTAMP, kind="stable")
-        joined = pd.merge_asof(
-            left.sort_values(S.EVENT_TIMESTAMP, kind="stable"),
-            right,
-            on=S.EVENT_TIMESTAMP,
-            by=C.USER_ID,
-            direction="backward",
-            tolerance=AFFINITY_TTL_NS,
-        )
-        found = joined[_SNAPSHOT].notna().to_numpy()
-        rows = joined[_ROW].to_numpy()[found]
-        out[rows] = joined[_SNAPSHOT].to_numpy()[found].astype(np.int64)
+
+    def profiles_at(self, user_id: np.ndarray, ts_ns: np.ndarray) -> list[np.ndarray | None]:
+        """Each row's profile as of ``ts_ns`` by Feast's rule (None: no snapshot, or an
+        empty one)."""
+        out: list[np.ndarray | None] = []
+        for j in latest_snapshot(self.user_id, self.ts_ns, user_id, ts_ns):
+            lo, hi = (self.offsets[j], self.offsets[j + 1]) if j >= 0 else (0, 0)
+            out.append(self.values[lo:hi] if hi > lo else None)
         return out
+
+
+def latest_snapshot(
+    snapshot_user: np.ndarray, snapshot_ts: np.ndarray, user_id: np.ndarray, ts_ns: np.ndarray
+) -> np.ndarray:
+    """Each row's snapshot index (``-1``: none) by Feast's rule for a batch view: the user's
+    latest snapshot stamped at or before ``ts_ns``, no older than the view's TTL."""
+    out = np.full(len(user_id), -1, dtype=np.int64)
+    if len(user_id) == 0 or len(snapshot_user) == 0:
+        return out
+    left = pd.DataFrame({C.USER_ID: user_id, S.EVENT_TIMESTAMP: ts_ns, _ROW: np.arange(len(ts_ns))})
+    right = pd.DataFrame(
+        {
+            C.USER_ID: snapshot_user,
+            S.EVENT_TIMESTAMP: snapshot_ts,
+            _SNAPSHOT: np.arange(len(snapshot_ts)),
+        }
+    ).sort_values(S.EVENT_TIMESTAMP, kind="stable")
+    joined = pd.merge_asof(
+        left.sort_values(S.EVENT_TIMESTAMP, kind="stable"),
+        right,
+        on=S.EVENT_TIMESTAMP,
+        by=C.USER_ID,
+        direction="backward",
+        tolerance=AFFINITY_TTL_NS,
+    )
+    found = joined[_SNAPSHOT].notna().to_numpy()
+    rows = joined[_ROW].to_numpy()[found]
+    out[rows] = joined[_SNAPSHOT].to_numpy()[found].astype(np.int64)
+    return out
 
 
 def _flat(table: pa.Table, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from contract import bundle as B
 from contract import columns as C
+from contract import content
 from contract.features import DAY_OF_WEEK, HOUR
 from contract.timeutil import NS_PER_DAY, to_ns
 from feature_repo import schema as S
@@ -416,15 +417,45 @@ def seller_days_for_items(
     return out
 
 
+class ItemContent:
+    """The catalogue's unit content rows by item id (``contract.content``): what the user's
+    content profile is compared with, per training row as per served candidate."""
+
+    def __init__(self, items: pd.DataFrame) -> None:
+        self.index = pd.Index(items[C.ITEM_ID].to_numpy(np.int64))
+        vectors = items[C.CONTENT] if C.CONTENT in items.columns else ()
+        self.unit = content.unit_rows(content.content_matrix(vectors, len(items)))
+
+    def at(self, item_ids: np.ndarray) -> np.ndarray:
+        """(rows, dim) unit content of each id; a zero row for an id the catalogue lacks."""
+        rows = self.index.get_indexer(pd.Index(np.asarray(item_ids, np.int64)))
+        out = self.unit[np.maximum(rows, 0)]
+        out[rows < 0] = 0.0
+        return out
+
+
+def content_affinity_for_items(
+    profiles: pa.ChunkedArray | pa.Array, item_unit: np.ndarray
+) -> np.ndarray:
+    """Each row's ``content_affinity_for_item``: the cosine of its user's ``content_profile``
+    list (read in place from Arrow) and its item's unit content
+    (``contract.content.similarity_rows``; 0 for an empty, missing or mis-sized list)."""
+    lists, offsets, lengths = _list_layout(profiles)
+    values = lists.values.to_numpy(zero_copy_only=False)
+    return content.similarity_rows(offsets[:-1], lengths, values, item_unit)
+
+
 def historical_features(
     store: FeatureStore,
     entity_df: pd.DataFrame,
     n_categories: int,
+    item_content: ItemContent,
     snapshots: AffinitySnapshots | None = None,
 ) -> pd.DataFrame:
     """Feast's point-in-time join of the ranker's feature service, with the seller lists
-    reduced to the item's seller, and the user's category affinity reduced to the item's
-    category (``contract.affinity.for_rows``, with the row's ``category_share``).
+    reduced to the item's seller, the user's category affinity reduced to the item's
+    category (``contract.affinity.for_rows``, with the row's ``category_share``) and the
+    user's content profile to its cosine with the item's content (``contract.content``).
 
     The affinity view is joined here rather than by Feast, by the same rule
     (``AffinitySnapshots.snapshot_of``: the latest snapshot at or before the row, within the
@@ -445,7 +476,7 @@ def historical_features(
             f"historical retrieval returned {table.num_rows} rows for {len(entity_df)} entity "
             "rows; the offline store lost rows (a point-in-time join must be a left join)"
         )
-    lists = [S.RECENT_SELLERS, S.RECENT_SELLER_DAYS]
+    lists = [S.RECENT_SELLERS, S.RECENT_SELLER_DAYS, S.CONTENT_PROFILE]
     frame = table.drop_columns(lists).to_pandas()
     category = frame["category"].fillna(-1).to_numpy(np.int64)
     if snapshots is None:
@@ -459,6 +490,9 @@ def historical_features(
     frame[S.SELLER_DAYS_SINCE_ENGAGED] = seller_days_for_items(
         table.column(S.RECENT_SELLERS), table.column(S.RECENT_SELLER_DAYS), seller
     )
+    frame[S.CONTENT_AFFINITY_FOR_ITEM] = content_affinity_for_items(
+        table.column(S.CONTENT_PROFILE), item_content.at(frame[C.ITEM_ID].to_numpy(np.int64))
+    )
     return frame
 
 
@@ -468,28 +502,39 @@ def read_affinity(store: FeatureStore) -> AffinitySnapshots:
 
 
 def join_in_chunks(
-    store: FeatureStore, entity: pd.DataFrame, n_categories: int, chunk_rows: int
+    store: FeatureStore,
+    entity: pd.DataFrame,
+    n_categories: int,
+    item_content: ItemContent,
+    chunk_rows: int,
 ) -> pd.DataFrame:
     """``fill_defaults(historical_features(...))`` of ``entity`` in time-ordered chunks of
     at most ``chunk_rows`` rows, concatenated (``iter_joined``)."""
-    return pd.concat(list(iter_joined(store, entity, n_categories, chunk_rows)), ignore_index=True)
+    chunks = iter_joined(store, entity, n_categories, item_content, chunk_rows)
+    return pd.concat(list(chunks), ignore_index=True)
 
 
 def iter_joined(
-    store: FeatureStore, entity: pd.DataFrame, n_categories: int, chunk_rows: int
+    store: FeatureStore,
+    entity: pd.DataFrame,
+    n_categories: int,
+    item_content: ItemContent,
+    chunk_rows: int,
 ) -> Iterator[pd.DataFrame]:
     """``fill_defaults(historical_features(...))`` of ``entity``, ``chunk_rows`` rows at a time
     in time order: Feast's join costs ~4.8 KB a row while it runs (DuckDB, Arrow, pandas), so
     its transient part is bounded by the chunk; a caller that writes each chunk out holds no
     more than one."""
     if len(entity) <= chunk_rows:
-        yield fill_defaults(historical_features(store, entity, n_categories))
+        yield fill_defaults(historical_features(store, entity, n_categories, item_content))
         return
     snapshots = read_affinity(store)
     order = np.argsort(to_ns(entity[C.EVENT_TIMESTAMP]), kind="stable")
     for lo in range(0, len(entity), chunk_rows):
         chunk = entity.iloc[order[lo : lo + chunk_rows]]
-        yield fill_defaults(historical_features(store, chunk, n_categories, snapshots))
+        yield fill_defaults(
+            historical_features(store, chunk, n_categories, item_content, snapshots)
+        )
         log.info("joined %d of %d entity rows", min(lo + chunk_rows, len(entity)), len(entity))
 
 
@@ -780,25 +825,24 @@ def build_training_sets(
     split = plan_split(start, end, cfg)
     shares = eval_shares(ts_ns, split, cfg)
 
-    # examination propensities from the randomized traffic before the test period
-    history = (
-        (ts_ns >= split.train_start.value)
-        & (ts_ns < split.valid_end.value)
-        & (impressions[C.POLICY] == C.POLICY_RANDOM).to_numpy()
-    )
+    # examination propensities from the traffic before the test period (randomized and
+    # harvested from the logging policy's rank variation: training.propensity)
+    history = (ts_ns >= split.train_start.value) & (ts_ns < split.valid_end.value)
     del ts_ns
     curve: PositionCurve | None = None
     if history.any():
         curve = estimate_position_curve(
-            impressions.loc[history, [C.IMPRESSION_ID, C.POLICY, C.POSITION]],
+            impressions,
             tables[C.CLICKS],
             cfg.max_position,
             monotone=cfg.monotone_positions,
             seed=cfg.seed,
+            all_traffic=True,
+            rows=history,
         )
         log.info("position curve over %d slots: %s", len(curve.positions), curve.reason)
     else:
-        log.warning("no randomized traffic: examination propensities set to 1 (no IPS)")
+        log.warning("no traffic before the test period: examination propensities set to 1")
     del history
     del impressions
     rows, tally = prepare_rows(tables, cfg, split, curve, hits, shares, consume_tables)
@@ -824,7 +868,8 @@ def build_training_sets(
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = SplitWriter(out_dir)
-    for joined in iter_joined(store, entity, n_cat, cfg.join_chunk_rows):
+    item_content = ItemContent(tables[C.ITEMS])
+    for joined in iter_joined(store, entity, n_cat, item_content, cfg.join_chunk_rows):
         writer.write(joined)
         del joined
         release_freed_memory()  # the chunk's Arrow and DuckDB buffers, before the next

@@ -19,6 +19,7 @@ import pandas as pd
 
 from contract import bundle as B
 from contract import columns as C
+from contract.content import PROFILE_SHARE
 from contract.paths import Paths
 from training.retrieval.evaluate import explain_uncomputable
 from training.tables import RowsById
@@ -131,8 +132,15 @@ def _logreg_egmv(paths: Paths, dataset: str, items: pd.DataFrame):
     return egmv
 
 
-def _model_policy(store, candidates: CandidateCache, score_fn, items: pd.DataFrame):
-    """A policy: retrieval candidates, hard filters, request-time features, E[GMV] order."""
+def _model_policy(
+    store,
+    candidates: CandidateCache,
+    score_fn,
+    items: pd.DataFrame,
+    record: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+):
+    """A policy: retrieval candidates, hard filters, request-time features, E[GMV] order.
+    ``record`` keeps each request's order and scores (request id -> (items, scores))."""
     from contract.features import build_matrix
     from training.request_features import features_for_pairs, pair_frame
 
@@ -142,9 +150,12 @@ def _model_policy(store, candidates: CandidateCache, score_fn, items: pd.DataFra
         frame = features_for_pairs(store, pairs, items)
         scores = score_fn(build_matrix(frame), frame[C.ITEM_ID].to_numpy())
         out, start = [], 0
-        for c in filtered:
+        for rid, c in zip(requests[C.REQUEST_ID], filtered, strict=True):
             s = scores[start : start + len(c)]
-            out.append(np.asarray(c)[np.argsort(-s, kind="stable")])
+            order = np.argsort(-s, kind="stable")
+            out.append(np.asarray(c)[order])
+            if record is not None:
+                record[int(rid)] = (out[-1], s[order])
             start += len(c)
         return out
 
@@ -164,6 +175,78 @@ def _oracle_over_candidates(oracle, candidates: CandidateCache, k: int):
         ]
 
     return policy
+
+
+PROFILE_SHARE_WHEN_ON = 0.5  # the PROFILE source's share when the ablation switches it on
+ABLATION = "ablation:"  # policy-name prefix of a lever switched off alone
+
+
+def _ablation_policies(
+    paths, dataset, stage, store, retriever, served, oracle, tables, cfg
+) -> dict[str, Any]:
+    """Each lever switched off alone (``training.ranking.ablation``), as a policy the replay
+    scores on the same requests as the served ranker: the model levers' refitted purchase
+    models, the calibration off, and the PROFILE retrieval source flipped from its served
+    setting (with the Oracle's best order of those candidates)."""
+    from training.ranking import ablation
+    from training.retrieval.retriever import Retriever
+
+    items = tables[C.ITEMS]
+    value = served.value
+    out: dict[str, Any] = {}
+    candidates = CandidateCache(retriever, items, cfg.candidates)
+    for lever, model in ablation.load(stage).items():
+
+        def egmv(X: np.ndarray, ids: np.ndarray, model=model) -> np.ndarray:
+            return model.egmv_probability(X) * value(ids)
+
+        out[ABLATION + lever] = _model_policy(store, candidates, egmv, items)
+
+    def uncalibrated(X: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(served.scorer.predict(X)) * value(ids)
+
+    out[ABLATION + "calibration"] = _model_policy(store, candidates, uncalibrated, items)
+    flipped = 0.0 if retriever.profile_share > 0 else PROFILE_SHARE_WHEN_ON
+    other = Retriever(stage, retriever.store, paths, dataset, retriever.items, flipped)
+    flipped_candidates = CandidateCache(other, items, cfg.candidates)
+    out[ABLATION + "profile_candidates"] = _model_policy(
+        store, flipped_candidates, served.egmv, items
+    )
+    out[ABLATION + "profile_candidates:optimal_over_candidates"] = _oracle_over_candidates(
+        oracle, flipped_candidates, cfg.k
+    )
+    return out
+
+
+def _ablation_section(summary: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Moves the ablation policies out of ``summary`` (and ``values``) into the report's
+    ``ablation``: per lever its E[GMV]/1k and the change against the served ranker."""
+    from training.ranking.ablation import LEVERS
+
+    served = summary["ranker"]["oracle_egmv_per_1k"]
+    out: dict[str, Any] = {}
+    for name in [n for n in summary if n.startswith(ABLATION)]:
+        figures = summary.pop(name)
+        values.pop(name, None)
+        lever, _, part = name.removeprefix(ABLATION).partition(":")
+        entry = out.setdefault(lever, {"what": LEVERS.get(lever, lever)})
+        if lever == "profile_candidates":
+            entry["what"] = (
+                "retrieval without the PROFILE source"
+                if PROFILE_SHARE > 0
+                else f"retrieval with the PROFILE source switched on at {PROFILE_SHARE_WHEN_ON} "
+                "(served: off, contract.content.PROFILE_SHARE)"
+            )
+        if part:
+            entry[part] = figures["oracle_egmv_per_1k"]
+            continue
+        v = figures["oracle_egmv_per_1k"]
+        entry.update(
+            oracle_egmv_per_1k=v,
+            change_vs_served=v / served - 1 if served else None,
+            personalisation=figures.get("personalisation"),
+        )
+    return out
 
 
 def segments(
@@ -211,9 +294,43 @@ LOGREG_MAX_ROWS = 1_000_000  # 39 features: more rows would not move the fit, on
 EVAL_IMPRESSION_COLUMNS = (C.IMPRESSION_ID, C.REQUEST_ID, C.USER_ID, C.ITEM_ID, C.TS, C.SURFACE)
 
 
+def ranker_ope_from_stage(
+    paths: Paths, dataset: str, stage: Path, cfg: TrainConfig
+) -> dict[str, Any] | None:
+    """The ranker's off-policy estimates (``training.ope_eval.ranker_ope``) from a trained
+    staging folder alone, without the rest of the stage: ``evaluate`` computes the same with
+    what it has already built."""
+    from contract.feature_store import open_store
+    from training.ope_eval import ranker_ope, simulator_logs
+    from training.policy_eval import Marketplace
+    from training.retrieval.retriever import load_retriever
+    from training.simulate import Oracle
+    from training.tables import read_tables
+
+    manifest = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())
+    tables = read_tables(paths.raw(dataset), columns={C.IMPRESSIONS: EVAL_IMPRESSION_COLUMNS})
+    carts_path = paths.raw(dataset) / "checkout_carts.parquet"
+    carts = pd.read_parquet(carts_path) if carts_path.exists() else None
+    served = ServedScorer(stage, tables[C.ITEMS])
+    market = Marketplace(tables, carts)
+    logs = simulator_logs(paths, dataset, tables, carts, market, manifest, served.egmv, cfg.k)
+    if logs is None:
+        return None
+    candidates = CandidateCache(
+        load_retriever(stage, paths.home, dataset), tables[C.ITEMS], cfg.candidates
+    )
+    scored: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    store = open_store(dataset, paths=paths)
+    ranker = _model_policy(store, candidates, served.egmv, tables[C.ITEMS], record=scored)
+    oracle = Oracle.load(paths.ground_truth(dataset))
+    return ranker_ope(logs, ranker, scored, oracle, cfg.k, cfg.ope_requests, cfg.seed)
+
+
 def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[str, Any]:
     from contract.feature_store import open_store
-    from training.report import policy_plot, reliability_plot, write_report
+    from training.ingest import default_obd_cache
+    from training.ope_eval import cached_open_bandit, open_bandit_ope
+    from training.report import ablation_plot, policy_plot, reliability_plot, write_report
     from training.staging import read_stage_reports
 
     started = time.perf_counter()
@@ -277,7 +394,8 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
             if found is not None:
                 report[section] = found
     if simulated:
-        from training.policy_eval import evaluate_policies
+        from training.ope_eval import ope_targets, ranker_ope, simulator_logs
+        from training.policy_eval import Marketplace, evaluate_policies
         from training.retrieval.retriever import load_retriever
         from training.simulate import Oracle
         from training.tables import read_tables
@@ -292,11 +410,17 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
         retriever = load_retriever(stage, paths.home, dataset)
         candidates = CandidateCache(retriever, tables[C.ITEMS], cfg.candidates)
         logreg = _logreg_egmv(paths, dataset, tables[C.ITEMS])
+        ranked: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # reused by the OPE below
+        ranker = _model_policy(store, candidates, served.egmv, tables[C.ITEMS], record=ranked)
         models = {
             "logreg": _model_policy(store, candidates, logreg, tables[C.ITEMS]),
-            "ranker": _model_policy(store, candidates, served.egmv, tables[C.ITEMS]),
+            "ranker": ranker,
             "optimal_over_candidates": _oracle_over_candidates(oracle, candidates, cfg.k),
         }
+        models.update(
+            _ablation_policies(paths, dataset, stage, store, retriever, served, oracle, tables, cfg)
+        )
+        market = Marketplace(tables, carts)
         start = pd.Timestamp(manifest["split"]["valid_end"])
         end = pd.Timestamp(manifest["split"]["test_end"])
         summary, values, requests = evaluate_policies(
@@ -309,7 +433,9 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
             k=cfg.k,
             n_requests=cfg.eval_requests,
             seed=cfg.seed,
+            market=market,
         )
+        report["ablation"] = _ablation_section(summary, values)
         report["policies"] = summary
         report["segments"] = segments(requests, values, tables, cfg.k)
         h = summary["heuristic"]["oracle_egmv_per_1k"]
@@ -325,6 +451,20 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
             "share_of_optimal_target": TARGET_SHARE_OF_OPTIMAL,
             "ece_target": TARGET_ECE,
         }
+        logs = (
+            simulator_logs(paths, dataset, tables, carts, market, manifest, served.egmv, cfg.k)
+            if cfg.ope_requests > 0
+            else None
+        )
+        if logs is not None:
+            report["ope"] = ranker_ope(
+                logs, ranker, ranked, oracle, cfg.k, cfg.ope_requests, cfg.seed
+            )
+            report["ope"]["oracle_policies_sample"] = r
+            report["targets"].update(ope_targets(report["ope"]))
+    obd = cached_open_bandit(default_obd_cache())
+    if obd is not None:
+        report["ope_open_bandit"] = open_bandit_ope(obd)
     out = stage / B.EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
     curves = report.get("calibration", {}).get("reliability")
@@ -332,11 +472,14 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
         reliability_plot(curves, out / "reliability.png")
     if "policies" in report:
         policy_plot(report["policies"], out / "policies.png")
+    if report.get("ablation"):
+        served_value = report["policies"]["ranker"]["oracle_egmv_per_1k"]
+        ablation_plot(report["ablation"], served_value, out / "ablation.png")
     report["seconds"] = time.perf_counter() - started
     write_report(report, out)
     published = reports_dir(paths, dataset, simulated)
     published.mkdir(parents=True, exist_ok=True)
-    for name in ("eval.json", "eval.md", "reliability.png", "policies.png"):
+    for name in ("eval.json", "eval.md", "reliability.png", "policies.png", "ablation.png"):
         if (out / name).exists():
             shutil.copy(out / name, published / name)
     return report

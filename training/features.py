@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from contract import affinity
+from contract import affinity, content
 from contract import columns as C
 from contract import events as E
 from contract.features import NEW_SELLER_DAYS, SPEND_BANDS
@@ -49,7 +49,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     C.PURCHASES: (C.IMPRESSION_ID, C.TS, C.PRICE, C.QUANTITY),
     C.ITEMS: (
         C.ITEM_ID, C.SELLER_ID, C.CATEGORY, C.BRAND, C.PRICE, C.LIST_PRICE, C.SHIPPING_DAYS,
-        C.CREATED_AT,
+        C.CREATED_AT, C.CONTENT,
     ),
     C.USERS: (C.USER_ID, C.COUNTRY, C.DEVICE, C.SIGNUP_AT),
     C.SELLERS: (C.SELLER_ID, C.RATING, C.CREATED_AT),
@@ -333,9 +333,15 @@ class FeatureBuilder:
 
     def _engagements(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(user index, category, day, weight) of every click and purchase in the window."""
+        item, user, day, weight = self._engaged_items()
+        return user, self.t[C.ITEMS][C.CATEGORY].to_numpy(np.int64)[item], day, weight
+
+    def _engaged_items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(item index, user index, day, weight) of every click (weight 1) and purchase
+        (``affinity.PURCHASE_WEIGHT``) in the window: what the affinity and the content
+        profile both weigh."""
         c_item, c_user, c_day, _ = self._outcome(C.CLICKS)
         p_item, p_user, p_day, _ = self._outcome(C.PURCHASES)
-        category = self.t[C.ITEMS][C.CATEGORY].to_numpy(np.int64)
         item = np.concatenate([c_item, p_item])
         user = np.concatenate([c_user, p_user]).astype(np.int64)
         day = np.concatenate([c_day, p_day]).astype(np.int64)
@@ -343,7 +349,7 @@ class FeatureBuilder:
             [np.ones(len(c_user)), np.full(len(p_user), affinity.PURCHASE_WEIGHT)]
         )
         ok = (item >= 0) & (user >= 0) & (day >= 0) & (day < self.cal.days)
-        return user[ok], category[item[ok]], day[ok], weight[ok]
+        return item[ok], user[ok], day[ok], weight[ok]
 
     def category_window(self) -> np.ndarray:
         """(categories, snapshots): everyone's engagement weight per category in the 30
@@ -494,6 +500,58 @@ class FeatureBuilder:
         )
         return self._finish(S.USER_SELLER_RECENCY, frame)
 
+    def user_content_profile(self, max_entries: int = LIST_CHUNK_CELLS) -> pd.DataFrame:
+        """Per user and snapshot s: the unit-length weighted sum of the unit content vectors of
+        the items clicked (weight 1) or bought (``affinity.PURCHASE_WEIGHT``) on the days in
+        [s - 30, s), the window ``user_category_affinity`` uses (``contract.content``); an
+        empty list without engagement, or when the catalogue has no content.
+
+        Engagements are summed per (user, day) into one vector each; a cell's window sum is a
+        difference of the groups' running sum. Users are taken in chunks of at most
+        ``max_entries / dim`` cells, so the (cells x dim) sums hold at most ``max_entries``
+        floats at a time.
+        """
+        snaps = self.snaps
+        items = self.t[C.ITEMS]
+        vectors = items[C.CONTENT] if C.CONTENT in items.columns else ()
+        unit = content.unit_rows(content.content_matrix(vectors, len(items)))
+        dim = unit.shape[1]
+        item, user, day, weight = self._engaged_items()
+        stride = np.int64(self.cal.days + 1)
+        key = user * stride + day
+        key, inverse = np.unique(key, return_inverse=True)
+        sums = np.zeros((len(key) + 1, dim), dtype=np.float64)  # row 0: nothing before
+        np.add.at(sums, inverse + 1, unit[item] * weight[:, None])
+        running = np.cumsum(sums, axis=0)
+        del item, user, day, weight, inverse, sums
+        signup = to_ns(self.t[C.USERS][C.SIGNUP_AT])
+        alive = self.snap_ns[None, :] >= signup[:, None]
+        e, s_idx = np.nonzero(alive)
+        lengths = np.zeros(len(e), dtype=np.int64)
+        values: list[np.ndarray] = [np.zeros(0, np.float32)]
+        per_user = np.bincount(e, minlength=len(self.user_ids))
+        before = np.append(0, np.cumsum(per_user))
+        budget = max(max_entries // max(dim, 1), 1)  # cells x dim float64 sums per chunk
+        for lo, hi in _chunks(np.arange(len(per_user)), per_user, budget):
+            cells = slice(int(before[lo]), int(before[hi]))
+            u, s = e[cells], snaps[s_idx[cells]]
+            last = np.searchsorted(key, u * stride + s, side="left")  # groups before day s
+            first = np.searchsorted(key, u * stride + np.maximum(s - content.WINDOW_DAYS, 0))
+            window = running[last] - running[first]
+            norm = np.linalg.norm(window, axis=1)
+            has = norm > 0
+            lengths[cells] = np.where(has, dim, 0)
+            values.append((window[has] / norm[has, None]).astype(np.float32).ravel())
+        offsets = np.append(0, np.cumsum(lengths))
+        frame = pd.DataFrame(
+            {
+                C.USER_ID: self.user_ids[e],
+                S.EVENT_TIMESTAMP: from_ns(self.snap_ns[s_idx]),
+                S.CONTENT_PROFILE: _arrow_lists(offsets, np.concatenate(values)),
+            }
+        )
+        return self._finish(S.USER_CONTENT_PROFILE, frame)
+
     # --- streaming views (event-level rows) ----------------------------------------------
     def user_recent_activity(self) -> pd.DataFrame:
         _, c_user, _, c_df = self._outcome(C.CLICKS)
@@ -544,6 +602,7 @@ class FeatureBuilder:
             S.USER_PROFILE: self.user_profile,
             S.USER_CATEGORY_AFFINITY: self.user_category_affinity,
             S.USER_SELLER_RECENCY: self.user_seller_recency,
+            S.USER_CONTENT_PROFILE: self.user_content_profile,
             S.ITEM_STATS: self.item_stats,
             S.SELLER_STATS: self.seller_stats,
             S.USER_RECENT_ACTIVITY: self.user_recent_activity,
@@ -566,7 +625,15 @@ def build_estimate(tables: dict[str, pd.DataFrame], snapshot_days: int = 1) -> d
         events=sum(len(tables[t]) for t in (C.IMPRESSIONS, C.CLICKS, C.ADD_TO_CARTS, C.PURCHASES)),
         engagements=len(tables[C.CLICKS]) + len(tables[C.PURCHASES]),
         impressions=len(tables[C.IMPRESSIONS]),
+        content_dim=_content_width(tables[C.ITEMS]),
     )
+
+
+def _content_width(items: pd.DataFrame) -> int:
+    """The items' content width (0 without content), from the first row."""
+    if C.CONTENT not in items.columns or not len(items):
+        return 0
+    return int(np.size(items[C.CONTENT].iloc[0]))
 
 
 WRITE_SLICE_ROWS = 2_000_000

@@ -187,6 +187,7 @@ def features_build_bytes(
     events: int,
     engagements: int,
     impressions: int | None = None,
+    content_dim: int = 0,
 ) -> dict[str, float]:
     """What ``training.features.build_feature_tables`` adds to a process that holds the
     tables it reads, by part: the builder's per-impression and per-engagement indices, and
@@ -209,6 +210,13 @@ def features_build_bytes(
         + min(cells, LIST_CHUNK_CELLS) * 64.0
         + users * snapshots * 6 * F64,
         "seller views (sellers x snapshots)": sellers * snapshots * 400.0,
+        # a user row plus its content_profile list (float32) per cell, written through Arrow;
+        # the float64 window sums (three cells x dim arrays) are bounded by the chunk
+        "content profiles (users x snapshots x content width)": users
+        * snapshots
+        * 2
+        * (28.0 + 4.0 * content_dim)
+        + min(users * snapshots * content_dim, LIST_CHUNK_CELLS) * 3 * F64,
     }
     largest = max(views, key=lambda k: views[k])
     n_imp = events if impressions is None else impressions

@@ -18,14 +18,15 @@ evaluated policy's probability π(a_i | x_i) of the logged action (weight w_i = 
 
 For a ranked page the action is a slate; the *position-based* (independent) form treats
 each slot as its own round, with the slot's item-in-slot probabilities, and the page's value
-is the sum over slots (``by_slot``). Every estimate carries a 95 % interval (normal, from
-the per-round terms; SNIPS by the delta method) and the effective sample size
-ESS = (Σ w)² / Σ w², the number of on-policy rounds the weighted log is worth.
+is the sum over slots (``slate``; ``by_slot`` sums independent slot estimates). Every
+estimate carries a 95 % interval (normal, from the per-round terms; SNIPS by the delta
+method) and the effective sample size ESS = (Σ w)² / Σ w², the number of on-policy rounds
+the weighted log is worth.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,16 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def scaled(self, factor: float) -> Estimate:
+        """The same estimate in other units (per page -> per 1,000 impressions)."""
+        return replace(
+            self,
+            estimate=self.estimate * factor,
+            ci_low=self.ci_low * factor,
+            ci_high=self.ci_high * factor,
+            stderr=self.stderr * abs(factor),
+        )
 
 
 def _arrays(
@@ -91,11 +102,7 @@ def ips(
     return _normal(w * r, w)
 
 
-def snips(
-    rewards: np.ndarray, target: np.ndarray, logging: np.ndarray, clip: float | None = None
-) -> Estimate:
-    """Self-normalised IPS, with the delta-method standard error."""
-    r, w = _arrays(rewards, target, logging, clip)
+def _snips(r: np.ndarray, w: np.ndarray) -> Estimate:
     total = w.sum()
     if total <= 0:
         raise ValueError("the evaluated policy never takes a logged action: SNIPS is undefined")
@@ -103,6 +110,14 @@ def snips(
     n = len(r)
     se = float(np.sqrt(((w * (r - value)) ** 2).sum()) / total) if n > 1 else float("nan")
     return Estimate(value, value - Z95 * se, value + Z95 * se, se, effective_sample_size(w), n)
+
+
+def snips(
+    rewards: np.ndarray, target: np.ndarray, logging: np.ndarray, clip: float | None = None
+) -> Estimate:
+    """Self-normalised IPS, with the delta-method standard error."""
+    r, w = _arrays(rewards, target, logging, clip)
+    return _snips(r, w)
 
 
 def doubly_robust(
@@ -122,6 +137,81 @@ def doubly_robust(
     if q_a.shape != r.shape or q_pi.shape != r.shape:
         raise ValueError("q_logged and q_target must align with the rewards")
     return _normal(q_pi + w * (r - q_a), w)
+
+
+@dataclass(frozen=True)
+class SlateEstimate:
+    """A page's value in the position-based form and each slot's (slot 1 first; None for a
+    slot the evaluated policy never matched in the log, where SNIPS is undefined)."""
+
+    page: Estimate
+    slots: tuple[Estimate | None, ...]
+
+    @property
+    def undefined_slots(self) -> list[int]:
+        return [k + 1 for k, e in enumerate(self.slots) if e is None]
+
+
+def slate(
+    rewards: np.ndarray,
+    weights: np.ndarray,
+    q_logged: np.ndarray | None = None,
+    q_target: np.ndarray | None = None,
+) -> dict[str, SlateEstimate]:
+    """IPS, SNIPS and (given a reward model) DR of a ranked page, position-based form.
+
+    Arrays are (requests, slots): the logged reward in each slot, the slot's weight
+    ``π(a at k) / π₀(a at k)`` of the item logged there (item-in-slot probabilities, 0
+    where the evaluated policy would not put that item there), and for DR the model's
+    reward of the logged item and its value under the evaluated policy in that slot.
+
+    Each slot is estimated on its own (``ips``/``snips``/``doubly_robust``); the page is
+    the sum of the slots, its interval from the per-request sums (the slots of one request
+    are not independent: a request's model terms move together) and, for SNIPS, from the
+    summed delta-method influence of the slots. A page's ESS is its smallest slot's.
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if r.ndim != 2 or r.shape != w.shape or r.shape[0] == 0:
+        raise ValueError(
+            f"rewards and weights must be aligned (requests, slots) arrays, got {r.shape} "
+            f"and {w.shape}"
+        )
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("slot weights must be finite and >= 0")
+    n, slots = r.shape
+    ess = [effective_sample_size(w[:, k]) for k in range(slots)]
+    out = {
+        "ips": _slate_of(w * r, ess, [_normal(w[:, k] * r[:, k], w[:, k]) for k in range(slots)])
+    }
+
+    per_slot: list[Estimate | None] = []
+    influence = np.zeros(n)
+    for k in range(slots):
+        if w[:, k].sum() <= 0:
+            per_slot.append(None)
+            continue
+        e = _snips(r[:, k], w[:, k])
+        per_slot.append(e)
+        influence += w[:, k] * (r[:, k] - e.estimate) / w[:, k].mean()
+    value = sum(e.estimate for e in per_slot if e is not None)
+    se = float(np.sqrt((influence**2).sum()) / n) if n > 1 else float("nan")
+    page = Estimate(float(value), value - Z95 * se, value + Z95 * se, se, min(ess), n)
+    out["snips"] = SlateEstimate(page, tuple(per_slot))
+
+    if q_logged is not None and q_target is not None:
+        q_a = np.asarray(q_logged, dtype=np.float64)
+        q_pi = np.asarray(q_target, dtype=np.float64)
+        if q_a.shape != r.shape or q_pi.shape != r.shape:
+            raise ValueError("q_logged and q_target must align with the rewards")
+        terms = q_pi + w * (r - q_a)
+        out["dr"] = _slate_of(terms, ess, [_normal(terms[:, k], w[:, k]) for k in range(slots)])
+    return out
+
+
+def _slate_of(terms: np.ndarray, ess: list[float], slots: list[Estimate]) -> SlateEstimate:
+    page = _normal(terms.sum(axis=1), np.ones(len(terms)))
+    return SlateEstimate(replace(page, ess=min(ess)), tuple(slots))
 
 
 def by_slot(estimates: dict[int, Estimate]) -> Estimate:

@@ -305,9 +305,11 @@ def evaluate_policies(
     k: int = 20,
     n_requests: int = 1000,
     seed: int = 0,
+    market: Marketplace | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, PolicyValue], pd.DataFrame]:
-    """Score every policy on the same sampled requests; returns summaries, raw values, requests."""
-    market = Marketplace(tables, checkout_carts)
+    """Score every policy on the same sampled requests; returns summaries, raw values, requests.
+    ``market``: the log's state already built from ``tables`` and ``checkout_carts``."""
+    market = market if market is not None else Marketplace(tables, checkout_carts)
     requests = sample_requests(tables[C.IMPRESSIONS], start, end, n_requests, seed)
     lists: dict[str, list[np.ndarray]] = {
         name: [] for name in ("heuristic", "popularity", "optimal", *models)

@@ -10,7 +10,26 @@ import numpy as np
 import pandas as pd
 
 from contract import columns as C
-from training.dataset import add_context, entity_frame, fill_defaults, historical_features
+from training.dataset import (
+    ItemContent,
+    add_context,
+    entity_frame,
+    fill_defaults,
+    historical_features,
+)
+
+_ITEM_CONTENT: dict[int, tuple[pd.DataFrame, ItemContent]] = {}
+
+
+def item_content(items: pd.DataFrame) -> ItemContent:
+    """The items table's :class:`ItemContent`, built once per table (a replay asks for the
+    features of every request's candidates with the same table)."""
+    held = _ITEM_CONTENT.get(id(items))
+    if held is None or held[0] is not items:
+        _ITEM_CONTENT.clear()
+        held = _ITEM_CONTENT[id(items)] = (items, ItemContent(items))
+    return held[1]
+
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -36,5 +55,5 @@ def features_for_pairs(
     """Training-row-shaped features for ``pairs``, in the order of ``pairs``."""
     n_cat = int(items[C.CATEGORY].max()) + 1
     entity = entity_frame(add_context(pairs.copy()), items)
-    joined = fill_defaults(historical_features(store, entity, n_cat))
+    joined = fill_defaults(historical_features(store, entity, n_cat, item_content(items)))
     return joined.sort_values(PAIR_ID, kind="stable").reset_index(drop=True)

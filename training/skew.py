@@ -32,7 +32,13 @@ from contract import events as E
 from contract.features import build_matrix, feature_schema
 from contract.timeutil import NS_PER_S, to_ns
 from feature_repo import schema as S
-from training.dataset import add_context, entity_frame, fill_defaults, historical_features
+from training.dataset import (
+    ItemContent,
+    add_context,
+    entity_frame,
+    fill_defaults,
+    historical_features,
+)
 from training.features import outcome_events, recent_activity_rows
 from training.tables import RowsById
 
@@ -162,7 +168,7 @@ def recompute_rows(
     n_categories = int(items[C.CATEGORY].max()) + 1 if len(items) else 1
     add_context(rows)
     entity = entity_frame(rows.drop(columns=["ts_ns"]).copy(), items)
-    joined = historical_features(store, entity, n_categories)
+    joined = historical_features(store, entity, n_categories, ItemContent(items))
     joined = joined.set_index(["request_id", C.ITEM_ID])
     joined = joined.reindex(pd.MultiIndex.from_frame(rows[["request_id", C.ITEM_ID]]))
     joined = joined.reset_index()

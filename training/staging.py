@@ -20,6 +20,9 @@ class TrainConfig:
     k: int = 20  # slots the policies are compared on
     eval_requests: int = 1000  # test-period requests the Oracle scores
     candidates: int = 500  # retrieval candidates a model policy re-ranks
+    # heuristic-logged test requests the ranker's off-policy estimates read (0: no OPE);
+    # each one the policies' sample did not already rank costs a 500-candidate feature join
+    ope_requests: int = 2000
     ranker_trials: int = 8  # Optuna trials per model
     ranker_seconds: float = 1800.0  # wall-clock safety net per model (the budget is trials)
 

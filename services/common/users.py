@@ -17,7 +17,7 @@ Two readers, the same answer (``open_user_reader`` checks it at start on a sampl
 
 - :class:`ProviderUserReader`: Feast's provider ``online_read``, one call per view; every
   online store.
-- :class:`SqliteUserReader`: one SQL query over Feast's SQLite tables for the four views,
+- :class:`SqliteUserReader`: one SQL query over Feast's SQLite tables for the five views,
   decoding only the values (Feast's own read also converts every row's timestamp).
 """
 
@@ -49,13 +49,20 @@ USER_VIEWS = (
     S.USER_PROFILE,
     S.USER_CATEGORY_AFFINITY,
     S.USER_SELLER_RECENCY,
+    S.USER_CONTENT_PROFILE,
     S.USER_RECENT_ACTIVITY,
 )
 # every user feature and the view that holds it
 VIEW_OF: dict[str, str] = {name: view for view in USER_VIEWS for name in S.FEATURES[view]}
 KIND_OF: dict[str, str] = {name: S.FEATURES[VIEW_OF[name]][name] for name in VIEW_OF}
 SCALARS = tuple(name for name, kind in KIND_OF.items() if not kind.endswith("[]"))
-LISTS = (S.AFFINITY_CATEGORIES, S.AFFINITY_WEIGHTS, S.RECENT_SELLERS, S.RECENT_SELLER_DAYS)
+LISTS = (
+    S.AFFINITY_CATEGORIES,
+    S.AFFINITY_WEIGHTS,
+    S.RECENT_SELLERS,
+    S.RECENT_SELLER_DAYS,
+    S.CONTENT_PROFILE,
+)
 if set(LISTS) != {name for name, kind in KIND_OF.items() if kind.endswith("[]")}:
     raise ImportError("the user views' list features changed: update services/common/users.py")
 if VIEW_OF.get(S.AFFINITY_TOTAL) != S.USER_CATEGORY_AFFINITY or S.AFFINITY_TOTAL not in SCALARS:
@@ -113,7 +120,7 @@ class ProviderUserReader:
 
 
 class SqliteUserReader:
-    """The four user views of one user in one query over Feast's SQLite online tables
+    """The user views of one user in one query over Feast's SQLite online tables
     (``<project>_<view>``: entity_key, feature_name, value = a serialized ``Value``)."""
 
     name = "sqlite"
@@ -226,6 +233,9 @@ def to_proto(rows: ViewRows) -> common_pb2.UserFeatures:
         (S.RECENT_SELLERS, msg.recent_sellers),
         (S.RECENT_SELLER_DAYS, msg.recent_seller_days),
     )
+    profile = (rows.get(S.USER_CONTENT_PROFILE) or {}).get(S.CONTENT_PROFILE)
+    if profile is not None and len(profile):
+        msg.content_profile.extend(np.asarray(profile, dtype=np.float32).tolist())
     return msg
 
 
@@ -244,7 +254,8 @@ def _extend_pair(row: Mapping[str, Any], keys: tuple[str, Any], values: tuple[st
 def from_proto(msg: common_pb2.UserFeatures, field: str = "user") -> ViewRows:
     """The rows ``msg`` carries; InvalidArgument naming the field for a feature name the user
     views do not have, a repeated or non-finite value, lists that do not line up or are too
-    long, a negative category or a negative affinity weight or total."""
+    long, a negative category, a negative affinity weight or total, or a non-finite
+    content profile entry."""
     numbers = _named(msg.number_names, msg.number_values, field, "number")
     strings = _named(msg.string_names, msg.string_values, field, "string")
     bad = [v for v in numbers.values() if not math.isfinite(v)]
@@ -290,6 +301,14 @@ def from_proto(msg: common_pb2.UserFeatures, field: str = "user") -> ViewRows:
     rows[S.USER_SELLER_RECENCY] = (
         {S.RECENT_SELLERS: sellers, S.RECENT_SELLER_DAYS: days} if len(sellers) else None
     )
+    if len(msg.content_profile) > MAX_LIST:
+        raise InvalidArgument(
+            f"{field}.content_profile must have at most {MAX_LIST} entries, "
+            f"got {len(msg.content_profile)}"
+        )
+    profile = np.array(msg.content_profile, dtype=np.float32)
+    _check_values(np.isfinite(profile), profile, field, "content_profile", "finite")
+    rows[S.USER_CONTENT_PROFILE] = {S.CONTENT_PROFILE: profile} if len(profile) else None
     return rows
 
 

@@ -4,10 +4,10 @@ matrix by ``contract.features.build_matrix``, the function training used.
 Every column is defined as in a training row (``training.dataset``):
 
 - user views (user_profile, user_category_affinity, user_seller_recency,
-  user_recent_activity): as retrieval read them for the feed and the request carries them
-  (``services.common.users``), else read here once; a missing row or value takes
-  ``feature_repo.schema.DEFAULTS`` (else 0 / "unknown"), as ``fill_defaults`` does. The user
-  is *known* when a user_profile row exists.
+  user_content_profile, user_recent_activity): as retrieval read them for the feed and the
+  request carries them (``services.common.users``), else read here once; a missing row or
+  value takes ``feature_repo.schema.DEFAULTS`` (else 0 / "unknown"), as ``fill_defaults``
+  does. The user is *known* when a user_profile row exists.
 - ``category_affinity_for_item``: ``contract.affinity.for_items`` of the user's sparse
   affinity (``affinity_categories``, ``affinity_weights``, ``affinity_total``; empty lists and
   a total of 0 without a row) and each item's item_stats ``category`` and
@@ -19,6 +19,11 @@ Every column is defined as in a training row (``training.dataset``):
   item's catalog seller in ``recent_sellers`` (training's ``seller_days_for_items``, which
   joins the same items table's seller); 365 when the seller is not listed, the user has no
   row, or the item is unknown.
+- ``content_affinity_for_item``: ``contract.content.similarity`` of the user's
+  ``content_profile`` and the item's unit catalog content, computed by ``similarity_rows``,
+  the function training's rows are made with: the cosine; 0 for a user without a profile
+  (or one of another width), an item without content, and an unknown item (the default
+  row's content is zero).
 - item views: gathered from the in-memory :class:`~services.features.items.ItemSnapshot`.
 - context: ``hour_of_day`` and ``day_of_week`` (Monday = 0) of the request time in UTC
   (``add_context``), ``surface`` as the impression's "HOME" / "CHECKOUT".
@@ -42,7 +47,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from contract import affinity
+from contract import affinity, content
 from contract import columns as C
 from contract.features import DAY_OF_WEEK, FEATURE_SCHEMA, HOUR, INPUT_COLUMNS, build_matrix
 from feature_repo import schema as S
@@ -75,7 +80,14 @@ if S.AFFINITY_TOTAL not in USER_FEATURES:
         f"{S.AFFINITY_TOTAL} is no user scalar: update services/features/assembler.py"
     )
 _CONTEXT = (HOUR, DAY_OF_WEEK, C.SURFACE)
-_COVERED = set(ITEM_FEATURES) | set(USER_FEATURES) | {*S.REDUCED_FOR_ITEM.values(), *_CONTEXT}
+# the per-item reductions of per-user lists that Assembler.columns computes
+_REDUCED = {S.AFFINITY_FOR_ITEM, S.SELLER_DAYS_SINCE_ENGAGED, S.CONTENT_AFFINITY_FOR_ITEM}
+if set(S.REDUCED_FOR_ITEM.values()) != _REDUCED:
+    raise ImportError(
+        f"the schema reduces lists to {sorted(set(S.REDUCED_FOR_ITEM.values()))}, the "
+        f"features service computes {sorted(_REDUCED)}: update services/features/assembler.py"
+    )
+_COVERED = set(ITEM_FEATURES) | set(USER_FEATURES) | _REDUCED | set(_CONTEXT)
 if set(INPUT_COLUMNS) - _COVERED:
     raise ImportError(
         f"build_matrix reads {sorted(set(INPUT_COLUMNS) - _COVERED)}, which the features "
@@ -96,6 +108,8 @@ class UserFeatures:
     # int64, most recent first (empty: no row), and the float32 days aligned with it
     recent_sellers: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     recent_seller_days: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
+    # float32 unit vector of the catalogue's content width (empty: no row or no engagement)
+    content_profile: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
 
     def __post_init__(self) -> None:
         if len(self.affinity_categories) != len(self.affinity_weights):
@@ -132,6 +146,7 @@ class UserFeatures:
         weights = affinity_row.get(S.AFFINITY_WEIGHTS)
         recency = rows.get(S.USER_SELLER_RECENCY) or {}
         sellers, days = recency.get(S.RECENT_SELLERS), recency.get(S.RECENT_SELLER_DAYS)
+        profile_vector = (rows.get(S.USER_CONTENT_PROFILE) or {}).get(S.CONTENT_PROFILE)
         # Redis answers a user it does not hold with a row of nulls, SQLite with no row
         profile = rows.get(S.USER_PROFILE) or {}
         return cls(
@@ -141,6 +156,7 @@ class UserFeatures:
             np.asarray(weights if weights is not None else (), dtype=np.float32),
             np.asarray(sellers if sellers is not None else (), dtype=np.int64),
             np.asarray(days if days is not None else (), dtype=np.float32),
+            np.asarray(profile_vector if profile_vector is not None else (), dtype=np.float32),
         )
 
 
@@ -196,6 +212,17 @@ def seller_days_for_items(
         hit = listed[pos] == sellers
         out[hit] = recent_seller_days[order[pos[hit]]]
     return out
+
+
+def content_affinity_for_items(profile: np.ndarray, unit_content: np.ndarray) -> np.ndarray:
+    """Each item's ``content_affinity_for_item`` for one user: ``contract.content.similarity``,
+    computed as training's rows are (``similarity_rows``, every row reading the one profile)
+    so that the two agree to the bit; a BLAS product's float32 rounding depends on the
+    number of rows."""
+    n = len(unit_content)
+    return content.similarity_rows(
+        np.zeros(n, np.int64), np.full(n, len(profile), np.int64), profile, unit_content
+    )
 
 
 def first_duplicate(ids: np.ndarray) -> tuple[int, int, int] | None:
@@ -276,6 +303,9 @@ class Assembler:
         )
         columns[S.SELLER_DAYS_SINCE_ENGAGED] = seller_days_for_items(
             user.recent_sellers, user.recent_seller_days, snap.sellers[rows]
+        )
+        columns[S.CONTENT_AFFINITY_FOR_ITEM] = content_affinity_for_items(
+            user.content_profile, snap.unit_content[rows]
         )
         columns[HOUR] = context.hour_of_day
         columns[DAY_OF_WEEK] = context.day_of_week

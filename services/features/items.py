@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from contract import content
 from contract.catalog import Catalog
 from contract.heuristic import Heuristic
 from feature_repo import schema as S
@@ -123,6 +124,9 @@ class ItemSnapshot:
     # uniform 1 / n_categories); the item's share of engagement is features[CATEGORY_SHARE]
     affinity_category: np.ndarray
     heuristic: np.ndarray  # float32, the logging policy's score (0 on the default row)
+    # float32 (items + 1, dim): the catalog's content scaled to unit length
+    # (contract.content.unit_rows; a zero row on the default row; dim 0 without content)
+    unit_content: np.ndarray
     features: Mapping[str, np.ndarray]  # ITEM_FEATURES, the schema's dtypes
     n_categories: int
     batch_loaded_at: float  # time.time() of the batch views' read
@@ -155,6 +159,12 @@ def _inventory_columns(rows: ViewRows) -> dict[str, np.ndarray]:
         name: _with_default_row(rows.columns[name], default_value(name, kind))
         for name, kind in S.FEATURES[S.ITEM_INVENTORY].items()
     }
+
+
+def _unit_content(catalog: Catalog) -> np.ndarray:
+    """The catalog's unit content rows and a zero default row (no profile can score it)."""
+    unit = content.unit_rows(catalog.content)
+    return np.concatenate([unit, np.zeros((1, unit.shape[1]), np.float32)])
 
 
 def build_snapshot(
@@ -198,6 +208,7 @@ def build_snapshot(
         sellers=_with_default_row(catalog.seller_ids, -1),
         affinity_category=_with_default_row(affinity_category.astype(np.int64), -1),
         heuristic=_with_default_row(score.astype(np.float32), 0.0),
+        unit_content=_unit_content(catalog),
         features=features,
         n_categories=catalog.n_categories,
         batch_loaded_at=now,

@@ -1,14 +1,9 @@
 """The retrieval core: a verified bundle's user tower, item embeddings, ScaNN index and
-popularity lists, plus the catalog's exploration pool, turned into one request's candidates.
+popularity lists, plus the catalog's exploration pool and content, turned into one request's
+candidates.
 
-:meth:`CandidateIndex.retrieve` assembles up to ``n`` candidates from five sources, in this
+:meth:`CandidateIndex.retrieve` assembles up to ``n`` candidates from six sources, in this
 order, each best first:
-
-0. **HISTORY** (a user the bundle's ``retrieval/history.npz`` lists): the items the user
-   engaged with in the training period, most engaged first (``training.retrieval.history``),
-   at most ``ceil(history_share x (n - m))`` of them; what the offline evaluation's recall
-   measures first, too. Score: the inner product with the user vector (0 for a user the
-   tower does not know).
 
 1. **CONTENT** (surface CHECKOUT with a cart the bundle knows): the items whose embeddings
    are closest in angle to the cart's query vector, the mean of the cart items' unit
@@ -20,24 +15,37 @@ order, each best first:
    against 78 % by cosine; the brute force over the unit embeddings costs a few times
    ScaNN's search. They take ``ceil(checkout_content_share x (n - m))`` slots; the user part
    gets the rest.
-2. **ANN** (a known user): the user tower's vector searched in the ScaNN index. Score: the
+2. **HISTORY** (a user the bundle's ``retrieval/history.npz`` lists): the items the user
+   engaged with in the training period, most engaged first (``training.retrieval.history``),
+   at most ``min(n - m - placed, ceil(history_share x (n - m)))`` of them (``placed``: the
+   candidates of the sources before); what the offline evaluation's recall measures first,
+   too. Score: the inner product with the user vector (0 for a user the tower does not know).
+3. **PROFILE** (a user whose ``content_profile`` is usable: non-empty, finite, of the
+   catalogue's content width; ``contract.content.as_profile``): the best items of
+   ``contract.content.ProfileIndex.top`` over the bundle catalogue's content, prices and
+   margins, i.e. by ``4 x cosine(profile, content) + log(price x margin)``, at most
+   ``min(n - m - placed, ceil(profile_share x (n - m)))`` of them, never an item the
+   catalogue has no row for, nor one already placed, excluded, in the cart or out of stock.
+   The offline replay (``training.retrieval.retriever``) takes the same rows in the same
+   place. Score: that ProfileIndex score. Off when the catalogue carries no content.
+4. **ANN** (a known user): the user tower's vector searched in the ScaNN index. Score: the
    inner product ``item_embedding . user_vector``, recomputed exactly for every candidate.
-3. **POPULARITY**: the bundle's list for the request's (country, device) segment, else its
+5. **POPULARITY**: the bundle's list for the request's (country, device) segment, else its
    country's, else the global one (``contract.popular.resolve``: a country or device the
    bundle never saw gets the global list, never an empty one). It is the user part of an
    unknown user (no user_profile row), and pads a known user's part when the index returns
    fewer neighbours than asked. Score: ``-log(1 + rank)``, rank 0-based in the full list
    (before any exclusion): the log-popularity of a Zipf(1) list up to a constant, 0 for the
    top item.
-4. **EXPLORATION**: the first ``k = min(m, |eligible|)`` of a uniformly random ordering of
+6. **EXPLORATION**: the first ``k = min(m, |eligible|)`` of a uniformly random ordering of
    the *eligible pool* (``m = min(exploration, n // 2)``), in that order: the exploration
    pool (recent items and items of new sellers, ``Catalog.exploration_pool``) minus the
    excluded, cart and out-of-stock items and minus the first ``n - m`` candidates of
-   sources 0-3. Each eligible item is drawn with probability ``k / |eligible|``, which is
+   sources 1-5. Each eligible item is drawn with probability ``k / |eligible|``, which is
    the propensity every exploration candidate carries (the others carry 0), and the
    response says ``|eligible|``: the gateway's slot propensities account for this draw
    exactly. When fewer than ``m`` items are eligible, every one is drawn and further
-   candidates of sources 0-3 outside the pool fill the free slots; which of those are
+   candidates of sources 1-5 outside the pool fill the free slots; which of those are
    returned never depends on the draw.
 
 Excluded ids, cart ids and items out of stock (``stock``, the online store's ``in_stock``,
@@ -69,8 +77,11 @@ import numpy as np
 
 from contract import bundle as B
 from contract import columns as C
+from contract import content
 from contract.ann import load_index
 from contract.bundle import BundleError, read_manifest, verify_bundle
+from contract.catalog import Catalog
+from contract.content import ProfileIndex
 from contract.history import History
 from contract.popular import PopularityLists
 from contract.tower import UserTower
@@ -98,6 +109,7 @@ class Source(IntEnum):
     CONTENT = 3
     EXPLORATION = 4
     HISTORY = 5
+    PROFILE = 6
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,8 @@ class RetrievalConfig:
     exploration: int = 10  # m; 0 disables exploration
     checkout_content_share: float = 0.5  # of the non-exploration slots, on CHECKOUT
     history_share: float = 0.4  # of the non-exploration slots, at most, for the history source
+    # of the non-exploration slots, at most, for the profile source (default: off)
+    profile_share: float = content.PROFILE_SHARE
     search_margin: int = SEARCH_MARGIN
 
     def __post_init__(self) -> None:
@@ -133,6 +147,8 @@ class RetrievalConfig:
             )
         if not 0.0 <= self.history_share <= 1.0:
             raise ValueError(f"history_share must be in [0, 1], got {self.history_share}")
+        if not 0.0 <= self.profile_share <= 1.0:
+            raise ValueError(f"profile_share must be in [0, 1], got {self.profile_share}")
         if self.search_margin < 0:
             raise ValueError(f"search_margin must be >= 0, got {self.search_margin}")
 
@@ -180,6 +196,43 @@ class IdRows:
 
 
 @dataclass(frozen=True)
+class ProfileSource:
+    """The PROFILE source over an index's rows: ``contract.content.ProfileIndex`` of the
+    catalogue's content, prices and margins aligned to the rows, and the rows the catalogue
+    has no row for (never chosen)."""
+
+    index: ProfileIndex
+    missing: np.ndarray  # bool per row
+
+    @classmethod
+    def of(cls, catalog: Catalog, item_ids: np.ndarray) -> ProfileSource | None:
+        """The source for the rows ``item_ids``; None (off) when the catalogue carries no
+        content (dim 0) or lists none of the items."""
+        if catalog.content.shape[1] == 0 or not len(catalog):
+            return None
+        pos = np.minimum(np.searchsorted(catalog.item_ids, item_ids), len(catalog) - 1)
+        found = catalog.item_ids[pos] == item_ids
+        if not found.any():
+            return None
+        content = np.where(found[:, None], catalog.content[pos], np.float32(0))
+        prices = np.where(found, catalog.prices[pos], 0.0)
+        margins = np.where(found, catalog.margins[pos], 0.0)
+        return cls(ProfileIndex(content, prices, margins), ~found)
+
+    @property
+    def dim(self) -> int:
+        return self.index.dim
+
+    def top(
+        self, profile: np.ndarray | None, k: int, blocked: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, scores) of the best ``k`` rows neither blocked nor missing, best first."""
+        if self.missing.any():
+            blocked = blocked | self.missing
+        return self.index.top(profile, k, blocked)
+
+
+@dataclass(frozen=True)
 class _Part:
     rows: np.ndarray  # int64 rows of the bundle's arrays
     scores: np.ndarray  # float32
@@ -221,9 +274,11 @@ class CandidateIndex:
         bundle_version: str,
         config: RetrievalConfig | None = None,
         history: History | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         """``stock`` (set after construction, None: everything in stock) answers the
-        current in-stock mask over the rows."""
+        current in-stock mask over the rows. ``catalog`` (the bundle's) gives the PROFILE
+        source its content, prices and margins; None or a catalogue without content: off."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
         if embeddings.ndim != 2 or embeddings.shape[0] != len(item_ids):
             raise BundleError(
@@ -260,6 +315,7 @@ class CandidateIndex:
         }
         pool_rows = self.rows_of(np.asarray(pool_ids, dtype=np.int64))
         self.pool_rows = np.unique(pool_rows[pool_rows >= 0])
+        self.profile = ProfileSource.of(catalog, item_ids) if catalog is not None else None
 
     @classmethod
     def load(
@@ -270,11 +326,14 @@ class CandidateIndex:
         version: str | None = None,
         verified: bool = False,
         config: RetrievalConfig | None = None,
+        catalog: Catalog | None = None,
     ) -> CandidateIndex:
         """The index of a bundle directory; ``verified=True`` skips re-hashing a directory
         that ``Registry.load`` has just verified. ``version`` is what responses report
-        (the registry version), default the bundle's own id. Raises ``BundleError`` for a
-        bundle that does not verify or whose retrieval files do not hang together."""
+        (the registry version), default the bundle's own id; ``catalog``, the bundle's
+        catalogue when the caller has read it already (else read here). Raises
+        ``BundleError`` for a bundle that does not verify or whose retrieval files do not
+        hang together."""
         bundle_dir = Path(bundle_dir)
         manifest = read_manifest(bundle_dir) if verified else verify_bundle(bundle_dir)
         bundle_version = str(manifest.get("version", bundle_dir.name))
@@ -288,6 +347,8 @@ class CandidateIndex:
             searcher = load_index(bundle_dir / B.SCANN_DIR)
             history_file = bundle_dir / B.HISTORY
             history = History.load(history_file) if history_file.exists() else None
+            if catalog is None:
+                catalog = Catalog.load(bundle_dir / B.CATALOG)
         except (KeyError, ValueError, OSError) as err:  # JSONDecodeError is a ValueError
             raise BundleError(
                 f"bundle {bundle_version} at {bundle_dir}: {type(err).__name__}: {err}"
@@ -304,6 +365,7 @@ class CandidateIndex:
             bundle_version=bundle_version,
             config=config,
             history=history,
+            catalog=catalog,
         )
 
     def _popularity_rows(self, ids: np.ndarray) -> _Part:
@@ -393,11 +455,13 @@ class CandidateIndex:
         device: str,
         rng: np.random.Generator,
         user_id: int | None = None,
+        profile: np.ndarray | None = None,
     ) -> Candidates:
         """Up to ``n`` candidates (module docstring) for a user given as the tower's feature
-        dict (None: unknown user) and, for the history source, their id. ``exclude`` and
-        ``cart`` are int64 ids, already checked; ids the bundle does not list are ignored.
-        ``rng`` draws the exploration items."""
+        dict (None: unknown user), for the history source their id, and for the profile
+        source their ``content_profile`` (None or unusable: no PROFILE candidates).
+        ``exclude`` and ``cart`` are int64 ids, already checked; ids the bundle does not list
+        are ignored. ``rng`` draws the exploration items."""
         if not 1 <= n <= MAX_N:
             raise ValueError(f"n must be 1..{MAX_N}, got {n}")
         if surface not in C.SURFACES:
@@ -429,6 +493,14 @@ class CandidateIndex:
                 )
                 parts.append(_Part(rows, scores, Source.HISTORY))
                 placed += len(rows)
+        if self.profile is not None and profile is not None:
+            cap = min(n - m - placed, math.ceil(self.config.profile_share * (n - m)))
+            if cap > 0:
+                top, scores = self.profile.top(profile, cap, req.blocked)
+                rows = req.take(top, cap)  # all free: top skips the blocked rows
+                if len(rows):
+                    parts.append(_Part(rows, scores, Source.PROFILE))
+                    placed += len(rows)
         if vector is not None:
             parts.append(self._nearest(vector, n - placed, req))
             placed += len(parts[-1].rows)

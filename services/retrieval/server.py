@@ -1,6 +1,7 @@
-"""The retrieval server: loads the bundle's index and its catalogue's exploration pool, opens
-the dataset's Feast store, then serves ``RetrievalService`` with health and reflection.
-``python -m services.retrieval`` runs ``main()``.
+"""The retrieval server: loads the bundle's index with its catalogue's exploration pool and
+content (the PROFILE source), opens the dataset's Feast store, then serves
+``RetrievalService`` with health and reflection. ``python -m services.retrieval`` runs
+``main()``.
 
 The bundle is loaded once, at start: the retrieval contract has no reload RPC, so a new
 champion is picked up by restarting (a rolling restart under Kubernetes).
@@ -53,6 +54,7 @@ def load_index(settings: RetrievalSettings) -> CandidateIndex:
             version=resolved.version,
             verified=True,
             config=settings.config,
+            catalog=catalog,
         )
         check_spec(index.tower.spec, catalog.n_categories)
     except (BundleError, RegistryError, ServiceError, ValueError, OSError) as err:
@@ -72,6 +74,7 @@ def load_index(settings: RetrievalSettings) -> CandidateIndex:
             "bundle_version": index.bundle_version,
             "items": index.size,
             "exploration_pool": index.exploration_pool_size,
+            "profile_dim": index.profile.dim if index.profile is not None else 0,
             "catalog_as_of": str(pd.Timestamp(as_of, tz="UTC")) if as_of is not None else None,
         },
     )

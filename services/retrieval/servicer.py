@@ -36,7 +36,7 @@ from services.retrieval.index import (
     CandidateIndex,
     Source,
 )
-from services.retrieval.users import tower_input
+from services.retrieval.users import content_profile, tower_input
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,14 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     def warm_up(self) -> None:
         """One read and a few retrievals, so the first request pays no lazy set-up."""
-        _, user = self.read_user(_WARM_UP_USER)
+        rows, user = self.read_user(_WARM_UP_USER)
+        profile = content_profile(rows)
         cart = self.index.item_ids[:2]
         empty = np.empty(0, dtype=np.int64)
         for who, surface, items in ((user, HOME, empty), (None, CHECKOUT, cart)):
-            self.index.retrieve(who, 50, items, surface, items, "", "", self.rng("warm-up"))
+            self.index.retrieve(
+                who, 50, items, surface, items, "", "", self.rng("warm-up"), profile=profile
+            )
 
     def Retrieve(
         self, request: retrieval_pb2.RetrieveRequest, context: grpc.ServicerContext
@@ -113,6 +116,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             request.context.device,
             self.rng(request.request_id),
             user_id=user_id,
+            profile=content_profile(rows),
         )
         response = retrieval_pb2.RetrieveResponse(
             known_user=found.known_user,

@@ -20,6 +20,9 @@
   that cart-similar (CONTENT) candidates take on CHECKOUT.
 - ``HOMEFEED_RETRIEVAL_HISTORY_SHARE`` (0.4): at most this share of the non-exploration slots
   goes to the user's history (HISTORY) before the tower's neighbours.
+- ``HOMEFEED_RETRIEVAL_PROFILE_SHARE`` (0.5): at most this share of the non-exploration slots
+  goes to the items nearest the user's content profile (PROFILE), after the history and
+  before the tower's neighbours (0 disables the source).
 - ``HOMEFEED_RETRIEVAL_NEW_ITEM_DAYS`` (14): an item listed within this many days of the
   catalog's as-of time is in the exploration pool (so is every item of a seller who joined
   within ``contract.features.NEW_SELLER_DAYS``, the ``seller_is_new`` rule).
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.catalog import NEW_ITEM_DAYS
+from contract.content import PROFILE_SHARE
 from contract.feature_store import ONLINE_STORES
 from contract.paths import Paths
 from services.common.bundles import BundleRef
@@ -67,6 +71,7 @@ class RetrievalSettings:
     exploration: int = 10
     checkout_content_share: float = 0.5
     history_share: float = 0.4
+    profile_share: float = PROFILE_SHARE
     new_item_days: float = NEW_ITEM_DAYS
     seed: int = 0
     stock_refresh_s: float = 2.0
@@ -95,6 +100,10 @@ class RetrievalSettings:
             raise SettingsError(
                 f"{_PREFIX}HISTORY_SHARE must be in [0, 1], got {self.history_share}"
             )
+        if not 0.0 <= self.profile_share <= 1.0:
+            raise SettingsError(
+                f"{_PREFIX}PROFILE_SHARE must be in [0, 1], got {self.profile_share}"
+            )
         if not self.new_item_days >= 0:
             raise SettingsError(
                 f"{_PREFIX}NEW_ITEM_DAYS must be >= 0 days, got {self.new_item_days}"
@@ -120,6 +129,7 @@ class RetrievalSettings:
             exploration=self.exploration,
             checkout_content_share=self.checkout_content_share,
             history_share=self.history_share,
+            profile_share=self.profile_share,
         )
 
     @classmethod
@@ -145,6 +155,7 @@ class RetrievalSettings:
                 _PREFIX + "CHECKOUT_CONTENT_SHARE", d.checkout_content_share
             ),
             history_share=env_float(_PREFIX + "HISTORY_SHARE", d.history_share),
+            profile_share=env_float(_PREFIX + "PROFILE_SHARE", d.profile_share),
             new_item_days=env_float(_PREFIX + "NEW_ITEM_DAYS", d.new_item_days),
             seed=env_int(_PREFIX + "SEED", d.seed),
             stock_refresh_s=env_float(_PREFIX + "STOCK_REFRESH_S", d.stock_refresh_s),

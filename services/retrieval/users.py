@@ -11,6 +11,9 @@ values filled by ``training.dataset.fill_defaults`` (``feature_repo.schema.DEFAU
 reads the uniform vector. :func:`tower_input` applies the same rules to the online row. A
 user is *unknown* when ``user_profile`` has no row: the tower never saw such a user's
 profile, so retrieval serves context popularity instead.
+
+The PROFILE source reads the ``user_content_profile`` row as it is (:func:`content_profile`);
+``contract.content`` decides whether it is usable.
 """
 
 from __future__ import annotations
@@ -85,3 +88,11 @@ def tower_input(rows: ViewRows, spec: InputSpec) -> dict[str, Any] | None:
     total = values.get(S.AFFINITY_TOTAL, _DEFAULTS[S.AFFINITY_TOTAL])
     out[spec.vector] = affinity.buckets_one(categories, weights, total, spec.vector_dim)
     return out
+
+
+def content_profile(rows: ViewRows) -> np.ndarray | None:
+    """The user's ``content_profile`` (float32), None without a row or with an empty list."""
+    profile = (rows.get(S.USER_CONTENT_PROFILE) or {}).get(S.CONTENT_PROFILE)
+    if profile is None or not len(profile):
+        return None
+    return np.asarray(profile, dtype=np.float32)

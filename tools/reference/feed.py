@@ -8,7 +8,7 @@ Everything runs in one process, per request:
 2. brute-force retrieval: the dot product with every item embedding of the bundle,
    ``argpartition`` for the top ``candidates`` (cart items excluded);
 3. one Feast ``get_online_features`` call with the ranker's feature references
-   (``ranker_v1``: user, item, seller and inventory views) and one entity row per candidate
+   (``ranker_v2``: user, item, seller and inventory views) and one entity row per candidate
    -- the slow part: 500 rows take 120-340 ms through Feast's Python read path;
 4. ``contract.features.build_matrix`` on those columns plus the request context;
 5. LightGBM ``Booster.predict`` on the bundle's source model (not the compiled library),
@@ -61,7 +61,7 @@ for _name, _view in ((IN_STOCK, S.ITEM_INVENTORY), (CATEGORY_SHARE, S.ITEM_STATS
     if _name not in S.FEATURES[_view]:
         raise ImportError(f"{_view} lost {_name}: update the reference feed")
 # the per-item reductions of per-user lists that candidate_columns computes
-_REDUCED = {S.AFFINITY_FOR_ITEM, S.SELLER_DAYS_SINCE_ENGAGED}
+_REDUCED = {S.AFFINITY_FOR_ITEM, S.SELLER_DAYS_SINCE_ENGAGED, S.CONTENT_AFFINITY_FOR_ITEM}
 if set(S.REDUCED_FOR_ITEM.values()) != _REDUCED:
     raise ImportError(
         f"the schema reduces lists to {sorted(set(S.REDUCED_FOR_ITEM.values()))}, the "
@@ -91,6 +91,30 @@ class Page:
     candidates: int
     model_version: str
     stage_ms: dict[str, float]
+
+
+def _content_rows(items: pd.DataFrame) -> np.ndarray:
+    """The items table's ``content`` lists as (items, dim) float64 in table order; (items, 0)
+    when the table has none or its rows differ in width."""
+    if C.CONTENT not in items.columns or not len(items):
+        return np.zeros((len(items), 0))
+    rows = [np.asarray(v, dtype=np.float64) for v in items[C.CONTENT]]
+    if len({r.shape for r in rows}) != 1 or rows[0].ndim != 1:
+        return np.zeros((len(items), 0))
+    return np.stack(rows)
+
+
+def _cosines(profile: Sequence[float] | None, content: np.ndarray) -> np.ndarray:
+    """The cosine of ``profile`` with each row of ``content``, 0 where either is zero or the
+    widths differ (the ``contract.content`` rule, written out)."""
+    p = np.asarray(profile if profile is not None else [], dtype=np.float64)
+    out = np.zeros(len(content))
+    if len(p) == 0 or len(p) != content.shape[1] or not np.linalg.norm(p) > 0:
+        return out
+    norms = np.linalg.norm(content, axis=1)
+    has = norms > 0
+    out[has] = content[has] @ p / (norms[has] * np.linalg.norm(p))
+    return out
 
 
 def _filled(values: Sequence[Any], name: str) -> np.ndarray:
@@ -149,6 +173,7 @@ class ReferenceFeed:
         self._catalog_ids = ids[order]
         self._seller = items[C.SELLER_ID].to_numpy(np.int64)[order]
         self._margin = items[C.MARGIN].to_numpy(np.float64)[order]
+        self._content = _content_rows(items)[order]
         self.user_refs = S.feature_refs(USER_VIEWS)
         self.ranker_refs = S.feature_refs(S.RANKER_VIEWS)
 
@@ -243,6 +268,11 @@ class ReferenceFeed:
         default_days = S.DEFAULTS[S.SELLER_DAYS_SINCE_ENGAGED]
         columns[S.SELLER_DAYS_SINCE_ENGAGED] = np.array(
             [days_of.get(seller, default_days) for seller in sellers.tolist()]
+        )
+        # every row carries the same user's content profile: its cosine with each item's
+        # content; 0 without a profile, for a profile of another width or an item without one
+        columns[S.CONTENT_AFFINITY_FOR_ITEM] = _cosines(
+            got[S.CONTENT_PROFILE][0], self._content[self._rows_of(item_ids)]
         )
         for name, fallback in ((C.COUNTRY, request.country), (C.DEVICE, request.device)):
             if fallback:

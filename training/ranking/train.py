@@ -44,6 +44,7 @@ from contract.features import FEATURE_SCHEMA, FeatureSchema, build_matrix
 from contract.paths import Paths
 from training import metrics as M
 from training.dataset import IPS_WEIGHT, LABEL, check_label
+from training.ranking import ablation
 from training.ranking import baselines as B
 from training.ranking.calibration import fit_isotonic
 from training.ranking.models import (
@@ -90,6 +91,7 @@ class RankerResult:
     models: RankerModels
     logreg: B.LogisticBaseline
     metrics: dict[str, Any] = field(default_factory=dict)
+    ablations: dict[str, ablation.AblatedModel] = field(default_factory=dict)
 
     @property
     def purchase(self) -> lgb.Booster:
@@ -245,6 +247,11 @@ def train_rankers(
     purchase = tune_purchase(data["train"], data["valid"], budget, seed)
     seconds["purchase"] = time.perf_counter() - t
     t = time.perf_counter()
+    ablations = ablation.train_ablations(
+        data["train"], data["valid"], purchase.best.params, budget, seed
+    )
+    seconds["ablations"] = time.perf_counter() - t
+    t = time.perf_counter()
     ranker = tune_lambdamart(data["train"], data["valid"], budget, seed)
     seconds["lambdamart"] = time.perf_counter() - t
 
@@ -282,7 +289,7 @@ def train_rankers(
     metrics["seed"] = seed
     metrics["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     log.info("rankers for %s in %.1fs", dataset, seconds["total"])
-    return RankerResult(models, logreg, metrics)
+    return RankerResult(models, logreg, metrics, ablations)
 
 
 def write_json(obj: Any, path: Path) -> None:
@@ -316,6 +323,8 @@ def save(result: RankerResult | RankerModels, out_dir: Path) -> dict[str, Path]:
     models.lambdamart.save_model(str(paths[bundle.LAMBDAMART_MODEL]))
     write_calibrator(models.calibrator, paths[bundle.CALIBRATOR])
     write_feature_schema(models.schema, paths[bundle.FEATURE_SCHEMA])
+    if isinstance(result, RankerResult) and result.ablations:
+        ablation.save(result.ablations, out_dir)
     return paths
 
 

@@ -1,9 +1,13 @@
 """Retrieval for offline replay, as serving does it: the user's history (items engaged with
-before the bundle's test period) first, then requests -> user features as of each request
-(the same Feast join as training) -> numpy user tower -> ScaNN top-n item ids."""
+before the bundle's test period) first, then the PROFILE source (the user's content profile
+as of the request against the catalogue, ``contract.content.ProfileIndex``: at most
+``ceil(profile_share x n)`` items not already placed), then requests -> user features as of
+each request (the same Feast join as training) -> numpy user tower -> ScaNN to fill n.
+Exploration, which serving adds, is left out: it is random by design."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,11 +16,14 @@ import pandas as pd
 
 from contract import bundle as B
 from contract import columns as C
+from contract import content
 from contract.ann import load_index
 from contract.history import History
 from contract.paths import Paths
+from contract.timeutil import to_ns
 from contract.tower import UserTower
 from feature_repo import schema as S
+from training.affinity import ProfileSnapshots
 from training.retrieval.ann import search
 from training.retrieval.features import AffinitySnapshots, user_features
 
@@ -28,7 +35,13 @@ class Retriever:
     """Callable ``(requests, n) -> list of item-id arrays`` over a staged or loaded bundle."""
 
     def __init__(
-        self, bundle_dir: Path, store: FeatureStore, paths: Paths, dataset: str, items: pd.DataFrame
+        self,
+        bundle_dir: Path,
+        store: FeatureStore,
+        paths: Paths,
+        dataset: str,
+        items: pd.DataFrame,
+        profile_share: float = content.PROFILE_SHARE,
     ):
         self.tower = UserTower.load(bundle_dir / B.USER_TOWER)
         self.item_ids = np.load(bundle_dir / B.ITEM_IDS)
@@ -41,6 +54,19 @@ class Retriever:
         self.store = store
         self.items = items
         self._probe_item = int(items[C.ITEM_ID].iloc[0])
+        self.profile_share = profile_share
+        profiles = paths.features(dataset) / f"{S.USER_CONTENT_PROFILE}.parquet"
+        self.profiles = ProfileSnapshots.read(profiles) if profiles.exists() else None
+        by_id = items.set_index(C.ITEM_ID)
+        rows = by_id.index.get_indexer(pd.Index(self.item_ids))
+        if (rows < 0).any():
+            raise ValueError(f"{int((rows < 0).sum())} indexed items are not in the items table")
+        vectors = by_id[C.CONTENT].to_numpy()[rows] if C.CONTENT in by_id.columns else ()
+        self.profile_index = content.ProfileIndex(
+            content.content_matrix(vectors, len(rows)),
+            by_id[C.PRICE].to_numpy()[rows],
+            by_id[C.MARGIN].to_numpy()[rows],
+        )
 
     def user_rows(self, requests: pd.DataFrame) -> pd.DataFrame:
         """User features of each request as of its time (one probe item per request)."""
@@ -55,11 +81,20 @@ class Retriever:
         queries = self.tower.embed(user_features(rows, spec, self.affinity))
         found = search(self.searcher, queries, n)
         out = [self.item_ids[r[r >= 0]] for r in found]
-        if self.history is None:
-            return out
+        users = requests[C.USER_ID].to_numpy(np.int64)
+        profiles: list[np.ndarray | None] = [None] * len(users)
+        if self.profiles is not None and self.profile_share > 0:
+            profiles = self.profiles.profiles_at(users, to_ns(requests[C.TS]))
         merged = []
-        for user, ann_ids in zip(requests[C.USER_ID].to_numpy(), out, strict=True):
-            ids = np.concatenate([self.history.items_of(int(user)), ann_ids])
+        for user, profile, ann_ids in zip(users, profiles, out, strict=True):
+            past = self.history.items_of(int(user)) if self.history is not None else ann_ids[:0]
+            placed = past[:n]
+            quota = min(n - len(placed), math.ceil(self.profile_share * n))
+            if profile is not None and quota > 0:
+                blocked = np.isin(self.item_ids, placed)
+                picked, _ = self.profile_index.top(profile, quota, blocked)
+                placed = np.concatenate([placed, self.item_ids[picked]])
+            ids = np.concatenate([placed, ann_ids])
             _, first = np.unique(ids, return_index=True)
             merged.append(ids[np.sort(first)][:n])
         return merged

@@ -1,0 +1,124 @@
+"""contract.content, the content-profile rule training and serving share: the ranker's
+``content_affinity_for_item`` (one user, and many rows at once) and the PROFILE source's
+ranking, on hand-made vectors with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from contract import content
+
+# four items in 2-d: along x, at 45 degrees, along y, and one without content
+CONTENT = np.array([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0], [0.0, 0.0]], dtype=np.float32)
+X = np.array([1.0, 0.0], dtype=np.float32)
+
+
+def test_unit_rows_scales_rows_to_unit_length_and_keeps_zero_rows() -> None:
+    unit = content.unit_rows(CONTENT)
+    assert unit.dtype == np.float32 and unit.shape == (4, 2)
+    np.testing.assert_allclose(np.linalg.norm(unit[:3], axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(unit[1], [math.sqrt(0.5)] * 2, rtol=1e-6)
+    assert (unit[3] == 0).all()
+    assert content.unit_rows(np.zeros((3, 0))).shape == (3, 0)
+    with pytest.raises(ValueError, match=r"must be \(items, dim\)"):
+        content.unit_rows(np.ones(3))
+
+
+def test_profile_of_is_the_unit_weighted_sum_and_empty_when_zero() -> None:
+    unit = content.unit_rows(CONTENT)
+    p = content.profile_of(unit[:3], np.array([1.0, 0.0, 1.0]))
+    np.testing.assert_allclose(p, [math.sqrt(0.5)] * 2, rtol=1e-6)
+    assert content.profile_of(unit[:1], np.zeros(1)).shape == (0,)
+
+
+def test_similarity_is_the_cosine_and_zero_without_a_usable_profile() -> None:
+    unit = content.unit_rows(CONTENT)
+    got = content.similarity(X, unit)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, [1.0, math.sqrt(0.5), 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(content.similarity([0.0, -1.0], unit)[2], -1.0, rtol=1e-6)
+    for none in (None, [], [1.0, 0.0, 0.0], [0.0, 0.0], [math.nan, 1.0], np.ones((1, 2))):
+        assert (content.similarity(none, unit) == 0).all(), none
+    assert content.as_profile([1.0, 0.0, 0.0], 2) is None  # another catalogue's width
+    assert content.similarity(X, unit[:0]).shape == (0,)
+
+
+def test_similarity_rows_equals_similarity_row_by_row() -> None:
+    rng = np.random.default_rng(3)
+    dim, n_users, n_rows = 5, 6, 200
+    unit = content.unit_rows(rng.normal(size=(40, dim)).astype(np.float32))
+    unit[7] = 0  # an item without content
+    profiles = [content.unit_rows(rng.normal(size=(1, dim)))[0] for _ in range(n_users)]
+    profiles[2] = np.zeros(0, np.float32)  # no engagement: empty list
+    profiles[4] = np.ones(dim + 1, np.float32) / math.sqrt(dim + 1)  # another width
+    profiles[5] = np.full(dim, np.nan, np.float32)  # not finite: no profile
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in profiles])])
+    values = np.concatenate(profiles).astype(np.float32)
+    user = rng.integers(0, n_users, n_rows)
+    item = rng.integers(0, len(unit), n_rows)
+    starts, lengths = offsets[user], np.diff(offsets)[user]
+    got = content.similarity_rows(starts, lengths, values, unit[item])
+    want = np.array(
+        [
+            content.similarity(profiles[u], unit[i : i + 1])[0]
+            for u, i in zip(user, item, strict=True)
+        ]
+    )
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert (got[np.isin(user, [2, 4, 5])] == 0).all()
+    assert (got[item == 7] == 0).all()
+    assert np.abs(got).max() > 0.5  # the rest are real cosines
+    # each row alone gives the same bits as in the batch (serving computes 500 rows at once,
+    # training millions): unlike a BLAS product, whose rounding follows the batch's shape
+    alone = [
+        content.similarity_rows(
+            starts[j : j + 1], lengths[j : j + 1], values, unit[item[j : j + 1]]
+        )
+        for j in range(n_rows)
+    ]
+    np.testing.assert_array_equal(got, np.concatenate(alone))
+    none = content.similarity_rows(np.zeros(3, np.int64), np.zeros(3, np.int64), values, unit[:3])
+    assert (none == 0).all()
+
+
+# prices x margins: 1, e, 1, e^2 (log values 0, 1, 0, 2)
+PRICES = np.array([1.0, math.e, 2.0, math.e**2])
+MARGINS = np.array([1.0, 1.0, 0.5, 1.0])
+
+
+def test_profile_index_scores_four_cosines_plus_log_value() -> None:
+    index = content.ProfileIndex(CONTENT, PRICES, MARGINS)
+    assert index.dim == 2
+    scores = index.scores(X)
+    assert scores is not None
+    cos = np.array([1.0, math.sqrt(0.5), 0.0, 0.0])
+    np.testing.assert_allclose(scores, 4 * cos + [0, 1, 0, 2], rtol=1e-6)
+    assert index.scores(None) is None and index.scores([1.0, 0.0, 0.0]) is None
+    # a worthless item's log value is floored, not -inf
+    free = content.ProfileIndex(CONTENT[:1], np.zeros(1), np.full(1, 0.3))
+    assert free.log_value[0] == pytest.approx(math.log(content.VALUE_FLOOR), rel=1e-6)
+    with pytest.raises(ValueError, match="content has 4 rows, prices and margins 2"):
+        content.ProfileIndex(CONTENT, PRICES[:2], MARGINS[:2])
+
+
+def test_profile_index_top_orders_by_score_skips_blocked_and_caps_k() -> None:
+    index = content.ProfileIndex(CONTENT, PRICES, MARGINS)
+    # scores along x: 4, 1 + 2.83, 0, 2 -> rows 0, 1, 3, 2
+    rows, scores = index.top(X, 4)
+    assert rows.tolist() == [0, 1, 3, 2] and rows.dtype == np.int64
+    assert scores.dtype == np.float32 and (np.diff(scores) <= 0).all()
+    assert index.top(X, 2)[0].tolist() == [0, 1]
+    blocked = np.array([True, False, False, True])
+    assert index.top(X, 3, blocked)[0].tolist() == [1, 2]
+    assert index.top(X, 10, blocked)[0].tolist() == [1, 2]  # k beyond the eligible rows
+    assert len(index.top(X, 3, np.ones(4, bool))[0]) == 0
+    assert len(index.top(X, 0)[0]) == 0
+    assert len(index.top(None, 3)[0]) == 0 and len(index.top([], 3)[0]) == 0
+    # along y the tall item wins; ties go to the lower row
+    assert index.top([0.0, 1.0], 1)[0].tolist() == [2]
+    tied = content.ProfileIndex(np.ones((3, 2)), np.ones(3), np.ones(3))
+    assert tied.top(X, 3)[0].tolist() == [0, 1, 2]

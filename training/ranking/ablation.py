@@ -1,0 +1,124 @@
+"""Ablations of the served ranker: what each lever is worth, switched off alone.
+
+The evaluation stage scores every ablation on the same Oracle requests as the served ranker
+(``training.evaluate``: ``report["ablation"]``). Two kinds of lever:
+
+- **model levers**, trained here by the rankers stage: the purchase model refitted with the
+  tuned parameters (no new search), early-stopped and calibrated exactly as the served one,
+  on a training set without the lever. A feature lever sets its columns to 0 in train and
+  valid: a constant column is never split on, so the model is the one the feature's absence
+  would give. Saved under ``eval/ablation/<lever>/`` (LightGBM text + calibrator).
+- **serving levers**, applied by the evaluation alone: the retrieval PROFILE source off, or
+  the isotonic calibration off (the raw probability times the item's value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+
+from contract.calibration import Calibrator
+from contract.features import FEATURE_SCHEMA
+from feature_repo import schema as S
+from training.ranking.calibration import fit_isotonic
+from training.ranking.models import RankerBudget, RankingData, fit_purchase, purchase_datasets
+
+log = logging.getLogger(__name__)
+
+ABLATION_DIR = "eval/ablation"  # evaluation material, never part of a served bundle
+MODEL_FILE = "purchase.txt"
+CALIBRATOR_FILE = "calibrator.json"
+
+# model levers: (feature columns removed from the purchase model, budget changes)
+FEATURE_LEVERS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "content_affinity_feature": ((S.CONTENT_AFFINITY_FOR_ITEM,), {}),
+    "category_affinity_feature": ((S.AFFINITY_FOR_ITEM,), {}),
+    "monotone_price": ((), {"monotone_price": False}),
+}
+# what each lever is, for the report (serving levers included)
+LEVERS: dict[str, str] = {
+    "content_affinity_feature": "ranker without content_affinity_for_item (user content "
+    "profile x item content)",
+    "category_affinity_feature": "ranker without category_affinity_for_item",
+    "profile_candidates": "retrieval without the PROFILE source (history + ANN only)",
+    "calibration": "raw p(purchase) x value, no isotonic calibration",
+    "monotone_price": "ranker without the decreasing-in-price constraint",
+}
+
+
+@dataclass
+class AblatedModel:
+    booster: lgb.Booster
+    calibrator: Calibrator
+
+    def egmv_probability(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self.calibrator.apply(np.asarray(self.booster.predict(X))))
+
+
+def without(data: RankingData, features: tuple[str, ...]) -> RankingData:
+    """``data`` with ``features`` set to 0 (a copy of the matrix)."""
+    X = data.X.copy()
+    for name in features:
+        X[:, FEATURE_SCHEMA.index(name)] = 0.0
+    return RankingData(
+        X,
+        data.request_id,
+        data.relevance,
+        data.label,
+        data.sample_weight,
+        data.ips_weight,
+        data.feature_names,
+    )
+
+
+def train_ablations(
+    train: RankingData,
+    valid: RankingData,
+    params: dict[str, Any],
+    budget: RankerBudget,
+    seed: int,
+    levers: dict[str, tuple[tuple[str, ...], dict[str, Any]]] | None = None,
+) -> dict[str, AblatedModel]:
+    """One purchase model per model lever, with the tuned ``params``."""
+    out: dict[str, AblatedModel] = {}
+    for lever, (features, changes) in (FEATURE_LEVERS if levers is None else levers).items():
+        missing = [f for f in features if f not in FEATURE_SCHEMA.names]
+        if missing:
+            log.warning("ablation %s: features %s not in the schema, skipped", lever, missing)
+            continue
+        tr, va = without(train, features), without(valid, features)
+        lever_budget = dataclasses.replace(budget, **changes)
+        dtrain, dvalid = purchase_datasets(tr, va, lever_budget)
+        fit = fit_purchase(dtrain, dvalid, params, lever_budget, seed)
+        raw = np.asarray(fit.booster.predict(va.X))
+        out[lever] = AblatedModel(fit.booster, fit_isotonic(raw, va.label, va.sample_weight))
+        log.info("ablation %s: %d rounds", lever, fit.booster.num_trees())
+    return out
+
+
+def save(models: dict[str, AblatedModel], stage: Path) -> None:
+    for lever, model in models.items():
+        folder = stage / ABLATION_DIR / lever
+        folder.mkdir(parents=True, exist_ok=True)
+        model.booster.save_model(str(folder / MODEL_FILE))
+        (folder / CALIBRATOR_FILE).write_text(json.dumps(model.calibrator.to_dict()) + "\n")
+
+
+def load(stage: Path) -> dict[str, AblatedModel]:
+    root = stage / ABLATION_DIR
+    out: dict[str, AblatedModel] = {}
+    if not root.is_dir():
+        return out
+    for folder in sorted(p for p in root.iterdir() if (p / MODEL_FILE).exists()):
+        calibrator = Calibrator.from_dict(json.loads((folder / CALIBRATOR_FILE).read_text()))
+        out[folder.name] = AblatedModel(
+            lgb.Booster(model_file=str(folder / MODEL_FILE)), calibrator
+        )
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -197,3 +198,22 @@ def test_a_split_sample_is_uniform_sorted_by_request_and_bounded(tiny_dataset, h
     assert sample[C.REQUEST_ID].is_monotonic_increasing
     assert set(sample[C.IMPRESSION_ID]) <= set(whole[C.IMPRESSION_ID])
     assert list(sample.columns) == list(whole.columns)
+
+
+def test_the_levers_benchmark_scores_every_variant_on_both_candidate_sets(
+    trained, tiny_dataset, home
+):
+    """tools.bench_levers refits its variants from the staged parameters and scores them
+    with the served model on the same requests, with the PROFILE source off and on."""
+    from tools.bench_levers import run
+
+    report = run(home.home, tiny_dataset["dataset"], n_requests=20)
+    variants = (
+        "served", "logreg", "refit", "tower_score", "linear_offset", "value_capped",
+        "optimal_over_candidates",
+    )  # fmt: skip
+    expected = {f"{v}@{share}" for v in variants for share in (0.0, 0.5)}
+    assert expected <= set(report["policies"])
+    values = [p["oracle_egmv_per_1k"] for p in report["policies"].values()]
+    assert all(np.isfinite(v) and v >= 0 for v in values)
+    assert report["logged_max_price"] > 0

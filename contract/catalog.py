@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from contract import columns as C
-from contract.content import content_matrix
+from contract.content import table_content
 from contract.features import NEW_SELLER_DAYS
 from contract.timeutil import NS_PER_DAY, to_ns
 
@@ -116,7 +116,7 @@ class Catalog:
             items[C.MARGIN].to_numpy(),
             to_ns(items[C.CREATED_AT]) if len(items) else np.empty(0, np.int64),
             joined,
-            content_matrix(items[C.CONTENT] if C.CONTENT in items.columns else (), len(items)),
+            table_content(items),
         )
 
     def exploration_pool(

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from contract import columns as C
+
 WINDOW_DAYS = 30  # engagements before the snapshot that make the profile
 PROFILE_SIMILARITY_WEIGHT = 4.0  # the cosine's weight in the PROFILE source's score
 PROFILE_VALUE_WEIGHT = 1.0  # log(price x margin)'s weight in it
@@ -52,6 +54,12 @@ def content_matrix(vectors: Iterable[Any], n: int) -> np.ndarray:
     if not rows or len(rows) != n or len({r.shape for r in rows}) != 1 or rows[0].ndim != 1:
         return np.zeros((n, 0), np.float32)
     return np.stack(rows)
+
+
+def table_content(items: Any) -> np.ndarray:
+    """An items table's content (a frame with ``columns``, in table order) as
+    :func:`content_matrix` gives it: (n, 0) for a table without the column."""
+    return content_matrix(items[C.CONTENT] if C.CONTENT in items.columns else (), len(items))
 
 
 def unit_rows(content: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ figures are what ``docs/models.md`` quotes for the levers that were measured and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -45,15 +46,7 @@ def _with_column(data: Any, column: np.ndarray | None) -> Any:
     if column is None:
         return data
     X = np.column_stack([data.X, column]).astype(np.float32)
-    return type(data)(
-        X,
-        data.request_id,
-        data.relevance,
-        data.label,
-        data.sample_weight,
-        data.ips_weight,
-        [*data.feature_names, "tower_score"],
-    )
+    return dataclasses.replace(data, X=X, feature_names=[*data.feature_names, "tower_score"])
 
 
 def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, Any]:

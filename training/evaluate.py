@@ -98,13 +98,31 @@ class ServedScorer:
 
 class CandidateCache:
     """Retrieval candidates per request, filtered (listed, in stock), computed once and shared
-    by every policy that re-ranks them."""
+    by every policy that re-ranks them; and their feature matrix, joined once per request
+    group (the replay asks every policy for the same group in turn)."""
 
     def __init__(self, retriever, items: pd.DataFrame, n_candidates: int):
         self.retriever = retriever
+        self.items = items
         self.item_index = pd.Index(items[C.ITEM_ID].to_numpy())
         self.n = n_candidates
         self._cache: dict[int, np.ndarray] = {}
+        self._joined: tuple[tuple[int, ...], list[np.ndarray], np.ndarray, np.ndarray] | None = None
+
+    def features(
+        self, requests: pd.DataFrame, state, store
+    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """(candidates per request, their ``build_matrix`` rows, their item ids), the
+        request-time Feast join done once for the last group asked."""
+        from contract.features import build_matrix
+        from training.request_features import features_for_pairs, pair_frame
+
+        key = tuple(int(r) for r in requests[C.REQUEST_ID])
+        if self._joined is None or self._joined[0] != key:
+            filtered = self(requests, state)
+            frame = features_for_pairs(store, pair_frame(requests, filtered), self.items)
+            self._joined = (key, filtered, build_matrix(frame), frame[C.ITEM_ID].to_numpy())
+        return self._joined[1], self._joined[2], self._joined[3]
 
     def __call__(self, requests: pd.DataFrame, state) -> list[np.ndarray]:
         missing = requests[~requests[C.REQUEST_ID].isin(list(self._cache))]
@@ -136,19 +154,14 @@ def _model_policy(
     store,
     candidates: CandidateCache,
     score_fn,
-    items: pd.DataFrame,
     record: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ):
     """A policy: retrieval candidates, hard filters, request-time features, E[GMV] order.
     ``record`` keeps each request's order and scores (request id -> (items, scores))."""
-    from contract.features import build_matrix
-    from training.request_features import features_for_pairs, pair_frame
 
     def policy(requests: pd.DataFrame, state) -> list[np.ndarray]:
-        filtered = candidates(requests, state)
-        pairs = pair_frame(requests, filtered)
-        frame = features_for_pairs(store, pairs, items)
-        scores = score_fn(build_matrix(frame), frame[C.ITEM_ID].to_numpy())
+        filtered, X, item_ids = candidates.features(requests, state, store)
+        scores = score_fn(X, item_ids)
         out, start = [], 0
         for rid, c in zip(requests[C.REQUEST_ID], filtered, strict=True):
             s = scores[start : start + len(c)]
@@ -182,7 +195,7 @@ ABLATION = "ablation:"  # policy-name prefix of a lever switched off alone
 
 
 def _ablation_policies(
-    paths, dataset, stage, store, retriever, served, oracle, tables, cfg
+    paths, dataset, stage, store, retriever, candidates, served, oracle, tables, cfg
 ) -> dict[str, Any]:
     """Each lever switched off alone (``training.ranking.ablation``), as a policy the replay
     scores on the same requests as the served ranker: the model levers' refitted purchase
@@ -194,24 +207,21 @@ def _ablation_policies(
     items = tables[C.ITEMS]
     value = served.value
     out: dict[str, Any] = {}
-    candidates = CandidateCache(retriever, items, cfg.candidates)
     for lever, model in ablation.load(stage).items():
 
         def egmv(X: np.ndarray, ids: np.ndarray, model=model) -> np.ndarray:
             return model.egmv_probability(X) * value(ids)
 
-        out[ABLATION + lever] = _model_policy(store, candidates, egmv, items)
+        out[ABLATION + lever] = _model_policy(store, candidates, egmv)
 
     def uncalibrated(X: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return np.asarray(served.scorer.predict(X)) * value(ids)
 
-    out[ABLATION + "calibration"] = _model_policy(store, candidates, uncalibrated, items)
+    out[ABLATION + "calibration"] = _model_policy(store, candidates, uncalibrated)
     flipped = 0.0 if retriever.profile_share > 0 else PROFILE_SHARE_WHEN_ON
     other = Retriever(stage, retriever.store, paths, dataset, retriever.items, flipped)
     flipped_candidates = CandidateCache(other, items, cfg.candidates)
-    out[ABLATION + "profile_candidates"] = _model_policy(
-        store, flipped_candidates, served.egmv, items
-    )
+    out[ABLATION + "profile_candidates"] = _model_policy(store, flipped_candidates, served.egmv)
     out[ABLATION + "profile_candidates:optimal_over_candidates"] = _oracle_over_candidates(
         oracle, flipped_candidates, cfg.k
     )
@@ -321,7 +331,7 @@ def ranker_ope_from_stage(
     )
     scored: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     store = open_store(dataset, paths=paths)
-    ranker = _model_policy(store, candidates, served.egmv, tables[C.ITEMS], record=scored)
+    ranker = _model_policy(store, candidates, served.egmv, record=scored)
     oracle = Oracle.load(paths.ground_truth(dataset))
     return ranker_ope(logs, ranker, scored, oracle, cfg.k, cfg.ope_requests, cfg.seed)
 
@@ -411,14 +421,16 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
         candidates = CandidateCache(retriever, tables[C.ITEMS], cfg.candidates)
         logreg = _logreg_egmv(paths, dataset, tables[C.ITEMS])
         ranked: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # reused by the OPE below
-        ranker = _model_policy(store, candidates, served.egmv, tables[C.ITEMS], record=ranked)
+        ranker = _model_policy(store, candidates, served.egmv, record=ranked)
         models = {
-            "logreg": _model_policy(store, candidates, logreg, tables[C.ITEMS]),
+            "logreg": _model_policy(store, candidates, logreg),
             "ranker": ranker,
             "optimal_over_candidates": _oracle_over_candidates(oracle, candidates, cfg.k),
         }
         models.update(
-            _ablation_policies(paths, dataset, stage, store, retriever, served, oracle, tables, cfg)
+            _ablation_policies(
+                paths, dataset, stage, store, retriever, candidates, served, oracle, tables, cfg
+            )
         )
         market = Marketplace(tables, carts)
         start = pd.Timestamp(manifest["split"]["valid_end"])

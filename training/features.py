@@ -512,9 +512,7 @@ class FeatureBuilder:
         floats at a time.
         """
         snaps = self.snaps
-        items = self.t[C.ITEMS]
-        vectors = items[C.CONTENT] if C.CONTENT in items.columns else ()
-        unit = content.unit_rows(content.content_matrix(vectors, len(items)))
+        unit = content.unit_rows(content.table_content(self.t[C.ITEMS]))
         dim = unit.shape[1]
         item, user, day, weight = self._engaged_items()
         stride = np.int64(self.cal.days + 1)

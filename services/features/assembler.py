@@ -20,8 +20,8 @@ Every column is defined as in a training row (``training.dataset``):
   joins the same items table's seller); 365 when the seller is not listed, the user has no
   row, or the item is unknown.
 - ``content_affinity_for_item``: ``contract.content.similarity`` of the user's
-  ``content_profile`` and the item's unit catalog content, computed by ``similarity_rows``,
-  the function training's rows are made with: the cosine; 0 for a user without a profile
+  ``content_profile`` and the item's unit catalog content (einsum, the same bits as
+  training's ``similarity_rows`` whatever the batch): the cosine; 0 for a user without a profile
   (or one of another width), an item without content, and an unknown item (the default
   row's content is zero).
 - item views: gathered from the in-memory :class:`~services.features.items.ItemSnapshot`.
@@ -214,17 +214,6 @@ def seller_days_for_items(
     return out
 
 
-def content_affinity_for_items(profile: np.ndarray, unit_content: np.ndarray) -> np.ndarray:
-    """Each item's ``content_affinity_for_item`` for one user: ``contract.content.similarity``,
-    computed as training's rows are (``similarity_rows``, every row reading the one profile)
-    so that the two agree to the bit; a BLAS product's float32 rounding depends on the
-    number of rows."""
-    n = len(unit_content)
-    return content.similarity_rows(
-        np.zeros(n, np.int64), np.full(n, len(profile), np.int64), profile, unit_content
-    )
-
-
 def first_duplicate(ids: np.ndarray) -> tuple[int, int, int] | None:
     """``(id, first position, repeat position)`` of the earliest repeat in ``ids``, or None."""
     if len(ids) < 2:
@@ -304,7 +293,7 @@ class Assembler:
         columns[S.SELLER_DAYS_SINCE_ENGAGED] = seller_days_for_items(
             user.recent_sellers, user.recent_seller_days, snap.sellers[rows]
         )
-        columns[S.CONTENT_AFFINITY_FOR_ITEM] = content_affinity_for_items(
+        columns[S.CONTENT_AFFINITY_FOR_ITEM] = content.similarity(
             user.content_profile, snap.unit_content[rows]
         )
         columns[HOUR] = context.hour_of_day

@@ -67,15 +67,7 @@ def without(data: RankingData, features: tuple[str, ...]) -> RankingData:
     X = data.X.copy()
     for name in features:
         X[:, FEATURE_SCHEMA.index(name)] = 0.0
-    return RankingData(
-        X,
-        data.request_id,
-        data.relevance,
-        data.label,
-        data.sample_weight,
-        data.ips_weight,
-        data.feature_names,
-    )
+    return dataclasses.replace(data, X=X)
 
 
 def train_ablations(

@@ -61,9 +61,8 @@ class Retriever:
         rows = by_id.index.get_indexer(pd.Index(self.item_ids))
         if (rows < 0).any():
             raise ValueError(f"{int((rows < 0).sum())} indexed items are not in the items table")
-        vectors = by_id[C.CONTENT].to_numpy()[rows] if C.CONTENT in by_id.columns else ()
         self.profile_index = content.ProfileIndex(
-            content.content_matrix(vectors, len(rows)),
+            content.table_content(items)[rows],
             by_id[C.PRICE].to_numpy()[rows],
             by_id[C.MARGIN].to_numpy()[rows],
         )

@@ -36,6 +36,46 @@ def test_item_windows_count_only_events_before_the_snapshot(tables):
     assert day0["age_days"] == pytest.approx(10.0)
 
 
+def test_organic_engagement_counts_in_popularity_not_in_the_feed_rates(tables):
+    """An organic click and purchase (search, browse) on item 1 on day 0: the item's clicks_7d
+    and popularity count it; its CTR and purchase rate, per feed impression, do not."""
+    base = FeatureBuilder({k: v.copy() for k, v in tables.items()}).item_stats()
+    organic = pd.DataFrame(
+        {
+            C.IMPRESSION_ID: [4],
+            C.REQUEST_ID: [3],
+            C.USER_ID: [0],
+            C.ITEM_ID: [1],
+            C.POSITION: [0],
+            C.SURFACE: ["HOME"],
+            C.TS: [_ts(0.3)],
+            C.POLICY: [C.POLICY_ORGANIC],
+            C.PROPENSITY: [np.nan],
+        }
+    )
+    tables[C.IMPRESSIONS] = pd.concat([tables[C.IMPRESSIONS], organic], ignore_index=True)
+    tables[C.CLICKS] = pd.concat(
+        [tables[C.CLICKS], pd.DataFrame({C.IMPRESSION_ID: [4], C.TS: [_ts(0.31)]})],
+        ignore_index=True,
+    )
+    tables[C.PURCHASES] = pd.concat(
+        [
+            tables[C.PURCHASES],
+            pd.DataFrame(
+                {C.IMPRESSION_ID: [4], C.TS: [_ts(0.4)], C.PRICE: [50.0], C.QUANTITY: [1]}
+            ),
+        ],
+        ignore_index=True,
+    )
+    stats = FeatureBuilder(tables).item_stats()
+    before, after = _row(base, C.ITEM_ID, 1, _ts(1)), _row(stats, C.ITEM_ID, 1, _ts(1))
+    assert (before["clicks_7d"], after["clicks_7d"]) == (0, 1)
+    assert after["popularity_7d"] == pytest.approx(np.log1p(1.0))
+    assert after["impressions_7d"] == before["impressions_7d"] == 1  # the feed's only
+    for rate in ("ctr_7d", "ctr_30d", "purchase_rate_7d", "purchase_rate_30d"):
+        assert after[rate] == pytest.approx(before[rate]), rate
+
+
 def test_items_and_users_have_no_snapshot_before_they_exist(tables):
     b = FeatureBuilder(tables)
     stats, profile = b.item_stats(), b.user_profile()

@@ -192,3 +192,58 @@ def test_inventory_stays_non_negative_and_out_of_stock_happens(tiny_sim):
     start = tiny_sim.config.start_ts
     expected_first = np.maximum(to_ns(created.loc[first.index]), start.value)
     assert (to_ns(first) == expected_first).all()
+
+
+def test_organic_sessions_reach_the_long_tail_in_the_users_taste(tiny_sim):
+    """Organic rows (search, browse): position 0, no propensity, HOME; up to organic_items
+    distinct items per session; many more distinct items than the feed's pool shows; and
+    items the users like more than the catalogue's average."""
+    cfg, t = tiny_sim.config, tiny_sim.tables
+    imp = t[C.IMPRESSIONS]
+    organic = imp[imp[C.POLICY] == C.POLICY_ORGANIC]
+    feed = imp[imp[C.POLICY] != C.POLICY_ORGANIC]
+    assert len(organic) > 0 and len(feed) > 0
+    assert (organic[C.POSITION] == 0).all() and organic[C.PROPENSITY].isna().all()
+    assert (organic[C.SURFACE] == "HOME").all()
+    per_session = organic.groupby(C.REQUEST_ID)[C.ITEM_ID].agg(["size", "nunique"])
+    assert (per_session["size"] == per_session["nunique"]).all()
+    assert per_session["size"].max() == cfg.organic_items
+    assert not set(organic[C.REQUEST_ID]) & set(feed[C.REQUEST_ID])
+    assert organic[C.ITEM_ID].nunique() > 1.5 * feed[C.ITEM_ID].nunique()
+    # organic engagement is logged against organic impressions
+    clicked = t[C.CLICKS][C.IMPRESSION_ID].isin(organic[C.IMPRESSION_ID])
+    assert clicked.sum() > 0
+    assert t[C.PURCHASES][C.IMPRESSION_ID].isin(organic[C.IMPRESSION_ID]).sum() > 0
+    # looked-at items follow the user's interest: above a random pairing of the same users
+    truth = tiny_sim.truth
+    users = organic[C.USER_ID].to_numpy()
+    looked = truth.interest(users, organic[C.ITEM_ID].to_numpy()[:, None])[:, 0]
+    rng = np.random.default_rng(0)
+    shuffled = truth.interest(users, rng.integers(0, len(t[C.ITEMS]), (len(users), 1)))[:, 0]
+    assert looked.mean() > shuffled.mean() + 1.0
+
+
+def test_the_organic_channel_leaves_the_world_and_the_first_feeds_alone(tiny_sim):
+    """The organic sessions draw from their own stream: without them the world and the first
+    day's feed (before any organic click moves the pool) are exactly the same."""
+    off = simulate(load_config("tiny", organic_share=0))
+    t_on, t_off = tiny_sim.tables, off.tables
+    assert (t_off[C.IMPRESSIONS][C.POLICY] != C.POLICY_ORGANIC).all()
+    for name in (C.ITEMS, C.USERS, C.SELLERS):
+        pd.testing.assert_frame_equal(t_on[name], t_off[name])
+    day1 = tiny_sim.config.start_ts + pd.Timedelta(days=1)
+
+    def first_feeds(imp):
+        rows = (imp[C.TS] < day1) & (imp[C.POLICY] != C.POLICY_ORGANIC)
+        return imp[rows].reset_index(drop=True)  # ids included: organic ids come after
+
+    pd.testing.assert_frame_equal(
+        first_feeds(t_on[C.IMPRESSIONS]), first_feeds(t_off[C.IMPRESSIONS])
+    )
+
+
+def test_organic_settings_are_checked():
+    with pytest.raises(ValueError, match="organic_share and organic_items must be >= 0"):
+        load_config("tiny", organic_share=-1)
+    with pytest.raises(ValueError, match="organic_focus must be >= 0"):
+        load_config("tiny", organic_focus=-0.5)

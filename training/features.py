@@ -204,6 +204,7 @@ class FeatureBuilder:
         # impression attributes every outcome table joins to, found by binary search
         self._impression_rows = RowsById(imp[C.IMPRESSION_ID].to_numpy(np.int64))
         self._outcomes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]] = {}
+        self._outcome_fed: dict[str, np.ndarray] = {}  # per outcome row: its impression is a feed's
         self.imp_item = self.item_index.get_indexer(pd.Index(imp[C.ITEM_ID]))
         self.imp_user = self.user_index.get_indexer(pd.Index(imp[C.USER_ID]))
         self.imp_day = self.cal.day_of(to_ns(imp[C.TS]))
@@ -221,6 +222,7 @@ class FeatureBuilder:
             ok = row >= 0
             df = df[ok]
             row = row[ok]
+            self._outcome_fed[table] = ~self.organic[row]
             self._outcomes[table] = (
                 self.imp_item[row],
                 self.imp_user[row],
@@ -237,13 +239,23 @@ class FeatureBuilder:
         served = ~self.organic  # organic rows are not impressions of a feed
         imps = _daily(self.imp_item[served], self.imp_day[served], n, cal.days)
         c_item, _, c_day, _ = self._outcome(C.CLICKS)
-        clicks = _daily(c_item, c_day, n, cal.days)
+        clicks = _daily(c_item, c_day, n, cal.days)  # every click: the item's popularity
         p_item, _, p_day, _ = self._outcome(C.PURCHASES)
-        buys = _daily(p_item, p_day, n, cal.days)
+        # The rates are per feed impression, so their numerators count the feed's outcomes;
+        # organic clicks and purchases (search, browse) have no feed impression to be a rate
+        # of. Purchase-only data (no feed at all) keeps every outcome.
+        mixed = bool(self.organic.any() and served.any())
+        if mixed:
+            c_fed, p_fed = self._outcome_fed[C.CLICKS], self._outcome_fed[C.PURCHASES]
+            fed_clicks = _daily(c_item[c_fed], c_day[c_fed], n, cal.days)
+            buys = _daily(p_item[p_fed], p_day[p_fed], n, cal.days)
+        else:
+            fed_clicks = clicks
+            buys = _daily(p_item, p_day, n, cal.days)
         cols: dict[str, np.ndarray] = {}
         for w in (7, 30):
             i_w = _window(imps, snaps, w)
-            c_w = _window(clicks, snaps, w)
+            c_w = _window(fed_clicks, snaps, w)
             b_w = _window(buys, snaps, w)
             total_i = np.maximum(i_w.sum(axis=0), 1.0)
             ctr0 = c_w.sum(axis=0) / total_i
@@ -254,9 +266,10 @@ class FeatureBuilder:
             cols[f"ctr_{w}d"] = ctr.astype(np.float32)
             cols[f"purchase_rate_{w}d"] = rate.astype(np.float32)
             if w == 7:
+                all_w = _window(clicks, snaps, w) if mixed else c_w
                 cols["impressions_7d"] = i_w.astype(np.int64)
-                cols["clicks_7d"] = c_w.astype(np.int64)
-                cols["popularity_7d"] = np.log1p(c_w).astype(np.float32)
+                cols["clicks_7d"] = all_w.astype(np.int64)
+                cols["popularity_7d"] = np.log1p(all_w).astype(np.float32)
         created = to_ns(items[C.CREATED_AT])
         age = (self.snap_ns[None, :] - created[:, None]) / NS_PER_DAY
         cols["age_days"] = age.astype(np.float32)

@@ -205,8 +205,13 @@ def _via(rows_of: RowsById, impression_ids: pd.Series, column: pd.Series) -> np.
 def sample_requests(
     impressions: pd.DataFrame, start: pd.Timestamp, end: pd.Timestamp, n: int, seed: int = 0
 ) -> pd.DataFrame:
-    """Up to ``n`` logged requests (user, time, surface) served in ``[start, end)``."""
+    """Up to ``n`` logged feed requests (user, time, surface) served in ``[start, end)``;
+    organic sessions (search, browse) are not requests of a feed, unless nothing else was
+    logged (purchase-only data)."""
     imp = impressions[(impressions[C.TS] >= start) & (impressions[C.TS] < end)]
+    fed = (imp[C.POLICY] != C.POLICY_ORGANIC).to_numpy()
+    if fed.any():
+        imp = imp[fed]
     requests = imp.drop_duplicates(C.REQUEST_ID)[[C.REQUEST_ID, C.USER_ID, C.TS, C.SURFACE]]
     if len(requests) > n:
         requests = requests.sample(n, random_state=seed)

@@ -48,9 +48,11 @@ class SimulationResult:
 def simulate(cfg: SimConfig) -> SimulationResult:
     """Run the generative model; deterministic for a given config (seed included)."""
     started = time.perf_counter()
-    seeds = np.random.SeedSequence(cfg.seed).spawn(2)
+    # spawn(3)'s first two children are spawn(2)'s: adding the organic stream changed nothing
+    # for the world and the feed
+    seeds = np.random.SeedSequence(cfg.seed).spawn(3)
     world = build_world(cfg, np.random.default_rng(seeds[0]))
-    sim = Simulation(cfg, world, np.random.default_rng(seeds[1]))
+    sim = Simulation(cfg, world, np.random.default_rng(seeds[1]), np.random.default_rng(seeds[2]))
     events = sim.run()
     tables = {C.SELLERS: world.sellers, C.ITEMS: world.items, C.USERS: world.users, **events}
     stats: dict[str, float] = {k: float(v) for k, v in sim.stats.items()}

@@ -49,6 +49,10 @@ class SimConfig:
     affinity_strength: float = 2.2
     appeal_sd: float = 0.5
     seller_quality_sd: float = 0.4
+    organic_share: float = 0.0  # organic (search / browse) sessions per feed session
+    organic_items: int = 8  # items an organic session looks at
+    organic_scan: int = 1000  # catalogue items an organic session's search scans
+    organic_focus: float = 1.0  # how sharply the looked-at items follow the user's interest
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -115,6 +119,13 @@ def _check(cfg: SimConfig) -> None:
             problems.append(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
     if not 0.0 <= cfg.randomized_share <= 1.0:
         problems.append(f"randomized_share must be in [0, 1], got {cfg.randomized_share}")
+    if cfg.organic_share < 0 or cfg.organic_items < 0 or cfg.organic_scan < 1:
+        problems.append(
+            "organic_share and organic_items must be >= 0 and organic_scan >= 1, got "
+            f"{cfg.organic_share}, {cfg.organic_items}, {cfg.organic_scan}"
+        )
+    if cfg.organic_focus < 0:
+        problems.append(f"organic_focus must be >= 0, got {cfg.organic_focus}")
     if max(cfg.page_sizes_home) > cfg.pool_size or cfg.page_size_checkout > cfg.pool_size:
         problems.append("page sizes must not exceed pool_size")
     if problems:

@@ -1,4 +1,5 @@
-"""Day-by-day simulation: requests, the logging policy's feeds, and the users' responses.
+"""Day-by-day simulation: requests, the logging policy's feeds, organic sessions (search and
+browse), and the users' responses.
 
 State carried from day to day: the heuristic's 7-day click counts, item stock, each user's
 cart (recent add-to-carts not yet bought), each user's price cap (from what they bought),
@@ -32,9 +33,9 @@ REQUEST_CHUNK = 1024
 # String columns are logged as int8 codes and decoded once at the end, sharing two str objects
 # across millions of rows instead of allocating one per row.
 SURFACE_NAMES = np.array(["HOME", "CHECKOUT"], dtype=object)
-POLICY_NAMES = np.array(
-    [C.POLICY_HEURISTIC, C.POLICY_RANDOM], dtype=object
-)  # requests scored at once (memory: chunk x pool floats)
+POLICY_NAMES = np.array([C.POLICY_HEURISTIC, C.POLICY_RANDOM, C.POLICY_ORGANIC], dtype=object)
+ORGANIC_CODE = 2  # into POLICY_NAMES
+ORGANIC_CHUNK = 512  # organic sessions scored at once (memory: chunk x organic_scan floats)
 
 _HOURS = np.arange(24)
 DIURNAL = 0.25 + np.exp(-((_HOURS - 12.5) ** 2) / 8.0) + 1.3 * np.exp(-((_HOURS - 20.5) ** 2) / 6.0)
@@ -73,10 +74,19 @@ def _purchase_delay_ns(rng: np.random.Generator, n: int) -> np.ndarray:
 class Simulation:
     """Runs the marketplace for ``cfg.days`` days and returns the event tables."""
 
-    def __init__(self, cfg: SimConfig, world: World, rng: np.random.Generator):
+    def __init__(
+        self,
+        cfg: SimConfig,
+        world: World,
+        rng: np.random.Generator,
+        organic_rng: np.random.Generator | None = None,
+    ):
         self.cfg = cfg
         self.world = world
         self.rng = rng
+        # organic sessions draw from their own stream: with organic_share 0 the feed's logs
+        # are exactly those of a simulator without the channel
+        self.organic_rng = organic_rng if organic_rng is not None else np.random.default_rng()
         truth = world.truth
         self.n_users = len(world.users)
         self.n_items = len(world.items)
@@ -139,12 +149,15 @@ class Simulation:
         return self._tables()
 
     # ------------------------------------------------------------------------------------
-    def _requests(self, day_start: int) -> dict[str, np.ndarray]:
-        rng, cfg = self.rng, self.cfg
+    def _sessions(
+        self, rng: np.random.Generator, rate: np.ndarray, day_start: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(user, ts) of the day's sessions, in time order: Poisson(rate_u) per user,
+        diurnal hours, and on the signup day uniform after the signup."""
         day_end = day_start + NS_PER_DAY
         active = np.flatnonzero(self.signup < day_end)
         joined_today = np.clip((day_end - self.signup[active]) / NS_PER_DAY, 0.0, 1.0)
-        sessions = rng.poisson(self.activity[active] * joined_today)
+        sessions = rng.poisson(rate[active] * joined_today)
         users = np.repeat(active, sessions)
         hour = rng.choice(24, size=len(users), p=DIURNAL)
         ts = day_start + (hour * 3600 + rng.uniform(0, 3600, len(users))) * NS_PER_S
@@ -155,7 +168,11 @@ class Simulation:
             late_signup, lo + (rng.random(len(users)) * (day_end - lo)).astype(np.int64), ts
         )
         order = np.argsort(ts, kind="stable")
-        users, ts = users[order], ts[order]
+        return users[order], ts[order]
+
+    def _requests(self, day_start: int) -> dict[str, np.ndarray]:
+        rng, cfg = self.rng, self.cfg
+        users, ts = self._sessions(rng, self.activity, day_start)
         has_cart = self.cart[users, 0] >= 0
         checkout = has_cart & (rng.random(len(users)) < cfg.checkout_share)
         randomized = rng.random(len(users)) < cfg.randomized_share
@@ -262,12 +279,46 @@ class Simulation:
             rows_cart = self.cart[users[checkout]]
             cats = np.where(rows_cart >= 0, self.category[np.maximum(rows_cart, 0)], -1)
             cart_match[checkout] = (cats == self.category[items[checkout]][:, None]).any(axis=1)
+        carted, cart_ts, clicked = self._respond(
+            rng, imp_ids, users, items, ts, truth.examination(position), 2.0 * position, cart_match
+        )
+        o_users, o_items, o_carted, o_cart_ts, o_clicked = self._organic_day(day_start)
+        bought = self._settle_purchases(day_end)
+        self._restock(day_start, day_end)
+        self._update_carts(
+            np.concatenate([users[carted], o_users[o_carted]]),
+            np.concatenate([items[carted], o_items[o_carted]]),
+            np.concatenate([cart_ts[carted], o_cart_ts[o_carted]]),
+            bought,
+            day_end,
+        )
+        self.pop_days.append(
+            np.bincount(
+                np.concatenate([items[clicked], o_items[o_clicked]]), minlength=self.n_items
+            ).astype(float)
+        )
+
+    def _respond(
+        self,
+        rng: np.random.Generator,
+        imp_ids: np.ndarray,
+        users: np.ndarray,
+        items: np.ndarray,
+        ts: np.ndarray,
+        exam: np.ndarray,
+        click_delay_s: np.ndarray,
+        cart_match: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Clicks, add-to-carts and (queued) purchases of impressions looked at with
+        probability ``exam``; returns (carted, cart_ts, clicked)."""
+        cfg, truth = self.cfg, self.world.truth
+        n = len(items)
         p_click, p_cart, p_buy = truth.probabilities(users, items, ts, cart_match)
-        examined = rng.random(n) < truth.examination(position)
+        examined = rng.random(n) < exam
         clicked = examined & (rng.random(n) < p_click)
         carted = clicked & (rng.random(n) < p_cart)
         buys = carted & (rng.random(n) < p_buy)
-        click_ts = ts + ((2.0 * position + rng.exponential(20.0, n)) * NS_PER_S).astype(np.int64)
+        click_ts = ts + ((click_delay_s + rng.exponential(20.0, n)) * NS_PER_S).astype(np.int64)
         cart_ts = click_ts + (rng.exponential(90.0, n) * NS_PER_S).astype(np.int64)
         # the log ends with the window: later events are censored, like late purchases
         window_end = cfg.end_ts.value
@@ -284,10 +335,62 @@ class Simulation:
             cart_ts[buys] + _purchase_delay_ns(rng, nb),
             1 + rng.poisson(truth.params["quantity_extra_mean"], nb),
         )
-        bought = self._settle_purchases(day_end)
-        self._restock(day_start, day_end)
-        self._update_carts(users[carted], items[carted], cart_ts[carted], bought, day_end)
-        self.pop_days.append(np.bincount(items[clicked], minlength=self.n_items).astype(float))
+        return carted, cart_ts, clicked
+
+    # ------------------------------------------------------------------------------------
+    def _organic_day(self, day_start: int) -> tuple[np.ndarray, ...]:
+        """The day's organic sessions (search, browse, a store visit: no feed policy). Each
+        scans ``organic_scan`` items drawn uniformly from the listed, in-stock catalogue and
+        looks at ``organic_items`` of them, drawn without replacement with weights
+        ``exp(organic_focus * interest)``; every item looked at is an organic impression
+        (position 0, no propensity) with the feed's response model at full examination.
+        Returns (user, item, carted, cart_ts, clicked) per impression."""
+        cfg, rng = self.cfg, self.organic_rng
+        empty = np.zeros(0, np.int64)
+        nothing = (empty, empty, np.zeros(0, bool), empty, np.zeros(0, bool))
+        if cfg.organic_share <= 0 or cfg.organic_items <= 0:
+            return nothing
+        eligible = np.flatnonzero((self.item_created <= day_start) & (self.stock > 0))
+        users, ts = self._sessions(rng, self.activity * cfg.organic_share, day_start)
+        if not len(users) or not len(eligible):
+            return nothing
+        scan = min(cfg.organic_scan, len(eligible))
+        k = min(cfg.organic_items, scan)
+        truth = self.world.truth
+        picked = []
+        for lo in range(0, len(users), ORGANIC_CHUNK):
+            u = users[lo : lo + ORGANIC_CHUNK]
+            hits = eligible[rng.integers(0, len(eligible), (len(u), scan))]
+            key = cfg.organic_focus * truth.interest(u, hits) + rng.gumbel(size=hits.shape)
+            top = np.argpartition(-key, k - 1, axis=1)[:, :k]
+            picked.append(np.take_along_axis(hits, top, axis=1))
+        grid = np.concatenate(picked)
+        # the scan draws with replacement: an item drawn twice is looked at once
+        session = np.repeat(np.arange(len(users)), k)
+        flat = pd.DataFrame({"s": session, "i": grid.ravel()}).drop_duplicates()
+        session, items = flat["s"].to_numpy(), flat["i"].to_numpy(np.int64)
+        o_users, o_ts = users[session], ts[session]
+        n = len(items)
+        request_ids = self.next_request + session
+        self.next_request += len(users)
+        imp_ids = np.arange(self.next_impression, self.next_impression + n, dtype=np.int64)
+        self.next_impression += n
+        self.log.add(
+            C.IMPRESSIONS,
+            impression_id=imp_ids,
+            request_id=request_ids.astype(np.int64),
+            user_id=o_users,
+            item_id=items,
+            position=np.zeros(n, np.int64),
+            surface=np.zeros(n, np.int8),  # HOME
+            ts=o_ts,
+            policy=np.full(n, ORGANIC_CODE, np.int8),
+            propensity=np.full(n, np.nan),
+        )
+        carted, cart_ts, clicked = self._respond(
+            rng, imp_ids, o_users, items, o_ts, np.ones(n), np.full(n, 30.0), None
+        )
+        return o_users, items, carted, cart_ts, clicked
 
     def _queue_purchases(self, imp, users, items, ts, qty) -> None:
         for key, values in zip(

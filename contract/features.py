@@ -15,6 +15,14 @@ code ``len(vocabulary)`` instead of failing.
 Derived features are those the simulator's purchase response depends on but no single
 column carries: the log price, the price against what the user usually pays (their budget
 shows through ``avg_price_paid_30d`` and ``spend_band``), and the context codes.
+
+``organic_context`` is the one training-only context: 1 on rows no feed chose (organic
+search and browse impressions, and the negatives sampled for purchase-only data), read from
+the optional ``policy`` column, and 0 wherever that column is absent, which is every
+serving call: serving scores feed slots. A user who searched already wanted the item, so
+such rows buy more often than a feed slot with the same features; the flag lets a model
+learn from them without carrying that selection into the feed's scores (as a position
+feature is trained on and held fixed at serving).
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ PRICE_TO_SPEND_BAND = "price_to_spend_band"  # 0 for spend band 0 (no spend)
 COUNTRY_CODE = "country_code"
 DEVICE_CODE = "device_code"
 SURFACE_CODE = "surface_code"
+ORGANIC_CONTEXT = "organic_context"  # 1: no feed chose the row (training only; serving: 0)
+ORGANIC_POLICIES = (C.POLICY_ORGANIC, C.POLICY_SAMPLED)
 
 # A spend band is an interval of 30-day spend (SPEND_BANDS edges); its
 # reference amount is the band's lower edge, and half the first positive edge for band 1
@@ -146,6 +156,7 @@ _DERIVED: tuple[tuple[str, str], ...] = (
     (COUNTRY_CODE, _code_dtype(C.COUNTRIES)),
     (DEVICE_CODE, _code_dtype(C.DEVICES)),
     (SURFACE_CODE, _code_dtype(C.SURFACES)),
+    (ORGANIC_CONTEXT, "float32"),
 )
 
 FEATURE_SCHEMA = FeatureSchema(
@@ -155,6 +166,8 @@ FEATURE_SCHEMA = FeatureSchema(
 
 # the columns build_matrix reads
 INPUT_COLUMNS: tuple[str, ...] = NUMERIC_COLUMNS + STRING_COLUMNS + (HOUR, DAY_OF_WEEK, C.SURFACE)
+# and the one it reads when present (training rows): absent, every row is a feed's
+OPTIONAL_COLUMNS: tuple[str, ...] = (C.POLICY,)
 
 Columns = Mapping[str, Any] | pd.DataFrame
 
@@ -236,4 +249,12 @@ def build_matrix(columns: Columns, schema: FeatureSchema | None = None) -> np.nd
     for name in (COUNTRY_CODE, DEVICE_CODE, SURFACE_CODE):
         out[:, j] = encode(_column(columns, CODE_SOURCE[name]), name)
         j += 1
+    out[:, j] = organic_context(columns)
     return out
+
+
+def organic_context(columns: Columns) -> np.ndarray | float:
+    """1.0 per row whose ``policy`` is organic or a sampled negative; 0.0 without the column."""
+    if C.POLICY not in columns:
+        return 0.0
+    return np.isin(_column(columns, C.POLICY), ORGANIC_POLICIES).astype(np.float32)

@@ -86,14 +86,24 @@ def test_build_matrix_columns_follow_the_schema_order():
 def test_build_matrix_is_the_same_from_a_frame_from_arrays_and_with_scalars(tiny_dataset, home):
     frame = read_split(home.home, tiny_dataset["dataset"], "valid").iloc[:500]
     from_frame = F.build_matrix(frame)
-    arrays = {c: frame[c].to_numpy() for c in F.INPUT_COLUMNS}
+    arrays = {c: frame[c].to_numpy() for c in F.INPUT_COLUMNS + F.OPTIONAL_COLUMNS}
     np.testing.assert_array_equal(F.build_matrix(arrays), from_frame)
     one_request = frame[frame[C.REQUEST_ID] == frame[C.REQUEST_ID].iloc[0]]
-    per_row = {c: one_request[c].to_numpy() for c in F.INPUT_COLUMNS}
+    per_row = {c: one_request[c].to_numpy() for c in F.INPUT_COLUMNS + F.OPTIONAL_COLUMNS}
     shared = {**per_row, C.COUNTRY: per_row[C.COUNTRY][0], HOUR: int(per_row[HOUR][0])}
     np.testing.assert_array_equal(F.build_matrix(shared), F.build_matrix(per_row))
     fixed = {c: np.asarray(v).astype(str) if c == C.DEVICE else v for c, v in arrays.items()}
     np.testing.assert_array_equal(F.build_matrix(fixed), from_frame)  # numpy str dtype
+
+
+def test_organic_context_is_one_on_rows_no_feed_chose_and_zero_at_serving():
+    cols = handmade_columns()
+    j = F.FEATURE_SCHEMA.index(F.ORGANIC_CONTEXT)
+    assert F.build_matrix(cols)[:, j].tolist() == [0, 0, 0]  # no policy column: serving
+    cols[C.POLICY] = np.array([C.POLICY_ORGANIC, C.POLICY_HEURISTIC, C.POLICY_SAMPLED], object)
+    assert F.build_matrix(cols)[:, j].tolist() == [1, 0, 1]
+    cols[C.POLICY] = C.POLICY_RANDOM  # a scalar, broadcast like the other request columns
+    assert F.build_matrix(cols)[:, j].tolist() == [0, 0, 0]
 
 
 def test_build_matrix_names_a_missing_column_and_refuses_another_schema():
@@ -250,7 +260,8 @@ def test_a_schema_mismatch_is_caught_on_load(tiny_result, tmp_path: Path):
 
 def test_the_purchase_model_never_rises_with_price(tiny_data):
     """With the monotone constraint (the default), raising an item's price and log price,
-    all else held, never raises p; without it the same data gives a model that does."""
+    all else held, never raises p, even on labels rigged to rise with price; without it
+    those labels give a model that does (the check can fail)."""
     from training.ranking.models import MONOTONE_DECREASING, monotone_constraints
 
     names = list(FEATURE_SCHEMA.names)
@@ -262,7 +273,13 @@ def test_the_purchase_model_never_rises_with_price(tiny_data):
     price, log_price = FEATURE_SCHEMA.index("price"), FEATURE_SCHEMA.index("log_price")
     params = {"num_leaves": 15, "min_data_in_leaf": 5, "learning_rate": 0.2}
 
-    def rises(budget: RankerBudget) -> float:
+    def rigged(data):  # buys rise with price: 1 above the median price, at random below
+        rng = np.random.default_rng(0)
+        high = data.X[:, price] > np.median(data.X[:, price])
+        label = (high & (rng.random(len(high)) < 0.5)) | (rng.random(len(high)) < 0.02)
+        return replace(data, label=label.astype(np.int64))
+
+    def rises(budget: RankerBudget, train=train, valid=valid) -> float:
         dtrain, dvalid = purchase_datasets(train, valid, budget)
         booster = fit_purchase(dtrain, dvalid, params, budget).booster
         preds = []
@@ -272,7 +289,9 @@ def test_the_purchase_model_never_rises_with_price(tiny_data):
         return float(np.diff(np.stack(preds), axis=0).max())
 
     assert rises(replace(SMALL_BUDGET, monotone_price=True)) <= 1e-12
-    assert rises(replace(SMALL_BUDGET, monotone_price=False)) > 0  # the check can fail
+    up_train, up_valid = rigged(train), rigged(valid)
+    assert rises(replace(SMALL_BUDGET, monotone_price=True), up_train, up_valid) <= 1e-12
+    assert rises(replace(SMALL_BUDGET, monotone_price=False), up_train, up_valid) > 0
 
 
 def test_ablations_refit_without_their_lever_and_round_trip(tiny_data, tmp_path: Path):

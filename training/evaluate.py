@@ -301,7 +301,15 @@ def _retrieval_section(retrieval: dict[str, Any], stage: Path) -> dict[str, Any]
 
 
 LOGREG_MAX_ROWS = 1_000_000  # 39 features: more rows would not move the fit, only memory
-EVAL_IMPRESSION_COLUMNS = (C.IMPRESSION_ID, C.REQUEST_ID, C.USER_ID, C.ITEM_ID, C.TS, C.SURFACE)
+EVAL_IMPRESSION_COLUMNS = (
+    C.IMPRESSION_ID,
+    C.REQUEST_ID,
+    C.USER_ID,
+    C.ITEM_ID,
+    C.TS,
+    C.SURFACE,
+    C.POLICY,  # organic sessions are not feed requests to replay
+)
 
 
 def ranker_ope_from_stage(

@@ -25,7 +25,7 @@ import lightgbm as lgb
 import numpy as np
 
 from contract.calibration import Calibrator
-from contract.features import FEATURE_SCHEMA
+from contract.features import FEATURE_SCHEMA, ORGANIC_CONTEXT
 from feature_repo import schema as S
 from training.ranking.calibration import fit_isotonic
 from training.ranking.models import RankerBudget, RankingData, fit_purchase, purchase_datasets
@@ -41,6 +41,7 @@ FEATURE_LEVERS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "content_affinity_feature": ((S.CONTENT_AFFINITY_FOR_ITEM,), {}),
     "category_affinity_feature": ((S.AFFINITY_FOR_ITEM,), {}),
     "monotone_price": ((), {"monotone_price": False}),
+    "organic_context_feature": ((ORGANIC_CONTEXT,), {}),
 }
 # what each lever is, for the report (serving levers included)
 LEVERS: dict[str, str] = {
@@ -50,6 +51,8 @@ LEVERS: dict[str, str] = {
     "profile_candidates": "retrieval without the PROFILE source (history + ANN only)",
     "calibration": "raw p(purchase) x value, no isotonic calibration",
     "monotone_price": "ranker without the decreasing-in-price constraint",
+    "organic_context_feature": "ranker trained without organic_context (organic rows look "
+    "like feed slots)",
 }
 
 
@@ -84,6 +87,10 @@ def train_ablations(
         missing = [f for f in features if f not in FEATURE_SCHEMA.names]
         if missing:
             log.warning("ablation %s: features %s not in the schema, skipped", lever, missing)
+            continue
+        idle = [f for f in features if not np.any(train.X[:, FEATURE_SCHEMA.index(f)])]
+        if features and len(idle) == len(features):  # e.g. no organic rows: nothing to remove
+            log.info("ablation %s: %s already 0 in every training row, skipped", lever, idle)
             continue
         tr, va = without(train, features), without(valid, features)
         lever_budget = dataclasses.replace(budget, **changes)

@@ -447,7 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("simulate", help="simulate a marketplace preset into data/sim-<preset>/")
-    p.add_argument("--preset", default="small", help="tiny | small | medium | large | position")
+    p.add_argument(
+        "--preset",
+        default="small",
+        help="tiny | small | small-feed-only | medium | large | position",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -131,7 +131,10 @@ def test_the_ranker_ope_replays_the_log_exactly_and_a_perfect_model_makes_dr_cov
     assert d["requests"] == 150 and len(scored) == 150
     assert d["replay_check"]["share_within_1e-6"] == 1.0  # the logged slot-1 propensities
     assert d["support_share"] > 0.9  # the heuristic's own mode: nearly all reachable
-    assert d["matched_slots"] > 150
+    # 128 of 150 requests' slots on tiny with the organic channel (organic clicks flatten the
+    # pool's popularity, so the logged pages stray further from the heuristic's mode); >150
+    # without it
+    assert d["matched_slots"] > 100
     assert out["dm"]["relative_error"] == pytest.approx(0.0, abs=1e-9)
     assert out["dr"]["covers"] and out["dr"]["oracle"] == out["oracle"] > 0
     assert sum(s["oracle"] for s in out["by_slot"]) == pytest.approx(out["oracle"])

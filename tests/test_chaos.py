@@ -86,6 +86,7 @@ def test_overload_sheds_and_fails_nothing_else(report: dict) -> None:
 def test_a_good_release_is_promoted_and_undone(report: dict) -> None:
     r = report["canary_good"]
     d = r["detail"]
+    assert "error" not in d, d["error"]  # the scenario raised: say what, not a KeyError
     assert d["phase"] == "PROMOTED", r
     assert d["alias_after_promotion"] == d["release"], r
     assert d["stable_serves_after_promotion"] == [d["release"]], r

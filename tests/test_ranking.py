@@ -102,7 +102,7 @@ def test_organic_context_is_one_on_rows_no_feed_chose_and_zero_at_serving():
     assert F.build_matrix(cols)[:, j].tolist() == [0, 0, 0]  # no policy column: serving
     cols[C.POLICY] = np.array([C.POLICY_ORGANIC, C.POLICY_HEURISTIC, C.POLICY_SAMPLED], object)
     assert F.build_matrix(cols)[:, j].tolist() == [1, 0, 1]
-    cols[C.POLICY] = C.POLICY_RANDOM  # a scalar, broadcast like the other request columns
+    cols[C.POLICY] = np.array(C.POLICY_RANDOM, object)  # 0-d: broadcast like a scalar column
     assert F.build_matrix(cols)[:, j].tolist() == [0, 0, 0]
 
 

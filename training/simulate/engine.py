@@ -34,7 +34,7 @@ REQUEST_CHUNK = 1024
 # across millions of rows instead of allocating one per row.
 SURFACE_NAMES = np.array(["HOME", "CHECKOUT"], dtype=object)
 POLICY_NAMES = np.array([C.POLICY_HEURISTIC, C.POLICY_RANDOM, C.POLICY_ORGANIC], dtype=object)
-ORGANIC_CODE = 2  # into POLICY_NAMES
+ORGANIC_CODE = list(POLICY_NAMES).index(C.POLICY_ORGANIC)
 ORGANIC_CHUNK = 512  # organic sessions scored at once (memory: chunk x organic_scan floats)
 
 _HOURS = np.arange(24)
@@ -79,14 +79,14 @@ class Simulation:
         cfg: SimConfig,
         world: World,
         rng: np.random.Generator,
-        organic_rng: np.random.Generator | None = None,
+        organic_rng: np.random.Generator,
     ):
         self.cfg = cfg
         self.world = world
         self.rng = rng
         # organic sessions draw from their own stream: with organic_share 0 the feed's logs
         # are exactly those of a simulator without the channel
-        self.organic_rng = organic_rng if organic_rng is not None else np.random.default_rng()
+        self.organic_rng = organic_rng
         truth = world.truth
         self.n_users = len(world.users)
         self.n_items = len(world.items)

@@ -14,6 +14,7 @@ Response model of user u to item i shown at position k (docs/simulator.md has th
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,14 @@ class GroundTruth:
         over = np.log(self.item_price[items] / self.user_budget[users])
         return self.user_price_sensitivity[users] * np.maximum(over, 0.0) + 0.1 * over
 
+    @functools.cached_property
+    def _interest_items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The per-item parts of ``interest``, worked out once (a tuple: ``save`` keeps only
+        the arrays): float32 latent vectors (they halve the users x scanned x latent gather,
+        the bulk of the time), log prices, and appeal plus the seller-quality term."""
+        static = self.item_appeal + self.params["seller_quality_click"] * self.item_seller_quality
+        return self.item_latent.astype(np.float32), np.log(self.item_price), static
+
     def interest(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """How well each of ``items`` (users x scanned) matches its row's user: the click
         logit's terms that do not depend on the moment (taste, appeal, seller quality, the
@@ -78,16 +87,14 @@ class GroundTruth:
         p = self.params
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
-        # float32 halves the (users x scanned x latent) gather, the bulk of the time
-        latent = self.item_latent.astype(np.float32)
+        latent, log_price, static = self._interest_items
         taste = self.user_taste[users].astype(np.float32)
         affinity = np.einsum("bd,bkd->bk", taste, latent[items]).astype(np.float64)
         shift = (  # (users, categories): one gather per row instead of one per pair
             self.country_category[self.user_country[users]]
             + self.device_category[self.user_device[users]]
         )
-        static = self.item_appeal + p["seller_quality_click"] * self.item_seller_quality
-        over = np.log(self.item_price)[items] - np.log(self.user_budget[users])[:, None]
+        over = log_price[items] - np.log(self.user_budget[users])[:, None]
         beta = self.user_price_sensitivity[users][:, None]
         return (
             p["affinity_strength"] * affinity

@@ -4,6 +4,8 @@ response model's shape, and the Oracle."""
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,6 +14,7 @@ import pytest
 from contract import columns as C
 from contract.timeutil import to_ns
 from training.simulate import GroundTruth, Oracle, load_config, simulate
+from training.simulate.engine import Simulation
 from training.simulate.policy import plackett_luce_topk
 
 
@@ -247,3 +250,54 @@ def test_organic_settings_are_checked():
         load_config("tiny", organic_share=-1)
     with pytest.raises(ValueError, match="organic_focus must be >= 0"):
         load_config("tiny", organic_focus=-0.5)
+
+
+def _explorer(eps: float, seed: int = 0) -> Any:
+    """Just what ``Simulation._explore`` reads: the config's epsilon and the stream."""
+    return SimpleNamespace(
+        cfg=SimpleNamespace(explore_epsilon=eps), explore_rng=np.random.default_rng(seed)
+    )
+
+
+def test_exploration_propensities_match_the_sampling_frequencies():
+    """Each slot's logged propensity is P(item in slot | slots above): (1 - eps) x the
+    heuristic's factor for its own items, eps / (|E| - t) for the t-th explored one."""
+    rows, eps = 60_000, 0.3
+    chosen = np.tile(np.array([0, 1, 2]), (rows, 1))
+    prop = np.tile(np.array([0.5, 0.6, 1.0]), (rows, 1))
+    active = np.ones(rows, dtype=bool)
+    active[:1000] = False  # the randomized requests: never explored
+    explore = np.array([10, 11, 12, 13])
+    out, out_prop, coins = Simulation._explore(_explorer(eps), chosen, prop, active, explore)
+    assert not coins[:1000].any() and (out[:1000] == chosen[:1000]).all()
+    assert (out_prop[:1000] == prop[:1000]).all()
+    on = out[1000:], out_prop[1000:], coins[1000:]
+    first_10 = on[0][:, 0] == 10
+    assert abs(first_10.mean() - eps / 4) < 0.005
+    np.testing.assert_allclose(on[1][first_10, 0], eps / 4)
+    # after an explored first slot the heuristic's first item comes next with P = 1 - eps
+    then_0 = first_10 & (on[0][:, 1] == 0)
+    assert abs(then_0.sum() / first_10.sum() - (1 - eps)) < 0.03
+    np.testing.assert_allclose(on[1][then_0, 1], (1 - eps) * 0.5)
+    # two explored slots: the second is uniform over the 3 left
+    then_11 = first_10 & (on[0][:, 1] == 11)
+    assert abs(then_11.sum() / first_10.sum() - eps / 3) < 0.03
+    np.testing.assert_allclose(on[1][then_11, 1], eps / 3)
+    # the heuristic's order is kept and nothing repeats on a page
+    for row in on[0][:2000]:
+        own = row[row < 10]
+        assert (np.diff(own) > 0).all() and len(set(row)) == len(row)
+    assert on[2].mean() == pytest.approx(eps, abs=0.01)
+
+
+def test_feed_exploration_reaches_new_items_and_says_so():
+    on = simulate(load_config("tiny", explore_epsilon=0.1, organic_share=0))
+    off = simulate(load_config("tiny", organic_share=0))
+    assert on.stats["explored_impressions"] > 0 == off.stats["explored_impressions"]
+    imp_on, imp_off = on.tables[C.IMPRESSIONS], off.tables[C.IMPRESSIONS]
+    assert imp_on[C.ITEM_ID].nunique() > imp_off[C.ITEM_ID].nunique()
+    assert ((imp_on[C.PROPENSITY] > 0) & (imp_on[C.PROPENSITY] <= 1)).all()
+    # the world is the same
+    pd.testing.assert_frame_equal(on.tables[C.ITEMS], off.tables[C.ITEMS])
+    with pytest.raises(ValueError, match="explore_epsilon must be in"):
+        load_config("tiny", explore_epsilon=1.0)

@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="small",
-        help="tiny | small | small-feed-only | medium | large | position",
+        help="tiny | small | small-feed-only | small-explore | medium | large | position",
     )
     p.add_argument(
         "--set",

@@ -48,11 +48,17 @@ class SimulationResult:
 def simulate(cfg: SimConfig) -> SimulationResult:
     """Run the generative model; deterministic for a given config (seed included)."""
     started = time.perf_counter()
-    # spawn(3)'s first two children are spawn(2)'s: adding the organic stream changed nothing
-    # for the world and the feed
-    seeds = np.random.SeedSequence(cfg.seed).spawn(3)
+    # spawn(n)'s first children are spawn(n - 1)'s: adding the organic and the exploration
+    # streams changed nothing for the world and the feed
+    seeds = np.random.SeedSequence(cfg.seed).spawn(4)
     world = build_world(cfg, np.random.default_rng(seeds[0]))
-    sim = Simulation(cfg, world, np.random.default_rng(seeds[1]), np.random.default_rng(seeds[2]))
+    sim = Simulation(
+        cfg,
+        world,
+        np.random.default_rng(seeds[1]),
+        np.random.default_rng(seeds[2]),
+        np.random.default_rng(seeds[3]),
+    )
     events = sim.run()
     tables = {C.SELLERS: world.sellers, C.ITEMS: world.items, C.USERS: world.users, **events}
     stats: dict[str, float] = {k: float(v) for k, v in sim.stats.items()}

@@ -53,6 +53,8 @@ class SimConfig:
     organic_items: int = 8  # items an organic session looks at
     organic_scan: int = 1000  # catalogue items an organic session's search scans
     organic_focus: float = 1.0  # how sharply the looked-at items follow the user's interest
+    explore_epsilon: float = 0.0  # per-slot chance the heuristic's slot shows an exploration item
+    explore_new_item_days: float = 14.0  # items this recent (or of new sellers) are explored
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -123,6 +125,11 @@ def _check(cfg: SimConfig) -> None:
         problems.append(
             "organic_share and organic_items must be >= 0 and organic_scan >= 1, got "
             f"{cfg.organic_share}, {cfg.organic_items}, {cfg.organic_scan}"
+        )
+    if not 0.0 <= cfg.explore_epsilon < 1.0 or cfg.explore_new_item_days < 0:
+        problems.append(
+            "explore_epsilon must be in [0, 1) and explore_new_item_days >= 0, got "
+            f"{cfg.explore_epsilon}, {cfg.explore_new_item_days}"
         )
     if cfg.organic_focus < 0:
         problems.append(f"organic_focus must be >= 0, got {cfg.organic_focus}")

@@ -71,6 +71,20 @@ def _purchase_delay_ns(rng: np.random.Generator, n: int) -> np.ndarray:
     return (hours * 3600 * NS_PER_S).astype(np.int64)
 
 
+def _distinct_draws(rng: np.random.Generator, rows: int, m: int, n: int) -> np.ndarray:
+    """(rows, m) indices into ``range(n)``, distinct within each row, each row a uniform
+    draw without replacement (column by column, redrawing clashes: uniform over what is left)."""
+    out = np.empty((rows, m), dtype=np.int64)
+    for j in range(m):
+        col = rng.integers(0, n, rows)
+        clash = (out[:, :j] == col[:, None]).any(axis=1)
+        while clash.any():
+            col[clash] = rng.integers(0, n, int(clash.sum()))
+            clash = (out[:, :j] == col[:, None]).any(axis=1)
+        out[:, j] = col
+    return out
+
+
 class Simulation:
     """Runs the marketplace for ``cfg.days`` days and returns the event tables."""
 
@@ -80,13 +94,16 @@ class Simulation:
         world: World,
         rng: np.random.Generator,
         organic_rng: np.random.Generator,
+        explore_rng: np.random.Generator,
     ):
         self.cfg = cfg
         self.world = world
         self.rng = rng
-        # organic sessions draw from their own stream: with organic_share 0 the feed's logs
-        # are exactly those of a simulator without the channel
+        # organic sessions and the feed's exploration draw from their own streams: with
+        # organic_share 0 and explore_epsilon 0 the feed's logs are exactly those of a
+        # simulator without either
         self.organic_rng = organic_rng
+        self.explore_rng = explore_rng
         truth = world.truth
         self.n_users = len(world.users)
         self.n_items = len(world.items)
@@ -94,6 +111,8 @@ class Simulation:
         self.price = items[C.PRICE].to_numpy()
         self.category = items[C.CATEGORY].to_numpy()
         self.item_created = to_ns(items[C.CREATED_AT])
+        seller_created = to_ns(world.sellers[C.CREATED_AT])
+        self.item_seller_created = seller_created[items[C.SELLER_ID].to_numpy()]
         self.stock = items[C.STOCK].to_numpy().copy()
         self.signup = to_ns(world.users[C.SIGNUP_AT])
         self.activity = np.minimum(
@@ -123,7 +142,11 @@ class Simulation:
         self.next_request = 0
         self.next_impression = 0
         self.log = _Log()
-        self.stats = {"purchases_out_of_stock": 0, "purchases_censored": 0}
+        self.stats = {
+            "purchases_out_of_stock": 0,
+            "purchases_censored": 0,
+            "explored_impressions": 0,
+        }
 
     # ------------------------------------------------------------------------------------
     def run(self) -> dict[str, pd.DataFrame]:
@@ -204,13 +227,17 @@ class Simulation:
         self._pool_score = score[pool]
         return pool
 
-    def _slates(self, req: dict[str, np.ndarray], pool: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _slates(
+        self, req: dict[str, np.ndarray], pool: np.ndarray, explore: np.ndarray | None = None
+    ) -> tuple[np.ndarray, ...]:
         cfg = self.cfg
         k = int(max((*cfg.page_sizes_home, cfg.page_size_checkout)))
         base_logits = np.log(self._pool_score) / cfg.policy_temperature
         pool_price = self.price[pool]
         pool_cat = self.category[pool]
-        cols_out, prop_out = [], []
+        cols_out: list[np.ndarray] = []
+        prop_out: list[np.ndarray] = []
+        explored_out: list[np.ndarray] = []
         for lo in range(0, len(req["user"]), REQUEST_CHUNK):
             sl = slice(lo, lo + REQUEST_CHUNK)
             users = req["user"][sl]
@@ -228,14 +255,73 @@ class Simulation:
             rand = req["randomized"][sl]
             logits[rand] = np.where(np.isfinite(logits[rand]), 0.0, NEG_INF)
             cols, prop = plackett_luce_topk(logits, k, self.rng)
-            cols_out.append(cols)
+            chosen = np.where(cols >= 0, pool[np.maximum(cols, 0)], -1)
+            explored = np.zeros(chosen.shape, dtype=bool)
+            if explore is not None:
+                chosen, prop, explored = self._explore(chosen, prop, ~rand, explore)
+            cols_out.append(chosen)
             prop_out.append(prop)
-        cols = np.concatenate(cols_out) if cols_out else np.zeros((0, k), np.int64)
+            explored_out.append(explored)
+        chosen = np.concatenate(cols_out) if cols_out else np.zeros((0, k), np.int64)
         prop = np.concatenate(prop_out) if prop_out else np.zeros((0, k))
-        slot = np.arange(cols.shape[1])[None, :]
-        shown = (cols >= 0) & (slot < req["page"][:, None])
+        slot = np.arange(chosen.shape[1])[None, :]
+        shown = (chosen >= 0) & (slot < req["page"][:, None])
+        if explored_out:
+            self.stats["explored_impressions"] += int((np.concatenate(explored_out) & shown).sum())
         r, j = np.nonzero(shown)
-        return r, j, pool[cols[r, j]], prop[r, j]
+        return r, j, chosen[r, j], prop[r, j]
+
+    def _exploration_pool(self, day_start: int, pool: np.ndarray) -> np.ndarray | None:
+        """The items the feed explores today: listed within ``explore_new_item_days`` or of a
+        seller who joined within ``new_seller_days`` (the served exploration pool's rule), in
+        stock and outside today's heuristic pool; None when exploration is off or the pool
+        cannot fill a page."""
+        cfg = self.cfg
+        if cfg.explore_epsilon <= 0:
+            return None
+        listed = (self.item_created <= day_start) & (self.stock > 0)
+        recent = day_start - self.item_created < cfg.explore_new_item_days * NS_PER_DAY
+        new_seller = day_start - self.item_seller_created < cfg.new_seller_days * NS_PER_DAY
+        eligible = listed & (recent | new_seller)
+        eligible[pool] = False
+        items = np.flatnonzero(eligible)
+        k = int(max((*cfg.page_sizes_home, cfg.page_size_checkout)))
+        if len(items) < k:
+            log.warning(
+                "day %s: %d items to explore, fewer than a page: no exploration",
+                day_start,
+                len(items),
+            )
+            return None
+        return items
+
+    def _explore(
+        self, chosen: np.ndarray, prop: np.ndarray, active: np.ndarray, explore: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The served re-ranker's epsilon-exploration applied to the heuristic's slates.
+
+        Slots are filled top to bottom; on the ``active`` rows a coin with P(heads) =
+        ``explore_epsilon`` decides each: heads, the slot takes the next exploration item
+        (uniform over ``explore`` without replacement); tails, the next item of the
+        heuristic's own slate. The logged propensity stays the probability of the item in
+        its slot given the slots above: ``(1 - eps) x`` the Plackett-Luce factor for the
+        heuristic's items, ``eps / (|E| - t)`` for the ``t``-th (0-based) explored item."""
+        eps = self.cfg.explore_epsilon
+        rows, k = chosen.shape
+        coins = np.zeros((rows, k), dtype=bool)
+        coins[active] = self.explore_rng.random((int(active.sum()), k)) < eps
+        explored_before = np.cumsum(coins, axis=1)  # explored slots up to and including s
+        heuristic_slot = np.clip(np.arange(k)[None, :] - explored_before, 0, k - 1)
+        scale = np.where(active, 1.0 - eps, 1.0)[:, None]
+        out = np.take_along_axis(chosen, heuristic_slot, axis=1)
+        out_prop = np.take_along_axis(prop, heuristic_slot, axis=1) * scale
+        m = int(explored_before[:, -1].max()) if rows else 0
+        if m:
+            draws = _distinct_draws(self.explore_rng, rows, m, len(explore))
+            t = np.maximum(explored_before - 1, 0)
+            out = np.where(coins, explore[np.take_along_axis(draws, t, axis=1)], out)
+            out_prop = np.where(coins, eps / (len(explore) - t), out_prop)
+        return out, out_prop, coins
 
     # ------------------------------------------------------------------------------------
     def _simulate_day(self, day: int) -> None:
@@ -244,7 +330,7 @@ class Simulation:
         day_end = day_start + NS_PER_DAY
         req = self._requests(day_start)
         pool = self._pool(day_start)
-        r, j, items, prop = self._slates(req, pool)
+        r, j, items, prop = self._slates(req, pool, self._exploration_pool(day_start, pool))
         n = len(items)
         users = req["user"][r]
         ts = req["ts"][r]

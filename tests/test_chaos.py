@@ -9,12 +9,13 @@ and reported, not asserted, as performance is on these shared machines.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from contract.paths import Paths
 from tools.bench import BenchConfig, load_requests
-from tools.chaos import Timing, format_table, hostile_payloads, run
+from tools.chaos import Chaos, Outcome, Timing, format_table, hostile_payloads, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -42,6 +43,9 @@ def report(tiny_trained: dict, tiny_dataset: dict, home: Paths) -> dict:
             ],
             Timing.quick(),
             load_requests(config),
+            # a scenario whose harness raised (a mesh slow to come up on a loaded 2-core
+            # machine) runs once more; one that ran and failed its check never does
+            retries=1,
         )
     finally:
         if old is None:
@@ -52,8 +56,15 @@ def report(tiny_trained: dict, tiny_dataset: dict, home: Paths) -> dict:
     return report["scenarios"]
 
 
+def ran(report: dict, name: str) -> dict:
+    """The scenario's result; a failure naming what it raised when it did not run."""
+    r = report[name]
+    assert "error" not in r["detail"], f"{name} raised: {r['detail']['error']}"
+    return r
+
+
 def test_a_killed_backend_fails_no_feed_and_comes_back(report: dict) -> None:
-    r = report["kill_ranking"]
+    r = ran(report, "kill_ranking")
     assert r["failed_requests"] == 0 and r["total_requests"] > 0, r
     assert r["detail"]["breaker_open_s"] is not None, r  # it did open
     assert r["detail"]["restarted_ready_s"] is not None, r  # the supervisor restarted it
@@ -61,32 +72,31 @@ def test_a_killed_backend_fails_no_feed_and_comes_back(report: dict) -> None:
 
 
 def test_hostile_requests_open_no_breaker_and_degrade_no_one(report: dict) -> None:
-    r = report["breaker_poison"]
+    r = ran(report, "breaker_poison")
     assert r["passed"], r
     assert set(r["detail"]["hostile_codes"]) <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
 
 
 def test_admin_rpcs_are_refused_without_the_token(report: dict) -> None:
-    assert report["admin_unauthenticated"]["passed"], report["admin_unauthenticated"]
+    assert ran(report, "admin_unauthenticated")["passed"], report["admin_unauthenticated"]
 
 
 def test_sigterm_drains_without_failing_a_feed(report: dict) -> None:
-    r = report["drain"]
+    r = ran(report, "drain")
     assert r["failed_requests"] == 0 and r["total_requests"] > 0, r
     assert r["passed"], r
 
 
 def test_overload_sheds_and_fails_nothing_else(report: dict) -> None:
-    r = report["overload"]
+    r = ran(report, "overload")
     assert r["failed_requests"] == 0, r
     assert r["detail"]["shed"] > 0 and r["detail"]["admitted"] > 0, r
     assert r["detail"]["healthy_after"], r
 
 
 def test_a_good_release_is_promoted_and_undone(report: dict) -> None:
-    r = report["canary_good"]
+    r = ran(report, "canary_good")
     d = r["detail"]
-    assert "error" not in d, d["error"]  # the scenario raised: say what, not a KeyError
     assert d["phase"] == "PROMOTED", r
     assert d["alias_after_promotion"] == d["release"], r
     assert d["stable_serves_after_promotion"] == [d["release"]], r
@@ -106,7 +116,7 @@ def test_a_good_release_is_promoted_and_undone(report: dict) -> None:
 
 
 def test_a_canary_that_reorders_everything_is_rolled_back(report: dict) -> None:
-    r = report["canary_bad_scores"]
+    r = ran(report, "canary_bad_scores")
     d = r["detail"]
     assert d["phase"] == "FAILED", r
     failed_checks = {name for w in d["windows"] for name in w["failed"]}
@@ -115,11 +125,11 @@ def test_a_canary_that_reorders_everything_is_rolled_back(report: dict) -> None:
 
 
 def test_a_rollout_without_traffic_holds_and_says_why(report: dict) -> None:
-    assert report["no_traffic_holds"]["passed"], report["no_traffic_holds"]
+    assert ran(report, "no_traffic_holds")["passed"], report["no_traffic_holds"]
 
 
 def test_a_rollout_resumes_after_its_controller_and_a_gateway_restart(report: dict) -> None:
-    r = report["restart_resumes"]
+    r = ran(report, "restart_resumes")
     d = r["detail"]
     assert d["step_after_restart"] >= d["step_before"] >= 1, r
     assert d["resumed_events"] >= 1 and d["final_phase"] == "PROMOTED", r
@@ -129,3 +139,26 @@ def test_a_rollout_resumes_after_its_controller_and_a_gateway_restart(report: di
 def test_every_hostile_payload_is_distinct() -> None:
     payloads = hostile_payloads()
     assert len(set(payloads)) == len(payloads) > 10
+
+
+def test_a_scenario_that_raised_runs_once_more_and_one_that_failed_never(monkeypatch) -> None:
+    calls: list[str] = []
+
+    def fake_run(self: Chaos, name: str) -> Outcome:
+        calls.append(name)
+        if name == "flaky" and calls.count("flaky") == 1:
+            raise TimeoutError("the mesh was slow")
+        if name == "broken":
+            raise RuntimeError("always")
+        return Outcome(name != "fails", 0, 1, None, None, {})
+
+    monkeypatch.setattr(Chaos, "run", fake_run)
+    report = run(Path("."), "sim-tiny", ["flaky", "fails", "broken"], Timing.quick(), [], retries=1)
+    s = report["scenarios"]
+    assert calls == ["flaky", "flaky", "fails", "broken", "broken"]
+    assert s["flaky"]["passed"] and s["flaky"]["detail"]["earlier_errors"] == [
+        "TimeoutError: the mesh was slow"
+    ]
+    assert not s["fails"]["passed"] and "earlier_errors" not in s["fails"]["detail"]
+    assert s["broken"]["detail"]["error"] == "RuntimeError: always"
+    assert s["broken"]["detail"]["earlier_errors"] == ["RuntimeError: always"]

@@ -1095,17 +1095,30 @@ def run(
     timing: Timing,
     payloads: list[bytes],
     model: str = "champion",
+    retries: int = 0,
 ) -> dict[str, Any]:
+    """Each scenario in turn. One that *raised* (its mesh did not come up, an RPC timed out:
+    the harness failed, not the property it checks) is run again up to ``retries`` times; a
+    scenario that ran and failed its check is never re-run. What the earlier attempts raised
+    stays in the result (``detail.earlier_errors``)."""
     chaos = Chaos(home, dataset, timing, payloads, model)
     results: dict[str, Any] = {}
     for name in scenarios:
         started = time.perf_counter()
-        log.info("scenario %s", name)
-        try:
-            outcome = chaos.run(name)
-        except Exception as err:  # one broken scenario must not hide the others' results
-            log.exception("scenario %s raised", name)
-            outcome = Outcome(False, 0, 0, None, None, {"error": f"{type(err).__name__}: {err}"})
+        errors: list[str] = []
+        while True:
+            log.info("scenario %s", name)
+            try:
+                outcome = chaos.run(name)
+                break
+            except Exception as err:  # one broken scenario must not hide the others' results
+                log.exception("scenario %s raised", name)
+                errors.append(f"{type(err).__name__}: {err}"[:2000])
+                if len(errors) > retries:
+                    outcome = Outcome(False, 0, 0, None, None, {"error": errors.pop()})
+                    break
+        if errors:
+            outcome.detail["earlier_errors"] = errors
         result = outcome.to_json()
         result["wall_s"] = round(time.perf_counter() - started, 1)
         results[name] = result
@@ -1114,13 +1127,16 @@ def run(
 
 
 def format_table(report: dict[str, Any]) -> str:
-    rows = [f"{'scenario':<24}{'passed':>8}{'failed':>8}{'total':>8}{'decision s':>12}  detail"]
+    rows = [
+        f"{'scenario':<24}{'passed':>8}{'failed':>8}{'total':>8}{'decision s':>12}{'wall s':>8}"
+        "  detail"
+    ]
     for name, r in report["scenarios"].items():
         decided = "-" if r["seconds_to_decision"] is None else f"{r['seconds_to_decision']:.2f}"
         detail = json.dumps(r["detail"], separators=(",", ":"))
         rows.append(
             f"{name:<24}{'yes' if r['passed'] else 'NO':>8}{r['failed_requests']:>8}"
-            f"{r['total_requests']:>8}{decided:>12}  {detail[:150]}"
+            f"{r['total_requests']:>8}{decided:>12}{r.get('wall_s', 0):>8.1f}  {detail[:150]}"
         )
     rows.append(f"{report['passed']}/{len(report['scenarios'])} scenarios passed")
     return "\n".join(rows)

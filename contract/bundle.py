@@ -13,6 +13,8 @@ Layout (paths relative to the bundle root; every file is listed with its sha256 
     ranker/purchase.so           TL2cgen-compiled purchase model (the served scorer)
     ranker/compile.json          compile parameters, parity (max |diff|), latency figures
     ranker/calibrator.json       isotonic calibration: x / y breakpoints
+    ranker/linear_offset.json    optional: the logistic log-odds the purchase trees were
+                                 boosted from (contract.scorer.LinearOffset)
     retrieval/user_tower.npz     user-tower weights for numpy inference
     retrieval/item_ids.npy       item id of each ANN row
     retrieval/item_embeddings.npy
@@ -51,6 +53,7 @@ LAMBDAMART_MODEL = "ranker/lambdamart.txt"
 COMPILED_MODEL = "ranker/purchase.so"
 COMPILE_REPORT = "ranker/compile.json"
 CALIBRATOR = "ranker/calibrator.json"
+LINEAR_OFFSET = "ranker/linear_offset.json"
 USER_TOWER = "retrieval/user_tower.npz"
 ITEM_IDS = "retrieval/item_ids.npy"
 ITEM_EMBEDDINGS = "retrieval/item_embeddings.npy"

@@ -1,12 +1,21 @@
 """The compiled purchase model as serving runs it: a TL2cgen shared library
 (``ranker/purchase.so`` of a bundle, built by ``training.ranking.compile``) loaded with
 ``tl2cgen.Predictor``. Loading needs TL2cgen's runtime only, never LightGBM.
+
+A bundle whose trees were boosted from a logistic regression's log-odds (LightGBM's
+``init_score``; ``ranker/linear_offset.json``) is scored by :class:`PurchaseModel` as
+``sigmoid(linear log-odds + the trees' margin)``: the linear part keeps falling with price
+where the trees, above the logged price range, stay flat. Training scores with the same
+:class:`LinearOffset`, so the two sides run one function.
 """
 
 from __future__ import annotations
 
+import json
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,8 +53,9 @@ class CompiledScorer:
         self.num_features: int = int(self._predictor.num_feature)
         self._lock = threading.Lock()
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Scores of the rows of ``X`` (n, num_features), float32 preferred (no copy).
+    def predict(self, X: np.ndarray, margin: bool = False) -> np.ndarray:
+        """Scores of the rows of ``X`` (n, num_features), float32 preferred (no copy);
+        ``margin=True``: the trees' raw sum, before the sigmoid.
 
         NaN marks a missing value, as in LightGBM. Returns shape (n,) for a single-output
         model, (n, k) otherwise.
@@ -56,6 +66,90 @@ class CompiledScorer:
             return np.zeros(0, dtype=np.float64)
         dmat = self._tl2cgen.DMatrix(X)
         with self._lock:
-            out = self._predictor.predict(dmat)
+            out = self._predictor.predict(dmat, pred_margin=margin)
         scores = out.reshape(n, -1)
         return scores[:, 0] if scores.shape[1] == 1 else scores
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.asarray(1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64))))
+
+
+@dataclass(frozen=True)
+class LinearOffset:
+    """A standardized linear model's log-odds: ``((x - mean) / scale) . coef + intercept``,
+    a missing or infinite input read as 0 (as the logistic baseline was fitted)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+
+    def __post_init__(self) -> None:
+        n = len(self.coef)
+        if not (len(self.mean) == len(self.scale) == n) or n == 0:
+            raise ValueError(
+                f"linear offset: mean, scale and coef must have one entry per feature, got "
+                f"{len(self.mean)}, {len(self.scale)}, {n}"
+            )
+        values = np.concatenate([self.mean, self.scale, self.coef, [self.intercept]])
+        if not np.all(np.isfinite(values)) or np.any(self.scale <= 0):
+            raise ValueError("linear offset: non-finite values or a scale <= 0")
+
+    @classmethod
+    def from_standardized(cls, mean: Any, scale: Any, coef: Any, intercept: float) -> LinearOffset:
+        return cls(
+            np.asarray(mean, dtype=np.float64).ravel(),
+            np.asarray(scale, dtype=np.float64).ravel(),
+            np.asarray(coef, dtype=np.float64).ravel(),
+            float(intercept),
+        )
+
+    def margin(self, X: np.ndarray) -> np.ndarray:
+        Z = np.nan_to_num(np.asarray(X, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if Z.ndim != 2 or Z.shape[1] != len(self.coef):
+            raise ValueError(f"X must have shape (n, {len(self.coef)}), got {Z.shape}")
+        return np.asarray(((Z - self.mean) / self.scale) @ self.coef + self.intercept)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "coef": self.coef.tolist(),
+            "intercept": self.intercept,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LinearOffset:
+        return cls.from_standardized(d["mean"], d["scale"], d["coef"], d["intercept"])
+
+    @classmethod
+    def read(cls, path: Path) -> LinearOffset | None:
+        """The offset at ``path``, None when the file is absent (trees alone)."""
+        path = Path(path)
+        if not path.exists():
+            return None
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+class PurchaseModel:
+    """The uncalibrated p(label) serving computes: the compiled trees' probability, or, with
+    a :class:`LinearOffset`, ``sigmoid(offset.margin(X) + trees' margin)``."""
+
+    def __init__(self, compiled: CompiledScorer, offset: LinearOffset | None = None) -> None:
+        if offset is not None and len(offset.coef) != compiled.num_features:
+            raise ValueError(
+                f"linear offset has {len(offset.coef)} features, the compiled model "
+                f"{compiled.num_features}"
+            )
+        self.compiled = compiled
+        self.offset = offset
+        self.num_features = compiled.num_features
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        if self.offset is None:
+            return self.compiled.predict(X)
+        X = as_matrix(X, self.num_features)
+        if len(X) == 0:
+            return np.zeros(0, dtype=np.float64)
+        return sigmoid(self.offset.margin(X) + self.compiled.predict(X, margin=True))

@@ -171,3 +171,42 @@ def test_compile_for_bundle_writes_the_library_and_its_report(
     assert summary["latency_500"]["rows"] == 500
     scores = CompiledScorer(tmp_path / COMPILED_MODEL).predict(compiled.X)
     np.testing.assert_array_equal(scores, CompiledScorer(compiled.quantized).predict(compiled.X))
+
+
+def test_trees_boosted_from_a_linear_offset_score_the_same_compiled(tmp_path: Path) -> None:
+    """PurchaseModel = sigmoid(offset + compiled margin) is what training computes from
+    LightGBM (offset_probability), and the offset is what the trees were boosted from."""
+    from contract.scorer import LinearOffset, PurchaseModel
+    from training.ranking.baselines import LogisticBaseline
+    from training.ranking.models import offset_probability
+
+    X, y = synthetic(2_000, seed=2)
+    logreg = LogisticBaseline.fit(X, y)
+    offset = logreg.offset()
+    X_test, _ = synthetic(500, seed=3)
+    X_test[::7, 0] = np.nan  # missing: 0 for the linear part, the default branch for trees
+    np.testing.assert_allclose(
+        1 / (1 + np.exp(-offset.margin(X_test[1::7]))), logreg.predict(X_test[1::7]), atol=1e-12
+    )
+    params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "num_threads": 1}
+    data = lgb.Dataset(X, y, init_score=offset.margin(X))
+    booster = lgb.train(params, data, num_boost_round=20)
+    booster.save_model(str(tmp_path / "purchase.txt"))
+    compile_model(tmp_path / "purchase.txt", tmp_path / "p.so", quantize=True, parallel_comp=1)
+    served = PurchaseModel(CompiledScorer(tmp_path / "p.so"), offset)
+    expected = offset_probability(booster, offset, X_test)
+    assert np.max(np.abs(served.predict(X_test) - expected)) <= PARITY_TOLERANCE
+    # the trees alone are a correction to the offset, not a model of their own
+    alone = CompiledScorer(tmp_path / "p.so").predict(X_test)
+    assert np.max(np.abs(alone - expected)) > 0.05
+    again = LinearOffset.from_dict(json.loads(json.dumps(offset.to_dict())))
+    np.testing.assert_array_equal(again.margin(X_test), offset.margin(X_test))
+    with pytest.raises(ValueError, match="one entry per feature"):
+        LinearOffset.from_standardized([0.0], [1.0, 1.0], [1.0], 0.0)
+    with pytest.raises(ValueError, match="scale <= 0"):
+        LinearOffset.from_standardized([0.0], [0.0], [1.0], 0.0)
+    with pytest.raises(ValueError, match="linear offset has 1 features"):
+        PurchaseModel(
+            CompiledScorer(tmp_path / "p.so"),
+            LinearOffset.from_standardized([0.0], [1.0], [1.0], 0.0),
+        )

@@ -19,14 +19,18 @@ from contract import features as F
 from contract.calibration import Calibrator
 from contract.features import DAY_OF_WEEK, FEATURE_SCHEMA, HOUR
 from feature_repo import schema as S
+from training.ranking import baselines as B
 from training.ranking.calibration import fit_isotonic
 from training.ranking.models import (
     RankerBudget,
+    decreasing_offset,
     fit_purchase,
     lambdamart_weights,
+    offset_probability,
     purchase_datasets,
     relevance,
     tune,
+    with_offset,
 )
 from training.ranking.train import (
     RankerResult,
@@ -210,11 +214,14 @@ def test_fit_save_load_predicts_the_same(tiny_result, tiny_data, tmp_path: Path)
         bundle.LAMBDAMART_MODEL,
         bundle.CALIBRATOR,
         bundle.FEATURE_SCHEMA,
+        bundle.LINEAR_OFFSET,  # the trees are boosted from the logistic log-odds
     }
     loaded = load(tmp_path)
     X = tiny_data["test"].X
     assert loaded.schema == tiny_result.schema == F.feature_schema()
     assert loaded.calibrator == tiny_result.calibrator
+    assert loaded.offset is not None and tiny_result.models.offset is not None
+    np.testing.assert_array_equal(loaded.offset.margin(X), tiny_result.models.offset.margin(X))
     np.testing.assert_array_equal(
         loaded.purchase_probability(X), tiny_result.models.purchase_probability(X)
     )
@@ -279,19 +286,28 @@ def test_the_purchase_model_never_rises_with_price(tiny_data):
         label = (high & (rng.random(len(high)) < 0.5)) | (rng.random(len(high)) < 0.02)
         return replace(data, label=label.astype(np.int64))
 
-    def rises(budget: RankerBudget, train=train, valid=valid) -> float:
+    def rises(budget: RankerBudget, train=train, valid=valid, offset=None) -> float:
+        train, valid = with_offset(train, offset), with_offset(valid, offset)
         dtrain, dvalid = purchase_datasets(train, valid, budget)
         booster = fit_purchase(dtrain, dvalid, params, budget).booster
         preds = []
         for p in np.geomspace(1.0, 5000.0, 25):
             X[:, price], X[:, log_price] = p, np.log(p)
-            preds.append(booster.predict(X))
+            preds.append(offset_probability(booster, offset, X))
         return float(np.diff(np.stack(preds), axis=0).max())
 
     assert rises(replace(SMALL_BUDGET, monotone_price=True)) <= 1e-12
     up_train, up_valid = rigged(train), rigged(valid)
     assert rises(replace(SMALL_BUDGET, monotone_price=True), up_train, up_valid) <= 1e-12
     assert rises(replace(SMALL_BUDGET, monotone_price=False), up_train, up_valid) > 0
+    # boosted from a linear offset: the rigged logistic regression's price slope is positive;
+    # cut to 0, the served p (offset + trees) still never rises
+    raw = B.LogisticBaseline.fit(up_train.X, up_train.label, up_train.sample_weight).offset()
+    assert max(raw.coef[price], raw.coef[log_price]) > 0
+    cut = decreasing_offset(raw, names)
+    assert cut.coef[price] <= 0 and cut.coef[log_price] <= 0
+    assert rises(replace(SMALL_BUDGET, monotone_price=True), up_train, up_valid, cut) <= 1e-12
+    assert rises(replace(SMALL_BUDGET, monotone_price=True), up_train, up_valid, raw) > 0
 
 
 def test_ablations_refit_without_their_lever_and_round_trip(tiny_data, tmp_path: Path):
@@ -302,8 +318,14 @@ def test_ablations_refit_without_their_lever_and_round_trip(tiny_data, tmp_path:
     lever: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         "no_category_affinity": ((S.AFFINITY_FOR_ITEM,), {}),
         "free_price": ((), {}),
+        "linear_offset": ((), {"linear_offset": False}),
     }
     models = ablation.train_ablations(train, valid, params, SMALL_BUDGET, 0, lever)
+    # each lever's trees start from its own logistic log-odds; a zeroed column's weight is 0
+    no_affinity = models["no_category_affinity"].offset
+    assert no_affinity is not None and models["linear_offset"].offset is None
+    assert no_affinity.coef[FEATURE_SCHEMA.index(S.AFFINITY_FOR_ITEM)] == 0
+    assert models["free_price"].offset is not None
     gain = dict(
         zip(
             models["no_category_affinity"].booster.feature_name(),

@@ -36,6 +36,7 @@ from contract.bundle import (
     BUNDLE_MANIFEST,
     CALIBRATOR,
     COMPILED_MODEL,
+    LINEAR_OFFSET,
     PURCHASE_MODEL,
     file_checksums,
 )
@@ -77,6 +78,12 @@ def reference_p(bundle: Path, X: np.ndarray) -> np.ndarray:
     booster = lgb.Booster(model_file=str(bundle / PURCHASE_MODEL))
     cal = json.loads((bundle / CALIBRATOR).read_text())
     raw = np.asarray(booster.predict(X, num_threads=1), dtype=np.float64)
+    if (bundle / LINEAR_OFFSET).exists():  # the trees were boosted from these log-odds
+        lin = json.loads((bundle / LINEAR_OFFSET).read_text())
+        Z = (np.nan_to_num(X.astype(np.float64)) - lin["mean"]) / lin["scale"]
+        margin = Z @ np.asarray(lin["coef"]) + lin["intercept"]
+        margin += booster.predict(X, num_threads=1, raw_score=True)
+        raw = 1.0 / (1.0 + np.exp(-margin))
     return np.interp(raw, np.asarray(cal["x"], np.float64), np.asarray(cal["y"], np.float64))
 
 
@@ -237,7 +244,9 @@ def test_holder_refuses_a_library_whose_warm_up_scores_are_not_probabilities(
     )
     serving = holder.reload().current
     with monkeypatch.context() as patch:
-        patch.setattr(CompiledScorer, "predict", lambda self, X: np.full(len(X), np.nan))
+        patch.setattr(
+            CompiledScorer, "predict", lambda self, X, margin=False: np.full(len(X), np.nan)
+        )
         with pytest.raises(FailedPrecondition, match="warm-up scores are not probabilities"):
             holder.reload(str(copy_bundle(tiny_bundle, tmp_path / "nan-lib")))
     assert holder.current() is serving

@@ -82,13 +82,16 @@ class ItemValue:
 
 
 class ServedScorer:
-    """The served score from a staging folder: compiled p(purchase) -> isotonic -> E[GMV]."""
+    """The served score from a staging folder: compiled p(purchase) [with the bundle's linear
+    offset] -> isotonic -> E[GMV]."""
 
     def __init__(self, stage: Path, items: pd.DataFrame):
         from contract.calibration import Calibrator
-        from contract.scorer import CompiledScorer
+        from contract.scorer import CompiledScorer, LinearOffset, PurchaseModel
 
-        self.scorer = CompiledScorer(stage / B.COMPILED_MODEL)
+        self.scorer = PurchaseModel(
+            CompiledScorer(stage / B.COMPILED_MODEL), LinearOffset.read(stage / B.LINEAR_OFFSET)
+        )
         self.calibrator = Calibrator.from_dict(json.loads((stage / B.CALIBRATOR).read_text()))
         self.value = ItemValue(items)
 

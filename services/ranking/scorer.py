@@ -4,7 +4,10 @@ bundles under live traffic.
 Scoring is ``p = calibrator(compiled_purchase_model(X))`` and ``E[GMV] = p x value`` with
 ``value = price x margin`` sent by the caller. The compiled model is the TL2cgen library of
 the bundle (``ranker/purchase.so``), run with one thread per call: the gRPC worker pool gives
-the concurrency, and 500 rows are too few to gain from OpenMP.
+the concurrency, and 500 rows are too few to gain from OpenMP. When the bundle ships a
+linear offset (``ranker/linear_offset.json``: the trees were boosted from a logistic
+regression's log-odds), the uncalibrated p is ``sigmoid(offset + the trees' margin)``
+(``contract.scorer.PurchaseModel``).
 
 A swap is one attribute assignment. A request reads ``ModelHolder.current()`` once and
 scores with that model to the end, so a reload in between never mixes two versions in one
@@ -29,6 +32,7 @@ from contract.bundle import (
     CALIBRATOR,
     COMPILED_MODEL,
     FEATURE_SCHEMA,
+    LINEAR_OFFSET,
     REGISTERED_MODEL,
     BundleError,
     label_of,
@@ -37,7 +41,7 @@ from contract.bundle import (
 )
 from contract.calibration import Calibrator
 from contract.features import FeatureSchema
-from contract.scorer import CompiledScorer
+from contract.scorer import CompiledScorer, LinearOffset, PurchaseModel
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -101,7 +105,7 @@ class LoadedModel:
         bundle_dir: Path,
         manifest: dict[str, Any],
         schema: FeatureSchema,
-        compiled: CompiledScorer,
+        compiled: PurchaseModel,
         calibrator: Calibrator,
         *,
         registry_version: str | None = None,
@@ -143,9 +147,16 @@ class LoadedModel:
         try:
             schema = FeatureSchema.from_dict(json.loads((bundle_dir / FEATURE_SCHEMA).read_text()))
             calibrator = Calibrator.from_dict(json.loads((bundle_dir / CALIBRATOR).read_text()))
+            offset = LinearOffset.read(bundle_dir / LINEAR_OFFSET)
         except (KeyError, ValueError) as err:  # JSONDecodeError is a ValueError
             raise BundleError(f"bundle at {bundle_dir}: {type(err).__name__}: {err}") from err
-        compiled = CompiledScorer(bundle_dir / COMPILED_MODEL, nthread=1)
+        trees = CompiledScorer(bundle_dir / COMPILED_MODEL, nthread=1)
+        if offset is not None and len(offset.coef) != trees.num_features:
+            raise BundleError(
+                f"bundle at {bundle_dir}: {LINEAR_OFFSET} has {len(offset.coef)} features, "
+                f"{COMPILED_MODEL} takes {trees.num_features}"
+            )
+        compiled = PurchaseModel(trees, offset)
         return cls(
             bundle_dir,
             manifest,

@@ -43,6 +43,7 @@ from contract.calibration import Calibrator
 from contract.catalog import Catalog
 from contract.features import DAY_OF_WEEK, HOUR, FeatureSchema, build_matrix, feature_schema
 from contract.paths import Paths
+from contract.scorer import LinearOffset, sigmoid
 from contract.tower import UserTower
 from feature_repo import schema as S
 
@@ -168,6 +169,7 @@ class ReferenceFeed:
             model_file=str(bundle_dir / B.PURCHASE_MODEL)
         )
         self.calibrator = Calibrator.from_dict(json.loads((bundle_dir / B.CALIBRATOR).read_text()))
+        self.offset = LinearOffset.read(bundle_dir / B.LINEAR_OFFSET)
         ids = items[C.ITEM_ID].to_numpy(np.int64)
         order = np.argsort(ids)
         self._catalog_ids = ids[order]
@@ -284,9 +286,13 @@ class ReferenceFeed:
         return columns
 
     def rank(self, columns: Mapping[str, Any], item_ids: np.ndarray) -> np.ndarray:
-        """E[GMV] of each candidate: calibrated LightGBM p(purchase) x price x margin."""
+        """E[GMV] of each candidate: calibrated LightGBM p(purchase) x price x margin (the
+        trees boosted from the bundle's linear offset when it has one)."""
         X = build_matrix(columns)
-        raw = np.asarray(self.booster.predict(X), dtype=np.float64)
+        if self.offset is None:
+            raw = np.asarray(self.booster.predict(X), dtype=np.float64)
+        else:
+            raw = sigmoid(self.offset.margin(X) + self.booster.predict(X, raw_score=True))
         p = self.calibrator.apply(raw)
         margin = self._margin[self._rows_of(item_ids)]
         return np.asarray(p * np.asarray(columns[C.PRICE], np.float64) * margin)

@@ -7,7 +7,10 @@ The evaluation stage scores every ablation on the same Oracle requests as the se
   tuned parameters (no new search), early-stopped and calibrated exactly as the served one,
   on a training set without the lever. A feature lever sets its columns to 0 in train and
   valid: a constant column is never split on, so the model is the one the feature's absence
-  would give. Saved under ``eval/ablation/<lever>/`` (LightGBM text + calibrator).
+  would give. With the linear offset on, each lever's model is boosted from a logistic
+  regression fitted on its own training set (a zeroed column gets coefficient 0).
+  ``linear_offset`` is the trees boosted from 0. Saved under ``eval/ablation/<lever>/``
+  (LightGBM text + calibrator [+ linear offset]).
 - **serving levers**, applied by the evaluation alone: the retrieval PROFILE source off, or
   the isotonic calibration off (the raw probability times the item's value).
 """
@@ -26,15 +29,26 @@ import numpy as np
 
 from contract.calibration import Calibrator
 from contract.features import FEATURE_SCHEMA, ORGANIC_CONTEXT
+from contract.scorer import LinearOffset
 from feature_repo import schema as S
+from training.ranking.baselines import LogisticBaseline
 from training.ranking.calibration import fit_isotonic
-from training.ranking.models import RankerBudget, RankingData, fit_purchase, purchase_datasets
+from training.ranking.models import (
+    RankerBudget,
+    RankingData,
+    decreasing_offset,
+    fit_purchase,
+    offset_probability,
+    purchase_datasets,
+    with_offset,
+)
 
 log = logging.getLogger(__name__)
 
 ABLATION_DIR = "eval/ablation"  # evaluation material, never part of a served bundle
 MODEL_FILE = "purchase.txt"
 CALIBRATOR_FILE = "calibrator.json"
+OFFSET_FILE = "linear_offset.json"
 
 # model levers: (feature columns removed from the purchase model, budget changes)
 FEATURE_LEVERS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -42,6 +56,7 @@ FEATURE_LEVERS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "category_affinity_feature": ((S.AFFINITY_FOR_ITEM,), {}),
     "monotone_price": ((), {"monotone_price": False}),
     "organic_context_feature": ((ORGANIC_CONTEXT,), {}),
+    "linear_offset": ((), {"linear_offset": False}),
 }
 # what each lever is, for the report (serving levers included)
 LEVERS: dict[str, str] = {
@@ -53,6 +68,7 @@ LEVERS: dict[str, str] = {
     "monotone_price": "ranker without the decreasing-in-price constraint",
     "organic_context_feature": "ranker trained without organic_context (organic rows look "
     "like feed slots)",
+    "linear_offset": "purchase trees boosted from 0, not from the logistic log-odds",
 }
 
 
@@ -60,9 +76,10 @@ LEVERS: dict[str, str] = {
 class AblatedModel:
     booster: lgb.Booster
     calibrator: Calibrator
+    offset: LinearOffset | None = None
 
     def egmv_probability(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(self.calibrator.apply(np.asarray(self.booster.predict(X))))
+        return np.asarray(self.calibrator.apply(offset_probability(self.booster, self.offset, X)))
 
 
 def without(data: RankingData, features: tuple[str, ...]) -> RankingData:
@@ -94,10 +111,17 @@ def train_ablations(
             continue
         tr, va = without(train, features), without(valid, features)
         lever_budget = dataclasses.replace(budget, **changes)
+        offset = None
+        if lever_budget.linear_offset:
+            offset = LogisticBaseline.fit(tr.X, tr.label, tr.sample_weight).offset()
+            if lever_budget.monotone_price:
+                offset = decreasing_offset(offset, tr.feature_names)
+        tr, va = with_offset(tr, offset), with_offset(va, offset)
         dtrain, dvalid = purchase_datasets(tr, va, lever_budget)
         fit = fit_purchase(dtrain, dvalid, params, lever_budget, seed)
-        raw = np.asarray(fit.booster.predict(va.X))
-        out[lever] = AblatedModel(fit.booster, fit_isotonic(raw, va.label, va.sample_weight))
+        raw = offset_probability(fit.booster, offset, va.X)
+        calibrator = fit_isotonic(raw, va.label, va.sample_weight)
+        out[lever] = AblatedModel(fit.booster, calibrator, offset)
         log.info("ablation %s: %d rounds", lever, fit.booster.num_trees())
     return out
 
@@ -108,6 +132,8 @@ def save(models: dict[str, AblatedModel], stage: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         model.booster.save_model(str(folder / MODEL_FILE))
         (folder / CALIBRATOR_FILE).write_text(json.dumps(model.calibrator.to_dict()) + "\n")
+        if model.offset is not None:
+            (folder / OFFSET_FILE).write_text(json.dumps(model.offset.to_dict()) + "\n")
 
 
 def load(stage: Path) -> dict[str, AblatedModel]:
@@ -118,6 +144,8 @@ def load(stage: Path) -> dict[str, AblatedModel]:
     for folder in sorted(p for p in root.iterdir() if (p / MODEL_FILE).exists()):
         calibrator = Calibrator.from_dict(json.loads((folder / CALIBRATOR_FILE).read_text()))
         out[folder.name] = AblatedModel(
-            lgb.Booster(model_file=str(folder / MODEL_FILE)), calibrator
+            lgb.Booster(model_file=str(folder / MODEL_FILE)),
+            calibrator,
+            LinearOffset.read(folder / OFFSET_FILE),
         )
     return out

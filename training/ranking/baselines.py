@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from contract import heuristic
+from contract.scorer import LinearOffset
 
 CLICKS_7D = "clicks_7d"
 AGE_DAYS = "age_days"
@@ -50,6 +51,13 @@ class LogisticBaseline:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.predict_proba(self.scaler.transform(_finite(X)))[:, 1])
+
+    def offset(self) -> LinearOffset:
+        """Its log-odds as the served :class:`LinearOffset` (the same function, run by the
+        same code in training and serving)."""
+        return LinearOffset.from_standardized(
+            self.scaler.mean_, self.scaler.scale_, self.model.coef_[0], self.model.intercept_[0]
+        )
 
     def coefficients(self, names: list[str] | tuple[str, ...]) -> dict[str, float]:
         """Standardized coefficients by feature name (comparable across features)."""

@@ -54,6 +54,7 @@ its best round so far. The test split is never read here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -67,6 +68,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from contract import columns as C
+from contract.scorer import LinearOffset, sigmoid
 from training.metrics import dcg_per_group
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,9 @@ class RankerBudget:
     progress: bool = True  # tqdm bars over the trials
     # p(purchase) never rises with the item's price, all else equal (MONOTONE_DECREASING)
     monotone_price: bool = True
+    # the purchase trees are boosted from the logistic baseline's log-odds (a LinearOffset
+    # shipped beside them), so the served p keeps the linear model's price slope
+    linear_offset: bool = True
 
     def __post_init__(self) -> None:
         if self.trials < 1 or self.seconds <= 0 or self.max_rounds < 1:
@@ -171,6 +176,9 @@ class RankingData:
     sample_weight: np.ndarray
     ips_weight: np.ndarray
     feature_names: list[str]
+    # the purchase model's starting log-odds per row (LightGBM's init_score): the linear
+    # offset's margin when the trees are boosted from it, else None (from 0)
+    init_score: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.X)
@@ -194,6 +202,7 @@ class RankingData:
             self.sample_weight[rows],
             self.ips_weight[rows],
             self.feature_names,
+            None if self.init_score is None else self.init_score[rows],
         )
 
     def with_relevant_requests(self) -> RankingData:
@@ -209,6 +218,21 @@ class RankingData:
 
     def _starts(self) -> np.ndarray:
         return np.r_[0, np.cumsum(self.groups)[:-1]].astype(np.int64)
+
+
+def offset_probability(
+    booster: lgb.Booster, offset: LinearOffset | None, X: np.ndarray
+) -> np.ndarray:
+    """Uncalibrated p: the trees' probability, or sigmoid(offset + the trees' margin) (what
+    ``contract.scorer.PurchaseModel`` computes from the compiled trees)."""
+    if offset is None:
+        return np.asarray(booster.predict(X))
+    return sigmoid(offset.margin(X) + np.asarray(booster.predict(X, raw_score=True)))
+
+
+def with_offset(data: RankingData, offset: LinearOffset | None) -> RankingData:
+    """``data`` whose purchase model starts from ``offset``'s log-odds (from 0: None)."""
+    return dataclasses.replace(data, init_score=None if offset is None else offset.margin(data.X))
 
 
 class IpsNdcgEval:
@@ -336,10 +360,13 @@ def purchase_datasets(
     train: RankingData, valid: RankingData, budget: RankerBudget
 ) -> tuple[lgb.Dataset, lgb.Dataset]:
     dparams = _dataset_params(budget)
+    if (train.init_score is None) != (valid.init_score is None):
+        raise ValueError("train and valid must both have an init_score or neither")
     dtrain = lgb.Dataset(
         train.X,
         train.label.astype(np.float64),
         weight=train.sample_weight,
+        init_score=train.init_score,
         feature_name=train.feature_names,
         params=dparams,
         free_raw_data=False,
@@ -348,6 +375,7 @@ def purchase_datasets(
         valid.X,
         valid.label.astype(np.float64),
         weight=valid.sample_weight,
+        init_score=valid.init_score,
         reference=dtrain,
         params=dparams,
         free_raw_data=False,
@@ -394,6 +422,17 @@ def monotone_constraints(feature_names: list[str] | str) -> list[int]:
     """LightGBM's per-feature constraint vector: -1 for :data:`MONOTONE_DECREASING`."""
     names = list(feature_names) if not isinstance(feature_names, str) else []
     return [-1 if name in MONOTONE_DECREASING else 0 for name in names]
+
+
+def decreasing_offset(offset: LinearOffset, feature_names: list[str]) -> LinearOffset:
+    """``offset`` with a positive coefficient on a :data:`MONOTONE_DECREASING` feature set to
+    0: with the trees' constraint, the served p then never rises with price."""
+    coef = offset.coef.copy()
+    for i, name in enumerate(feature_names):
+        if name in MONOTONE_DECREASING and coef[i] > 0:
+            log.info("linear offset: %s's coefficient %.4g > 0 set to 0", name, coef[i])
+            coef[i] = 0.0
+    return dataclasses.replace(offset, coef=coef)
 
 
 def fit_purchase(

@@ -42,6 +42,7 @@ from contract import columns as C
 from contract.calibration import Calibrator
 from contract.features import FEATURE_SCHEMA, FeatureSchema, build_matrix
 from contract.paths import Paths
+from contract.scorer import LinearOffset
 from training import metrics as M
 from training.dataset import IPS_WEIGHT, LABEL, check_label
 from training.ranking import ablation
@@ -52,9 +53,12 @@ from training.ranking.models import (
     PURCHASE,
     RankerBudget,
     RankingData,
+    decreasing_offset,
+    offset_probability,
     relevance,
     tune_lambdamart,
     tune_purchase,
+    with_offset,
 )
 from training.tables import read_tables
 
@@ -73,9 +77,10 @@ class RankerModels:
     lambdamart: lgb.Booster
     calibrator: Calibrator
     schema: FeatureSchema
+    offset: LinearOffset | None = None  # the log-odds the purchase trees were boosted from
 
     def raw_purchase_probability(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(self.purchase.predict(X))
+        return offset_probability(self.purchase, self.offset, X)
 
     def purchase_probability(self, X: np.ndarray) -> np.ndarray:
         """Calibrated P(label | shown): P(purchase within 7 days | shown) by default."""
@@ -244,7 +249,19 @@ def train_rankers(
     log.info("%s: rows %s", dataset, {s: len(d.X) for s, d in data.items()})
 
     t = time.perf_counter()
-    purchase = tune_purchase(data["train"], data["valid"], budget, seed)
+    train = data["train"]
+    logreg = B.LogisticBaseline.fit(train.X, train.label, train.sample_weight)
+    offset = None
+    if budget.linear_offset:
+        offset = logreg.offset()
+        if budget.monotone_price:
+            offset = decreasing_offset(offset, train.feature_names)
+    seconds["logreg"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    purchase = tune_purchase(
+        with_offset(data["train"], offset), with_offset(data["valid"], offset), budget, seed
+    )
     seconds["purchase"] = time.perf_counter() - t
     t = time.perf_counter()
     ablations = ablation.train_ablations(
@@ -257,15 +274,13 @@ def train_rankers(
 
     t = time.perf_counter()
     valid = data["valid"]
-    raw_valid = np.asarray(purchase.best.booster.predict(valid.X))
+    raw_valid = offset_probability(purchase.best.booster, offset, valid.X)
     calibrator = fit_isotonic(raw_valid, valid.label, valid.sample_weight)
     seconds["calibration"] = time.perf_counter() - t
-    t = time.perf_counter()
-    train = data["train"]
-    logreg = B.LogisticBaseline.fit(train.X, train.label, train.sample_weight)
-    seconds["logreg"] = time.perf_counter() - t
 
-    models = RankerModels(purchase.best.booster, ranker.best.booster, calibrator, FEATURE_SCHEMA)
+    models = RankerModels(
+        purchase.best.booster, ranker.best.booster, calibrator, FEATURE_SCHEMA, offset
+    )
     t = time.perf_counter()
     metrics: dict[str, Any] = {
         s: evaluate(models, logreg, frames[s], data[s], margins[s], seed) for s in EVAL_SPLITS
@@ -287,6 +302,7 @@ def train_rankers(
     metrics["features"] = list(FEATURE_SCHEMA.names)
     metrics["feature_schema_hash"] = FEATURE_SCHEMA.hash
     metrics["seed"] = seed
+    metrics["linear_offset"] = offset is not None
     metrics["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     log.info("rankers for %s in %.1fs", dataset, seconds["total"])
     return RankerResult(models, logreg, metrics, ablations)
@@ -323,6 +339,9 @@ def save(result: RankerResult | RankerModels, out_dir: Path) -> dict[str, Path]:
     models.lambdamart.save_model(str(paths[bundle.LAMBDAMART_MODEL]))
     write_calibrator(models.calibrator, paths[bundle.CALIBRATOR])
     write_feature_schema(models.schema, paths[bundle.FEATURE_SCHEMA])
+    if models.offset is not None:
+        paths[bundle.LINEAR_OFFSET] = out_dir / bundle.LINEAR_OFFSET
+        write_json(models.offset.to_dict(), paths[bundle.LINEAR_OFFSET])
     if isinstance(result, RankerResult) and result.ablations:
         ablation.save(result.ablations, out_dir)
     return paths
@@ -342,4 +361,10 @@ def load(out_dir: Path) -> RankerModels:
                 f"{name} model has {booster.num_feature()} features, feature_schema.json "
                 f"lists {len(schema)}"
             )
-    return RankerModels(purchase, lambdamart, calibrator, schema)
+    offset = LinearOffset.read(out_dir / bundle.LINEAR_OFFSET)
+    if offset is not None and len(offset.coef) != len(schema):
+        raise ValueError(
+            f"linear offset has {len(offset.coef)} features, feature_schema.json lists "
+            f"{len(schema)}"
+        )
+    return RankerModels(purchase, lambdamart, calibrator, schema, offset)

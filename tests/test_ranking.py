@@ -341,3 +341,19 @@ def test_ablations_refit_without_their_lever_and_round_trip(tiny_data, tmp_path:
         np.testing.assert_array_equal(
             loaded[name].egmv_probability(valid.X), model.egmv_probability(valid.X)
         )
+
+
+def test_an_ablation_of_a_feature_that_never_varies_is_skipped(tiny_data):
+    """Setting a constant column to 0 changes no model: all 0 (no organic rows) or all 1
+    (Complete Journey, where every row is organic or a sampled negative) alike."""
+    from training.ranking import ablation
+
+    column = FEATURE_SCHEMA.index(F.ORGANIC_CONTEXT)
+    for value in (0.0, 1.0):
+        train, valid = (replace(tiny_data[s], X=tiny_data[s].X.copy()) for s in ("train", "valid"))
+        train.X[:, column] = value
+        valid.X[:, column] = value
+        levers: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+            "organic": ((F.ORGANIC_CONTEXT,), {})
+        }
+        assert ablation.train_ablations(train, valid, {}, SMALL_BUDGET, 0, levers) == {}

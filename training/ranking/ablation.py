@@ -105,9 +105,11 @@ def train_ablations(
         if missing:
             log.warning("ablation %s: features %s not in the schema, skipped", lever, missing)
             continue
-        idle = [f for f in features if not np.any(train.X[:, FEATURE_SCHEMA.index(f)])]
-        if features and len(idle) == len(features):  # e.g. no organic rows: nothing to remove
-            log.info("ablation %s: %s already 0 in every training row, skipped", lever, idle)
+        # a column that never varies is never split on (and standardizes to 0 in the offset):
+        # e.g. no organic rows, or only organic ones (Complete Journey): nothing to remove
+        idle = [f for f in features if np.ptp(train.X[:, FEATURE_SCHEMA.index(f)]) == 0]
+        if features and len(idle) == len(features):
+            log.info("ablation %s: %s constant in every training row, skipped", lever, idle)
             continue
         tr, va = without(train, features), without(valid, features)
         lever_budget = dataclasses.replace(budget, **changes)

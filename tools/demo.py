@@ -18,7 +18,7 @@ from contract.paths import Paths
 POSITIONS = 10
 # Complete Journey in the demo: the first N households (of 2,469), so the real-data pipeline
 # (ingest -> features -> training sets with sampled negatives -> retrieval -> rankers ->
-# evaluate) takes ~8-13 minutes and ~4 GB (750 s measured with the linear offset's
+# evaluate) takes ~8-12 minutes and ~4 GB (456-750 s measured with the linear offset's
 # ablations); `homefeed ingest --source completejourney` takes all.
 CJ_DATASET = "completejourney"
 CJ_HOUSEHOLDS = 600

@@ -123,6 +123,11 @@ class LinearOffset:
     def from_dict(cls, d: dict[str, Any]) -> LinearOffset:
         return cls.from_standardized(d["mean"], d["scale"], d["coef"], d["intercept"])
 
+    def require_width(self, width: int, of: str) -> None:
+        """ValueError unless the offset reads ``width`` features, as ``of`` does."""
+        if len(self.coef) != width:
+            raise ValueError(f"linear offset has {len(self.coef)} features, {of} {width}")
+
     @classmethod
     def read(cls, path: Path) -> LinearOffset | None:
         """The offset at ``path``, None when the file is absent (trees alone)."""
@@ -137,11 +142,8 @@ class PurchaseModel:
     a :class:`LinearOffset`, ``sigmoid(offset.margin(X) + trees' margin)``."""
 
     def __init__(self, compiled: CompiledScorer, offset: LinearOffset | None = None) -> None:
-        if offset is not None and len(offset.coef) != compiled.num_features:
-            raise ValueError(
-                f"linear offset has {len(offset.coef)} features, the compiled model "
-                f"{compiled.num_features}"
-            )
+        if offset is not None:
+            offset.require_width(compiled.num_features, "the compiled model takes")
         self.compiled = compiled
         self.offset = offset
         self.num_features = compiled.num_features

@@ -28,7 +28,12 @@ from contract.features import build_matrix
 from contract.paths import Paths
 from contract.scorer import CompiledScorer
 from services.ranking.scorer import LoadedModel
-from training.ranking.compile import SCORING_ROWS, _rows, _summary, _time_interleaved
+from training.ranking.compile import (
+    SCORING_ROWS,
+    cycled_rows,
+    latency_summary,
+    time_interleaved,
+)
 from training.ranking.train import load, read_split
 
 
@@ -54,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     X_all = build_matrix(read_split(paths.home, args.dataset, "test"))
     served_p, _ = model.score(X_all, np.ones(len(X_all), dtype=np.float32))
     parity = float(np.max(np.abs(served_p - training.purchase_probability(X_all))))
-    X = _rows(X_all, SCORING_ROWS).astype(np.float32)
+    X = cycled_rows(X_all, SCORING_ROWS).astype(np.float32)
     values = np.ones(len(X), dtype=np.float32)
     trees = CompiledScorer(bundle_dir / B.COMPILED_MODEL)
-    times = _time_interleaved(
+    times = time_interleaved(
         {
             "served (LoadedModel.score)": lambda: model.score(X, values),
             "compiled trees alone": lambda: trees.predict(X),
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "served_vs_training_max_abs_diff": parity,
         "parity_rows": len(X_all),
-        "latency_500": {name: _summary(ms) for name, ms in times.items()},
+        "latency_500": {name: latency_summary(ms) for name, ms in times.items()},
     }
     out = paths.reports / "served_scorer.json"
     out.parent.mkdir(parents=True, exist_ok=True)

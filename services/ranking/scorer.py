@@ -151,12 +151,10 @@ class LoadedModel:
         except (KeyError, ValueError) as err:  # JSONDecodeError is a ValueError
             raise BundleError(f"bundle at {bundle_dir}: {type(err).__name__}: {err}") from err
         trees = CompiledScorer(bundle_dir / COMPILED_MODEL, nthread=1)
-        if offset is not None and len(offset.coef) != trees.num_features:
-            raise BundleError(
-                f"bundle at {bundle_dir}: {LINEAR_OFFSET} has {len(offset.coef)} features, "
-                f"{COMPILED_MODEL} takes {trees.num_features}"
-            )
-        compiled = PurchaseModel(trees, offset)
+        try:
+            compiled = PurchaseModel(trees, offset)
+        except ValueError as err:  # the offset reads another number of features
+            raise BundleError(f"bundle at {bundle_dir}: {LINEAR_OFFSET}: {err}") from err
         return cls(
             bundle_dir,
             manifest,

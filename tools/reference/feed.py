@@ -43,7 +43,7 @@ from contract.calibration import Calibrator
 from contract.catalog import Catalog
 from contract.features import DAY_OF_WEEK, HOUR, FeatureSchema, build_matrix, feature_schema
 from contract.paths import Paths
-from contract.scorer import LinearOffset, sigmoid
+from contract.scorer import LinearOffset
 from contract.tower import UserTower
 from feature_repo import schema as S
 
@@ -170,6 +170,9 @@ class ReferenceFeed:
         )
         self.calibrator = Calibrator.from_dict(json.loads((bundle_dir / B.CALIBRATOR).read_text()))
         self.offset = LinearOffset.read(bundle_dir / B.LINEAR_OFFSET)
+        from training.ranking.models import offset_probability  # training's p, offset or not
+
+        self._probability = offset_probability
         ids = items[C.ITEM_ID].to_numpy(np.int64)
         order = np.argsort(ids)
         self._catalog_ids = ids[order]
@@ -289,11 +292,7 @@ class ReferenceFeed:
         """E[GMV] of each candidate: calibrated LightGBM p(purchase) x price x margin (the
         trees boosted from the bundle's linear offset when it has one)."""
         X = build_matrix(columns)
-        if self.offset is None:
-            raw = np.asarray(self.booster.predict(X), dtype=np.float64)
-        else:
-            raw = sigmoid(self.offset.margin(X) + self.booster.predict(X, raw_score=True))
-        p = self.calibrator.apply(raw)
+        p = self.calibrator.apply(self._probability(self.booster, self.offset, X))
         margin = self._margin[self._rows_of(item_ids)]
         return np.asarray(p * np.asarray(columns[C.PRICE], np.float64) * margin)
 

@@ -31,15 +31,14 @@ from contract.calibration import Calibrator
 from contract.features import FEATURE_SCHEMA, ORGANIC_CONTEXT
 from contract.scorer import LinearOffset
 from feature_repo import schema as S
-from training.ranking.baselines import LogisticBaseline
 from training.ranking.calibration import fit_isotonic
 from training.ranking.models import (
     RankerBudget,
     RankingData,
-    decreasing_offset,
     fit_purchase,
     offset_probability,
     purchase_datasets,
+    purchase_offset,
     with_offset,
 )
 
@@ -113,11 +112,7 @@ def train_ablations(
             continue
         tr, va = without(train, features), without(valid, features)
         lever_budget = dataclasses.replace(budget, **changes)
-        offset = None
-        if lever_budget.linear_offset:
-            offset = LogisticBaseline.fit(tr.X, tr.label, tr.sample_weight).offset()
-            if lever_budget.monotone_price:
-                offset = decreasing_offset(offset, tr.feature_names)
+        offset = purchase_offset(tr, lever_budget)
         tr, va = with_offset(tr, offset), with_offset(va, offset)
         dtrain, dvalid = purchase_datasets(tr, va, lever_budget)
         fit = fit_purchase(dtrain, dvalid, params, lever_budget, seed)

@@ -156,7 +156,7 @@ def parity(lgb_model_path: Path, lib: Path, X: np.ndarray) -> float:
     return diff
 
 
-def _summary(ms: np.ndarray) -> dict[str, float]:
+def latency_summary(ms: np.ndarray) -> dict[str, float]:
     return {
         "p50_ms": round(float(np.percentile(ms, 50)), 4),
         "p99_ms": round(float(np.percentile(ms, 99)), 4),
@@ -164,7 +164,7 @@ def _summary(ms: np.ndarray) -> dict[str, float]:
     }
 
 
-def _time_interleaved(
+def time_interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int
 ) -> dict[str, np.ndarray]:
     """Per-call wall times (ms) of each function, calls alternated so that both see the same
@@ -181,7 +181,7 @@ def _time_interleaved(
     return times
 
 
-def _rows(X: np.ndarray, n: int) -> np.ndarray:
+def cycled_rows(X: np.ndarray, n: int) -> np.ndarray:
     """``n`` rows of ``X``, cycling when ``X`` is shorter."""
     if len(X) == 0:
         raise ValueError("X has no rows")
@@ -209,16 +209,16 @@ def benchmark_scoring(
     fns: dict[str, Callable[[], object]] = {"lightgbm": lambda: booster.predict(X, num_threads=1)}
     for name, path in zip(names, libs, strict=True):
         fns[name] = partial(CompiledScorer(path, nthread=1).predict, X)
-    times = _time_interleaved(fns, repeats, warmup)
+    times = time_interleaved(fns, repeats, warmup)
     result: dict[str, Any] = {
         "rows": len(X),
         "features": X.shape[1],
         "num_trees": booster.num_trees(),
         "repeats": repeats,
-        "lightgbm": _summary(times["lightgbm"]),
+        "lightgbm": latency_summary(times["lightgbm"]),
     }
     for name in names:
-        summary = _summary(times[name])
+        summary = latency_summary(times[name])
         summary["speedup_p50"] = round(result["lightgbm"]["p50_ms"] / summary["p50_ms"], 3)
         summary["speedup_p99"] = round(result["lightgbm"]["p99_ms"] / summary["p99_ms"], 3)
         result[name] = summary
@@ -254,7 +254,7 @@ def size_tradeoff(
     """
     import lightgbm as lgb
 
-    X500 = _rows(np.asarray(valid_X, dtype=np.float32), SCORING_ROWS)
+    X500 = cycled_rows(np.asarray(valid_X, dtype=np.float32), SCORING_ROWS)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="homefeed-tradeoff-") as tmp:
         out = Path(workdir) if workdir is not None else Path(tmp)
@@ -324,7 +324,7 @@ def compile_for_bundle(
             f"not shipping {COMPILED_MODEL}"
         )
     latency = benchmark_scoring(
-        lgb_model_path, lib, _rows(np.asarray(X_sample), SCORING_ROWS), repeats=repeats
+        lgb_model_path, lib, cycled_rows(np.asarray(X_sample), SCORING_ROWS), repeats=repeats
     )
     summary: dict[str, Any] = {
         **report.to_dict(),

@@ -70,6 +70,7 @@ from tqdm.auto import tqdm
 from contract import columns as C
 from contract.scorer import LinearOffset, sigmoid
 from training.metrics import dcg_per_group
+from training.ranking.baselines import LogisticBaseline
 
 log = logging.getLogger(__name__)
 
@@ -433,6 +434,20 @@ def decreasing_offset(offset: LinearOffset, feature_names: list[str]) -> LinearO
             log.info("linear offset: %s's coefficient %.4g > 0 set to 0", name, coef[i])
             coef[i] = 0.0
     return dataclasses.replace(offset, coef=coef)
+
+
+def purchase_offset(
+    train: RankingData, budget: RankerBudget, logreg: LogisticBaseline | None = None
+) -> LinearOffset | None:
+    """The log-odds the purchase trees start from under ``budget``: None when
+    ``linear_offset`` is off, else the logistic baseline's (``logreg``, or one fitted on
+    ``train``), its positive price slopes cut under the monotone constraint."""
+    if not budget.linear_offset:
+        return None
+    if logreg is None:
+        logreg = LogisticBaseline.fit(train.X, train.label, train.sample_weight)
+    offset = logreg.offset()
+    return decreasing_offset(offset, train.feature_names) if budget.monotone_price else offset
 
 
 def fit_purchase(

@@ -53,8 +53,8 @@ from training.ranking.models import (
     PURCHASE,
     RankerBudget,
     RankingData,
-    decreasing_offset,
     offset_probability,
+    purchase_offset,
     relevance,
     tune_lambdamart,
     tune_purchase,
@@ -251,11 +251,7 @@ def train_rankers(
     t = time.perf_counter()
     train = data["train"]
     logreg = B.LogisticBaseline.fit(train.X, train.label, train.sample_weight)
-    offset = None
-    if budget.linear_offset:
-        offset = logreg.offset()
-        if budget.monotone_price:
-            offset = decreasing_offset(offset, train.feature_names)
+    offset = purchase_offset(train, budget, logreg)
     seconds["logreg"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -362,9 +358,6 @@ def load(out_dir: Path) -> RankerModels:
                 f"lists {len(schema)}"
             )
     offset = LinearOffset.read(out_dir / bundle.LINEAR_OFFSET)
-    if offset is not None and len(offset.coef) != len(schema):
-        raise ValueError(
-            f"linear offset has {len(offset.coef)} features, feature_schema.json lists "
-            f"{len(schema)}"
-        )
+    if offset is not None:
+        offset.require_width(len(schema), "feature_schema.json lists")
     return RankerModels(purchase, lambdamart, calibrator, schema, offset)

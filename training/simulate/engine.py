@@ -114,6 +114,8 @@ class Simulation:
         seller_created = to_ns(world.sellers[C.CREATED_AT])
         self.item_seller_created = seller_created[items[C.SELLER_ID].to_numpy()]
         self.stock = items[C.STOCK].to_numpy().copy()
+        # slots a slate is drawn for: the largest page; each request shows its first `page`
+        self.slots = int(max((*cfg.page_sizes_home, cfg.page_size_checkout)))
         self.signup = to_ns(world.users[C.SIGNUP_AT])
         self.activity = np.minimum(
             cfg.mean_sessions_per_day * np.exp(rng.normal(-0.5 * 0.9**2, 0.9, self.n_users)),
@@ -230,14 +232,12 @@ class Simulation:
     def _slates(
         self, req: dict[str, np.ndarray], pool: np.ndarray, explore: np.ndarray | None = None
     ) -> tuple[np.ndarray, ...]:
-        cfg = self.cfg
-        k = int(max((*cfg.page_sizes_home, cfg.page_size_checkout)))
+        cfg, k = self.cfg, self.slots
         base_logits = np.log(self._pool_score) / cfg.policy_temperature
         pool_price = self.price[pool]
         pool_cat = self.category[pool]
         cols_out: list[np.ndarray] = []
         prop_out: list[np.ndarray] = []
-        explored_out: list[np.ndarray] = []
         for lo in range(0, len(req["user"]), REQUEST_CHUNK):
             sl = slice(lo, lo + REQUEST_CHUNK)
             users = req["user"][sl]
@@ -256,18 +256,16 @@ class Simulation:
             logits[rand] = np.where(np.isfinite(logits[rand]), 0.0, NEG_INF)
             cols, prop = plackett_luce_topk(logits, k, self.rng)
             chosen = np.where(cols >= 0, pool[np.maximum(cols, 0)], -1)
-            explored = np.zeros(chosen.shape, dtype=bool)
             if explore is not None:
                 chosen, prop, explored = self._explore(chosen, prop, ~rand, explore)
+                on_page = np.arange(k)[None, :] < req["page"][sl, None]
+                self.stats["explored_impressions"] += int((explored & on_page).sum())
             cols_out.append(chosen)
             prop_out.append(prop)
-            explored_out.append(explored)
         chosen = np.concatenate(cols_out) if cols_out else np.zeros((0, k), np.int64)
         prop = np.concatenate(prop_out) if prop_out else np.zeros((0, k))
         slot = np.arange(chosen.shape[1])[None, :]
         shown = (chosen >= 0) & (slot < req["page"][:, None])
-        if explored_out:
-            self.stats["explored_impressions"] += int((np.concatenate(explored_out) & shown).sum())
         r, j = np.nonzero(shown)
         return r, j, chosen[r, j], prop[r, j]
 
@@ -285,8 +283,7 @@ class Simulation:
         eligible = listed & (recent | new_seller)
         eligible[pool] = False
         items = np.flatnonzero(eligible)
-        k = int(max((*cfg.page_sizes_home, cfg.page_size_checkout)))
-        if len(items) < k:
+        if len(items) < self.slots:
             log.warning(
                 "day %s: %d items to explore, fewer than a page: no exploration",
                 day_start,

@@ -19,6 +19,7 @@ import torch
 from contract import affinity, bundle
 from contract import columns as C
 from contract.ann import load_index
+from contract.history import History
 from contract.paths import Paths
 from contract.popular import PopularityLists
 from contract.timeutil import to_ns
@@ -39,6 +40,7 @@ from training.retrieval.features import (
     user_features,
     user_input_spec,
 )
+from training.retrieval.history import MAX_ITEMS
 from training.retrieval.towers import TowerConfig, export_user_tower, fit, hash_buckets
 from training.retrieval.train import (
     POPULAR,
@@ -375,6 +377,31 @@ def test_bundle_files_and_report(trained, data: RetrievalData):
     for key in ("recall_at_500", "popularity_recall_at_500"):
         assert set(report[key]) == {"purchase", "click"}
         assert all(0.0 <= v <= 1.0 for v in report[key].values())
+
+
+def test_history_and_popularity_are_as_of_the_start_of_the_test_period(trained, data):
+    """The bundle serves the test period, so its history holds every engagement of the
+    train and validation splits and nothing of the test split's; the fallback's window
+    ends where the test period begins."""
+    out, _ = trained
+    history = History.load(out / bundle.HISTORY)
+    stored = {(int(u), int(i)) for u in history.user_ids for i in history.items_of(int(u))}
+
+    def pairs(split: str) -> set[tuple[int, int]]:
+        rows = data.splits[split]
+        engaged = positive(rows)
+        users = rows[C.USER_ID].to_numpy(np.int64)[engaged]
+        items = rows[C.ITEM_ID].to_numpy(np.int64)[engaged]
+        return set(zip(users.tolist(), items.tolist(), strict=True))
+
+    before = pairs("train") | pairs("valid")
+    capped = {u for u in history.user_ids if len(history.items_of(int(u))) == MAX_ITEMS}
+    assert pairs("valid") - pairs("train"), "the tiny dataset must engage new items in valid"
+    assert stored <= before
+    assert {p for p in before if p[0] not in capped} <= stored
+    assert not {p for p in pairs("test") - before if p[0] not in capped} & stored
+    lists = json.loads((out / POPULAR).read_text())
+    assert pd.Timestamp(lists["window"]["end"]) == data.split_times["valid_end"]
 
 
 def test_model_retrieves_test_clicks_far_above_chance_and_near_popularity(trained, data):

@@ -16,7 +16,8 @@ order, each best first:
    ScaNN's search. They take ``ceil(checkout_content_share x (n - m))`` slots; the user part
    gets the rest.
 2. **HISTORY** (a user the bundle's ``retrieval/history.npz`` lists): the items the user
-   engaged with in the training period, most engaged first (``training.retrieval.history``),
+   engaged with before the bundle's test period (its train and validation days), most
+   engaged first (``training.retrieval.history``),
    at most ``min(n - m - placed, ceil(history_share x (n - m)))`` of them (``placed``: the
    candidates of the sources before); what the offline evaluation's recall measures first,
    too. Score: the inner product with the user vector (0 for a user the tower does not know).

@@ -319,8 +319,9 @@ def train_retrieval(
 
     k = min(k, len(data.catalog))
     tower, item_emb, parity = _export(fitted, data, prep, out_dir)
-    fallback = _write_popular(data, out_dir, k)
-    history = _write_history(data, out_dir)
+    past = before_test(data)
+    fallback = _write_popular(data, past, out_dir, k)
+    history = _write_history(past, out_dir)
     groups, queries = _test_groups(data, tower, cfg.test_groups, seed)
     rng = np.random.default_rng(seed)
     pool = np.concatenate([queries[n] for n in HEADLINE])
@@ -336,7 +337,7 @@ def train_retrieval(
     report: dict[str, Any] = {
         "dataset": dataset,
         "k": k,
-        **_recall_metrics(data, groups, queries, item_emb, searcher, fallback, history, k),
+        **_recall_metrics(data, past, groups, queries, item_emb, searcher, fallback, history, k),
         f"ann_recall_at_{k}_vs_exact": ann_recall,
         "query_p50_ms": float(np.percentile(ms, 50)),
         "query_p99_ms": float(np.percentile(ms, 99)),
@@ -370,6 +371,7 @@ def train_retrieval(
 
 def _recall_metrics(
     data: RetrievalData,
+    past: pd.DataFrame,
     groups: dict[str, EvalGroups],
     queries: dict[str, np.ndarray],
     item_emb: np.ndarray,
@@ -379,17 +381,16 @@ def _recall_metrics(
     k: int,
 ) -> dict[str, Any]:
     """Recall@k of what serving retrieves (the user's history, then the tower's neighbours),
-    of the tower alone (exact and through the index), of popularity (top-k by train clicks),
-    of the fallback lists and of the model interleaved with the fallback; plus a recall
-    curve over smaller K."""
+    of the tower alone (exact and through the index), of popularity (top-k by clicks before
+    the test period, ``past``: the window the history source has), of the fallback lists and
+    of the model interleaved with the fallback; plus a recall curve over smaller K."""
     catalog = data.catalog
-    train = data.splits["train"]
-    # popularity by train clicks; a purchases-only dataset (Complete Journey) has none, so
-    # there it is popularity by train purchases
-    engaged = train[C.LABEL_CLICK].to_numpy() > 0
+    # a purchases-only dataset (Complete Journey) has no clicks: there it is popularity by
+    # purchases
+    engaged = past[C.LABEL_CLICK].to_numpy() > 0
     if not engaged.any():
-        engaged = train[C.LABEL_PURCHASE].to_numpy() > 0
-    popular_rows = top_items(catalog.rows_of(train[C.ITEM_ID].to_numpy()[engaged]), k, len(catalog))
+        engaged = past[C.LABEL_PURCHASE].to_numpy() > 0
+    popular_rows = top_items(catalog.rows_of(past[C.ITEM_ID].to_numpy()[engaged]), k, len(catalog))
     exact = {n: ann.exact_top_k(queries[n], item_emb, k) for n in groups}
     via_ann = {n: ann.search(searcher, queries[n], k) for n in HEADLINE}
     fallback_rows = {
@@ -443,26 +444,37 @@ def _history_rows(history: History, catalog: Catalog, groups: EvalGroups, k: int
     return out
 
 
-def _write_history(data: RetrievalData, out_dir: Path) -> History:
-    """The history source as of the end of training: every train-split engagement."""
-    train = data.splits["train"]
-    engaged = positive(train)
+def before_test(data: RetrievalData) -> pd.DataFrame:
+    """The engagement-bearing columns of every row before the test period (the train and
+    validation splits): what the event stream holds when the test period begins, and so
+    what a bundle serving the test period carries in its history and popularity lists.
+    The tower never reads the validation rows it early-stops on through these."""
+    cols = [C.USER_ID, C.ITEM_ID, C.EVENT_TIMESTAMP, *LABELS]
+    return pd.concat([data.splits[s][cols] for s in ("train", "valid")], ignore_index=True)
+
+
+def _write_history(past: pd.DataFrame, out_dir: Path) -> History:
+    """The history source as of the start of the test period: every engagement in
+    ``past`` (:func:`before_test`)."""
+    engaged = positive(past)
     history = build_history(
-        train[C.USER_ID].to_numpy(np.int64)[engaged],
-        train[C.ITEM_ID].to_numpy(np.int64)[engaged],
-        to_ns(train[C.EVENT_TIMESTAMP])[engaged],
+        past[C.USER_ID].to_numpy(np.int64)[engaged],
+        past[C.ITEM_ID].to_numpy(np.int64)[engaged],
+        to_ns(past[C.EVENT_TIMESTAMP])[engaged],
     )
     history.save(out_dir / bundle.HISTORY)
     return history
 
 
-def _write_popular(data: RetrievalData, out_dir: Path, k: int) -> dict[str, Any]:
-    train = data.splits["train"]
-    end = data.split_times["train_end"]
+def _write_popular(
+    data: RetrievalData, past: pd.DataFrame, out_dir: Path, k: int
+) -> dict[str, Any]:
+    """The popularity lists as of the start of the test period: the engagements of the
+    last ``FALLBACK_WINDOW_DAYS`` of ``past`` (:func:`before_test`)."""
+    end = data.split_times["valid_end"]
     start = max(end - pd.Timedelta(days=FALLBACK_WINDOW_DAYS), data.split_times["train_start"])
-    # every engagement the split has (popular.WEIGHTS), not only clicks: a purchase-only
-    # log has none
-    fallback = popular.popular_items(train, data.users, start, end, k)
+    # every engagement (popular.WEIGHTS), not only clicks: a purchase-only log has none
+    fallback = popular.popular_items(past, data.users, start, end, k)
     popular.save_popular(fallback, out_dir / POPULAR)
     return fallback
 

@@ -5,8 +5,8 @@ list, scored by the engagement the dataset has: each row weighs as its deepest e
 :data:`WEIGHTS` (click 1, add-to-cart 2, purchase 4: the ranker serves E[GMV], so a purchase
 says more than a click, and a click-only or purchase-only log still ranks on what it has).
 A list ranks the items engaged with in the window ``[start, end)`` (the last days before the
-bundle's test period: the train and validation days) by their weighted count (ties: the higher weighted count over the whole
-period before ``end``, then the lower item id).
+bundle's test period: the train and validation days) by their weighted count (ties: the
+higher weighted count over the whole period before ``end``, then the lower item id).
 
 - The **global** list (``overall``) continues past the window's items with the rest of the
   period's, by weighted count, so it has ``k`` items whenever the period saw that many.

@@ -397,6 +397,7 @@ def test_history_and_popularity_are_as_of_the_start_of_the_test_period(trained, 
     before = pairs("train") | pairs("valid")
     capped = {u for u in history.user_ids if len(history.items_of(int(u))) == MAX_ITEMS}
     assert pairs("valid") - pairs("train"), "the tiny dataset must engage new items in valid"
+    assert set(history.user_ids.tolist()) - capped, "every user at the cap: nothing to check"
     assert stored <= before
     assert {p for p in before if p[0] not in capped} <= stored
     assert not {p for p in pairs("test") - before if p[0] not in capped} & stored

@@ -217,3 +217,28 @@ def test_the_levers_benchmark_scores_every_variant_on_both_candidate_sets(
     values = [p["oracle_egmv_per_1k"] for p in report["policies"].values()]
     assert all(np.isfinite(v) and v >= 0 for v in values)
     assert report["logged_max_price"] > 0
+
+
+def test_the_served_sweep_scores_every_setting_and_rebuilds_the_bundles_history(
+    trained, tiny_dataset, home
+):
+    """tools.bench_levers --served-sweep scores the staged model under each setting on the
+    same requests; at the bundle's own history cap and PROFILE share it is the served
+    policy, and the Oracle's best page over the candidates is never below a ranking of them."""
+    from tools.bench_levers import HISTORY_CAPS, KAPPAS, PROFILE_SHARES, served_sweep
+    from training.retrieval.history import MAX_ITEMS
+
+    report = served_sweep(home.home, tiny_dataset["dataset"], n_requests=20)
+    policies = {name: p["oracle_egmv_per_1k"] for name, p in report["policies"].items()}
+    expected = {"served", "valid:served"}
+    expected |= {
+        f"{w}evidence{s}@{k:g}" for w in ("", "valid:") for s in ("", "_7d") for k in KAPPAS
+    }
+    expected |= {f"profile@{s:g}" for s in PROFILE_SHARES}
+    expected |= {f"history@{c}" for c in HISTORY_CAPS}
+    assert expected <= set(policies)
+    assert all(np.isfinite(v) and v >= 0 for v in policies.values())
+    assert policies["profile@0"] == policies["served"]
+    assert policies[f"history@{MAX_ITEMS}"] == policies["served"]
+    for share in PROFILE_SHARES:
+        assert policies[f"optimal_over_candidates@{share:g}"] >= policies[f"profile@{share:g}"]

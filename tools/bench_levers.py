@@ -18,6 +18,19 @@ served) and on at 0.5, on the same sampled test requests:
 
 Writes ``reports/levers.json`` and prints a table. None of these variants is served; the
 figures are what ``docs/models.md`` quotes for the levers that were measured and not kept.
+
+``python -m tools.bench_levers --served-sweep [--requests 1000]`` refits nothing: it scores
+the staged (served) model under settings that need no retraining, on the evaluate stage's
+request sample (1,000 requests, seed 0), and writes ``reports/levers_sweep.json``:
+
+- ``profile@<share>``: the PROFILE retrieval source at each of :data:`PROFILE_SHARES`, with
+  ``optimal_over_candidates@<share>`` beside it;
+- ``history@<cap>``: the history source capped at each of :data:`HISTORY_CAPS` items,
+  built from the same engagements as the bundle's (``training.retrieval.train.before_test``);
+- ``evidence@<kappa>`` and ``evidence_7d@<kappa>``: the served E[GMV] times n / (n + kappa),
+  n the item's logged impressions (feed and organic) before the evaluated days, or the
+  served feature ``impressions_7d``; on the test days and, to choose kappa without them,
+  on the validation days (``valid:`` names, the counts before those days).
 """
 
 from __future__ import annotations
@@ -47,6 +60,18 @@ def _with_column(data: Any, column: np.ndarray | None) -> Any:
         return data
     X = np.column_stack([data.X, column]).astype(np.float32)
     return dataclasses.replace(data, X=X, feature_names=[*data.feature_names, "tower_score"])
+
+
+def _table(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each policy's E[GMV]/1k and its share of the Oracle's optimum on the same requests."""
+    optimum = summary["optimal"]["oracle_egmv_per_1k"]
+    return {
+        name: {
+            "oracle_egmv_per_1k": s["oracle_egmv_per_1k"],
+            "share_of_optimal": s["oracle_egmv_per_1k"] / optimum if optimum else None,
+        }
+        for name, s in summary.items()
+    }
 
 
 def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, Any]:
@@ -175,14 +200,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     summary, _, _ = evaluate_policies(
         tables, oracle, carts, start, end, models, k=20, n_requests=n_requests, seed=seed
     )
-    optimum = summary["optimal"]["oracle_egmv_per_1k"]
-    table = {
-        name: {
-            "oracle_egmv_per_1k": s["oracle_egmv_per_1k"],
-            "share_of_optimal": s["oracle_egmv_per_1k"] / optimum if optimum else None,
-        }
-        for name, s in summary.items()
-    }
+    table = _table(summary)
     return {
         "dataset": dataset,
         "requests": n_requests,
@@ -192,20 +210,143 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     }
 
 
+PROFILE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.5)
+HISTORY_CAPS = (200, 300, 500)
+KAPPAS = (2.0, 5.0, 10.0, 20.0, 40.0)
+
+
+def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, Any]:
+    """The ``--served-sweep`` report (module docstring)."""
+    from contract.feature_store import open_store
+    from contract.features import FEATURE_SCHEMA
+    from contract.timeutil import to_ns
+    from training.evaluate import (
+        EVAL_IMPRESSION_COLUMNS,
+        CandidateCache,
+        ServedScorer,
+        _model_policy,
+        _oracle_over_candidates,
+    )
+    from training.policy_eval import Marketplace, evaluate_policies
+    from training.retrieval.features import positive
+    from training.retrieval.history import build_history
+    from training.retrieval.retriever import Retriever
+    from training.retrieval.train import RetrievalData, before_test
+    from training.simulate import Oracle
+    from training.staging import staging_dir
+    from training.tables import read_tables
+
+    started = time.perf_counter()
+    paths = Paths(home)
+    stage = staging_dir(paths, dataset)
+    tables = read_tables(paths.raw(dataset), columns={C.IMPRESSIONS: EVAL_IMPRESSION_COLUMNS})
+    items = tables[C.ITEMS]
+    oracle = Oracle.load(paths.ground_truth(dataset))
+    store = open_store(dataset, paths=paths)
+    served = ServedScorer(stage, items)
+    carts_path = paths.raw(dataset) / "checkout_carts.parquet"
+    carts = pd.read_parquet(carts_path) if carts_path.exists() else None
+    market = Marketplace(tables, carts)
+    split = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())["split"]
+    past = before_test(RetrievalData.load(home, dataset))
+    engaged = positive(past)
+    impressions_7d = FEATURE_SCHEMA.names.index("impressions_7d")
+    n_items = int(items[C.ITEM_ID].max()) + 1
+
+    def retriever(share: float, cap: int | None = None) -> CandidateCache:
+        found = Retriever(stage, store, paths, dataset, items, profile_share=share)
+        if cap is not None:
+            found.history = build_history(
+                past[C.USER_ID].to_numpy(np.int64)[engaged],
+                past[C.ITEM_ID].to_numpy(np.int64)[engaged],
+                to_ns(past[C.EVENT_TIMESTAMP])[engaged],
+                max_items=cap,
+            )
+        return CandidateCache(found, items, 500)
+
+    def evidence(before: pd.Timestamp) -> np.ndarray:
+        imp = tables[C.IMPRESSIONS]
+        counts = imp.loc[imp[C.TS] < before, C.ITEM_ID].value_counts()
+        n = np.zeros(n_items)
+        n[counts.index.to_numpy(np.int64)] = counts.to_numpy()
+        return n
+
+    def shrunk(n: np.ndarray | None, kappa: float) -> Callable[[np.ndarray, np.ndarray], Any]:
+        def egmv(X: np.ndarray, ids: np.ndarray) -> np.ndarray:
+            seen = np.nan_to_num(X[:, impressions_7d]) if n is None else n[ids]
+            return served.egmv(X, ids) * seen / (seen + kappa)
+
+        return egmv
+
+    windows = {"valid": ("train_end", "valid_end"), "test": ("valid_end", "test_end")}
+    policies: dict[str, dict[str, Any]] = {}
+    for window, (lo, hi) in windows.items():
+        start, end = pd.Timestamp(split[lo]), pd.Timestamp(split[hi])
+        served_cache = retriever(0.0)
+        n = evidence(start)
+        models: dict[str, Any] = {"served": _model_policy(store, served_cache, served.egmv)}
+        for kappa in KAPPAS:
+            models[f"evidence@{kappa:g}"] = _model_policy(store, served_cache, shrunk(n, kappa))
+            models[f"evidence_7d@{kappa:g}"] = _model_policy(
+                store, served_cache, shrunk(None, kappa)
+            )
+        if window == "test":
+            for share in PROFILE_SHARES:
+                cache = served_cache if share == 0 else retriever(share)
+                models[f"profile@{share:g}"] = _model_policy(store, cache, served.egmv)
+                models[f"optimal_over_candidates@{share:g}"] = _oracle_over_candidates(
+                    oracle, cache, 20
+                )
+            for cap in HISTORY_CAPS:
+                cache = retriever(0.0, cap)
+                models[f"history@{cap}"] = _model_policy(store, cache, served.egmv)
+                models[f"optimal_over_candidates:history@{cap}"] = _oracle_over_candidates(
+                    oracle, cache, 20
+                )
+        summary, _, _ = evaluate_policies(
+            tables,
+            oracle,
+            carts,
+            start,
+            end,
+            models,
+            k=20,
+            n_requests=n_requests,
+            seed=seed,
+            market=market,
+        )
+        prefix = "" if window == "test" else "valid:"
+        policies.update({prefix + name: row for name, row in _table(summary).items()})
+    return {
+        "dataset": dataset,
+        "requests": n_requests,
+        "policies": policies,
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="sim-small")
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--requests", type=int, default=None, help="400; 1000 with the sweep")
     parser.add_argument("--home", type=Path, default=None)
+    parser.add_argument(
+        "--served-sweep", action="store_true", help="the served model's settings, no refits"
+    )
     args = parser.parse_args(argv)
     paths = Paths.from_env() if args.home is None else Paths(args.home)
-    report = run(paths.home, args.dataset, args.requests)
+    if args.served_sweep:
+        report = served_sweep(paths.home, args.dataset, args.requests or 1000)
+        out = "levers_sweep.json"
+    else:
+        report = run(paths.home, args.dataset, args.requests or 400)
+        out = "levers.json"
     paths.reports.mkdir(parents=True, exist_ok=True)
-    (paths.reports / "levers.json").write_text(json.dumps(report, indent=2))
-    print(f"{'policy@PROFILE share':<34}{'E[GMV]/1k':>10}{'of optimum':>12}")
+    (paths.reports / out).write_text(json.dumps(report, indent=2))
+    print(f"{'policy':<34}{'E[GMV]/1k':>10}{'of optimum':>12}")
     for name, row in report["policies"].items():
         print(f"{name:<34}{row['oracle_egmv_per_1k']:>10.1f}{row['share_of_optimal']:>12.3f}")
-    print(f"{report['seconds']:.0f} s; reports/levers.json")
+    print(f"{report['seconds']:.0f} s; reports/{out}")
     return 0
 
 

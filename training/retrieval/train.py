@@ -448,7 +448,7 @@ def before_test(data: RetrievalData) -> pd.DataFrame:
     """The engagement-bearing columns of every row before the test period (the train and
     validation splits): what the event stream holds when the test period begins, and so
     what a bundle serving the test period carries in its history and popularity lists.
-    The tower never reads the validation rows it early-stops on through these."""
+    (The tower still trains on the train split alone and early-stops on the validation one.)"""
     cols = [C.USER_ID, C.ITEM_ID, C.EVENT_TIMESTAMP, *LABELS]
     return pd.concat([data.splits[s][cols] for s in ("train", "valid")], ignore_index=True)
 

@@ -15,6 +15,8 @@ Layout (paths relative to the bundle root; every file is listed with its sha256 
     ranker/calibrator.json       isotonic calibration: x / y breakpoints
     ranker/linear_offset.json    optional: the logistic log-odds the purchase trees were
                                  boosted from (contract.scorer.LinearOffset)
+    ranker/evidence.json         optional: the E[GMV] shrink by the item's logged impressions
+                                 (contract.scorer.EvidenceShrink)
     retrieval/user_tower.npz     user-tower weights for numpy inference
     retrieval/item_ids.npy       item id of each ANN row
     retrieval/item_embeddings.npy
@@ -54,6 +56,7 @@ COMPILED_MODEL = "ranker/purchase.so"
 COMPILE_REPORT = "ranker/compile.json"
 CALIBRATOR = "ranker/calibrator.json"
 LINEAR_OFFSET = "ranker/linear_offset.json"
+EVIDENCE = "ranker/evidence.json"
 USER_TOWER = "retrieval/user_tower.npz"
 ITEM_IDS = "retrieval/item_ids.npy"
 ITEM_EMBEDDINGS = "retrieval/item_embeddings.npy"

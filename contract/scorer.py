@@ -7,6 +7,13 @@ A bundle whose trees were boosted from a logistic regression's log-odds (LightGB
 ``sigmoid(linear log-odds + the trees' margin)``: the linear part keeps falling with price
 where the trees, above the logged price range, stay flat. Training scores with the same
 :class:`LinearOffset`, so the two sides run one function.
+
+A bundle may also ship an :class:`EvidenceShrink` (``ranker/evidence.json``): the served
+E[GMV] times ``(n + prior) / (n + prior + kappa)``, n being the item's logged impressions
+before the request (the ``impressions_total`` feature). Over 500 candidates, most of them
+never shown, the highest p is more often an over-estimate than a find (the winner's curse);
+the factor discounts the items whose p rests on the least evidence. Training's replay and
+the ranking service apply the same object.
 """
 
 from __future__ import annotations
@@ -155,3 +162,69 @@ class PurchaseModel:
         if len(X) == 0:
             return np.zeros(0, dtype=np.float64)
         return sigmoid(self.offset.margin(X) + self.compiled.predict(X, margin=True))
+
+
+EVIDENCE_FEATURE = "impressions_total"  # feature_repo.schema ITEM_STATS
+EVIDENCE_KAPPA = 2.0  # served default: chosen on sim-small's validation days (docs/models.md)
+EVIDENCE_PRIOR = 0.5  # impressions every item is credited with: an unseen item keeps a score
+
+
+@dataclass(frozen=True)
+class EvidenceShrink:
+    """E[GMV] x ``(n + prior) / (n + prior + kappa)``, n = column ``column`` of the feature
+    matrix (``feature``: the item's logged impressions; missing reads as 0). ``kappa`` 0 is
+    no shrink."""
+
+    column: int
+    kappa: float = EVIDENCE_KAPPA
+    prior: float = EVIDENCE_PRIOR
+    feature: str = EVIDENCE_FEATURE
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.kappa) and self.kappa >= 0):
+            raise ValueError(f"evidence shrink: kappa must be finite and >= 0, got {self.kappa}")
+        if not (np.isfinite(self.prior) and self.prior >= 0):
+            raise ValueError(f"evidence shrink: prior must be finite and >= 0, got {self.prior}")
+        if self.column < 0:
+            raise ValueError(f"evidence shrink: column must be >= 0, got {self.column}")
+
+    def factor(self, X: np.ndarray) -> np.ndarray:
+        """The multiplier per row of ``X``, in [0, 1]."""
+        if self.kappa == 0:
+            return np.ones(len(X))
+        n = np.nan_to_num(np.asarray(X[:, self.column], dtype=np.float64), nan=0.0)
+        n = np.maximum(n, 0.0) + self.prior
+        with np.errstate(invalid="ignore"):
+            return np.asarray(np.where(n > 0, n / (n + self.kappa), 0.0))
+
+    def apply(self, X: np.ndarray, egmv: np.ndarray) -> np.ndarray:
+        return np.asarray(egmv) * self.factor(X)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "kappa": self.kappa, "prior": self.prior}
+
+    @classmethod
+    def for_schema(
+        cls,
+        names: tuple[str, ...] | list[str],
+        kappa: float = EVIDENCE_KAPPA,
+        prior: float = EVIDENCE_PRIOR,
+        feature: str = EVIDENCE_FEATURE,
+    ) -> EvidenceShrink:
+        """The shrink reading ``feature`` from a matrix whose columns are ``names``;
+        ValueError when the schema has no such column."""
+        if feature not in names:
+            raise ValueError(
+                f"evidence shrink reads feature {feature!r}, which the feature schema lacks"
+            )
+        return cls(list(names).index(feature), float(kappa), float(prior), feature)
+
+    @classmethod
+    def read(cls, path: Path, names: tuple[str, ...] | list[str]) -> EvidenceShrink | None:
+        """The shrink at ``path`` for a schema of ``names``; None when the file is absent
+        (a bundle from before the shrink: E[GMV] as the model gives it)."""
+        path = Path(path)
+        if not path.exists():
+            return None
+        d = json.loads(path.read_text())
+        return cls.for_schema(names, d["kappa"], d.get("prior", 0.0), d["feature"])

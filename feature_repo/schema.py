@@ -74,6 +74,9 @@ FEATURES: dict[str, dict[str, str]] = {
         "shipping_days": "int64",
         "age_days": "float32",
         "impressions_7d": "int64",
+        # every logged impression of the item (feed and organic) before the snapshot: the
+        # evidence its scores rest on (contract.scorer.EvidenceShrink)
+        "impressions_total": "int64",
         "clicks_7d": "int64",
         "ctr_7d": "float32",  # Beta-smoothed toward the catalog's CTR
         "ctr_30d": "float32",

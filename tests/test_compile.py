@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from contract.bundle import COMPILE_REPORT, COMPILED_MODEL
-from contract.scorer import CompiledScorer
+from contract.scorer import CompiledScorer, EvidenceShrink
 from training.ranking.compile import (
     PARITY_TOLERANCE,
     CompileReport,
@@ -210,3 +210,29 @@ def test_trees_boosted_from_a_linear_offset_score_the_same_compiled(tmp_path: Pa
             CompiledScorer(tmp_path / "p.so"),
             LinearOffset.from_standardized([0.0], [1.0], [1.0], 0.0),
         )
+
+
+def test_the_evidence_shrink_discounts_items_by_their_logged_impressions(tmp_path: Path) -> None:
+    """E[GMV] x (n + prior) / (n + prior + kappa): an item never shown (or whose count is
+    missing) scores 0 without a prior, a much-shown one keeps nearly all; kappa 0 is no
+    shrink; the file round-trips, and a bundle without it has none."""
+
+    names = ("price", "impressions_total", "ctr_7d")
+    shrink = EvidenceShrink.for_schema(names, kappa=2.0)
+    assert shrink.column == 1
+    X = np.array([[1, 0, 0], [1, 2, 0], [1, 198, 0], [1, np.nan, 0], [1, -3, 0]], np.float32)
+    egmv = np.full(5, 10.0)
+    np.testing.assert_allclose(shrink.apply(X, egmv), [0.0, 5.0, 9.9, 0.0, 0.0])
+    with_prior = EvidenceShrink.for_schema(names, kappa=2.0, prior=2.0)
+    np.testing.assert_allclose(with_prior.factor(X), [0.5, 2 / 3, 200 / 202, 0.5, 0.5])
+    np.testing.assert_array_equal(EvidenceShrink.for_schema(names, 0.0).apply(X, egmv), egmv)
+
+    path = tmp_path / "evidence.json"
+    path.write_text(json.dumps(with_prior.to_dict()))
+    assert EvidenceShrink.read(path, names) == with_prior
+    assert EvidenceShrink.read(tmp_path / "absent.json", names) is None
+    with pytest.raises(ValueError, match="impressions_total"):
+        EvidenceShrink.read(path, ("price", "ctr_7d"))
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="kappa"):
+            EvidenceShrink.for_schema(names, kappa=bad)

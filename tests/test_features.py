@@ -30,6 +30,7 @@ def test_item_windows_count_only_events_before_the_snapshot(tables):
     day0, day1, day2 = (_row(stats, C.ITEM_ID, 0, _ts(d)) for d in (0, 1, 2))
     assert (day0["impressions_7d"], day0["clicks_7d"]) == (0, 0)  # stamped at 00:00 of day 0
     assert (day1["impressions_7d"], day1["clicks_7d"]) == (2, 2)
+    assert (day0["impressions_total"], day1["impressions_total"]) == (0, 2)
     assert day1["ctr_7d"] > _row(stats, C.ITEM_ID, 1, _ts(1))["ctr_7d"]
     assert day2["purchase_rate_7d"] > day1["purchase_rate_7d"]  # the day-1 purchase lands at day 2
     assert day0["discount"] == pytest.approx(0.5)
@@ -72,6 +73,8 @@ def test_organic_engagement_counts_in_popularity_not_in_the_feed_rates(tables):
     assert (before["clicks_7d"], after["clicks_7d"]) == (0, 1)
     assert after["popularity_7d"] == pytest.approx(np.log1p(1.0))
     assert after["impressions_7d"] == before["impressions_7d"] == 1  # the feed's only
+    # the evidence the served E[GMV] is shrunk by counts every impression, organic too
+    assert (before["impressions_total"], after["impressions_total"]) == (1, 2)
     for rate in ("ctr_7d", "ctr_30d", "purchase_rate_7d", "purchase_rate_30d"):
         assert after[rate] == pytest.approx(before[rate]), rate
 

@@ -215,8 +215,11 @@ def test_fit_save_load_predicts_the_same(tiny_result, tiny_data, tmp_path: Path)
         bundle.CALIBRATOR,
         bundle.FEATURE_SCHEMA,
         bundle.LINEAR_OFFSET,  # the trees are boosted from the logistic log-odds
+        bundle.EVIDENCE,  # the served E[GMV]'s shrink by the item's logged impressions
     }
     loaded = load(tmp_path)
+    assert loaded.evidence == tiny_result.models.evidence
+    assert loaded.evidence is not None and loaded.evidence.feature == "impressions_total"
     X = tiny_data["test"].X
     assert loaded.schema == tiny_result.schema == F.feature_schema()
     assert loaded.calibrator == tiny_result.calibrator

@@ -36,6 +36,7 @@ from contract.bundle import (
     BUNDLE_MANIFEST,
     CALIBRATOR,
     COMPILED_MODEL,
+    EVIDENCE,
     LINEAR_OFFSET,
     PURCHASE_MODEL,
     file_checksums,
@@ -87,6 +88,16 @@ def reference_p(bundle: Path, X: np.ndarray) -> np.ndarray:
     return np.interp(raw, np.asarray(cal["x"], np.float64), np.asarray(cal["y"], np.float64))
 
 
+def reference_egmv(bundle: Path, X: np.ndarray, p: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """p x value x (n + prior) / (n + prior + kappa), read from the bundle's evidence.json
+    (written out here, not through contract.scorer)."""
+    ev = json.loads((bundle / EVIDENCE).read_text())
+    n = np.nan_to_num(X[:, FEATURE_SCHEMA.names.index(ev["feature"])].astype(np.float64))
+    n = n + ev["prior"]
+    factor = np.divide(n, n + ev["kappa"], out=np.zeros_like(n), where=n > 0)
+    return p * values.astype(np.float64) * factor
+
+
 @pytest.fixture(scope="module")
 def rows(tiny_dataset: dict, tiny_bundle: Path, home: Paths) -> Rows:
     frame = pd.read_parquet(home.training_sets(tiny_dataset["dataset"]) / "test.parquet")
@@ -125,8 +136,14 @@ def test_score_is_lightgbm_then_calibrator_and_egmv_is_p_times_value(
     np.testing.assert_allclose(p, rows.expected_p, rtol=0, atol=1e-6)
     assert ((p >= 0) & (p <= 1)).all()
     assert p.std() > 0  # the rows are scored, not a constant
-    np.testing.assert_allclose(egmv, p * rows.values, rtol=1e-12)
+    expected = reference_egmv(tiny_bundle, rows.X, p, rows.values)
+    np.testing.assert_allclose(egmv, expected, rtol=1e-6, atol=1e-12)
     assert (egmv[::7] == 0).all()
+    # the shrink is on and bites: well-shown items keep most of p x value, others less
+    unshrunk = p * rows.values
+    factor = egmv[unshrunk > 0] / unshrunk[unshrunk > 0]
+    assert model.evidence is not None and model.evidence.kappa > 0
+    assert factor.min() < 0.9 * factor.max() and (factor <= 1 + 1e-6).all()
     manifest = json.loads((tiny_bundle / BUNDLE_MANIFEST).read_text())
     assert model.version == model.bundle_version == manifest["version"]  # no registry version
     assert model.schema_hash == FEATURE_SCHEMA.hash == manifest["feature_schema_hash"]
@@ -400,7 +417,8 @@ def test_rank_scores_real_rows_like_lightgbm_and_the_calibrator(
     assert ((p >= 0) & (p <= 1)).all()
     np.testing.assert_allclose(p, rows.expected_p, rtol=0, atol=1e-6)
     egmv = np.asarray(reply.egmv, dtype=np.float64)
-    np.testing.assert_allclose(egmv, p * rows.values, rtol=1e-6, atol=1e-12)
+    expected = reference_egmv(model.bundle_dir, rows.X, p, rows.values)
+    np.testing.assert_allclose(egmv, expected, rtol=1e-5, atol=1e-9)
     assert reply.model_version == champion
     assert reply.schema_hash == model.schema_hash
 

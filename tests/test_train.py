@@ -223,22 +223,29 @@ def test_the_served_sweep_scores_every_setting_and_rebuilds_the_bundles_history(
     trained, tiny_dataset, home
 ):
     """tools.bench_levers --served-sweep scores the staged model under each setting on the
-    same requests; at the bundle's own history cap and PROFILE share it is the served
-    policy, and the Oracle's best page over the candidates is never below a ranking of them."""
+    same requests; at the bundle's own history cap, PROFILE share and evidence shrink it is
+    the served policy, and the Oracle's best page over the candidates is never below a
+    ranking of them."""
+    from contract.scorer import EVIDENCE_KAPPA, EVIDENCE_PRIOR
     from tools.bench_levers import HISTORY_CAPS, KAPPAS, PROFILE_SHARES, served_sweep
     from training.retrieval.history import MAX_ITEMS
 
     report = served_sweep(home.home, tiny_dataset["dataset"], n_requests=20)
     policies = {name: p["oracle_egmv_per_1k"] for name, p in report["policies"].items()}
-    expected = {"served", "valid:served"}
+    expected = {"served", "valid:served", "unshrunk", "valid:unshrunk"}
     expected |= {
-        f"{w}evidence{s}@{k:g}" for w in ("", "valid:") for s in ("", "_7d") for k in KAPPAS
+        f"{w}evidence{s}@{k:g}"
+        for w in ("", "valid:")
+        for s in ("", "_7d", "_total")
+        for k in KAPPAS
     }
     expected |= {f"profile@{s:g}" for s in PROFILE_SHARES}
     expected |= {f"history@{c}" for c in HISTORY_CAPS}
     assert expected <= set(policies)
     assert all(np.isfinite(v) and v >= 0 for v in policies.values())
     assert policies["profile@0"] == policies["served"]
+    own = f"evidence_total@{EVIDENCE_KAPPA:g}" + (f"+{EVIDENCE_PRIOR:g}" if EVIDENCE_PRIOR else "")
+    assert policies[own] == policies["served"]
     assert policies[f"history@{MAX_ITEMS}"] == policies["served"]
     for share in PROFILE_SHARES:
         assert policies[f"optimal_over_candidates@{share:g}"] >= policies[f"profile@{share:g}"]

@@ -27,10 +27,13 @@ request sample (1,000 requests, seed 0), and writes ``reports/levers_sweep.json`
   ``optimal_over_candidates@<share>`` beside it;
 - ``history@<cap>``: the history source capped at each of :data:`HISTORY_CAPS` items,
   built from the same engagements as the bundle's (``training.retrieval.train.before_test``);
-- ``evidence@<kappa>`` and ``evidence_7d@<kappa>``: the served E[GMV] times n / (n + kappa),
-  n the item's logged impressions (feed and organic) before the evaluated days, or the
-  served feature ``impressions_7d``; on the test days and, to choose kappa without them,
-  on the validation days (``valid:`` names, the counts before those days).
+- ``evidence@<kappa>``, ``evidence_total@<kappa>[+<prior>]`` and ``evidence_7d@<kappa>``: the
+  model's unshrunk E[GMV] (p x price x margin) times (n + prior) / (n + prior + kappa), n the
+  item's logged impressions (feed and organic) before the evaluated days, or the served
+  feature ``impressions_total`` (the same count as of the request's daily snapshot: what
+  ``contract.scorer.EvidenceShrink`` reads), or the served ``impressions_7d``; on the test
+  days and, to choose kappa without them, on the validation days (``valid:`` names).
+  ``served`` applies the bundle's own shrink, ``unshrunk`` none.
 """
 
 from __future__ import annotations
@@ -212,13 +215,15 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
 
 PROFILE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.5)
 HISTORY_CAPS = (200, 300, 500)
-KAPPAS = (2.0, 5.0, 10.0, 20.0, 40.0)
+KAPPAS = (1.0, 2.0, 5.0, 10.0, 20.0)
+PRIORS = (0.0, 0.5, 1.0)  # impressions every item is credited with (evidence_total only)
 
 
 def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, Any]:
     """The ``--served-sweep`` report (module docstring)."""
     from contract.feature_store import open_store
     from contract.features import FEATURE_SCHEMA
+    from contract.scorer import EVIDENCE_FEATURE
     from contract.timeutil import to_ns
     from training.evaluate import (
         EVAL_IMPRESSION_COLUMNS,
@@ -251,6 +256,7 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
     past = before_test(RetrievalData.load(home, dataset))
     engaged = positive(past)
     impressions_7d = FEATURE_SCHEMA.names.index("impressions_7d")
+    impressions_total = FEATURE_SCHEMA.names.index(EVIDENCE_FEATURE)
     n_items = int(items[C.ITEM_ID].max()) + 1
 
     def retriever(share: float, cap: int | None = None) -> CandidateCache:
@@ -271,10 +277,17 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
         n[counts.index.to_numpy(np.int64)] = counts.to_numpy()
         return n
 
-    def shrunk(n: np.ndarray | None, kappa: float) -> Callable[[np.ndarray, np.ndarray], Any]:
+    def shrunk(
+        n: np.ndarray | int, kappa: float, prior: float = 0.0
+    ) -> Callable[[np.ndarray, np.ndarray], Any]:
+        """n: per-item counts, or the feature column to read them from."""
+
         def egmv(X: np.ndarray, ids: np.ndarray) -> np.ndarray:
-            seen = np.nan_to_num(X[:, impressions_7d]) if n is None else n[ids]
-            return served.egmv(X, ids) * seen / (seen + kappa)
+            seen = np.nan_to_num(X[:, n]) if isinstance(n, int) else n[ids]
+            seen = seen + prior
+            with np.errstate(invalid="ignore"):
+                factor = np.where(seen > 0, seen / (seen + kappa), 0.0)
+            return served.unshrunk(X, ids) * factor
 
         return egmv
 
@@ -284,11 +297,19 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
         start, end = pd.Timestamp(split[lo]), pd.Timestamp(split[hi])
         served_cache = retriever(0.0)
         n = evidence(start)
-        models: dict[str, Any] = {"served": _model_policy(store, served_cache, served.egmv)}
+        models: dict[str, Any] = {
+            "served": _model_policy(store, served_cache, served.egmv),
+            "unshrunk": _model_policy(store, served_cache, served.unshrunk),
+        }
         for kappa in KAPPAS:
             models[f"evidence@{kappa:g}"] = _model_policy(store, served_cache, shrunk(n, kappa))
+            for prior in PRIORS:
+                name = f"evidence_total@{kappa:g}" + (f"+{prior:g}" if prior else "")
+                models[name] = _model_policy(
+                    store, served_cache, shrunk(impressions_total, kappa, prior)
+                )
             models[f"evidence_7d@{kappa:g}"] = _model_policy(
-                store, served_cache, shrunk(None, kappa)
+                store, served_cache, shrunk(impressions_7d, kappa)
             )
         if window == "test":
             for share in PROFILE_SHARES:

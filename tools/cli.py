@@ -141,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ope_requests=args.ope_requests,
         ranker_trials=args.trials,
         ranker_seconds=args.seconds,
+        **({} if args.evidence_kappa is None else {"evidence_kappa": args.evidence_kappa}),
     )
     stages = tuple(args.stage) if args.stage else STAGES
     _print(train(Paths.from_env(), args.dataset, stages, cfg))
@@ -573,6 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trials", type=int, default=8, help="Optuna trials per ranker")
+    p.add_argument(
+        "--evidence-kappa",
+        type=float,
+        default=None,
+        help="the served E[GMV] times n/(n+kappa), n the item's logged impressions "
+        "(0: off; default contract.scorer.EVIDENCE_KAPPA); takes effect from the rankers stage",
+    )
     p.add_argument(
         "--seconds",
         type=float,

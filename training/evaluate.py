@@ -87,16 +87,24 @@ class ServedScorer:
 
     def __init__(self, stage: Path, items: pd.DataFrame):
         from contract.calibration import Calibrator
-        from contract.scorer import CompiledScorer, LinearOffset, PurchaseModel
+        from contract.features import FEATURE_SCHEMA
+        from contract.scorer import CompiledScorer, EvidenceShrink, LinearOffset, PurchaseModel
 
         self.scorer = PurchaseModel(
             CompiledScorer(stage / B.COMPILED_MODEL), LinearOffset.read(stage / B.LINEAR_OFFSET)
         )
         self.calibrator = Calibrator.from_dict(json.loads((stage / B.CALIBRATOR).read_text()))
         self.value = ItemValue(items)
+        self.evidence = EvidenceShrink.read(stage / B.EVIDENCE, FEATURE_SCHEMA.names)
+
+    def unshrunk(self, X: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """p x price x margin, before the evidence shrink."""
+        return np.asarray(self.calibrator.apply(self.scorer.predict(X)) * self.value(item_ids))
 
     def egmv(self, X: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-        return np.asarray(self.calibrator.apply(self.scorer.predict(X)) * self.value(item_ids))
+        """The served score: ``unshrunk`` [x the bundle's evidence shrink]."""
+        out = self.unshrunk(X, item_ids)
+        return out if self.evidence is None else self.evidence.apply(X, out)
 
 
 class CandidateCache:
@@ -202,8 +210,9 @@ def _ablation_policies(
 ) -> dict[str, Any]:
     """Each lever switched off alone (``training.ranking.ablation``), as a policy the replay
     scores on the same requests as the served ranker: the model levers' refitted purchase
-    models, the calibration off, and the PROFILE retrieval source flipped from its served
-    setting (with the Oracle's best order of those candidates)."""
+    models, the calibration off, the evidence shrink off (when the bundle has one), and the
+    PROFILE retrieval source flipped from its served setting (with the Oracle's best order of
+    those candidates)."""
     from training.ranking import ablation
     from training.retrieval.retriever import Retriever
 
@@ -213,14 +222,20 @@ def _ablation_policies(
     for lever, model in ablation.load(stage).items():
 
         def egmv(X: np.ndarray, ids: np.ndarray, model=model) -> np.ndarray:
-            return model.egmv_probability(X) * value(ids)
+            return shrunk(X, model.egmv_probability(X) * value(ids))
 
         out[ABLATION + lever] = _model_policy(store, candidates, egmv)
 
+    def shrunk(X: np.ndarray, egmv: np.ndarray) -> np.ndarray:
+        """The served evidence shrink, kept on every other lever's policy."""
+        return egmv if served.evidence is None else served.evidence.apply(X, egmv)
+
     def uncalibrated(X: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return np.asarray(served.scorer.predict(X)) * value(ids)
+        return shrunk(X, np.asarray(served.scorer.predict(X)) * value(ids))
 
     out[ABLATION + "calibration"] = _model_policy(store, candidates, uncalibrated)
+    if served.evidence is not None and served.evidence.kappa > 0:
+        out[ABLATION + "evidence_shrink"] = _model_policy(store, candidates, served.unshrunk)
     flipped = 0.0 if retriever.profile_share > 0 else PROFILE_SHARE_WHEN_ON
     other = Retriever(stage, retriever.store, paths, dataset, retriever.items, flipped)
     flipped_candidates = CandidateCache(other, items, cfg.candidates)

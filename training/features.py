@@ -253,6 +253,10 @@ class FeatureBuilder:
             fed_clicks = clicks
             buys = _daily(p_item, p_day, n, cal.days)
         cols: dict[str, np.ndarray] = {}
+        # every impression, feed and organic, since the data began
+        every = _daily(self.imp_item, self.imp_day, n, cal.days)
+        cols["impressions_total"] = every[:, snaps].astype(np.int64)
+        del every
         for w in (7, 30):
             i_w = _window(imps, snaps, w)
             c_w = _window(fed_clicks, snaps, w)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.paths import Paths
+from contract.scorer import EVIDENCE_KAPPA
 from training.report import json_default
 
 STAGE_REPORT = "stage_reports.json"
@@ -25,6 +26,8 @@ class TrainConfig:
     ope_requests: int = 2000
     ranker_trials: int = 8  # Optuna trials per model
     ranker_seconds: float = 1800.0  # wall-clock safety net per model (the budget is trials)
+    # the served E[GMV]'s shrink by the item's logged impressions (contract.scorer; 0: none)
+    evidence_kappa: float = EVIDENCE_KAPPA
 
 
 def staging_dir(paths: Paths, dataset: str) -> Path:

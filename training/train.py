@@ -85,7 +85,9 @@ def stage_rankers(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any
 
     _rankers_fit(paths, dataset)
     budget = RankerBudget(trials=cfg.ranker_trials, seconds=cfg.ranker_seconds)
-    result = train_rankers(paths.home, dataset, seed=cfg.seed, budget=budget)
+    result = train_rankers(
+        paths.home, dataset, seed=cfg.seed, budget=budget, evidence_kappa=cfg.evidence_kappa
+    )
     save(result, staging_dir(paths, dataset))
     metrics: dict[str, Any] = dict(result.metrics)
     # reliability of p(purchase) on the test days, before and after calibration

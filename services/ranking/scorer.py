@@ -7,7 +7,10 @@ the bundle (``ranker/purchase.so``), run with one thread per call: the gRPC work
 the concurrency, and 500 rows are too few to gain from OpenMP. When the bundle ships a
 linear offset (``ranker/linear_offset.json``: the trees were boosted from a logistic
 regression's log-odds), the uncalibrated p is ``sigmoid(offset + the trees' margin)``
-(``contract.scorer.PurchaseModel``).
+(``contract.scorer.PurchaseModel``). When it ships an evidence shrink
+(``ranker/evidence.json``), E[GMV] is then multiplied by ``(n + prior) / (n + prior + kappa)``
+with n the candidate's ``impressions_total`` column (``contract.scorer.EvidenceShrink``);
+``p_purchase`` stays the calibrated probability.
 
 A swap is one attribute assignment. A request reads ``ModelHolder.current()`` once and
 scores with that model to the end, so a reload in between never mixes two versions in one
@@ -31,6 +34,7 @@ import numpy as np
 from contract.bundle import (
     CALIBRATOR,
     COMPILED_MODEL,
+    EVIDENCE,
     FEATURE_SCHEMA,
     LINEAR_OFFSET,
     REGISTERED_MODEL,
@@ -41,7 +45,7 @@ from contract.bundle import (
 )
 from contract.calibration import Calibrator
 from contract.features import FeatureSchema
-from contract.scorer import CompiledScorer, LinearOffset, PurchaseModel
+from contract.scorer import CompiledScorer, EvidenceShrink, LinearOffset, PurchaseModel
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -110,8 +114,10 @@ class LoadedModel:
         *,
         registry_version: str | None = None,
         served: ServedScore = ServedScore.PURCHASE,
+        evidence: EvidenceShrink | None = None,
     ) -> None:
         self.bundle_dir = bundle_dir
+        self.evidence = evidence
         self.manifest = manifest
         self.schema = schema
         self.schema_hash = schema.hash
@@ -148,6 +154,7 @@ class LoadedModel:
             schema = FeatureSchema.from_dict(json.loads((bundle_dir / FEATURE_SCHEMA).read_text()))
             calibrator = Calibrator.from_dict(json.loads((bundle_dir / CALIBRATOR).read_text()))
             offset = LinearOffset.read(bundle_dir / LINEAR_OFFSET)
+            evidence = EvidenceShrink.read(bundle_dir / EVIDENCE, schema.names)
         except (KeyError, ValueError) as err:  # JSONDecodeError is a ValueError
             raise BundleError(f"bundle at {bundle_dir}: {type(err).__name__}: {err}") from err
         trees = CompiledScorer(bundle_dir / COMPILED_MODEL, nthread=1)
@@ -163,6 +170,7 @@ class LoadedModel:
             calibrator,
             registry_version=registry_version,
             served=served,
+            evidence=evidence,
         )
 
     @property
@@ -173,13 +181,17 @@ class LoadedModel:
         return f"{self.registry_version} (bundle {self.bundle_version})"
 
     def score(self, X: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated p(purchase) and E[GMV] = p x values for the rows of ``X``.
+        """Calibrated p(purchase) and E[GMV] = p x values [x the evidence shrink] for the rows
+        of ``X``.
 
         ``X``: float32 (n, width) in the schema's column order, NaN for missing values.
         ``values``: (n,) price x margin. Inputs are assumed checked (``check_inputs``).
         """
         p = self.calibrator.apply(self.compiled.predict(X))
-        return p, p * values
+        egmv = p * values
+        if self.evidence is not None:
+            egmv = self.evidence.apply(X, egmv)
+        return p, egmv
 
     def check_schema_hash(self, got: str) -> None:
         """InvalidArgument when the caller did not say which schema it built, else

@@ -12,7 +12,7 @@ Everything runs in one process, per request:
    -- the slow part: 500 rows take 120-340 ms through Feast's Python read path;
 4. ``contract.features.build_matrix`` on those columns plus the request context;
 5. LightGBM ``Booster.predict`` on the bundle's source model (not the compiled library),
-   the bundle's isotonic calibrator, E[GMV] = p x price x margin;
+   the bundle's isotonic calibrator, E[GMV] = p x price x margin [x the evidence shrink];
 6. out-of-stock items dropped, the rest sorted by E[GMV], the first ``page_size`` returned.
 
 It is honest rather than sabotaged: no per-item Python work beyond converting Feast's lists
@@ -43,7 +43,7 @@ from contract.calibration import Calibrator
 from contract.catalog import Catalog
 from contract.features import DAY_OF_WEEK, HOUR, FeatureSchema, build_matrix, feature_schema
 from contract.paths import Paths
-from contract.scorer import LinearOffset
+from contract.scorer import EvidenceShrink, LinearOffset
 from contract.tower import UserTower
 from feature_repo import schema as S
 
@@ -170,6 +170,7 @@ class ReferenceFeed:
         )
         self.calibrator = Calibrator.from_dict(json.loads((bundle_dir / B.CALIBRATOR).read_text()))
         self.offset = LinearOffset.read(bundle_dir / B.LINEAR_OFFSET)
+        self.evidence = EvidenceShrink.read(bundle_dir / B.EVIDENCE, feature_schema().names)
         from training.ranking.models import offset_probability  # training's p, offset or not
 
         self._probability = offset_probability
@@ -290,11 +291,13 @@ class ReferenceFeed:
 
     def rank(self, columns: Mapping[str, Any], item_ids: np.ndarray) -> np.ndarray:
         """E[GMV] of each candidate: calibrated LightGBM p(purchase) x price x margin (the
-        trees boosted from the bundle's linear offset when it has one)."""
+        trees boosted from the bundle's linear offset when it has one), times the bundle's
+        evidence shrink when it has one."""
         X = build_matrix(columns)
         p = self.calibrator.apply(self._probability(self.booster, self.offset, X))
         margin = self._margin[self._rows_of(item_ids)]
-        return np.asarray(p * np.asarray(columns[C.PRICE], np.float64) * margin)
+        egmv = np.asarray(p * np.asarray(columns[C.PRICE], np.float64) * margin)
+        return egmv if self.evidence is None else self.evidence.apply(X, egmv)
 
     def feed(self, request: FeedRequest) -> Page:
         """One page for ``request``; ``Page.stage_ms`` has retrieval, features, ranking, total."""

@@ -11,8 +11,9 @@ The evaluation stage scores every ablation on the same Oracle requests as the se
   regression fitted on its own training set (a zeroed column gets coefficient 0).
   ``linear_offset`` is the trees boosted from 0. Saved under ``eval/ablation/<lever>/``
   (LightGBM text + calibrator [+ linear offset]).
-- **serving levers**, applied by the evaluation alone: the retrieval PROFILE source off, or
-  the isotonic calibration off (the raw probability times the item's value).
+- **serving levers**, applied by the evaluation alone: the retrieval PROFILE source off, the
+  isotonic calibration off (the raw probability times the item's value), or the evidence
+  shrink off (``contract.scorer.EvidenceShrink``; every other lever keeps it).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 
 from contract.calibration import Calibrator
 from contract.features import FEATURE_SCHEMA, ORGANIC_CONTEXT
-from contract.scorer import LinearOffset
+from contract.scorer import EVIDENCE_FEATURE, LinearOffset
 from feature_repo import schema as S
 from training.ranking.calibration import fit_isotonic
 from training.ranking.models import (
@@ -56,6 +57,7 @@ FEATURE_LEVERS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "monotone_price": ((), {"monotone_price": False}),
     "organic_context_feature": ((ORGANIC_CONTEXT,), {}),
     "linear_offset": ((), {"linear_offset": False}),
+    "impressions_total_feature": ((EVIDENCE_FEATURE,), {}),
 }
 # what each lever is, for the report (serving levers included)
 LEVERS: dict[str, str] = {
@@ -68,6 +70,8 @@ LEVERS: dict[str, str] = {
     "organic_context_feature": "ranker trained without organic_context (organic rows look "
     "like feed slots)",
     "linear_offset": "purchase trees boosted from 0, not from the logistic log-odds",
+    "impressions_total_feature": "ranker without impressions_total (the shrink still reads it)",
+    "evidence_shrink": "E[GMV] not shrunk by the item's logged impressions",
 }
 
 

@@ -42,7 +42,7 @@ from contract import columns as C
 from contract.calibration import Calibrator
 from contract.features import FEATURE_SCHEMA, FeatureSchema, build_matrix
 from contract.paths import Paths
-from contract.scorer import LinearOffset
+from contract.scorer import EVIDENCE_KAPPA, EvidenceShrink, LinearOffset
 from training import metrics as M
 from training.dataset import IPS_WEIGHT, LABEL, check_label
 from training.ranking import ablation
@@ -78,6 +78,7 @@ class RankerModels:
     calibrator: Calibrator
     schema: FeatureSchema
     offset: LinearOffset | None = None  # the log-odds the purchase trees were boosted from
+    evidence: EvidenceShrink | None = None  # the served E[GMV]'s shrink (None: no file)
 
     def raw_purchase_probability(self, X: np.ndarray) -> np.ndarray:
         return offset_probability(self.purchase, self.offset, X)
@@ -233,9 +234,14 @@ def evaluate(
 
 
 def train_rankers(
-    home: Path, dataset: str, seed: int = 0, budget: RankerBudget | None = None
+    home: Path,
+    dataset: str,
+    seed: int = 0,
+    budget: RankerBudget | None = None,
+    evidence_kappa: float = EVIDENCE_KAPPA,
 ) -> RankerResult:
-    """Tune, calibrate and evaluate both rankers and the logistic baseline on a dataset."""
+    """Tune, calibrate and evaluate both rankers and the logistic baseline on a dataset.
+    ``evidence_kappa``: the served E[GMV]'s :class:`EvidenceShrink` (0: none)."""
     budget = budget or RankerBudget()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -274,8 +280,9 @@ def train_rankers(
     calibrator = fit_isotonic(raw_valid, valid.label, valid.sample_weight)
     seconds["calibration"] = time.perf_counter() - t
 
+    evidence = EvidenceShrink.for_schema(FEATURE_SCHEMA.names, evidence_kappa)
     models = RankerModels(
-        purchase.best.booster, ranker.best.booster, calibrator, FEATURE_SCHEMA, offset
+        purchase.best.booster, ranker.best.booster, calibrator, FEATURE_SCHEMA, offset, evidence
     )
     t = time.perf_counter()
     metrics: dict[str, Any] = {
@@ -299,6 +306,7 @@ def train_rankers(
     metrics["feature_schema_hash"] = FEATURE_SCHEMA.hash
     metrics["seed"] = seed
     metrics["linear_offset"] = offset is not None
+    metrics["evidence_shrink"] = evidence.to_dict()
     metrics["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     log.info("rankers for %s in %.1fs", dataset, seconds["total"])
     return RankerResult(models, logreg, metrics, ablations)
@@ -338,6 +346,9 @@ def save(result: RankerResult | RankerModels, out_dir: Path) -> dict[str, Path]:
     if models.offset is not None:
         paths[bundle.LINEAR_OFFSET] = out_dir / bundle.LINEAR_OFFSET
         write_json(models.offset.to_dict(), paths[bundle.LINEAR_OFFSET])
+    if models.evidence is not None:
+        paths[bundle.EVIDENCE] = out_dir / bundle.EVIDENCE
+        write_json(models.evidence.to_dict(), paths[bundle.EVIDENCE])
     if isinstance(result, RankerResult) and result.ablations:
         ablation.save(result.ablations, out_dir)
     return paths
@@ -360,4 +371,5 @@ def load(out_dir: Path) -> RankerModels:
     offset = LinearOffset.read(out_dir / bundle.LINEAR_OFFSET)
     if offset is not None:
         offset.require_width(len(schema), "feature_schema.json lists")
-    return RankerModels(purchase, lambdamart, calibrator, schema, offset)
+    evidence = EvidenceShrink.read(out_dir / bundle.EVIDENCE, schema.names)
+    return RankerModels(purchase, lambdamart, calibrator, schema, offset, evidence)

@@ -218,7 +218,7 @@ def test_the_evidence_shrink_discounts_items_by_their_logged_impressions(tmp_pat
     shrink; the file round-trips, and a bundle without it has none."""
 
     names = ("price", "impressions_total", "ctr_7d")
-    shrink = EvidenceShrink.for_schema(names, kappa=2.0)
+    shrink = EvidenceShrink.for_schema(names, kappa=2.0, prior=0.0)
     assert shrink.column == 1
     X = np.array([[1, 0, 0], [1, 2, 0], [1, 198, 0], [1, np.nan, 0], [1, -3, 0]], np.float32)
     egmv = np.full(5, 10.0)

@@ -19,6 +19,15 @@ Encoding, column by column (``InputSpec.input_names`` gives the order):
 The encoded matrix is then standardised with the training rows' mean and standard
 deviation (stored in the file) and fed through ``Linear → ReLU → … → Linear``.
 
+**Value-aware retrieval** (:func:`with_value_column`, :func:`item_value`): a bundle may append
+one column to both sides, the constant ``w`` to every user vector (a last layer output with
+zero weights and bias ``w``) and ``log(price x margin)`` to every item embedding, so that the
+inner product the index searches is ``taste + w x log(value)``. The tower's logits estimate
+``log p(engagement | user)`` up to a per-user constant (sampled softmax with the logQ
+correction), so with ``w = 1`` the index ranks by the log of an expected value; the weight is
+chosen on the validation days. ``retrieval/config.json`` records the column
+(``embeddings.value_columns``) so that cosine uses of the embeddings leave it out.
+
 This module imports only numpy and the standard library.
 """
 
@@ -259,3 +268,34 @@ class UserTower:
                 weights=tuple(z[f"w{k}"].astype(np.float64) for k in range(n_layers)),
                 biases=tuple(z[f"b{k}"].astype(np.float64) for k in range(n_layers)),
             )
+
+
+VALUE_FLOOR = 1e-3  # the smallest price x margin the value column takes the log of
+# the default weight of the value column, chosen on sim-small's validation days
+# (docs/models.md; ``tools.bench_levers --served-sweep`` ``retrieval_value@<w>``)
+VALUE_WEIGHT = 2.0
+
+
+def value_columns(settings: Mapping[str, Any]) -> int:
+    """How many last columns of a bundle's embeddings are the value column (0 or 1), from
+    its ``retrieval/config.json``; 0 for bundles from before value-aware retrieval."""
+    return int(settings.get("embeddings", {}).get("value_columns", 0))
+
+
+def item_value(price: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    """``log(max(price x margin, VALUE_FLOOR))`` per item, float32: the item side of the
+    value column (module docstring)."""
+    value = np.asarray(price, dtype=np.float64) * np.asarray(margin, dtype=np.float64)
+    value = np.where(np.isfinite(value), value, VALUE_FLOOR)
+    return np.log(np.maximum(value, VALUE_FLOOR)).astype(np.float32)
+
+
+def with_value_column(tower: UserTower, weight: float) -> UserTower:
+    """``tower`` whose output gains a last column equal to ``weight`` for every user (a last
+    layer output with zero weights and bias ``weight``): the user side of the value column."""
+    if not np.isfinite(weight) or weight < 0:
+        raise ValueError(f"the value weight must be a finite number >= 0, got {weight!r}")
+    last_w, last_b = tower.weights[-1], tower.biases[-1]
+    weights = (*tower.weights[:-1], np.hstack([last_w, np.zeros((last_w.shape[0], 1))]))
+    biases = (*tower.biases[:-1], np.concatenate([last_b, [float(weight)]]))
+    return UserTower(tower.spec, tower.mean, tower.std, weights, biases)

@@ -23,7 +23,7 @@ from contract.history import History
 from contract.paths import Paths
 from contract.popular import PopularityLists
 from contract.timeutil import to_ns
-from contract.tower import InputSpec, UserTower
+from contract.tower import VALUE_FLOOR, InputSpec, UserTower, item_value, with_value_column
 from feature_repo import schema as S
 from training.evaluate import _retrieval_section
 from training.retrieval import ann, popular
@@ -95,6 +95,24 @@ def trained(
     out = tmp_path_factory.mktemp("retrieval_bundle")
     report = train_retrieval(
         home.home, tiny_dataset["dataset"], out, seed=0, config=TINY, latency_queries=200
+    )
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def taste_trained(
+    tiny_dataset: dict, home: Paths, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
+    """The same training without the value column: the tower's taste alone."""
+    out = tmp_path_factory.mktemp("taste_bundle")
+    report = train_retrieval(
+        home.home,
+        tiny_dataset["dataset"],
+        out,
+        seed=0,
+        config=replace(TINY, value_weight=0.0),
+        latency_queries=50,
+        sweep_queries=50,
     )
     return out, report
 
@@ -368,15 +386,38 @@ def test_bundle_files_and_report(trained, data: RetrievalData):
     ids = np.load(out / bundle.ITEM_IDS)
     emb = np.load(out / bundle.ITEM_EMBEDDINGS)
     np.testing.assert_array_equal(ids, data.catalog.item_ids)
-    assert emb.dtype == np.float32 and emb.shape == (len(ids), TINY.embedding_dim)
+    assert TINY.value_weight > 0
+    assert emb.dtype == np.float32 and emb.shape == (len(ids), TINY.embedding_dim + 1)
     assert np.isfinite(emb).all()
+    # the value column: log(price x margin) on items, the weight on every user
+    assert data.catalog.margin is not None
+    np.testing.assert_array_equal(
+        emb[:, -1], np.log(data.catalog.price * data.catalog.margin).astype(np.float32)
+    )
+    tower = UserTower.load(out / bundle.USER_TOWER)
+    users = tower.embed(data.encode(data.splits["test"].head(50)))
+    assert users.shape == (50, TINY.embedding_dim + 1)
+    assert np.all(users[:, -1] == np.float32(TINY.value_weight))
     config = json.loads((out / bundle.RETRIEVAL_CONFIG).read_text())
     assert config["embeddings"]["l2_normalized"] is False
+    assert config["embeddings"]["value_columns"] == 1
+    assert config["embeddings"]["value_weight"] == TINY.value_weight
     assert config["user_input"]["input_names"] == data.spec.input_names
     assert report["numpy_parity_max_abs_diff"] < 1e-5
     for key in ("recall_at_500", "popularity_recall_at_500"):
         assert set(report[key]) == {"purchase", "click"}
         assert all(0.0 <= v <= 1.0 for v in report[key].values())
+
+
+def test_value_weight_zero_exports_the_taste_alone(trained, taste_trained, data):
+    """Without the value column the exported tower and embeddings are the fitted tower's
+    own (the same seed gives the same taste columns), and the config says so."""
+    out, _ = taste_trained
+    emb = np.load(out / bundle.ITEM_EMBEDDINGS)
+    assert emb.shape == (len(data.catalog), TINY.embedding_dim)
+    np.testing.assert_array_equal(emb, np.load(trained[0] / bundle.ITEM_EMBEDDINGS)[:, :-1])
+    config = json.loads((out / bundle.RETRIEVAL_CONFIG).read_text())
+    assert config["embeddings"]["value_columns"] == 0
 
 
 def test_history_and_popularity_are_as_of_the_start_of_the_test_period(trained, data):
@@ -405,12 +446,13 @@ def test_history_and_popularity_are_as_of_the_start_of_the_test_period(trained, 
     assert pd.Timestamp(lists["window"]["end"]) == data.split_times["valid_end"]
 
 
-def test_model_retrieves_test_clicks_far_above_chance_and_near_popularity(trained, data):
+def test_model_retrieves_test_clicks_far_above_chance_and_near_popularity(taste_trained, data):
     """A weaker property than beating popularity, which sim-tiny cannot show: its feeds
     come from a 600-item pool and popularity's top 500 holds ~98 % of the test clicks
-    (the real comparison is measured on sim-small and reported). Here the model must
-    retrieve test clicks far above chance and within 10 % of popularity at K = 50."""
-    _, report = trained
+    (the real comparison is measured on sim-small and reported). Here the tower's taste
+    (no value column, which trades click recall for value by design) must retrieve test
+    clicks far above chance and within 10 % of popularity at K = 50."""
+    _, report = taste_trained
     curve = report["recall_curve"]["click"]
     chance = 50 / len(data.catalog)
     assert curve["model"][50] >= 20 * chance
@@ -617,3 +659,31 @@ def test_encoded_rows_in_batches_are_the_whole_encoding(data: RetrievalData):
     np.testing.assert_array_equal(batched.take(needed), whole)
     with pytest.raises(ValueError, match="were not encoded"):
         batched.take(~needed)
+
+
+def test_value_column_adds_the_weighted_log_value_to_every_inner_product():
+    rng = np.random.default_rng(0)
+    spec = _spec()
+    tower = UserTower(
+        spec,
+        np.zeros(len(spec.input_names)),
+        np.ones(len(spec.input_names)),
+        (rng.normal(size=(len(spec.input_names), 4)),),
+        (rng.normal(size=4),),
+    )
+    valued = with_value_column(tower, 1.5)
+    x = rng.normal(size=(6, len(spec.input_names)))
+    taste = tower.embed(x)
+    users = valued.embed(x)
+    np.testing.assert_array_equal(users[:, :-1], taste)
+    assert np.all(users[:, -1] == np.float32(1.5))
+    price, margin = np.array([10.0, 50.0, 0.0, np.nan]), np.array([0.2, 0.1, 0.3, 0.2])
+    value = item_value(price, margin)
+    np.testing.assert_allclose(value[:2], np.log([2.0, 5.0]), rtol=1e-6)
+    assert value[2] == value[3] == np.float32(np.log(VALUE_FLOOR))  # floored, never -inf
+    items = rng.normal(size=(4, 4)).astype(np.float32)
+    scores = users @ np.hstack([items, value[:, None]]).T
+    np.testing.assert_allclose(scores, taste @ items.T + 1.5 * value, rtol=1e-5, atol=1e-5)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="value weight"):
+            with_value_column(tower, bad)

@@ -39,7 +39,7 @@ from contract.catalog import Catalog
 from contract.features import NEW_SELLER_DAYS
 from contract.paths import REPO_ROOT, Paths
 from contract.popular import PopularityLists
-from contract.tower import InputSpec, UserTower
+from contract.tower import InputSpec, UserTower, value_columns
 from feature_repo import schema as S
 from services.common.bundles import BundleRef
 from services.common.errors import FailedPrecondition
@@ -396,6 +396,48 @@ def test_checkout_puts_cart_similar_items_first_then_the_user_part() -> None:
     assert 15 not in shared.item_ids  # the cart is excluded even when not listed in exclude
 
 
+def test_a_value_column_moves_the_user_part_but_not_the_carts_neighbours() -> None:
+    """With the bundle's value column (``contract.tower.with_value_column``) the user part
+    ranks by taste + weight x log value, and the cart's neighbours by the taste's angle
+    alone: the same as without the column."""
+    value = np.zeros(len(IDS), dtype=np.float32)
+    value[IDS == 20] = 100.0  # last by taste alone (BY_DOT), first with the value column
+    emb = np.hstack([EMB, value[:, None]])
+    index = CandidateIndex(
+        item_ids=IDS,
+        embeddings=emb,
+        searcher=BruteSearcher(emb),
+        tower=constant_tower(np.append(USER_Q, 1.0).astype(np.float32)),
+        popular_lists=PopularityLists.from_json(POPULAR),
+        pool_ids=NONE,
+        reorder=4,
+        version="7",
+        bundle_version="handmade",
+        config=RetrievalConfig(exploration=0, profile_share=0.0),
+        value_columns=1,
+    )
+    home = retrieve(index, n=3)
+    assert home.item_ids.tolist() == [20, 10, 11]
+    plain = retrieve(handmade(profile_share=0.0), n=6, surface=CHECKOUT, cart=[15], exclude=[15])
+    valued = retrieve(index, n=6, surface=CHECKOUT, cart=[15], exclude=[15])
+    assert valued.item_ids[:3].tolist() == plain.item_ids[:3].tolist() == [21, 16, 14]
+    np.testing.assert_allclose(valued.scores[:3], plain.scores[:3], rtol=1e-6)
+    assert valued.item_ids[3] == 20  # the user part: the valued item first
+    with pytest.raises(B.BundleError, match="value columns"):
+        CandidateIndex(
+            item_ids=IDS,
+            embeddings=EMB,
+            searcher=BruteSearcher(EMB),
+            tower=constant_tower(USER_Q),
+            popular_lists=PopularityLists.from_json(POPULAR),
+            pool_ids=NONE,
+            reorder=4,
+            version="7",
+            bundle_version="handmade",
+            value_columns=2,
+        )
+
+
 def test_checkout_without_a_cart_and_home_with_one_serve_the_user_part() -> None:
     empty = retrieve(handmade(), n=4, surface=CHECKOUT)
     assert empty.item_ids.tolist() == BY_DOT[:4] and (empty.sources == ANN).all()
@@ -642,6 +684,12 @@ class Truth:
     known_users: list[int]
     items: pd.DataFrame  # raw catalog, indexed by item id
     sellers: pd.DataFrame
+    value_columns: int  # the embeddings' last columns that hold the value (contract.tower)
+
+    @property
+    def taste(self) -> np.ndarray:
+        """The embeddings without the value column: what a cart's neighbours are by."""
+        return self.embeddings[:, : self.embeddings.shape[1] - self.value_columns]
 
     def query(self, user_id: int) -> np.ndarray:
         """The user's tower vector from ``get_online_features`` with defaults filled here."""
@@ -679,6 +727,7 @@ class Truth:
     ) -> list[int]:
         e = self.embeddings.astype(np.float64)
         if cosine:
+            e = self.taste.astype(np.float64)
             e = e / np.linalg.norm(e, axis=1, keepdims=True)
         scores = e @ query.astype(np.float64)
         scores[np.isin(self.item_ids, banned)] = -np.inf
@@ -707,6 +756,7 @@ def truth(tiny_dataset: dict, tiny_bundle: Path, home: Paths) -> Truth:
         known_users=known[:20],
         items=tables[C.ITEMS].set_index(C.ITEM_ID),
         sellers=tables[C.SELLERS].set_index(C.SELLER_ID),
+        value_columns=value_columns(json.loads((tiny_bundle / B.RETRIEVAL_CONFIG).read_text())),
     )
 
 
@@ -1054,7 +1104,8 @@ def test_checkout_returns_items_close_to_the_cart_then_the_users(
     assert len(content) == share
     assert reply.sources.tolist() == [CONTENT] * share + [ANN] * (n - m - share) + [EXPLORE] * m
 
-    unit = truth.embeddings / np.linalg.norm(truth.embeddings, axis=1, keepdims=True)
+    assert truth.value_columns == 1  # the bundle's default: the cosine leaves it out
+    unit = truth.taste / np.linalg.norm(truth.taste, axis=1, keepdims=True)
     rows = rows_of(truth.item_ids, cart)
     query = unit[rows].mean(axis=0)
     query /= np.linalg.norm(query)

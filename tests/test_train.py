@@ -48,6 +48,11 @@ def test_eval_report_holds_the_contract(trained, home):
         assert report["policies"][name]["oracle_egmv_per_1k"] > 0
     best = report["policies"]["optimal"]["oracle_egmv_per_1k"]
     assert all(p["oracle_egmv_per_1k"] <= best for p in report["policies"].values())
+    # the serving levers: each off alone, with the Oracle's best page over its candidates
+    for lever in ("profile_candidates", "retrieval_value"):
+        entry = report["ablation"][lever]
+        assert entry["optimal_over_candidates"] >= entry["oracle_egmv_per_1k"] > 0
+        assert entry["what"]
     markdown = (home.reports / "eval.md").read_text()
     assert markdown.startswith("# homefeed evaluation") and report["bundle_version"] in markdown
     assert (home.reports / "reliability.png").exists() and (home.reports / "policies.png").exists()
@@ -227,7 +232,14 @@ def test_the_served_sweep_scores_every_setting_and_rebuilds_the_bundles_history(
     the served policy, and the Oracle's best page over the candidates is never below a
     ranking of them."""
     from contract.scorer import EVIDENCE_KAPPA, EVIDENCE_PRIOR
-    from tools.bench_levers import HISTORY_CAPS, KAPPAS, PROFILE_SHARES, served_sweep
+    from contract.tower import VALUE_WEIGHT
+    from tools.bench_levers import (
+        HISTORY_CAPS,
+        KAPPAS,
+        PROFILE_SHARES,
+        VALUE_WEIGHTS,
+        served_sweep,
+    )
     from training.retrieval.history import MAX_ITEMS
 
     report = served_sweep(home.home, tiny_dataset["dataset"], n_requests=20)
@@ -241,7 +253,14 @@ def test_the_served_sweep_scores_every_setting_and_rebuilds_the_bundles_history(
     }
     expected |= {f"profile@{s:g}" for s in PROFILE_SHARES}
     expected |= {f"history@{c}" for c in HISTORY_CAPS}
+    expected |= {f"{w}retrieval_value@{v:g}" for w in ("", "valid:") for v in VALUE_WEIGHTS}
     assert expected <= set(policies)
+    # the bundle's own value weight is the served retrieval; another weight moves it
+    assert VALUE_WEIGHT in VALUE_WEIGHTS
+    assert policies[f"retrieval_value@{VALUE_WEIGHT:g}"] == policies["served"]
+    for v in VALUE_WEIGHTS:
+        best = policies[f"optimal_over_candidates:retrieval_value@{v:g}"]
+        assert best >= policies[f"retrieval_value@{v:g}"]
     assert all(np.isfinite(v) and v >= 0 for v in policies.values())
     assert policies["profile@0"] == policies["served"]
     own = f"evidence_total@{EVIDENCE_KAPPA:g}" + (f"+{EVIDENCE_PRIOR:g}" if EVIDENCE_PRIOR else "")

@@ -34,6 +34,10 @@ request sample (1,000 requests, seed 0), and writes ``reports/levers_sweep.json`
   ``contract.scorer.EvidenceShrink`` reads), or the served ``impressions_7d``; on the test
   days and, to choose kappa without them, on the validation days (``valid:`` names).
   ``served`` applies the bundle's own shrink, ``unshrunk`` none.
+- ``retrieval_value@<w>``: the index's value column weighted ``w`` instead of the bundle's
+  (``contract.tower.with_value_column``; 0: the tower's taste alone), at each of
+  :data:`VALUE_WEIGHTS`, with ``optimal_over_candidates:retrieval_value@<w>`` beside it, on
+  the test and the validation days (a bundle without the column: skipped).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from contract import bundle as B
 from contract import columns as C
 from contract.features import build_matrix
 from contract.paths import Paths
@@ -216,6 +221,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
 PROFILE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.5)
 HISTORY_CAPS = (200, 300, 500)
 KAPPAS = (1.0, 2.0, 5.0, 10.0, 20.0)
+VALUE_WEIGHTS = (0.0, 1.0, 1.5, 2.0, 3.0)
 PRIORS = (0.0, 0.5, 1.0)  # impressions every item is credited with (evidence_total only)
 
 
@@ -225,6 +231,7 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
     from contract.features import FEATURE_SCHEMA
     from contract.scorer import EVIDENCE_FEATURE
     from contract.timeutil import to_ns
+    from contract.tower import value_columns
     from training.evaluate import (
         EVAL_IMPRESSION_COLUMNS,
         CandidateCache,
@@ -259,8 +266,14 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
     impressions_total = FEATURE_SCHEMA.names.index(EVIDENCE_FEATURE)
     n_items = int(items[C.ITEM_ID].max()) + 1
 
-    def retriever(share: float, cap: int | None = None) -> CandidateCache:
-        found = Retriever(stage, store, paths, dataset, items, profile_share=share)
+    has_value = value_columns(json.loads((stage / B.RETRIEVAL_CONFIG).read_text())) > 0
+
+    def retriever(
+        share: float, cap: int | None = None, value_weight: float | None = None
+    ) -> CandidateCache:
+        found = Retriever(
+            stage, store, paths, dataset, items, profile_share=share, value_weight=value_weight
+        )
         if cap is not None:
             found.history = build_history(
                 past[C.USER_ID].to_numpy(np.int64)[engaged],
@@ -310,6 +323,12 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
                 )
             models[f"evidence_7d@{kappa:g}"] = _model_policy(
                 store, served_cache, shrunk(impressions_7d, kappa)
+            )
+        for weight in VALUE_WEIGHTS if has_value else ():
+            cache = retriever(0.0, value_weight=weight)
+            models[f"retrieval_value@{weight:g}"] = _model_policy(store, cache, served.egmv)
+            models[f"optimal_over_candidates:retrieval_value@{weight:g}"] = _oracle_over_candidates(
+                oracle, cache, 20
             )
         if window == "test":
             for share in PROFILE_SHARES:

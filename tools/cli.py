@@ -142,6 +142,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         ranker_trials=args.trials,
         ranker_seconds=args.seconds,
         **({} if args.evidence_kappa is None else {"evidence_kappa": args.evidence_kappa}),
+        **(
+            {}
+            if args.retrieval_value_weight is None
+            else {"retrieval_value_weight": args.retrieval_value_weight}
+        ),
     )
     stages = tuple(args.stage) if args.stage else STAGES
     _print(train(Paths.from_env(), args.dataset, stages, cfg))
@@ -580,6 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the served E[GMV] times n/(n+kappa), n the item's logged impressions "
         "(0: off; default contract.scorer.EVIDENCE_KAPPA); takes effect from the rankers stage",
+    )
+    p.add_argument(
+        "--retrieval-value-weight",
+        type=float,
+        default=None,
+        help="value-aware retrieval: the index scores the tower's taste + w x log(price x "
+        "margin) (0: taste alone; default contract.tower.VALUE_WEIGHT); takes effect from the "
+        "retrieval stage",
     )
     p.add_argument(
         "--seconds",

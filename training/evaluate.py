@@ -21,6 +21,7 @@ from contract import bundle as B
 from contract import columns as C
 from contract.content import PROFILE_SHARE
 from contract.paths import Paths
+from contract.tower import value_columns
 from training.retrieval.evaluate import explain_uncomputable
 from training.tables import RowsById
 
@@ -210,9 +211,10 @@ def _ablation_policies(
 ) -> dict[str, Any]:
     """Each lever switched off alone (``training.ranking.ablation``), as a policy the replay
     scores on the same requests as the served ranker: the model levers' refitted purchase
-    models, the calibration off, the evidence shrink off (when the bundle has one), and the
-    PROFILE retrieval source flipped from its served setting (with the Oracle's best order of
-    those candidates)."""
+    models, the calibration off, the evidence shrink off (when the bundle has one), the
+    PROFILE retrieval source flipped from its served setting and the index's value column
+    off (when the bundle has one), each with the Oracle's best order of those
+    candidates."""
     from training.ranking import ablation
     from training.retrieval.retriever import Retriever
 
@@ -243,6 +245,23 @@ def _ablation_policies(
     out[ABLATION + "profile_candidates:optimal_over_candidates"] = _oracle_over_candidates(
         oracle, flipped_candidates, cfg.k
     )
+    if retriever.value_weight != 0 and value_columns(
+        json.loads((stage / B.RETRIEVAL_CONFIG).read_text())
+    ):
+        taste = Retriever(
+            stage,
+            retriever.store,
+            paths,
+            dataset,
+            retriever.items,
+            retriever.profile_share,
+            value_weight=0.0,
+        )
+        taste_candidates = CandidateCache(taste, items, cfg.candidates)
+        out[ABLATION + "retrieval_value"] = _model_policy(store, taste_candidates, served.egmv)
+        out[ABLATION + "retrieval_value:optimal_over_candidates"] = _oracle_over_candidates(
+            oracle, taste_candidates, cfg.k
+        )
     return out
 
 

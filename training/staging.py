@@ -10,6 +10,7 @@ from typing import Any
 
 from contract.paths import Paths
 from contract.scorer import EVIDENCE_KAPPA
+from contract.tower import VALUE_WEIGHT as RETRIEVAL_VALUE_WEIGHT
 from training.report import json_default
 
 STAGE_REPORT = "stage_reports.json"
@@ -28,6 +29,9 @@ class TrainConfig:
     ranker_seconds: float = 1800.0  # wall-clock safety net per model (the budget is trials)
     # the served E[GMV]'s shrink by the item's logged impressions (contract.scorer; 0: none)
     evidence_kappa: float = EVIDENCE_KAPPA
+    # value-aware retrieval: the index scores taste + w x log(price x margin)
+    # (training.retrieval.towers.TowerConfig.value_weight; 0: taste alone)
+    retrieval_value_weight: float = RETRIEVAL_VALUE_WEIGHT
 
 
 def staging_dir(paths: Paths, dataset: str) -> Path:

@@ -50,10 +50,12 @@ def _manifest(paths: Paths, dataset: str) -> dict[str, Any]:
 
 # --- stages ------------------------------------------------------------------------------------
 def stage_retrieval(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
+    from training.retrieval.towers import TowerConfig
     from training.retrieval.train import train_retrieval
 
     stage = staging_dir(paths, dataset)
-    report = train_retrieval(paths.home, dataset, stage, seed=cfg.seed)
+    tower = TowerConfig(value_weight=cfg.retrieval_value_weight)
+    report = train_retrieval(paths.home, dataset, stage, seed=cfg.seed, config=tower)
     return {**report, **write_serving_files(paths, dataset, stage)}
 
 

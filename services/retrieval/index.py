@@ -85,7 +85,7 @@ from contract.catalog import Catalog
 from contract.content import ProfileIndex
 from contract.history import History
 from contract.popular import PopularityLists
-from contract.tower import UserTower
+from contract.tower import UserTower, value_columns
 
 log = logging.getLogger(__name__)
 
@@ -276,10 +276,13 @@ class CandidateIndex:
         config: RetrievalConfig | None = None,
         history: History | None = None,
         catalog: Catalog | None = None,
+        value_columns: int = 0,
     ) -> None:
         """``stock`` (set after construction, None: everything in stock) answers the
         current in-stock mask over the rows. ``catalog`` (the bundle's) gives the PROFILE
-        source its content, prices and margins; None or a catalogue without content: off."""
+        source its content, prices and margins; None or a catalogue without content: off.
+        ``value_columns``: how many last embedding columns are the value column
+        (``contract.tower.value_columns``), which the CONTENT source's cosine leaves out."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
         if embeddings.ndim != 2 or embeddings.shape[0] != len(item_ids):
             raise BundleError(
@@ -297,10 +300,15 @@ class CandidateIndex:
             raise BundleError(f"bundle {bundle_version}: {B.ITEM_IDS}: {err}") from None
         self.item_ids = item_ids
         self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        norms = np.linalg.norm(self.embeddings, axis=1, keepdims=True)
-        self.unit = np.divide(
-            self.embeddings, norms, out=np.zeros_like(self.embeddings), where=norms > 0
-        )
+        if not 0 <= value_columns < embeddings.shape[1]:
+            raise BundleError(
+                f"bundle {bundle_version}: {value_columns} value columns of "
+                f"{embeddings.shape[1]} embedding dimensions"
+            )
+        # the taste part: a cart's neighbours by angle, not by price
+        taste = np.ascontiguousarray(self.embeddings[:, : embeddings.shape[1] - value_columns])
+        norms = np.linalg.norm(taste, axis=1, keepdims=True)
+        self.unit = np.divide(taste, norms, out=np.zeros_like(taste), where=norms > 0)
         self.searcher = searcher
         self.tower = tower
         self.reorder = int(reorder)
@@ -367,6 +375,7 @@ class CandidateIndex:
             config=config,
             history=history,
             catalog=catalog,
+            value_columns=value_columns(settings),
         )
 
     def _popularity_rows(self, ids: np.ndarray) -> _Part:

@@ -72,6 +72,8 @@ LEVERS: dict[str, str] = {
     "linear_offset": "purchase trees boosted from 0, not from the logistic log-odds",
     "impressions_total_feature": "ranker without impressions_total (the shrink still reads it)",
     "evidence_shrink": "E[GMV] not shrunk by the item's logged impressions",
+    "retrieval_value": "retrieval by the tower's taste alone, without the index's "
+    "log(price x margin) column",
 }
 
 

@@ -89,6 +89,7 @@ class Catalog:
     category: np.ndarray  # int64
     price: np.ndarray  # float64
     n_categories: int
+    margin: np.ndarray | None = None  # float64; None: the items table has no margin column
 
     @classmethod
     def from_items(cls, items: pd.DataFrame) -> Catalog:
@@ -102,6 +103,7 @@ class Catalog:
             category=category,
             price=items[C.PRICE].to_numpy(np.float64),
             n_categories=int(category.max()) + 1 if len(category) else 1,
+            margin=items[C.MARGIN].to_numpy(np.float64) if C.MARGIN in items else None,
         )
 
     def __len__(self) -> int:

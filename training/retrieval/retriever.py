@@ -3,10 +3,13 @@ before the bundle's test period) first, then the PROFILE source (the user's cont
 as of the request against the catalogue, ``contract.content.ProfileIndex``: at most
 ``ceil(profile_share x n)`` items not already placed), then requests -> user features as of
 each request (the same Feast join as training) -> numpy user tower -> ScaNN to fill n.
+``value_weight`` replaces the weight of the bundle's value column (``contract.tower``) in
+every query, for the ablation and the sweep; the index is the bundle's either way.
 Exploration, which serving adds, is left out: it is random by design."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +24,7 @@ from contract.ann import load_index
 from contract.history import History
 from contract.paths import Paths
 from contract.timeutil import to_ns
-from contract.tower import UserTower
+from contract.tower import UserTower, value_columns
 from feature_repo import schema as S
 from training.affinity import ProfileSnapshots
 from training.retrieval.ann import search
@@ -42,8 +45,13 @@ class Retriever:
         dataset: str,
         items: pd.DataFrame,
         profile_share: float = content.PROFILE_SHARE,
+        value_weight: float | None = None,
     ):
         self.tower = UserTower.load(bundle_dir / B.USER_TOWER)
+        settings = json.loads((bundle_dir / B.RETRIEVAL_CONFIG).read_text())
+        if value_weight is not None and not value_columns(settings):
+            raise ValueError(f"{bundle_dir}: the bundle's embeddings have no value column")
+        self.value_weight = value_weight
         self.item_ids = np.load(bundle_dir / B.ITEM_IDS)
         self.searcher = load_index(bundle_dir / B.SCANN_DIR)
         history = bundle_dir / B.HISTORY
@@ -78,6 +86,8 @@ class Retriever:
         rows = self.user_rows(requests)
         spec = self.tower.spec
         queries = self.tower.embed(user_features(rows, spec, self.affinity))
+        if self.value_weight is not None:
+            queries[:, -1] = self.value_weight
         found = search(self.searcher, queries, n)
         out = [self.item_ids[r[r >= 0]] for r in found]
         users = requests[C.USER_ID].to_numpy(np.int64)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from contract.tower import InputSpec, UserTower
+from contract.tower import VALUE_WEIGHT, InputSpec, UserTower
 from training.retrieval.ann import exact_top_k
 from training.retrieval.evaluate import EvalGroups, recall_at_k
 from training.retrieval.features import Catalog
@@ -75,6 +75,9 @@ class TowerConfig:
     # uniform sample past it (10k groups: a standard error of at most 0.5 points). Exact
     # top-k over the whole catalogue costs ~10-20 ms a group on 500k items.
     test_groups: int = 10_000
+    # value-aware retrieval (contract.tower.with_value_column): the exported index scores
+    # taste + value_weight x log(price x margin); 0 exports the tower's taste alone
+    value_weight: float = VALUE_WEIGHT
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

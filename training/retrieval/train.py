@@ -4,7 +4,10 @@ Files written under ``out_dir`` (names from ``contract.bundle``):
 
 - ``retrieval/user_tower.npz``: the user tower for ``contract.tower.UserTower.load``;
 - ``retrieval/item_embeddings.npy``: ``(items, dim)`` float32, **not** L2-normalised (the
-  score is the raw dot product; an item's norm carries its popularity);
+  score is the raw dot product; an item's norm carries its popularity); with a value weight
+  (``TowerConfig.value_weight`` > 0) the last column is the item's ``log(price x margin)``
+  and the user tower's last output the weight (``contract.tower.with_value_column``), so the
+  index ranks by taste + weight x log(value);
 - ``retrieval/item_ids.npy``: int64 item id of each embedding row (= ANN row);
 - ``retrieval/scann/``: the ScaNN index, paths relative to the folder;
 - ``retrieval/popular.json``: the popularity fallback (``training.retrieval.popular``);
@@ -35,7 +38,7 @@ from contract.ann import load_index
 from contract.history import History
 from contract.paths import Paths
 from contract.timeutil import NS_PER_DAY, to_ns
-from contract.tower import InputSpec, UserTower
+from contract.tower import InputSpec, UserTower, item_value, with_value_column
 from feature_repo import schema as S
 from training.dataset import MANIFEST
 from training.memory import REDUCE_DATA, list_entries, require_fits
@@ -318,7 +321,7 @@ def train_retrieval(
         torch.set_num_threads(previous_threads)
 
     k = min(k, len(data.catalog))
-    tower, item_emb, parity = _export(fitted, data, prep, out_dir)
+    tower, item_emb, parity = _export(fitted, data, prep, out_dir, cfg.value_weight)
     past = before_test(data)
     fallback = _write_popular(data, past, out_dir, k)
     history = _write_history(past, out_dir)
@@ -419,18 +422,32 @@ def _recall_metrics(
 
 
 def _export(
-    fitted: FitResult, data: RetrievalData, prep: Prepared, out_dir: Path
+    fitted: FitResult, data: RetrievalData, prep: Prepared, out_dir: Path, value_weight: float
 ) -> tuple[UserTower, np.ndarray, float]:
-    """Write the tower and the catalog embeddings; return the tower as serving loads it,
-    the embeddings, and the largest |numpy - torch| difference on a few train rows."""
-    export_user_tower(fitted.user_net, data.spec).save(out_dir / bundle.USER_TOWER)
+    """Write the tower and the catalog embeddings, each with the value column when
+    ``value_weight`` > 0; return the tower as serving loads it, the embeddings as the index
+    holds them, and the largest |numpy - torch| difference on a few train rows (the value
+    column left out: it is the constant weight, checked exactly)."""
+    tower = export_user_tower(fitted.user_net, data.spec)
     item_emb = fitted.item_net.embed(prep.items)
+    if value_weight > 0:
+        if data.catalog.margin is None:
+            raise ValueError("value-aware retrieval needs the items table's margin column")
+        tower = with_value_column(tower, value_weight)
+        value = item_value(data.catalog.price, data.catalog.margin)
+        item_emb = np.hstack([item_emb, value[:, None]]).astype(np.float32)
+    tower.save(out_dir / bundle.USER_TOWER)
     np.save(out_dir / bundle.ITEM_EMBEDDINGS, item_emb)
     np.save(out_dir / bundle.ITEM_IDS, data.catalog.item_ids)
     tower = UserTower.load(out_dir / bundle.USER_TOWER)
     with torch.no_grad():
         reference = fitted.user_net(torch.from_numpy(prep.parity_x)).numpy()
-    parity = float(np.abs(tower.embed(prep.parity_x) - reference).max(initial=0.0))
+    served = tower.embed(prep.parity_x)
+    if value_weight > 0:
+        if not np.all(served[:, -1] == np.float32(value_weight)):
+            raise AssertionError("the exported tower's value column is not the constant weight")
+        served = served[:, :-1]
+    parity = float(np.abs(served - reference).max(initial=0.0))
     return tower, item_emb, parity
 
 
@@ -565,6 +582,9 @@ def _write_config(
             "dim": int(item_emb.shape[1]),
             "l2_normalized": False,
             "score": "dot_product",
+            # the last column: log(price x margin) on items, the weight on users
+            "value_columns": 1 if cfg.value_weight > 0 else 0,
+            "value_weight": cfg.value_weight,
             "items_seen_in_training": int(prep.known.sum()),
         },
         "index": {

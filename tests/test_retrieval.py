@@ -88,15 +88,18 @@ def fitted(data: RetrievalData, prepared: Prepared):
     )
 
 
+def _train(
+    tiny_dataset: dict, home: Paths, out: Path, cfg: TowerConfig, **kw: Any
+) -> tuple[Path, dict[str, Any]]:
+    return out, train_retrieval(home.home, tiny_dataset["dataset"], out, seed=0, config=cfg, **kw)
+
+
 @pytest.fixture(scope="module")
 def trained(
     tiny_dataset: dict, home: Paths, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("retrieval_bundle")
-    report = train_retrieval(
-        home.home, tiny_dataset["dataset"], out, seed=0, config=TINY, latency_queries=200
-    )
-    return out, report
+    return _train(tiny_dataset, home, out, TINY, latency_queries=200)
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +108,8 @@ def taste_trained(
 ) -> tuple[Path, dict[str, Any]]:
     """The same training without the value column: the tower's taste alone."""
     out = tmp_path_factory.mktemp("taste_bundle")
-    report = train_retrieval(
-        home.home,
-        tiny_dataset["dataset"],
-        out,
-        seed=0,
-        config=replace(TINY, value_weight=0.0),
-        latency_queries=50,
-        sweep_queries=50,
-    )
-    return out, report
+    cfg = replace(TINY, value_weight=0.0)
+    return _train(tiny_dataset, home, out, cfg, latency_queries=50, sweep_queries=50)
 
 
 # --- numpy tower ---------------------------------------------------------------------------

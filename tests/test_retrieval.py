@@ -399,7 +399,12 @@ def test_bundle_files_and_report(trained, data: RetrievalData):
     assert config["embeddings"]["value_weight"] == TINY.value_weight
     assert config["user_input"]["input_names"] == data.spec.input_names
     assert report["numpy_parity_max_abs_diff"] < 1e-5
-    for key in ("recall_at_500", "popularity_recall_at_500"):
+    for key in (
+        "recall_at_500",
+        "popularity_recall_at_500",
+        "value_recall_at_500",
+        "popularity_value_recall_at_500",
+    ):
         assert set(report[key]) == {"purchase", "click"}
         assert all(0.0 <= v <= 1.0 for v in report[key].values())
 
@@ -611,6 +616,14 @@ def test_recall_groups_by_user_day_and_queries_the_first_request():
     assert recall_at_k(np.array([[0, 1], [2, 3], [4, 9]]), groups) == 0.0
     assert recall_at_k(np.array([6, 8]), groups) == pytest.approx((0.5 + 1 + 0) / 3)
     assert top_items(np.array([3, 3, 1, 2, 2]), 2, 5).tolist() == [2, 3]
+    # the value recall: each group's share of its items' weight (item 7 weighs 3x item 6)
+    weight = np.zeros(10)
+    weight[[5, 6, 7, 8]] = [2.0, 1.0, 3.0, 4.0]
+    assert recall_at_k(np.array([6, 8]), groups, weight) == pytest.approx((1 / 4 + 1 + 0) / 3)
+    assert recall_at_k(np.array([7, 5]), groups, weight) == pytest.approx((3 / 4 + 0 + 1) / 3)
+    assert recall_at_k(perfect, groups, weight) == 1.0
+    weight[8] = 0.0  # a group worth nothing counts as retrieved nothing
+    assert recall_at_k(perfect, groups, weight) == pytest.approx(2 / 3)
 
 
 def test_interleave_alternates_and_drops_duplicates():

@@ -75,11 +75,16 @@ def eval_groups(rows: pd.DataFrame, engaged: np.ndarray, catalog_rows: np.ndarra
     )
 
 
-def recall_at_k(retrieved: np.ndarray, groups: EvalGroups) -> float:
+def recall_at_k(
+    retrieved: np.ndarray, groups: EvalGroups, item_weight: np.ndarray | None = None
+) -> float:
     """Mean over groups of the share of relevant items among the retrieved.
 
     ``retrieved`` is ``(groups, K)`` catalog rows (-1: padding), or ``(K,)`` for one list
     shared by every group (a popularity baseline). 0.0 when there is no group.
+    ``item_weight`` (per catalog row, >= 0) makes it the share of the relevant items'
+    weight, e.g. their price x margin: the *value recall*. A group whose items weigh 0 in
+    all counts as retrieved nothing.
     """
     if len(groups) == 0:
         return 0.0
@@ -93,7 +98,13 @@ def recall_at_k(retrieved: np.ndarray, groups: EvalGroups) -> float:
         width = np.int64(max(int(retrieved.max(initial=0)), int(groups.items.max())) + 1)
         keys = np.arange(len(groups), dtype=np.int64)[:, None] * width + retrieved
         hit = np.isin(owner * width + groups.items, keys[retrieved >= 0])
-    per_group = np.bincount(owner, weights=hit, minlength=len(groups)) / sizes
+    if item_weight is None:
+        per_group = np.bincount(owner, weights=hit, minlength=len(groups)) / sizes
+        return float(per_group.mean())
+    w = np.asarray(item_weight, dtype=np.float64)[groups.items]
+    total = np.bincount(owner, weights=w, minlength=len(groups))
+    got = np.bincount(owner, weights=w * hit, minlength=len(groups))
+    per_group = np.divide(got, total, out=np.zeros_like(got), where=total > 0)
     return float(per_group.mean())
 
 

@@ -386,7 +386,8 @@ def _recall_metrics(
     """Recall@k of what serving retrieves (the user's history, then the tower's neighbours),
     of the tower alone (exact and through the index), of popularity (top-k by clicks before
     the test period, ``past``: the window the history source has), of the fallback lists and
-    of the model interleaved with the fallback; plus a recall curve over smaller K."""
+    of the model interleaved with the fallback; plus a recall curve over smaller K, and the
+    value recall (weighted by price x margin) of what serving retrieves and of popularity."""
     catalog = data.catalog
     # a purchases-only dataset (Complete Journey) has no clicks: there it is popularity by
     # purchases
@@ -409,7 +410,17 @@ def _recall_metrics(
         "fallback": fallback_rows,
         "model+fallback": {n: interleave(exact[n], fallback_rows[n], k) for n in groups},
     }
+    # the value recall: each group's share of its items' price x margin (the objective the
+    # value column serves), on the logged engagements
+    value = None if catalog.margin is None else np.maximum(catalog.price * catalog.margin, 0.0)
+    value_recall = {
+        f"value_recall_at_{k}": {n: recall_at_k(served[n], groups[n], value) for n in HEADLINE},
+        f"popularity_value_recall_at_{k}": {
+            n: recall_at_k(popular_rows, groups[n], value) for n in HEADLINE
+        },
+    }
     return {
+        **(value_recall if value is not None else {}),
         f"recall_at_{k}": {n: recall_at_k(served[n], groups[n]) for n in HEADLINE},
         f"recall_at_{k}_via_ann": {n: recall_at_k(served_ann[n], groups[n]) for n in HEADLINE},
         f"model_recall_at_{k}": {n: recall_at_k(exact[n], groups[n]) for n in HEADLINE},

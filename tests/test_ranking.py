@@ -360,3 +360,24 @@ def test_an_ablation_of_a_feature_that_never_varies_is_skipped(tiny_data):
             "organic": ((F.ORGANIC_CONTEXT,), {})
         }
         assert ablation.train_ablations(train, valid, {}, SMALL_BUDGET, 0, levers) == {}
+
+
+def test_the_linear_offset_reads_price_through_log_price_alone(tiny_data):
+    """The offset leaves out the raw price and the price ratios (OFFSET_EXCLUDED): their
+    coefficients are 0, so two items that differ only in those columns get the same offset,
+    and its price response is a power of the price (log_price), never exponential in it."""
+    from training.ranking.models import OFFSET_EXCLUDED, offset_columns, purchase_offset
+
+    train = tiny_data["train"]
+    names = list(train.feature_names)
+    excluded = offset_columns(names)
+    assert sorted(names[i] for i in excluded) == sorted(OFFSET_EXCLUDED)
+    offset = purchase_offset(train, SMALL_BUDGET)
+    assert offset is not None
+    assert np.all(offset.coef[excluded] == 0.0)
+    assert offset.coef[names.index("log_price")] < 0  # the data's demand still falls
+    X = np.nan_to_num(train.X[:50]).copy()
+    moved = X.copy()
+    moved[:, excluded] = moved[:, excluded] * 7.0 + 100.0
+    np.testing.assert_array_equal(offset.margin(X), offset.margin(moved))
+    assert purchase_offset(train, replace(SMALL_BUDGET, linear_offset=False)) is None

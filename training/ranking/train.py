@@ -257,7 +257,7 @@ def train_rankers(
     t = time.perf_counter()
     train = data["train"]
     logreg = B.LogisticBaseline.fit(train.X, train.label, train.sample_weight)
-    offset = purchase_offset(train, budget, logreg)
+    offset = purchase_offset(train, budget)
     seconds["logreg"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -167,13 +167,16 @@ def handmade(
     cap: int | None = None,
     popular: dict[str, Any] = POPULAR,
     catalog: Catalog | None = None,
+    embeddings: np.ndarray = EMB,
+    user_q: np.ndarray = USER_Q,
+    value_columns: int = 0,
     **config: Any,
 ) -> CandidateIndex:
     return CandidateIndex(
         item_ids=IDS,
-        embeddings=EMB,
-        searcher=BruteSearcher(EMB, cap),
-        tower=constant_tower(USER_Q),
+        embeddings=embeddings,
+        searcher=BruteSearcher(embeddings, cap),
+        tower=constant_tower(user_q),
         popular_lists=PopularityLists.from_json(popular),
         pool_ids=np.array(pool or [], dtype=np.int64),
         reorder=4,
@@ -182,6 +185,7 @@ def handmade(
         # the PROFILE source is off by default in serving; these tests exercise it at 0.5
         config=RetrievalConfig(**{"exploration": 0, "profile_share": 0.5, **config}),
         catalog=catalog,
+        value_columns=value_columns,
     )
 
 
@@ -403,19 +407,8 @@ def test_a_value_column_moves_the_user_part_but_not_the_carts_neighbours() -> No
     value = np.zeros(len(IDS), dtype=np.float32)
     value[IDS == 20] = 100.0  # last by taste alone (BY_DOT), first with the value column
     emb = np.hstack([EMB, value[:, None]])
-    index = CandidateIndex(
-        item_ids=IDS,
-        embeddings=emb,
-        searcher=BruteSearcher(emb),
-        tower=constant_tower(np.append(USER_Q, 1.0).astype(np.float32)),
-        popular_lists=PopularityLists.from_json(POPULAR),
-        pool_ids=NONE,
-        reorder=4,
-        version="7",
-        bundle_version="handmade",
-        config=RetrievalConfig(exploration=0, profile_share=0.0),
-        value_columns=1,
-    )
+    valued_q = np.append(USER_Q, 1.0).astype(np.float32)
+    index = handmade(embeddings=emb, user_q=valued_q, value_columns=1, profile_share=0.0)
     home = retrieve(index, n=3)
     assert home.item_ids.tolist() == [20, 10, 11]
     plain = retrieve(handmade(profile_share=0.0), n=6, surface=CHECKOUT, cart=[15], exclude=[15])
@@ -424,18 +417,7 @@ def test_a_value_column_moves_the_user_part_but_not_the_carts_neighbours() -> No
     np.testing.assert_allclose(valued.scores[:3], plain.scores[:3], rtol=1e-6)
     assert valued.item_ids[3] == 20  # the user part: the valued item first
     with pytest.raises(B.BundleError, match="value columns"):
-        CandidateIndex(
-            item_ids=IDS,
-            embeddings=EMB,
-            searcher=BruteSearcher(EMB),
-            tower=constant_tower(USER_Q),
-            popular_lists=PopularityLists.from_json(POPULAR),
-            pool_ids=NONE,
-            reorder=4,
-            version="7",
-            bundle_version="handmade",
-            value_columns=2,
-        )
+        handmade(value_columns=2)
 
 
 def test_checkout_without_a_cart_and_home_with_one_serve_the_user_part() -> None:

@@ -53,7 +53,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from contract import bundle as B
 from contract import columns as C
 from contract.features import build_matrix
 from contract.paths import Paths
@@ -231,7 +230,6 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
     from contract.features import FEATURE_SCHEMA
     from contract.scorer import EVIDENCE_FEATURE
     from contract.timeutil import to_ns
-    from contract.tower import value_columns
     from training.evaluate import (
         EVAL_IMPRESSION_COLUMNS,
         CandidateCache,
@@ -265,8 +263,6 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
     impressions_7d = FEATURE_SCHEMA.names.index("impressions_7d")
     impressions_total = FEATURE_SCHEMA.names.index(EVIDENCE_FEATURE)
     n_items = int(items[C.ITEM_ID].max()) + 1
-
-    has_value = value_columns(json.loads((stage / B.RETRIEVAL_CONFIG).read_text())) > 0
 
     def retriever(
         share: float, cap: int | None = None, value_weight: float | None = None
@@ -324,7 +320,7 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
             models[f"evidence_7d@{kappa:g}"] = _model_policy(
                 store, served_cache, shrunk(impressions_7d, kappa)
             )
-        for weight in VALUE_WEIGHTS if has_value else ():
+        for weight in VALUE_WEIGHTS if served_cache.retriever.value_columns else ():
             cache = retriever(0.0, value_weight=weight)
             models[f"retrieval_value@{weight:g}"] = _model_policy(store, cache, served.egmv)
             models[f"optimal_over_candidates:retrieval_value@{weight:g}"] = _oracle_over_candidates(

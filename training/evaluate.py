@@ -21,7 +21,6 @@ from contract import bundle as B
 from contract import columns as C
 from contract.content import PROFILE_SHARE
 from contract.paths import Paths
-from contract.tower import value_columns
 from training.retrieval.evaluate import explain_uncomputable
 from training.tables import RowsById
 
@@ -245,9 +244,7 @@ def _ablation_policies(
     out[ABLATION + "profile_candidates:optimal_over_candidates"] = _oracle_over_candidates(
         oracle, flipped_candidates, cfg.k
     )
-    if retriever.value_weight != 0 and value_columns(
-        json.loads((stage / B.RETRIEVAL_CONFIG).read_text())
-    ):
+    if retriever.value_columns and retriever.value_weight != 0:
         taste = Retriever(
             stage,
             retriever.store,

@@ -49,7 +49,8 @@ class Retriever:
     ):
         self.tower = UserTower.load(bundle_dir / B.USER_TOWER)
         settings = json.loads((bundle_dir / B.RETRIEVAL_CONFIG).read_text())
-        if value_weight is not None and not value_columns(settings):
+        self.value_columns = value_columns(settings)  # the bundle's: 0 or 1
+        if value_weight is not None and not self.value_columns:
             raise ValueError(f"{bundle_dir}: the bundle's embeddings have no value column")
         self.value_weight = value_weight
         self.item_ids = np.load(bundle_dir / B.ITEM_IDS)

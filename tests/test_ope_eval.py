@@ -144,7 +144,12 @@ def test_the_ranker_ope_replays_the_log_exactly_and_a_perfect_model_makes_dr_cov
         "ope_dr_relative_error": out["dr"]["relative_error"],
         "ope_dr_covers": True,
         "ope_dr_relative_error_target": OE.TARGET_DR_RELATIVE_ERROR,
+        "ope_dr_os_relative_error": out["dr_os"]["relative_error"],
+        "ope_dr_os_covers": True,
     }
+    # with the exact reward model, shrinking the correction only takes noise out
+    assert abs(out["dr_os"]["relative_error"]) <= abs(out["dr"]["relative_error"])
+    assert out["dr_os"]["shrinkage_lambda"] < float("inf")
 
 
 def test_a_request_without_a_complete_reward_window_is_not_evaluated(sim):

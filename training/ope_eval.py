@@ -62,7 +62,7 @@ from training.tables import RowsById
 
 log = logging.getLogger(__name__)
 
-ESTIMATORS = ("ips", "snips", "dr")
+ESTIMATORS = ("ips", "snips", "dr", "dr_os")  # dr_os: DR with SLOPE-tuned shrinkage
 REWARD_DAYS = 7  # the training label's window: complete for every test-day impression
 LATE_FOLLOW_UP_DAYS = 21  # impressions followed this long tell how much later purchases add
 MARGINAL_SAMPLES = 512  # Plackett-Luce prefixes drawn per request for π₀(a at k)
@@ -528,15 +528,14 @@ def ranker_ope(
     out: dict[str, Any] = {"oracle": oracle_value}
     for name in ESTIMATORS:
         out[name] = ope.compare(estimates[name].page.scaled(per_1k), oracle_value)
+    # λ is on the weights (π/π₀), not on the reward's units
+    out["dr_os"]["shrinkage_lambda"] = estimates["dr_os"].shrinkage
     out["dm"] = ope.compare(dm.scaled(per_1k), oracle_value)
     out["by_slot"] = [
         {
             "slot": s + 1,
             "oracle": float(per_slot_truth[s] * per_1k),
-            **{
-                name: _slot_value(estimates[name].slots[s], per_1k)
-                for name in ("ips", "snips", "dr")
-            },
+            **{name: _slot_value(estimates[name].slots[s], per_1k) for name in ESTIMATORS},
             "dm": float(q[:, s].mean() * per_1k),
             "ess": ess[s],
             "matches": int(matched[:, s].sum()),
@@ -594,12 +593,15 @@ def ranker_ope(
         "seconds": time.perf_counter() - started,
     }
     log.info(
-        "OPE of the ranker on %d requests: oracle %.1f, DR %.1f [%.1f, %.1f], DM %.1f, IPS %.1f",
+        "OPE of the ranker on %d requests: oracle %.1f, DR %.1f [%.1f, %.1f], DRos %.1f "
+        "(lambda %g), DM %.1f, IPS %.1f",
         n,
         oracle_value,
         out["dr"]["estimate"],
         out["dr"]["ci_low"],
         out["dr"]["ci_high"],
+        out["dr_os"]["estimate"],
+        out["dr_os"]["shrinkage_lambda"],
         out["dm"]["estimate"],
         out["ips"]["estimate"],
     )
@@ -608,15 +610,20 @@ def ranker_ope(
 
 def ope_targets(section: dict[str, Any]) -> dict[str, Any]:
     """The evaluation's OPE targets: DR within ``TARGET_DR_RELATIVE_ERROR`` of the Oracle,
-    its interval covering it."""
+    its interval covering it; and the same figures for DRos."""
     dr = section.get("dr")
     if not dr:
         return {}
-    return {
+    out = {
         "ope_dr_relative_error": dr["relative_error"],
         "ope_dr_covers": dr["covers"],
         "ope_dr_relative_error_target": TARGET_DR_RELATIVE_ERROR,
     }
+    dros = section.get("dr_os")
+    if dros:
+        out["ope_dr_os_relative_error"] = dros["relative_error"]
+        out["ope_dr_os_covers"] = dros["covers"]
+    return out
 
 
 def _mean(values: np.ndarray) -> ope.Estimate:
@@ -731,6 +738,7 @@ def open_bandit_ope(
             "ips": ope.ips(r[m], pi[m], pi0[m]),
             "snips": ope.snips(r[m], pi[m], pi0[m]),
             "dr": ope.doubly_robust(r[m], pi[m], pi0[m], q_logged[m], q_target[m]),
+            "dr_os": ope.doubly_robust_shrinkage(r[m], pi[m], pi0[m], q_logged[m], q_target[m])[0],
         }
 
     def section(m: np.ndarray, truth_rows: np.ndarray) -> dict[str, Any]:

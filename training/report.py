@@ -162,7 +162,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "eval.md").write_text("\n".join(lines))
 
 
-OPE_ROWS = ("ips", "snips", "dr", "dm")
+OPE_ROWS = ("ips", "snips", "dr", "dr_os", "dm")
 
 
 def _ope_table(section: dict[str, Any], header: str) -> list[str]:

@@ -8,11 +8,12 @@ served) and on at 0.5, on the same sampled test requests:
 
 - ``served``: the staged compiled model and calibrator (what serving scores);
 - ``logreg``: the logistic-regression baseline;
-- ``refit``: the purchase model refitted as the stage fits it (the reference for the next two);
-- ``tower_score``: the refit with the two-tower score (the staged user vector as of the row
-  . the item embedding) as one more feature;
-- ``linear_offset``: the refit boosted from the logistic regression's log-odds (LightGBM's
-  ``init_score``), so the price terms extrapolate linearly;
+- ``refit``: the purchase model refitted as the rankers stage fits the served one (tuned
+  parameters, linear offset, monotone price; ``training.ranking.ablation.train_ablations``)
+  and scored with the bundle's evidence shrink: the reference for the next one;
+- ``tower_score``: the same recipe with the two-tower score (the staged user vector as of
+  the row . the item embedding, over the taste columns: the index's value column left out,
+  price and margin being features already) as one more feature;
 - ``value_capped``: the served p x min(price, the logged pool's highest shown price) x margin;
 - ``optimal_over_candidates``: the Oracle's best page over the candidates.
 
@@ -83,7 +84,7 @@ def _table(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, Any]:
     from contract.feature_store import open_store
-    from contract.tower import UserTower
+    from contract.tower import UserTower, value_columns
     from training.evaluate import (
         EVAL_IMPRESSION_COLUMNS,
         CandidateCache,
@@ -92,9 +93,9 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
         _oracle_over_candidates,
     )
     from training.policy_eval import evaluate_policies
+    from training.ranking.ablation import train_ablations
     from training.ranking.baselines import LogisticBaseline
-    from training.ranking.calibration import fit_isotonic
-    from training.ranking.models import RankerBudget, fit_purchase, purchase_datasets
+    from training.ranking.models import RankerBudget
     from training.ranking.train import ranking_data, read_split
     from training.request_features import features_for_pairs, pair_frame
     from training.retrieval.features import AffinitySnapshots, user_features
@@ -110,6 +111,9 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     tower = UserTower.load(stage / "retrieval" / "user_tower.npz")
     embeddings = np.load(stage / "retrieval" / "item_embeddings.npy")
     embedded = pd.Index(np.load(stage / "retrieval" / "item_ids.npy"))
+    # the taste columns: the score leaves the index's value column out (value is a feature)
+    settings = json.loads((stage / "retrieval" / "config.json").read_text())
+    taste = embeddings.shape[1] - value_columns(settings)
     snapshots = AffinitySnapshots.read(
         paths.features(dataset) / f"{S.USER_CATEGORY_AFFINITY}.parquet"
     )
@@ -117,7 +121,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     def tower_score(frame: pd.DataFrame) -> np.ndarray:
         query = tower.embed(user_features(frame, tower.spec, snapshots))
         rows = embedded.get_indexer(pd.Index(frame[C.ITEM_ID].to_numpy()))
-        score = np.einsum("ij,ij->i", query, embeddings[np.maximum(rows, 0)])
+        score = np.einsum("ij,ij->i", query[:, :taste], embeddings[np.maximum(rows, 0), :taste])
         return np.where(rows >= 0, score, 0.0).astype(np.float32)
 
     frames = {s: read_split(home, dataset, s) for s in ("train", "valid")}
@@ -125,28 +129,15 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     towered = {s: _with_column(base[s], tower_score(frames[s])) for s in base}
     logreg = LogisticBaseline.fit(base["train"].X, base["train"].label, base["train"].sample_weight)
 
-    def log_odds(X: np.ndarray) -> np.ndarray:
-        z = logreg.scaler.transform(np.nan_to_num(X))
-        return np.asarray(z @ logreg.model.coef_[0] + logreg.model.intercept_[0])
+    budget = RankerBudget(trials=1, progress=False)  # the served recipe: offset, monotone
 
-    budget = RankerBudget(trials=1, progress=False)
-
-    def refit(data: dict[str, Any], offset: bool) -> Callable[[np.ndarray], np.ndarray]:
-        dtrain, dvalid = purchase_datasets(data["train"], data["valid"], budget)
-        if offset:
-            dtrain.set_init_score(log_odds(data["train"].X))
-            dvalid.set_init_score(log_odds(data["valid"].X))
-        booster = fit_purchase(dtrain, dvalid, params, budget, seed).booster
-
-        def raw(X: np.ndarray) -> np.ndarray:
-            if not offset:
-                return np.asarray(booster.predict(X))
-            margin = log_odds(X) + np.asarray(booster.predict(X, raw_score=True))
-            return np.asarray(1.0 / (1.0 + np.exp(-margin)))
-
-        valid = data["valid"]
-        calibrator = fit_isotonic(raw(valid.X), valid.label, valid.sample_weight)
-        return lambda X: np.asarray(calibrator.apply(raw(X)))
+    def refit(data: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+        """Calibrated p of the purchase model refitted as the rankers stage fits the served
+        one (tuned parameters, linear offset, monotone price, early stopping, isotonic)."""
+        lever: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {"refit": ((), {})}
+        return train_ablations(data["train"], data["valid"], params, budget, seed, lever)[
+            "refit"
+        ].egmv_probability
 
     tables = read_tables(paths.raw(dataset), columns={C.IMPRESSIONS: EVAL_IMPRESSION_COLUMNS})
     items = read_tables(paths.raw(dataset), [C.ITEMS])[C.ITEMS]
@@ -161,9 +152,12 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     imp = tables[C.IMPRESSIONS]
     shown_max = float(price.reindex(imp.loc[imp[C.TS] < start, C.ITEM_ID].unique()).max())
 
-    refit_p = refit(base, offset=False)
-    tower_p = refit(towered, offset=False)
-    offset_p = refit(base, offset=True)
+    refit_p = refit(base)
+    tower_p = refit(towered)
+
+    def shrunk(X: np.ndarray, egmv: np.ndarray) -> np.ndarray:
+        """The bundle's evidence shrink, as served (none without one)."""
+        return egmv if served.evidence is None else served.evidence.apply(X, egmv)
 
     def capped(frame: pd.DataFrame, X: np.ndarray) -> np.ndarray:
         ids = frame[C.ITEM_ID].to_numpy()
@@ -174,11 +168,10 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     scorers: dict[str, Scorer] = {
         "served": lambda f, X: served.egmv(X, f[C.ITEM_ID].to_numpy()),
         "logreg": lambda f, X: logreg.predict(X) * value(f[C.ITEM_ID].to_numpy()),
-        "refit": lambda f, X: refit_p(X) * value(f[C.ITEM_ID].to_numpy()),
-        "tower_score": lambda f, X: (
-            tower_p(np.column_stack([X, tower_score(f)])) * value(f[C.ITEM_ID].to_numpy())
+        "refit": lambda f, X: shrunk(X, refit_p(X) * value(f[C.ITEM_ID].to_numpy())),
+        "tower_score": lambda f, X: shrunk(
+            X, tower_p(np.column_stack([X, tower_score(f)])) * value(f[C.ITEM_ID].to_numpy())
         ),
-        "linear_offset": lambda f, X: offset_p(X) * value(f[C.ITEM_ID].to_numpy()),
         "value_capped": capped,
     }
 

@@ -695,3 +695,9 @@ def test_value_column_adds_the_weighted_log_value_to_every_inner_product():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="value weight"):
             with_value_column(tower, bad)
+
+
+def test_a_tower_config_survives_its_report_and_unknown_keys_are_refused():
+    assert TowerConfig.from_dict(TINY.to_dict()) == TINY
+    with pytest.raises(ValueError, match="unknown tower config keys"):
+        TowerConfig.from_dict({**TINY.to_dict(), "layers": 3})

@@ -214,7 +214,8 @@ def test_the_levers_benchmark_scores_every_variant_on_both_candidate_sets(
 
     report = run(home.home, tiny_dataset["dataset"], n_requests=20)
     variants = (
-        "served", "logreg", "refit", "tower_score", "value_capped", "optimal_over_candidates",
+        "served", "logreg", "refit", "tower_score", "tower_crossfit", "value_capped",
+        "optimal_over_candidates",
     )  # fmt: skip
     expected = {f"{v}@{share}" for v in variants for share in (0.0, 0.5)}
     assert expected <= set(report["policies"])

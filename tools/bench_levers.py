@@ -14,6 +14,11 @@ served) and on at 0.5, on the same sampled test requests:
 - ``tower_score``: the same recipe with the two-tower score (the staged user vector as of
   the row . the item embedding, over the taste columns: the index's value column left out,
   price and margin being features already) as one more feature;
+- ``tower_crossfit``: the same, with each training row's score from a tower fitted (the
+  staged tower's config, ``training.retrieval.train.fit_tower``) without that row's user
+  (:data:`CROSSFIT_FOLDS` user folds); valid and test rows keep the staged tower's score,
+  which never trained on them. The staged tower learned from the training rows' own
+  engagements, so ``tower_score``'s training column is an in-sample fit;
 - ``value_capped``: the served p x min(price, the logged pool's highest shown price) x margin;
 - ``optimal_over_candidates``: the Oracle's best page over the candidates.
 
@@ -100,6 +105,8 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     from training.request_features import features_for_pairs, pair_frame
     from training.retrieval.features import AffinitySnapshots, user_features
     from training.retrieval.retriever import Retriever
+    from training.retrieval.towers import TowerConfig
+    from training.retrieval.train import RetrievalData, fit_tower
     from training.simulate import Oracle
     from training.staging import read_stage_reports, staging_dir
     from training.tables import read_tables
@@ -118,15 +125,48 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
         paths.features(dataset) / f"{S.USER_CATEGORY_AFFINITY}.parquet"
     )
 
-    def tower_score(frame: pd.DataFrame) -> np.ndarray:
-        query = tower.embed(user_features(frame, tower.spec, snapshots))
-        rows = embedded.get_indexer(pd.Index(frame[C.ITEM_ID].to_numpy()))
-        score = np.einsum("ij,ij->i", query[:, :taste], embeddings[np.maximum(rows, 0), :taste])
+    def score_of(
+        user_tower: Any, item_emb: np.ndarray, ids: pd.Index, cols: int, frame: pd.DataFrame
+    ) -> np.ndarray:
+        query = user_tower.embed(user_features(frame, user_tower.spec, snapshots))
+        rows = ids.get_indexer(pd.Index(frame[C.ITEM_ID].to_numpy()))
+        score = np.einsum("ij,ij->i", query[:, :cols], item_emb[np.maximum(rows, 0), :cols])
         return np.where(rows >= 0, score, 0.0).astype(np.float32)
+
+    def tower_score(frame: pd.DataFrame) -> np.ndarray:
+        return score_of(tower, embeddings, embedded, taste, frame)
+
+    # the cross-fitted score: each training row's by a tower fitted without its user
+    tower_cfg = dataclasses.replace(
+        TowerConfig.from_dict(read_stage_reports(stage)["retrieval"]["params"]["tower"]),
+        value_weight=0.0,
+    )
+    rdata = RetrievalData.load(home, dataset)
+    rtrain = rdata.splits["train"]
+    fold_towers = []
+    for fold in range(CROSSFIT_FOLDS):
+        held = rtrain[C.USER_ID].to_numpy() % CROSSFIT_FOLDS == fold
+        part = {**rdata.splits, "train": rtrain[~held].reset_index(drop=True)}
+        fold_towers.append(fit_tower(dataclasses.replace(rdata, splits=part), tower_cfg, seed))
+    catalog_ids = pd.Index(rdata.catalog.item_ids)
+
+    def crossfit_score(frame: pd.DataFrame) -> np.ndarray:
+        out = np.zeros(len(frame), dtype=np.float32)
+        fold_of = frame[C.USER_ID].to_numpy() % CROSSFIT_FOLDS
+        for fold, (user_tower, item_emb) in enumerate(fold_towers):
+            here = fold_of == fold
+            if here.any():
+                cols = item_emb.shape[1]
+                out[here] = score_of(user_tower, item_emb, catalog_ids, cols, frame[here])
+        return out
 
     frames = {s: read_split(home, dataset, s) for s in ("train", "valid")}
     base = {s: ranking_data(f) for s, f in frames.items()}
     towered = {s: _with_column(base[s], tower_score(frames[s])) for s in base}
+    crossfit = {  # valid rows: the staged tower never trained on them
+        "train": _with_column(base["train"], crossfit_score(frames["train"])),
+        "valid": towered["valid"],
+    }
     logreg = LogisticBaseline.fit(base["train"].X, base["train"].label, base["train"].sample_weight)
 
     budget = RankerBudget(trials=1, progress=False)  # the served recipe: offset, monotone
@@ -154,6 +194,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
 
     refit_p = refit(base)
     tower_p = refit(towered)
+    crossfit_p = refit(crossfit)
 
     def shrunk(X: np.ndarray, egmv: np.ndarray) -> np.ndarray:
         """The bundle's evidence shrink, as served (none without one)."""
@@ -171,6 +212,9 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
         "refit": lambda f, X: shrunk(X, refit_p(X) * value(f[C.ITEM_ID].to_numpy())),
         "tower_score": lambda f, X: shrunk(
             X, tower_p(np.column_stack([X, tower_score(f)])) * value(f[C.ITEM_ID].to_numpy())
+        ),
+        "tower_crossfit": lambda f, X: shrunk(
+            X, crossfit_p(np.column_stack([X, tower_score(f)])) * value(f[C.ITEM_ID].to_numpy())
         ),
         "value_capped": capped,
     }
@@ -210,6 +254,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     }
 
 
+CROSSFIT_FOLDS = 2  # user folds of the cross-fitted tower score (user_id mod folds)
 PROFILE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.5)
 HISTORY_CAPS = (200, 300, 500)
 KAPPAS = (1.0, 2.0, 5.0, 10.0, 20.0)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -84,6 +84,15 @@ class TowerConfig:
         d["user_hidden"] = list(self.user_hidden)
         d["item_hidden"] = list(self.item_hidden)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TowerConfig:
+        """The config a stage report recorded (``to_dict``); unknown keys are refused."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown tower config keys {sorted(unknown)}")
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**values)
 
 
 # --- item inputs ---------------------------------------------------------------------------

@@ -292,33 +292,8 @@ def train_retrieval(
     """
     cfg = config or TowerConfig()
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        data = RetrievalData.load(home, dataset)
-        prep = prepare(data, cfg, seed)
-        prepare_seconds = time.perf_counter() - started
-        log.info(
-            "retrieval: %d positives, %d of %d items seen in training, %d validation groups "
-            "(%.1fs to prepare)",
-            len(prep.examples),
-            prep.known.sum(),
-            len(data.catalog),
-            len(prep.valid.groups),
-            prepare_seconds,
-        )
-        fitted = fit(
-            prep.examples,
-            prep.items,
-            prep.mean,
-            prep.std,
-            data.catalog.n_categories,
-            cfg,
-            seed,
-            prep.valid,
-        )
-    finally:
-        torch.set_num_threads(previous_threads)
+    data = RetrievalData.load(home, dataset)
+    prep, fitted, prepare_seconds = _prepare_and_fit(data, cfg, seed, threads)
 
     k = min(k, len(data.catalog))
     tower, item_emb, parity = _export(fitted, data, prep, out_dir, cfg.value_weight)
@@ -370,6 +345,54 @@ def train_retrieval(
         report["query_p99_ms"],
     )
     return report
+
+
+def _prepare_and_fit(
+    data: RetrievalData, cfg: TowerConfig, seed: int, threads: int
+) -> tuple[Prepared, FitResult, float]:
+    """``prepare`` then ``fit`` on ``threads`` torch threads (restored after); returns the
+    prepared inputs, the fit and the seconds preparing took."""
+    started = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        prep = prepare(data, cfg, seed)
+        prepare_seconds = time.perf_counter() - started
+        log.info(
+            "retrieval: %d positives, %d of %d items seen in training, %d validation groups "
+            "(%.1fs to prepare)",
+            len(prep.examples),
+            prep.known.sum(),
+            len(data.catalog),
+            len(prep.valid.groups),
+            prepare_seconds,
+        )
+        fitted = fit(
+            prep.examples,
+            prep.items,
+            prep.mean,
+            prep.std,
+            data.catalog.n_categories,
+            cfg,
+            seed,
+            prep.valid,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    return prep, fitted, prepare_seconds
+
+
+def fit_tower(data: RetrievalData, cfg: TowerConfig, seed: int = 0) -> tuple[UserTower, np.ndarray]:
+    """A tower fitted on ``data``'s train split as ``train_retrieval`` fits it, without the
+    index, reports or value column: (the user tower as serving loads it, the catalog's
+    embeddings in ``data.catalog`` order). For measurements that refit on part of the data,
+    e.g. a tower that never saw some users (``tools.bench_levers``' cross-fitted score)."""
+    import tempfile
+
+    prep, fitted, _ = _prepare_and_fit(data, cfg, seed, threads=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tower, item_emb, _ = _export(fitted, data, prep, Path(tmp), 0.0)
+    return tower, item_emb
 
 
 def _recall_metrics(

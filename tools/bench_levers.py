@@ -126,7 +126,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     )
 
     def score_of(
-        user_tower: Any, item_emb: np.ndarray, ids: pd.Index, cols: int, frame: pd.DataFrame
+        user_tower: UserTower, item_emb: np.ndarray, ids: pd.Index, cols: int, frame: pd.DataFrame
     ) -> np.ndarray:
         query = user_tower.embed(user_features(frame, user_tower.spec, snapshots))
         rows = ids.get_indexer(pd.Index(frame[C.ITEM_ID].to_numpy()))

@@ -144,11 +144,19 @@ def doubly_robust(
     round) corrected by the weighted residuals of the logged actions (``q_logged``: the
     model's reward for the action taken)."""
     r, w = _arrays(rewards, target, logging, clip)
+    q_a, q_pi = _reward_model(q_logged, q_target, r.shape)
+    return _normal(q_pi + w * (r - q_a), w)
+
+
+def _reward_model(
+    q_logged: np.ndarray, q_target: np.ndarray, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """DR's reward-model arrays as float64, refused unless aligned with the rewards."""
     q_a = np.asarray(q_logged, dtype=np.float64)
     q_pi = np.asarray(q_target, dtype=np.float64)
-    if q_a.shape != r.shape or q_pi.shape != r.shape:
+    if q_a.shape != shape or q_pi.shape != shape:
         raise ValueError("q_logged and q_target must align with the rewards")
-    return _normal(q_pi + w * (r - q_a), w)
+    return q_a, q_pi
 
 
 SHRINKAGE_LAMBDAS = (float("inf"), *(10.0 ** np.arange(8.0, -0.5, -0.5)))  # DR first
@@ -201,11 +209,9 @@ def doubly_robust_shrinkage(
     q_target: np.ndarray,
 ) -> tuple[Estimate, float]:
     """DR with optimistic shrinkage, λ chosen by SLOPE: (the estimate, λ; ∞ is DR)."""
-    dr = doubly_robust(rewards, target, logging, q_logged, q_target)
     r, w = _arrays(rewards, target, logging, None)
-    q_a = np.asarray(q_logged, dtype=np.float64)[:, None]
-    q_pi = np.asarray(q_target, dtype=np.float64)[:, None]
-    out, lam = _shrunk_dr(r[:, None], w[:, None], q_a, q_pi, dr)
+    q_a, q_pi = _reward_model(q_logged, q_target, r.shape)
+    out, lam = _shrunk_dr(r[:, None], w[:, None], q_a[:, None], q_pi[:, None])
     return out.page, lam
 
 
@@ -273,24 +279,21 @@ def slate(
     out["snips"] = SlateEstimate(page, tuple(per_slot))
 
     if q_logged is not None and q_target is not None:
-        q_a = np.asarray(q_logged, dtype=np.float64)
-        q_pi = np.asarray(q_target, dtype=np.float64)
-        if q_a.shape != r.shape or q_pi.shape != r.shape:
-            raise ValueError("q_logged and q_target must align with the rewards")
+        q_a, q_pi = _reward_model(q_logged, q_target, r.shape)
         terms = q_pi + w * (r - q_a)
         out["dr"] = _slate_of(terms, ess, [_normal(terms[:, k], w[:, k]) for k in range(slots)])
-        dros, lam = _shrunk_dr(r, w, q_a, q_pi, out["dr"].page)
+        dros, lam = _shrunk_dr(r, w, q_a, q_pi)
         out["dr_os"] = replace(dros, shrinkage=lam)
     return out
 
 
 def _shrunk_dr(
-    r: np.ndarray, w: np.ndarray, q_a: np.ndarray, q_pi: np.ndarray, dr: Estimate
+    r: np.ndarray, w: np.ndarray, q_a: np.ndarray, q_pi: np.ndarray
 ) -> tuple[SlateEstimate, float]:
     """DRos of (requests, slots) arrays and its λ: one λ for the page, chosen by SLOPE over
-    the per-request page terms, applied to every slot; ``dr`` is the unshrunk page
-    estimate."""
+    the per-request page terms, applied to every slot."""
     shrunk = [q_pi + shrink(w, lam) * (r - q_a) for lam in SHRINKAGE_LAMBDAS]
+    dr = _normal(shrunk[0].sum(axis=1), np.ones(len(r)))  # λ = ∞ (the first): DR's page
     best = slope([t.sum(axis=1) for t in shrunk])
     lam, w_os = SHRINKAGE_LAMBDAS[best], shrink(w, SHRINKAGE_LAMBDAS[best])
     slots = w.shape[1]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,8 +388,6 @@ def fit_tower(data: RetrievalData, cfg: TowerConfig, seed: int = 0) -> tuple[Use
     index, reports or value column: (the user tower as serving loads it, the catalog's
     embeddings in ``data.catalog`` order). For measurements that refit on part of the data,
     e.g. a tower that never saw some users (``tools.bench_levers``' cross-fitted score)."""
-    import tempfile
-
     prep, fitted, _ = _prepare_and_fit(data, cfg, seed, threads=1)
     with tempfile.TemporaryDirectory() as tmp:
         tower, item_emb, _ = _export(fitted, data, prep, Path(tmp), 0.0)

@@ -60,15 +60,34 @@ class _Log:
         )
 
 
+PURCHASE_DELAY_KINDS = (0.6, 0.3, 0.1)  # within hours, within days, past a week
+PURCHASE_DELAY_HOURS = (2.0, 48.0, 72.0)  # exponential means (the last after 7 days)
+PURCHASE_DELAY_FLOOR_H = 7 * 24  # where the late kind's delay starts
+
+
 def _purchase_delay_ns(rng: np.random.Generator, n: int) -> np.ndarray:
     """Cart -> purchase delay: 60 % within hours, 30 % within days, 10 % past 7 days."""
-    kind = rng.choice(3, size=n, p=[0.6, 0.3, 0.1])
+    kind = rng.choice(3, size=n, p=list(PURCHASE_DELAY_KINDS))
+    soon, days, late = PURCHASE_DELAY_HOURS
     hours = np.select(
         [kind == 0, kind == 1],
-        [rng.exponential(2.0, n), rng.exponential(48.0, n)],
-        7 * 24 + rng.exponential(72.0, n),
+        [rng.exponential(soon, n), rng.exponential(days, n)],
+        PURCHASE_DELAY_FLOOR_H + rng.exponential(late, n),
     )
     return (hours * 3600 * NS_PER_S).astype(np.int64)
+
+
+def purchase_delay_cdf(hours: np.ndarray) -> np.ndarray:
+    """P(a decided purchase has happened within ``hours`` of its cart): the distribution
+    ``_purchase_delay_ns`` draws from."""
+    h = np.maximum(np.asarray(hours, dtype=np.float64), 0.0)
+    (p_soon, p_days, p_late), (soon, days, late) = PURCHASE_DELAY_KINDS, PURCHASE_DELAY_HOURS
+    after = np.maximum(h - PURCHASE_DELAY_FLOOR_H, 0.0)
+    return (
+        p_soon * -np.expm1(-h / soon)
+        + p_days * -np.expm1(-h / days)
+        + p_late * -np.expm1(-after / late)
+    )
 
 
 def _distinct_draws(rng: np.random.Generator, rows: int, m: int, n: int) -> np.ndarray:

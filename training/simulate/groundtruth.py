@@ -68,10 +68,6 @@ class GroundTruth:
             positions, self.params["examination_kappa"], self.params["examination_theta"]
         )
 
-    def _price_penalty(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        over = np.log(self.item_price[items] / self.user_budget[users])
-        return self.user_price_sensitivity[users] * np.maximum(over, 0.0) + 0.1 * over
-
     @functools.cached_property
     def _interest_items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The per-item parts of ``interest``, worked out once (a tuple: ``save`` keeps only
@@ -84,23 +80,41 @@ class GroundTruth:
         """How well each of ``items`` (users x scanned) matches its row's user: the click
         logit's terms that do not depend on the moment (taste, appeal, seller quality, the
         country and device shifts, the price penalty). Organic sessions pick by it."""
-        p = self.params
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
-        latent, log_price, static = self._interest_items
+        latent = self._interest_items[0]
         taste = self.user_taste[users].astype(np.float32)
         affinity = np.einsum("bd,bkd->bk", taste, latent[items]).astype(np.float64)
         shift = (  # (users, categories): one gather per row instead of one per pair
             self.country_category[self.user_country[users]]
             + self.device_category[self.user_device[users]]
         )
-        over = log_price[items] - np.log(self.user_budget[users])[:, None]
-        beta = self.user_price_sensitivity[users][:, None]
+        return self.interest_given(
+            affinity,
+            self.user_price_sensitivity[users][:, None],
+            self.user_budget[users][:, None],
+            shift,
+            items,
+        )
+
+    def interest_given(
+        self,
+        affinity: np.ndarray,
+        sensitivity: np.ndarray,
+        budget: np.ndarray,
+        shift: np.ndarray,
+        items: np.ndarray,
+    ) -> np.ndarray:
+        """``interest`` with the user's hidden parameters given, broadcast against ``items``
+        (2-D) as in ``response``; ``shift`` (rows, categories) is the country and device
+        shift of each row's user."""
+        _, log_price, static = self._interest_items
+        over = log_price[items] - np.log(budget)
         return (
-            p["affinity_strength"] * affinity
+            self.params["affinity_strength"] * affinity
             + static[items]
             + np.take_along_axis(shift, self.item_category[items], axis=1)
-            - beta * np.maximum(over, 0.0)
+            - sensitivity * np.maximum(over, 0.0)
             - 0.1 * over
         )
 
@@ -116,14 +130,39 @@ class GroundTruth:
         ``at_ns`` is the time of the impression (it sets the item's novelty);
         ``cart_match`` flags items sharing a category with the cart (checkout surface).
         """
-        p = self.params
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
         affinity = np.einsum("ij,ij->i", self.user_taste[users], self.item_latent[items])
+        return self.response(
+            affinity,
+            self.user_price_sensitivity[users],
+            self.user_budget[users],
+            users,
+            items,
+            at_ns,
+            cart_match,
+        )
+
+    def response(
+        self,
+        affinity: np.ndarray,
+        sensitivity: np.ndarray,
+        budget: np.ndarray,
+        users: np.ndarray,
+        items: np.ndarray,
+        at_ns: np.ndarray | int,
+        cart_match: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``probabilities`` with the user's hidden parameters given: ``affinity`` (taste .
+        item latent), price ``sensitivity`` and ``budget`` broadcast against the items, so a
+        (particles, 1) sensitivity against (impressions,) items gives (particles, impressions)
+        (``training.simulate.posterior``); ``users`` gives the observable country and device."""
+        p = self.params
         cat = self.item_category[items]
         age_days = (np.asarray(at_ns) - self.item_created_ns[items]) / NS_PER_DAY
         novelty = np.exp(-np.maximum(age_days, 0.0) / p["novelty_days"])
-        price_pen = self._price_penalty(users, items)
+        over = np.log(self.item_price[items] / budget)
+        price_pen = sensitivity * np.maximum(over, 0.0) + 0.1 * over
         q = self.item_seller_quality[items]
         disc = self.item_discount[items]
         z_click = (

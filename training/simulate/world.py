@@ -60,6 +60,43 @@ def _uniform_times(
     return rng.integers(lo.value, hi.value, size=n, dtype=np.int64)
 
 
+def draw_categories(
+    rng: np.random.Generator, n_cat: int, dim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The world's first draws: category popularity (Zipf, shuffled) and latent centroids."""
+    cat_pop = 1.0 / np.arange(1, n_cat + 1) ** 0.9
+    cat_pop = rng.permutation(cat_pop / cat_pop.sum())
+    return cat_pop, _unit(rng.normal(size=(n_cat, dim)))
+
+
+def draw_user_hidden(
+    rng: np.random.Generator, n: int, cat_pop: np.ndarray, cat_centroid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A user's hidden parameters from the world's prior: taste (a unit vector near one to
+    three favourite categories' centroids), price sensitivity and budget. ``build_world``
+    draws its users with it; ``training.simulate.posterior`` draws its particles with it."""
+    n_cat, dim = cat_centroid.shape
+    n_fav = 1 + rng.binomial(2, 0.4, n)
+    taste = np.zeros((n, dim))
+    for slot in range(3):
+        fav = rng.choice(n_cat, size=n, p=cat_pop)
+        weight = (slot < n_fav) * rng.uniform(0.5, 1.0, n)
+        taste += weight[:, None] * cat_centroid[fav]
+    taste = _unit(taste + 0.35 * rng.normal(size=(n, dim)))
+    sensitivity = np.exp(rng.normal(np.log(0.8), 0.5, n))
+    budget = np.exp(rng.normal(np.log(45.0), 0.8, n))
+    return taste, sensitivity, budget
+
+
+def world_categories(seed: int, categories: int, latent_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The category popularity and centroids ``build_world`` drew for a config with this
+    seed and shape (the ground truth does not store them): the same first draws from
+    ``simulate``'s world stream, its seed's first spawned child (which does not depend on
+    how many children are spawned)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+    return draw_categories(rng, categories, latent_dim)
+
+
 def build_world(cfg: SimConfig, rng: np.random.Generator) -> World:
     """Draw every entity and hidden parameter of the marketplace."""
     start, end = cfg.start_ts, cfg.end_ts
@@ -67,9 +104,7 @@ def build_world(cfg: SimConfig, rng: np.random.Generator) -> World:
     day = pd.Timedelta(days=1)
 
     # -- categories: popularity (Zipf), latent centroid, price level, margin level ------
-    cat_pop = 1.0 / np.arange(1, n_cat + 1) ** 0.9
-    cat_pop = rng.permutation(cat_pop / cat_pop.sum())
-    cat_centroid = _unit(rng.normal(size=(n_cat, dim)))
+    cat_pop, cat_centroid = draw_categories(rng, n_cat, dim)
     cat_median_price = np.exp(rng.uniform(np.log(8.0), np.log(250.0), n_cat))
     cat_margin = rng.uniform(0.12, 0.45, n_cat)
     n_brands = n_cat * cfg.brands_per_category
@@ -170,15 +205,7 @@ def build_world(cfg: SimConfig, rng: np.random.Generator) -> World:
     )
     country = rng.choice(len(C.COUNTRIES), size=n_u, p=COUNTRY_WEIGHTS)
     device = rng.choice(len(C.DEVICES), size=n_u, p=DEVICE_WEIGHTS)
-    n_fav = 1 + rng.binomial(2, 0.4, n_u)
-    taste = np.zeros((n_u, dim))
-    for slot in range(3):
-        fav = rng.choice(n_cat, size=n_u, p=cat_pop)
-        weight = (slot < n_fav) * rng.uniform(0.5, 1.0, n_u)
-        taste += weight[:, None] * cat_centroid[fav]
-    taste = _unit(taste + 0.35 * rng.normal(size=(n_u, dim)))
-    sensitivity = np.exp(rng.normal(np.log(0.8), 0.5, n_u))
-    budget = np.exp(rng.normal(np.log(45.0), 0.8, n_u))
+    taste, sensitivity, budget = draw_user_hidden(rng, n_u, cat_pop, cat_centroid)
     signup_ts = from_ns(signup)
     users = pd.DataFrame(
         {

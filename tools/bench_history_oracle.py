@@ -1,0 +1,212 @@
+"""Issue 13: how much of the optimum can any policy that learns the user from the logs earn?
+
+``python -m tools.bench_history_oracle [--dataset sim-small] [--requests 300]`` (after
+``make demo``) scores, on a sample of the test period's requests (seed 0, as the evaluate
+stage samples; ``--requests 1000`` is its very sample), the served ranker beside the
+history-limited Oracle (``training.simulate.posterior.HistoryOracle``: it knows every item
+and the response model, and infers the user's taste, price sensitivity and budget from
+that user's logged impressions before the request):
+
+- ``ranker``, ``optimal_over_candidates``, ``optimal``: as in ``reports/eval.json``;
+- ``history_oracle:candidates``: the history-limited Oracle's order of the ranker's own
+  candidates: the most a ranker of these candidates can earn in expectation from the logs;
+- ``prior_oracle:candidates``: the same with no history (the world's prior over users):
+  what knowing the items alone is worth;
+- ``history_oracle:catalogue``: its best page over the whole eligible catalogue;
+- ``optimal_over_candidates:history_oracle``: the Oracle's best page over the
+  history-limited Oracle's top ``--candidates`` catalogue items: the share of the optimum
+  candidates chosen from the logs could hold.
+
+Writes ``reports/history_oracle.json`` and prints the table with each policy's share of
+the optimum and of the optimum over the ranker's candidates, and the posteriors' effective
+sample sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from contract import columns as C
+from training.stages import Paths
+
+CANDIDATE_PARTICLES = 4000  # posterior particles that value the ranker's candidates
+CATALOGUE_PARTICLES = 500  # ... and the whole catalogue (systematic resampling, unbiased)
+
+
+def run(
+    home: Path, dataset: str, n_requests: int, particles: int, n_candidates: int = 500
+) -> dict[str, Any]:
+    from contract.feature_store import open_store
+    from training.evaluate import (
+        CandidateCache,
+        ServedScorer,
+        _model_policy,
+        _oracle_over_candidates,
+    )
+    from training.policy_eval import Marketplace, evaluate_policies
+    from training.retrieval.retriever import load_retriever
+    from training.simulate import Oracle
+    from training.simulate.posterior import Histories, HistoryOracle, Posterior
+    from training.staging import staging_dir
+    from training.tables import read_tables
+
+    started = time.perf_counter()
+    paths = Paths(home)
+    stage = staging_dir(paths, dataset)
+    tables = read_tables(paths.raw(dataset))
+    items = tables[C.ITEMS]
+    oracle = Oracle.load(paths.ground_truth(dataset))
+    truth = oracle.truth
+    carts_path = paths.raw(dataset) / "checkout_carts.parquet"
+    carts = pd.read_parquet(carts_path) if carts_path.exists() else None
+    market = Marketplace(tables, carts)
+    histories = Histories(tables, truth, carts)
+    bayes = HistoryOracle.from_dataset(paths.raw(dataset), truth, particles)
+    store = open_store(dataset, paths=paths)
+    served = ServedScorer(stage, items)
+    candidates = CandidateCache(load_retriever(stage, home, dataset), items, n_candidates)
+    split = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())["split"]
+    start, end = pd.Timestamp(split["valid_end"]), pd.Timestamp(split["test_end"])
+
+    posteriors: dict[tuple[int, int], Posterior] = {}
+    ess: list[float] = []
+    history_sizes: list[int] = []
+    prior = bayes.posterior(0, histories.of(-1, 0))  # no history: every particle, equal weight
+
+    def posterior_of(user: int, at_ns: int) -> Posterior:
+        key = (user, at_ns)
+        if key not in posteriors:
+            history = histories.of(user, at_ns)
+            posteriors[key] = bayes.posterior(user, history)
+            ess.append(posteriors[key].ess)
+            history_sizes.append(len(history.items))
+        return posteriors[key]
+
+    def rows(requests: pd.DataFrame) -> list[tuple[int, int, int]]:
+        return [
+            (int(r), int(u), int(pd.Timestamp(t).value))
+            for r, u, t in zip(
+                requests[C.REQUEST_ID], requests[C.USER_ID], requests[C.TS], strict=True
+            )
+        ]
+
+    def reranked(post_of: Any) -> Any:
+        def policy(requests: pd.DataFrame, state: Any) -> list[np.ndarray]:
+            out = []
+            for (rid, user, at), found in zip(
+                rows(requests), candidates(requests, state), strict=True
+            ):
+                found = np.asarray(found, dtype=np.int64)
+                value = bayes.expected_values(
+                    user,
+                    post_of(user, at).thinned(CANDIDATE_PARTICLES),
+                    found,
+                    at,
+                    market.cart_of(rid),
+                )
+                out.append(found[np.argsort(-value, kind="stable")])
+            return out
+
+        return policy
+
+    catalogue_pages: dict[int, np.ndarray] = {}
+
+    def catalogue(requests: pd.DataFrame, state: Any) -> list[np.ndarray]:
+        eligible = market.item_ids[np.flatnonzero(state.eligible)].astype(np.int64)
+        out = []
+        for rid, user, at in rows(requests):
+            cart = market.cart_of(rid)
+            pool = eligible[~np.isin(eligible, cart)]
+            value = bayes.expected_values(
+                user, posterior_of(user, at).thinned(CATALOGUE_PARTICLES), pool, at, cart
+            )
+            n = min(n_candidates, len(pool))
+            top = np.argpartition(-value, n - 1)[:n]
+            catalogue_pages[rid] = pool[top[np.argsort(-value[top], kind="stable")]]
+            out.append(catalogue_pages[rid])
+        return out
+
+    def over_history_candidates(requests: pd.DataFrame, state: Any) -> list[np.ndarray]:
+        return [
+            oracle.optimal(
+                user,
+                catalogue_pages[rid],
+                20,
+                at=pd.Timestamp(at),
+                cart_item_ids=market.cart_of(rid) if len(market.cart_of(rid)) else None,
+            )
+            for rid, user, at in rows(requests)
+        ]
+
+    models = {
+        "ranker": _model_policy(store, candidates, served.egmv),
+        "optimal_over_candidates": _oracle_over_candidates(oracle, candidates, 20),
+        "history_oracle:candidates": reranked(posterior_of),
+        "prior_oracle:candidates": reranked(lambda user, at: prior),
+        "history_oracle:catalogue": catalogue,  # fills catalogue_pages: before the next one
+        "optimal_over_candidates:history_oracle": over_history_candidates,
+    }
+    summary, _, _ = evaluate_policies(
+        tables, oracle, carts, start, end, models, k=20, n_requests=n_requests, market=market
+    )
+    optimum = summary["optimal"]["oracle_egmv_per_1k"]
+    over = summary["optimal_over_candidates"]["oracle_egmv_per_1k"]
+    table = {
+        name: {
+            "oracle_egmv_per_1k": row["oracle_egmv_per_1k"],
+            "share_of_optimal": row["oracle_egmv_per_1k"] / optimum,
+            "share_of_candidates_optimal": row["oracle_egmv_per_1k"] / over,
+        }
+        for name, row in summary.items()
+    }
+    quantiles = [0.05, 0.25, 0.5, 0.75, 0.95]
+
+    def spread(values: list[float] | list[int]) -> dict[str, float]:
+        return {
+            str(q): float(v) for q, v in zip(quantiles, np.quantile(values, quantiles), strict=True)
+        }
+
+    return {
+        "dataset": dataset,
+        "requests": n_requests,
+        "particles": particles,
+        "policies": table,
+        "posterior_ess": spread(ess),
+        "history_impressions": spread(history_sizes),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="sim-small")
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--particles", type=int, default=50_000)
+    ap.add_argument("--home", type=Path, default=None)
+    args = ap.parse_args(argv)
+    paths = Paths.from_env() if args.home is None else Paths(args.home)
+    result = run(paths.home, args.dataset, args.requests, args.particles)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    out = paths.reports / "history_oracle.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{'policy':42s} {'E[GMV]/1k':>10s} {'of optimum':>11s} {'of cands':>9s}")
+    for name, row in result["policies"].items():
+        print(
+            f"{name:42s} {row['oracle_egmv_per_1k']:10.1f} {row['share_of_optimal']:11.1%}"
+            f" {row['share_of_candidates_optimal']:9.1%}"
+        )
+    print("posterior ESS quantiles:", {k: round(v) for k, v in result["posterior_ess"].items()})
+    print(f"{result['seconds']:.0f} s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

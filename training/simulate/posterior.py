@@ -1,0 +1,358 @@
+"""The history-limited Oracle: the ceiling of any policy that learns the user from the logs.
+
+The Oracle knows every user's hidden taste, price sensitivity and budget; no policy does.
+``HistoryOracle`` knows everything else the simulator knows (every item's latent vector,
+appeal and seller quality, the response model and its parameters, the world's prior over
+users) and infers the user's hidden parameters by Bayes' rule from that user's logged
+impressions before the request: each feed or organic impression's click, add-to-cart and
+purchase outcome, and which items the user's organic sessions looked at. It then ranks
+items by their posterior expected E[GMV] (p x price x margin), which is the best any
+policy can do in expectation with that history and that much knowledge of the items. A
+learned ranker knows the items far less well, so the gap between this policy and the
+Oracle is the part of the optimum no ranker trained on these logs can earn; the gap
+between a ranker and this policy is what better learning could still earn.
+
+Inference is importance sampling: ``n_particles`` draws of (taste, sensitivity, budget)
+from the world's own prior (``world.draw_user_hidden``), weighted by the likelihood of
+the user's history. The effective sample size of the weights says how well the particles
+cover the posterior; a user whose history pins the taste down more tightly than the
+particles resolve gets a coarser posterior (its expectation is then over fewer particles).
+
+The likelihood, per impression at slot k (organic impressions are looked at in full):
+
+    click    ~ Bernoulli(e(k) * P(click | examined))
+    cart     ~ Bernoulli(P(cart | click))        given a click
+    purchase ~ Bernoulli(P(purchase | cart) F(t)) given a cart t hours before the request,
+                                                F the purchase delay's distribution
+                                                (stock-outs ignored)
+    an organic session looks at item i with probability exp(f * interest_i) / (N Z),
+                 Z the mean of exp(f * interest) over the listed catalogue, N the scan size
+
+(the organic pick is without replacement among the scanned items; the model treats each
+pick as one draw from the whole scan, which is exact when the picks are a small share of
+the scan's weight). Ground truth only: nothing here is a feature.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from contract import columns as C
+from contract.timeutil import NS_PER_S, to_ns
+from training.simulate.engine import purchase_delay_cdf
+from training.simulate.groundtruth import GroundTruth
+from training.simulate.world import draw_user_hidden, world_categories
+
+PARTICLES = 50_000  # prior draws per posterior (shared by every user)
+NORMALISER_ITEMS = 2_000  # catalogue sample that estimates the organic pick's normaliser
+CHUNK = 10_000  # particles scored at once (memory: chunk x impressions floats, several)
+
+
+NEVER = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class History:
+    """One user's logged impressions, oldest first (aligned arrays); an outcome's time is
+    ``NEVER`` when it did not happen (or was not logged before the window closed)."""
+
+    items: np.ndarray
+    position: np.ndarray  # 0 = organic
+    ts_ns: np.ndarray
+    click_ns: np.ndarray
+    cart_ns: np.ndarray
+    purchase_ns: np.ndarray
+    cart_match: np.ndarray  # 1 where a checkout impression shares a category with its cart
+    at_ns: int = NEVER  # the moment the outcomes are read at
+
+    def before(self, at_ns: int) -> History:
+        """The impressions before ``at_ns``, their outcomes as known at ``at_ns`` (a purchase
+        days after its click is not yet in the history of a request between the two)."""
+        n = int(np.searchsorted(self.ts_ns, at_ns, side="left"))
+        return History(
+            self.items[:n],
+            self.position[:n],
+            self.ts_ns[:n],
+            self.click_ns[:n],
+            self.cart_ns[:n],
+            self.purchase_ns[:n],
+            self.cart_match[:n],
+            at_ns,
+        )
+
+    @property
+    def clicked(self) -> np.ndarray:
+        return self.click_ns < self.at_ns
+
+    @property
+    def carted(self) -> np.ndarray:
+        return self.cart_ns < self.at_ns
+
+    @property
+    def purchased(self) -> np.ndarray:
+        return self.purchase_ns < self.at_ns
+
+
+class Histories:
+    """Every user's impression history from the event tables, for ``HistoryOracle``."""
+
+    def __init__(
+        self,
+        tables: dict[str, pd.DataFrame],
+        truth: GroundTruth,
+        checkout_carts: pd.DataFrame | None = None,
+    ):
+        imp = tables[C.IMPRESSIONS].sort_values(C.TS, kind="stable")
+        ids = pd.Index(imp[C.IMPRESSION_ID].to_numpy(np.int64))
+
+        def when(table: str) -> np.ndarray:
+            events = tables[table]
+            at = np.full(len(ids), NEVER, dtype=np.int64)
+            rows = ids.get_indexer(pd.Index(events[C.IMPRESSION_ID].to_numpy(np.int64)))
+            np.minimum.at(at, rows[rows >= 0], to_ns(events[C.TS])[rows >= 0])
+            return at
+
+        frame = pd.DataFrame(
+            {
+                "user": imp[C.USER_ID].to_numpy(np.int64),
+                "item": imp[C.ITEM_ID].to_numpy(np.int64),
+                "position": imp[C.POSITION].to_numpy(np.int64),
+                "ts": to_ns(imp[C.TS]),
+                "click": when(C.CLICKS),
+                "cart": when(C.ADD_TO_CARTS),
+                "purchase": when(C.PURCHASES),
+                "cart_match": self._cart_match(imp, truth, checkout_carts),
+            }
+        )
+        self._by_user = {
+            int(str(user)): History(
+                g["item"].to_numpy(),
+                g["position"].to_numpy(),
+                g["ts"].to_numpy(),
+                g["click"].to_numpy(),
+                g["cart"].to_numpy(),
+                g["purchase"].to_numpy(),
+                g["cart_match"].to_numpy(np.float64),
+            )
+            for user, g in frame.groupby("user", sort=False)
+        }
+
+    @staticmethod
+    def _cart_match(
+        imp: pd.DataFrame, truth: GroundTruth, carts: pd.DataFrame | None
+    ) -> np.ndarray:
+        if carts is None or not len(carts):
+            return np.zeros(len(imp))
+        n_cat = int(truth.item_category.max()) + 1
+        cart_keys = np.unique(
+            carts[C.REQUEST_ID].to_numpy(np.int64) * n_cat
+            + truth.item_category[carts[C.ITEM_ID].to_numpy(np.int64)]
+        )
+        keys = (
+            imp[C.REQUEST_ID].to_numpy(np.int64) * n_cat
+            + truth.item_category[imp[C.ITEM_ID].to_numpy(np.int64)]
+        )
+        return np.isin(keys, cart_keys).astype(np.float64)
+
+    def of(self, user_id: int, before_ns: int) -> History:
+        empty = np.zeros(0, np.int64)
+        found = self._by_user.get(int(user_id))
+        if found is None:
+            return History(*(empty,) * 6, np.zeros(0), before_ns)
+        return found.before(before_ns)
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """Particles (indices into the oracle's prior draws) and their normalised weights."""
+
+    particles: np.ndarray
+    weights: np.ndarray
+    ess: float  # effective sample size of the full weight vector: 1 / sum(w^2)
+
+    def thinned(self, n: int) -> Posterior:
+        """At most ``n`` particles with equal weights, by systematic resampling (unbiased:
+        each particle is kept in proportion to its weight), for catalogue-wide scoring."""
+        if len(self.particles) <= n:
+            return self
+        grid = (np.arange(n) + 0.5) / n
+        picked = np.minimum(np.searchsorted(np.cumsum(self.weights), grid), len(self.weights) - 1)
+        return Posterior(self.particles[picked], np.full(n, 1.0 / n), self.ess)
+
+
+class HistoryOracle:
+    """Posterior-expected item values for a user given the logged history (module doc)."""
+
+    def __init__(
+        self,
+        truth: GroundTruth,
+        cat_pop: np.ndarray,
+        cat_centroid: np.ndarray,
+        organic_focus: float,
+        organic_scan: int,
+        n_particles: int = PARTICLES,
+        seed: int = 0,
+        mass: float = 1.0 - 1e-6,
+    ):
+        rng = np.random.default_rng(seed)
+        self.truth = truth
+        self.taste, self.sensitivity, self.budget = draw_user_hidden(
+            rng, n_particles, cat_pop, cat_centroid
+        )
+        self.focus = organic_focus
+        self.log_scan = float(np.log(organic_scan))
+        self.mass = mass
+        self.mean_quantity = 1.0 + truth.params["quantity_extra_mean"]
+        n_items = len(truth.item_price)
+        self._norm_items = rng.choice(n_items, size=min(NORMALISER_ITEMS, n_items), replace=False)
+        self._log_z: dict[tuple[int, int], np.ndarray] = {}
+
+    @classmethod
+    def from_dataset(
+        cls, raw_dir: Path, truth: GroundTruth, n_particles: int = PARTICLES, seed: int = 0
+    ) -> HistoryOracle:
+        """For a simulated dataset: its world's prior from the config ``dataset.json`` keeps."""
+        config = json.loads((Path(raw_dir) / "dataset.json").read_text())["config"]
+        cat_pop, cat_centroid = world_categories(
+            int(config["seed"]), int(config["categories"]), int(config["latent_dim"])
+        )
+        return cls(
+            truth,
+            cat_pop,
+            cat_centroid,
+            float(config.get("organic_focus", 1.0)),
+            int(config.get("organic_scan", 1000)),
+            n_particles,
+            seed,
+        )
+
+    def _shift(self, user: int) -> np.ndarray:
+        t = self.truth
+        return (t.country_category[t.user_country[user]] + t.device_category[t.user_device[user]])[
+            None, :
+        ]
+
+    def _response(
+        self,
+        rows: slice | np.ndarray,
+        user: int,
+        items: np.ndarray,
+        at_ns: np.ndarray | int,
+        cart_match: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        affinity = self.taste[rows] @ self.truth.item_latent[items].T
+        users = np.full(len(items), user, dtype=np.int64)
+        return self.truth.response(
+            affinity,
+            self.sensitivity[rows, None],
+            self.budget[rows, None],
+            users,
+            items,
+            at_ns,
+            cart_match,
+        )
+
+    def log_likelihood(self, user: int, history: History) -> np.ndarray:
+        """log P(history | particle) for every prior particle (up to a constant)."""
+        n = len(self.taste)
+        out = np.zeros(n)
+        if not len(history.items):
+            return out
+        exam = np.where(
+            history.position >= 1, self.truth.examination(np.maximum(history.position, 1)), 1.0
+        )
+        organic = history.position == 0
+        clicked, carted = history.clicked, history.carted
+        bought = history.purchased[carted]
+        # a cart without a purchase yet: either no purchase, or one still on its way
+        waited_h = (history.at_ns - history.cart_ns[carted][~bought]) / (3600 * NS_PER_S)
+        pending = purchase_delay_cdf(waited_h)
+        for lo in range(0, n, CHUNK):
+            rows = slice(lo, min(lo + CHUNK, n))
+            pc, pa, pb = self._response(
+                rows, user, history.items, history.ts_ns, history.cart_match
+            )
+            seen = exam * pc
+            total = np.log1p(-seen[:, ~clicked]).sum(axis=1) + np.log(seen[:, clicked]).sum(axis=1)
+            pa, pb = pa[:, clicked], pb[:, carted]
+            cart_of_click = carted[clicked]
+            total += np.log(pa[:, cart_of_click]).sum(axis=1)
+            total += np.log1p(-pa[:, ~cart_of_click]).sum(axis=1)
+            total += np.log(pb[:, bought]).sum(axis=1)
+            total += np.log1p(-pb[:, ~bought] * pending).sum(axis=1)
+            if organic.any():
+                total += self._organic_log_likelihood(rows, user, history.items[organic])
+            out[rows] = total
+        return out
+
+    def _log_normaliser(self, user: int, rows: slice) -> np.ndarray:
+        """log Z per particle: it depends on the user only through the country and device
+        shift, so it is worked out once per (country, device) and kept."""
+        t = self.truth
+        key = (int(t.user_country[user]), int(t.user_device[user]))
+        if key not in self._log_z:
+            n = len(self.taste)
+            log_z = np.empty(n)
+            items = self._norm_items
+            for lo in range(0, n, CHUNK):
+                part = slice(lo, min(lo + CHUNK, n))
+                norm = self.focus * self._interest(part, user, items)
+                top = norm.max(axis=1, keepdims=True)
+                log_z[part] = top[:, 0] + np.log(np.exp(norm - top).mean(axis=1))
+            self._log_z[key] = log_z
+        return self._log_z[key][rows]
+
+    def _interest(self, rows: slice, user: int, items: np.ndarray) -> np.ndarray:
+        affinity = self.taste[rows] @ self.truth.item_latent[items].T
+        return self.truth.interest_given(
+            affinity,
+            self.sensitivity[rows, None],
+            self.budget[rows, None],
+            self._shift(user),
+            items[None, :],
+        )
+
+    def _organic_log_likelihood(self, rows: slice, user: int, picked: np.ndarray) -> np.ndarray:
+        log_z = self._log_normaliser(user, rows)
+        picks = self.focus * self._interest(rows, user, picked)
+        return picks.sum(axis=1) - len(picked) * (log_z + self.log_scan)
+
+    def posterior(self, user: int, history: History) -> Posterior:
+        ll = self.log_likelihood(user, history)
+        w = np.exp(ll - ll.max())
+        w /= w.sum()
+        ess = float(1.0 / np.square(w).sum())
+        order = np.argsort(-w, kind="stable")
+        keep = int(np.searchsorted(np.cumsum(w[order]), self.mass)) + 1
+        kept = order[:keep]
+        return Posterior(kept, w[kept] / w[kept].sum(), ess)
+
+    def expected_values(
+        self,
+        user: int,
+        posterior: Posterior,
+        items: np.ndarray,
+        at_ns: int,
+        cart_item_ids: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Posterior mean of each item's E[margin-GMV] per examination (the Oracle's
+        ``item_values(...)["margin"]`` averaged over the user's posterior)."""
+        items = np.asarray(items, dtype=np.int64)
+        cart_match = None
+        if cart_item_ids is not None and len(cart_item_ids):
+            cats = np.unique(self.truth.item_category[np.asarray(cart_item_ids, np.int64)])
+            cart_match = np.isin(self.truth.item_category[items], cats).astype(float)
+        t = self.truth
+        worth = t.item_price[items] * self.mean_quantity * t.item_margin[items]
+        value = np.zeros(len(items))
+        step = max(1, CHUNK * 200 // max(len(items), 1))
+        for lo in range(0, len(posterior.particles), step):
+            rows = posterior.particles[lo : lo + step]
+            pc, pa, pb = self._response(rows, user, items, at_ns, cart_match)
+            value += posterior.weights[lo : lo + step] @ (pc * pa * pb)
+        return value * worth

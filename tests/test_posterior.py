@@ -127,3 +127,50 @@ def test_purchase_delay_cdf_is_the_samplers():
     for h in (1.0, 24.0, 100.0, 168.0, 200.0, 400.0):
         assert purchase_delay_cdf(np.array(h)) == pytest.approx((hours <= h).mean(), abs=0.005)
     assert purchase_delay_cdf(np.array(-1.0)) == 0.0
+
+
+def test_believed_appeal_follows_the_logs_and_keeps_the_prior_for_unseen_items(tiny_sim, bayes):
+    from training.simulate.posterior import believed_appeal
+
+    _, histories = bayes
+    truth = tiny_sim.truth
+    sd = load_config("tiny").appeal_sd
+    middle = int(truth.params["start_ns"] + truth.params["end_ns"]) // 2
+    believed = believed_appeal(truth, histories, middle, sd)
+    shown = np.bincount(histories.all_before(middle)[1], minlength=len(believed))
+    unseen = shown == 0
+    np.testing.assert_allclose(believed[unseen], sd**2 / 2, atol=1e-3)
+    often = shown >= 200
+    assert often.sum() > 20
+    assert np.corrcoef(believed[often], truth.item_appeal[often])[0, 1] > 0.5
+    # more evidence, a belief further from the prior
+    assert (
+        np.abs(believed[often] - sd**2 / 2).mean()
+        > np.abs(believed[(shown > 0) & (shown < 5)] - sd**2 / 2).mean()
+    )
+
+
+def test_particle_response_is_the_ground_truths(tiny_sim, bayes):
+    oracle, _ = bayes
+    truth = tiny_sim.truth
+    rows = np.arange(0, PARTICLES, 97)
+    items = np.random.default_rng(1).choice(len(truth.item_price), 60, replace=False)
+    at = np.full(60, int(truth.params["end_ns"]) - 10**15)
+    match = (np.arange(60) % 3 == 0).astype(float)
+    users = np.full(60, 5)
+    want = truth.response(
+        oracle.taste[rows] @ truth.item_latent[items].T,
+        oracle.sensitivity[rows, None],
+        oracle.budget[rows, None],
+        users,
+        items,
+        at,
+        match,
+    )
+    got = oracle._response(rows, 5, items, at, match)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9)
+    some = np.arange(60) % 4 == 1
+    pc, pa, pb = oracle._response(rows, 5, items, at, match, clicks_only=some)
+    np.testing.assert_allclose(pa, want[1][:, some], rtol=1e-9)
+    assert pc.shape == (len(rows), 60) and pb.shape == (len(rows), some.sum())

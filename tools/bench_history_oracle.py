@@ -12,6 +12,10 @@ that user's logged impressions before the request):
   candidates: the most a ranker of these candidates can earn in expectation from the logs;
 - ``prior_oracle:candidates``: the same with no history (the world's prior over users):
   what knowing the items alone is worth;
+- ``history_appeal_oracle:candidates``: the first, with each item's appeal (the click
+  logit's item term, the one an item's content does not carry) no longer known but
+  believed from the item's logged clicks before the test window
+  (``training.simulate.posterior.believed_appeal``);
 - ``history_oracle:catalogue``: its best page over the whole eligible catalogue;
 - ``optimal_over_candidates:history_oracle``: the Oracle's best page over the
   history-limited Oracle's top ``--candidates`` catalogue items: the share of the optimum
@@ -25,9 +29,12 @@ sample sizes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +44,12 @@ import pandas as pd
 from contract import columns as C
 from training.stages import Paths
 
+log = logging.getLogger(__name__)
+
 CANDIDATE_PARTICLES = 4000  # posterior particles that value the ranker's candidates
-CATALOGUE_PARTICLES = 500  # ... and the whole catalogue (systematic resampling, unbiased)
+CATALOGUE_PARTICLES = 500  # ... and the catalogue's shortlist (systematic resampling)
+SCREEN_PARTICLES = 64  # the first pass over the whole catalogue that makes the shortlist
+SHORTLIST = 3000  # catalogue items the first pass keeps for the full valuation
 
 
 def run(
@@ -54,7 +65,12 @@ def run(
     from training.policy_eval import Marketplace, evaluate_policies
     from training.retrieval.retriever import load_retriever
     from training.simulate import Oracle
-    from training.simulate.posterior import Histories, HistoryOracle, Posterior
+    from training.simulate.posterior import (
+        Histories,
+        HistoryOracle,
+        Posterior,
+        believed_appeal,
+    )
     from training.staging import staging_dir
     from training.tables import read_tables
 
@@ -69,26 +85,38 @@ def run(
     carts = pd.read_parquet(carts_path) if carts_path.exists() else None
     market = Marketplace(tables, carts)
     histories = Histories(tables, truth, carts)
+    split = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())["split"]
+    start, end = pd.Timestamp(split["valid_end"]), pd.Timestamp(split["test_end"])
     bayes = HistoryOracle.from_dataset(paths.raw(dataset), truth, particles)
     store = open_store(dataset, paths=paths)
     served = ServedScorer(stage, items)
     candidates = CandidateCache(load_retriever(stage, home, dataset), items, n_candidates)
-    split = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())["split"]
-    start, end = pd.Timestamp(split["valid_end"]), pd.Timestamp(split["test_end"])
-
-    posteriors: dict[tuple[int, int], Posterior] = {}
     ess: list[float] = []
     history_sizes: list[int] = []
     prior = bayes.posterior(0, histories.of(-1, 0))  # no history: every particle, equal weight
 
-    def posterior_of(user: int, at_ns: int) -> Posterior:
-        key = (user, at_ns)
-        if key not in posteriors:
-            history = histories.of(user, at_ns)
-            posteriors[key] = bayes.posterior(user, history)
-            ess.append(posteriors[key].ess)
-            history_sizes.append(len(history.items))
-        return posteriors[key]
+    def posteriors(model: HistoryOracle, record: bool) -> Callable[[int, int], Posterior]:
+        kept: dict[tuple[int, int], Posterior] = {}
+
+        def posterior_of(user: int, at_ns: int) -> Posterior:
+            if (user, at_ns) not in kept:
+                history = histories.of(user, at_ns)
+                kept[user, at_ns] = model.posterior(user, history)
+                if record:
+                    ess.append(kept[user, at_ns].ess)
+                    history_sizes.append(len(history.items))
+            return kept[user, at_ns]
+
+        return posterior_of
+
+    posterior_of = posteriors(bayes, record=True)
+    # the items' appeal as the logs before the test window tell it (the rest still known)
+    config = json.loads((paths.raw(dataset) / "dataset.json").read_text())["config"]
+    appeal = believed_appeal(truth, histories, start.value, float(config["appeal_sd"]))
+    appeal_bayes = HistoryOracle.from_dataset(
+        paths.raw(dataset), dataclasses.replace(truth, item_appeal=appeal), particles
+    )
+    log.info("appeal beliefs ready, %.0f s", time.perf_counter() - started)
 
     def rows(requests: pd.DataFrame) -> list[tuple[int, int, int]]:
         return [
@@ -98,14 +126,14 @@ def run(
             )
         ]
 
-    def reranked(post_of: Any) -> Any:
+    def reranked(model: HistoryOracle, post_of: Callable[[int, int], Posterior]) -> Any:
         def policy(requests: pd.DataFrame, state: Any) -> list[np.ndarray]:
             out = []
             for (rid, user, at), found in zip(
                 rows(requests), candidates(requests, state), strict=True
             ):
                 found = np.asarray(found, dtype=np.int64)
-                value = bayes.expected_values(
+                value = model.expected_values(
                     user,
                     post_of(user, at).thinned(CANDIDATE_PARTICLES),
                     found,
@@ -120,18 +148,23 @@ def run(
     catalogue_pages: dict[int, np.ndarray] = {}
 
     def catalogue(requests: pd.DataFrame, state: Any) -> list[np.ndarray]:
+        """Two passes: a coarse posterior (SCREEN_PARTICLES) values the whole catalogue and
+        keeps its SHORTLIST best; the finer one (CATALOGUE_PARTICLES) orders those."""
         eligible = market.item_ids[np.flatnonzero(state.eligible)].astype(np.int64)
         out = []
         for rid, user, at in rows(requests):
             cart = market.cart_of(rid)
             pool = eligible[~np.isin(eligible, cart)]
-            value = bayes.expected_values(
-                user, posterior_of(user, at).thinned(CATALOGUE_PARTICLES), pool, at, cart
-            )
+            post = posterior_of(user, at)
+            coarse = bayes.expected_values(user, post.thinned(SCREEN_PARTICLES), pool, at, cart)
+            keep = min(SHORTLIST, len(pool))
+            pool = pool[np.argpartition(-coarse, keep - 1)[:keep]]
+            value = bayes.expected_values(user, post.thinned(CATALOGUE_PARTICLES), pool, at, cart)
             n = min(n_candidates, len(pool))
             top = np.argpartition(-value, n - 1)[:n]
             catalogue_pages[rid] = pool[top[np.argsort(-value[top], kind="stable")]]
             out.append(catalogue_pages[rid])
+        log.info("history oracle: %d requests, %.0f s", len(ess), time.perf_counter() - started)
         return out
 
     def over_history_candidates(requests: pd.DataFrame, state: Any) -> list[np.ndarray]:
@@ -149,8 +182,9 @@ def run(
     models = {
         "ranker": _model_policy(store, candidates, served.egmv),
         "optimal_over_candidates": _oracle_over_candidates(oracle, candidates, 20),
-        "history_oracle:candidates": reranked(posterior_of),
-        "prior_oracle:candidates": reranked(lambda user, at: prior),
+        "history_oracle:candidates": reranked(bayes, posterior_of),
+        "prior_oracle:candidates": reranked(bayes, lambda user, at: prior),
+        "history_appeal_oracle:candidates": reranked(appeal_bayes, posteriors(appeal_bayes, False)),
         "history_oracle:catalogue": catalogue,  # fills catalogue_pages: before the next one
         "optimal_over_candidates:history_oracle": over_history_candidates,
     }
@@ -192,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--particles", type=int, default=50_000)
     ap.add_argument("--home", type=Path, default=None)
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     paths = Paths.from_env() if args.home is None else Paths(args.home)
     result = run(paths.home, args.dataset, args.requests, args.particles)
     paths.reports.mkdir(parents=True, exist_ok=True)

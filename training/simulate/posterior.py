@@ -45,7 +45,7 @@ import pandas as pd
 from contract import columns as C
 from contract.timeutil import NS_PER_S, to_ns
 from training.simulate.engine import purchase_delay_cdf
-from training.simulate.groundtruth import GroundTruth
+from training.simulate.groundtruth import GroundTruth, sigmoid
 from training.simulate.world import draw_user_hidden, world_categories
 
 PARTICLES = 50_000  # prior draws per posterior (shared by every user)
@@ -159,6 +159,19 @@ class Histories:
         )
         return np.isin(keys, cart_keys).astype(np.float64)
 
+    def all_before(self, before_ns: int) -> tuple[np.ndarray, ...]:
+        """Every user's impressions before ``before_ns``: user, item, time, position,
+        clicked (by then) and cart match, concatenated."""
+        parts = [(u, h.before(before_ns)) for u, h in self._by_user.items()]
+        return (
+            np.concatenate([np.full(len(h.items), u, dtype=np.int64) for u, h in parts]),
+            np.concatenate([h.items for _, h in parts]),
+            np.concatenate([h.ts_ns for _, h in parts]),
+            np.concatenate([h.position for _, h in parts]),
+            np.concatenate([h.clicked for _, h in parts]),
+            np.concatenate([h.cart_match for _, h in parts]),
+        )
+
     def of(self, user_id: int, before_ns: int) -> History:
         empty = np.zeros(0, np.int64)
         found = self._by_user.get(int(user_id))
@@ -237,6 +250,19 @@ class HistoryOracle:
             None, :
         ]
 
+    def _item_logits(
+        self, user: int, items: np.ndarray, at_ns: np.ndarray | int, cart_match: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The click, cart and purchase logits' terms that do not depend on the hidden user
+        parameters: ``GroundTruth.response`` at affinity 0 and a budget equal to the price
+        (no price penalty), once per item instead of once per particle and item."""
+        users = np.full(len(items), user, dtype=np.int64)
+        zero = np.zeros(len(items))
+        probs = self.truth.response(
+            zero, zero, self.truth.item_price[items], users, items, at_ns, cart_match
+        )
+        return tuple(np.log(q) - np.log1p(-q) for q in probs)
+
     def _response(
         self,
         rows: slice | np.ndarray,
@@ -244,18 +270,23 @@ class HistoryOracle:
         items: np.ndarray,
         at_ns: np.ndarray | int,
         cart_match: np.ndarray | None,
+        clicks_only: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``GroundTruth.response`` for particles x items, from the per-item logits plus the
+        affinity and price-penalty terms (the response is affine in them: a test holds the
+        two equal). ``clicks_only``: the cart and purchase steps only for these columns."""
+        p = self.truth.params
+        z_click, z_cart, z_buy = self._item_logits(user, items, at_ns, cart_match)
         affinity = self.taste[rows] @ self.truth.item_latent[items].T
-        users = np.full(len(items), user, dtype=np.int64)
-        return self.truth.response(
-            affinity,
-            self.sensitivity[rows, None],
-            self.budget[rows, None],
-            users,
-            items,
-            at_ns,
-            cart_match,
-        )
+        over = np.log(self.truth.item_price[items]) - np.log(self.budget[rows, None])
+        penalty = self.sensitivity[rows, None] * np.maximum(over, 0.0) + 0.1 * over
+        pc = sigmoid(z_click + p["affinity_strength"] * affinity - penalty)
+        if clicks_only is not None:
+            affinity, penalty = affinity[:, clicks_only], penalty[:, clicks_only]
+            z_cart, z_buy = z_cart[clicks_only], z_buy[clicks_only]
+        pa = sigmoid(z_cart + p["cart_affinity"] * affinity - 0.5 * penalty)
+        pb = sigmoid(z_buy + p["buy_affinity"] * affinity - 0.5 * penalty)
+        return pc, pa, pb
 
     def log_likelihood(self, user: int, history: History) -> np.ndarray:
         """log P(history | particle) for every prior particle (up to a constant)."""
@@ -268,6 +299,8 @@ class HistoryOracle:
         )
         organic = history.position == 0
         clicked, carted = history.clicked, history.carted
+        if (carted & ~clicked).any():
+            raise ValueError(f"user {user}: an add-to-cart without a click before it")
         bought = history.purchased[carted]
         # a cart without a purchase yet: either no purchase, or one still on its way
         waited_h = (history.at_ns - history.cart_ns[carted][~bought]) / (3600 * NS_PER_S)
@@ -275,12 +308,12 @@ class HistoryOracle:
         for lo in range(0, n, CHUNK):
             rows = slice(lo, min(lo + CHUNK, n))
             pc, pa, pb = self._response(
-                rows, user, history.items, history.ts_ns, history.cart_match
+                rows, user, history.items, history.ts_ns, history.cart_match, clicked
             )
             seen = exam * pc
             total = np.log1p(-seen[:, ~clicked]).sum(axis=1) + np.log(seen[:, clicked]).sum(axis=1)
-            pa, pb = pa[:, clicked], pb[:, carted]
-            cart_of_click = carted[clicked]
+            cart_of_click = carted[clicked]  # a cart follows a click: pa, pb are per click
+            pb = pb[:, cart_of_click]
             total += np.log(pa[:, cart_of_click]).sum(axis=1)
             total += np.log1p(-pa[:, ~cart_of_click]).sum(axis=1)
             total += np.log(pb[:, bought]).sum(axis=1)
@@ -356,3 +389,40 @@ class HistoryOracle:
             pc, pa, pb = self._response(rows, user, items, at_ns, cart_match)
             value += posterior.weights[lo : lo + step] @ (pc * pa * pb)
         return value * worth
+
+
+APPEAL_GRID = np.linspace(-4.0, 4.0, 41)  # the appeal posterior's grid, in prior sds
+
+
+def believed_appeal(
+    truth: GroundTruth,
+    histories: Histories,
+    before_ns: int,
+    appeal_sd: float,
+    chunk: int = 2_000_000,
+) -> np.ndarray:
+    """What the logs say of each item's hidden appeal a_i (prior N(0, appeal_sd^2)) as of
+    ``before_ns``: log E[exp(a_i) | the click outcomes of the item's impressions], the
+    effective appeal of a click probability that is near exp(z) (clicks are rare: the
+    intercept is -2.7). The likelihood takes every *other* parameter of each impression as
+    known (the Oracle's view of its user), so it says more than any learner could: a
+    ceiling again. Items never shown keep the prior's log E[exp(a)] = sd^2 / 2."""
+    grid = appeal_sd * APPEAL_GRID
+    n_items = len(truth.item_appeal)
+    log_post = np.tile(-0.5 * np.square(APPEAL_GRID), (n_items, 1))
+    users, items, ts, position, clicked, match = histories.all_before(before_ns)
+    for lo in range(0, len(items), chunk):
+        part = slice(lo, lo + chunk)
+        u, i = users[part], items[part]
+        pc = truth.probabilities(u, i, ts[part], match[part])[0]
+        base = np.log(pc) - np.log1p(-pc) - truth.item_appeal[i]  # z_click without a_i
+        exam = np.where(position[part] >= 1, truth.examination(np.maximum(position[part], 1)), 1.0)
+        hit = clicked[part]
+        for k, a in enumerate(grid):
+            seen = exam / (1.0 + np.exp(-(base + a)))
+            ll = np.where(hit, np.log(seen), np.log1p(-seen))
+            log_post[:, k] += np.bincount(i, weights=ll, minlength=n_items)
+    log_post -= log_post.max(axis=1, keepdims=True)
+    w = np.exp(log_post)
+    w /= w.sum(axis=1, keepdims=True)
+    return np.log(w @ np.exp(grid))

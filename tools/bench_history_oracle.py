@@ -16,6 +16,9 @@ that user's logged impressions before the request):
   logit's item term, the one an item's content does not carry) no longer known but
   believed from the item's logged clicks before the test window
   (``training.simulate.posterior.believed_appeal``);
+- ``history_content_oracle:candidates``: as the last, with each item's latent vector no
+  longer known but read from its content (the least-squares linear read over the
+  catalogue, unit length: the best a linear read of content can do);
 - ``history_oracle:catalogue``: its best page over the whole eligible catalogue;
 - ``optimal_over_candidates:history_oracle``: the Oracle's best page over the
   history-limited Oracle's top ``--candidates`` catalogue items: the share of the optimum
@@ -116,7 +119,18 @@ def run(
     appeal_bayes = HistoryOracle.from_dataset(
         paths.raw(dataset), dataclasses.replace(truth, item_appeal=appeal), particles
     )
-    log.info("appeal beliefs ready, %.0f s", time.perf_counter() - started)
+    # ... and each item's latent vector read from its content alone (least squares over
+    # the catalogue, then unit length): what content tells of an item, at best
+    content = np.stack(list(items.sort_values(C.ITEM_ID)[C.CONTENT])).astype(np.float64)
+    read, *_ = np.linalg.lstsq(content, truth.item_latent, rcond=None)
+    latent = content @ read
+    latent /= np.linalg.norm(latent, axis=1, keepdims=True)
+    content_bayes = HistoryOracle.from_dataset(
+        paths.raw(dataset),
+        dataclasses.replace(truth, item_appeal=appeal, item_latent=latent),
+        particles,
+    )
+    log.info("appeal and content beliefs ready, %.0f s", time.perf_counter() - started)
 
     def rows(requests: pd.DataFrame) -> list[tuple[int, int, int]]:
         return [
@@ -185,6 +199,9 @@ def run(
         "history_oracle:candidates": reranked(bayes, posterior_of),
         "prior_oracle:candidates": reranked(bayes, lambda user, at: prior),
         "history_appeal_oracle:candidates": reranked(appeal_bayes, posteriors(appeal_bayes, False)),
+        "history_content_oracle:candidates": reranked(
+            content_bayes, posteriors(content_bayes, False)
+        ),
         "history_oracle:catalogue": catalogue,  # fills catalogue_pages: before the next one
         "optimal_over_candidates:history_oracle": over_history_candidates,
     }

@@ -19,6 +19,8 @@ that user's logged impressions before the request):
 - ``history_content_oracle:candidates``: as the last, with each item's latent vector no
   longer known but read from its content (the least-squares linear read over the
   catalogue, unit length: the best a linear read of content can do);
+- ``prior_appeal_oracle:candidates``, ``prior_content_oracle:candidates``: the last two
+  with no history (the user-blind policy that reads items as they do);
 - ``history_oracle:catalogue``: its best page over the whole eligible catalogue;
 - ``optimal_over_candidates:history_oracle``: the Oracle's best page over the
   history-limited Oracle's top ``--candidates`` catalogue items: the share of the optimum
@@ -130,6 +132,8 @@ def run(
         dataclasses.replace(truth, item_appeal=appeal, item_latent=latent),
         particles,
     )
+    appeal_prior = appeal_bayes.posterior(0, histories.of(-1, 0))
+    content_prior = content_bayes.posterior(0, histories.of(-1, 0))
     log.info("appeal and content beliefs ready, %.0f s", time.perf_counter() - started)
 
     def rows(requests: pd.DataFrame) -> list[tuple[int, int, int]]:
@@ -202,6 +206,8 @@ def run(
         "history_content_oracle:candidates": reranked(
             content_bayes, posteriors(content_bayes, False)
         ),
+        "prior_appeal_oracle:candidates": reranked(appeal_bayes, lambda user, at: appeal_prior),
+        "prior_content_oracle:candidates": reranked(content_bayes, lambda user, at: content_prior),
         "history_oracle:catalogue": catalogue,  # fills catalogue_pages: before the next one
         "optimal_over_candidates:history_oracle": over_history_candidates,
     }

@@ -167,10 +167,11 @@ def test_particle_response_is_the_ground_truths(tiny_sim, bayes):
         at,
         match,
     )
-    got = oracle._response(rows, 5, items, at, match)
+    logits = oracle._item_logits(5, items, at, match)
+    got = oracle._response(rows, items, logits)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9)
     some = np.arange(60) % 4 == 1
-    pc, pa, pb = oracle._response(rows, 5, items, at, match, clicks_only=some)
+    pc, pa, pb = oracle._response(rows, items, logits, clicks_only=some)
     np.testing.assert_allclose(pa, want[1][:, some], rtol=1e-9)
     assert pc.shape == (len(rows), 60) and pb.shape == (len(rows), some.sum())

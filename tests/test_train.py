@@ -250,6 +250,8 @@ def test_the_history_oracle_benchmark_orders_its_ceilings(trained, tiny_dataset,
     assert p["optimal_over_candidates:history_oracle"] <= p["optimal"] + 1e-9
     ess = report["posterior_ess"]
     assert 1.0 <= ess["0.05"] <= ess["0.5"] <= ess["0.95"] <= 2000 + 1e-6
+    # the requests' users have logged histories, and those histories move the posterior
+    assert report["history_impressions"]["0.5"] > 0 and ess["0.5"] < 2000
 
 
 def test_the_served_sweep_scores_every_setting_and_rebuilds_the_bundles_history(

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from contract import columns as C
+from training.simulate.posterior import PARTICLES
 from training.stages import Paths
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def run(
         Posterior,
         believed_appeal,
     )
+    from training.stages import read_meta
     from training.staging import staging_dir
     from training.tables import read_tables
 
@@ -116,21 +118,17 @@ def run(
 
     posterior_of = posteriors(bayes, record=True)
     # the items' appeal as the logs before the test window tell it (the rest still known)
-    config = json.loads((paths.raw(dataset) / "dataset.json").read_text())["config"]
-    appeal = believed_appeal(truth, histories, start.value, float(config["appeal_sd"]))
-    appeal_bayes = HistoryOracle.from_dataset(
-        paths.raw(dataset), dataclasses.replace(truth, item_appeal=appeal), particles
-    )
+    appeal_sd = float(read_meta(paths, dataset)["config"]["appeal_sd"])
+    appeal = believed_appeal(truth, histories, start.value, appeal_sd)
+    appeal_bayes = bayes.believing(dataclasses.replace(truth, item_appeal=appeal))
     # ... and each item's latent vector read from its content alone (least squares over
     # the catalogue, then unit length): what content tells of an item, at best
     content = np.stack(list(items.sort_values(C.ITEM_ID)[C.CONTENT])).astype(np.float64)
     read, *_ = np.linalg.lstsq(content, truth.item_latent, rcond=None)
     latent = content @ read
     latent /= np.linalg.norm(latent, axis=1, keepdims=True)
-    content_bayes = HistoryOracle.from_dataset(
-        paths.raw(dataset),
-        dataclasses.replace(truth, item_appeal=appeal, item_latent=latent),
-        particles,
+    content_bayes = bayes.believing(
+        dataclasses.replace(truth, item_appeal=appeal, item_latent=latent)
     )
     appeal_prior = appeal_bayes.posterior(0, histories.of(-1, 0))
     content_prior = content_bayes.posterior(0, histories.of(-1, 0))
@@ -246,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="sim-small")
     ap.add_argument("--requests", type=int, default=300)
-    ap.add_argument("--particles", type=int, default=50_000)
+    ap.add_argument("--particles", type=int, default=PARTICLES)
     ap.add_argument("--home", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

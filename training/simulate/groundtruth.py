@@ -68,6 +68,35 @@ class GroundTruth:
             positions, self.params["examination_kappa"], self.params["examination_theta"]
         )
 
+    def examined(self, position: np.ndarray) -> np.ndarray:
+        """P(looked at) of logged impressions: the feed's slot curve, and 1 for organic rows
+        (position 0: search and browse show what the user looks at)."""
+        return np.where(position >= 1, self.examination(np.maximum(position, 1)), 1.0)
+
+    def cart_match(
+        self, item_ids: np.ndarray, cart_item_ids: np.ndarray | None
+    ) -> np.ndarray | None:
+        """1 where the item shares a category with the cart (the checkout click term)."""
+        if cart_item_ids is None or not len(cart_item_ids):
+            return None
+        cart_cats = np.unique(self.item_category[np.asarray(cart_item_ids)])
+        return np.isin(self.item_category[item_ids], cart_cats).astype(float)
+
+    def request_cart_match(
+        self, request_ids: np.ndarray, item_ids: np.ndarray, carts: pd.DataFrame | None
+    ) -> np.ndarray | None:
+        """``cart_match`` of logged rows, each against its own request's cart (``carts``:
+        request_id, item_id of checkout requests); None without carts."""
+        if carts is None or not len(carts):
+            return None
+        n_cat = int(self.item_category.max()) + 1
+        cart_keys = np.unique(
+            carts[C.REQUEST_ID].to_numpy(np.int64) * n_cat
+            + self.item_category[carts[C.ITEM_ID].to_numpy(np.int64)]
+        )
+        keys = np.asarray(request_ids, np.int64) * n_cat + self.item_category[item_ids]
+        return np.isin(keys, cart_keys).astype(float)
+
     @functools.cached_property
     def _interest_items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The per-item parts of ``interest``, worked out once (a tuple: ``save`` keeps only
@@ -250,18 +279,9 @@ class Oracle:
         cart_item_ids: np.ndarray | None = None,
     ) -> np.ndarray:
         """P(purchase | examined) for aligned user/item pairs."""
-        cart_match = self._cart_match(np.asarray(item_ids), cart_item_ids)
+        cart_match = self.truth.cart_match(np.asarray(item_ids), cart_item_ids)
         pc, pa, pb = self.truth.probabilities(user_ids, item_ids, self._at(at), cart_match)
         return pc * pa * pb
-
-    def _cart_match(
-        self, item_ids: np.ndarray, cart_item_ids: np.ndarray | None
-    ) -> np.ndarray | None:
-        """1 where the item shares a category with the cart (the checkout click term)."""
-        if cart_item_ids is None or not len(cart_item_ids):
-            return None
-        cart_cats = np.unique(self.truth.item_category[np.asarray(cart_item_ids)])
-        return np.isin(self.truth.item_category[item_ids], cart_cats).astype(float)
 
     def item_values(
         self,
@@ -274,7 +294,7 @@ class Oracle:
         model's conditional steps ``cart`` = P(cart | click), ``buy`` = P(purchase | cart)."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
         users = np.full(len(item_ids), user_id, dtype=np.int64)
-        cart_match = self._cart_match(item_ids, cart_item_ids)
+        cart_match = self.truth.cart_match(item_ids, cart_item_ids)
         pc, pa, pb = self.truth.probabilities(users, item_ids, self._at(at), cart_match)
         buy = pc * pa * pb
         gmv = buy * self.truth.item_price[item_ids] * self.mean_quantity
@@ -318,19 +338,10 @@ class Oracle:
         at = to_ns(impressions[C.TS])
         position = impressions[C.POSITION].to_numpy()
         # organic rows (position 0, search and browse) are looked at in full
-        exam = np.where(position >= 1, self.truth.examination(np.maximum(position, 1)), 1.0)
-        cart_match = None
-        if checkout_carts is not None and len(checkout_carts):
-            n_cat = int(self.truth.item_category.max()) + 1
-            cart_keys = np.unique(
-                checkout_carts[C.REQUEST_ID].to_numpy(np.int64) * n_cat
-                + self.truth.item_category[checkout_carts[C.ITEM_ID].to_numpy(np.int64)]
-            )
-            keys = (
-                impressions[C.REQUEST_ID].to_numpy(np.int64) * n_cat
-                + self.truth.item_category[items]
-            )
-            cart_match = np.isin(keys, cart_keys).astype(float)
+        exam = self.truth.examined(position)
+        cart_match = self.truth.request_cart_match(
+            impressions[C.REQUEST_ID].to_numpy(np.int64), items, checkout_carts
+        )
         pc, pa, pb = self.truth.probabilities(users, items, at, cart_match)
         buy = pc * pa * pb
         gmv = buy * self.truth.item_price[items] * self.mean_quantity

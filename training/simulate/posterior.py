@@ -35,6 +35,7 @@ the scan's weight). Ground truth only: nothing here is a feature.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ from training.simulate.engine import purchase_delay_cdf
 from training.simulate.groundtruth import GroundTruth, sigmoid
 from training.simulate.world import draw_user_hidden, world_categories
 
-PARTICLES = 50_000  # prior draws per posterior (shared by every user)
+PARTICLES = 20_000  # prior draws per posterior (shared by every user)
 NORMALISER_ITEMS = 2_000  # catalogue sample that estimates the organic pick's normaliser
 CHUNK = 10_000  # particles scored at once (memory: chunk x impressions floats, several)
 
@@ -117,6 +118,9 @@ class Histories:
             np.minimum.at(at, rows[rows >= 0], to_ns(events[C.TS])[rows >= 0])
             return at
 
+        match = truth.request_cart_match(
+            imp[C.REQUEST_ID].to_numpy(np.int64), imp[C.ITEM_ID].to_numpy(np.int64), checkout_carts
+        )
         frame = pd.DataFrame(
             {
                 "user": imp[C.USER_ID].to_numpy(np.int64),
@@ -126,7 +130,7 @@ class Histories:
                 "click": when(C.CLICKS),
                 "cart": when(C.ADD_TO_CARTS),
                 "purchase": when(C.PURCHASES),
-                "cart_match": self._cart_match(imp, truth, checkout_carts),
+                "cart_match": np.zeros(len(imp)) if match is None else match,
             }
         )
         self._by_user = {
@@ -141,23 +145,6 @@ class Histories:
             )
             for user, g in frame.groupby("user", sort=False)
         }
-
-    @staticmethod
-    def _cart_match(
-        imp: pd.DataFrame, truth: GroundTruth, carts: pd.DataFrame | None
-    ) -> np.ndarray:
-        if carts is None or not len(carts):
-            return np.zeros(len(imp))
-        n_cat = int(truth.item_category.max()) + 1
-        cart_keys = np.unique(
-            carts[C.REQUEST_ID].to_numpy(np.int64) * n_cat
-            + truth.item_category[carts[C.ITEM_ID].to_numpy(np.int64)]
-        )
-        keys = (
-            imp[C.REQUEST_ID].to_numpy(np.int64) * n_cat
-            + truth.item_category[imp[C.ITEM_ID].to_numpy(np.int64)]
-        )
-        return np.isin(keys, cart_keys).astype(np.float64)
 
     def all_before(self, before_ns: int) -> tuple[np.ndarray, ...]:
         """Every user's impressions before ``before_ns``: user, item, time, position,
@@ -244,6 +231,14 @@ class HistoryOracle:
             seed,
         )
 
+    def believing(self, truth: GroundTruth) -> HistoryOracle:
+        """The same prior draws and normaliser sample with other beliefs about the items
+        (``truth`` with, e.g., appeal or latent vectors replaced by what the logs tell)."""
+        other = copy.copy(self)
+        other.truth = truth
+        other._log_z = {}
+        return other
+
     def _shift(self, user: int) -> np.ndarray:
         t = self.truth
         return (t.country_category[t.user_country[user]] + t.device_category[t.user_device[user]])[
@@ -266,17 +261,16 @@ class HistoryOracle:
     def _response(
         self,
         rows: slice | np.ndarray,
-        user: int,
         items: np.ndarray,
-        at_ns: np.ndarray | int,
-        cart_match: np.ndarray | None,
+        item_logits: tuple[np.ndarray, np.ndarray, np.ndarray],
         clicks_only: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``GroundTruth.response`` for particles x items, from the per-item logits plus the
-        affinity and price-penalty terms (the response is affine in them: a test holds the
-        two equal). ``clicks_only``: the cart and purchase steps only for these columns."""
+        """``GroundTruth.response`` for particles x items, from the per-item logits
+        (``_item_logits``, worked out once per call) plus the affinity and price-penalty
+        terms (the response is affine in them: a test holds the two equal). ``clicks_only``:
+        the cart and purchase steps only for these columns."""
         p = self.truth.params
-        z_click, z_cart, z_buy = self._item_logits(user, items, at_ns, cart_match)
+        z_click, z_cart, z_buy = item_logits
         affinity = self.taste[rows] @ self.truth.item_latent[items].T
         over = np.log(self.truth.item_price[items]) - np.log(self.budget[rows, None])
         penalty = self.sensitivity[rows, None] * np.maximum(over, 0.0) + 0.1 * over
@@ -294,9 +288,7 @@ class HistoryOracle:
         out = np.zeros(n)
         if not len(history.items):
             return out
-        exam = np.where(
-            history.position >= 1, self.truth.examination(np.maximum(history.position, 1)), 1.0
-        )
+        exam = self.truth.examined(history.position)
         organic = history.position == 0
         clicked, carted = history.clicked, history.carted
         if (carted & ~clicked).any():
@@ -305,11 +297,10 @@ class HistoryOracle:
         # a cart without a purchase yet: either no purchase, or one still on its way
         waited_h = (history.at_ns - history.cart_ns[carted][~bought]) / (3600 * NS_PER_S)
         pending = purchase_delay_cdf(waited_h)
+        logits = self._item_logits(user, history.items, history.ts_ns, history.cart_match)
         for lo in range(0, n, CHUNK):
             rows = slice(lo, min(lo + CHUNK, n))
-            pc, pa, pb = self._response(
-                rows, user, history.items, history.ts_ns, history.cart_match, clicked
-            )
+            pc, pa, pb = self._response(rows, history.items, logits, clicked)
             seen = exam * pc
             total = np.log1p(-seen[:, ~clicked]).sum(axis=1) + np.log(seen[:, clicked]).sum(axis=1)
             cart_of_click = carted[clicked]  # a cart follows a click: pa, pb are per click
@@ -376,17 +367,14 @@ class HistoryOracle:
         """Posterior mean of each item's E[margin-GMV] per examination (the Oracle's
         ``item_values(...)["margin"]`` averaged over the user's posterior)."""
         items = np.asarray(items, dtype=np.int64)
-        cart_match = None
-        if cart_item_ids is not None and len(cart_item_ids):
-            cats = np.unique(self.truth.item_category[np.asarray(cart_item_ids, np.int64)])
-            cart_match = np.isin(self.truth.item_category[items], cats).astype(float)
+        logits = self._item_logits(user, items, at_ns, self.truth.cart_match(items, cart_item_ids))
         t = self.truth
         worth = t.item_price[items] * self.mean_quantity * t.item_margin[items]
         value = np.zeros(len(items))
         step = max(1, CHUNK * 200 // max(len(items), 1))
         for lo in range(0, len(posterior.particles), step):
             rows = posterior.particles[lo : lo + step]
-            pc, pa, pb = self._response(rows, user, items, at_ns, cart_match)
+            pc, pa, pb = self._response(rows, items, logits)
             value += posterior.weights[lo : lo + step] @ (pc * pa * pb)
         return value * worth
 
@@ -416,7 +404,7 @@ def believed_appeal(
         u, i = users[part], items[part]
         pc = truth.probabilities(u, i, ts[part], match[part])[0]
         base = np.log(pc) - np.log1p(-pc) - truth.item_appeal[i]  # z_click without a_i
-        exam = np.where(position[part] >= 1, truth.examination(np.maximum(position[part], 1)), 1.0)
+        exam = truth.examined(position[part])
         hit = clicked[part]
         for k, a in enumerate(grid):
             seen = exam / (1.0 + np.exp(-(base + a)))

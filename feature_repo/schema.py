@@ -59,10 +59,11 @@ FEATURES: dict[str, dict[str, str]] = {
         "recent_sellers": "int64[]",
         "recent_seller_days": "float32[]",
     },
-    # The user's taste in content space: the unit-length engagement-weighted sum of the unit
-    # content vectors of the items clicked (1) or bought (3) in the 30 days before the
-    # snapshot (empty without engagement). contract.content turns it into the ranker's
-    # content_affinity_for_item and retrieval's PROFILE source.
+    # The user's taste in content space: the unit-length weighted sum of the unit content
+    # vectors of the items clicked (1), bought (3) or shown by the user's own search and
+    # browse (organic impressions, 1) in the 30 days before the snapshot (empty without
+    # any). contract.content turns it into the ranker's content_affinity_for_item and
+    # retrieval's PROFILE source.
     USER_CONTENT_PROFILE: {
         "content_profile": "float32[]",
     },

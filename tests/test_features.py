@@ -352,9 +352,14 @@ def test_tables_written_in_slices_read_back_whole(tables, tmp_path):
 def test_content_profile_is_the_weighted_window_of_unit_contents(tables, stride, chunk):
     """Chunked or not, daily or weekly snapshots: each (user, snapshot) row's profile is the
     unit-length sum of the unit contents of the items clicked (1) and bought (3) on the days
-    in [s - 30, s), recomputed here event by event; empty without such engagement."""
+    in [s - 30, s), and of the items shown by an organic session
+    (``content.ORGANIC_WEIGHT``, clicked or not), recomputed here event by event; empty
+    without any."""
     rng = np.random.default_rng(11)
     t = _random_engagement(tables, rng)
+    imps = t[C.IMPRESSIONS]
+    organic = rng.random(len(imps)) < 0.3
+    imps[C.POLICY] = np.where(organic, C.POLICY_ORGANIC, imps[C.POLICY].to_numpy())
     t[C.ITEMS][C.CONTENT] = list(rng.normal(size=(len(t[C.ITEMS]), 6)).astype(np.float32))
     bought = t[C.CLICKS].sample(frac=0.2, random_state=3)
     t[C.PURCHASES] = pd.concat(
@@ -382,6 +387,9 @@ def test_content_profile_is_the_weighted_window_of_unit_contents(tables, stride,
             for table, w in ((C.CLICKS, 1.0), (C.PURCHASES, affinity.PURCHASE_WEIGHT))
         ]
     ).join(imp[[C.USER_ID, C.ITEM_ID]], on=C.IMPRESSION_ID)
+    searched = imps.loc[organic, [C.IMPRESSION_ID, C.TS, C.USER_ID, C.ITEM_ID]]
+    assert len(searched) > 100
+    events = pd.concat([events, searched.assign(w=content.ORGANIC_WEIGHT)], ignore_index=True)
     events["day"] = b.cal.day_of(to_ns(events[C.TS]))
     snap_of = {ts: k for k, ts in enumerate(from_ns(b.snap_ns))}
     engaged = 0

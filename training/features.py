@@ -368,6 +368,22 @@ class FeatureBuilder:
         ok = (item >= 0) & (user >= 0) & (day >= 0) & (day < self.cal.days)
         return item[ok], user[ok], day[ok], weight[ok]
 
+    def _profile_items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(item index, user index, day, weight) the content profile sums: every engagement
+        (:meth:`_engaged_items`) and every organic impression, clicked or not, with weight
+        ``content.ORGANIC_WEIGHT``: the user's own search or browse chose the item."""
+        item, user, day, weight = self._engaged_items()
+        organic = self.organic & (self.imp_item >= 0) & (self.imp_user >= 0)
+        organic &= (self.imp_day >= 0) & (self.imp_day < self.cal.days)
+        if content.ORGANIC_WEIGHT <= 0 or not organic.any():
+            return item, user, day, weight
+        return (
+            np.concatenate([item, self.imp_item[organic]]),
+            np.concatenate([user, self.imp_user[organic].astype(np.int64)]),
+            np.concatenate([day, self.imp_day[organic].astype(np.int64)]),
+            np.concatenate([weight, np.full(int(organic.sum()), content.ORGANIC_WEIGHT)]),
+        )
+
     def category_window(self) -> np.ndarray:
         """(categories, snapshots): everyone's engagement weight per category in the 30
         days before each snapshot (categories x days: small whatever the user count)."""
@@ -519,9 +535,11 @@ class FeatureBuilder:
 
     def user_content_profile(self, max_entries: int = LIST_CHUNK_CELLS) -> pd.DataFrame:
         """Per user and snapshot s: the unit-length weighted sum of the unit content vectors of
-        the items clicked (weight 1) or bought (``affinity.PURCHASE_WEIGHT``) on the days in
-        [s - 30, s), the window ``user_category_affinity`` uses (``contract.content``); an
-        empty list without engagement, or when the catalogue has no content.
+        the items clicked (weight 1), bought (``affinity.PURCHASE_WEIGHT``) or shown by the
+        user's organic search and browse (``content.ORGANIC_WEIGHT``, clicked or not) on the
+        days in [s - 30, s), the window ``user_category_affinity`` uses
+        (``contract.content``); an empty list without any, or when the catalogue has no
+        content.
 
         Engagements are summed per (user, day) into one vector each; a cell's window sum is a
         difference of the groups' running sum. Users are taken in chunks of at most
@@ -531,7 +549,7 @@ class FeatureBuilder:
         snaps = self.snaps
         unit = content.unit_rows(content.table_content(self.t[C.ITEMS]))
         dim = unit.shape[1]
-        item, user, day, weight = self._engaged_items()
+        item, user, day, weight = self._profile_items()
         stride = np.int64(self.cal.days + 1)
         key = user * stride + day
         key, inverse = np.unique(key, return_inverse=True)

@@ -13,6 +13,7 @@ seller's join time, ``MISSING_NS`` when the sellers table does not list the sell
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from contract import columns as C
-from contract.content import table_content
+from contract.content import similarity_space, table_content
 from contract.features import NEW_SELLER_DAYS
 from contract.timeutil import NS_PER_DAY, to_ns
 
@@ -44,6 +45,13 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    @functools.cached_property
+    def unit_content(self) -> np.ndarray:
+        """(items, k) float32: the content's unit rows in the catalogue's
+        ``contract.content.ContentSpace`` (what profiles are compared with); (items, 0)
+        without content. The same bits as ``content.table_unit`` of the items table."""
+        return similarity_space(self.item_ids, self.content).unit(self.content)
 
     @property
     def n_categories(self) -> int:

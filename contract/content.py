@@ -1,27 +1,37 @@
 """A user's taste in content space: the rule training and serving share.
 
 The ``user_content_profile`` view keeps, per user and snapshot, ``content_profile``: the
-weighted sum of the *unit* content vectors of the items the user clicked (weight 1), bought
-(weight ``contract.affinity.PURCHASE_WEIGHT``) or was shown by their own search and browse
-(organic impressions, clicked or not, weight :data:`ORGANIC_WEIGHT`) in the 30 days before
-it, normalised to unit length (empty without any). An organic impression is the user's
-choice, not a feed's: on sim-small, counting them raised the mean per-user rank correlation
-of the profile's cosine with the simulator's true affinity from 0.53 to 0.60 (docs/models.md).
-Item content is what every catalogue carries (the simulator's is a noisy linear image of the
-item's hidden taste vector; real data's is built by ``training.ingest``), so the profile
-reaches items nobody has shown yet: the long tail the logged pool never covered.
+weighted sum of the items' *unit* rows in the catalogue's content space (below) of the items
+the user clicked (weight 1), bought (weight ``contract.affinity.PURCHASE_WEIGHT``) or was
+shown by their own search and browse (organic impressions, clicked or not, weight
+:data:`ORGANIC_WEIGHT`) in the 30 days before it, normalised to unit length (empty without
+any). An organic impression is the user's choice, not a feed's. Item content is what every
+catalogue carries (the simulator's is a noisy linear image of the item's hidden taste
+vector; real data's is built by ``training.ingest``), so the profile reaches items nobody
+has shown yet: the long tail the logged pool never covered.
+
+The content space (:class:`ContentSpace`, :func:`similarity_space`) is fitted on the
+catalogue's content: centred, projected on the principal components above the noise floor,
+each scaled to unit signal variance; the identity for content narrower than
+:data:`WHITEN_MIN_DIM` or without a noise floor. Training (``table_unit`` of the items
+table) and serving (``contract.catalog.Catalog.unit_content``) fit it on the same rows in
+item-id order, so both get the same bits. On sim-small (``tools.bench_profile``, the mean
+per-user rank correlation of the profile's cosine with the simulator's true affinity):
+clicks and purchases alone 0.52, with organic impressions 0.58, in the content space 0.62
+(docs/models.md).
 
 Two things are derived from it, by the functions here and nowhere else:
 
 - the ranker's ``content_affinity_for_item``: the cosine of the profile and the candidate's
-  content (:func:`similarity`); 0 for a user without a profile or an item without content.
+  unit row in the content space (:func:`similarity`); 0 for a user without a profile or an
+  item without content.
 - retrieval's PROFILE source (``services.retrieval.index``, and the offline replay in
   ``training.retrieval.retriever``): the catalogue's items by
   ``PROFILE_SIMILARITY_WEIGHT x cosine + PROFILE_VALUE_WEIGHT x log(price x margin)``
-  (:class:`ProfileIndex`), brute force over the unit content rows. The value term makes the
-  source look for what a purchase is worth, not only for what is liked: on sim-small the
-  Oracle's best page over history + profile + ANN candidates rose from 40 % of the
-  catalogue optimum (history + ANN) to 58.5 % (docs/ranking.md).
+  (:class:`ProfileIndex`), brute force over the unit rows in the content space. The value
+  term makes the source look for what a purchase is worth, not only for what is liked: on
+  sim-small the Oracle's best page over history + profile + ANN candidates rose from 40 % of
+  the catalogue optimum (history + ANN) to 58.5 % (docs/ranking.md).
 
 This module imports only numpy.
 """
@@ -29,6 +39,7 @@ This module imports only numpy.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,6 +48,8 @@ from contract import columns as C
 
 WINDOW_DAYS = 30  # engagements before the snapshot that make the profile
 ORGANIC_WEIGHT = 1.0  # an organic impression (the user's search or browse) counts as a click
+WHITEN_MIN_DIM = 8  # narrower content is compared as it is (no noise floor to estimate)
+NOISE_FLOOR_FACTOR = 2.0  # a component is taste, not noise, above this x the noise floor
 PROFILE_SIMILARITY_WEIGHT = 4.0  # the cosine's weight in the PROFILE source's score
 PROFILE_VALUE_WEIGHT = 1.0  # log(price x margin)'s weight in it
 VALUE_FLOOR = 1e-3
@@ -64,6 +77,76 @@ def table_content(items: Any) -> np.ndarray:
     """An items table's content (a frame with ``columns``, in table order) as
     :func:`content_matrix` gives it: (n, 0) for a table without the column."""
     return content_matrix(items[C.CONTENT] if C.CONTENT in items.columns else (), len(items))
+
+
+@dataclass(frozen=True, eq=False)
+class ContentSpace:
+    """Where a profile and an item's content are compared: the catalogue's content centred
+    and projected on its principal components above the noise floor, each scaled to unit
+    signal variance (:func:`similarity_space`); the identity for narrow content.
+
+    Raw content distorts the cosine: the simulator's is a random linear image of the taste
+    space plus noise, so some taste directions weigh several times others, and every noise
+    direction counts as much as a taste one. On sim-small the space raised the mean
+    per-user rank correlation of a profile's cosine with the true affinity from 0.58 to
+    0.61 (``tools.bench_profile``; docs/models.md).
+    """
+
+    mean: np.ndarray  # float64 (dim,)
+    projection: np.ndarray  # float64 (dim, k); the identity: k = dim, mean 0
+
+    @property
+    def dim(self) -> int:
+        """The width of the vectors compared: profiles in this space have it."""
+        return int(self.projection.shape[1])
+
+    def unit(self, content: np.ndarray) -> np.ndarray:
+        """(items, k) float32 unit rows of ``content`` (items, dim) in this space; a zero row
+        stays zero. Row by row (einsum): a row gets the same bits alone or in any batch."""
+        x = np.asarray(content, np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.mean):
+            raise ValueError(f"content must be (items, {len(self.mean)}), got shape {x.shape}")
+        if x.shape[1] == 0:
+            return np.zeros((len(x), 0), np.float32)
+        zero = ~x.any(axis=1)
+        projected = np.einsum("ij,jk->ik", x - self.mean, self.projection)
+        projected[zero] = 0.0
+        return unit_rows(projected.astype(np.float32))
+
+
+def similarity_space(item_ids: np.ndarray, content: np.ndarray) -> ContentSpace:
+    """The catalogue's :class:`ContentSpace`, fitted on its rows in item-id order (so every
+    holder of the same catalogue gets the same bits, whatever its row order).
+
+    Content narrower than :data:`WHITEN_MIN_DIM`, or whose components show no noise floor
+    to stand above, gets the identity. The floor is the median variance of the smaller half
+    of the components; a component is kept when its variance exceeds
+    :data:`NOISE_FLOOR_FACTOR` x the floor, and scaled by 1 / sqrt(variance - floor).
+    """
+    x = np.asarray(content, np.float64)
+    dim = x.shape[1] if x.ndim == 2 else 0
+    identity = ContentSpace(np.zeros(dim), np.eye(dim))
+    nonzero = x.any(axis=1) if dim else np.zeros(len(x), bool)
+    if dim < WHITEN_MIN_DIM or nonzero.sum() <= 2 * dim:
+        return identity
+    order = np.argsort(np.asarray(item_ids, np.int64), kind="stable")
+    rows = x[order][nonzero[order]]
+    mean = rows.mean(axis=0)
+    centred = rows - mean
+    values, vectors = np.linalg.eigh(centred.T @ centred / (len(rows) - 1))
+    values, vectors = values[::-1], vectors[:, ::-1]
+    floor = float(np.median(values[dim // 2 :]))
+    keep = values > NOISE_FLOOR_FACTOR * floor
+    if floor <= 0 or not keep.any() or keep.all():
+        return identity
+    return ContentSpace(mean, vectors[:, keep] / np.sqrt(values[keep] - floor))
+
+
+def table_unit(items: Any) -> np.ndarray:
+    """An items table's unit content rows in its :class:`ContentSpace`, in table order:
+    what profiles are built from and compared with ((n, 0) without content)."""
+    rows = table_content(items)
+    return similarity_space(items[C.ITEM_ID].to_numpy(), rows).unit(rows)
 
 
 def unit_rows(content: np.ndarray) -> np.ndarray:
@@ -126,7 +209,10 @@ def similarity_rows(
 
 
 class ProfileIndex:
-    """The PROFILE source over a catalogue: unit content rows and log(price x margin)."""
+    """The PROFILE source over a catalogue: unit content rows and log(price x margin).
+
+    ``content``: the items' rows in the catalogue's content space (``Catalog.unit_content``,
+    ``table_unit``), scaled to unit length again here."""
 
     def __init__(self, content: np.ndarray, prices: np.ndarray, margins: np.ndarray) -> None:
         self.unit = unit_rows(content)

@@ -442,9 +442,9 @@ def test_reference_content_affinity_is_the_cosine_with_the_users_profile(
     ).to_dict()[S.CONTENT_PROFILE]
     user, profile = next((u, p) for u, p in zip(users, got, strict=True) if p)
     catalog = Catalog.load(tiny_bundle / B.CATALOG)
-    assert catalog.content.shape[1] == len(profile) > 0
+    assert catalog.unit_content.shape[1] == len(profile) > 0
     items = feed.item_ids[:50]
-    unit = content.unit_rows(catalog.content)[np.searchsorted(catalog.item_ids, items)]
+    unit = catalog.unit_content[np.searchsorted(catalog.item_ids, items)]
     when = datetime(2026, 1, 14, tzinfo=UTC)
     columns = feed.candidate_columns(FeedRequest(user, "HOME", 10), items, when)
     cosine = np.asarray(columns[S.CONTENT_AFFINITY_FOR_ITEM])

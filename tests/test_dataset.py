@@ -241,7 +241,7 @@ def test_the_affinity_join_gives_what_feasts_point_in_time_join_gives(tiny_datas
         ours[S.AFFINITY_TOTAL].to_numpy(), feast[S.AFFINITY_TOTAL].fillna(0).to_numpy()
     )
     # the content profile, reduced one row at a time by the rule serving uses
-    unit = content.unit_rows(np.stack(list(items[C.CONTENT])))
+    unit = content.table_unit(items)
     row_of = pd.Index(items[C.ITEM_ID])
     profile = [
         p if isinstance(p, np.ndarray | list) and len(p) else None for p in feast[S.CONTENT_PROFILE]

@@ -378,7 +378,7 @@ def test_content_profile_is_the_weighted_window_of_unit_contents(tables, stride,
     )
     b = FeatureBuilder(t, snapshot_days=stride)
     frame = b.user_content_profile(max_entries=chunk)
-    unit = content.unit_rows(np.stack(t[C.ITEMS][C.CONTENT].to_numpy()))
+    unit = content.table_unit(t[C.ITEMS])
     item_row = pd.Index(t[C.ITEMS][C.ITEM_ID])
     imp = t[C.IMPRESSIONS].set_index(C.IMPRESSION_ID)
     events = pd.concat(

@@ -409,8 +409,9 @@ def test_content_affinity_for_item_is_contract_similarity_of_the_users_profile()
     }
     store = ItemStore(FakeReader({}), Catalog.from_columns(**columns, content=raw), Heuristic())
     store.load()
-    assert store.snapshot().unit_content.shape == (n + 1, dim)
-    profile = content.unit_rows(rng.normal(size=(1, dim)))[0]
+    space = content.similarity_space(np.arange(n), raw)  # the catalogue's, as training's
+    assert store.snapshot().unit_content.shape == (n + 1, space.dim)
+    profile = content.unit_rows(rng.normal(size=(1, space.dim)))[0]
     user = UserFeatures.from_rows(
         {
             S.USER_PROFILE: {"country": "US"},
@@ -421,21 +422,21 @@ def test_content_affinity_for_item_is_contract_similarity_of_the_users_profile()
     ctx = RequestContext.at(WHEN, "HOME")
     assembler = Assembler(store, FakeUsers({}))
     got = assembler.assemble(user, ids, ctx).matrix[:, COL[S.CONTENT_AFFINITY_FOR_ITEM]]
-    unit = content.unit_rows(raw)[ids[:-1]]
+    unit = space.unit(raw)[ids[:-1]]
     np.testing.assert_allclose(got[:-1], content.similarity(profile, unit), rtol=1e-6, atol=1e-7)
     # to the bit as training's rows compute it, one (user, item) row at a time
-    one = np.zeros(1, np.int64), np.full(1, dim)
+    one = np.zeros(1, np.int64), np.full(1, space.dim)
     rowwise = [content.similarity_rows(*one, profile, unit[j : j + 1])[0] for j in range(len(unit))]
     np.testing.assert_array_equal(got[:-1], np.array(rowwise, np.float32))
     assert got[-2] == 0 and got[-1] == 0  # zero content; unknown item
-    # by hand: the cosine of the raw vectors
+    # by hand: the cosine of the vectors in the catalogue's content space
     for j in range(20):
-        c = raw[ids[j]]
+        c = (raw[ids[j]] - space.mean) @ space.projection
         by_hand = float(c @ profile / np.linalg.norm(c) / np.linalg.norm(profile))
         assert got[j] == pytest.approx(by_hand, abs=1e-5)
     assert np.abs(got).max() > 0.4 and (got < 0).any()
     row: dict[str, Any] | None
-    for row in (None, {S.CONTENT_PROFILE: []}, {S.CONTENT_PROFILE: [0.25] * (dim + 1)}):
+    for row in (None, {S.CONTENT_PROFILE: []}, {S.CONTENT_PROFILE: [0.25] * (space.dim + 1)}):
         other = UserFeatures.from_rows(
             {S.USER_PROFILE: {"country": "US"}, S.USER_CONTENT_PROFILE: row}
         )
@@ -665,13 +666,8 @@ def _content_affinity(served: Served, profile: list[float] | None, item_ids: lis
     """Training's rule on the items table's content: ``similarity_rows`` of the profile and
     each item's unit content (an item the table does not list has none)."""
     items = served.catalog
-    raw = (
-        np.stack([np.asarray(v, np.float32) for v in items[C.CONTENT]])
-        if C.CONTENT in items.columns
-        else np.zeros((len(items), 0), np.float32)
-    )
     pos = pd.Index(items[C.ITEM_ID]).get_indexer(pd.Index(item_ids))
-    unit = np.where((pos >= 0)[:, None], content.unit_rows(raw)[pos], np.float32(0))
+    unit = np.where((pos >= 0)[:, None], content.table_unit(items)[pos], np.float32(0))
     values = np.asarray(profile if profile is not None else [], np.float32)
     n = len(item_ids)
     return content.similarity_rows(np.zeros(n, np.int64), np.full(n, len(values)), values, unit)

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from homefeed.common.v1 import common_pb2
 from homefeed.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
 
-from contract import affinity
+from contract import affinity, content
 from contract import bundle as B
 from contract import columns as C
 from contract.catalog import Catalog
@@ -1002,8 +1002,9 @@ def test_a_known_user_gets_the_exact_nearest_items(served: Running, truth: Truth
 def test_a_user_with_a_content_profile_gets_the_best_items_by_profile_score(
     served: Running, truth: Truth, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The user's online ``content_profile`` against the items table's content, prices and
-    margins, by hand: ceil(0.5 x (n - m)) PROFILE candidates, best first, before the tower's."""
+    """The user's online ``content_profile`` against the items table's content (in the
+    catalogue's content space), prices and margins, by hand: ceil(0.5 x (n - m)) PROFILE
+    candidates, best first, before the tower's."""
     monkeypatch.setattr(served.index, "config", replace(served.index.config, profile_share=0.5))
     got = truth.store.get_online_features(
         features=[f"{S.USER_CONTENT_PROFILE}:{S.CONTENT_PROFILE}"],
@@ -1014,15 +1015,18 @@ def test_a_user_with_a_content_profile_gets_the_best_items_by_profile_score(
     items = truth.items.reindex(truth.item_ids)
     listed = items[C.PRICE].notna().to_numpy()
     assert listed.any() and C.CONTENT in items.columns
-    dim = len(users[0][1])
+    # the catalogue's content space, fitted on the whole items table
+    space = content.similarity_space(
+        truth.items.index.to_numpy(), content.table_content(truth.items)
+    )
+    assert len(users[0][1]) == space.dim
     raw = np.stack(
         [
-            np.asarray(v, np.float64) if ok else np.zeros(dim)
+            np.asarray(v, np.float64) if ok else np.zeros(len(space.mean))
             for v, ok in zip(items[C.CONTENT], listed, strict=True)
         ]
     )
-    norms = np.linalg.norm(raw, axis=1, keepdims=True)
-    unit = np.divide(raw, norms, out=np.zeros_like(raw), where=norms > 0)
+    unit = space.unit(raw).astype(np.float64)
     value = (items[C.PRICE] * items[C.MARGIN]).fillna(0).to_numpy(np.float64)
     log_value = np.log(np.maximum(value, 1e-3))
     out_of_stock = ~np.isin(truth.item_ids, truth.in_stock(truth.item_ids.tolist()))

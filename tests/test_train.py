@@ -254,6 +254,22 @@ def test_the_history_oracle_benchmark_orders_its_ceilings(trained, tiny_dataset,
     assert report["history_impressions"]["0.5"] > 0 and ess["0.5"] < 2000
 
 
+def test_the_profile_benchmark_recomputes_the_served_profiles(trained, tiny_dataset, home):
+    """tools.bench_profile rebuilds each sampled user's content profile from the raw tables by
+    the documented rule (clicks, purchases and organic impressions, in the catalogue's
+    content space) and finds the served one; its rank correlations are correlations."""
+    from tools.bench_profile import run
+
+    report = run(home.home, tiny_dataset["dataset"], n_users=60)
+    assert report["users"] > 10 and report["content_space_dim"] >= 1
+    assert report["served_vs_recomputed_max_abs"] < 1e-5
+    rhos = report["taste_spearman"]
+    for row in rhos.values():
+        assert row["users"] > 0 and -1.0 <= row["mean"] <= 1.0
+    assert rhos["served"] == rhos["engagement+organic, content space"]
+    assert report["budget_pearson"]["mean log price of the profile's items"]["users"] > 10
+
+
 def test_the_served_sweep_scores_every_setting_and_rebuilds_the_bundles_history(
     trained, tiny_dataset, home
 ):

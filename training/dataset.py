@@ -423,7 +423,7 @@ class ItemContent:
 
     def __init__(self, items: pd.DataFrame) -> None:
         self.index = pd.Index(items[C.ITEM_ID].to_numpy(np.int64))
-        self.unit = content.unit_rows(content.table_content(items))
+        self.unit = content.table_unit(items)
 
     def at(self, item_ids: np.ndarray) -> np.ndarray:
         """(rows, dim) unit content of each id; a zero row for an id the catalogue lacks."""

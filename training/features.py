@@ -547,7 +547,7 @@ class FeatureBuilder:
         floats at a time.
         """
         snaps = self.snaps
-        unit = content.unit_rows(content.table_content(self.t[C.ITEMS]))
+        unit = content.table_unit(self.t[C.ITEMS])
         dim = unit.shape[1]
         item, user, day, weight = self._profile_items()
         stride = np.int64(self.cal.days + 1)

@@ -203,6 +203,7 @@ def features_build_bytes(
     """
     stride = max(days / max(snapshots - 1, 1), 1.0)
     cells = engagements * (30 / stride + 1)
+    n_imp = events if impressions is None else impressions
     views = {
         "item views (items x snapshots)": items * snapshots * 400.0,
         "user views (users x snapshots)": users * snapshots * 350.0,
@@ -211,15 +212,17 @@ def features_build_bytes(
         + users * snapshots * 6 * F64,
         "seller views (sellers x snapshots)": sellers * snapshots * 400.0,
         # a user row plus its content_profile list (float32) per cell, written through Arrow;
-        # the float64 window sums (three cells x dim arrays) are bounded by the chunk
+        # the float64 window sums (three cells x dim arrays) are bounded by the chunk; the
+        # per-(user, day) sums and their running sum (two user-days x dim arrays) by the
+        # user-days that saw an engagement or an organic impression
         "content profiles (users x snapshots x content width)": users
         * snapshots
         * 2
         * (28.0 + 4.0 * content_dim)
-        + min(users * snapshots * content_dim, LIST_CHUNK_CELLS) * 3 * F64,
+        + min(users * snapshots * content_dim, LIST_CHUNK_CELLS) * 3 * F64
+        + min(users * days, engagements + n_imp) * content_dim * 2 * F64,
     }
     largest = max(views, key=lambda k: views[k])
-    n_imp = events if impressions is None else impressions
     return {
         "event indices (impressions and engagements)": n_imp * 25.0 + engagements * 64.0,
         f"the largest view, {largest}": views[largest],

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contract import content
 from contract.catalog import Catalog
 from contract.heuristic import Heuristic
 from feature_repo import schema as S
@@ -124,8 +123,8 @@ class ItemSnapshot:
     # uniform 1 / n_categories); the item's share of engagement is features[CATEGORY_SHARE]
     affinity_category: np.ndarray
     heuristic: np.ndarray  # float32, the logging policy's score (0 on the default row)
-    # float32 (items + 1, dim): the catalog's content scaled to unit length
-    # (contract.content.unit_rows; a zero row on the default row; dim 0 without content)
+    # float32 (items + 1, k): the catalog's unit content rows in its content space
+    # (Catalog.unit_content; a zero row on the default row; k 0 without content)
     unit_content: np.ndarray
     features: Mapping[str, np.ndarray]  # ITEM_FEATURES, the schema's dtypes
     n_categories: int
@@ -163,7 +162,7 @@ def _inventory_columns(rows: ViewRows) -> dict[str, np.ndarray]:
 
 def _unit_content(catalog: Catalog) -> np.ndarray:
     """The catalog's unit content rows and a zero default row (no profile can score it)."""
-    unit = content.unit_rows(catalog.content)
+    unit = catalog.unit_content
     return np.concatenate([unit, np.zeros((1, unit.shape[1]), np.float32)])
 
 

@@ -215,7 +215,7 @@ class ProfileSource:
         found = catalog.item_ids[pos] == item_ids
         if not found.any():
             return None
-        content = np.where(found[:, None], catalog.content[pos], np.float32(0))
+        content = np.where(found[:, None], catalog.unit_content[pos], np.float32(0))
         prices = np.where(found, catalog.prices[pos], 0.0)
         margins = np.where(found, catalog.margins[pos], 0.0)
         return cls(ProfileIndex(content, prices, margins), ~found)

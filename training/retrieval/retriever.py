@@ -71,7 +71,7 @@ class Retriever:
         if (rows < 0).any():
             raise ValueError(f"{int((rows < 0).sum())} indexed items are not in the items table")
         self.profile_index = content.ProfileIndex(
-            content.table_content(items)[rows],
+            content.table_unit(items)[rows],
             by_id[C.PRICE].to_numpy()[rows],
             by_id[C.MARGIN].to_numpy()[rows],
         )

@@ -1,0 +1,212 @@
+"""Issue 13: how well do the user features read the hidden user? Scored against the simulator.
+
+``python -m tools.bench_profile [--dataset sim-small] [--users 1500]`` (after ``make demo``)
+takes the user features as of the test period's first day (the training sets' manifest
+``split.valid_end``) for a sample of the users with a content profile then (seed 0), and
+compares them with the ground truth's hidden user:
+
+- **taste**: per user, the Spearman rank correlation, over a fixed random probe of
+  :data:`PROBE` catalogue items, between a profile's cosine with each item's unit content
+  and the true affinity (the user's taste . the item's latent vector), for:
+
+  - ``served``: the ``user_content_profile`` row the feature build wrote, against the
+    items' unit rows in the catalogue's content space (what the ranker's
+    ``content_affinity_for_item`` and the PROFILE source read);
+  - ``engagement``: the profile of clicks (1) and purchases (``PURCHASE_WEIGHT``) alone, in
+    the raw content (the rule before the eighth stop);
+  - ``engagement+organic``: plus every organic impression (``content.ORGANIC_WEIGHT``),
+    still in the raw content;
+  - ``engagement+organic, content space``: the same items in the catalogue's
+    ``contract.content.ContentSpace``: the served rule, recomputed here from the raw tables
+    (``served`` must equal it).
+
+- **budget**: the Pearson correlation, over the sampled users with a value, between the
+  user's log budget and ``log(avg_price_paid_30d)`` (the served feature: purchases only),
+  and the mean log price of the profile's items weighted as the profile weighs them
+  (clicks, purchases and organic impressions; a measured signal, not a feature: as a
+  ranker feature it cost 7 % of E[GMV] on sim-small, docs/models.md).
+
+Writes ``reports/profile_quality.json`` and prints a table. Figures are means and medians
+over users; there is no model in them, only how much of the user the features hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from scipy import stats
+
+from contract import affinity, content
+from contract import columns as C
+from contract.timeutil import to_ns
+from feature_repo import schema as S
+from training.stages import Paths
+
+PROBE = 2000  # catalogue items each user's rank correlation is taken over
+
+
+def _window(home: Path, dataset: str) -> tuple[pd.Timestamp, pd.Timestamp]:
+    manifest = json.loads((Paths(home).training_sets(dataset) / "manifest.json").read_text())
+    at = pd.Timestamp(manifest["split"]["valid_end"])
+    return at - pd.Timedelta(days=content.WINDOW_DAYS), at
+
+
+def _events(raw: Path, start: pd.Timestamp, at: pd.Timestamp) -> pd.DataFrame:
+    """(user_id, item_id, engagement weight, organic) of every impression in [start, at)
+    with a click or purchase in [start, at), or organic."""
+    imp = pd.read_parquet(
+        raw / f"{C.IMPRESSIONS}.parquet", columns=[C.IMPRESSION_ID, C.USER_ID, C.ITEM_ID, C.POLICY]
+    ).set_index(C.IMPRESSION_ID)
+    parts = []
+    for table, weight in ((C.CLICKS, 1.0), (C.PURCHASES, affinity.PURCHASE_WEIGHT)):
+        df = pd.read_parquet(raw / f"{table}.parquet", columns=[C.IMPRESSION_ID, C.TS])
+        df = df[(df[C.TS] >= start) & (df[C.TS] < at)]
+        parts.append(
+            imp.loc[df[C.IMPRESSION_ID].to_numpy(), [C.USER_ID, C.ITEM_ID]].assign(
+                engaged=weight, organic=0.0
+            )
+        )
+    ts = to_ns(pd.read_parquet(raw / f"{C.IMPRESSIONS}.parquet", columns=[C.TS])[C.TS])
+    in_window = (ts >= start.value) & (ts < at.value)
+    organic = imp[in_window & (imp[C.POLICY] == C.POLICY_ORGANIC).to_numpy()]
+    parts.append(organic[[C.USER_ID, C.ITEM_ID]].assign(engaged=0.0, organic=1.0))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _served(features: Path, at: pd.Timestamp) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
+    """The content profiles and user profile rows of the snapshot at ``at``."""
+    table = pq.read_table(
+        features / f"{S.USER_CONTENT_PROFILE}.parquet",
+        filters=[(S.EVENT_TIMESTAMP, "==", at)],
+        columns=[C.USER_ID, S.CONTENT_PROFILE],
+    ).to_pandas()
+    profiles = {
+        int(u): np.asarray(p, np.float32)
+        for u, p in zip(table[C.USER_ID], table[S.CONTENT_PROFILE], strict=True)
+        if p is not None and len(p)
+    }
+    users = pd.read_parquet(
+        features / f"{S.USER_PROFILE}.parquet", filters=[(S.EVENT_TIMESTAMP, "==", at)]
+    ).set_index(C.USER_ID)
+    return profiles, users
+
+
+def run(home: Path, dataset: str, n_users: int, seed: int = 0) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    paths = Paths(home)
+    npz = np.load(paths.ground_truth(dataset) / "ground_truth.npz")
+    taste, latent, budget = npz["user_taste"], npz["item_latent"], npz["user_budget"]
+    items = pd.read_parquet(paths.raw(dataset) / f"{C.ITEMS}.parquet")
+    rows = content.table_content(items)
+    if rows.shape[1] == 0:
+        raise SystemExit(f"{dataset}'s items have no content: no profile to score")
+    unit = content.unit_rows(rows)
+    space = content.similarity_space(items[C.ITEM_ID].to_numpy(), rows)
+    in_space = space.unit(rows)
+    item_row = pd.Index(items[C.ITEM_ID].to_numpy())
+    start, at = _window(home, dataset)
+    events = _events(paths.raw(dataset), start, at)
+    served, users = _served(paths.features(dataset), at)
+    rng = np.random.default_rng(seed)
+    ids = np.array(sorted(served))
+    sample = rng.choice(ids, size=min(n_users, len(ids)), replace=False)
+    probe = rng.choice(len(items), size=min(PROBE, len(items)), replace=False)
+    by_user = events[events[C.USER_ID].isin(sample)].groupby(C.USER_ID)
+    served_rule = "engagement+organic, content space"
+    rhos: dict[str, list[float]] = {
+        "served": [],
+        "engagement": [],
+        "engagement+organic": [],
+        served_rule: [],
+    }
+    mismatch = 0.0
+    log_price = np.log(items[C.PRICE].to_numpy(np.float64))
+    typical: dict[int, float] = {}
+    for user, mine in by_user:
+        at_items = item_row.get_indexer(mine[C.ITEM_ID].to_numpy())
+        truth = latent[probe] @ taste[int(user)]
+        engaged = mine["engaged"].to_numpy()
+        both = engaged + content.ORGANIC_WEIGHT * mine["organic"].to_numpy()
+        profiles = {
+            "served": (served[int(user)], in_space),
+            "engagement": (content.profile_of(unit[at_items], engaged), unit),
+            "engagement+organic": (content.profile_of(unit[at_items], both), unit),
+            served_rule: (content.profile_of(in_space[at_items], both), in_space),
+        }
+        got, want = profiles["served"][0], profiles[served_rule][0]
+        gap = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+        mismatch = max(mismatch, gap)
+        for name, (profile, vectors) in profiles.items():
+            if len(profile) == vectors.shape[1] and np.any(profile):
+                rhos[name].append(float(stats.spearmanr(vectors[probe] @ profile, truth)[0]))
+        typical[int(user)] = float(both @ log_price[at_items] / both.sum())
+    log_budget = pd.Series(np.log(budget[users.index.to_numpy()]), index=users.index)
+    budget_corr = {}
+    for name, values in (
+        ("log(avg_price_paid_30d)", np.log(users["avg_price_paid_30d"].where(lambda v: v > 0))),
+        ("mean log price of the profile's items", pd.Series(typical, dtype=float)),
+    ):
+        v = values.dropna()
+        both_idx = v.index.intersection(pd.Index(sample))
+        budget_corr[name] = {
+            "users": len(both_idx),
+            "pearson": float(stats.pearsonr(v[both_idx], log_budget[both_idx])[0])
+            if len(both_idx) > 2
+            else None,
+        }
+    return {
+        "dataset": dataset,
+        "snapshot": at.isoformat(),
+        "users": len(sample),
+        "probe_items": len(probe),
+        "content_space_dim": space.dim,
+        "served_vs_recomputed_max_abs": mismatch,
+        "taste_spearman": {
+            name: {
+                "users": len(v),
+                "mean": float(np.mean(v)) if v else None,
+                "median": float(np.median(v)) if v else None,
+            }
+            for name, v in rhos.items()
+        },
+        "budget_pearson": budget_corr,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="sim-small")
+    parser.add_argument("--users", type=int, default=1500)
+    parser.add_argument("--home", type=Path, default=None)
+    args = parser.parse_args(argv)
+    home = args.home or Paths.from_env().home
+    report = run(home, args.dataset, args.users)
+    out = Paths(home).reports / "profile_quality.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    head = "taste: per-user Spearman vs true affinity"
+    print(f"{head:46s} {'users':>6s} {'mean':>6s} {'median':>7s}")
+    for name, row in report["taste_spearman"].items():
+        if row["mean"] is not None:
+            print(f"  {name:44s} {row['users']:6d} {row['mean']:6.3f} {row['median']:7.3f}")
+    print(f"{'budget: Pearson with log budget':46s} {'users':>6s} {'r':>6s}")
+    for name, row in report["budget_pearson"].items():
+        r = "-" if row["pearson"] is None else f"{row['pearson']:.3f}"
+        print(f"  {name:44s} {row['users']:6d} {r:>6s}")
+    print(
+        f"served profile vs recomputed: max |diff| {report['served_vs_recomputed_max_abs']:.2e}; "
+        f"content space {report['content_space_dim']}-d; {report['seconds']:.1f} s -> {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

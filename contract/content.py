@@ -126,7 +126,7 @@ def similarity_space(item_ids: np.ndarray, content: np.ndarray) -> ContentSpace:
     x = np.asarray(content, np.float64)
     dim = x.shape[1] if x.ndim == 2 else 0
     identity = ContentSpace(np.zeros(dim), np.eye(dim))
-    nonzero = x.any(axis=1) if dim else np.zeros(len(x), bool)
+    nonzero = np.asarray(x.any(axis=1) if dim else np.zeros(len(x), bool), dtype=bool)
     if dim < WHITEN_MIN_DIM or nonzero.sum() <= 2 * dim:
         return identity
     order = np.argsort(np.asarray(item_ids, np.int64), kind="stable")

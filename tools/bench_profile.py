@@ -129,13 +129,14 @@ def run(home: Path, dataset: str, n_users: int, seed: int = 0) -> dict[str, Any]
     mismatch = 0.0
     log_price = np.log(items[C.PRICE].to_numpy(np.float64))
     typical: dict[int, float] = {}
-    for user, mine in by_user:
-        at_items = item_row.get_indexer(mine[C.ITEM_ID].to_numpy())
-        truth = latent[probe] @ taste[int(user)]
+    for key, mine in by_user:
+        user = int(key)  # type: ignore[arg-type]
+        at_items = item_row.get_indexer(pd.Index(mine[C.ITEM_ID].to_numpy()))
+        truth = latent[probe] @ taste[user]
         engaged = mine["engaged"].to_numpy()
         both = engaged + content.ORGANIC_WEIGHT * mine["organic"].to_numpy()
         profiles = {
-            "served": (served[int(user)], in_space),
+            "served": (served[user], in_space),
             "engagement": (content.profile_of(unit[at_items], engaged), unit),
             "engagement+organic": (content.profile_of(unit[at_items], both), unit),
             served_rule: (content.profile_of(in_space[at_items], both), in_space),
@@ -146,7 +147,7 @@ def run(home: Path, dataset: str, n_users: int, seed: int = 0) -> dict[str, Any]
         for name, (profile, vectors) in profiles.items():
             if len(profile) == vectors.shape[1] and np.any(profile):
                 rhos[name].append(float(stats.spearmanr(vectors[probe] @ profile, truth)[0]))
-        typical[int(user)] = float(both @ log_price[at_items] / both.sum())
+        typical[user] = float(both @ log_price[at_items] / both.sum())
     log_budget = pd.Series(np.log(budget[users.index.to_numpy()]), index=users.index)
     budget_corr = {}
     for name, values in (

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contract import affinity
+from contract import affinity, content
 from contract import bundle as B
 from contract import columns as C
 from contract.bundle import verify_bundle
@@ -95,26 +95,30 @@ class Page:
 
 
 def _content_rows(items: pd.DataFrame) -> np.ndarray:
-    """The items table's ``content`` lists as (items, dim) float64 in table order; (items, 0)
-    when the table has none or its rows differ in width."""
+    """The items table's ``content`` lists as (items, k) float64 in table order, in the
+    catalogue's content space (``contract.content.ContentSpace``: profiles live there);
+    (items, 0) when the table has none or its rows differ in width."""
     if C.CONTENT not in items.columns or not len(items):
         return np.zeros((len(items), 0))
     rows = [np.asarray(v, dtype=np.float64) for v in items[C.CONTENT]]
     if len({r.shape for r in rows}) != 1 or rows[0].ndim != 1:
         return np.zeros((len(items), 0))
-    return np.stack(rows)
+    raw = np.stack(rows)
+    space = content.similarity_space(items[C.ITEM_ID].to_numpy(np.int64), raw)
+    has = np.asarray(raw.any(axis=1), dtype=np.float64)  # an item without content stays zero
+    return np.einsum("ij,jk->ik", raw - space.mean, space.projection) * has[:, None]
 
 
-def _cosines(profile: Sequence[float] | None, content: np.ndarray) -> np.ndarray:
-    """The cosine of ``profile`` with each row of ``content``, 0 where either is zero or the
-    widths differ (the ``contract.content`` rule, written out)."""
+def _cosines(profile: Sequence[float] | None, rows: np.ndarray) -> np.ndarray:
+    """The cosine of ``profile`` with each of the items' ``rows``, 0 where either is zero or
+    the widths differ (the ``contract.content`` rule, written out)."""
     p = np.asarray(profile if profile is not None else [], dtype=np.float64)
-    out = np.zeros(len(content))
-    if len(p) == 0 or len(p) != content.shape[1] or not np.linalg.norm(p) > 0:
+    out = np.zeros(len(rows))
+    if len(p) == 0 or len(p) != rows.shape[1] or not np.linalg.norm(p) > 0:
         return out
-    norms = np.linalg.norm(content, axis=1)
+    norms = np.linalg.norm(rows, axis=1)
     has = norms > 0
-    out[has] = content[has] @ p / (norms[has] * np.linalg.norm(p))
+    out[has] = rows[has] @ p / (norms[has] * np.linalg.norm(p))
     return out
 
 

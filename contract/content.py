@@ -89,7 +89,7 @@ class ContentSpace:
     space plus noise, so some taste directions weigh several times others, and every noise
     direction counts as much as a taste one. On sim-small the space raised the mean
     per-user rank correlation of a profile's cosine with the true affinity from 0.58 to
-    0.61 (``tools.bench_profile``; docs/models.md).
+    0.62 (``tools.bench_profile``; docs/models.md).
     """
 
     mean: np.ndarray  # float64 (dim,)

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from contract import columns as C
+from contract.content import table_content
 from training.simulate.posterior import PARTICLES
 from training.stages import Paths
 
@@ -77,7 +78,7 @@ def run(
         Posterior,
         believed_appeal,
     )
-    from training.stages import read_meta
+    from training.stages import held_out_period, read_manifest, read_meta
     from training.staging import staging_dir
     from training.tables import read_tables
 
@@ -92,8 +93,7 @@ def run(
     carts = pd.read_parquet(carts_path) if carts_path.exists() else None
     market = Marketplace(tables, carts)
     histories = Histories(tables, truth, carts)
-    split = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())["split"]
-    start, end = pd.Timestamp(split["valid_end"]), pd.Timestamp(split["test_end"])
+    start, end = held_out_period(read_manifest(paths, dataset))
     bayes = HistoryOracle.from_dataset(paths.raw(dataset), truth, particles)
     store = open_store(dataset, paths=paths)
     served = ServedScorer(stage, items)
@@ -123,7 +123,7 @@ def run(
     appeal_bayes = bayes.believing(dataclasses.replace(truth, item_appeal=appeal))
     # ... and each item's latent vector read from its content alone (least squares over
     # the catalogue, then unit length): what content tells of an item, at best
-    content = np.stack(list(items.sort_values(C.ITEM_ID)[C.CONTENT])).astype(np.float64)
+    content = table_content(items.sort_values(C.ITEM_ID)).astype(np.float64)
     read, *_ = np.linalg.lstsq(content, truth.item_latent, rcond=None)
     latent = content @ read
     latent /= np.linalg.norm(latent, axis=1, keepdims=True)

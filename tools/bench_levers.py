@@ -108,6 +108,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     from training.retrieval.towers import TowerConfig
     from training.retrieval.train import RetrievalData, fit_tower
     from training.simulate import Oracle
+    from training.stages import held_out_period, read_manifest
     from training.staging import read_stage_reports, staging_dir
     from training.tables import read_tables
 
@@ -186,9 +187,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     served = ServedScorer(stage, tables[C.ITEMS])
     value = ItemValue(tables[C.ITEMS])
     price = pd.Series(items[C.PRICE].to_numpy(), index=items[C.ITEM_ID].to_numpy())
-    manifest = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())
-    start = pd.Timestamp(manifest["split"]["valid_end"])
-    end = pd.Timestamp(manifest["split"]["test_end"])
+    start, end = held_out_period(read_manifest(paths, dataset))
     imp = tables[C.IMPRESSIONS]
     shown_max = float(price.reindex(imp.loc[imp[C.TS] < start, C.ITEM_ID].unique()).max())
 
@@ -281,6 +280,7 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
     from training.retrieval.retriever import Retriever
     from training.retrieval.train import RetrievalData, before_test
     from training.simulate import Oracle
+    from training.stages import read_manifest
     from training.staging import staging_dir
     from training.tables import read_tables
 
@@ -295,7 +295,7 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
     carts_path = paths.raw(dataset) / "checkout_carts.parquet"
     carts = pd.read_parquet(carts_path) if carts_path.exists() else None
     market = Marketplace(tables, carts)
-    split = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())["split"]
+    split = read_manifest(paths, dataset)["split"]
     past = before_test(RetrievalData.load(home, dataset))
     engaged = positive(past)
     impressions_7d = FEATURE_SCHEMA.names.index("impressions_7d")

@@ -47,22 +47,17 @@ from contract import affinity, content
 from contract import columns as C
 from contract.timeutil import to_ns
 from feature_repo import schema as S
-from training.stages import Paths
+from training.stages import Paths, held_out_period, read_manifest
 
 PROBE = 2000  # catalogue items each user's rank correlation is taken over
-
-
-def _window(home: Path, dataset: str) -> tuple[pd.Timestamp, pd.Timestamp]:
-    manifest = json.loads((Paths(home).training_sets(dataset) / "manifest.json").read_text())
-    at = pd.Timestamp(manifest["split"]["valid_end"])
-    return at - pd.Timedelta(days=content.WINDOW_DAYS), at
 
 
 def _events(raw: Path, start: pd.Timestamp, at: pd.Timestamp) -> pd.DataFrame:
     """(user_id, item_id, engagement weight, organic) of every impression in [start, at)
     with a click or purchase in [start, at), or organic."""
     imp = pd.read_parquet(
-        raw / f"{C.IMPRESSIONS}.parquet", columns=[C.IMPRESSION_ID, C.USER_ID, C.ITEM_ID, C.POLICY]
+        raw / f"{C.IMPRESSIONS}.parquet",
+        columns=[C.IMPRESSION_ID, C.USER_ID, C.ITEM_ID, C.POLICY, C.TS],
     ).set_index(C.IMPRESSION_ID)
     parts = []
     for table, weight in ((C.CLICKS, 1.0), (C.PURCHASES, affinity.PURCHASE_WEIGHT)):
@@ -73,7 +68,7 @@ def _events(raw: Path, start: pd.Timestamp, at: pd.Timestamp) -> pd.DataFrame:
                 engaged=weight, organic=0.0
             )
         )
-    ts = to_ns(pd.read_parquet(raw / f"{C.IMPRESSIONS}.parquet", columns=[C.TS])[C.TS])
+    ts = to_ns(imp[C.TS])
     in_window = (ts >= start.value) & (ts < at.value)
     organic = imp[in_window & (imp[C.POLICY] == C.POLICY_ORGANIC).to_numpy()]
     parts.append(organic[[C.USER_ID, C.ITEM_ID]].assign(engaged=0.0, organic=1.0))
@@ -111,7 +106,8 @@ def run(home: Path, dataset: str, n_users: int, seed: int = 0) -> dict[str, Any]
     space = content.similarity_space(items[C.ITEM_ID].to_numpy(), rows)
     in_space = space.unit(rows)
     item_row = pd.Index(items[C.ITEM_ID].to_numpy())
-    start, at = _window(home, dataset)
+    at, _ = held_out_period(read_manifest(paths, dataset))
+    start = at - pd.Timedelta(days=content.WINDOW_DAYS)
     events = _events(paths.raw(dataset), start, at)
     served, users = _served(paths.features(dataset), at)
     rng = np.random.default_rng(seed)

@@ -22,6 +22,7 @@ from contract import columns as C
 from contract.content import PROFILE_SHARE
 from contract.paths import Paths
 from training.retrieval.evaluate import explain_uncomputable
+from training.stages import held_out_period, read_manifest
 from training.tables import RowsById
 
 if TYPE_CHECKING:
@@ -359,7 +360,7 @@ def ranker_ope_from_stage(
     from training.simulate import Oracle
     from training.tables import read_tables
 
-    manifest = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())
+    manifest = read_manifest(paths, dataset)
     tables = read_tables(paths.raw(dataset), columns={C.IMPRESSIONS: EVAL_IMPRESSION_COLUMNS})
     carts_path = paths.raw(dataset) / "checkout_carts.parquet"
     carts = pd.read_parquet(carts_path) if carts_path.exists() else None
@@ -387,7 +388,7 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
 
     started = time.perf_counter()
     reports = read_stage_reports(stage)
-    manifest = json.loads((paths.training_sets(dataset) / "manifest.json").read_text())
+    manifest = read_manifest(paths, dataset)
     report: dict[str, Any] = {
         "preset": dataset.removeprefix("sim-"),
         "dataset": dataset,
@@ -475,8 +476,7 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
             )
         )
         market = Marketplace(tables, carts)
-        start = pd.Timestamp(manifest["split"]["valid_end"])
-        end = pd.Timestamp(manifest["split"]["test_end"])
+        start, end = held_out_period(manifest)
         summary, values, requests = evaluate_policies(
             tables,
             oracle,

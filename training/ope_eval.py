@@ -58,6 +58,7 @@ from contract.paths import Paths
 from contract.timeutil import NS_PER_DAY, to_ns
 from training import ope
 from training.policy_eval import Marketplace, ModelPolicy, Request, request_rows
+from training.stages import held_out_period
 from training.tables import RowsById
 
 log = logging.getLogger(__name__)
@@ -422,8 +423,7 @@ def simulator_logs(
     impressions = tables[C.IMPRESSIONS]
     rewards = impression_rewards(impressions, tables[C.PURCHASES], tables[C.ITEMS])
     examination = curve_examination(manifest, k)
-    start = pd.Timestamp(manifest["split"]["valid_end"])
-    end = pd.Timestamp(manifest["split"]["test_end"])
+    start, end = held_out_period(manifest)
     return SimulatorLogs(
         market=market,
         replay=HeuristicReplay(market, impressions, tables[C.CLICKS], policy),

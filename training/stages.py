@@ -41,6 +41,25 @@ def read_meta(paths: Paths, dataset: str) -> dict[str, Any]:
     return meta
 
 
+def read_manifest(paths: Paths, dataset: str) -> dict[str, Any]:
+    """The training sets' manifest (``training.dataset.MANIFEST``, written with them)."""
+    from training.dataset import MANIFEST
+
+    path = paths.training_sets(dataset) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no training sets for {dataset!r} at {path.parent}: run `homefeed dataset` first"
+        )
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    return manifest
+
+
+def held_out_period(manifest: Mapping[str, Any]) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """[first, day after the last) test day of the training sets a manifest describes."""
+    split = manifest["split"]
+    return pd.Timestamp(split["valid_end"]), pd.Timestamp(split["test_end"])
+
+
 def window_of(tables: dict[str, pd.DataFrame]) -> tuple[pd.Timestamp, pd.Timestamp]:
     """[first day, day after the last impression) of a dataset without a declared window."""
     ts = tables[C.IMPRESSIONS][C.TS]

@@ -24,6 +24,7 @@ import pandas as pd
 from contract import bundle as B
 from contract.paths import Paths
 from training.memory import StagePeaks
+from training.stages import read_manifest
 from training.staging import (
     STAGE_REPORT,
     TrainConfig,
@@ -36,16 +37,6 @@ log = logging.getLogger(__name__)
 
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")  # what MLflow accepts in a metric name
 STAGES = ("retrieval", "rankers", "compile", "evaluate", "register")
-
-
-def _manifest(paths: Paths, dataset: str) -> dict[str, Any]:
-    path = paths.training_sets(dataset) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no training sets for {dataset!r} at {path.parent}: run `homefeed dataset` first"
-        )
-    manifest: dict[str, Any] = json.loads(path.read_text())
-    return manifest
 
 
 # --- stages ------------------------------------------------------------------------------------
@@ -154,7 +145,7 @@ def stage_register(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, An
 
     stage = staging_dir(paths, dataset)
     schema = json.loads((stage / B.FEATURE_SCHEMA).read_text())
-    manifest = _manifest(paths, dataset)
+    manifest = read_manifest(paths, dataset)
     version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{dataset}"
     target = paths.artifacts / "bundles" / version
     simulated = paths.ground_truth(dataset).joinpath("ground_truth.npz").exists()
@@ -227,7 +218,7 @@ def train(
 ) -> dict[str, Any]:
     """Run ``stages`` in order; returns each stage's report and its seconds."""
     cfg = cfg or TrainConfig()
-    _manifest(paths, dataset)  # fail early, with the command to run
+    read_manifest(paths, dataset)  # fail early, with the command to run
     from training.dataset import check_label
 
     check_label(paths.training_sets(dataset))  # a single-class label: nothing to learn

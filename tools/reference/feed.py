@@ -94,21 +94,6 @@ class Page:
     stage_ms: dict[str, float]
 
 
-def _content_rows(items: pd.DataFrame) -> np.ndarray:
-    """The items table's ``content`` lists as (items, k) float64 in table order, in the
-    catalogue's content space (``contract.content.ContentSpace``: profiles live there);
-    (items, 0) when the table has none or its rows differ in width."""
-    if C.CONTENT not in items.columns or not len(items):
-        return np.zeros((len(items), 0))
-    rows = [np.asarray(v, dtype=np.float64) for v in items[C.CONTENT]]
-    if len({r.shape for r in rows}) != 1 or rows[0].ndim != 1:
-        return np.zeros((len(items), 0))
-    raw = np.stack(rows)
-    space = content.similarity_space(items[C.ITEM_ID].to_numpy(np.int64), raw)
-    has = np.asarray(raw.any(axis=1), dtype=np.float64)  # an item without content stays zero
-    return np.einsum("ij,jk->ik", raw - space.mean, space.projection) * has[:, None]
-
-
 def _cosines(profile: Sequence[float] | None, rows: np.ndarray) -> np.ndarray:
     """The cosine of ``profile`` with each of the items' ``rows``, 0 where either is zero or
     the widths differ (the ``contract.content`` rule, written out)."""
@@ -183,7 +168,9 @@ class ReferenceFeed:
         self._catalog_ids = ids[order]
         self._seller = items[C.SELLER_ID].to_numpy(np.int64)[order]
         self._margin = items[C.MARGIN].to_numpy(np.float64)[order]
-        self._content = _content_rows(items)[order]
+        # the items' rows in the catalogue's content space, where profiles live ((items, 0)
+        # without content); the cosine with the profile is written out below
+        self._content = content.table_unit(items).astype(np.float64)[order]
         self.user_refs = S.feature_refs(USER_VIEWS)
         self.ranker_refs = S.feature_refs(S.RANKER_VIEWS)
 

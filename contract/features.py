@@ -14,7 +14,8 @@ code ``len(vocabulary)`` instead of failing.
 
 Derived features are those the simulator's purchase response depends on but no single
 column carries: the log price, the price against what the user usually pays (their budget
-shows through ``avg_price_paid_30d`` and ``spend_band``), and the context codes.
+shows through ``avg_price_paid_30d`` and ``spend_band``), the context codes, and the content
+affinity shrunk by the evidence its profile rests on (``content_affinity_expected``).
 
 ``organic_context`` is the one training-only context: 1 on rows no feed chose (organic
 search and browse impressions, and the negatives sampled for purchase-only data), read from
@@ -37,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from contract import columns as C
+from contract import content
 from feature_repo import schema as S
 
 # Definitions the batch feature jobs, the training sets and serving share.
@@ -59,6 +61,8 @@ COUNTRY_CODE = "country_code"
 DEVICE_CODE = "device_code"
 SURFACE_CODE = "surface_code"
 ORGANIC_CONTEXT = "organic_context"  # 1: no feed chose the row (training only; serving: 0)
+# content_affinity_for_item x content.evidence_shrink(content_profile_weight)
+CONTENT_AFFINITY_EXPECTED = "content_affinity_expected"
 ORGANIC_POLICIES = (C.POLICY_ORGANIC, C.POLICY_SAMPLED)
 
 # A spend band is an interval of 30-day spend (SPEND_BANDS edges); its
@@ -157,6 +161,7 @@ _DERIVED: tuple[tuple[str, str], ...] = (
     (DEVICE_CODE, _code_dtype(C.DEVICES)),
     (SURFACE_CODE, _code_dtype(C.SURFACES)),
     (ORGANIC_CONTEXT, "float32"),
+    (CONTENT_AFFINITY_EXPECTED, "float32"),
 )
 
 FEATURE_SCHEMA = FeatureSchema(
@@ -250,6 +255,9 @@ def build_matrix(columns: Columns, schema: FeatureSchema | None = None) -> np.nd
         out[:, j] = encode(_column(columns, CODE_SOURCE[name]), name)
         j += 1
     out[:, j] = organic_context(columns)
+    out[:, j + 1] = _column(columns, S.CONTENT_AFFINITY_FOR_ITEM) * content.evidence_shrink(
+        _column(columns, S.CONTENT_PROFILE_WEIGHT)
+    )
     return out
 
 

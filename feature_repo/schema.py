@@ -63,9 +63,11 @@ FEATURES: dict[str, dict[str, str]] = {
     # vectors of the items clicked (1), bought (3) or shown by the user's own search and
     # browse (organic impressions, 1) in the 30 days before the snapshot (empty without
     # any). contract.content turns it into the ranker's content_affinity_for_item and
-    # retrieval's PROFILE source.
+    # retrieval's PROFILE source. content_profile_weight: the weights' sum (0 without any),
+    # the evidence the profile rests on (contract.content.evidence_shrink).
     USER_CONTENT_PROFILE: {
         "content_profile": "float32[]",
+        "content_profile_weight": "float32",
     },
     ITEM_STATS: {
         "category": "int64",
@@ -132,6 +134,7 @@ RECENT_SELLER_DAYS = "recent_seller_days"
 SELLER_DAYS_SINCE_ENGAGED = "seller_days_since_engaged"  # the days entry of the item's seller
 CONTENT_PROFILE = "content_profile"
 CONTENT_AFFINITY_FOR_ITEM = "content_affinity_for_item"  # contract.content.similarity
+CONTENT_PROFILE_WEIGHT = "content_profile_weight"
 # list feature -> the float32 scalar a training row holds in its place
 REDUCED_FOR_ITEM: dict[str, str] = {
     AFFINITY_CATEGORIES: AFFINITY_FOR_ITEM,

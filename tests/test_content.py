@@ -46,6 +46,46 @@ def test_similarity_is_the_cosine_and_zero_without_a_usable_profile() -> None:
     assert content.similarity(X, unit[:0]).shape == (0,)
 
 
+def test_evidence_shrink_rises_from_zero_to_one_with_the_profiles_weight() -> None:
+    half = content.PROFILE_EVIDENCE_HALF
+    got = content.evidence_shrink(np.array([0.0, half, 3 * half, 1e9, -5.0]))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, [0.0, 0.5, 0.75, 1.0, 0.0], rtol=1e-6)
+
+
+def test_the_expected_content_affinity_is_the_cosine_shrunk_by_the_evidence() -> None:
+    from contract.features import CONTENT_AFFINITY_EXPECTED, FEATURE_SCHEMA, build_matrix
+    from feature_repo import schema as S
+
+    rng = np.random.default_rng(5)
+    n = 6
+    columns: dict[str, object] = {name: np.zeros(n) for name in S.training_columns()}
+    columns.update(
+        {
+            "country": "DE",
+            "device": "ios",
+            "price": np.full(n, 10.0),
+            "hour_of_day": 3,
+            "day_of_week": 1,
+            "surface": "home",
+        }
+    )
+    cosine = rng.uniform(-1, 1, n).astype(np.float32)
+    weight = np.array([0.0, 1.0, 8.0, 24.0, 100.0, 3.5], np.float32)
+    columns[S.CONTENT_AFFINITY_FOR_ITEM] = cosine
+    columns[S.CONTENT_PROFILE_WEIGHT] = weight
+    x = build_matrix(columns)
+    got = x[:, FEATURE_SCHEMA.index(CONTENT_AFFINITY_EXPECTED)]
+    np.testing.assert_array_equal(got, cosine * content.evidence_shrink(weight))
+    assert got[0] == 0 and got[2] == pytest.approx(cosine[2] / 2, rel=1e-6)
+    # the user's scalar weight broadcast to every row gives the same column
+    columns[S.CONTENT_PROFILE_WEIGHT] = np.float32(8.0)
+    np.testing.assert_array_equal(
+        build_matrix(columns)[:, FEATURE_SCHEMA.index(CONTENT_AFFINITY_EXPECTED)],
+        cosine * np.float32(0.5),
+    )
+
+
 def test_similarity_rows_equals_similarity_row_by_row() -> None:
     rng = np.random.default_rng(3)
     dim, n_users, n_rows = 5, 6, 200

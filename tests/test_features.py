@@ -354,7 +354,7 @@ def test_content_profile_is_the_weighted_window_of_unit_contents(tables, stride,
     unit-length sum of the unit contents of the items clicked (1) and bought (3) on the days
     in [s - 30, s), and of the items shown by an organic session
     (``content.ORGANIC_WEIGHT``, clicked or not), recomputed here event by event; empty
-    without any."""
+    without any. Its ``content_profile_weight`` is the weights' sum (0 without any)."""
     rng = np.random.default_rng(11)
     t = _random_engagement(tables, rng)
     imps = t[C.IMPRESSIONS]
@@ -401,10 +401,12 @@ def test_content_profile_is_the_weighted_window_of_unit_contents(tables, stride,
             & (events["day"] < s)
         ]
         got = np.asarray(getattr(row, S.CONTENT_PROFILE), np.float32)
+        weight = getattr(row, S.CONTENT_PROFILE_WEIGHT)
         if mine.empty:
-            assert len(got) == 0
+            assert len(got) == 0 and weight == 0
             continue
         engaged += 1
         want = content.profile_of(unit[item_row.get_indexer(mine[C.ITEM_ID])], mine["w"].to_numpy())
         np.testing.assert_allclose(got, want, atol=1e-5)
+        assert weight == pytest.approx(mine["w"].sum(), rel=1e-6)
     assert engaged > 50

@@ -1063,6 +1063,7 @@ def test_the_skew_check_proves_serving_matches_training_and_flags_what_does_not(
         S.AFFINITY_FOR_ITEM,
         S.SELLER_DAYS_SINCE_ENGAGED,
         S.CONTENT_AFFINITY_FOR_ITEM,
+        "content_affinity_expected",
         "country_code",
         "device_code",
         "price_to_avg_paid",

@@ -41,7 +41,7 @@ ROWS: dict[str, dict[str, Any] | None] = {
         S.AFFINITY_TOTAL: 12.0,
     },
     S.USER_SELLER_RECENCY: {S.RECENT_SELLERS: [9, 2], S.RECENT_SELLER_DAYS: [0.5, 3.0]},
-    S.USER_CONTENT_PROFILE: {S.CONTENT_PROFILE: [0.6, 0.0, -0.8]},
+    S.USER_CONTENT_PROFILE: {S.CONTENT_PROFILE: [0.6, 0.0, -0.8], S.CONTENT_PROFILE_WEIGHT: 7.0},
     S.USER_RECENT_ACTIVITY: {"views_24h": 2, "carts_24h": 0},
 }
 
@@ -118,18 +118,32 @@ def test_the_content_profile_travels_as_a_float_list_and_is_absent_without_one()
     msg = to_proto(ROWS)
     np.testing.assert_array_equal(msg.content_profile, np.array([0.6, 0.0, -0.8], np.float32))
     assert S.CONTENT_PROFILE not in msg.number_names
+    numbers = dict(zip(msg.number_names, msg.number_values, strict=True))
+    assert numbers[S.CONTENT_PROFILE_WEIGHT] == 7.0
     back = round_trip(ROWS)[S.USER_CONTENT_PROFILE]
     assert back is not None and back[S.CONTENT_PROFILE].dtype == np.float32
     np.testing.assert_array_equal(back[S.CONTENT_PROFILE], np.array([0.6, 0.0, -0.8], np.float32))
+    assert back[S.CONTENT_PROFILE_WEIGHT] == 7.0
     user = UserFeatures.from_rows(round_trip(ROWS))
     np.testing.assert_array_equal(user.content_profile, np.array([0.6, 0.0, -0.8], np.float32))
+    assert user.values[S.CONTENT_PROFILE_WEIGHT] == 7.0
     # no row, a row of nulls (Redis), an empty list (no engagement): nothing travels
     row: dict[str, Any] | None
-    for row in (None, {S.CONTENT_PROFILE: None}, {S.CONTENT_PROFILE: []}):
+    for row in (
+        None,
+        {S.CONTENT_PROFILE: None, S.CONTENT_PROFILE_WEIGHT: None},
+        {S.CONTENT_PROFILE: []},
+    ):
         rows: dict[str, Any] = {**ROWS, S.USER_CONTENT_PROFILE: row}
         assert len(to_proto(rows).content_profile) == 0
         assert round_trip(rows)[S.USER_CONTENT_PROFILE] is None
         assert len(UserFeatures.from_rows(rows).content_profile) == 0
+        assert UserFeatures.from_rows(rows).values[S.CONTENT_PROFILE_WEIGHT] == 0.0
+    # the weight alone (no engagement in the window: an empty list and a weight of 0)
+    idle = {S.CONTENT_PROFILE: [], S.CONTENT_PROFILE_WEIGHT: 0.0}
+    assert round_trip({**ROWS, S.USER_CONTENT_PROFILE: idle})[S.USER_CONTENT_PROFILE] == {
+        S.CONTENT_PROFILE_WEIGHT: 0.0
+    }
     assert UserFeatures.unknown().content_profile.shape == (0,)
 
 
@@ -186,6 +200,10 @@ def _msg(**fields: Any) -> common_pb2.UserFeatures:
             lambda: _msg(number_values=[-1.0]),
             "user.number_values: affinity_total must be >= 0, got -1.0",
         ),
+        (
+            lambda: _msg(number_names=["content_profile_weight"], number_values=[-2.0]),
+            "user.number_values: content_profile_weight must be >= 0, got -2.0",
+        ),
         (lambda: _msg(number_values=[math.inf]), "user.number_values must be finite, got inf"),
         (
             lambda: _msg(string_names=["affinity_total"], string_values=["9"]),
@@ -222,6 +240,7 @@ def _msg(**fields: Any) -> common_pb2.UserFeatures:
         "too-many-categories",
         "too-many-weights",
         "negative-total",
+        "negative-profile-weight",
         "inf-total",
         "total-as-string",
         "list-as-number",
@@ -266,7 +285,7 @@ SNAPSHOT_S = int(SNAPSHOT.timestamp())
 # hour after it
 STORED: dict[str, dict[str, Any]] = {
     S.USER_PROFILE: {"country": "DE", "clicks_30d": 7},
-    S.USER_CONTENT_PROFILE: {S.CONTENT_PROFILE: [0.6, 0.0, -0.8]},
+    S.USER_CONTENT_PROFILE: {S.CONTENT_PROFILE: [0.6, 0.0, -0.8], S.CONTENT_PROFILE_WEIGHT: 7.0},
     S.USER_RECENT_ACTIVITY: {"views_24h": 2},
 }
 STAMP_S = {S.USER_PROFILE: SNAPSHOT_S, S.USER_CONTENT_PROFILE: SNAPSHOT_S}

@@ -268,6 +268,9 @@ def test_the_profile_benchmark_recomputes_the_served_profiles(trained, tiny_data
         assert row["users"] > 0 and -1.0 <= row["mean"] <= 1.0
     assert rhos["served"] == rhos["engagement+organic, content space"]
     assert report["budget_pearson"]["mean log price of the profile's items"]["users"] > 10
+    bands = report["evidence"]["bands"]  # the served weight was checked with the profile
+    assert sum(b["users"] for b in bands) > 10
+    assert all(np.isfinite(b["mean_slope"]) for b in bands)
 
 
 def test_the_served_sweep_scores_every_setting_and_rebuilds_the_bundles_history(

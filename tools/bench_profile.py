@@ -26,6 +26,13 @@ compares them with the ground truth's hidden user:
   (clicks, purchases and organic impressions; a measured signal, not a feature: as a
   ranker feature it cost 7 % of E[GMV] on sim-small, docs/models.md).
 
+- **evidence**: how far the served cosine can be trusted as the profile's evidence grows:
+  per user, the slope of the true affinity on the served cosine over the probe, averaged
+  per band of ``content_profile_weight``, and the fit of ``a x w / (w + half)`` to the
+  slopes: the curve ``contract.content.evidence_shrink`` gives the ranker's
+  ``content_affinity_expected`` (the served weight is checked against the recomputed one
+  too).
+
 Writes ``reports/profile_quality.json`` and prints a table. Figures are means and medians
 over users; there is no model in them, only how much of the user the features hold.
 """
@@ -33,6 +40,7 @@ over users; there is no model in them, only how much of the user the features ho
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -41,7 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from scipy import stats
+from scipy import optimize, stats
 
 from contract import affinity, content
 from contract import columns as C
@@ -50,6 +58,7 @@ from feature_repo import schema as S
 from training.stages import Paths, held_out_period, read_manifest
 
 PROBE = 2000  # catalogue items each user's rank correlation is taken over
+WEIGHT_BANDS = (0.0, 10.0, 20.0, 40.0, 80.0, float("inf"))  # content_profile_weight bands
 
 
 def _events(raw: Path, start: pd.Timestamp, at: pd.Timestamp) -> pd.DataFrame:
@@ -75,22 +84,67 @@ def _events(raw: Path, start: pd.Timestamp, at: pd.Timestamp) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def _served(features: Path, at: pd.Timestamp) -> tuple[dict[int, np.ndarray], pd.DataFrame]:
-    """The content profiles and user profile rows of the snapshot at ``at``."""
+def _served(
+    features: Path, at: pd.Timestamp
+) -> tuple[dict[int, tuple[np.ndarray, float]], pd.DataFrame]:
+    """The content profiles (with their ``content_profile_weight``) and user profile rows of
+    the snapshot at ``at``."""
     table = pq.read_table(
         features / f"{S.USER_CONTENT_PROFILE}.parquet",
         filters=[(S.EVENT_TIMESTAMP, "==", at)],
-        columns=[C.USER_ID, S.CONTENT_PROFILE],
+        columns=[C.USER_ID, S.CONTENT_PROFILE, S.CONTENT_PROFILE_WEIGHT],
     ).to_pandas()
     profiles = {
-        int(u): np.asarray(p, np.float32)
-        for u, p in zip(table[C.USER_ID], table[S.CONTENT_PROFILE], strict=True)
+        int(u): (np.asarray(p, np.float32), float(w))
+        for u, p, w in zip(
+            table[C.USER_ID],
+            table[S.CONTENT_PROFILE],
+            table[S.CONTENT_PROFILE_WEIGHT],
+            strict=True,
+        )
         if p is not None and len(p)
     }
     users = pd.read_parquet(
         features / f"{S.USER_PROFILE}.parquet", filters=[(S.EVENT_TIMESTAMP, "==", at)]
     ).set_index(C.USER_ID)
     return profiles, users
+
+
+def _evidence(slopes: list[tuple[float, float]]) -> dict[str, Any]:
+    """How far the served cosine can be trusted as the profile's evidence grows: the mean
+    per-user slope of the true affinity on the cosine per band of ``content_profile_weight``,
+    and the least-squares fit of ``a x w / (w + half)`` to the users' slopes
+    (``contract.content.evidence_shrink`` uses ``PROFILE_EVIDENCE_HALF``)."""
+    if len(slopes) < 10:
+        return {}
+    weight, slope = (np.array(v) for v in zip(*slopes, strict=True))
+    bands = []
+    for lo, hi in itertools.pairwise(WEIGHT_BANDS):
+        mine = (weight > lo) & (weight <= hi)
+        if mine.any():
+            bands.append(
+                {
+                    "weight_above": lo,
+                    "weight_to": hi,
+                    "users": int(mine.sum()),
+                    "mean_slope": float(slope[mine].mean()),
+                }
+            )
+    try:
+        (a, half), _ = optimize.curve_fit(
+            lambda w, a, h: a * w / (w + h),
+            weight,
+            slope,
+            p0=(1.0, content.PROFILE_EVIDENCE_HALF),
+        )
+    except (RuntimeError, ValueError):  # too few or too flat slopes to fit the curve
+        a = half = float("nan")
+    return {
+        "bands": bands,
+        "fit_scale": None if np.isnan(a) else float(a),
+        "fit_half": None if np.isnan(half) else float(half),
+        "served_half": content.PROFILE_EVIDENCE_HALF,
+    }
 
 
 def run(home: Path, dataset: str, n_users: int, seed: int = 0) -> dict[str, Any]:
@@ -123,6 +177,7 @@ def run(home: Path, dataset: str, n_users: int, seed: int = 0) -> dict[str, Any]
         served_rule: [],
     }
     mismatch = 0.0
+    slopes: list[tuple[float, float]] = []  # (served weight, slope of truth on the cosine)
     log_price = np.log(items[C.PRICE].to_numpy(np.float64))
     typical: dict[int, float] = {}
     for key, mine in by_user:
@@ -131,15 +186,19 @@ def run(home: Path, dataset: str, n_users: int, seed: int = 0) -> dict[str, Any]
         truth = latent[probe] @ taste[user]
         engaged = mine["engaged"].to_numpy()
         both = engaged + content.ORGANIC_WEIGHT * mine["organic"].to_numpy()
+        served_profile, served_weight = served[user]
         profiles = {
-            "served": (served[user], in_space),
+            "served": (served_profile, in_space),
             "engagement": (content.profile_of(unit[at_items], engaged), unit),
             "engagement+organic": (content.profile_of(unit[at_items], both), unit),
             served_rule: (content.profile_of(in_space[at_items], both), in_space),
         }
         got, want = profiles["served"][0], profiles[served_rule][0]
         gap = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
-        mismatch = max(mismatch, gap)
+        mismatch = max(mismatch, gap, abs(served_weight - float(both.sum())))
+        cosine = in_space[probe] @ served_profile
+        if cosine.var() > 0:
+            slopes.append((served_weight, float(np.cov(cosine, truth)[0, 1] / cosine.var())))
         for name, (profile, vectors) in profiles.items():
             if len(profile) == vectors.shape[1] and np.any(profile):
                 rhos[name].append(float(stats.spearmanr(vectors[probe] @ profile, truth)[0]))
@@ -159,6 +218,7 @@ def run(home: Path, dataset: str, n_users: int, seed: int = 0) -> dict[str, Any]
             else None,
         }
     return {
+        "evidence": _evidence(slopes),
         "dataset": dataset,
         "snapshot": at.isoformat(),
         "users": len(sample),
@@ -198,6 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in report["budget_pearson"].items():
         r = "-" if row["pearson"] is None else f"{row['pearson']:.3f}"
         print(f"  {name:44s} {row['users']:6d} {r:>6s}")
+    evidence = report["evidence"]
+    if evidence:
+        print(f"{'evidence: slope of true affinity on the cosine':46s} {'users':>6s} {'slope':>6s}")
+        for band in evidence["bands"]:
+            name = f"content_profile_weight in ({band['weight_above']:g}, {band['weight_to']:g}]"
+            print(f"  {name:44s} {band['users']:6d} {band['mean_slope']:6.3f}")
+        if evidence["fit_half"] is not None:
+            print(
+                f"  fit a * w / (w + half): a {evidence['fit_scale']:.2f}, half "
+                f"{evidence['fit_half']:.1f} (served half {evidence['served_half']:g})"
+            )
     print(
         f"served profile vs recomputed: max |diff| {report['served_vs_recomputed_max_abs']:.2e}; "
         f"content space {report['content_space_dim']}-d; {report['seconds']:.1f} s -> {out}"

@@ -553,24 +553,28 @@ class FeatureBuilder:
         stride = np.int64(self.cal.days + 1)
         key = user * stride + day
         key, inverse = np.unique(key, return_inverse=True)
-        sums = np.zeros((len(key) + 1, dim), dtype=np.float64)  # row 0: nothing before
-        np.add.at(sums, inverse + 1, unit[item] * weight[:, None])
+        # row 0: nothing before; the last column sums the weights (content_profile_weight)
+        sums = np.zeros((len(key) + 1, dim + 1), dtype=np.float64)
+        np.add.at(sums, inverse + 1, np.hstack([unit[item] * weight[:, None], weight[:, None]]))
         running = np.cumsum(sums, axis=0)
         del item, user, day, weight, inverse, sums
         signup = to_ns(self.t[C.USERS][C.SIGNUP_AT])
         alive = self.snap_ns[None, :] >= signup[:, None]
         e, s_idx = np.nonzero(alive)
         lengths = np.zeros(len(e), dtype=np.int64)
+        total = np.zeros(len(e), dtype=np.float64)
         values: list[np.ndarray] = [np.zeros(0, np.float32)]
         per_user = np.bincount(e, minlength=len(self.user_ids))
         before = np.append(0, np.cumsum(per_user))
-        budget = max(max_entries // max(dim, 1), 1)  # cells x dim float64 sums per chunk
+        budget = max(max_entries // (dim + 1), 1)  # cells x (dim + 1) float64 sums per chunk
         for lo, hi in _chunks(np.arange(len(per_user)), per_user, budget):
             cells = slice(int(before[lo]), int(before[hi]))
             u, s = e[cells], snaps[s_idx[cells]]
             last = np.searchsorted(key, u * stride + s, side="left")  # groups before day s
             first = np.searchsorted(key, u * stride + np.maximum(s - content.WINDOW_DAYS, 0))
             window = running[last] - running[first]
+            total[cells] = np.maximum(window[:, dim], 0.0)  # a difference of sums: no -0
+            window = window[:, :dim]
             norm = np.linalg.norm(window, axis=1)
             has = norm > 0
             lengths[cells] = np.where(has, dim, 0)
@@ -581,6 +585,7 @@ class FeatureBuilder:
                 C.USER_ID: self.user_ids[e],
                 S.EVENT_TIMESTAMP: from_ns(self.snap_ns[s_idx]),
                 S.CONTENT_PROFILE: _arrow_lists(offsets, np.concatenate(values)),
+                S.CONTENT_PROFILE_WEIGHT: np.where(lengths > 0, total, 0.0).astype(np.float32),
             }
         )
         return self._finish(S.USER_CONTENT_PROFILE, frame)

@@ -211,16 +211,17 @@ def features_build_bytes(
         + min(cells, LIST_CHUNK_CELLS) * 64.0
         + users * snapshots * 6 * F64,
         "seller views (sellers x snapshots)": sellers * snapshots * 400.0,
-        # a user row plus its content_profile list (float32) per cell, written through Arrow;
-        # the float64 window sums (three cells x dim arrays) are bounded by the chunk; the
-        # per-(user, day) sums and their running sum (two user-days x dim arrays) by the
-        # user-days that saw an engagement or an organic impression
+        # a user row plus its content_profile list (float32) and weight per cell, written
+        # through Arrow; the float64 window sums (three cells x (dim + 1) arrays, the last
+        # column the weights) are bounded by the chunk; the per-(user, day) sums and their
+        # running sum (two user-days x (dim + 1) arrays) by the user-days that saw an
+        # engagement or an organic impression
         "content profiles (users x snapshots x content width)": users
         * snapshots
         * 2
-        * (28.0 + 4.0 * content_dim)
-        + min(users * snapshots * content_dim, LIST_CHUNK_CELLS) * 3 * F64
-        + min(users * days, engagements + n_imp) * content_dim * 2 * F64,
+        * (32.0 + 4.0 * content_dim)
+        + min(users * snapshots * (content_dim + 1), LIST_CHUNK_CELLS) * 3 * F64
+        + min(users * days, engagements + n_imp) * (content_dim + 1) * 2 * F64,
     }
     largest = max(views, key=lambda k: views[k])
     return {

@@ -68,7 +68,12 @@ if set(LISTS) != {name for name, kind in KIND_OF.items() if kind.endswith("[]")}
 if VIEW_OF.get(S.AFFINITY_TOTAL) != S.USER_CATEGORY_AFFINITY or S.AFFINITY_TOTAL not in SCALARS:
     raise ImportError(f"{S.AFFINITY_TOTAL} moved: update services/common/users.py")
 # the views whose scalars travel as number / string features
-SCALAR_VIEWS = (S.USER_PROFILE, S.USER_CATEGORY_AFFINITY, S.USER_RECENT_ACTIVITY)
+SCALAR_VIEWS = (
+    S.USER_PROFILE,
+    S.USER_CATEGORY_AFFINITY,
+    S.USER_CONTENT_PROFILE,
+    S.USER_RECENT_ACTIVITY,
+)
 if {VIEW_OF[name] for name in SCALARS} - set(SCALAR_VIEWS):
     raise ImportError("a user view gained a scalar feature: update services/common/users.py")
 MAX_LIST = 100_000  # entries of a list feature a request may carry
@@ -261,11 +266,10 @@ def from_proto(msg: common_pb2.UserFeatures, field: str = "user") -> ViewRows:
     bad = [v for v in numbers.values() if not math.isfinite(v)]
     if bad:
         raise InvalidArgument(f"{field}.number_values must be finite, got {bad[0]}")
-    total = numbers.get(S.AFFINITY_TOTAL)
-    if total is not None and total < 0:
-        raise InvalidArgument(
-            f"{field}.number_values: {S.AFFINITY_TOTAL} must be >= 0, got {total}"
-        )
+    for name in (S.AFFINITY_TOTAL, S.CONTENT_PROFILE_WEIGHT):
+        total = numbers.get(name)
+        if total is not None and total < 0:
+            raise InvalidArgument(f"{field}.number_values: {name} must be >= 0, got {total}")
     rows: dict[str, dict[str, Any] | None] = {}
     for view in SCALAR_VIEWS:
         values = {
@@ -308,7 +312,10 @@ def from_proto(msg: common_pb2.UserFeatures, field: str = "user") -> ViewRows:
         )
     profile = np.array(msg.content_profile, dtype=np.float32)
     _check_values(np.isfinite(profile), profile, field, "content_profile", "finite")
-    rows[S.USER_CONTENT_PROFILE] = {S.CONTENT_PROFILE: profile} if len(profile) else None
+    weight = rows[S.USER_CONTENT_PROFILE] or {}
+    rows[S.USER_CONTENT_PROFILE] = (
+        {**weight, S.CONTENT_PROFILE: profile} if len(profile) else (weight or None)
+    )
     return rows
 
 

@@ -29,7 +29,7 @@ import lightgbm as lgb
 import numpy as np
 
 from contract.calibration import Calibrator
-from contract.features import FEATURE_SCHEMA, ORGANIC_CONTEXT
+from contract.features import CONTENT_AFFINITY_EXPECTED, FEATURE_SCHEMA, ORGANIC_CONTEXT
 from contract.scorer import EVIDENCE_FEATURE, LinearOffset
 from feature_repo import schema as S
 from training.ranking.calibration import fit_isotonic
@@ -52,7 +52,8 @@ OFFSET_FILE = "linear_offset.json"
 
 # model levers: (feature columns removed from the purchase model, budget changes)
 FEATURE_LEVERS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "content_affinity_feature": ((S.CONTENT_AFFINITY_FOR_ITEM,), {}),
+    "content_affinity_feature": ((S.CONTENT_AFFINITY_FOR_ITEM, CONTENT_AFFINITY_EXPECTED), {}),
+    "profile_evidence_feature": ((CONTENT_AFFINITY_EXPECTED, S.CONTENT_PROFILE_WEIGHT), {}),
     "category_affinity_feature": ((S.AFFINITY_FOR_ITEM,), {}),
     "monotone_price": ((), {"monotone_price": False}),
     "organic_context_feature": ((ORGANIC_CONTEXT,), {}),
@@ -61,8 +62,10 @@ FEATURE_LEVERS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 }
 # what each lever is, for the report (serving levers included)
 LEVERS: dict[str, str] = {
-    "content_affinity_feature": "ranker without content_affinity_for_item (user content "
-    "profile x item content)",
+    "content_affinity_feature": "ranker without content_affinity_for_item and "
+    "content_affinity_expected (user content profile x item content)",
+    "profile_evidence_feature": "ranker without content_profile_weight and "
+    "content_affinity_expected (the cosine not weighed by the profile's evidence)",
     "category_affinity_feature": "ranker without category_affinity_for_item",
     "profile_candidates": "retrieval without the PROFILE source (history + ANN only)",
     "calibration": "raw p(purchase) x value, no isotonic calibration",

@@ -169,6 +169,10 @@ FEATURE_SCHEMA = FeatureSchema(
     dtypes=tuple(_schema_dtype(c) for c in NUMERIC_COLUMNS) + tuple(d for _, d in _DERIVED),
 )
 
+# the numeric columns content_affinity_expected is derived from
+_COSINE = NUMERIC_COLUMNS.index(S.CONTENT_AFFINITY_FOR_ITEM)
+_PROFILE_WEIGHT = NUMERIC_COLUMNS.index(S.CONTENT_PROFILE_WEIGHT)
+
 # the columns build_matrix reads
 INPUT_COLUMNS: tuple[str, ...] = NUMERIC_COLUMNS + STRING_COLUMNS + (HOUR, DAY_OF_WEEK, C.SURFACE)
 # and the one it reads when present (training rows): absent, every row is a feed's
@@ -255,9 +259,8 @@ def build_matrix(columns: Columns, schema: FeatureSchema | None = None) -> np.nd
         out[:, j] = encode(_column(columns, CODE_SOURCE[name]), name)
         j += 1
     out[:, j] = organic_context(columns)
-    out[:, j + 1] = _column(columns, S.CONTENT_AFFINITY_FOR_ITEM) * content.evidence_shrink(
-        _column(columns, S.CONTENT_PROFILE_WEIGHT)
-    )
+    # from the two columns already in the matrix: the same float32 values the model sees
+    out[:, j + 1] = out[:, _COSINE] * content.evidence_shrink(out[:, _PROFILE_WEIGHT])
     return out
 
 

@@ -266,10 +266,10 @@ def from_proto(msg: common_pb2.UserFeatures, field: str = "user") -> ViewRows:
     bad = [v for v in numbers.values() if not math.isfinite(v)]
     if bad:
         raise InvalidArgument(f"{field}.number_values must be finite, got {bad[0]}")
-    for name in (S.AFFINITY_TOTAL, S.CONTENT_PROFILE_WEIGHT):
-        total = numbers.get(name)
-        if total is not None and total < 0:
-            raise InvalidArgument(f"{field}.number_values: {name} must be >= 0, got {total}")
+    for name in (S.AFFINITY_TOTAL, S.CONTENT_PROFILE_WEIGHT):  # sums of weights
+        value = numbers.get(name)
+        if value is not None and value < 0:
+            raise InvalidArgument(f"{field}.number_values: {name} must be >= 0, got {value}")
     rows: dict[str, dict[str, Any] | None] = {}
     for view in SCALAR_VIEWS:
         values = {
@@ -312,9 +312,9 @@ def from_proto(msg: common_pb2.UserFeatures, field: str = "user") -> ViewRows:
         )
     profile = np.array(msg.content_profile, dtype=np.float32)
     _check_values(np.isfinite(profile), profile, field, "content_profile", "finite")
-    weight = rows[S.USER_CONTENT_PROFILE] or {}
+    scalars = rows[S.USER_CONTENT_PROFILE] or {}  # content_profile_weight, when sent
     rows[S.USER_CONTENT_PROFILE] = (
-        {**weight, S.CONTENT_PROFILE: profile} if len(profile) else (weight or None)
+        {**scalars, S.CONTENT_PROFILE: profile} if len(profile) else (scalars or None)
     )
     return rows
 

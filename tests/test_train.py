@@ -254,6 +254,36 @@ def test_the_history_oracle_benchmark_orders_its_ceilings(trained, tiny_dataset,
     assert report["history_impressions"]["0.5"] > 0 and ess["0.5"] < 2000
 
 
+def test_the_user_knowledge_benchmark_never_passes_knowing_the_user(trained, tiny_dataset, home):
+    """tools.bench_user_knowledge orders the ranker's candidates with the exact response
+    model: the true user is its best (the Oracle's own pick), every plug-in user earns at
+    most that, and the reads are reads (a taste of unit length, a budget correlated with the
+    truth)."""
+    from tools.bench_user_knowledge import budget_read, run
+
+    report = run(home.home, tiny_dataset["dataset"], n_requests=30)
+    p = {name: row["oracle_egmv_per_1k"] for name, row in report["policies"].items()}
+    assert p["known"] > 0
+    for name, value in p.items():
+        if name not in ("optimal", "known", "heuristic", "popularity"):
+            assert 0 <= value <= p["known"] + 1e-9, name
+    assert report["policies"]["known"]["share_of_candidates_optimal"] == 1.0
+    reads = report["reads"]
+    assert 0 < reads["users_with_taste_read"] <= reads["users"]
+    assert -1 <= reads["taste_cosine_mean"] <= 1
+    # the budget read on its own: users who click dearer than they are shown read dearer
+    rng = np.random.default_rng(0)
+    budget = np.exp(rng.normal(np.log(45), 0.8, 300))
+    users = np.repeat(np.arange(300), 40)
+    items = rng.integers(0, 1000, len(users))
+    log_price = rng.normal(np.log(40), 1.0, 1000)
+    clicked = rng.random(len(users)) < 1 / (1 + np.exp(log_price[items] - np.log(budget[users])))
+    imp = pd.DataFrame({"user_id": users, "item_id": items})
+    read, fit = budget_read(imp, clicked, log_price, budget)
+    assert fit["click_lift"] > 0 and fit["r_log_budget"] > 0.5
+    assert read.shape == budget.shape and np.all(read > 0)
+
+
 def test_the_profile_benchmark_recomputes_the_served_profiles(trained, tiny_dataset, home):
     """tools.bench_profile rebuilds each sampled user's content profile from the raw tables by
     the documented rule (clicks, purchases and organic impressions, in the catalogue's

@@ -59,45 +59,110 @@ SCREEN_PARTICLES = 64  # the first pass over the whole catalogue that makes the 
 SHORTLIST = 3000  # catalogue items the first pass keeps for the full valuation
 
 
+def latent_read(items: pd.DataFrame, latent: np.ndarray) -> np.ndarray:
+    """Each item's latent vector as its content tells it: the least-squares linear read over
+    the catalogue (rows in item-id order), unit length."""
+    content = table_content(items.sort_values(C.ITEM_ID)).astype(np.float64)
+    coef, *_ = np.linalg.lstsq(content, latent, rcond=None)
+    out = content @ coef
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def shares(summary: dict[str, dict[str, float]], over: str) -> dict[str, dict[str, float]]:
+    """Each policy's E[GMV]/1k with its share of the optimum and of policy ``over``'s (the
+    best page over the ranker's candidates)."""
+    optimum = summary["optimal"]["oracle_egmv_per_1k"]
+    best = summary[over]["oracle_egmv_per_1k"]
+    return {
+        name: {
+            "oracle_egmv_per_1k": row["oracle_egmv_per_1k"],
+            "share_of_optimal": row["oracle_egmv_per_1k"] / optimum,
+            "share_of_candidates_optimal": row["oracle_egmv_per_1k"] / best,
+        }
+        for name, row in summary.items()
+    }
+
+
+def print_shares(policies: dict[str, dict[str, float]], width: int) -> None:
+    print(f"{'policy':{width}s} {'E[GMV]/1k':>10s} {'of optimum':>11s} {'of cands':>9s}")
+    for name, row in policies.items():
+        print(
+            f"{name:{width}s} {row['oracle_egmv_per_1k']:10.1f} {row['share_of_optimal']:11.1%}"
+            f" {row['share_of_candidates_optimal']:9.1%}"
+        )
+
+
+@dataclasses.dataclass
+class Replay:
+    """What a replay of the test period's requests over the served ranker's candidates
+    reads: the dataset's tables and truth, the log's state, the store, the served scorer."""
+
+    paths: Paths
+    tables: dict[str, pd.DataFrame]
+    items: pd.DataFrame
+    oracle: Any
+    carts: pd.DataFrame | None
+    market: Any
+    start: pd.Timestamp
+    end: pd.Timestamp
+    store: Any
+    served: Any
+    candidates: Any
+
+    @classmethod
+    def open(cls, home: Path, dataset: str, n_candidates: int = 500) -> Replay:
+        from contract.feature_store import open_store
+        from training.evaluate import CandidateCache, ServedScorer
+        from training.policy_eval import Marketplace
+        from training.retrieval.retriever import load_retriever
+        from training.simulate import Oracle
+        from training.stages import held_out_period, read_manifest
+        from training.staging import staging_dir
+        from training.tables import read_tables
+
+        paths = Paths(home)
+        stage = staging_dir(paths, dataset)
+        tables = read_tables(paths.raw(dataset))
+        items = tables[C.ITEMS]
+        carts_path = paths.raw(dataset) / "checkout_carts.parquet"
+        carts = pd.read_parquet(carts_path) if carts_path.exists() else None
+        start, end = held_out_period(read_manifest(paths, dataset))
+        return cls(
+            paths=paths,
+            tables=tables,
+            items=items,
+            oracle=Oracle.load(paths.ground_truth(dataset)),
+            carts=carts,
+            market=Marketplace(tables, carts),
+            start=start,
+            end=end,
+            store=open_store(dataset, paths=paths),
+            served=ServedScorer(stage, items),
+            candidates=CandidateCache(load_retriever(stage, home, dataset), items, n_candidates),
+        )
+
+
 def run(
     home: Path, dataset: str, n_requests: int, particles: int, n_candidates: int = 500
 ) -> dict[str, Any]:
-    from contract.feature_store import open_store
-    from training.evaluate import (
-        CandidateCache,
-        ServedScorer,
-        _model_policy,
-        _oracle_over_candidates,
-    )
-    from training.policy_eval import Marketplace, evaluate_policies
-    from training.retrieval.retriever import load_retriever
-    from training.simulate import Oracle
+    from training.evaluate import _model_policy, _oracle_over_candidates
+    from training.policy_eval import evaluate_policies
     from training.simulate.posterior import (
         Histories,
         HistoryOracle,
         Posterior,
         believed_appeal,
     )
-    from training.stages import held_out_period, read_manifest, read_meta
-    from training.staging import staging_dir
-    from training.tables import read_tables
+    from training.stages import read_meta
 
     started = time.perf_counter()
-    paths = Paths(home)
-    stage = staging_dir(paths, dataset)
-    tables = read_tables(paths.raw(dataset))
-    items = tables[C.ITEMS]
-    oracle = Oracle.load(paths.ground_truth(dataset))
-    truth = oracle.truth
-    carts_path = paths.raw(dataset) / "checkout_carts.parquet"
-    carts = pd.read_parquet(carts_path) if carts_path.exists() else None
-    market = Marketplace(tables, carts)
+    replay = Replay.open(home, dataset, n_candidates)
+    paths, tables, items, oracle = replay.paths, replay.tables, replay.items, replay.oracle
+    truth, carts, market = oracle.truth, replay.carts, replay.market
+    start, end, store, served = replay.start, replay.end, replay.store, replay.served
+    candidates = replay.candidates
     histories = Histories(tables, truth, carts)
-    start, end = held_out_period(read_manifest(paths, dataset))
     bayes = HistoryOracle.from_dataset(paths.raw(dataset), truth, particles)
-    store = open_store(dataset, paths=paths)
-    served = ServedScorer(stage, items)
-    candidates = CandidateCache(load_retriever(stage, home, dataset), items, n_candidates)
     ess: list[float] = []
     history_sizes: list[int] = []
     prior = bayes.posterior(0, histories.of(-1, 0))  # no history: every particle, equal weight
@@ -123,10 +188,7 @@ def run(
     appeal_bayes = bayes.believing(dataclasses.replace(truth, item_appeal=appeal))
     # ... and each item's latent vector read from its content alone (least squares over
     # the catalogue, then unit length): what content tells of an item, at best
-    content = table_content(items.sort_values(C.ITEM_ID)).astype(np.float64)
-    read, *_ = np.linalg.lstsq(content, truth.item_latent, rcond=None)
-    latent = content @ read
-    latent /= np.linalg.norm(latent, axis=1, keepdims=True)
+    latent = latent_read(items, truth.item_latent)
     content_bayes = bayes.believing(
         dataclasses.replace(truth, item_appeal=appeal, item_latent=latent)
     )
@@ -212,16 +274,7 @@ def run(
     summary, _, _ = evaluate_policies(
         tables, oracle, carts, start, end, models, k=20, n_requests=n_requests, market=market
     )
-    optimum = summary["optimal"]["oracle_egmv_per_1k"]
-    over = summary["optimal_over_candidates"]["oracle_egmv_per_1k"]
-    table = {
-        name: {
-            "oracle_egmv_per_1k": row["oracle_egmv_per_1k"],
-            "share_of_optimal": row["oracle_egmv_per_1k"] / optimum,
-            "share_of_candidates_optimal": row["oracle_egmv_per_1k"] / over,
-        }
-        for name, row in summary.items()
-    }
+    table = shares(summary, "optimal_over_candidates")
     quantiles = [0.05, 0.25, 0.5, 0.75, 0.95]
 
     def spread(values: list[float] | list[int]) -> dict[str, float]:
@@ -253,12 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     paths.reports.mkdir(parents=True, exist_ok=True)
     out = paths.reports / "history_oracle.json"
     out.write_text(json.dumps(result, indent=2))
-    print(f"{'policy':42s} {'E[GMV]/1k':>10s} {'of optimum':>11s} {'of cands':>9s}")
-    for name, row in result["policies"].items():
-        print(
-            f"{name:42s} {row['oracle_egmv_per_1k']:10.1f} {row['share_of_optimal']:11.1%}"
-            f" {row['share_of_candidates_optimal']:9.1%}"
-        )
+    print_shares(result["policies"], 42)
     print("posterior ESS quantiles:", {k: round(v) for k, v in result["posterior_ess"].items()})
     print(f"{result['seconds']:.0f} s -> {out}")
     return 0

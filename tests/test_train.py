@@ -284,6 +284,22 @@ def test_the_user_knowledge_benchmark_never_passes_knowing_the_user(trained, tin
     assert read.shape == budget.shape and np.all(read > 0)
 
 
+def test_the_two_stage_benchmark_refits_the_served_recipe(trained, tiny_dataset, home):
+    """tools.bench_two_stage fits the one-stage model and the two-stage variants on the
+    rankers stage's splits and scores them on the same requests; the click stage has more
+    positives than the label, and the product of two probabilities is still one."""
+    from tools.bench_two_stage import VARIANTS, run
+
+    report = run(home.home, tiny_dataset["dataset"], seeds=[0], n_requests=20)
+    rows = report["seeds"]["0"]
+    assert set(rows) == set(VARIANTS)
+    for row in rows.values():
+        assert np.isfinite(row["oracle_egmv_per_1k"]) and row["oracle_egmv_per_1k"] >= 0
+        assert 0.5 <= row["valid_auc"] <= 1 and row["valid_log_loss_calibrated"] > 0
+    assert rows["one_stage"]["change_vs_one_stage"] == 0
+    assert report["rows"]["train_clicked"] > report["rows"]["train_label"] > 0
+
+
 def test_the_profile_benchmark_recomputes_the_served_profiles(trained, tiny_dataset, home):
     """tools.bench_profile rebuilds each sampled user's content profile from the raw tables by
     the documented rule (clicks, purchases and organic impressions, in the catalogue's

@@ -56,6 +56,11 @@ COMPILED_MODEL = "ranker/purchase.so"
 COMPILE_REPORT = "ranker/compile.json"
 CALIBRATOR = "ranker/calibrator.json"
 LINEAR_OFFSET = "ranker/linear_offset.json"
+# the two-stage purchase model's click stage (absent: the purchase model is one stage):
+# served p = p(click) from these x p(label | click) from the purchase files above
+CLICK_MODEL = "ranker/click.txt"
+CLICK_COMPILED = "ranker/click.so"
+CLICK_OFFSET = "ranker/click_offset.json"
 EVIDENCE = "ranker/evidence.json"
 USER_TOWER = "retrieval/user_tower.npz"
 ITEM_IDS = "retrieval/item_ids.npy"

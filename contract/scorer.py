@@ -14,6 +14,13 @@ before the request (the ``impressions_total`` feature). Over 500 candidates, mos
 never shown, the highest p is more often an over-estimate than a find (the winner's curse);
 the factor discounts the items whose p rests on the least evidence. Training's replay and
 the ranking service apply the same object.
+
+A two-stage bundle (``ranker/click.so`` beside ``ranker/purchase.so``) scores
+p(label) = p(click) x p(label | click): the click stage is its own compiled trees boosted
+from their own linear offset (``ranker/click_offset.json``), and the purchase files hold
+the conversion stage, learned on clicked rows only and boosted from 0. Clicks outnumber
+purchases about ten to one, so the click stage reads taste, appeal and price from ten times
+the positives (``training.ranking.models.two_stage_reason``, ``docs/models.md``).
 """
 
 from __future__ import annotations
@@ -146,22 +153,62 @@ class LinearOffset:
 
 class PurchaseModel:
     """The uncalibrated p(label) serving computes: the compiled trees' probability, or, with
-    a :class:`LinearOffset`, ``sigmoid(offset.margin(X) + trees' margin)``."""
+    a :class:`LinearOffset`, ``sigmoid(offset.margin(X) + trees' margin)``; with a ``click``
+    stage (a two-stage bundle), that times the click stage's p."""
 
-    def __init__(self, compiled: CompiledScorer, offset: LinearOffset | None = None) -> None:
+    num_features: int
+
+    def __init__(
+        self,
+        compiled: CompiledScorer,
+        offset: LinearOffset | None = None,
+        click: PurchaseModel | None = None,
+    ) -> None:
         if offset is not None:
             offset.require_width(compiled.num_features, "the compiled model takes")
+        if click is not None and click.num_features != compiled.num_features:
+            raise ValueError(
+                f"the click stage takes {click.num_features} features, the compiled model "
+                f"takes {compiled.num_features}"
+            )
         self.compiled = compiled
         self.offset = offset
+        self.click = click
         self.num_features = compiled.num_features
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        p = self._stage(X)
+        return p if self.click is None else p * self.click.predict(X)
+
+    def _stage(self, X: np.ndarray) -> np.ndarray:
         if self.offset is None:
             return self.compiled.predict(X)
         X = as_matrix(X, self.num_features)
         if len(X) == 0:
             return np.zeros(0, dtype=np.float64)
         return sigmoid(self.offset.margin(X) + self.compiled.predict(X, margin=True))
+
+
+def load_purchase_model(folder: Path, nthread: int = 1) -> PurchaseModel:
+    """The served :class:`PurchaseModel` of a bundle (or staging) folder: ``ranker/purchase.so``
+    [+ ``ranker/linear_offset.json``] [x the click stage, ``ranker/click.so`` [+
+    ``ranker/click_offset.json``], when its library is there]. ``ValueError`` when an offset
+    is unreadable or the parts read other numbers of features; ``OSError`` (or TL2cgen's
+    error) when a library cannot be loaded."""
+    from contract.bundle import CLICK_COMPILED, CLICK_OFFSET, COMPILED_MODEL, LINEAR_OFFSET
+
+    folder = Path(folder)
+    click = None
+    if (folder / CLICK_COMPILED).exists():
+        click = PurchaseModel(
+            CompiledScorer(folder / CLICK_COMPILED, nthread=nthread),
+            LinearOffset.read(folder / CLICK_OFFSET),
+        )
+    return PurchaseModel(
+        CompiledScorer(folder / COMPILED_MODEL, nthread=nthread),
+        LinearOffset.read(folder / LINEAR_OFFSET),
+        click,
+    )
 
 
 EVIDENCE_FEATURE = "impressions_total"  # feature_repo.schema ITEM_STATS

@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     times = time_interleaved(
         {
             "served (LoadedModel.score)": lambda: model.score(X, values),
-            "compiled trees alone": lambda: trees.predict(X),
-            "lightgbm trees": lambda: training.purchase.predict(X, num_threads=1),
+            "compiled trees alone (purchase stage)": lambda: trees.predict(X),
+            "lightgbm trees (purchase stage)": lambda: training.purchase.predict(X, num_threads=1),
         },
         repeats=args.repeats,
         warmup=20,
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.platform(),
         "bundle": str(bundle_dir),
         "linear_offset": model.compiled.offset is not None,
-        "num_trees": training.purchase.num_trees(),
+        "stages": 1 if training.click is None else 2,
+        "num_trees": training.purchase.num_trees()
+        + (0 if training.click is None else training.click.num_trees()),
         "rows": len(X),
         "repeats": args.repeats,
         "served_vs_training_max_abs_diff": parity,

@@ -212,6 +212,57 @@ def test_trees_boosted_from_a_linear_offset_score_the_same_compiled(tmp_path: Pa
         )
 
 
+def test_a_two_stage_bundle_serves_the_product_of_its_compiled_stages(tmp_path: Path) -> None:
+    """load_purchase_model reads ranker/click.so (+ click_offset.json) beside purchase.so:
+    the served p is the click stage's p times the conversion stage's, as training computes
+    it from LightGBM (two_stage_probability); compile_for_bundle compiles and checks both,
+    and a one-stage compile into the same folder drops the old click stage."""
+    from contract.bundle import CLICK_COMPILED, CLICK_OFFSET, LINEAR_OFFSET
+    from contract.scorer import PurchaseModel, load_purchase_model
+    from training.ranking.baselines import LogisticBaseline
+    from training.ranking.compile import compile_for_bundle
+    from training.ranking.models import two_stage_probability
+
+    X, y_click = synthetic(2_000, seed=4)
+    _, y_buy = synthetic(2_000, seed=5)
+    offset = LogisticBaseline.fit(X, y_click).offset()
+    params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "num_threads": 1}
+    click = lgb.train(params, lgb.Dataset(X, y_click, init_score=offset.margin(X)), 15)
+    conversion = lgb.train(params, lgb.Dataset(X, y_buy), 10)
+    (tmp_path / "ranker").mkdir()
+    click.save_model(str(tmp_path / "click.txt"))
+    conversion.save_model(str(tmp_path / "purchase.txt"))
+    (tmp_path / CLICK_OFFSET).write_text(json.dumps(offset.to_dict()))
+    X_test, _ = synthetic(500, seed=6)
+    summary = compile_for_bundle(
+        tmp_path / "purchase.txt",
+        tmp_path,
+        X_test,
+        parallel_comp=1,
+        repeats=5,
+        click_model_path=tmp_path / "click.txt",
+    )
+    assert summary["click"]["parity_max_abs_diff"] <= PARITY_TOLERANCE
+    assert summary["latency_500_served"]["stages"] == 2
+    assert summary["latency_500_served"]["num_trees"] == 25
+    served = load_purchase_model(tmp_path)
+    assert served.click is not None and served.offset is None
+    expected = two_stage_probability(conversion, None, click, offset, X_test)
+    assert np.max(np.abs(served.predict(X_test) - expected)) <= 2 * PARITY_TOLERANCE
+    # the product, not either stage
+    assert np.max(np.abs(served.predict(X_test) - conversion.predict(X_test))) > 0.05
+    with pytest.raises(ValueError, match="click stage takes 3 features"):
+        other = lgb.train(params, lgb.Dataset(X[:, :3], y_click), 2)
+        other.save_model(str(tmp_path / "narrow.txt"))
+        compile_model(tmp_path / "narrow.txt", tmp_path / "narrow.so", quantize=True)
+        PurchaseModel(served.compiled, None, PurchaseModel(CompiledScorer(tmp_path / "narrow.so")))
+    # a one-stage compile into the same folder ships no click stage
+    compile_for_bundle(tmp_path / "purchase.txt", tmp_path, X_test, parallel_comp=1, repeats=5)
+    assert not (tmp_path / CLICK_COMPILED).exists()
+    assert load_purchase_model(tmp_path).click is None
+    assert not (tmp_path / LINEAR_OFFSET).exists()
+
+
 def test_the_evidence_shrink_discounts_items_by_their_logged_impressions(tmp_path: Path) -> None:
     """E[GMV] x (n + prior) / (n + prior + kappa): an item never shown (or whose count is
     missing) scores 0 without a prior, a much-shown one keeps nearly all; kappa 0 is no

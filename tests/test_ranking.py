@@ -23,6 +23,7 @@ from training.ranking import baselines as B
 from training.ranking.calibration import fit_isotonic
 from training.ranking.models import (
     RankerBudget,
+    RankingData,
     decreasing_offset,
     fit_purchase,
     lambdamart_weights,
@@ -208,14 +209,19 @@ def tiny_result(tiny_dataset, home) -> RankerResult:
 
 
 def test_fit_save_load_predicts_the_same(tiny_result, tiny_data, tmp_path: Path):
+    # what an earlier one-stage run left in the folder must not be read with these trees
+    (tmp_path / "ranker").mkdir()
+    (tmp_path / bundle.LINEAR_OFFSET).write_text("{}")
     paths = save(tiny_result, tmp_path)
+    assert not (tmp_path / bundle.LINEAR_OFFSET).exists()
     assert {p.relative_to(tmp_path).as_posix() for p in paths.values()} == {
-        bundle.PURCHASE_MODEL,
+        bundle.PURCHASE_MODEL,  # two stages: p(purchase | click), boosted from 0
         bundle.LAMBDAMART_MODEL,
         bundle.CALIBRATOR,
         bundle.FEATURE_SCHEMA,
-        bundle.LINEAR_OFFSET,  # the trees are boosted from the logistic log-odds
         bundle.EVIDENCE,  # the served E[GMV]'s shrink by the item's logged impressions
+        bundle.CLICK_MODEL,  # the click stage, boosted from ...
+        bundle.CLICK_OFFSET,  # ... the click label's logistic log-odds
     }
     loaded = load(tmp_path)
     assert loaded.evidence == tiny_result.models.evidence
@@ -223,13 +229,78 @@ def test_fit_save_load_predicts_the_same(tiny_result, tiny_data, tmp_path: Path)
     X = tiny_data["test"].X
     assert loaded.schema == tiny_result.schema == F.feature_schema()
     assert loaded.calibrator == tiny_result.calibrator
-    assert loaded.offset is not None and tiny_result.models.offset is not None
-    np.testing.assert_array_equal(loaded.offset.margin(X), tiny_result.models.offset.margin(X))
+    assert loaded.offset is None and tiny_result.models.offset is None
+    assert loaded.click is not None and tiny_result.models.click is not None
+    assert loaded.click_offset is not None and tiny_result.models.click_offset is not None
+    np.testing.assert_array_equal(
+        loaded.click_offset.margin(X), tiny_result.models.click_offset.margin(X)
+    )
     np.testing.assert_array_equal(
         loaded.purchase_probability(X), tiny_result.models.purchase_probability(X)
     )
     np.testing.assert_array_equal(loaded.rank_score(X), tiny_result.models.rank_score(X))
     np.testing.assert_array_equal(loaded.purchase.predict(X), tiny_result.purchase.predict(X))
+
+
+def test_the_purchase_model_is_two_stages_only_where_the_log_allows_it():
+    """two_stage_reason: two stages need a click label that is not the label, a label never
+    logged without a click, and both classes in each stage; click_stage and
+    conversion_stage are every row by its click and the clicked rows by their label."""
+    from training.ranking.models import click_stage, conversion_stage, two_stage_reason
+
+    def data(clicked, label):
+        n = len(label)
+        return RankingData(
+            X=np.arange(n, dtype=np.float32)[:, None],
+            request_id=np.zeros(n, dtype=np.int64),
+            relevance=np.asarray(label),
+            label=np.asarray(label),
+            sample_weight=np.ones(n),
+            ips_weight=np.ones(n),
+            feature_names=["x"],
+            clicked=None if clicked is None else np.asarray(clicked),
+        )
+
+    ok = data([1, 1, 1, 0, 0], [1, 0, 0, 0, 0])
+    budget = RankerBudget()
+    assert two_stage_reason(ok, ok, budget) is None
+    off = RankerBudget(two_stage=False)
+    assert "switched off" in str(two_stage_reason(ok, ok, off))
+    assert "no click label" in str(two_stage_reason(data(None, [1, 0]), ok, budget))
+    same = data([1, 0, 0], [1, 0, 0])
+    assert two_stage_reason(ok, same, budget) == "the label is the click"
+    bought_unclicked = data([1, 0, 0], [0, 1, 0])
+    assert (
+        two_stage_reason(bought_unclicked, ok, budget)
+        == "1 train rows have the label without a click"
+    )
+    every_click_buys = data([1, 1, 0], [1, 1, 0])  # the label is the click again
+    assert two_stage_reason(ok, every_click_buys, budget) == "the label is the click"
+    no_click_buys = data([1, 1, 0], [0, 0, 0])
+    assert "single class" in str(two_stage_reason(ok, no_click_buys, budget))
+    first, second = click_stage(ok), conversion_stage(ok)
+    np.testing.assert_array_equal(first.label, [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(second.X[:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(second.label, [1, 0, 0])
+
+
+def test_the_served_model_is_two_stages_and_the_ablation_weighs_one(tiny_result, tiny_data):
+    """On tiny (clicks and purchases logged) the purchase model is p(click) x p(purchase |
+    click); the ablation's two_stage lever is the one-stage model of its own search; both
+    stages' searches are reported."""
+    m = tiny_result.metrics
+    assert m["two_stage"] == {"on": True, "why_not": None}
+    assert set(m["search"]) == {"purchase", "lambdamart", "click"}
+    models = tiny_result.models
+    X = tiny_data["test"].X
+    np.testing.assert_allclose(
+        models.raw_purchase_probability(X),
+        offset_probability(models.purchase, None, X)
+        * offset_probability(models.click, models.click_offset, X),
+    )
+    one = tiny_result.ablations["two_stage"]
+    assert one.click is None and one.offset is not None
+    assert all(a.click is not None for k, a in tiny_result.ablations.items() if k != "two_stage")
 
 
 def test_lambdamart_beats_a_random_order_on_validation(tiny_result):

@@ -35,6 +35,8 @@ from contract.bundle import (
     ALIAS_CHAMPION,
     BUNDLE_MANIFEST,
     CALIBRATOR,
+    CLICK_MODEL,
+    CLICK_OFFSET,
     COMPILED_MODEL,
     EVIDENCE,
     LINEAR_OFFSET,
@@ -75,16 +77,25 @@ class Rows:
     expected_p: np.ndarray  # LightGBM + calibrator, float64
 
 
-def reference_p(bundle: Path, X: np.ndarray) -> np.ndarray:
-    booster = lgb.Booster(model_file=str(bundle / PURCHASE_MODEL))
-    cal = json.loads((bundle / CALIBRATOR).read_text())
+def reference_stage(model: Path, offset: Path, X: np.ndarray) -> np.ndarray:
+    """LightGBM's p of one stage [boosted from the offset file's log-odds, when it exists]."""
+    booster = lgb.Booster(model_file=str(model))
     raw = np.asarray(booster.predict(X, num_threads=1), dtype=np.float64)
-    if (bundle / LINEAR_OFFSET).exists():  # the trees were boosted from these log-odds
-        lin = json.loads((bundle / LINEAR_OFFSET).read_text())
+    if offset.exists():  # the trees were boosted from these log-odds
+        lin = json.loads(offset.read_text())
         Z = (np.nan_to_num(X.astype(np.float64)) - lin["mean"]) / lin["scale"]
         margin = Z @ np.asarray(lin["coef"]) + lin["intercept"]
         margin += booster.predict(X, num_threads=1, raw_score=True)
         raw = 1.0 / (1.0 + np.exp(-margin))
+    return raw
+
+
+def reference_p(bundle: Path, X: np.ndarray) -> np.ndarray:
+    """The calibrated purchase stage's p [x the click stage's, a two-stage bundle]."""
+    raw = reference_stage(bundle / PURCHASE_MODEL, bundle / LINEAR_OFFSET, X)
+    if (bundle / CLICK_MODEL).exists():
+        raw = raw * reference_stage(bundle / CLICK_MODEL, bundle / CLICK_OFFSET, X)
+    cal = json.loads((bundle / CALIBRATOR).read_text())
     return np.interp(raw, np.asarray(cal["x"], np.float64), np.asarray(cal["y"], np.float64))
 
 

@@ -115,7 +115,9 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     started = time.perf_counter()
     paths = Paths(home)
     stage = staging_dir(paths, dataset)
-    params = read_stage_reports(stage)["rankers"]["best_params"]["purchase"]
+    best = read_stage_reports(stage)["rankers"]["best_params"]
+    params = best["purchase"]
+    click_params = best.get("click")  # a two-stage served model's click stage
     tower = UserTower.load(stage / "retrieval" / "user_tower.npz")
     embeddings = np.load(stage / "retrieval" / "item_embeddings.npy")
     embedded = pd.Index(np.load(stage / "retrieval" / "item_ids.npy"))
@@ -174,11 +176,12 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
 
     def refit(data: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
         """Calibrated p of the purchase model refitted as the rankers stage fits the served
-        one (tuned parameters, linear offset, monotone price, early stopping, isotonic)."""
+        one (tuned parameters, linear offset, monotone price, early stopping, isotonic; both
+        stages of a two-stage model)."""
         lever: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {"refit": ((), {})}
-        return train_ablations(data["train"], data["valid"], params, budget, seed, lever)[
-            "refit"
-        ].egmv_probability
+        return train_ablations(
+            data["train"], data["valid"], params, budget, seed, lever, click_params
+        )["refit"].egmv_probability
 
     tables = read_tables(paths.raw(dataset), columns={C.IMPRESSIONS: EVAL_IMPRESSION_COLUMNS})
     items = read_tables(paths.raw(dataset), [C.ITEMS])[C.ITEMS]

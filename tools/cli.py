@@ -141,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ope_requests=args.ope_requests,
         ranker_trials=args.trials,
         ranker_seconds=args.seconds,
+        two_stage=not args.one_stage,
         **({} if args.evidence_kappa is None else {"evidence_kappa": args.evidence_kappa}),
         **(
             {}
@@ -579,6 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trials", type=int, default=8, help="Optuna trials per ranker")
+    p.add_argument(
+        "--one-stage",
+        action="store_true",
+        help="one purchase model, not p(click) x p(purchase | click) (the default where the "
+        "log has clicks; docs/models.md); takes effect from the rankers stage",
+    )
     p.add_argument(
         "--evidence-kappa",
         type=float,

@@ -26,6 +26,8 @@ class TrainConfig:
     # each one the policies' sample did not already rank costs a 500-candidate feature join
     ope_requests: int = 2000
     ranker_trials: int = 8  # Optuna trials per model
+    # the purchase model as p(click) x p(label | click) where the log allows it
+    two_stage: bool = True
     ranker_seconds: float = 1800.0  # wall-clock safety net per model (the budget is trials)
     # the served E[GMV]'s shrink by the item's logged impressions (contract.scorer; 0: none)
     evidence_kappa: float = EVIDENCE_KAPPA

@@ -77,7 +77,9 @@ def stage_rankers(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any
     from training.ranking.train import ranking_data, read_split, save, train_rankers
 
     _rankers_fit(paths, dataset)
-    budget = RankerBudget(trials=cfg.ranker_trials, seconds=cfg.ranker_seconds)
+    budget = RankerBudget(
+        trials=cfg.ranker_trials, seconds=cfg.ranker_seconds, two_stage=cfg.two_stage
+    )
     result = train_rankers(
         paths.home, dataset, seed=cfg.seed, budget=budget, evidence_kappa=cfg.evidence_kappa
     )
@@ -118,8 +120,9 @@ def _rankers_fit(paths: Paths, dataset: str) -> None:
 
 
 def stage_compile(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:
-    """Compile the purchase model with TL2cgen (quantized); refuse it unless predictions
-    match LightGBM to 1e-6 on held-out rows; time 500-candidate scoring against LightGBM."""
+    """Compile the purchase model [and its click stage] with TL2cgen (quantized); refuse it
+    unless predictions match LightGBM to 1e-6 on held-out rows; time 500-candidate scoring
+    against LightGBM, and the whole served p."""
     from contract.features import build_matrix
     from training.ranking.compile import compile_for_bundle
 
@@ -129,7 +132,13 @@ def stage_compile(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any
         raise FileNotFoundError(f"{model} missing: run `homefeed train --stage rankers` first")
     valid = pd.read_parquet(paths.training_sets(dataset) / "valid.parquet")
     rows = np.random.default_rng(cfg.seed).permutation(len(valid))[:20_000]
-    return compile_for_bundle(model, stage, build_matrix(valid.iloc[np.sort(rows)]))
+    click = stage / B.CLICK_MODEL
+    return compile_for_bundle(
+        model,
+        stage,
+        build_matrix(valid.iloc[np.sort(rows)]),
+        click_model_path=click if click.exists() else None,
+    )
 
 
 def stage_evaluate(paths: Paths, dataset: str, cfg: TrainConfig) -> dict[str, Any]:

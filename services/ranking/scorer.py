@@ -45,7 +45,7 @@ from contract.bundle import (
 )
 from contract.calibration import Calibrator
 from contract.features import FeatureSchema
-from contract.scorer import CompiledScorer, EvidenceShrink, LinearOffset, PurchaseModel
+from contract.scorer import EvidenceShrink, PurchaseModel, load_purchase_model
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -153,15 +153,16 @@ class LoadedModel:
         try:
             schema = FeatureSchema.from_dict(json.loads((bundle_dir / FEATURE_SCHEMA).read_text()))
             calibrator = Calibrator.from_dict(json.loads((bundle_dir / CALIBRATOR).read_text()))
-            offset = LinearOffset.read(bundle_dir / LINEAR_OFFSET)
             evidence = EvidenceShrink.read(bundle_dir / EVIDENCE, schema.names)
         except (KeyError, ValueError) as err:  # JSONDecodeError is a ValueError
             raise BundleError(f"bundle at {bundle_dir}: {type(err).__name__}: {err}") from err
-        trees = CompiledScorer(bundle_dir / COMPILED_MODEL, nthread=1)
         try:
-            compiled = PurchaseModel(trees, offset)
-        except ValueError as err:  # the offset reads another number of features
-            raise BundleError(f"bundle at {bundle_dir}: {LINEAR_OFFSET}: {err}") from err
+            compiled = load_purchase_model(bundle_dir, nthread=1)
+        except (KeyError, ValueError) as err:  # an offset unreadable, or of another width
+            raise BundleError(
+                f"bundle at {bundle_dir}: {LINEAR_OFFSET} or the click stage: "
+                f"{type(err).__name__}: {err}"
+            ) from err
         return cls(
             bundle_dir,
             manifest,

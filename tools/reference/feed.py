@@ -159,10 +159,14 @@ class ReferenceFeed:
         )
         self.calibrator = Calibrator.from_dict(json.loads((bundle_dir / B.CALIBRATOR).read_text()))
         self.offset = LinearOffset.read(bundle_dir / B.LINEAR_OFFSET)
+        click = bundle_dir / B.CLICK_MODEL  # a two-stage model's click stage
+        self.click = lightgbm.Booster(model_file=str(click)) if click.exists() else None
+        self.click_offset = LinearOffset.read(bundle_dir / B.CLICK_OFFSET)
         self.evidence = EvidenceShrink.read(bundle_dir / B.EVIDENCE, feature_schema().names)
-        from training.ranking.models import offset_probability  # training's p, offset or not
+        # training's p: offset or not, one stage or two
+        from training.ranking.models import two_stage_probability
 
-        self._probability = offset_probability
+        self._probability = two_stage_probability
         ids = items[C.ITEM_ID].to_numpy(np.int64)
         order = np.argsort(ids)
         self._catalog_ids = ids[order]
@@ -285,7 +289,9 @@ class ReferenceFeed:
         trees boosted from the bundle's linear offset when it has one), times the bundle's
         evidence shrink when it has one."""
         X = build_matrix(columns)
-        p = self.calibrator.apply(self._probability(self.booster, self.offset, X))
+        p = self.calibrator.apply(
+            self._probability(self.booster, self.offset, self.click, self.click_offset, X)
+        )
         margin = self._margin[self._rows_of(item_ids)]
         egmv = np.asarray(p * np.asarray(columns[C.PRICE], np.float64) * margin)
         return egmv if self.evidence is None else self.evidence.apply(X, egmv)

@@ -298,6 +298,21 @@ def size_tradeoff(
     return rows
 
 
+def _compile_checked(
+    lgb_model_path: Path, lib: Path, X_sample: np.ndarray, quantize: bool, parallel_comp: int
+) -> tuple[CompileReport, float]:
+    """Compile, then refuse (delete the library, ``ValueError``) beyond the tolerance."""
+    report = compile_model(lgb_model_path, lib, quantize=quantize, parallel_comp=parallel_comp)
+    max_diff = parity(lgb_model_path, lib, X_sample)
+    if max_diff > PARITY_TOLERANCE:
+        lib.unlink()
+        raise ValueError(
+            f"compiled model differs from LightGBM by {max_diff:.3g} > {PARITY_TOLERANCE}: "
+            f"not shipping {lib.parent.name}/{lib.name}"
+        )
+    return report, max_diff
+
+
 def compile_for_bundle(
     lgb_model_path: Path,
     bundle_dir: Path,
@@ -306,26 +321,27 @@ def compile_for_bundle(
     quantize: bool = True,
     parallel_comp: int = 2,
     repeats: int = 200,
+    click_model_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Compile the purchase model into ``ranker/purchase.so`` of a bundle being built, and
-    write ``ranker/compile.json`` (compile parameters, parity, 500-row latency).
+    """Compile the purchase model into ``ranker/purchase.so`` of a bundle being built (and
+    a two-stage model's click stage, ``click_model_path``, into ``ranker/click.so``), and
+    write ``ranker/compile.json`` (compile parameters, parity, 500-row latency of the trees
+    against LightGBM, and ``latency_500_served``: the whole served p, both stages and their
+    offsets, as ``contract.scorer.load_purchase_model`` builds it).
 
     ``X_sample`` should be held-out rows (its first 500, cycled if fewer, are timed). Raises
     ``ValueError`` when parity exceeds ``PARITY_TOLERANCE``: such a library must not ship.
     """
+    from contract.bundle import CLICK_COMPILED
+    from contract.scorer import load_purchase_model
+
     bundle_dir = Path(bundle_dir)
     lib = bundle_dir / COMPILED_MODEL
-    report = compile_model(lgb_model_path, lib, quantize=quantize, parallel_comp=parallel_comp)
-    max_diff = parity(lgb_model_path, lib, X_sample)
-    if max_diff > PARITY_TOLERANCE:
-        lib.unlink()
-        raise ValueError(
-            f"compiled model differs from LightGBM by {max_diff:.3g} > {PARITY_TOLERANCE}: "
-            f"not shipping {COMPILED_MODEL}"
-        )
-    latency = benchmark_scoring(
-        lgb_model_path, lib, cycled_rows(np.asarray(X_sample), SCORING_ROWS), repeats=repeats
-    )
+    click_lib = bundle_dir / CLICK_COMPILED
+    click_lib.unlink(missing_ok=True)  # a one-stage model never ships an old click stage
+    report, max_diff = _compile_checked(lgb_model_path, lib, X_sample, quantize, parallel_comp)
+    X500 = cycled_rows(np.asarray(X_sample), SCORING_ROWS)
+    latency = benchmark_scoring(lgb_model_path, lib, X500, repeats=repeats)
     summary: dict[str, Any] = {
         **report.to_dict(),
         "lib_path": COMPILED_MODEL,
@@ -333,6 +349,30 @@ def compile_for_bundle(
         "parity_rows": len(X_sample),
         "parity_tolerance": PARITY_TOLERANCE,
         "latency_500": latency,
+    }
+    if click_model_path is not None:
+        try:
+            click, click_diff = _compile_checked(
+                click_model_path, click_lib, X_sample, quantize, parallel_comp
+            )
+        except ValueError:
+            lib.unlink()
+            raise
+        summary["click"] = {
+            **click.to_dict(),
+            "lib_path": CLICK_COMPILED,
+            "parity_max_abs_diff": click_diff,
+            "latency_500": benchmark_scoring(click_model_path, click_lib, X500, repeats=repeats),
+        }
+        summary["parity_max_abs_diff"] = max(max_diff, click_diff)
+    served = load_purchase_model(bundle_dir)
+    X32 = X500.astype(np.float32)
+    times = time_interleaved({"served": lambda: served.predict(X32)}, repeats, warmup=20)
+    summary["latency_500_served"] = {
+        **latency_summary(times["served"]),
+        "stages": 1 if click_model_path is None else 2,
+        "num_trees": latency["num_trees"]
+        + (summary["click"]["latency_500"]["num_trees"] if click_model_path else 0),
     }
     (bundle_dir / COMPILE_REPORT).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

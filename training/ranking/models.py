@@ -81,6 +81,7 @@ RELEVANCE_CLICK = 1
 
 PURCHASE = "purchase"
 LAMBDAMART = "lambdamart"
+CLICK = "click"  # the two-stage purchase model's click stage, in the search summaries
 PURCHASE_METRIC = "binary_logloss"
 IPS_NDCG = "ips_ndcg"
 VALID = "valid"
@@ -126,6 +127,8 @@ class RankerBudget:
     # the purchase trees are boosted from the logistic baseline's log-odds (a LinearOffset
     # shipped beside them), so the served p keeps the linear model's price slope
     linear_offset: bool = True
+    # p(label) = p(click) x p(label | click) where the log allows it (two_stage_reason)
+    two_stage: bool = True
 
     def __post_init__(self) -> None:
         if self.trials < 1 or self.seconds <= 0 or self.max_rounds < 1:
@@ -180,12 +183,16 @@ class RankingData:
     # the purchase model's starting log-odds per row (LightGBM's init_score): the linear
     # offset's margin when the trees are boosted from it, else None (from 0)
     init_score: np.ndarray | None = None
+    # the click label (0/1) per row, for the two-stage model's click stage (None: not logged)
+    clicked: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.X)
         for name in ("request_id", "relevance", "label", "sample_weight", "ips_weight"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} rows, X has {n}")
+        if self.clicked is not None and len(self.clicked) != n:
+            raise ValueError(f"clicked has {len(self.clicked)} rows, X has {n}")
         self.groups = group_sizes(self.request_id)
 
     @property
@@ -204,6 +211,7 @@ class RankingData:
             self.ips_weight[rows],
             self.feature_names,
             None if self.init_score is None else self.init_score[rows],
+            None if self.clicked is None else self.clicked[rows],
         )
 
     def with_relevant_requests(self) -> RankingData:
@@ -221,6 +229,41 @@ class RankingData:
         return np.r_[0, np.cumsum(self.groups)[:-1]].astype(np.int64)
 
 
+def two_stage_reason(train: RankingData, valid: RankingData, budget: RankerBudget) -> str | None:
+    """Why the purchase model stays one stage on these splits, or None: it is two stages,
+    p(click) x p(label | click). That needs a logged click label that is not the label
+    itself, a label that never happens without a click (the product would miss it), and
+    both classes in both stages of both splits."""
+    if not budget.two_stage:
+        return "switched off (RankerBudget.two_stage)"
+    for name, data in (("train", train), ("valid", valid)):
+        if data.clicked is None:
+            return f"the {name} split has no click label"
+        clicked, label = data.clicked > 0, data.label > 0
+        if np.array_equal(clicked, label):
+            return "the label is the click"
+        unclicked = int((label & ~clicked).sum())
+        if unclicked:
+            return f"{unclicked:,} {name} rows have the label without a click"
+        if clicked.all() or not clicked.any() or label[clicked].all() or not label.any():
+            return f"a stage of the {name} split has a single class"
+    return None
+
+
+def click_stage(data: RankingData) -> RankingData:
+    """Every row, labelled by its click: the two-stage model's first stage."""
+    if data.clicked is None:
+        raise ValueError("no click label")
+    return dataclasses.replace(data, label=data.clicked.astype(np.int64), init_score=None)
+
+
+def conversion_stage(data: RankingData) -> RankingData:
+    """The clicked rows with their label: the second stage, p(label | click)."""
+    if data.clicked is None:
+        raise ValueError("no click label")
+    return dataclasses.replace(data.take(np.flatnonzero(data.clicked > 0)), init_score=None)
+
+
 def offset_probability(
     booster: lgb.Booster, offset: LinearOffset | None, X: np.ndarray
 ) -> np.ndarray:
@@ -229,6 +272,20 @@ def offset_probability(
     if offset is None:
         return np.asarray(booster.predict(X))
     return sigmoid(offset.margin(X) + np.asarray(booster.predict(X, raw_score=True)))
+
+
+def two_stage_probability(
+    purchase: lgb.Booster,
+    offset: LinearOffset | None,
+    click: lgb.Booster | None,
+    click_offset: LinearOffset | None,
+    X: np.ndarray,
+) -> np.ndarray:
+    """Uncalibrated p(label): ``offset_probability`` of the purchase trees, times that of the
+    click stage when there is one (what ``contract.scorer.PurchaseModel`` computes from the
+    compiled stages)."""
+    p = offset_probability(purchase, offset, X)
+    return p if click is None else p * offset_probability(click, click_offset, X)
 
 
 def with_offset(data: RankingData, offset: LinearOffset | None) -> RankingData:
@@ -650,14 +707,18 @@ def tune(
 
 
 def tune_purchase(
-    train: RankingData, valid: RankingData, budget: RankerBudget, seed: int = 0
+    train: RankingData,
+    valid: RankingData,
+    budget: RankerBudget,
+    seed: int = 0,
+    name: str = PURCHASE,
 ) -> Search:
     dtrain, dvalid = purchase_datasets(train, valid, budget)
 
     def fit(params: dict[str, Any], trial: optuna.Trial | None, deadline: float | None) -> Fit:
         return fit_purchase(dtrain, dvalid, params, budget, seed, trial, deadline)
 
-    return tune(PURCHASE, fit, "minimize", budget, seed)
+    return tune(name, fit, "minimize", budget, seed)
 
 
 def tune_lambdamart(

@@ -49,15 +49,20 @@ from training.ranking import ablation
 from training.ranking import baselines as B
 from training.ranking.calibration import fit_isotonic
 from training.ranking.models import (
+    CLICK,
     LAMBDAMART,
     PURCHASE,
     RankerBudget,
     RankingData,
-    offset_probability,
+    Search,
+    click_stage,
+    conversion_stage,
     purchase_offset,
     relevance,
     tune_lambdamart,
     tune_purchase,
+    two_stage_probability,
+    two_stage_reason,
     with_offset,
 )
 from training.tables import read_tables
@@ -79,9 +84,13 @@ class RankerModels:
     schema: FeatureSchema
     offset: LinearOffset | None = None  # the log-odds the purchase trees were boosted from
     evidence: EvidenceShrink | None = None  # the served E[GMV]'s shrink (None: no file)
+    # the two-stage model's click stage (None: one stage); ``purchase`` is then p(label |
+    # click), learned on clicked rows
+    click: lgb.Booster | None = None
+    click_offset: LinearOffset | None = None
 
     def raw_purchase_probability(self, X: np.ndarray) -> np.ndarray:
-        return offset_probability(self.purchase, self.offset, X)
+        return two_stage_probability(self.purchase, self.offset, self.click, self.click_offset, X)
 
     def purchase_probability(self, X: np.ndarray) -> np.ndarray:
         """Calibrated P(label | shown): P(purchase within 7 days | shown) by default."""
@@ -163,6 +172,7 @@ def ranking_data(frame: pd.DataFrame) -> RankingData:
         sample_weight=frame[C.WEIGHT].to_numpy(np.float64),
         ips_weight=frame[IPS_WEIGHT].to_numpy(np.float64),
         feature_names=list(FEATURE_SCHEMA.names),
+        clicked=frame[C.LABEL_CLICK].to_numpy(np.int64) if C.LABEL_CLICK in frame else None,
     )
 
 
@@ -257,17 +267,45 @@ def train_rankers(
     t = time.perf_counter()
     train = data["train"]
     logreg = B.LogisticBaseline.fit(train.X, train.label, train.sample_weight)
-    offset = purchase_offset(train, budget)
+    one_stage = two_stage_reason(data["train"], data["valid"], budget)
     seconds["logreg"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    purchase = tune_purchase(
-        with_offset(data["train"], offset), with_offset(data["valid"], offset), budget, seed
-    )
+    click: Search | None = None
+    click_offset: LinearOffset | None = None
+    if one_stage is None:
+        # p(click) boosted from its own linear offset, x p(label | click) from 0 (with an
+        # offset the conversion stage earned less on sim-small: tools.bench_two_stage)
+        click_train, click_valid = click_stage(data["train"]), click_stage(data["valid"])
+        click_offset = purchase_offset(click_train, budget)
+        click = tune_purchase(
+            with_offset(click_train, click_offset),
+            with_offset(click_valid, click_offset),
+            budget,
+            seed,
+            name=CLICK,
+        )
+        seconds["click"] = time.perf_counter() - t
+        t = time.perf_counter()
+        offset = None
+        purchase = tune_purchase(
+            conversion_stage(data["train"]), conversion_stage(data["valid"]), budget, seed
+        )
+    else:
+        log.info("%s: the purchase model is one stage: %s", dataset, one_stage)
+        offset = purchase_offset(train, budget)
+        purchase = tune_purchase(
+            with_offset(data["train"], offset), with_offset(data["valid"], offset), budget, seed
+        )
     seconds["purchase"] = time.perf_counter() - t
     t = time.perf_counter()
     ablations = ablation.train_ablations(
-        data["train"], data["valid"], purchase.best.params, budget, seed
+        data["train"],
+        data["valid"],
+        purchase.best.params,
+        budget,
+        seed,
+        click_params=None if click is None else click.best.params,
     )
     seconds["ablations"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -276,13 +314,23 @@ def train_rankers(
 
     t = time.perf_counter()
     valid = data["valid"]
-    raw_valid = offset_probability(purchase.best.booster, offset, valid.X)
+    click_booster = None if click is None else click.best.booster
+    raw_valid = two_stage_probability(
+        purchase.best.booster, offset, click_booster, click_offset, valid.X
+    )
     calibrator = fit_isotonic(raw_valid, valid.label, valid.sample_weight)
     seconds["calibration"] = time.perf_counter() - t
 
     evidence = EvidenceShrink.for_schema(FEATURE_SCHEMA.names, evidence_kappa)
     models = RankerModels(
-        purchase.best.booster, ranker.best.booster, calibrator, FEATURE_SCHEMA, offset, evidence
+        purchase.best.booster,
+        ranker.best.booster,
+        calibrator,
+        FEATURE_SCHEMA,
+        offset,
+        evidence,
+        click_booster,
+        click_offset,
     )
     t = time.perf_counter()
     metrics: dict[str, Any] = {
@@ -300,12 +348,16 @@ def train_rankers(
     }
     metrics["search"] = {PURCHASE: purchase.summary(), LAMBDAMART: ranker.summary()}
     metrics["best_params"] = {PURCHASE: purchase.best.params, LAMBDAMART: ranker.best.params}
+    metrics["two_stage"] = {"on": click is not None, "why_not": one_stage}
+    if click is not None:
+        metrics["search"][CLICK] = click.summary()
+        metrics["best_params"][CLICK] = click.best.params
     metrics["rows"] = {s: len(d.X) for s, d in data.items()}
     metrics["budget"] = {k: v for k, v in budget.__dict__.items() if k != "progress"}
     metrics["features"] = list(FEATURE_SCHEMA.names)
     metrics["feature_schema_hash"] = FEATURE_SCHEMA.hash
     metrics["seed"] = seed
-    metrics["linear_offset"] = offset is not None
+    metrics["linear_offset"] = (offset if click is None else click_offset) is not None
     metrics["evidence_shrink"] = evidence.to_dict()
     metrics["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     log.info("rankers for %s in %.1fs", dataset, seconds["total"])
@@ -339,6 +391,16 @@ def save(result: RankerResult | RankerModels, out_dir: Path) -> dict[str, Path]:
         )
     }
     paths[bundle.PURCHASE_MODEL].parent.mkdir(parents=True, exist_ok=True)
+    # a file an earlier run wrote that this model has none of would be read with it (a
+    # one-stage offset with two-stage trees, an old click stage with one-stage trees)
+    for name in (
+        bundle.LINEAR_OFFSET,
+        bundle.EVIDENCE,
+        bundle.CLICK_MODEL,
+        bundle.CLICK_COMPILED,
+        bundle.CLICK_OFFSET,
+    ):
+        (out_dir / name).unlink(missing_ok=True)
     models.purchase.save_model(str(paths[bundle.PURCHASE_MODEL]))
     models.lambdamart.save_model(str(paths[bundle.LAMBDAMART_MODEL]))
     write_calibrator(models.calibrator, paths[bundle.CALIBRATOR])
@@ -349,6 +411,12 @@ def save(result: RankerResult | RankerModels, out_dir: Path) -> dict[str, Path]:
     if models.evidence is not None:
         paths[bundle.EVIDENCE] = out_dir / bundle.EVIDENCE
         write_json(models.evidence.to_dict(), paths[bundle.EVIDENCE])
+    if models.click is not None:
+        paths[bundle.CLICK_MODEL] = out_dir / bundle.CLICK_MODEL
+        models.click.save_model(str(paths[bundle.CLICK_MODEL]))
+        if models.click_offset is not None:
+            paths[bundle.CLICK_OFFSET] = out_dir / bundle.CLICK_OFFSET
+            write_json(models.click_offset.to_dict(), paths[bundle.CLICK_OFFSET])
     if isinstance(result, RankerResult) and result.ablations:
         ablation.save(result.ablations, out_dir)
     return paths
@@ -372,4 +440,15 @@ def load(out_dir: Path) -> RankerModels:
     if offset is not None:
         offset.require_width(len(schema), "feature_schema.json lists")
     evidence = EvidenceShrink.read(out_dir / bundle.EVIDENCE, schema.names)
-    return RankerModels(purchase, lambdamart, calibrator, schema, offset, evidence)
+    click = None
+    if (out_dir / bundle.CLICK_MODEL).exists():
+        click = lgb.Booster(model_file=str(out_dir / bundle.CLICK_MODEL))
+        if click.num_feature() != len(schema):
+            raise ValueError(
+                f"click model has {click.num_feature()} features, feature_schema.json lists "
+                f"{len(schema)}"
+            )
+    click_offset = LinearOffset.read(out_dir / bundle.CLICK_OFFSET)
+    return RankerModels(
+        purchase, lambdamart, calibrator, schema, offset, evidence, click, click_offset
+    )

@@ -7,7 +7,10 @@ the bundle (``ranker/purchase.so``), run with one thread per call: the gRPC work
 the concurrency, and 500 rows are too few to gain from OpenMP. When the bundle ships a
 linear offset (``ranker/linear_offset.json``: the trees were boosted from a logistic
 regression's log-odds), the uncalibrated p is ``sigmoid(offset + the trees' margin)``
-(``contract.scorer.PurchaseModel``). When it ships an evidence shrink
+(``contract.scorer.PurchaseModel``). A two-stage bundle also ships a click stage
+(``ranker/click.so`` [+ ``ranker/click_offset.json``]): the uncalibrated p is then the
+click stage's p times the purchase files' p(purchase | click)
+(``contract.scorer.load_purchase_model`` builds either). When it ships an evidence shrink
 (``ranker/evidence.json``), E[GMV] is then multiplied by ``(n + prior) / (n + prior + kappa)``
 with n the candidate's ``impressions_total`` column (``contract.scorer.EvidenceShrink``);
 ``p_purchase`` stays the calibrated probability.

@@ -109,6 +109,27 @@ class Replay:
     served: Any
     candidates: Any
 
+    def evaluate(
+        self, models: dict[str, Any], n_requests: int, seed: int = 0
+    ) -> dict[str, dict[str, float]]:
+        """``training.policy_eval.evaluate_policies``'s summary of ``models`` (and the
+        heuristic, popularity and the optimum) on ``n_requests`` test requests, 20 slots."""
+        from training.policy_eval import evaluate_policies
+
+        summary, _, _ = evaluate_policies(
+            self.tables,
+            self.oracle,
+            self.carts,
+            self.start,
+            self.end,
+            models,
+            k=20,
+            n_requests=n_requests,
+            seed=seed,
+            market=self.market,
+        )
+        return summary
+
     @classmethod
     def open(cls, home: Path, dataset: str, n_candidates: int = 500) -> Replay:
         from contract.feature_store import open_store
@@ -146,7 +167,6 @@ def run(
     home: Path, dataset: str, n_requests: int, particles: int, n_candidates: int = 500
 ) -> dict[str, Any]:
     from training.evaluate import _model_policy, _oracle_over_candidates
-    from training.policy_eval import evaluate_policies
     from training.simulate.posterior import (
         Histories,
         HistoryOracle,
@@ -159,7 +179,7 @@ def run(
     replay = Replay.open(home, dataset, n_candidates)
     paths, tables, items, oracle = replay.paths, replay.tables, replay.items, replay.oracle
     truth, carts, market = oracle.truth, replay.carts, replay.market
-    start, end, store, served = replay.start, replay.end, replay.store, replay.served
+    start, store, served = replay.start, replay.store, replay.served
     candidates = replay.candidates
     histories = Histories(tables, truth, carts)
     bayes = HistoryOracle.from_dataset(paths.raw(dataset), truth, particles)
@@ -271,10 +291,7 @@ def run(
         "history_oracle:catalogue": catalogue,  # fills catalogue_pages: before the next one
         "optimal_over_candidates:history_oracle": over_history_candidates,
     }
-    summary, _, _ = evaluate_policies(
-        tables, oracle, carts, start, end, models, k=20, n_requests=n_requests, market=market
-    )
-    table = shares(summary, "optimal_over_candidates")
+    table = shares(replay.evaluate(models, n_requests), "optimal_over_candidates")
     quantiles = [0.05, 0.25, 0.5, 0.75, 0.95]
 
     def spread(values: list[float] | list[int]) -> dict[str, float]:

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from contract import columns as C
 from tools.bench_history_oracle import Replay
 from training.stages import Paths
 
@@ -54,46 +53,65 @@ def calibrated(raw: Scorer, calibrator: Any) -> Scorer:
     return lambda X: np.asarray(calibrator.apply(raw(X)))
 
 
-def fit_variants(home: Path, dataset: str, seed: int) -> tuple[dict[str, Scorer], dict[str, Any]]:
+@dataclasses.dataclass
+class Splits:
+    """The rankers stage's train and valid splits, each stage's view of them, and the staged
+    model's tuned parameters: read once, refitted per seed."""
+
+    data: dict[str, Any]  # split -> RankingData
+    click: dict[str, Any]  # every row, labelled by its click
+    conversion: dict[str, Any]  # the clicked rows
+    params: dict[str, Any]
+    click_params: dict[str, Any]
+
+    @classmethod
+    def read(cls, home: Path, dataset: str) -> Splits:
+        from training.ranking.models import click_stage, conversion_stage
+        from training.ranking.train import ranking_data, read_split
+        from training.staging import read_stage_reports, staging_dir
+
+        best = read_stage_reports(staging_dir(Paths(home), dataset))["rankers"]["best_params"]
+        data = {s: ranking_data(read_split(home, dataset, s)) for s in ("train", "valid")}
+        return cls(
+            data=data,
+            click={s: click_stage(d) for s, d in data.items()},
+            conversion={s: conversion_stage(d) for s, d in data.items()},
+            params=best["purchase"],
+            # a two-stage staging: its click stage's own parameters (the conversion stage's
+            # serve the one-stage refit too; the ablation's two_stage lever is the one-stage
+            # model's own search)
+            click_params=best.get("click", best["purchase"]),
+        )
+
+
+def fit_variants(splits: Splits, seed: int) -> tuple[dict[str, Scorer], dict[str, Any]]:
     """Each variant's calibrated p(purchase) scorer, and its validation figures."""
     from training import metrics as M
     from training.ranking.calibration import fit_isotonic
     from training.ranking.models import (
         RankerBudget,
-        RankingData,
+        boosted,
         fit_purchase,
         offset_probability,
         purchase_datasets,
-        purchase_offset,
-        with_offset,
     )
-    from training.ranking.train import ranking_data, read_split
-    from training.staging import read_stage_reports, staging_dir
 
-    best = read_stage_reports(staging_dir(Paths(home), dataset))["rankers"]["best_params"]
-    params = best["purchase"]
-    # a two-stage staging: its click stage's own parameters (the conversion stage's serve the
-    # one-stage refit too; the ablation's two_stage lever is the one-stage model's own search)
-    click_params = best.get("click", params)
     budget = RankerBudget(progress=False)
-    frames = {s: read_split(home, dataset, s) for s in ("train", "valid")}
-    data = {s: ranking_data(f) for s, f in frames.items()}
-    clicks = {s: f[C.LABEL_CLICK].to_numpy(np.int64) for s, f in frames.items()}
-    click = {s: dataclasses.replace(d, label=clicks[s]) for s, d in data.items()}
-    conversion = {s: d.take(np.flatnonzero(clicks[s] == 1)) for s, d in data.items()}
+    from_zero = dataclasses.replace(budget, linear_offset=False)
 
-    def stage(split: dict[str, RankingData], offset_on: bool, p: dict[str, Any]) -> Scorer:
-        offset = purchase_offset(split["train"], budget) if offset_on else None
-        train, valid = with_offset(split["train"], offset), with_offset(split["valid"], offset)
+    def stage(split: dict[str, Any], offset_on: bool, p: dict[str, Any]) -> Scorer:
+        train, valid, offset = boosted(
+            split["train"], split["valid"], budget if offset_on else from_zero
+        )
         fit = fit_purchase(*purchase_datasets(train, valid, budget), p, budget, seed)
         return lambda X: offset_probability(fit.booster, offset, X)
 
-    raws: dict[str, Scorer] = {"one_stage": stage(data, True, params)}
-    click_stage = stage(click, True, click_params)
+    raws: dict[str, Scorer] = {"one_stage": stage(splits.data, True, splits.params)}
+    click_stage = stage(splits.click, True, splits.click_params)
     for name, offset_on in (("two_stage", False), ("two_stage_offsets", True)):
-        conv = stage(conversion, offset_on, params)
+        conv = stage(splits.conversion, offset_on, splits.params)
         raws[name] = product(conv, click_stage)
-    valid = data["valid"]
+    valid = splits.data["valid"]
     scorers: dict[str, Scorer] = {}
     figures: dict[str, Any] = {}
     for name, raw in raws.items():
@@ -106,11 +124,6 @@ def fit_variants(home: Path, dataset: str, seed: int) -> tuple[dict[str, Scorer]
                 valid.label, calibrator.apply(p), valid.sample_weight
             ),
         }
-    figures["rows"] = {
-        "train": len(data["train"].X),
-        "train_clicked": int(clicks["train"].sum()),
-        "train_label": int(data["train"].label.sum()),
-    }
     return scorers, figures
 
 
@@ -118,7 +131,6 @@ def run(
     home: Path, dataset: str, seeds: list[int], n_requests: int, request_seed: int = 0
 ) -> dict[str, Any]:
     from training.evaluate import _model_policy
-    from training.policy_eval import evaluate_policies
 
     started = time.perf_counter()
     replay = Replay.open(home, dataset)
@@ -133,23 +145,13 @@ def run(
 
     models: dict[str, Any] = {"ranker": _model_policy(replay.store, replay.candidates, served.egmv)}
     fits: dict[str, Any] = {}
+    splits = Splits.read(home, dataset)
     for seed in seeds:
-        scorers, fits[str(seed)] = fit_variants(home, dataset, seed)
+        scorers, fits[str(seed)] = fit_variants(splits, seed)
         for name, scorer in scorers.items():
             models[f"{name}@{seed}"] = _model_policy(replay.store, replay.candidates, egmv(scorer))
         log.info("seed %d fitted, %.0f s", seed, time.perf_counter() - started)
-    summary, _, _ = evaluate_policies(
-        replay.tables,
-        replay.oracle,
-        replay.carts,
-        replay.start,
-        replay.end,
-        models,
-        k=20,
-        n_requests=n_requests,
-        seed=request_seed,
-        market=replay.market,
-    )
+    summary = replay.evaluate(models, n_requests, request_seed)
     value = {name: row["oracle_egmv_per_1k"] for name, row in summary.items()}
     per_seed = {
         str(seed): {
@@ -174,7 +176,11 @@ def run(
         "optimal": value["optimal"],
         "seeds": per_seed,
         "mean_change_vs_one_stage": mean_change,
-        "rows": fits[str(seeds[0])]["rows"],
+        "rows": {
+            "train": len(splits.data["train"].X),
+            "train_clicked": int(splits.click["train"].label.sum()),
+            "train_label": int(splits.data["train"].label.sum()),
+        },
         "seconds": time.perf_counter() - started,
     }
 

@@ -117,7 +117,6 @@ def budget_read(
 
 def run(home: Path, dataset: str, n_requests: int, n_candidates: int = 500) -> dict[str, Any]:
     from training.evaluate import _model_policy
-    from training.policy_eval import evaluate_policies
     from training.simulate import Oracle
 
     started = time.perf_counter()
@@ -186,17 +185,7 @@ def run(home: Path, dataset: str, n_requests: int, n_candidates: int = 500) -> d
         ),
         "taste_read_price_hidden": believing(user_taste=read, **price_hidden),
     }
-    summary, _, _ = evaluate_policies(
-        tables,
-        oracle,
-        replay.carts,
-        replay.start,
-        replay.end,
-        models,
-        k=20,
-        n_requests=n_requests,
-        market=market,
-    )
+    summary = replay.evaluate(models, n_requests)
     return {
         "dataset": dataset,
         "requests": n_requests,

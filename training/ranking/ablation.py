@@ -40,15 +40,14 @@ from training.ranking.calibration import fit_isotonic
 from training.ranking.models import (
     RankerBudget,
     RankingData,
+    boosted,
     click_stage,
     conversion_stage,
     fit_purchase,
     offset_probability,
     purchase_datasets,
-    purchase_offset,
     tune_purchase,
     two_stage_probability,
-    with_offset,
 )
 
 log = logging.getLogger(__name__)
@@ -119,8 +118,7 @@ def _one_stage(
 ) -> AblatedModel:
     """The one-stage purchase model the served recipe would have shipped: boosted from its
     linear offset, tuned by its own search of ``budget``."""
-    offset = purchase_offset(train, budget)
-    tr, va = with_offset(train, offset), with_offset(valid, offset)
+    tr, va, offset = boosted(train, valid, budget)
     search = tune_purchase(tr, va, budget, seed, name="one-stage purchase")
     raw = offset_probability(search.best.booster, offset, va.X)
     return AblatedModel(search.best.booster, fit_isotonic(raw, va.label, va.sample_weight), offset)
@@ -136,10 +134,7 @@ def _two_stages(
 ) -> AblatedModel:
     """The served two-stage recipe with fixed parameters: the click stage boosted from its
     own offset (when ``budget.linear_offset``), the conversion stage from 0."""
-    click_train, click_valid = click_stage(train), click_stage(valid)
-    click_offset = purchase_offset(click_train, budget)
-    click_train = with_offset(click_train, click_offset)
-    click_valid = with_offset(click_valid, click_offset)
+    click_train, click_valid, click_offset = boosted(click_stage(train), click_stage(valid), budget)
     click = fit_purchase(
         *purchase_datasets(click_train, click_valid, budget), click_params, budget, seed
     )
@@ -187,8 +182,7 @@ def train_ablations(
             out[lever] = _two_stages(tr, va, params, click_params, lever_budget, seed)
             log.info("ablation %s: two stages", lever)
             continue
-        offset = purchase_offset(tr, lever_budget)
-        tr, va = with_offset(tr, offset), with_offset(va, offset)
+        tr, va, offset = boosted(tr, va, lever_budget)
         dtrain, dvalid = purchase_datasets(tr, va, lever_budget)
         fit = fit_purchase(dtrain, dvalid, params, lever_budget, seed)
         raw = offset_probability(fit.booster, offset, va.X)

@@ -523,6 +523,16 @@ def purchase_offset(train: RankingData, budget: RankerBudget) -> LinearOffset | 
     return decreasing_offset(offset, train.feature_names) if budget.monotone_price else offset
 
 
+def boosted(
+    train: RankingData, valid: RankingData, budget: RankerBudget
+) -> tuple[RankingData, RankingData, LinearOffset | None]:
+    """``train`` and ``valid`` starting from the linear offset fitted on ``train`` (from 0 when
+    ``budget.linear_offset`` is off), and that offset: what every purchase-model fit boosts
+    from, one stage or a click stage."""
+    offset = purchase_offset(train, budget)
+    return with_offset(train, offset), with_offset(valid, offset), offset
+
+
 def fit_purchase(
     dtrain: lgb.Dataset,
     dvalid: lgb.Dataset,

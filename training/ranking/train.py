@@ -55,15 +55,14 @@ from training.ranking.models import (
     RankerBudget,
     RankingData,
     Search,
+    boosted,
     click_stage,
     conversion_stage,
-    purchase_offset,
     relevance,
     tune_lambdamart,
     tune_purchase,
     two_stage_probability,
     two_stage_reason,
-    with_offset,
 )
 from training.tables import read_tables
 
@@ -276,15 +275,10 @@ def train_rankers(
     if one_stage is None:
         # p(click) boosted from its own linear offset, x p(label | click) from 0 (with an
         # offset the conversion stage earned less on sim-small: tools.bench_two_stage)
-        click_train, click_valid = click_stage(data["train"]), click_stage(data["valid"])
-        click_offset = purchase_offset(click_train, budget)
-        click = tune_purchase(
-            with_offset(click_train, click_offset),
-            with_offset(click_valid, click_offset),
-            budget,
-            seed,
-            name=CLICK,
+        click_train, click_valid, click_offset = boosted(
+            click_stage(data["train"]), click_stage(data["valid"]), budget
         )
+        click = tune_purchase(click_train, click_valid, budget, seed, name=CLICK)
         seconds["click"] = time.perf_counter() - t
         t = time.perf_counter()
         offset = None
@@ -293,10 +287,8 @@ def train_rankers(
         )
     else:
         log.info("%s: the purchase model is one stage: %s", dataset, one_stage)
-        offset = purchase_offset(train, budget)
-        purchase = tune_purchase(
-            with_offset(data["train"], offset), with_offset(data["valid"], offset), budget, seed
-        )
+        one_train, one_valid, offset = boosted(data["train"], data["valid"], budget)
+        purchase = tune_purchase(one_train, one_valid, budget, seed)
     seconds["purchase"] = time.perf_counter() - t
     t = time.perf_counter()
     ablations = ablation.train_ablations(

@@ -112,13 +112,12 @@ def _simulator_logs(sim) -> OE.SimulatorLogs:
     )
 
 
-def test_the_ranker_ope_replays_the_log_exactly_and_a_perfect_model_makes_dr_cover(sim):
-    logs = _simulator_logs(sim)
-    market, oracle = logs.market, sim.oracle
-    scored: OE.Scored = {}
+def _heuristic_mode(logs: OE.SimulatorLogs, oracle, scored: OE.Scored):
+    """A policy ranking the heuristic's most likely page, each item scored by the Oracle's
+    value per examination (what a perfect reward model would say)."""
+    market = logs.market
 
-    def heuristic_mode(requests: pd.DataFrame, state) -> list[np.ndarray]:
-        """The heuristic's most likely page, scored by the Oracle's value per examination."""
+    def policy(requests: pd.DataFrame, state) -> list[np.ndarray]:
         pages = market.heuristic(requests, state, SLOTS)
         for row, items in zip(request_rows(requests), pages, strict=True):
             cart = market.cart_of(row.request_id)
@@ -126,7 +125,15 @@ def test_the_ranker_ope_replays_the_log_exactly_and_a_perfect_model_makes_dr_cov
             scored[row.request_id] = (items, value["margin"])
         return pages
 
-    out = OE.ranker_ope(logs, heuristic_mode, scored, oracle, k=SLOTS, n_requests=150, seed=0)
+    return policy
+
+
+def test_the_ranker_ope_replays_the_log_exactly_and_a_perfect_model_makes_dr_cover(sim):
+    logs = _simulator_logs(sim)
+    oracle = sim.oracle
+    scored: OE.Scored = {}
+    policy = _heuristic_mode(logs, oracle, scored)
+    out = OE.ranker_ope(logs, policy, scored, oracle, k=SLOTS, n_requests=150, seed=0)
     d = out["diagnostics"]
     assert d["requests"] == 150 and len(scored) == 150
     assert d["replay_check"]["share_within_1e-6"] == 1.0  # the logged slot-1 propensities
@@ -150,6 +157,37 @@ def test_the_ranker_ope_replays_the_log_exactly_and_a_perfect_model_makes_dr_cov
     # with the exact reward model, shrinking the correction only takes noise out
     assert abs(out["dr_os"]["relative_error"]) <= abs(out["dr"]["relative_error"])
     assert out["dr_os"]["shrinkage_lambda"] < float("inf")
+    # the part the log can check: the supported slots' truth, the model exact there too
+    part = out["supported"]
+    assert part["slot_share"] == pytest.approx(d["support_share"], rel=1e-12)
+    assert part["oracle"] == pytest.approx(
+        d["dm_vs_oracle_per_1k"]["supported"]["oracle"], rel=1e-12
+    )
+    assert 0.9 < part["oracle_share"] <= 1.0 and part["oracle"] <= out["oracle"]
+    assert part["dm"]["relative_error"] == pytest.approx(0.0, abs=1e-9)
+    assert part["ips"]["estimate"] == pytest.approx(out["ips"]["estimate"], rel=1e-12)
+    assert part["dr"]["covers"]
+
+
+def test_dr_takes_a_wrong_models_error_out_where_the_log_supports_the_ranker(sim):
+    """The same pages valued with the exact model and with one three times the truth: on the
+    supported slots the direct method moves by twice the truth, DR by a small part of that
+    (its correction is unbiased whatever the model) and IPS not at all."""
+    from dataclasses import replace
+
+    oracle = sim.oracle
+    parts = []
+    for scale in (1.0, 3.0):
+        logs = replace(_simulator_logs(sim), direct_method=OE.DirectMethod(scale, 1.0, rows=0))
+        scored: OE.Scored = {}
+        policy = _heuristic_mode(logs, oracle, scored)
+        out = OE.ranker_ope(logs, policy, scored, oracle, k=SLOTS, n_requests=150, seed=0)
+        parts.append({name: out["supported"][name]["estimate"] for name in ("ips", "dr", "dm")})
+    exact, wrong = parts
+    truth = exact["dm"]  # the exact model's value of the supported slots is their truth
+    assert wrong["dm"] - exact["dm"] == pytest.approx(2.0 * truth, rel=1e-9)
+    assert abs(wrong["dr"] - exact["dr"]) < 0.2 * (wrong["dm"] - exact["dm"])  # 0.05 measured
+    assert wrong["ips"] == exact["ips"]
 
 
 def test_a_request_without_a_complete_reward_window_is_not_evaluated(sim):
@@ -236,9 +274,20 @@ def test_the_report_shows_the_off_policy_tables(tmp_path):
         "ope": {
             **{name: estimate for name in (*OE.ESTIMATORS, "dm")},
             "diagnostics": {"requests": 10, "slots": 20, "matched_slots": 3},
+            "supported": {
+                "slot_share": 0.25,
+                "oracle": 66.0,
+                "oracle_share": 0.25,
+                **{
+                    name: {**estimate, "oracle": 66.0, "relative_error": 0.5, "covers": False}
+                    for name in ("ips", "dr", "dm")
+                },
+            },
         }
     }
     write_report(report, tmp_path)
     md = (tmp_path / "eval.md").read_text()
     assert "Off-policy evaluation of the ranker" in md
     assert "| dr | 250 | 200 .. 300 | 12 | 264 | -5.3% | yes |" in md
+    assert "(0.25 of the slots, 0.25 of the Oracle's value)" in md
+    assert "| dr | 250 | 200 .. 300 | 12 | 66 | +50.0% | no |" in md

@@ -21,7 +21,7 @@ CONTRACT = {
     "retrieval": ["recall_at_500", "popularity_recall_at_500", "ann_recall_at_500_vs_exact"],
     "compiled": ["max_abs_diff", "p99_ms_500"],
     "lightgbm": ["p99_ms_500"],
-    "ope": ["ips", "snips", "dr", "oracle", "diagnostics"],
+    "ope": ["ips", "snips", "dr", "oracle", "diagnostics", "supported"],
     "targets": ["ope_dr_relative_error", "ope_dr_covers"],
 }
 
@@ -317,6 +317,31 @@ def test_the_profile_benchmark_recomputes_the_served_profiles(trained, tiny_data
     bands = report["evidence"]["bands"]  # the served weight was checked with the profile
     assert sum(b["users"] for b in bands) > 10
     assert all(np.isfinite(b["mean_slope"]) for b in bands)
+
+
+def test_the_ope_benchmark_draws_each_sample_anew_and_checks_the_supported_part(
+    trained, tiny_dataset, home
+):
+    """tools.bench_ope: the same requests and seed give the same estimates (each sample is
+    ranked anew, not taken from an earlier sample's cache), another seed other requests;
+    the supported part is a part of the page."""
+    from tools.bench_ope import parse_samples, run
+
+    assert parse_samples("2000:0,8000:1") == [(2000, 0), (8000, 1)]
+    with pytest.raises(ValueError, match="requests:seed"):
+        parse_samples("2000")
+    report = run(home.home, tiny_dataset["dataset"], [(60, 0), (60, 0), (60, 1)])
+    first, again, other = report["rows"]
+    assert first["dr"] == again["dr"] and first["supported"] == again["supported"]
+    assert first["oracle"] != other["oracle"]
+    for row in report["rows"]:
+        part = row["supported"]
+        assert 0.0 <= part["slot_share"] <= 1.0 and 0.0 <= part["oracle"] <= row["oracle"]
+        assert part["ips"]["estimate"] == pytest.approx(row["ips"]["estimate"])
+        assert row["largest_weight"] >= 0.0
+    met = report["met"]
+    assert met["samples"] == 3 and set(met["page"]) == {"dr", "dr_os", "dm", "ips"}
+    assert all(0 <= n <= 3 for n in (*met["page"].values(), *met["supported"].values()))
 
 
 def test_the_served_sweep_scores_every_setting_and_rebuilds_the_bundles_history(

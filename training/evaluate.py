@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -345,12 +346,15 @@ EVAL_IMPRESSION_COLUMNS = (
 )
 
 
-def ranker_ope_from_stage(
+def ranker_ope_samples(
     paths: Paths, dataset: str, stage: Path, cfg: TrainConfig
-) -> dict[str, Any] | None:
+) -> Callable[[int, int], dict[str, Any]] | None:
     """The ranker's off-policy estimates (``training.ope_eval.ranker_ope``) from a trained
-    staging folder alone, without the rest of the stage: ``evaluate`` computes the same with
-    what it has already built."""
+    staging folder alone, without the rest of the stage, as a function of the number of
+    logged requests and the seed that samples them: the tables, the logs' replay, the
+    candidates and the Oracle are loaded once, and each call ranks its own sample anew.
+    None when the dataset records no logging policy. ``evaluate`` computes its own sample
+    with what it has already built."""
     from contract.feature_store import open_store
     from training.ope_eval import ranker_ope, simulator_logs
     from training.policy_eval import Marketplace
@@ -370,11 +374,24 @@ def ranker_ope_from_stage(
     candidates = CandidateCache(
         load_retriever(stage, paths.home, dataset), tables[C.ITEMS], cfg.candidates
     )
-    scored: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     store = open_store(dataset, paths=paths)
-    ranker = _model_policy(store, candidates, served.egmv, record=scored)
     oracle = Oracle.load(paths.ground_truth(dataset))
-    return ranker_ope(logs, ranker, scored, oracle, cfg.k, cfg.ope_requests, cfg.seed)
+
+    def sample(n_requests: int, seed: int) -> dict[str, Any]:
+        # a fresh record: ranker_ope takes the requests the ranker has already ranked first
+        scored: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        ranker = _model_policy(store, candidates, served.egmv, record=scored)
+        return ranker_ope(logs, ranker, scored, oracle, cfg.k, n_requests, seed)
+
+    return sample
+
+
+def ranker_ope_from_stage(
+    paths: Paths, dataset: str, stage: Path, cfg: TrainConfig
+) -> dict[str, Any] | None:
+    """``ranker_ope_samples`` for ``cfg.ope_requests`` requests drawn with ``cfg.seed``."""
+    sample = ranker_ope_samples(paths, dataset, stage, cfg)
+    return None if sample is None else sample(cfg.ope_requests, cfg.seed)
 
 
 def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[str, Any]:

@@ -202,6 +202,17 @@ def _ope_lines(ope: dict[str, Any] | None, obd: dict[str, Any] | None) -> list[s
             f"({_fmt(d.get('support_value_share'))} of the direct method's value).",
             "",
         ]
+        part = ope.get("supported")
+        if isinstance(part, dict):
+            lines += [
+                "Where the log can check the estimators: the ranker's slots the heuristic "
+                f"could have filled with the same item ({_fmt(part['slot_share'])} of the slots, "
+                f"{_fmt(part['oracle_share'])} of the Oracle's value). There IPS and DR are "
+                "unbiased whatever the direct method; on the other slots DR is the direct "
+                "method.",
+                "",
+                *_ope_table(part, "estimator (supported slots)"),
+            ]
     if isinstance(obd, dict) and "dr" in obd:
         lines += [
             "## Off-policy evaluation on the Open Bandit sample",

@@ -323,6 +323,18 @@ def test_training_is_deterministic_given_the_seed(data: RetrievalData, prepared:
     assert not np.array_equal(same[0], same[2])
 
 
+def test_the_time_budget_is_a_safety_net_that_says_when_it_fires(
+    data: RetrievalData, prepared: Prepared, caplog
+):
+    args = (prepared.examples, prepared.items, prepared.mean, prepared.std)
+    cut = fit(*args, data.catalog.n_categories, replace(TINY, max_epochs=3, max_train_seconds=0))
+    assert cut.stopped_at_time_budget and len(cut.history) == 1
+    assert "time budget" in caplog.text
+    # the last epoch ends training anyway: the budget did not stop it
+    whole = fit(*args, data.catalog.n_categories, replace(TINY, max_epochs=1, max_train_seconds=0))
+    assert not whole.stopped_at_time_budget and len(whole.history) == 1
+
+
 # --- ANN ---------------------------------------------------------------------------------------
 
 
@@ -334,16 +346,38 @@ def test_exact_top_k_and_overlap_recall_known_values():
     assert ann.overlap_recall(np.array([[3, -1]]), top) == 0.0
 
 
-def test_choose_takes_the_fastest_configuration_meeting_the_target():
+def test_choose_takes_the_least_work_meeting_the_target_whatever_the_clock():
+    def row(leaves, searched, reorder, recall, p50):
+        return {
+            "num_leaves": leaves,
+            "leaves_to_search": searched,
+            "reorder": reorder,
+            "recall": recall,
+            "p50_ms": p50,
+            "p99_ms": 2 * p50,
+        }
+
+    n, dim = 50_000, 64
     rows = [
-        {"recall": 0.999, "p50_ms": 0.9, "p99_ms": 2.0},
-        {"recall": 0.991, "p50_ms": 0.5, "p99_ms": 1.0},
-        {"recall": 0.96, "p50_ms": 0.1, "p99_ms": 0.2},
-        {"recall": 0.5, "p50_ms": 0.01, "p99_ms": 0.02},
+        row(447, 313, 2000, 0.999, 0.12),
+        row(447, 179, 2000, 0.9973, 0.0985),
+        row(112, 78, 2000, 0.990, 0.1021),
+        row(112, 11, 1000, 0.96, 0.05),
+        row(112, 6, 500, 0.5, 0.01),
     ]
-    assert ann.choose(rows, 0.95, 0.99) is rows[1]
-    assert ann.choose(rows[2:], 0.95, 0.99) is rows[2]
-    assert ann.choose(rows[3:], 0.95, 0.99) is rows[3]  # none qualifies: the most accurate
+    # the work per query, in AH lookups: centroids, searched codes, reordered items
+    assert ann.search_cost(rows[1], n, dim) == pytest.approx(
+        4 * 447 * 64 + 179 / 447 * n * 32 + 2 * 2000 * 64
+    )
+    chosen = ann.choose(rows, n, dim, 0.95, 0.99)
+    assert chosen is rows[1]
+    # the clock never decides: another run's latencies, the other way round, choose the same
+    timed_again = [{**r, "p50_ms": 1.0 / r["p50_ms"]} for r in rows]
+    assert ann.choose(timed_again, n, dim, 0.95, 0.99) == {**chosen, "p50_ms": 1 / 0.0985}
+    assert ann.choose(rows[3:], n, dim, 0.95, 0.99) is rows[3]  # only min_recall is met
+    assert ann.choose(rows[4:], n, dim, 0.95, 0.99) is rows[4]  # none: the most accurate
+    with pytest.raises(ValueError, match="empty"):
+        ann.choose([], n, dim)
 
 
 def test_serialized_index_returns_the_same_neighbours_after_load(trained, tmp_path: Path):
@@ -399,6 +433,11 @@ def test_bundle_files_and_report(trained, data: RetrievalData):
     assert config["embeddings"]["value_weight"] == TINY.value_weight
     assert config["user_input"]["input_names"] == data.spec.input_names
     assert report["numpy_parity_max_abs_diff"] < 1e-5
+    assert report["stopped_at_time_budget"] is False
+    # the index is the sweep's least-work row meeting the recall target, whatever the clock
+    index = report["params"]["index"]
+    assert index == ann.choose(report["sweep"], *emb.shape)
+    assert index["recall"] >= 0.99 or all(r["recall"] < 0.99 for r in report["sweep"])
     for key in (
         "recall_at_500",
         "popularity_recall_at_500",

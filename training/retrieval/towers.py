@@ -290,6 +290,9 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
+    # the wall-clock cap is a safety net: when it stops training, the model depends on the
+    # machine's speed and load, and the report says so
+    stopped_at_time_budget: bool = False
 
 
 @dataclass(frozen=True)
@@ -374,8 +377,15 @@ def fit(
         log.info("epoch %d: %s", epoch, record)
         if stale >= cfg.patience:
             break
-        if time.perf_counter() - started > cfg.max_train_seconds:
-            log.info("training stopped at the time budget (%.0fs)", cfg.max_train_seconds)
+        if epoch + 1 < cfg.max_epochs and time.perf_counter() - started > cfg.max_train_seconds:
+            log.warning(
+                "two-tower training stopped at its time budget (%.0f s) after epoch %d of %d: "
+                "the model now depends on this machine's speed and load",
+                cfg.max_train_seconds,
+                epoch,
+                cfg.max_epochs,
+            )
+            result.stopped_at_time_budget = True
             break
     if best_state is not None:
         user_net.load_state_dict(best_state[0])

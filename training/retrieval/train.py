@@ -305,7 +305,7 @@ def train_retrieval(
     rng = np.random.default_rng(seed)
     pool = np.concatenate([queries[n] for n in HEADLINE])
     sweep = ann.sweep(item_emb, pool[rng.permutation(len(pool))[:sweep_queries]], k)
-    chosen = ann.choose(sweep, min_ann_recall, target_ann_recall)
+    chosen = ann.choose(sweep, *item_emb.shape, min_ann_recall, target_ann_recall)
     params = ann.IndexParams(chosen["num_leaves"], chosen["leaves_to_search"], chosen["reorder"], k)
     ann.save_index(ann.build_index(item_emb, params), out_dir / bundle.SCANN_DIR)
     searcher = load_index(out_dir / bundle.SCANN_DIR)  # measure what serving loads
@@ -332,6 +332,7 @@ def train_retrieval(
         "items_seen_in_training": int(prep.known.sum()),
         "history": fitted.history,
         "best_epoch": fitted.best_epoch,
+        "stopped_at_time_budget": fitted.stopped_at_time_budget,
         "params": {"seed": seed, "k": k, "tower": cfg.to_dict(), "index": chosen},
     }
     _write_config(out_dir, dataset, seed, cfg, data, prep, item_emb, chosen)

@@ -305,7 +305,8 @@ def train_retrieval(
     rng = np.random.default_rng(seed)
     pool = np.concatenate([queries[n] for n in HEADLINE])
     sweep = ann.sweep(item_emb, pool[rng.permutation(len(pool))[:sweep_queries]], k)
-    chosen = ann.choose(sweep, *item_emb.shape, min_ann_recall, target_ann_recall)
+    n_items, dim = item_emb.shape
+    chosen = ann.choose(sweep, n_items, dim, min_ann_recall, target_ann_recall)
     params = ann.IndexParams(chosen["num_leaves"], chosen["leaves_to_search"], chosen["reorder"], k)
     ann.save_index(ann.build_index(item_emb, params), out_dir / bundle.SCANN_DIR)
     searcher = load_index(out_dir / bundle.SCANN_DIR)  # measure what serving loads

@@ -319,6 +319,20 @@ def test_the_profile_benchmark_recomputes_the_served_profiles(trained, tiny_data
     assert all(np.isfinite(b["mean_slope"]) for b in bands)
 
 
+def test_an_offline_benchmark_writes_its_report_into_the_home_it_is_given(
+    trained, tiny_dataset, home, capsys
+):
+    """The benchmarks' shared command line (tools.offline_bench), through bench_profile's."""
+    from tools.bench_profile import main
+
+    out = home.reports / "profile_quality.json"
+    out.unlink(missing_ok=True)
+    args = ["--home", str(home.home), "--dataset", tiny_dataset["dataset"], "--users", "30"]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["users"] > 0
+    assert str(out) in capsys.readouterr().out
+
+
 def test_the_ope_benchmark_draws_each_sample_anew_and_checks_the_supported_part(
     trained, tiny_dataset, home
 ):

@@ -33,9 +33,7 @@ sample sizes.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -48,6 +46,7 @@ import pandas as pd
 
 from contract import columns as C
 from contract.content import table_content
+from tools.offline_bench import arguments, paths_of, write_report
 from training.simulate.posterior import PARTICLES
 from training.stages import Paths
 
@@ -137,7 +136,7 @@ class Replay:
         from training.policy_eval import Marketplace
         from training.retrieval.retriever import load_retriever
         from training.simulate import Oracle
-        from training.stages import held_out_period, read_manifest
+        from training.stages import held_out_period, read_checkout_carts, read_manifest
         from training.staging import staging_dir
         from training.tables import read_tables
 
@@ -145,8 +144,7 @@ class Replay:
         stage = staging_dir(paths, dataset)
         tables = read_tables(paths.raw(dataset))
         items = tables[C.ITEMS]
-        carts_path = paths.raw(dataset) / "checkout_carts.parquet"
-        carts = pd.read_parquet(carts_path) if carts_path.exists() else None
+        carts = read_checkout_carts(paths, dataset)
         start, end = held_out_period(read_manifest(paths, dataset))
         return cls(
             paths=paths,
@@ -311,18 +309,14 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="sim-small")
+    ap = arguments(__doc__)
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--particles", type=int, default=PARTICLES)
-    ap.add_argument("--home", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    paths = Paths.from_env() if args.home is None else Paths(args.home)
+    paths = paths_of(args)
     result = run(paths.home, args.dataset, args.requests, args.particles)
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    out = paths.reports / "history_oracle.json"
-    out.write_text(json.dumps(result, indent=2))
+    out = write_report(paths, "history_oracle.json", result)
     print_shares(result["policies"], 42)
     print("posterior ESS quantiles:", {k: round(v) for k, v in result["posterior_ess"].items()})
     print(f"{result['seconds']:.0f} s -> {out}")

@@ -48,7 +48,6 @@ request sample (1,000 requests, seed 0), and writes ``reports/levers_sweep.json`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -63,6 +62,7 @@ from contract import columns as C
 from contract.features import build_matrix
 from contract.paths import Paths
 from feature_repo import schema as S
+from tools.offline_bench import arguments, paths_of, write_report
 
 Scorer = Callable[[pd.DataFrame, np.ndarray], np.ndarray]  # (pair frame, matrix) -> E[GMV]
 
@@ -108,7 +108,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     from training.retrieval.towers import TowerConfig
     from training.retrieval.train import RetrievalData, fit_tower
     from training.simulate import Oracle
-    from training.stages import held_out_period, read_manifest
+    from training.stages import held_out_period, read_checkout_carts, read_manifest
     from training.staging import read_stage_reports, staging_dir
     from training.tables import read_tables
 
@@ -198,9 +198,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     tower_p = refit(towered)
     crossfit_p = refit(crossfit)
 
-    def shrunk(X: np.ndarray, egmv: np.ndarray) -> np.ndarray:
-        """The bundle's evidence shrink, as served (none without one)."""
-        return egmv if served.evidence is None else served.evidence.apply(X, egmv)
+    shrunk = served.shrunk  # the bundle's evidence shrink, as served
 
     def capped(frame: pd.DataFrame, X: np.ndarray) -> np.ndarray:
         ids = frame[C.ITEM_ID].to_numpy()
@@ -211,7 +209,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
     scorers: dict[str, Scorer] = {
         "served": lambda f, X: served.egmv(X, f[C.ITEM_ID].to_numpy()),
         "logreg": lambda f, X: logreg.predict(X) * value(f[C.ITEM_ID].to_numpy()),
-        "refit": lambda f, X: shrunk(X, refit_p(X) * value(f[C.ITEM_ID].to_numpy())),
+        "refit": lambda f, X: served.scored_by(refit_p)(X, f[C.ITEM_ID].to_numpy()),
         "tower_score": lambda f, X: shrunk(
             X, tower_p(np.column_stack([X, tower_score(f)])) * value(f[C.ITEM_ID].to_numpy())
         ),
@@ -241,8 +239,7 @@ def run(home: Path, dataset: str, n_requests: int, seed: int = 0) -> dict[str, A
         for name, score in scorers.items():
             models[f"{name}@{share}"] = policy(cache, score)
         models[f"optimal_over_candidates@{share}"] = _oracle_over_candidates(oracle, cache, 20)
-    carts_path = paths.raw(dataset) / "checkout_carts.parquet"
-    carts = pd.read_parquet(carts_path) if carts_path.exists() else None
+    carts = read_checkout_carts(paths, dataset)
     summary, _, _ = evaluate_policies(
         tables, oracle, carts, start, end, models, k=20, n_requests=n_requests, seed=seed
     )
@@ -283,7 +280,7 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
     from training.retrieval.retriever import Retriever
     from training.retrieval.train import RetrievalData, before_test
     from training.simulate import Oracle
-    from training.stages import read_manifest
+    from training.stages import read_checkout_carts, read_manifest
     from training.staging import staging_dir
     from training.tables import read_tables
 
@@ -295,8 +292,7 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
     oracle = Oracle.load(paths.ground_truth(dataset))
     store = open_store(dataset, paths=paths)
     served = ServedScorer(stage, items)
-    carts_path = paths.raw(dataset) / "checkout_carts.parquet"
-    carts = pd.read_parquet(carts_path) if carts_path.exists() else None
+    carts = read_checkout_carts(paths, dataset)
     market = Marketplace(tables, carts)
     split = read_manifest(paths, dataset)["split"]
     past = before_test(RetrievalData.load(home, dataset))
@@ -403,23 +399,20 @@ def served_sweep(home: Path, dataset: str, n_requests: int, seed: int = 0) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="sim-small")
+    parser = arguments(__doc__)
     parser.add_argument("--requests", type=int, default=None, help="400; 1000 with the sweep")
-    parser.add_argument("--home", type=Path, default=None)
     parser.add_argument(
         "--served-sweep", action="store_true", help="the served model's settings, no refits"
     )
     args = parser.parse_args(argv)
-    paths = Paths.from_env() if args.home is None else Paths(args.home)
+    paths = paths_of(args)
     if args.served_sweep:
         report = served_sweep(paths.home, args.dataset, args.requests or 1000)
         out = "levers_sweep.json"
     else:
         report = run(paths.home, args.dataset, args.requests or 400)
         out = "levers.json"
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    (paths.reports / out).write_text(json.dumps(report, indent=2))
+    write_report(paths, out, report)
     print(f"{'policy':<34}{'E[GMV]/1k':>10}{'of optimum':>12}")
     for name, row in report["policies"].items():
         print(f"{name:<34}{row['oracle_egmv_per_1k']:>10.1f}{row['share_of_optimal']:>12.3f}")

@@ -14,14 +14,13 @@ log validates the estimators; on the other slots DR is the direct method. Writes
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from tools.offline_bench import arguments, paths_of, write_report
 from training.stages import Paths
 
 log = logging.getLogger(__name__)
@@ -101,17 +100,13 @@ def _cell(e: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="sim-small")
+    ap = arguments(__doc__)
     ap.add_argument("--samples", default="2000:0,2000:1,2000:2,2000:3,8000:0,8000:1")
-    ap.add_argument("--home", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    paths = Paths.from_env() if args.home is None else Paths(args.home)
+    paths = paths_of(args)
     result = run(paths.home, args.dataset, parse_samples(args.samples))
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    out = paths.reports / "ope_samples.json"
-    out.write_text(json.dumps(result, indent=2))
+    out = write_report(paths, "ope_samples.json", result)
     print("relative error against the Oracle; x: the 95 % interval misses it")
     print(
         f"{'requests':>8s} {'seed':>4s} {'oracle':>7s} {'DR':>9s} {'DRos':>9s} {'DM':>9s}"

@@ -39,9 +39,7 @@ over users; there is no model in them, only how much of the user the features ho
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +53,7 @@ from contract import affinity, content
 from contract import columns as C
 from contract.timeutil import to_ns
 from feature_repo import schema as S
+from tools.offline_bench import arguments, paths_of, write_report
 from training.stages import Paths, held_out_period, read_manifest
 
 PROBE = 2000  # catalogue items each user's rank correlation is taken over
@@ -239,16 +238,12 @@ def run(home: Path, dataset: str, n_users: int, seed: int = 0) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="sim-small")
+    parser = arguments(__doc__)
     parser.add_argument("--users", type=int, default=1500)
-    parser.add_argument("--home", type=Path, default=None)
     args = parser.parse_args(argv)
-    home = args.home or Paths.from_env().home
-    report = run(home, args.dataset, args.users)
-    out = Paths(home).reports / "profile_quality.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    paths = paths_of(args)
+    report = run(paths.home, args.dataset, args.users)
+    out = write_report(paths, "profile_quality.json", report)
     head = "taste: per-user Spearman vs true affinity"
     print(f"{head:46s} {'users':>6s} {'mean':>6s} {'median':>7s}")
     for name, row in report["taste_spearman"].items():

@@ -24,9 +24,7 @@ seed's figures with the change against the one-stage model of the same seed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from tools.bench_history_oracle import Replay
+from tools.offline_bench import arguments, paths_of, write_report
 from training.stages import Paths
 
 log = logging.getLogger(__name__)
@@ -135,21 +134,15 @@ def run(
     started = time.perf_counter()
     replay = Replay.open(home, dataset)
     served = replay.served
-
-    def egmv(scorer: Scorer) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        def score(X: np.ndarray, ids: np.ndarray) -> np.ndarray:
-            out = scorer(X) * served.value(ids)
-            return out if served.evidence is None else served.evidence.apply(X, out)
-
-        return score
-
     models: dict[str, Any] = {"ranker": _model_policy(replay.store, replay.candidates, served.egmv)}
     fits: dict[str, Any] = {}
     splits = Splits.read(home, dataset)
     for seed in seeds:
         scorers, fits[str(seed)] = fit_variants(splits, seed)
         for name, scorer in scorers.items():
-            models[f"{name}@{seed}"] = _model_policy(replay.store, replay.candidates, egmv(scorer))
+            models[f"{name}@{seed}"] = _model_policy(
+                replay.store, replay.candidates, served.scored_by(scorer)
+            )
         log.info("seed %d fitted, %.0f s", seed, time.perf_counter() - started)
     summary = replay.evaluate(models, n_requests, request_seed)
     value = {name: row["oracle_egmv_per_1k"] for name, row in summary.items()}
@@ -186,20 +179,16 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="sim-small")
+    ap = arguments(__doc__)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--request-seed", type=int, default=0)
-    ap.add_argument("--home", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    paths = Paths.from_env() if args.home is None else Paths(args.home)
+    paths = paths_of(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     result = run(paths.home, args.dataset, seeds, args.requests, args.request_seed)
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    out = paths.reports / "two_stage.json"
-    out.write_text(json.dumps(result, indent=2))
+    out = write_report(paths, "two_stage.json", result)
     print(f"served ranker {result['served_ranker']:.1f} E[GMV]/1k, {args.requests} requests")
     print(f"{'seed':>4s} {'variant':18s} {'E[GMV]/1k':>10s} {'change':>8s} {'valid logloss':>14s}")
     for seed, rows in result["seeds"].items():

@@ -32,9 +32,7 @@ best page over the candidates, with the reads' correlations with the truth.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -46,7 +44,7 @@ import pandas as pd
 
 from contract import columns as C
 from tools.bench_history_oracle import Replay, latent_read, print_shares, shares
-from training.stages import Paths
+from tools.offline_bench import arguments, paths_of, write_report
 
 log = logging.getLogger(__name__)
 
@@ -196,17 +194,13 @@ def run(home: Path, dataset: str, n_requests: int, n_candidates: int = 500) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="sim-small")
+    ap = arguments(__doc__)
     ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--home", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    paths = Paths.from_env() if args.home is None else Paths(args.home)
+    paths = paths_of(args)
     result = run(paths.home, args.dataset, args.requests)
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    out = paths.reports / "user_knowledge.json"
-    out.write_text(json.dumps(result, indent=2))
+    out = write_report(paths, "user_knowledge.json", result)
     print_shares(result["policies"], 26)
     reads = result["reads"]
     print(

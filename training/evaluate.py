@@ -23,7 +23,7 @@ from contract import columns as C
 from contract.content import PROFILE_SHARE
 from contract.paths import Paths
 from training.retrieval.evaluate import explain_uncomputable
-from training.stages import held_out_period, read_manifest
+from training.stages import held_out_period, read_checkout_carts, read_manifest
 from training.tables import RowsById
 
 if TYPE_CHECKING:
@@ -103,8 +103,23 @@ class ServedScorer:
 
     def egmv(self, X: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         """The served score: ``unshrunk`` [x the bundle's evidence shrink]."""
-        out = self.unshrunk(X, item_ids)
-        return out if self.evidence is None else self.evidence.apply(X, out)
+        return self.shrunk(X, self.unshrunk(X, item_ids))
+
+    def shrunk(self, X: np.ndarray, egmv: np.ndarray) -> np.ndarray:
+        """``egmv`` times the bundle's evidence shrink of each row (unchanged without one)."""
+        return egmv if self.evidence is None else self.evidence.apply(X, egmv)
+
+    def scored_by(
+        self, probability: Callable[[np.ndarray], np.ndarray]
+    ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """The served score with ``probability(X)`` in place of the served calibrated
+        p(purchase): x price x margin [x the bundle's evidence shrink]. How a refitted or
+        ablated purchase model is scored on the served ranker's terms."""
+
+        def egmv(X: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+            return self.shrunk(X, np.asarray(probability(X)) * self.value(item_ids))
+
+        return egmv
 
 
 class CandidateCache:
@@ -218,22 +233,12 @@ def _ablation_policies(
     from training.retrieval.retriever import Retriever
 
     items = tables[C.ITEMS]
-    value = served.value
     out: dict[str, Any] = {}
+    # the served evidence shrink stays on every other lever's policy
     for lever, model in ablation.load(stage).items():
-
-        def egmv(X: np.ndarray, ids: np.ndarray, model=model) -> np.ndarray:
-            return shrunk(X, model.egmv_probability(X) * value(ids))
-
+        egmv = served.scored_by(model.egmv_probability)
         out[ABLATION + lever] = _model_policy(store, candidates, egmv)
-
-    def shrunk(X: np.ndarray, egmv: np.ndarray) -> np.ndarray:
-        """The served evidence shrink, kept on every other lever's policy."""
-        return egmv if served.evidence is None else served.evidence.apply(X, egmv)
-
-    def uncalibrated(X: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return shrunk(X, np.asarray(served.scorer.predict(X)) * value(ids))
-
+    uncalibrated = served.scored_by(served.scorer.predict)
     out[ABLATION + "calibration"] = _model_policy(store, candidates, uncalibrated)
     if served.evidence is not None and served.evidence.kappa > 0:
         out[ABLATION + "evidence_shrink"] = _model_policy(store, candidates, served.unshrunk)
@@ -364,8 +369,7 @@ def ranker_ope_samples(
 
     manifest = read_manifest(paths, dataset)
     tables = read_tables(paths.raw(dataset), columns={C.IMPRESSIONS: EVAL_IMPRESSION_COLUMNS})
-    carts_path = paths.raw(dataset) / "checkout_carts.parquet"
-    carts = pd.read_parquet(carts_path) if carts_path.exists() else None
+    carts = read_checkout_carts(paths, dataset)
     served = ServedScorer(stage, tables[C.ITEMS])
     market = Marketplace(tables, carts)
     logs = simulator_logs(paths, dataset, tables, carts, market, manifest, served.egmv, cfg.k)
@@ -474,8 +478,7 @@ def evaluate(paths: Paths, dataset: str, stage: Path, cfg: TrainConfig) -> dict[
 
         # what the policies' replay reads of every impression (not its position or policy)
         tables = read_tables(paths.raw(dataset), columns={C.IMPRESSIONS: EVAL_IMPRESSION_COLUMNS})
-        carts_path = paths.raw(dataset) / "checkout_carts.parquet"
-        carts = pd.read_parquet(carts_path) if carts_path.exists() else None
+        carts = read_checkout_carts(paths, dataset)
         oracle = Oracle.load(truth_dir)
         store = open_store(dataset, paths=paths)
         served = ServedScorer(stage, tables[C.ITEMS])

@@ -41,6 +41,17 @@ def read_meta(paths: Paths, dataset: str) -> dict[str, Any]:
     return meta
 
 
+CHECKOUT_CARTS = "checkout_carts.parquet"  # the simulator's checkout surfaces' carts (raw/)
+
+
+def read_checkout_carts(paths: Paths, dataset: str) -> pd.DataFrame | None:
+    """The carts the simulator's checkout requests held (None: a dataset without them, such
+    as a real one): the Oracle scores a checkout page with its cart, and the heuristic's
+    replay boosts its categories."""
+    path = paths.raw(dataset) / CHECKOUT_CARTS
+    return pd.read_parquet(path) if path.exists() else None
+
+
 def read_manifest(paths: Paths, dataset: str) -> dict[str, Any]:
     """The training sets' manifest (``training.dataset.MANIFEST``, written with them)."""
     from training.dataset import MANIFEST
@@ -127,7 +138,7 @@ def simulate_stage(paths: Paths, preset: str, **overrides: Any) -> dict[str, Any
     meta["validate_seconds"] = time.perf_counter() - t0
     raw = paths.raw(cfg.dataset)
     write_tables(tables, raw)
-    result.tables["checkout_carts"].to_parquet(raw / "checkout_carts.parquet", index=False)
+    result.tables["checkout_carts"].to_parquet(raw / CHECKOUT_CARTS, index=False)
     result.truth.save(paths.ground_truth(cfg.dataset))
     _write_meta(raw, meta)
     return {"dataset": cfg.dataset, "rows": validated["rows"], **meta}

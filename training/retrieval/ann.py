@@ -190,8 +190,9 @@ def sweep(
 # One query's work in units of one 4-bit AH lookup (a block of DIMS_PER_BLOCK dimensions):
 # a float dimension of a centroid or of an exactly reordered item costs more. Rounded from
 # a least-squares fit of p50 latency to the three counts over two sim-small sweeps (192
-# rows, AMD EPYC, 2026-12-05: Spearman 0.85 with the measured p50); constants from 1 to 8
-# chose the same configuration on both sweeps, the one with the lowest measured p50.
+# rows, AMD EPYC, 2026-12-05: Spearman 0.85 with the measured p50). The (centroid, reorder)
+# pairs (1, 1), (2, 2), (4, 1), (4, 2) and (8, 2) chose the same configuration on both
+# sweeps, whose p50 was the sweep's lowest in one and 0.1 % above it in the other.
 CENTROID_DIM_COST = 4.0
 REORDER_DIM_COST = 2.0
 
